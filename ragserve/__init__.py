@@ -1,0 +1,72 @@
+"""ragserve: a multi-tier RAG serving engine.
+
+**Usage:**
+
+    from ragserve import RAG
+    with RAG.from_index("indexes/pydoc") as rag:
+        print(rag.query("How does the with statement work?"))
+
+The public names are listed in ``__all__`` (pinned by ``tests/test_exports.py``). Heavy
+libraries (torch, faiss, vllm) load only when an index is built or opened.
+"""
+
+from ragserve._version import __version__
+from ragserve.build import BuildReport, build_index
+from ragserve.config import (
+    ChunkConfig,
+    EmbedConfig,
+    GenerateConfig,
+    IndexConfig,
+    QueryConfig,
+    RAGConfig,
+)
+from ragserve.errors import (
+    ConfigError,
+    EmptyQuestionError,
+    EngineDeadError,
+    GenerationError,
+    IndexIntegrityError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    IngestError,
+    InputError,
+    ModelError,
+    QuestionTooLongError,
+    RagserveError,
+)
+from ragserve.errors import IndexError_ as RagIndexError
+from ragserve.manifest import verify as verify_index
+from ragserve.pipeline import RAG
+from ragserve.types import Chunk, QueryResult, Source, Timings, TokenUsage
+
+__all__ = [
+    "RAG",
+    "BuildReport",
+    "Chunk",
+    "ChunkConfig",
+    "ConfigError",
+    "EmbedConfig",
+    "EmptyQuestionError",
+    "EngineDeadError",
+    "GenerateConfig",
+    "GenerationError",
+    "IndexConfig",
+    "IndexIntegrityError",
+    "IndexMismatchError",
+    "IndexNotFoundError",
+    "IngestError",
+    "InputError",
+    "ModelError",
+    "QueryConfig",
+    "QueryResult",
+    "QuestionTooLongError",
+    "RAGConfig",
+    "RagIndexError",
+    "RagserveError",
+    "Source",
+    "Timings",
+    "TokenUsage",
+    "__version__",
+    "build_index",
+    "verify_index",
+]

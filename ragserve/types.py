@@ -1,0 +1,161 @@
+"""Values that cross stages, and the stage interfaces as Protocols.
+
+The pipeline depends only on these Protocols, so any embedder, index, docstore or
+generator that has the same methods plugs in (tests use small fakes for logic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+CacheTier = Literal["l1", "l2", "miss"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a document, as stored in the docstore."""
+
+    chunk_id: int
+    doc_id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved chunk with its similarity score (cosine, higher is closer)."""
+
+    doc_id: str
+    chunk_id: int
+    score: float
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result before the docstore is read: chunk id and score only."""
+
+    chunk_id: int
+    score: float
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent in each stage of one query.
+
+    ``generate`` is measured here; its split into ``generate_queue`` (waiting in vLLM's
+    scheduler), ``generate_first_token`` (prefill: scheduled → first token) and
+    ``generate_decode`` (first → last token) comes from vLLM's own per-request metrics.
+    """
+
+    embed: float = 0.0
+    search: float = 0.0
+    docload: float = 0.0
+    prompt: float = 0.0
+    generate: float = 0.0
+    generate_queue: float = 0.0
+    generate_first_token: float = 0.0
+    generate_decode: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+    def __str__(self) -> str:
+        return "  ".join(f"{k}={v:.1f}ms" for k, v in self.as_dict().items())
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the generation stage returns for one prompt."""
+
+    text: str
+    usage: TokenUsage
+    finish_reason: str | None
+    queue_ms: float = 0.0
+    first_token_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass
+class QueryResult:
+    """The answer to one question, with everything needed to trust and debug it.
+
+    ``str(result)`` is the answer text.
+    """
+
+    question: str
+    answer: str
+    sources: list[Source]
+    timings: Timings
+    cache_tier: CacheTier
+    model: str
+    index_fingerprint: str
+    usage: TokenUsage
+    finish_reason: str | None = None
+    dropped_sources: int = 0
+    """Retrieved chunks left out of the prompt because they did not fit the token budget."""
+
+    def __str__(self) -> str:
+        return self.answer
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timings"] = self.timings.as_dict()
+        d["usage"]["total_tokens"] = self.usage.total_tokens
+        return d
+
+
+class Embedder(Protocol):
+    dim: int
+    identity: dict[str, Any]
+
+    def warm_up(self) -> None: ...
+
+    def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+        """Unit-length float32 vectors, shape (len(texts), dim), C-contiguous."""
+        ...
+
+
+class VectorIndex(Protocol):
+    ntotal: int
+    dim: int
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+
+class DocStore(Protocol):
+    def __len__(self) -> int: ...
+
+    def get_many(self, ids: Sequence[int]) -> list[Chunk]: ...
+
+
+class Generator(Protocol):
+    model_name: str
+
+    def warm_up(self) -> None: ...
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (``apply_chat_template``, ``encode``, ``decode``)."""
+        ...
+
+    async def generate(self, prompt: str, request_id: str) -> Generation: ...
+
+    def stream(self, prompt: str, request_id: str) -> AsyncIterator[str]: ...
+
+    def shutdown(self) -> None: ...
