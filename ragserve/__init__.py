@@ -40,7 +40,6 @@ from ragserve.pipeline import RAG
 from ragserve.types import Chunk, QueryResult, Source, Timings, TokenUsage
 
 __all__ = [
-    "RAG",
     "BuildReport",
     "Chunk",
     "ChunkConfig",
@@ -60,6 +59,7 @@ __all__ = [
     "QueryConfig",
     "QueryResult",
     "QuestionTooLongError",
+    "RAG",
     "RAGConfig",
     "RagIndexError",
     "RagserveError",

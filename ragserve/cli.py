@@ -18,8 +18,8 @@ from rich.console import Console
 from ragserve.errors import RagserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ragserve: a multi-tier RAG serving engine.")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML config file.")]
 

@@ -69,6 +69,8 @@ class VllmGenerator:
                 return
             cfg = self.config
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gib:g}")
+            # vLLM logs every engine step at INFO; a serving process wants warnings only.
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             if cfg.uniproc_executor:
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from vllm.engine.arg_utils import AsyncEngineArgs

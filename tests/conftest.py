@@ -1,0 +1,85 @@
+"""Shared fixtures.
+
+Tiers: unit tests (fakes for logic, fast), ``integration`` (real MiniLM embeddings, real
+FAISS, real files), ``engine`` (a real vLLM engine with the default model — one per test
+session, shared through the ``rag`` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+XQUAD = ROOT.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
+
+
+def xquad_articles(n_articles: int) -> list[dict]:
+    if not XQUAD.is_file():
+        pytest.fail(f"the XQuAD data set is missing at {XQUAD}")
+    return json.loads(XQUAD.read_text("utf-8"))["data"][:n_articles]
+
+
+def write_xquad_corpus(folder: Path, n_articles: int) -> list[dict]:
+    """One .txt per paragraph (``Title_N.txt``); returns the questions with their file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    questions = []
+    for article in xquad_articles(n_articles):
+        for i, para in enumerate(article["paragraphs"]):
+            name = f"{article['title']}_{i}.txt"
+            (folder / name).write_text(para["context"], encoding="utf-8")
+            for qa in para["qas"]:
+                questions.append({"question": qa["question"], "doc_id": name,
+                                  "answers": [a["text"] for a in qa["answers"]]})
+    return questions
+
+
+@pytest.fixture(scope="session")
+def xquad_corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("xquad") / "corpus"
+    return folder, write_xquad_corpus(folder, n_articles=8)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from ragserve.config import EmbedConfig
+    from ragserve.embed import SentenceTransformerEmbedder
+
+    e = SentenceTransformerEmbedder(EmbedConfig())
+    e.warm_up()
+    return e
+
+
+@pytest.fixture(scope="session")
+def xquad_index(tmp_path_factory, xquad_corpus, embedder) -> Path:
+    """A real fp16 index over 8 XQuAD articles (about 40 paragraphs)."""
+    from ragserve.build import build_index
+    from ragserve.config import RAGConfig
+
+    out = tmp_path_factory.mktemp("indexes") / "xquad"
+    build_index(xquad_corpus[0], out, RAGConfig(), embedder=embedder)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rag(xquad_index):
+    """The one real vLLM engine of the test session."""
+    from ragserve import RAG, RAGConfig
+
+    cfg = RAGConfig().replace(generate={"max_tokens": 32, "kv_cache_gib": 1})
+    with RAG.from_index(xquad_index, cfg) as r:
+        yield r
+
+
+def pytest_collection_modifyitems(config, items):
+    # Engine tests imply integration; order them last so fast failures show first.
+    for item in items:
+        if "engine" in item.keywords:
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda i: ("engine" in i.keywords, "integration" in i.keywords))

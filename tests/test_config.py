@@ -1,0 +1,67 @@
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = RAGConfig()
+    assert cfg.index.index_type == "flat-fp16"
+    assert cfg.chunk.chunk_overlap < cfg.chunk.chunk_size
+
+
+def test_env_vars_override_and_are_coerced():
+    cfg = RAGConfig.load(env={"RAGSERVE_QUERY_TOP_K": "5", "RAGSERVE_GENERATE_ENFORCE_EAGER": "false",
+                              "RAGSERVE_GENERATE_TEMPERATURE": "0.5", "UNRELATED": "x"})
+    assert cfg.query.top_k == 5
+    assert cfg.generate.enforce_eager is False
+    assert cfg.generate.temperature == 0.5
+
+
+def test_toml_file_then_env(tmp_path):
+    p = tmp_path / "ragserve.toml"
+    p.write_text('[query]\ntop_k = 7\n[generate]\nmax_tokens = 99\n')
+    cfg = RAGConfig.load(p, env={"RAGSERVE_GENERATE_MAX_TOKENS": "12"})
+    assert cfg.query.top_k == 7
+    assert cfg.generate.max_tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("sections", "field"),
+    [
+        ({"query": {"top_k": 0}}, "query.top_k"),
+        ({"chunk": {"chunk_overlap": 999}}, "chunk.chunk_overlap"),
+        ({"index": {"index_type": "hnsw-magic"}}, "index.index_type"),
+        ({"generate": {"max_tokens": 4096, "max_model_len": 2048}}, "generate.max_model_len"),
+        ({"generate": {"dtype": "int3"}}, "generate.dtype"),
+        ({"generate": {"no_such_field": 1}}, "generate.no_such_field"),
+        ({"query": {"top_k": "many"}}, "query.top_k"),
+        ({"generate": {"enforce_eager": "maybe"}}, "generate.enforce_eager"),
+    ],
+)
+def test_bad_values_name_the_field(sections, field):
+    with pytest.raises(ConfigError) as e:
+        RAGConfig().replace(**sections)
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+def test_unknown_section_and_missing_or_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown section"):
+        RAGConfig().replace(cache={"x": 1})
+    with pytest.raises(ConfigError, match="does not exist"):
+        RAGConfig.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[query\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RAGConfig.load(bad)
+
+
+def test_fingerprint_covers_what_changes_answers_only():
+    base = RAGConfig()
+    assert base.fingerprint() == RAGConfig().fingerprint()
+    assert base.replace(embed={"batch_size": 7}).fingerprint() == base.fingerprint()
+    assert base.replace(generate={"kv_cache_gib": 4}).fingerprint() == base.fingerprint()
+    for change in ({"query": {"top_k": 4}}, {"generate": {"model": "/m"}}, {"generate": {"temperature": 0.7}},
+                   {"generate": {"max_tokens": 10}}):
+        assert base.replace(**change).fingerprint() != base.fingerprint(), change

@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import ragserve
+
+EXPECTED = [
+    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "EmbedConfig", "EmptyQuestionError",
+    "EngineDeadError", "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError",
+    "IndexMismatchError", "IndexNotFoundError", "IngestError", "InputError", "ModelError",
+    "QueryConfig", "QueryResult", "QuestionTooLongError", "RAG", "RAGConfig", "RagIndexError",
+    "RagserveError", "Source", "Timings", "TokenUsage", "__version__", "build_index", "verify_index",
+]
+
+
+def test_public_names_are_pinned_and_sorted():
+    assert ragserve.__all__ == EXPECTED
+    assert ragserve.__all__ == sorted(ragserve.__all__)
+    for name in ragserve.__all__:
+        assert hasattr(ragserve, name), name
+
+
+def test_import_stays_light():
+    code = "import sys, ragserve; print(sorted(m for m in ('torch','faiss','vllm','sentence_transformers','llama_index') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_error_is_a_ragserve_error_with_a_stage():
+    for name in ragserve.__all__:
+        obj = getattr(ragserve, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, ragserve.RagserveError)
+            assert obj.stage
