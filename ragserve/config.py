@@ -109,12 +109,36 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    """Answer caching as a whole; a request can also bypass reads or writes."""
+    namespace: str = "default"
+    """Tenant part of every key: two namespaces never see each other's answers."""
+    l1_max_entries: int = 10_000
+    """L1 (in-process LRU) bound by entries; 0 turns L1 off."""
+    l1_max_bytes: int = 64 * 1024 * 1024
+    """L1 bound by the encoded size of its values."""
+    l1_ttl_s: float = 3600.0
+    redis_url: str = ""
+    """L2: "" (off), "embedded" (ragserve starts its own Redis on a unix socket), or a
+    redis://, rediss:// or unix:// URL. Also from RAGSERVE_REDIS_URL."""
+    l2_ttl_s: float = 86_400.0
+    l2_timeout_ms: float = 50.0
+    """Each Redis call gives up after this long; a cache outage must not stall a query."""
+    l2_failures_to_open: int = 3
+    """Consecutive L2 errors that open the circuit breaker."""
+    l2_cooldown_s: float = 1.0
+    """How long an open breaker skips Redis before one probe call tries again."""
+
+
+@dataclass(frozen=True)
 class RAGConfig:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -194,6 +218,8 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
 
 def _from_env(env: dict[str, str] | os._Environ[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
+    if "RAGSERVE_REDIS_URL" in env:
+        out["cache"] = {"redis_url": env["RAGSERVE_REDIS_URL"]}
     for key, value in env.items():
         if not key.startswith("RAGSERVE_"):
             continue
@@ -231,6 +257,14 @@ def _validate(cfg: RAGConfig) -> None:
            f"must be in (0, 1], got {g.gpu_memory_utilization}")
     _check(g.max_num_seqs >= 1, "generate.max_num_seqs", f"must be >= 1, got {g.max_num_seqs}")
     _check_choice("generate.dtype", g.dtype, DType)
+    k = cfg.cache
+    _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
+    _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")
+    _check(k.l1_ttl_s > 0 and k.l2_ttl_s > 0, "cache.l1_ttl_s/l2_ttl_s", "TTLs must be > 0")
+    _check(k.l2_timeout_ms > 0, "cache.l2_timeout_ms", f"must be > 0, got {k.l2_timeout_ms}")
+    _check(k.l2_failures_to_open >= 1, "cache.l2_failures_to_open", f"must be >= 1, got {k.l2_failures_to_open}")
+    _check(k.redis_url in ("", "embedded") or k.redis_url.split("://")[0] in ("redis", "rediss", "unix"),
+           "cache.redis_url", f"must be '', 'embedded' or a redis://, rediss:// or unix:// URL, got {k.redis_url!r}")
 
 
 def _check_choice(where: str, value: str, choices: Any) -> None:

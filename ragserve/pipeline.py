@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ragserve.answers import AnswerCache, from_cached
+from ragserve.cache import normalize_question
 from ragserve.config import RAGConfig
 from ragserve.errors import EmptyQuestionError, QuestionTooLongError
 from ragserve.manifest import Manifest, check_embedding, verify
@@ -55,6 +58,9 @@ class RAG:
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
         self._prompt_builder: Any = None
         self._counts = {"queries": 0, "errors": 0}
+        self.cache: AnswerCache | None = None
+        if config.cache.enabled:
+            self.cache = AnswerCache(config.cache, manifest.fingerprint, config.fingerprint())
 
     # -- construction -----------------------------------------------------------------
 
@@ -116,20 +122,35 @@ class RAG:
 
     # -- public API ---------------------------------------------------------------------
 
-    def query(self, question: str) -> QueryResult:
-        """Answer one question (blocking). Safe from threads and from inside an event loop."""
-        return self._runtime.run(self._answer(question))
+    def query(self, question: str, *, namespace: str | None = None,
+              cache_read: bool = True, cache_write: bool = True) -> QueryResult:
+        """Answer one question (blocking). Safe from threads and from inside an event loop.
 
-    async def aquery(self, question: str) -> QueryResult:
+        An L1 hit is answered in the calling thread, without a hop to the engine loop.
+        ``namespace`` overrides ``cache.namespace``; ``cache_read`` / ``cache_write``
+        bypass the answer cache for this request.
+        """
+        hit = self._l1_answer(question, namespace, cache_read)
+        if hit is not None:
+            return hit
+        return self._runtime.run(self._answer(question, namespace, cache_read, cache_write, l1_checked=True))
+
+    async def aquery(self, question: str, *, namespace: str | None = None,
+                     cache_read: bool = True, cache_write: bool = True) -> QueryResult:
         """Answer one question from any event loop."""
-        return await self._runtime.run_async(self._answer(question))
+        hit = self._l1_answer(question, namespace, cache_read)
+        if hit is not None:
+            return hit
+        return await self._runtime.run_async(
+            self._answer(question, namespace, cache_read, cache_write, l1_checked=True))
 
-    def query_batch(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
+    def query_batch(self, questions: Sequence[str], *, namespace: str | None = None) -> list[QueryResult | Exception]:
         """Answer many questions concurrently; order is kept, a failure stays in its slot."""
-        return self._runtime.run(self._answer_many(questions))
+        return self._runtime.run(self._answer_many(questions, namespace))
 
-    async def aquery_batch(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions))
+    async def aquery_batch(self, questions: Sequence[str], *,
+                           namespace: str | None = None) -> list[QueryResult | Exception]:
+        return await self._runtime.run_async(self._answer_many(questions, namespace))
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
@@ -137,17 +158,23 @@ class RAG:
         return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k, StageClock()))
 
     def stats(self) -> dict[str, Any]:
-        return {**self._counts, "stages": self.stage_stats.summary()}
+        """Queries, errors, per-stage latency (count, mean, p50/p95/p99) and cache tiers."""
+        return {**self._counts, "stages": self.stage_stats.summary(),
+                "cache": self.cache.stats() if self.cache else None}
 
     def close(self) -> None:
-        """Stop the engine and release the index files. Idempotent."""
-        if self._runtime.running and self.generator is not None:
+        """Stop the engine, flush cache writes, release the index files. Idempotent."""
+        if self._runtime.running:
             async def stop() -> None:
-                assert self.generator is not None
-                self.generator.shutdown()
+                if self.cache is not None:
+                    await self.cache.close()
+                if self.generator is not None:
+                    self.generator.shutdown()
 
             self._runtime.run(stop())
         self._runtime.stop()
+        if self.cache is not None:
+            self.cache.stop_server()
         self._cpu.shutdown(wait=True)
         close = getattr(self.docstore, "close", None)
         if close:
@@ -164,7 +191,7 @@ class RAG:
     def _check(self, question: str) -> str:
         if not isinstance(question, str) or not question.strip():
             raise EmptyQuestionError()
-        question = question.strip()
+        question = normalize_question(question)
         limit = self.config.query.max_question_chars
         if len(question) > limit:
             raise QuestionTooLongError(len(question), limit)
@@ -184,25 +211,53 @@ class RAG:
             hits = self.index.search(vectors, top_k)[0]
         return vectors, hits
 
-    async def _answer(self, question: str) -> QueryResult:
+    def _l1_answer(self, question: str, namespace: str | None, read: bool) -> QueryResult | None:
+        if self.cache is None or not read:
+            return None
+        clock = StageClock()
+        q = self._check(question)
+        with clock.span("cache_l1"):
+            hit = self.cache.l1.get(self.cache.key(q, namespace))
+        return None if hit is None else self._finish(from_cached(hit, "l1", clock), clock)
+
+    async def _answer(self, question: str, namespace: str | None = None,
+                      read: bool = True, write: bool = True, l1_checked: bool = False) -> QueryResult:
         clock = StageClock()
         try:
             question = self._check(question)
-            sources = await self._retrieve(question, self.config.query.top_k, clock)
-            generator = self._ensure_generator()
-            with clock.span("prompt"):
-                prompt = self._builder(generator).build(question, sources)
-            with clock.span("generate"):
-                gen = await generator.generate(prompt.text, uuid.uuid4().hex)
+            if self.cache is None:
+                return self._finish(await self._generate(question, clock), clock)
+            key = self.cache.key(question, namespace)
+            if read:
+                hit, tier = await self.cache.lookup(key, clock, l1=not l1_checked)
+                if hit is not None:
+                    return self._finish(from_cached(hit, tier, clock), clock)
+            shared, _ = await self.cache.flight.run(key, lambda: self._generate_and_remember(key, question, write))
+            # Identical concurrent callers share one run: each gets its own copy, with the
+            # run's stage times and its own total.
+            result = dataclasses.replace(shared)
+            clock.ms.update((k, v) for k, v in result.timings.as_dict().items() if k != "total")
+            return self._finish(result, clock)
         except BaseException:
             self._counts["errors"] += 1
             raise
+
+    async def _generate_and_remember(self, key: str, question: str, write: bool) -> QueryResult:
+        result = await self._generate(question, StageClock())
+        if write and self.cache is not None:
+            self.cache.remember(key, result)  # only a finished, successful answer is stored
+        return result
+
+    async def _generate(self, question: str, clock: StageClock) -> QueryResult:
+        sources = await self._retrieve(question, self.config.query.top_k, clock)
+        generator = self._ensure_generator()
+        with clock.span("prompt"):
+            prompt = self._builder(generator).build(question, sources)
+        with clock.span("generate"):
+            gen = await generator.generate(prompt.text, uuid.uuid4().hex)
         clock.add("generate_queue", gen.queue_ms)
         clock.add("generate_first_token", gen.first_token_ms)
         clock.add("generate_decode", gen.decode_ms)
-        clock.add("total", clock.elapsed_ms())
-        self._counts["queries"] += 1
-        self.stage_stats.record(clock.ms)
         return QueryResult(
             question=question,
             answer=gen.text,
@@ -216,8 +271,16 @@ class RAG:
             dropped_sources=prompt.dropped,
         )
 
-    async def _answer_many(self, questions: Sequence[str]) -> list[QueryResult | Exception]:
-        results = await asyncio.gather(*(self._answer(q) for q in questions), return_exceptions=True)
+    def _finish(self, result: QueryResult, clock: StageClock) -> QueryResult:
+        """Stamp the caller's own total, count the query, record its stage times."""
+        clock.ms["total"] = clock.elapsed_ms()
+        result.timings = Timings(**clock.ms)
+        self._counts["queries"] += 1
+        self.stage_stats.record(clock.ms)
+        return result
+
+    async def _answer_many(self, questions: Sequence[str], namespace: str | None = None) -> list[QueryResult | Exception]:
+        results = await asyncio.gather(*(self._answer(q, namespace) for q in questions), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r  # cancellation and interrupts are not per-item failures

@@ -48,11 +48,15 @@ class Hit:
 class Timings:
     """Milliseconds spent in each stage of one query.
 
+    ``cache_l1`` / ``cache_l2`` are the lookups in each cache tier (0 when skipped).
+
     ``generate`` is measured here; its split into ``generate_queue`` (waiting in vLLM's
     scheduler), ``generate_first_token`` (prefill: scheduled → first token) and
     ``generate_decode`` (first → last token) comes from vLLM's own per-request metrics.
     """
 
+    cache_l1: float = 0.0
+    cache_l2: float = 0.0
     embed: float = 0.0
     search: float = 0.0
     docload: float = 0.0

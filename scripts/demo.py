@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pydoc_corpus import write_corpus  # noqa: E402
 
-from ragserve import RAG, RagserveError, build_index, verify_index  # noqa: E402
+from ragserve import RAG, RAGConfig, RagserveError, build_index, verify_index  # noqa: E402
 from ragserve.cli import print_result  # noqa: E402
 
 CORPUS = ROOT / "build" / "corpus" / "pydoc-topics"
@@ -48,14 +48,29 @@ def ensure_index() -> None:
 def main() -> None:
     ensure_index()
     t = time.perf_counter()
-    with RAG.from_index(INDEX) as rag:
-        print(f"engine: ready in {time.perf_counter() - t:.1f} s (model {rag.generator.model_name})\n")
+    config = RAGConfig.load()
+    if not config.cache.redis_url:  # no Redis of the user's: ragserve starts its own
+        config = config.replace(cache={"redis_url": "embedded"})
+    with RAG.from_index(INDEX, config) as rag:
+        print(f"engine: ready in {time.perf_counter() - t:.1f} s (model {rag.generator.model_name}; "
+              f"L2 cache {rag.cache.l2.url})\n")
         for q in QUESTIONS:
             print_result(rag.query(q))
             print()
-        stages = rag.stats()["stages"]
-        print("per-stage p50 over the demo (ms): "
-              + ", ".join(f"{k} {v['p50_ms']:.1f}" for k, v in stages.items()))
+        print("== the same questions again: answered from the in-process cache (L1)")
+        for q in QUESTIONS:
+            r = rag.query(q)
+            print(f"   [{r.cache_tier}] {r.timings.total * 1000:.0f} µs  {q}")
+        rag.cache.l1.clear()  # as a new process would start: L1 empty, Redis still warm
+        print("== and once more with L1 emptied: answered from Redis (L2)")
+        for q in QUESTIONS:
+            r = rag.query(q)
+            print(f"   [{r.cache_tier}] {r.timings.total:.2f} ms  {q}")
+        stats = rag.stats()
+        print("\nper-stage p50 over the demo (ms): "
+              + ", ".join(f"{k} {v['p50_ms']:.2f}" for k, v in stats["stages"].items()))
+        hit_rates = {tier: stats["cache"][tier]["hit_rate"] for tier in ("l1", "l2")}
+        print(f"cache hit rate by tier: {hit_rates}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_bad_values_name_the_field(sections, field):
 
 def test_unknown_section_and_missing_or_bad_file(tmp_path):
     with pytest.raises(ConfigError, match="unknown section"):
-        RAGConfig().replace(cache={"x": 1})
+        RAGConfig().replace(nosuch={"x": 1})
     with pytest.raises(ConfigError, match="does not exist"):
         RAGConfig.load(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"

@@ -36,7 +36,8 @@ def test_answers_are_grounded_in_the_gold_paragraph(rag, xquad_corpus):
 
 
 def test_timings_cover_every_stage_and_vllm_split(rag, xquad_corpus):
-    r = rag.query(xquad_corpus[1][0]["question"])
+    r = rag.query(xquad_corpus[1][0]["question"], cache_read=False)
+    assert r.cache_tier == "miss"
     t = r.timings
     for stage in ("embed", "search", "docload", "prompt", "generate", "total"):
         assert getattr(t, stage) > 0, stage
@@ -71,3 +72,14 @@ def test_budget_drops_sources_rather_than_failing(rag, xquad_corpus):
     sources = rag.retrieve(xquad_corpus[1][0]["question"], top_k=5)
     prompt = builder.build(xquad_corpus[1][0]["question"], sources)
     assert prompt.dropped >= 1 and prompt.used and prompt.tokens <= 380 - 32
+
+
+def test_repeated_question_is_answered_from_l1_without_the_engine(rag, xquad_corpus):
+    q = xquad_corpus[1][3]["question"]
+    first = rag.query(q, cache_read=False)
+    before = rag.stats()["cache"]["l1"]["hits"]
+    again = rag.query("  " + q.replace(" ", "  ") + " ")
+    assert again.cache_tier == "l1" and again.answer == first.answer
+    assert again.timings.generate == 0 and again.timings.total < 50
+    assert [s.chunk_id for s in again.sources] == [s.chunk_id for s in first.sources]
+    assert rag.stats()["cache"]["l1"]["hits"] == before + 1

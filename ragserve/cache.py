@@ -1,0 +1,194 @@
+"""Answer cache: keys, the in-process L1, and the tiered lookup with single-flight.
+
+Keys are SHA-256 over a canonical encoding of the normalised question (NFKC, whitespace
+collapsed and trimmed), the index fingerprint, the answer-changing config fingerprint
+(generation model, sampling, prompt template version, top_k) and the namespace. Python's
+``hash()`` is never used: keys must agree across processes and restarts.
+
+Values are ``CachedAnswer`` structs encoded as JSON with msgspec, which also validates the
+schema on the way back: a value that does not decode is a miss, never an exception and
+never code execution (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+KEY_VERSION = "k1"
+
+
+def normalize_question(question: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", question).split())
+
+
+def cache_key(question: str, *, index_fingerprint: str, answer_fingerprint: str, namespace: str) -> str:
+    """SHA-256 hex of everything that decides the answer. ``question`` must be normalised."""
+    canonical = msgspec.json.encode([KEY_VERSION, question, index_fingerprint, answer_fingerprint, namespace])
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class CachedSource(msgspec.Struct, frozen=True):
+    doc_id: str
+    chunk_id: int
+    score: float
+    text: str
+    metadata: dict[str, Any]
+
+
+class CachedAnswer(msgspec.Struct, frozen=True):
+    """What a cache tier stores for one key."""
+
+    question: str
+    answer: str
+    sources: list[CachedSource]
+    model: str
+    index_fingerprint: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    dropped_sources: int
+    created_at: float
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(CachedAnswer)
+
+
+def encode_answer(value: CachedAnswer) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode_answer(data: bytes) -> CachedAnswer:
+    """Raises ``msgspec.DecodeError`` (or ``ValidationError``) for anything but a valid value."""
+    return _decoder.decode(data)
+
+
+class TierStats:
+    """Counters of one tier; plain ints under the GIL (reads may lag by one update)."""
+
+    __slots__ = ("hits", "misses", "errors", "writes", "evictions", "expired", "skipped")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.errors = self.writes = self.evictions = self.expired = self.skipped = 0
+
+    def as_dict(self) -> dict[str, float]:
+        lookups = self.hits + self.misses
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d["hit_rate"] = round(self.hits / lookups, 4) if lookups else 0.0
+        return d
+
+
+class L1Cache:
+    """In-process LRU with a TTL, bounded by entry count and by total encoded bytes.
+
+    One lock guards the map; every operation is a few dict moves, so it is safe to call
+    from threads and from the event loop without blocking either for long.
+    """
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 << 20, ttl_s: float = 3600.0) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.stats = TierStats()
+        self._data: OrderedDict[str, tuple[CachedAnswer, float, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: str) -> CachedAnswer | None:
+        now = time.monotonic()
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                self.stats.misses += 1
+                return None
+            value, expires, size = item
+            if expires <= now:
+                del self._data[key]
+                self._bytes -= size
+                self.stats.expired += 1
+                self.stats.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.stats.hits += 1
+            return value
+
+    def put(self, key: str, value: CachedAnswer, size: int | None = None) -> None:
+        if self.max_entries <= 0:
+            return
+        size = size if size is not None else len(encode_answer(value))
+        if size > self.max_bytes:
+            return  # larger than the whole cache: storing it would evict everything
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._data[key] = (value, time.monotonic() + self.ttl_s, size)
+            self._bytes += size
+            self.stats.writes += 1
+            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, _, evicted) = self._data.popitem(last=False)
+                self._bytes -= evicted
+                self.stats.evictions += 1
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+
+class SingleFlight:
+    """Identical concurrent misses share one run: the first caller starts it, the others
+    await the same task. A waiter that is cancelled leaves the run going for the others;
+    the run is cancelled only when no one waits for it any more."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, list[Any]] = {}
+        self.shared = 0
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    async def run(self, key: str, factory: Any) -> tuple[Any, bool]:
+        """Returns ``(result, led)``; ``led`` is True for the caller whose run it was."""
+        import asyncio
+
+        entry = self._inflight.get(key)
+        led = entry is None
+        if entry is None:
+            task = asyncio.ensure_future(factory())
+            entry = self._inflight[key] = [task, 0]
+
+            def forget(_: Any, entry: list[Any] = entry) -> None:
+                if self._inflight.get(key) is entry:
+                    del self._inflight[key]
+
+            task.add_done_callback(forget)
+        else:
+            self.shared += 1
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0]), led
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and not entry[0].done():
+                entry[0].cancel()

