@@ -236,7 +236,9 @@ class RAG:
             # Identical concurrent callers share one run: each gets its own copy, with the
             # run's stage times and its own total.
             result = dataclasses.replace(shared)
-            clock.ms.update((k, v) for k, v in result.timings.as_dict().items() if k != "total")
+            for stage, ms in result.timings.as_dict().items():  # keep our own cache lookups
+                if stage != "total":
+                    clock.ms.setdefault(stage, ms)
             return self._finish(result, clock)
         except BaseException:
             self._counts["errors"] += 1
