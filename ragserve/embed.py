@@ -65,10 +65,9 @@ class SentenceTransformerEmbedder:
     def token_counter(self) -> Callable[[str], list[int]]:
         """The model's own tokenizer, for a splitter that sizes chunks in its tokens."""
         tok = self.model.tokenizer
-        fast = getattr(tok, "backend_tokenizer", None)
-        if fast is not None:  # the Rust tokenizer: no "longer than max length" warning per document
-            return lambda text: fast.encode(text, add_special_tokens=False).ids
-        return lambda text: tok.encode(text, add_special_tokens=False)
+        # NOTE: not the Rust ``backend_tokenizer``: the model configures it to truncate at
+        # max_seq_length, so every text would look short enough and never be split.
+        return lambda text: tok.encode(text, add_special_tokens=False, truncation=False)
 
     def encode(
         self,

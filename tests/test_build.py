@@ -89,6 +89,19 @@ def test_messy_corpus_is_reported_in_the_summary(tmp_path, embedder):
     assert "binary.txt" in result.output and "undecodable text" in result.output
 
 
+def test_long_documents_are_split_within_the_embedders_window(tmp_path, embedder):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "long.txt").write_text(" ".join(f"Sentence number {i} is about the river Rhine." for i in range(400)))
+    report = build_index(src, tmp_path / "idx", embedder=embedder)
+    assert report.chunks >= 10
+    from ragserve.docstore import LazyDocStore
+
+    store = LazyDocStore(tmp_path / "idx")
+    count = embedder.token_counter()
+    assert max(len(count(c.text)) for c in store.get_many(range(len(store)))) <= 256
+
+
 def test_nothing_readable_and_too_large_chunks_are_errors(tmp_path, embedder):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "empty.txt").write_bytes(b"")
