@@ -12,6 +12,7 @@ never code execution (no pickle).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -170,8 +171,6 @@ class SingleFlight:
 
     async def run(self, key: str, factory: Any) -> tuple[Any, bool]:
         """Returns ``(result, led)``; ``led`` is True for the caller whose run it was."""
-        import asyncio
-
         entry = self._inflight.get(key)
         led = entry is None
         if entry is None:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +31,13 @@ from ragserve.manifest import Manifest, check_embedding, verify
 from ragserve.runtime import LoopThread
 from ragserve.timing import StageClock, StageStats
 from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, Timings, VectorIndex
+
+
+class _Prepared(NamedTuple):
+    question: str
+    key: str
+    clock: StageClock
+    l1_done: bool = False
 
 
 class RAG:
@@ -131,18 +138,17 @@ class RAG:
         bypass the answer cache for this request.
         """
         hit = self._l1_answer(question, namespace, cache_read)
-        if hit is not None:
+        if isinstance(hit, QueryResult):
             return hit
-        return self._runtime.run(self._answer(question, namespace, cache_read, cache_write, l1_checked=True))
+        return self._runtime.run(self._answer(hit, read=cache_read, write=cache_write))
 
     async def aquery(self, question: str, *, namespace: str | None = None,
                      cache_read: bool = True, cache_write: bool = True) -> QueryResult:
         """Answer one question from any event loop."""
         hit = self._l1_answer(question, namespace, cache_read)
-        if hit is not None:
+        if isinstance(hit, QueryResult):
             return hit
-        return await self._runtime.run_async(
-            self._answer(question, namespace, cache_read, cache_write, l1_checked=True))
+        return await self._runtime.run_async(self._answer(hit, read=cache_read, write=cache_write))
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None) -> list[QueryResult | Exception]:
         """Answer many questions concurrently; order is kept, a failure stays in its slot."""
@@ -211,28 +217,37 @@ class RAG:
             hits = self.index.search(vectors, top_k)[0]
         return vectors, hits
 
-    def _l1_answer(self, question: str, namespace: str | None, read: bool) -> QueryResult | None:
-        if self.cache is None or not read:
-            return None
+    def _prepare(self, question: str, namespace: str | None) -> _Prepared:
+        """Validate and normalise once; the cache key and the clock travel with the request."""
         clock = StageClock()
         q = self._check(question)
-        with clock.span("cache_l1"):
-            hit = self.cache.l1.get(self.cache.key(q, namespace))
-        return None if hit is None else self._finish(from_cached(hit, "l1", clock), clock)
+        key = self.cache.key(q, namespace) if self.cache is not None else ""
+        return _Prepared(q, key, clock)
 
-    async def _answer(self, question: str, namespace: str | None = None,
-                      read: bool = True, write: bool = True, l1_checked: bool = False) -> QueryResult:
-        clock = StageClock()
+    def _l1_answer(self, question: str, namespace: str | None, read: bool) -> QueryResult | _Prepared:
+        """The caller-thread fast path: an L1 hit, or the prepared request (L1 already asked)."""
+        p = self._prepare(question, namespace)
+        if self.cache is None or not read:
+            return p
+        with p.clock.span("cache_l1"):
+            hit = self.cache.l1.get(p.key)
+        if hit is None:
+            return p._replace(l1_done=True)
+        return self._finish(from_cached(hit, "l1", p.clock), p.clock)
+
+    async def _answer(self, question: str | _Prepared, namespace: str | None = None,
+                      read: bool = True, write: bool = True) -> QueryResult:
         try:
-            question = self._check(question)
+            p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
+            clock = p.clock
             if self.cache is None:
-                return self._finish(await self._generate(question, clock), clock)
-            key = self.cache.key(question, namespace)
+                return self._finish(await self._generate(p.question, clock), clock)
             if read:
-                hit, tier = await self.cache.lookup(key, clock, l1=not l1_checked)
+                hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
                 if hit is not None:
                     return self._finish(from_cached(hit, tier, clock), clock)
-            shared, _ = await self.cache.flight.run(key, lambda: self._generate_and_remember(key, question, write))
+            shared, _ = await self.cache.flight.run(
+                p.key, lambda: self._generate_and_remember(p.key, p.question, write))
             # Identical concurrent callers share one run: each gets its own copy, with the
             # run's stage times and its own total.
             result = dataclasses.replace(shared)
