@@ -4,8 +4,9 @@
   3.9 s on a killed Redis and 59.5 s on a hung one for one GET. Each call is also bounded
   by ``asyncio.wait_for`` so a stopped server cannot hold a query past the timeout.
 - A circuit breaker: after ``failures_to_open`` consecutive errors L2 is skipped for
-  ``cooldown_s``; then one probe call is let through, and a success closes the breaker,
-  so L2 comes back by itself after a restart.
+  ``cooldown_s``; then one background PING probes the server, and a success closes the
+  breaker, so L2 comes back by itself after a restart. The probe never runs inside a
+  query: on a hung server it would add the whole timeout to that query's latency.
 - Connection errors, timeouts, OOM replies and undecodable values are counted and treated
   as a miss; an undecodable value is deleted.
 - Writes run as background tasks, off the query's critical path.
@@ -39,11 +40,12 @@ class CircuitBreaker:
         return "half-open" if time.monotonic() - self.opened_at >= self.cooldown_s else "open"
 
     def allow(self) -> bool:
-        """May a call go to Redis now? In half-open state, one probe at a time."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self._probing:
+        """May a query's call go to Redis now? Only while closed."""
+        return self.opened_at is None
+
+    def should_probe(self) -> bool:
+        """True once per cooldown: the caller then owns the one probe in flight."""
+        if self.state == "half-open" and not self._probing:
             self._probing = True
             return True
         return False
@@ -99,9 +101,25 @@ class RedisL2:
         """One Redis command under the breaker and a hard deadline; raises on failure."""
         return await asyncio.wait_for(getattr(self._redis(), method)(*args, **kwargs), self.timeout_s)
 
+    def _available(self) -> bool:
+        """Closed breaker: go ahead. Open: skip, and start the background probe when due."""
+        if self.breaker.allow():
+            return True
+        if self.breaker.should_probe():
+            self._background(self._probe())
+        self.stats.skipped += 1
+        return False
+
+    async def _probe(self) -> None:
+        try:
+            await self._call("ping")
+        except Exception as e:  # noqa: BLE001 - still down: the breaker stays open
+            self._failed(e)
+        else:
+            self.breaker.success()
+
     async def get(self, key: str) -> CachedAnswer | None:
-        if not self.breaker.allow():
-            self.stats.skipped += 1
+        if not self._available():
             self.stats.misses += 1
             return None
         try:
@@ -130,8 +148,7 @@ class RedisL2:
         self._background(self.put(key, value))
 
     async def put(self, key: str, value: CachedAnswer) -> bool:
-        if not self.breaker.allow():
-            self.stats.skipped += 1
+        if not self._available():
             return False
         try:
             await self._call("set", KEY_PREFIX + key, encode_answer(value), px=int(self.ttl_s * 1000))

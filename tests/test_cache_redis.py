@@ -12,7 +12,7 @@ from ragserve.l2 import KEY_PREFIX, RedisL2
 from ragserve.redis_server import RedisServer, free_port
 
 from .test_cache import L1Contract, answer
-from .test_pipeline import fake_rag  # noqa: F401 - fixture
+from .test_pipeline import FakeGenerator, fake_rag  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.redis
 
@@ -117,10 +117,39 @@ async def test_breaker_recovers_by_itself_after_a_restart(server):
     assert tier.breaker.state != "closed"
     server.start()  # same port; data is gone, as after a real crash
     await asyncio.sleep(0.15)
-    assert await tier.get("k") is None  # the probe reaches the new server
+    assert await tier.get("k") is None  # skipped: the probe runs in the background
+    await tier.drain()
     assert tier.breaker.state == "closed"
     assert await tier.put("k", answer("back"))
     assert (await tier.get("k")).answer == "back"
+    await tier.close()
+
+
+async def test_a_query_never_waits_for_the_breakers_probe(server):
+    """Half-open on a hung server: the probe (a PING) waits out the timeout, queries don't."""
+    tier = RedisL2(server.url, timeout_s=0.05, cooldown_s=0.05)
+    await tier.put("k", answer())
+    server.pause()
+    try:
+        for _ in range(3):  # the failures that open the breaker
+            await tier.get("k")
+        assert tier.breaker.state == "open"
+        await asyncio.sleep(0.06)
+        worst = 0.0
+        for _ in range(20):
+            t = time.perf_counter()
+            assert await tier.get("k") is None
+            worst = max(worst, time.perf_counter() - t)
+            await asyncio.sleep(0.01)
+        assert worst < 0.02, f"a query waited {worst * 1e3:.1f} ms behind the probe"
+        await tier.drain()
+        assert tier.breaker.state != "closed" and tier.stats.errors > 3  # probes failed too
+    finally:
+        server.resume()
+    await asyncio.sleep(0.06)
+    await tier.get("k")
+    await tier.drain()
+    assert tier.breaker.state == "closed"
     await tier.close()
 
 
@@ -146,18 +175,41 @@ def test_l2_hit_backfills_l1_and_namespaces_are_separate(fake_rag, server):  # n
     assert len(rag.generator.prompts) == 2
 
 
+class KillingGenerator(FakeGenerator):
+    """Kills Redis from inside the run: after ``kill_at`` generations have started."""
+
+    def __init__(self, server, kill_at):
+        super().__init__()
+        self.server, self.kill_at = server, kill_at
+
+    async def generate(self, prompt, request_id):
+        if len(self.prompts) == self.kill_at:
+            self.server.kill()
+        return await super().generate(prompt, request_id)
+
+
 def test_redis_killed_during_concurrent_queries_fails_no_query(fake_rag, server):  # noqa: F811
     rag = _rag_with_l2(fake_rag, server.url)
-    questions = [f"question {i}" for i in range(40)]
-    first = rag.query_batch(questions[:20])
-    server.kill()
-    second = rag.query_batch(questions[20:] + questions[:20])
-    assert not [r for r in first + second if isinstance(r, Exception)]
+    cached = [f"cached question {i}" for i in range(20)]
+    rag.query_batch(cached)
+    rag._runtime.run(rag.cache.l2.drain())
+    rag.cache.l1.clear()
+    rag.generator = KillingGenerator(server, kill_at=10)
+    new = [f"new question {i}" for i in range(40)]
+    batch = [q for pair in zip(new, cached + cached) for q in pair]  # L2 hits and misses interleaved
+    results = rag.query_batch(batch)
+    assert server.proc.poll() is not None  # Redis died while the batch was running
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert not failed, failed[:3]
+    assert [r.question for r in results] == batch and all(r.answer for r in results)
     assert rag.stats()["cache"]["l2"]["errors"] >= 1
     server.start()
     time.sleep(0.15)
     rag.cache.l1.clear()
-    rag.query("after restart")  # the probe closes the breaker and this answer reaches L2
+    rag.query("after restart")  # sees the cooldown over: starts the probe, which closes the breaker
+    rag._runtime.run(rag.cache.l2.drain())
+    assert rag.cache.l2.breaker.state == "closed"
+    rag.query("after restart", cache_read=False)  # this answer now reaches L2
     rag._runtime.run(rag.cache.l2.drain())
     rag.cache.l1.clear()
     assert rag.query("after restart").cache_tier == "l2"
