@@ -22,6 +22,7 @@ from ragserve.config import (
 )
 from ragserve.errors import (
     ConfigError,
+    DeadlineExceededError,
     EmptyQuestionError,
     EngineDeadError,
     GenerationError,
@@ -31,19 +32,32 @@ from ragserve.errors import (
     IngestError,
     InputError,
     ModelError,
+    OverloadedError,
     QuestionTooLongError,
     RagserveError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.manifest import verify as verify_index
 from ragserve.pipeline import RAG
-from ragserve.types import Chunk, QueryResult, Source, Timings, TokenUsage
+from ragserve.types import (
+    Chunk,
+    DoneEvent,
+    QueryResult,
+    Source,
+    SourcesEvent,
+    StreamEvent,
+    Timings,
+    TokenEvent,
+    TokenUsage,
+)
 
 __all__ = [
     "BuildReport",
     "Chunk",
     "ChunkConfig",
     "ConfigError",
+    "DeadlineExceededError",
+    "DoneEvent",
     "EmbedConfig",
     "EmptyQuestionError",
     "EngineDeadError",
@@ -56,6 +70,7 @@ __all__ = [
     "IngestError",
     "InputError",
     "ModelError",
+    "OverloadedError",
     "QueryConfig",
     "QueryResult",
     "QuestionTooLongError",
@@ -64,7 +79,10 @@ __all__ = [
     "RagIndexError",
     "RagserveError",
     "Source",
+    "SourcesEvent",
+    "StreamEvent",
     "Timings",
+    "TokenEvent",
     "TokenUsage",
     "__version__",
     "build_index",

@@ -133,6 +133,57 @@ def print_result(result: Any, console_: Console | None = None) -> None:
             highlight=False)
 
 
+@app.command("batch")
+@_fails_cleanly
+def batch_cmd(
+    index: Annotated[Path, typer.Argument(help="An index folder.")],
+    questions: Annotated[Path, typer.Argument(help="JSONL: {\"id\": ..., \"question\": ...} or a string per line.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL answers file; appended to, and resumed from.")],
+    concurrency: Annotated[int, typer.Option(help="Questions in the engine at once.")] = 16,
+    timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer a file of questions: bounded concurrency, progress, resume after an interruption.
+
+    Exits 0 when every question has an answer, 2 when some failed (their lines say why).
+    """
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ragserve.batch import read_questions, run_batch
+    from ragserve.pipeline import RAG
+
+    read_questions(questions)  # a bad questions file fails before the engine starts
+    cfg = _config(config)
+    columns = (TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with RAG.from_index(index, cfg) as rag, Progress(*columns, console=console) as progress:
+        task = progress.add_task("answering", total=None, rate="", failed="")
+
+        def on_start(s: Any) -> None:
+            progress.update(task, total=s.total - s.skipped)
+            if s.skipped:
+                console.print(f"resuming: {s.skipped} of {s.total} questions already answered in {out_file}")
+
+        def on_record(record: dict[str, Any], s: Any) -> None:
+            progress.update(task, completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
+                            failed=f"[red]{s.failed} failed[/]" if s.failed else "")
+
+        try:
+            summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency, timeout_s=timeout,
+                                            on_start=on_start, on_record=on_record))
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]: the answers written so far are kept in {out_file}; "
+                          "run the same command again to resume")
+            raise typer.Exit(130) from None
+    s = summary.as_dict()
+    out.print(f"done {s['done']}, failed {s['failed']}, skipped {s['skipped']} (already answered) of {s['total']}; "
+              f"{s['seconds']} s, {s['questions_per_s']} questions/s → {out_file}")
+    if summary.failed:
+        raise typer.Exit(2)
+
+
 @app.command("verify-index")
 @_fails_cleanly
 def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder.")]) -> None:

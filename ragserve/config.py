@@ -61,6 +61,12 @@ class EmbedConfig:
     threads: int = 0
     """Torch intra-op threads in this process (0 leaves torch's default). On a small CPU
     machine the embedder competes with vLLM for the same cores."""
+    batch_window_ms: float = 2.0
+    """How long the first query to reach an idle micro-batcher waits for others to join
+    its embedding batch. Queries that arrive while a batch is running are taken as soon
+    as it ends, without waiting again."""
+    max_batch: int = 64
+    """Most queries embedded and searched in one model call; 1 turns micro-batching off."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,15 @@ class QueryConfig:
     """Chunks retrieved per question."""
     max_question_chars: int = 2000
     """Longer questions are refused with QuestionTooLongError."""
+    timeout_s: float = 0.0
+    """Default deadline of a request that runs the pipeline, in seconds (0: none). Past
+    it the request fails with DeadlineExceededError and its vLLM request is aborted."""
+    max_in_flight: int = 64
+    """Pipeline runs (retrieval + generation) admitted at once; all of them reach vLLM
+    together, so this bounds its batch from above."""
+    max_queued: int = 256
+    """Runs waiting for a slot. Past it a request fails at once with OverloadedError:
+    no unbounded queue, no memory growth."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,7 @@ class CacheConfig:
     l2_failures_to_open: int = 3
     """Consecutive L2 errors that open the circuit breaker."""
     l2_cooldown_s: float = 1.0
-    """How long an open breaker skips Redis before one probe call tries again."""
+    """How long an open breaker skips Redis before one background probe tries again."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +260,11 @@ def _validate(cfg: RAGConfig) -> None:
     _check_choice("embed.device", e.device, Device)
     _check_choice("index.index_type", cfg.index.index_type, IndexType)
     _check(1 <= q.top_k <= 100, "query.top_k", f"must be in 1..100, got {q.top_k}")
+    _check(e.batch_window_ms >= 0, "embed.batch_window_ms", f"must be >= 0, got {e.batch_window_ms}")
+    _check(e.max_batch >= 1, "embed.max_batch", f"must be >= 1, got {e.max_batch}")
+    _check(q.timeout_s >= 0, "query.timeout_s", f"must be >= 0 (0: no deadline), got {q.timeout_s}")
+    _check(q.max_in_flight >= 1, "query.max_in_flight", f"must be >= 1, got {q.max_in_flight}")
+    _check(q.max_queued >= 0, "query.max_queued", f"must be >= 0, got {q.max_queued}")
     _check(q.max_question_chars >= 1, "query.max_question_chars",
            f"must be >= 1, got {q.max_question_chars}")
     _check(g.max_tokens >= 1, "generate.max_tokens", f"must be >= 1, got {g.max_tokens}")

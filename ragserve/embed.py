@@ -1,16 +1,22 @@
-"""Query and chunk embeddings with sentence-transformers.
+"""Query and chunk embeddings with sentence-transformers, and the query micro-batcher.
 
 The constructor is cheap; ``warm_up()`` loads the model (idempotent). ``encode`` follows
 sentence-transformers' own batching (sorted by length, restored order, inference mode)
 and returns unit-length float32 C-contiguous rows, the layout FAISS wants.
+
+``MicroBatcher`` gathers the queries that arrive together into one model call (and one
+FAISS search): a batch of 32 short questions costs little more than one question.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from concurrent.futures import Executor
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -94,3 +100,83 @@ def _device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """Runs ``fn(items) -> results`` on an executor for batches of concurrent submissions.
+
+    The first item to reach an idle batcher waits ``window_s`` for others to join (or
+    until ``max_batch`` are in); items that arrive while a batch runs are taken as soon
+    as it ends, without a window: they have waited already. The event loop never runs
+    ``fn`` itself. A cancelled submission is dropped from its batch if that has not
+    started yet. Use from one event loop.
+
+    **Usage:** ``b = MicroBatcher(embed_and_search, executor, window_s=0.002, max_batch=64)``
+    then ``result, wait_ms = await b.submit(item)``.
+    """
+
+    def __init__(self, fn: Callable[[list[T]], list[R]], executor: Executor | None, *,
+                 window_s: float, max_batch: int) -> None:
+        self.fn = fn
+        self.executor = executor
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.batches = 0
+        self.items = 0
+        self._pending: list[tuple[T, asyncio.Future[tuple[R, float]], float]] = []
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, item: T) -> tuple[R, float]:
+        """Returns ``fn``'s result for this item and the ms it waited for its batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[R, float]] = loop.create_future()
+        self._pending.append((item, future, time.perf_counter()))
+        if not self._busy:
+            if len(self._pending) >= self.max_batch or self.window_s <= 0:
+                self._start()
+            elif self._timer is None:
+                self._timer = loop.call_later(self.window_s, self._start)
+        return await future
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._busy:
+            return  # the running batch starts the next one when it ends
+        live = [p for p in self._pending if not p[1].done()]
+        batch, self._pending = live[: self.max_batch], live[self.max_batch:]
+        if not batch:
+            return
+        self._busy = True
+        self.batches += 1
+        self.items += len(batch)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(self.executor, self.fn, [item for item, _, _ in batch])
+        task.add_done_callback(lambda t: self._finish(t, batch, started))
+
+    def _finish(self, task: asyncio.Future[list[R]], batch: list[Any], started: float) -> None:
+        self._busy = False
+        error = task.exception()
+        results = None if error is not None else task.result()
+        if error is None and len(results) != len(batch):  # type: ignore[arg-type]
+            error = RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")  # type: ignore[arg-type]
+        for i, (_, future, submitted) in enumerate(batch):
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result((results[i], (started - submitted) * 1e3))  # type: ignore[index]
+        if self._pending:
+            self._start()

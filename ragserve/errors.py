@@ -15,6 +15,9 @@ that is wrong and what to do about it::
     │   ├── IndexIntegrityError     a file is missing, truncated or altered
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
+    ├── OverloadedError             too many requests running and waiting: retry later
+    ├── DeadlineExceededError       a request ran past its deadline; its engine request
+    │                               was aborted (also a TimeoutError)
     └── GenerationError             the generation stage failed for one request
         └── EngineDeadError         the engine is gone; every later request fails too
 
@@ -100,6 +103,29 @@ class IndexMismatchError(IndexError_):
 
 class ModelError(RagserveError):
     stage = "model"
+
+
+class OverloadedError(RagserveError):
+    """Refused at admission: ``query.max_in_flight`` runs and ``query.max_queued``
+    waiters are taken. Nothing was started; the caller may retry later."""
+
+    stage = "admission"
+
+    def __init__(self, in_flight: int, queued: int) -> None:
+        self.in_flight = in_flight
+        self.queued = queued
+        super().__init__(f"overloaded: {in_flight} requests running and {queued} waiting (query.max_in_flight, "
+                         "query.max_queued); retry later")
+
+
+class DeadlineExceededError(RagserveError, TimeoutError):
+    """The request ran past its deadline; its work was cancelled and nothing was cached."""
+
+    stage = "deadline"
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"no answer within the deadline of {timeout_s:g} s; the request was aborted")
 
 
 class GenerationError(RagserveError):

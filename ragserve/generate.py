@@ -91,6 +91,10 @@ class VllmGenerator:
             except (OSError, ValueError) as e:
                 raise ModelError(f"vLLM cannot load {self.path}: {e}", stage="generate") from e
 
+    def unfinished(self) -> int:
+        """Requests the engine holds right now (a gauge; 0 after every caller is gone)."""
+        return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
+
     def tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
 

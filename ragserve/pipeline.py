@@ -16,21 +16,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ragserve.admission import Admission
 from ragserve.answers import AnswerCache, from_cached
 from ragserve.cache import normalize_question
 from ragserve.config import RAGConfig
-from ragserve.errors import EmptyQuestionError, QuestionTooLongError
+from ragserve.errors import DeadlineExceededError, EmptyQuestionError, GenerationError, QuestionTooLongError
 from ragserve.manifest import Manifest, check_embedding, verify
+from ragserve.retrieval import Retriever
 from ragserve.runtime import LoopThread
 from ragserve.timing import StageClock, StageStats
-from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, Timings, VectorIndex
+from ragserve.types import (
+    DocStore,
+    DoneEvent,
+    Embedder,
+    Generation,
+    Generator,
+    QueryResult,
+    Source,
+    SourcesEvent,
+    StreamEvent,
+    Timings,
+    TokenEvent,
+    VectorIndex,
+)
 
 
 class _Prepared(NamedTuple):
@@ -60,11 +75,11 @@ class RAG:
         self.config = config
         self.stage_stats = StageStats()
         self._runtime = LoopThread()
-        # One worker: the embedding model uses its own intra-op threads, and one model
-        # call at a time keeps them from fighting each other.
-        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
+        self.retriever = Retriever(embedder, index, docstore, config.embed)
+        q = config.query
+        self.admission = Admission(q.max_in_flight, q.max_queued)
         self._prompt_builder: Any = None
-        self._counts = {"queries": 0, "errors": 0}
+        self._counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
         self.cache: AnswerCache | None = None
         if config.cache.enabled:
             self.cache = AnswerCache(config.cache, manifest.fingerprint, config.fingerprint())
@@ -124,49 +139,92 @@ class RAG:
         return self.generator
 
     @property
+    def _cpu(self) -> Any:
+        """The executor that runs embedding and search (profilers hook into its thread)."""
+        return self.retriever.executor
+
+    @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
 
     # -- public API ---------------------------------------------------------------------
 
-    def query(self, question: str, *, namespace: str | None = None,
-              cache_read: bool = True, cache_write: bool = True) -> QueryResult:
+    def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
+              cache_write: bool = True, timeout_s: float | None = None) -> QueryResult:
         """Answer one question (blocking). Safe from threads and from inside an event loop.
 
         An L1 hit is answered in the calling thread, without a hop to the engine loop.
         ``namespace`` overrides ``cache.namespace``; ``cache_read`` / ``cache_write``
-        bypass the answer cache for this request.
+        bypass the answer cache for this request; ``timeout_s`` overrides
+        ``query.timeout_s`` (0: no deadline). Raises ``OverloadedError`` at once when the
+        engine is full, ``DeadlineExceededError`` past the deadline.
         """
         hit = self._l1_answer(question, namespace, cache_read)
         if isinstance(hit, QueryResult):
             return hit
-        return self._runtime.run(self._answer(hit, read=cache_read, write=cache_write))
+        return self._runtime.run(self._answer(hit, read=cache_read, write=cache_write, timeout_s=timeout_s))
 
-    async def aquery(self, question: str, *, namespace: str | None = None,
-                     cache_read: bool = True, cache_write: bool = True) -> QueryResult:
-        """Answer one question from any event loop."""
+    async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
+                     cache_write: bool = True, timeout_s: float | None = None) -> QueryResult:
+        """Answer one question from any event loop. Cancelling the awaiting task aborts the
+        request in the engine and caches nothing."""
         hit = self._l1_answer(question, namespace, cache_read)
         if isinstance(hit, QueryResult):
             return hit
-        return await self._runtime.run_async(self._answer(hit, read=cache_read, write=cache_write))
+        return await self._runtime.run_async(
+            self._answer(hit, read=cache_read, write=cache_write, timeout_s=timeout_s))
 
-    def query_batch(self, questions: Sequence[str], *, namespace: str | None = None) -> list[QueryResult | Exception]:
-        """Answer many questions concurrently; order is kept, a failure stays in its slot."""
-        return self._runtime.run(self._answer_many(questions, namespace))
+    def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
+                    timeout_s: float | None = None) -> list[QueryResult | Exception]:
+        """Answer many questions concurrently; order is kept, a failure stays in its slot.
+        At most ``query.max_in_flight`` of them run at once, so a large batch never
+        overloads the engine by itself."""
+        return self._runtime.run(self._answer_many(questions, namespace, timeout_s))
 
-    async def aquery_batch(self, questions: Sequence[str], *,
-                           namespace: str | None = None) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions, namespace))
+    async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
+                           timeout_s: float | None = None) -> list[QueryResult | Exception]:
+        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s))
+
+    def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
+               cache_write: bool = True, timeout_s: float | None = None) -> Iterator[StreamEvent]:
+        """Answer one question as a stream (blocking iterator): a ``SourcesEvent`` first,
+        then ``TokenEvent`` pieces as they are generated, then a ``DoneEvent`` with the
+        result and its timings. Leaving the loop early aborts the generation.
+
+        **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
+        """
+        p = self._prepare(question, namespace)
+        return self._runtime.iterate(self._stream(p, cache_read, cache_write, timeout_s))
+
+    async def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
+                      cache_write: bool = True, timeout_s: float | None = None) -> AsyncIterator[StreamEvent]:
+        """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``"""
+        p = self._prepare(question, namespace)
+        async for event in self._runtime.aiterate(self._stream(p, cache_read, cache_write, timeout_s)):
+            yield event
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
         question = self._check(question)
-        return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k, StageClock()))
+        return self._runtime.run(self.retriever.retrieve(question, top_k or self.config.query.top_k, StageClock()))
+
+    async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
+        """``retrieve`` from any event loop; concurrent calls share embedding batches."""
+        question = self._check(question)
+        return await self._runtime.run_async(self.retriever.retrieve(question, top_k or self.config.query.top_k, StageClock()))
 
     def stats(self) -> dict[str, Any]:
-        """Queries, errors, per-stage latency (count, mean, p50/p95/p99) and cache tiers."""
-        return {**self._counts, "stages": self.stage_stats.summary(),
-                "cache": self.cache.stats() if self.cache else None}
+        """Queries, errors, per-stage latency (count, mean, p50/p95/p99), admission gauges
+        (in flight, queued, rejected), embedding batches and cache tiers."""
+        unfinished = getattr(self.generator, "unfinished", None)
+        return {
+            **self._counts,
+            "stages": self.stage_stats.summary(),
+            "admission": self.admission.as_dict(),
+            "embed_batches": self.retriever.stats(),
+            "engine_unfinished": unfinished() if unfinished else None,
+            "cache": self.cache.stats() if self.cache else None,
+        }
 
     def close(self) -> None:
         """Stop the engine, flush cache writes, release the index files. Idempotent."""
@@ -181,10 +239,7 @@ class RAG:
         self._runtime.stop()
         if self.cache is not None:
             self.cache.stop_server()
-        self._cpu.shutdown(wait=True)
-        close = getattr(self.docstore, "close", None)
-        if close:
-            close()
+        self.retriever.close()
 
     def __enter__(self) -> RAG:
         return self
@@ -202,20 +257,6 @@ class RAG:
         if len(question) > limit:
             raise QuestionTooLongError(len(question), limit)
         return question
-
-    async def _retrieve(self, question: str, top_k: int, clock: StageClock) -> list[Source]:
-        loop = asyncio.get_running_loop()
-        vectors, hits = await loop.run_in_executor(self._cpu, self._embed_search, question, top_k, clock)
-        with clock.span("docload"):
-            chunks = self.docstore.get_many([h.chunk_id for h in hits])
-        return [Source(c.doc_id, c.chunk_id, h.score, c.text, c.metadata) for c, h in zip(chunks, hits)]
-
-    def _embed_search(self, question: str, top_k: int, clock: StageClock) -> tuple[np.ndarray, list[Any]]:
-        with clock.span("embed"):
-            vectors = self.embedder.encode([question])
-        with clock.span("search"):
-            hits = self.index.search(vectors, top_k)[0]
-        return vectors, hits
 
     def _prepare(self, question: str, namespace: str | None) -> _Prepared:
         """Validate and normalise once; the cache key and the clock travel with the request."""
@@ -235,29 +276,52 @@ class RAG:
             return p._replace(l1_done=True)
         return self._finish(from_cached(hit, "l1", p.clock), p.clock)
 
-    async def _answer(self, question: str | _Prepared, namespace: str | None = None,
-                      read: bool = True, write: bool = True) -> QueryResult:
+    @asynccontextmanager
+    async def _scope(self, timeout_s: float | None) -> AsyncIterator[None]:
+        """One request on the engine loop: its deadline, and its outcome counted."""
+        deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
         try:
-            p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
-            clock = p.clock
-            if self.cache is None:
-                return self._finish(await self._generate(p.question, clock), clock)
-            if read:
-                hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
-                if hit is not None:
-                    return self._finish(from_cached(hit, tier, clock), clock)
-            shared, _ = await self.cache.flight.run(
-                p.key, lambda: self._generate_and_remember(p.key, p.question, write))
-            # Identical concurrent callers share one run: each gets its own copy, with the
-            # run's stage times and its own total.
-            result = dataclasses.replace(shared)
-            for stage, ms in result.timings.as_dict().items():  # keep our own cache lookups
-                if stage != "total":
-                    clock.ms.setdefault(stage, ms)
-            return self._finish(result, clock)
+            try:
+                async with asyncio.timeout(deadline or None) as scope:
+                    yield
+            except TimeoutError:
+                if scope.expired():  # ours, not a TimeoutError from inside the request
+                    self._counts["timeouts"] += 1
+                    raise DeadlineExceededError(deadline) from None
+                raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self._counts["cancelled"] += 1
+            raise
         except BaseException:
             self._counts["errors"] += 1
             raise
+
+    async def _answer(self, question: str | _Prepared, namespace: str | None = None, read: bool = True,
+                      write: bool = True, timeout_s: float | None = None) -> QueryResult:
+        async with self._scope(timeout_s):
+            p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
+            return await self._answer_prepared(p, read, write)
+
+    async def _answer_prepared(self, p: _Prepared, read: bool, write: bool) -> QueryResult:
+        clock = p.clock
+        if self.cache is None:
+            return self._finish(await self._generate(p.question, clock), clock)
+        if read:
+            hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
+            if hit is not None:
+                return self._finish(from_cached(hit, tier, clock), clock)
+        # A run that must not write is shared only with callers that don't write either:
+        # a writer joining it would otherwise lose its write.
+        flight_key = p.key if write else p.key + ":no-write"
+        shared, _ = await self.cache.flight.run(
+            flight_key, lambda: self._generate_and_remember(p.key, p.question, write))
+        # Identical concurrent callers share one run: each gets its own copy, with the
+        # run's stage times and its own total.
+        result = dataclasses.replace(shared)
+        for stage, ms in result.timings.as_dict().items():  # keep our own cache lookups
+            if stage != "total":
+                clock.ms.setdefault(stage, ms)
+        return self._finish(result, clock)
 
     async def _generate_and_remember(self, key: str, question: str, write: bool) -> QueryResult:
         result = await self._generate(question, StageClock())
@@ -266,12 +330,22 @@ class RAG:
         return result
 
     async def _generate(self, question: str, clock: StageClock) -> QueryResult:
-        sources = await self._retrieve(question, self.config.query.top_k, clock)
+        async with self.admission.slot() as waited:
+            clock.add("admission", waited())
+            generator, prompt = await self._grounded_prompt(question, clock)
+            with clock.span("generate"):
+                gen = await generator.generate(prompt.text, uuid.uuid4().hex)
+            return self._result(question, generator, prompt, gen, clock)
+
+    async def _grounded_prompt(self, question: str, clock: StageClock) -> tuple[Generator, Any]:
+        sources = await self.retriever.retrieve(question, self.config.query.top_k, clock)
         generator = self._ensure_generator()
         with clock.span("prompt"):
             prompt = self._builder(generator).build(question, sources)
-        with clock.span("generate"):
-            gen = await generator.generate(prompt.text, uuid.uuid4().hex)
+        return generator, prompt
+
+    def _result(self, question: str, generator: Generator, prompt: Any, gen: Generation,
+                clock: StageClock) -> QueryResult:
         clock.add("generate_queue", gen.queue_ms)
         clock.add("generate_first_token", gen.first_token_ms)
         clock.add("generate_decode", gen.decode_ms)
@@ -288,6 +362,36 @@ class RAG:
             dropped_sources=prompt.dropped,
         )
 
+    async def _stream(self, p: _Prepared, read: bool, write: bool,
+                      timeout_s: float | None) -> AsyncIterator[StreamEvent]:
+        """The stream on the engine loop: cache hit → one piece; miss → vLLM deltas."""
+        clock = p.clock
+        async with self._scope(timeout_s):
+            if self.cache is not None and read:
+                hit, tier = await self.cache.lookup(p.key, clock)
+                if hit is not None:
+                    result = self._finish(from_cached(hit, tier, clock), clock)
+                    for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
+                        yield event
+                    return
+            async with self.admission.slot() as waited:
+                clock.add("admission", waited())
+                generator, prompt = await self._grounded_prompt(p.question, clock)
+                yield SourcesEvent(prompt.used, "miss")
+                gen = None
+                with clock.span("generate"):
+                    async for piece in generator.stream(prompt.text, uuid.uuid4().hex):
+                        if isinstance(piece, str):
+                            yield TokenEvent(piece)
+                        else:
+                            gen = piece
+                if gen is None:
+                    raise GenerationError("the engine ended the stream without a final output")
+                result = self._result(p.question, generator, prompt, gen, clock)
+            if write and self.cache is not None:
+                self.cache.remember(p.key, result)  # only once the whole answer is in
+            yield DoneEvent(self._finish(result, clock))
+
     def _finish(self, result: QueryResult, clock: StageClock) -> QueryResult:
         """Stamp the caller's own total, count the query, record its stage times."""
         clock.ms["total"] = clock.elapsed_ms()
@@ -296,8 +400,15 @@ class RAG:
         self.stage_stats.record(clock.ms)
         return result
 
-    async def _answer_many(self, questions: Sequence[str], namespace: str | None = None) -> list[QueryResult | Exception]:
-        results = await asyncio.gather(*(self._answer(q, namespace) for q in questions), return_exceptions=True)
+    async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,
+                           timeout_s: float | None = None) -> list[QueryResult | Exception]:
+        bound = asyncio.Semaphore(self.config.query.max_in_flight)
+
+        async def one(q: str) -> QueryResult:
+            async with bound:
+                return await self._answer(q, namespace, timeout_s=timeout_s)
+
+        results = await asyncio.gather(*(one(q) for q in questions), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r  # cancellation and interrupts are not per-item failures

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import signal
 import socket
 import subprocess
@@ -65,7 +66,8 @@ class RedisServer:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
         else:
             args += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,3 +123,17 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: an embedded server must not outlive a killed ragserve.
+
+    NOTE: Linux's PR_SET_PDEATHSIG; elsewhere the server stops only through ``stop()``.
+    The signal follows the *thread* that started the server: start it from a thread that
+    lives as long as the server should (the main thread, or the engine's).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

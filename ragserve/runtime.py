@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -59,6 +60,48 @@ class LoopThread:
             return await coro
         return await asyncio.wrap_future(self.submit(coro))
 
+    def iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        """Consume an async iterator that runs on the engine loop, from a plain thread.
+
+        Closing the returned iterator early (``break``, an exception in the consumer)
+        cancels the producer on the engine loop; for a generation that aborts the
+        vLLM request.
+        """
+        if self.in_loop():
+            raise RuntimeError("blocking iteration on the engine loop itself; use the async API")
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        future = self.submit(_pump(stream, items.put))
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            future.cancel()
+
+    async def aiterate(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The same from any event loop: items hop from the engine loop to the caller's."""
+        if self.in_loop():
+            async for item in stream:
+                yield item
+            return
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        future = self.submit(_pump(stream, lambda item: loop.call_soon_threadsafe(items.put_nowait, item)))
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            future.cancel()
+
     def stop(self) -> None:
         if not self.running:
             return
@@ -66,3 +109,15 @@ class LoopThread:
         self._thread.join(timeout=30)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _pump(stream: AsyncIterator[Any], put: Callable[[tuple[str, Any]], Any]) -> None:
+    try:
+        async for item in stream:
+            put(("item", item))
+    except asyncio.CancelledError:
+        raise  # the consumer went away; nobody reads the queue any more
+    except Exception as e:  # noqa: BLE001 - handed to the consumer, who re-raises it
+        put(("error", e))
+    else:
+        put(("end", None))

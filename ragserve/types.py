@@ -49,6 +49,9 @@ class Timings:
     """Milliseconds spent in each stage of one query.
 
     ``cache_l1`` / ``cache_l2`` are the lookups in each cache tier (0 when skipped).
+    ``admission`` is the wait for a slot under ``query.max_in_flight``; ``embed_wait`` the
+    wait for a micro-batch to start, and ``embed`` / ``search`` the time of the batch the
+    query rode in (shared with the other queries of that batch).
 
     ``generate`` is measured here; its split into ``generate_queue`` (waiting in vLLM's
     scheduler), ``generate_first_token`` (prefill: scheduled → first token) and
@@ -57,6 +60,8 @@ class Timings:
 
     cache_l1: float = 0.0
     cache_l2: float = 0.0
+    admission: float = 0.0
+    embed_wait: float = 0.0
     embed: float = 0.0
     search: float = 0.0
     docload: float = 0.0
@@ -125,6 +130,31 @@ class QueryResult:
         return d
 
 
+@dataclass(frozen=True)
+class SourcesEvent:
+    """First event of a stream: what the answer will be grounded in."""
+
+    sources: list[Source]
+    cache_tier: CacheTier
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A piece of the answer text, as the model generates it (one piece for a cache hit)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """Last event of a stream: the whole result, with the final timings."""
+
+    result: QueryResult
+
+
+StreamEvent = SourcesEvent | TokenEvent | DoneEvent
+
+
 class Embedder(Protocol):
     dim: int
     identity: dict[str, Any]
@@ -160,6 +190,8 @@ class Generator(Protocol):
 
     async def generate(self, prompt: str, request_id: str) -> Generation: ...
 
-    def stream(self, prompt: str, request_id: str) -> AsyncIterator[str]: ...
+    def stream(self, prompt: str, request_id: str) -> AsyncIterator[str | Generation]:
+        """Text deltas as they are generated, then the final ``Generation``."""
+        ...
 
     def shutdown(self) -> None: ...

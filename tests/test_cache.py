@@ -149,3 +149,13 @@ def test_pipeline_failed_request_writes_nothing(fake_rag):  # noqa: F811
     with pytest.raises(RuntimeError):
         fake_rag.query("poison")
     assert len(fake_rag.cache.l1) == 0
+
+
+async def test_a_writer_never_shares_a_run_that_does_not_write(fake_rag):  # noqa: F811
+    both = await asyncio.gather(fake_rag.aquery("shared?", cache_write=False), fake_rag.aquery("shared?"))
+    assert [r.cache_tier for r in both] == ["miss", "miss"]
+    assert len(fake_rag.generator.prompts) == 2  # two runs: one writes, one does not
+    assert fake_rag.query("shared?").cache_tier == "l1"
+    readers = await asyncio.gather(*(fake_rag.aquery("other", cache_write=False) for _ in range(4)))
+    assert len(fake_rag.generator.prompts) == 3 and all(r.answer for r in readers)  # non-writers share
+    assert fake_rag.query("other").cache_tier == "miss"

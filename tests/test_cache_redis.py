@@ -264,3 +264,25 @@ def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, se
     build_index(src, tmp_path / "idx", embedder=embedder)
     tiers, fp2 = ask_all()
     assert fp2 != fp1 and set(tiers) == {"miss"}
+
+
+def test_embedded_server_dies_with_a_killed_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from ragserve.redis_server import RedisServer; s = RedisServer().start(); "
+            "print(s.proc.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    os.kill(pid, 0)  # the server runs
+    parent.send_signal(signal.SIGKILL)  # no cleanup code runs in the parent
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the embedded redis-server outlived its killed parent")

@@ -7,7 +7,8 @@ import string
 
 import pytest
 
-from ragserve.errors import EmptyQuestionError, QuestionTooLongError
+from ragserve.errors import DeadlineExceededError, EmptyQuestionError, QuestionTooLongError
+from ragserve.types import DoneEvent, SourcesEvent, TokenEvent
 
 pytestmark = pytest.mark.engine
 
@@ -44,7 +45,7 @@ def test_timings_cover_every_stage_and_vllm_split(rag, xquad_corpus):
     assert t.generate_first_token > 0 and t.generate_decode >= 0 and t.generate_queue >= 0
     # vLLM's own split of generation happens inside our generate span
     assert t.generate_queue + t.generate_first_token + t.generate_decode <= t.generate * 1.05
-    assert t.embed + t.search + t.docload + t.prompt + t.generate <= t.total
+    assert t.embed_wait + t.embed + t.search + t.docload + t.prompt + t.generate <= t.total
     assert r.index_fingerprint == rag.fingerprint
 
 
@@ -83,3 +84,43 @@ def test_repeated_question_is_answered_from_l1_without_the_engine(rag, xquad_cor
     assert again.timings.generate == 0 and again.timings.total < 50
     assert [s.chunk_id for s in again.sources] == [s.chunk_id for s in first.sources]
     assert rag.stats()["cache"]["l1"]["hits"] == before + 1
+
+
+async def _until(condition, timeout_s=10.0):
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+async def test_a_deadline_aborts_its_vllm_request_while_the_others_complete(rag, xquad_corpus):
+    qs = [q["question"] for q in xquad_corpus[1][20:24]]
+    slow = asyncio.ensure_future(rag.aquery(qs[0], cache_read=False, timeout_s=0.3))
+    others = [asyncio.ensure_future(rag.aquery(q, cache_read=False)) for q in qs[1:]]
+    with pytest.raises(DeadlineExceededError):
+        await slow
+    done = await asyncio.gather(*others)
+    assert [r.question for r in done] == qs[1:] and all(r.answer for r in done)
+    assert await _until(lambda: rag.generator.unfinished() == 0), "a timed-out request is still in vLLM"
+
+
+async def test_cancelling_a_caller_leaves_no_request_in_the_engine(rag, xquad_corpus):
+    q = xquad_corpus[1][25]["question"]
+    task = asyncio.ensure_future(rag.aquery(q, cache_read=False))
+    assert await _until(lambda: rag.generator.unfinished() == 1), "the request never reached vLLM"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _until(lambda: rag.generator.unfinished() == 0), "the cancelled request kept running"
+    assert rag.query(q).cache_tier == "miss"  # the cancelled run cached nothing
+
+
+def test_stream_yields_tokens_as_they_are_generated(rag, xquad_corpus):
+    q = xquad_corpus[1][30]["question"]
+    events = list(rag.stream(q, cache_read=False, cache_write=False))
+    assert isinstance(events[0], SourcesEvent) and isinstance(events[-1], DoneEvent)
+    tokens = [e.text for e in events if isinstance(e, TokenEvent)]
+    result = events[-1].result
+    assert len(tokens) > 1 and "".join(tokens).strip() == result.answer
+    assert result.usage.completion_tokens > 0 and result.timings.generate_first_token > 0

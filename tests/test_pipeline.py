@@ -39,9 +39,12 @@ class FakeEmbedder:
 class FakeGenerator:
     model_name = "fake-llm"
 
-    def __init__(self, fail_on=None):
+    def __init__(self, fail_on=None, delay=0.01, words=2):
         self.prompts = []
         self.fail_on = fail_on
+        self.delay = delay
+        self.words = words
+        self.running = 0
 
     def warm_up(self):
         pass
@@ -50,11 +53,28 @@ class FakeGenerator:
         return WordTokenizer()
 
     async def generate(self, prompt, request_id):
+        gen = None
+        async for piece in self.stream(prompt, request_id):
+            gen = piece
+        return gen
+
+    async def stream(self, prompt, request_id):
+        """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``."""
         self.prompts.append(prompt)
-        await asyncio.sleep(0.01)
-        if self.fail_on and self.fail_on in prompt:
-            raise RuntimeError("boom")
-        return Generation("an answer", TokenUsage(len(prompt.split()), 2), "stop", 1.0, 2.0, 3.0)
+        self.running += 1
+        try:
+            pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]
+            for piece in pieces:
+                await asyncio.sleep(self.delay / len(pieces))
+                if self.fail_on and self.fail_on in prompt:
+                    raise RuntimeError("boom")
+                yield piece
+            yield Generation("".join(pieces), TokenUsage(len(prompt.split()), len(pieces)), "stop", 1.0, 2.0, 3.0)
+        finally:
+            self.running -= 1
+
+    def unfinished(self):
+        return self.running
 
     def shutdown(self):
         pass
@@ -79,7 +99,7 @@ def test_query_result_shape_and_timings(fake_rag):
     assert len(r.sources) == 3 and r.sources[0].score >= r.sources[1].score
     t = r.timings
     assert (t.generate_queue, t.generate_first_token, t.generate_decode) == (1.0, 2.0, 3.0)
-    parts = t.embed + t.search + t.docload + t.prompt + t.generate
+    parts = t.embed_wait + t.embed + t.search + t.docload + t.prompt + t.generate
     assert 0 < parts <= t.total
     assert r.to_dict()["usage"]["total_tokens"] == r.usage.total_tokens
     assert fake_rag.stats()["stages"]["total"]["count"] == 1

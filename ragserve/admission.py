@@ -1,0 +1,79 @@
+"""Admission control: a bound on pipeline runs in flight and on runs waiting for a slot.
+
+Past both bounds a request fails at once with ``OverloadedError``: no unbounded queue,
+no memory growth under a burst. Waiters are served first come, first served; a slot
+freed by a finished run passes straight to the oldest waiter.
+
+**Usage:**
+
+    admission = Admission(max_in_flight=64, max_queued=256)
+    async with admission.slot() as waited:
+        ...  # waited() is the ms spent waiting for the slot
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from ragserve.errors import OverloadedError
+
+
+class Admission:
+    """Use from one event loop (the engine's)."""
+
+    def __init__(self, max_in_flight: int, max_queued: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
+        self.in_flight = 0
+        self.admitted = 0
+        self.rejected = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Callable[[], float]]:
+        t0 = time.perf_counter()
+        await self._acquire()
+        waited_ms = (time.perf_counter() - t0) * 1e3
+        self.admitted += 1
+        try:
+            yield lambda: waited_ms
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self.in_flight < self.max_in_flight and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            self.rejected += 1
+            raise OverloadedError(self.in_flight, len(self._waiters))
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # a releasing run hands its slot over: in_flight stays counted
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot arrived just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"in_flight": self.in_flight, "queued": self.queued, "max_in_flight": self.max_in_flight,
+                "max_queued": self.max_queued, "admitted": self.admitted, "rejected": self.rejected}

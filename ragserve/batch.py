@@ -1,0 +1,165 @@
+"""Offline batch answering: a JSONL file of questions in, a JSONL file of answers out.
+
+- Bounded concurrency: at most ``concurrency`` questions are in the engine at once, so
+  vLLM batches them and nothing queues without bound.
+- Every answer is appended and flushed as soon as it is ready: an interrupted run loses
+  at most the answers still being generated.
+- Resume: on restart, ids that already have an answer in the output are skipped. Failed
+  questions are retried (the last record of an id is the one that counts). A half-written
+  last line, left by a crash, is cut off before anything is appended.
+- One failed question is recorded with its error and does not stop the run.
+
+Input lines are ``{"id": ..., "question": ...}`` (``id`` optional: the line number is
+used) or a bare JSON string. Output lines carry the id, question, answer, sources, cache
+tier, token usage and per-stage timings; a failure carries ``error`` instead of ``answer``.
+
+**Usage:** ``summary = asyncio.run(run_batch(rag, "questions.jsonl", "answers.jsonl"))``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ragserve.errors import InputError
+
+
+class BatchInputError(InputError):
+    """The questions file cannot be used as it is (names the line and what is wrong)."""
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "done": self.done, "failed": self.failed, "skipped": self.skipped,
+                "seconds": round(self.seconds, 2), "questions_per_s": round(self.per_second, 3)}
+
+
+def read_questions(path: str | Path) -> list[tuple[str, str]]:
+    """``(id, question)`` pairs; refuses the whole file on a bad line or a repeated id."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchInputError(f"{path}: no such questions file")
+    items: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise BatchInputError(f"{path}:{n}: not valid JSON ({e})") from None
+        if isinstance(value, str):
+            value = {"question": value}
+        if not isinstance(value, dict) or not isinstance(value.get("question"), str):
+            raise BatchInputError(f"{path}:{n}: expected a JSON string or an object with a \"question\" string")
+        qid = str(value.get("id", n))
+        if qid in seen:
+            raise BatchInputError(f"{path}:{n}: id {qid!r} appears twice; ids must be unique for resume to work")
+        seen.add(qid)
+        items.append((qid, value["question"]))
+    return items
+
+
+def answered_ids(out: str | Path) -> set[str]:
+    """Ids with an answer in ``out``. Cuts off a half-written last line (a crash mid-write)."""
+    out = Path(out)
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with out.open("r+b") as f:
+            f.truncate(keep)
+    done: set[str] = set()
+    for line in data[:keep].splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a damaged line in the middle: its id is asked again
+        if isinstance(record, dict) and "answer" in record and "error" not in record:
+            done.add(str(record.get("id")))
+        elif isinstance(record, dict) and "error" in record:
+            done.discard(str(record.get("id")))
+    return done
+
+
+def _record(qid: str, question: str, result: Any) -> dict[str, Any]:
+    if isinstance(result, BaseException):
+        return {"id": qid, "question": question, "error": f"{type(result).__name__}: {result}"}
+    return {
+        "id": qid, "question": question, "answer": result.answer, "cache_tier": result.cache_tier,
+        "sources": [{"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(s.score, 4)} for s in result.sources],
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens},
+        "finish_reason": result.finish_reason, "timings": result.timings.as_dict(),
+    }
+
+
+async def run_batch(
+    rag: Any,
+    questions: str | Path,
+    out: str | Path,
+    *,
+    concurrency: int = 16,
+    timeout_s: float | None = None,
+    on_start: Callable[[BatchSummary], None] | None = None,
+    on_record: Callable[[dict[str, Any], BatchSummary], None] | None = None,
+) -> BatchSummary:
+    """Answer every question of ``questions`` not yet answered in ``out`` (see module doc)."""
+    if concurrency < 1:
+        raise BatchInputError(f"concurrency must be >= 1, got {concurrency}")
+    items = read_questions(questions)
+    done_ids = answered_ids(out)
+    todo = [(qid, q) for qid, q in items if qid not in done_ids]
+    summary = BatchSummary(total=len(items), skipped=len(items) - len(todo))
+    if on_start:
+        on_start(summary)
+    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
+    started = time.perf_counter()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "ab") as sink:
+
+        async def worker() -> None:
+            while not queue.empty():
+                qid, question = queue.get_nowait()
+                try:
+                    result: Any = await rag.aquery(question, timeout_s=timeout_s)
+                except Exception as e:  # noqa: BLE001 - recorded in its line; the run goes on
+                    result = e
+                record = _record(qid, question, result)
+                sink.write(orjson.dumps(record) + b"\n")
+                sink.flush()  # written as it completes: an interrupted run keeps it
+                if "error" in record:
+                    summary.failed += 1
+                else:
+                    summary.done += 1
+                summary.seconds = time.perf_counter() - started
+                if on_record:
+                    on_record(record, summary)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)))))
+        finally:
+            sink.flush()
+            os.fsync(sink.fileno())
+            summary.seconds = time.perf_counter() - started
+    return summary
