@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pydoc_corpus import write_corpus  # noqa: E402
 
-from ragserve import RAG, RAGConfig, RagserveError, build_index, verify_index  # noqa: E402
+from ragserve import RAG, DoneEvent, RAGConfig, RagserveError, TokenEvent, build_index, verify_index  # noqa: E402
 from ragserve.cli import print_result  # noqa: E402
 
 CORPUS = ROOT / "build" / "corpus" / "pydoc-topics"
@@ -24,6 +24,11 @@ QUESTIONS = [
     "How does the with statement work?",
     "What does a yield expression do in a function?",
     "How do I handle an exception with try and except?",
+]
+MORE = [
+    "What does the global statement do?", "How is a class definition executed?",
+    "What does the assert statement do?", "How does a for loop iterate?",
+    "What is a lambda expression?", "What does the del statement do?",
 ]
 
 
@@ -54,9 +59,25 @@ def main() -> None:
     with RAG.from_index(INDEX, config) as rag:
         print(f"engine: ready in {time.perf_counter() - t:.1f} s (model {rag.generator.model_name}; "
               f"L2 cache {rag.cache.l2.url})\n")
-        for q in QUESTIONS:
+        print(f"Q: {QUESTIONS[0]}  (streamed as it is generated)\nA: ", end="", flush=True)
+        for event in rag.stream(QUESTIONS[0]):
+            if isinstance(event, TokenEvent):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, DoneEvent):
+                t = event.result.timings
+                print(f"\n   (first token after {t.generate_first_token:.0f} ms in vLLM; whole answer in {t.total:.0f} ms)\n")
+        for q in QUESTIONS[1:]:
             print_result(rag.query(q))
             print()
+        print(f"== {len(MORE)} more questions at once: one engine, shared embedding batches, vLLM batching")
+        t = time.perf_counter()
+        results = rag.query_batch(MORE)
+        wall = time.perf_counter() - t
+        for r in results:
+            print(f"   {r.question}\n      → {r}" if not isinstance(r, Exception) else f"   failed: {r}")
+        tokens = sum(r.usage.completion_tokens for r in results if not isinstance(r, Exception))
+        print(f"   {len(MORE)} answers in {wall:.1f} s ({len(MORE) / wall:.2f} answers/s, {tokens / wall:.0f} tokens/s); "
+              f"mean embedding batch {rag.stats()['embed_batches']['mean_batch']}\n")
         print("== the same questions again: answered from the in-process cache (L1)")
         for q in QUESTIONS:
             r = rag.query(q)
