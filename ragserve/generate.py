@@ -111,19 +111,22 @@ class VllmGenerator:
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, prompt: str, request_id: str) -> Generation:
+    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None) -> Generation:
+        """The whole answer. ``token_ids``: the prompt already tokenized by the model's own
+        tokenizer (vLLM then skips tokenizing it again in this process)."""
         final = None
-        async for out in self._run(prompt, request_id, delta=False):
+        async for out in self._run(prompt, request_id, delta=False, token_ids=token_ids):
             final = out
         if final is None or not final.outputs:
             raise GenerationError(f"request {request_id}: the engine returned no output")
         return _to_generation(final, final.outputs[0].text)
 
-    async def stream(self, prompt: str, request_id: str) -> AsyncIterator[str | Generation]:
+    async def stream(self, prompt: str, request_id: str, *,
+                     token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
         """Yield text deltas as they are generated, then the final ``Generation``."""
         text: list[str] = []
         last = None
-        async for out in self._run(prompt, request_id, delta=True):
+        async for out in self._run(prompt, request_id, delta=True, token_ids=token_ids):
             last = out
             if out.outputs and out.outputs[0].text:
                 text.append(out.outputs[0].text)
@@ -132,12 +135,12 @@ class VllmGenerator:
             raise GenerationError(f"request {request_id}: the engine returned no output")
         yield _to_generation(last, "".join(text))
 
-    async def _run(self, prompt: str, request_id: str, delta: bool) -> AsyncIterator[Any]:
+    async def _run(self, prompt: str, request_id: str, delta: bool, token_ids: list[int] | None) -> AsyncIterator[Any]:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         try:
-            async for out in self.engine.generate(prompt, self._params(delta), request_id):
+            async for out in self.engine.generate(_engine_input(prompt, token_ids), self._params(delta), request_id):
                 yield out
         except VllmDead as e:
             raise EngineDeadError(f"the vLLM engine died: {e}") from e
@@ -149,6 +152,22 @@ class VllmGenerator:
             if self._engine is not None:
                 self._engine.shutdown()
                 self._engine = None
+
+
+def _engine_input(prompt: str, token_ids: list[int] | None) -> Any:
+    """Token ids as vLLM's own engine input when we have them; else the text.
+
+    NOTE: vLLM 0.32 deprecates raw prompts given to ``AsyncLLM.generate``; a
+    ``TokensInput`` is the rendered form it asks for, and we tokenized the prompt already
+    to fit its token budget.
+    """
+    if not token_ids:
+        return prompt
+    try:
+        from vllm.inputs.engine import tokens_input
+    except ImportError:  # a vLLM without the rendered-input API takes the text
+        return prompt
+    return tokens_input(list(token_ids), prompt=prompt)
 
 
 def _to_generation(out: Any, text: str) -> Generation:

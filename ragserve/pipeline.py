@@ -334,7 +334,7 @@ class RAG:
             clock.add("admission", waited())
             generator, prompt = await self._grounded_prompt(question, clock)
             with clock.span("generate"):
-                gen = await generator.generate(prompt.text, uuid.uuid4().hex)
+                gen = await generator.generate(prompt.text, uuid.uuid4().hex, token_ids=prompt.token_ids)
             return self._result(question, generator, prompt, gen, clock)
 
     async def _grounded_prompt(self, question: str, clock: StageClock) -> tuple[Generator, Any]:
@@ -380,7 +380,7 @@ class RAG:
                 yield SourcesEvent(prompt.used, "miss")
                 gen = None
                 with clock.span("generate"):
-                    async for piece in generator.stream(prompt.text, uuid.uuid4().hex):
+                    async for piece in generator.stream(prompt.text, uuid.uuid4().hex, token_ids=prompt.token_ids):
                         if isinstance(piece, str):
                             yield TokenEvent(piece)
                         else:

@@ -15,7 +15,7 @@ back truncated or empty. If even the best chunk alone is too long, its text is c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ragserve.config import PROMPT_TEMPLATE_VERSION
@@ -36,6 +36,9 @@ class Prompt:
     used: list[Source]
     dropped: int
     template_version: str = PROMPT_TEMPLATE_VERSION
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    """The prompt as the model's tokenizer encodes it: handed to vLLM as is, so the
+    prompt is not tokenized a second time."""
 
 
 def render_user(question: str, sources: Sequence[Source]) -> str:
@@ -53,34 +56,34 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.budget = max_model_len - max_tokens
 
-    def _render(self, question: str, sources: Sequence[Source]) -> tuple[str, int]:
+    def _render(self, question: str, sources: Sequence[Source]) -> tuple[str, list[int]]:
         messages = [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": render_user(question, sources)},
         ]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The chat template already holds the special tokens: count without adding more.
-        return text, len(self.tokenizer.encode(text, add_special_tokens=False))
+        return text, list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def build(self, question: str, sources: Sequence[Source]) -> Prompt:
-        text, tokens = self._render(question, sources)
-        if tokens <= self.budget:
-            return Prompt(text, tokens, list(sources), 0)
-        bare, bare_tokens = self._render(question, [])
+        text, ids = self._render(question, sources)
+        if len(ids) <= self.budget:
+            return Prompt(text, len(ids), list(sources), 0, token_ids=ids)
+        bare_tokens = len(self._render(question, [])[1])
         if bare_tokens > self.budget:
             raise QuestionTooLongError(bare_tokens, self.budget, "prompt tokens")
         # Binary search for the most sources that fit (token count grows with n).
         lo, hi = 0, len(sources) - 1  # n=lo fits; n=len(sources) does not
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self._render(question, sources[:mid])[1] <= self.budget:
+            if len(self._render(question, sources[:mid])[1]) <= self.budget:
                 lo = mid
             else:
                 hi = mid - 1
         if lo == 0 and sources:
             return self._truncated_first(question, sources[0], len(sources) - 1, bare_tokens)
-        text, tokens = self._render(question, sources[:lo])
-        return Prompt(text, tokens, list(sources[:lo]), len(sources) - lo)
+        text, ids = self._render(question, sources[:lo])
+        return Prompt(text, len(ids), list(sources[:lo]), len(sources) - lo, token_ids=ids)
 
     def _truncated_first(self, question: str, first: Source, dropped: int, bare_tokens: int) -> Prompt:
         ids = self.tokenizer.encode(first.text, add_special_tokens=False)
@@ -88,7 +91,7 @@ class PromptBuilder:
         while True:
             cut = Source(first.doc_id, first.chunk_id, first.score,
                          self.tokenizer.decode(ids[:keep]), {**first.metadata, "truncated": True})
-            text, tokens = self._render(question, [cut])
-            if tokens <= self.budget or keep == 0:
-                return Prompt(text, tokens, [cut], dropped)
-            keep = max(keep - (tokens - self.budget) - 8, 0)
+            text, ids = self._render(question, [cut])
+            if len(ids) <= self.budget or keep == 0:
+                return Prompt(text, len(ids), [cut], dropped, token_ids=ids)
+            keep = max(keep - (len(ids) - self.budget) - 8, 0)

@@ -188,9 +188,12 @@ class Generator(Protocol):
         """The model's tokenizer (``apply_chat_template``, ``encode``, ``decode``)."""
         ...
 
-    async def generate(self, prompt: str, request_id: str) -> Generation: ...
+    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None) -> Generation:
+        """``token_ids``: the same prompt already tokenized, when the caller has it."""
+        ...
 
-    def stream(self, prompt: str, request_id: str) -> AsyncIterator[str | Generation]:
+    def stream(self, prompt: str, request_id: str, *,
+               token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
         """Text deltas as they are generated, then the final ``Generation``."""
         ...
 

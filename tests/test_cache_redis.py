@@ -186,7 +186,7 @@ class KillingGenerator(FakeGenerator):
         super().__init__()
         self.server, self.kill_at = server, kill_at
 
-    async def generate(self, prompt, request_id):
+    async def generate(self, prompt, request_id, token_ids=None):
         if len(self.prompts) == self.kill_at:
             self.server.kill()
         return await super().generate(prompt, request_id)

@@ -124,3 +124,15 @@ def test_stream_yields_tokens_as_they_are_generated(rag, xquad_corpus):
     result = events[-1].result
     assert len(tokens) > 1 and "".join(tokens).strip() == result.answer
     assert result.usage.completion_tokens > 0 and result.timings.generate_first_token > 0
+
+
+async def test_the_prompt_reaches_vllm_as_our_token_ids(rag, xquad_corpus):
+    """vLLM gets the ids the budget was counted on (no second tokenization) and answers as
+    it does from the same text."""
+    q = xquad_corpus[1][35]["question"]
+    prompt = rag._builder(rag.generator).build(q, rag.retrieve(q))
+    from_ids = await rag._runtime.run_async(rag.generator.generate(prompt.text, "ids", token_ids=prompt.token_ids))
+    from_text = await rag._runtime.run_async(rag.generator.generate(prompt.text, "text"))
+    assert from_ids.usage.prompt_tokens == prompt.tokens == len(prompt.token_ids)
+    assert from_ids.text and from_text.usage.prompt_tokens == prompt.tokens
+    assert from_ids.text == from_text.text

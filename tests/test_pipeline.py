@@ -52,13 +52,13 @@ class FakeGenerator:
     def tokenizer(self):
         return WordTokenizer()
 
-    async def generate(self, prompt, request_id):
+    async def generate(self, prompt, request_id, token_ids=None):
         gen = None
         async for piece in self.stream(prompt, request_id):
             gen = piece
         return gen
 
-    async def stream(self, prompt, request_id):
+    async def stream(self, prompt, request_id, token_ids=None):
         """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``."""
         self.prompts.append(prompt)
         self.running += 1
