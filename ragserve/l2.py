@@ -179,6 +179,11 @@ class RedisL2:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def tasks(self) -> set[asyncio.Task[None]]:
+        """Background writes, deletes and probes still running."""
+        return self._tasks
+
     async def drain(self) -> None:
         """Wait for background writes (tests, shutdown)."""
         while self._tasks:

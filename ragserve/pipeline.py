@@ -229,6 +229,10 @@ class RAG:
     def close(self) -> None:
         """Stop the engine, flush cache writes, release the index files. Idempotent."""
         if self._runtime.running:
+            # Requests still running are cancelled (vLLM aborts them); cache writes finish.
+            writes = self.cache.l2.tasks if self.cache is not None and self.cache.l2 is not None else set()
+            self._runtime.cancel_tasks(keep=lambda t: t in writes)
+
             async def stop() -> None:
                 if self.cache is not None:
                     await self.cache.close()

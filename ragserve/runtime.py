@@ -49,7 +49,12 @@ class LoopThread:
         if self.in_loop():
             coro.close()
             raise RuntimeError("blocking call from the engine loop itself; use the async API")
-        return self.submit(coro).result()
+        future = self.submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C in the caller: the work on the engine loop stops too
+            raise
 
     async def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await a coroutine that runs on the engine loop, from any event loop.
@@ -101,6 +106,25 @@ class LoopThread:
                 yield value
         finally:
             future.cancel()
+
+    def cancel_tasks(self, keep: Callable[[asyncio.Task[Any]], bool] = lambda t: False,
+                     timeout_s: float = 10.0) -> int:
+        """Cancel the engine loop's tasks (but those ``keep`` names) and wait for them to
+        unwind; returns how many were cancelled. Requests cancelled this way abort their
+        vLLM request instead of being dropped half-way when the loop stops."""
+        if not self.running:
+            return 0
+
+        async def cancel() -> int:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done() and not keep(t)]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout_s)
+            return len(tasks)
+
+        return self.run(cancel())
 
     def stop(self) -> None:
         if not self.running:

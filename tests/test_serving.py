@@ -247,3 +247,22 @@ def test_embedding_and_search_never_block_the_event_loop(xquad_index, xquad_corp
     # A model call on the loop would show as a lag of its whole duration (tens of ms per
     # batch here); the bound is generous for a loaded 2-core machine.
     assert lags[int(len(lags) * 0.99)] < 50, f"p99 loop lag {lags[int(len(lags) * 0.99)]:.1f} ms"
+
+
+def test_close_cancels_requests_still_running_instead_of_dropping_them(tmp_path):
+    import concurrent.futures
+
+    gen = FakeGenerator(delay=30)
+    rag = make_rag(tmp_path, gen)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(rag.query, "still generating")
+        for _ in range(200):
+            if gen.running:
+                break
+            time.sleep(0.01)
+        t = time.perf_counter()
+        rag.close()
+        assert time.perf_counter() - t < 5
+        with pytest.raises(concurrent.futures.CancelledError):
+            pending.result(timeout=5)
+    assert gen.running == 0  # its generation was cancelled (vLLM would abort it)
