@@ -22,6 +22,7 @@ from ragserve.config import (
 )
 from ragserve.errors import (
     ConfigError,
+    DatasetError,
     EmptyQuestionError,
     EngineDeadError,
     GenerationError,
@@ -35,6 +36,7 @@ from ragserve.errors import (
     RagserveError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
+from ragserve.evaluate import EvalReport, evaluate
 from ragserve.manifest import verify as verify_index
 from ragserve.pipeline import RAG
 from ragserve.types import Chunk, QueryResult, Source, Timings, TokenUsage
@@ -44,9 +46,11 @@ __all__ = [
     "Chunk",
     "ChunkConfig",
     "ConfigError",
+    "DatasetError",
     "EmbedConfig",
     "EmptyQuestionError",
     "EngineDeadError",
+    "EvalReport",
     "GenerateConfig",
     "GenerationError",
     "IndexConfig",
@@ -68,5 +72,6 @@ __all__ = [
     "TokenUsage",
     "__version__",
     "build_index",
+    "evaluate",
     "verify_index",
 ]

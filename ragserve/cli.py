@@ -53,7 +53,7 @@ NprobeOpt = Annotated[Optional[int], typer.Option("--nprobe", help="ivf-fp16: li
 EfSearchOpt = Annotated[Optional[int], typer.Option("--ef-search", help="hnsw-fp16: candidates per query.")]
 
 _PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
-           }
+           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers"}
 
 
 @contextmanager
@@ -168,6 +168,66 @@ def print_result(result: Any, console_: Console | None = None) -> None:
             f"first token {t.generate_first_token:.0f}, decode {t.generate_decode:.0f}) | total {t.total:.0f}; "
             f"tokens {result.usage.prompt_tokens}+{result.usage.completion_tokens}; cache {result.cache_tier}[/]",
             highlight=False)
+
+
+@app.command("eval")
+@_fails_cleanly
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(help="A SQuAD-style .json file or a BEIR folder "
+                                                 "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv).")],
+    index_dir: Annotated[Optional[Path], typer.Option(
+        "--index", help="Evaluation index folder (default indexes/eval-NAME-TYPE); reused if it matches.")] = None,
+    index_type: IndexTypeOpt = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    answers: Annotated[bool, typer.Option("--answers", help="Also generate answers and score them.")] = False,
+    split: Annotated[str, typer.Option(help="BEIR qrels split.")] = "test",
+    rebuild: Annotated[bool, typer.Option(help="Build the index even if a matching one exists.")] = False,
+    max_questions: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Retrieval quality (hit@k, recall@k, MRR, nDCG) and latency against exact fp32 search."""
+    from ragserve.evaluate import evaluate
+
+    cfg = _config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    with _progress_bars() as on_progress:
+        report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
+                          max_questions=max_questions, progress=on_progress)
+    _print_eval(report)
+    if json_path is not None:
+        import orjson
+
+        json_path.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+                                           | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        out.print(f"report written to {json_path}")
+
+
+def _print_eval(report: Any) -> None:
+    from rich.table import Table
+
+    d, i = report.dataset, report.index
+    params = ", ".join(f"{k}={v}" for k, v in i["params"].items())
+    search = ", ".join(f"{k}={v}" for k, v in i["search"].items())
+    out.print(f"[bold]{d['name']}[/] ({d['kind']}): {d['documents']} documents, {d['questions']} questions; "
+              f"index {i['type']}{f' ({params}; in use: {search})' if params else ''} over {i['chunks']} chunks, "
+              f"{'reused' if i['reused'] else 'built'}: {i['path']}", highlight=False)
+    for note in d["notes"]:
+        out.print(f"  note: {note}", highlight=False)
+    table = Table("metric", f"{i['type']}", "exact fp32 (IndexFlatIP)", title="retrieval")
+    for row in report.rows():
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"  single-question top document equals the batched pass for {report.single_matches_batched:.1%}"
+              f" of questions; seconds {report.seconds}", highlight=False)
+    if report.answers is not None:
+        a = report.answers
+        table = Table("answers", "value", title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
+        table.add_row("contains a gold answer", f"{a.contains:.3f}")
+        table.add_row("exact match", f"{a.exact_match:.3f}")
+        table.add_row("token F1", f"{a.f1:.3f}")
+        table.add_row("errors", str(a.errors))
+        out.print(table)
 
 
 @app.command("verify-index")

@@ -10,6 +10,8 @@ that is wrong and what to do about it::
     │   └── QuestionTooLongError
     ├── IngestError                 a corpus cannot be read at all (per-file problems
     │                               are reported in the build summary, not raised)
+    ├── DatasetError                an evaluation data set is missing or malformed (names
+    │                               the file, the record and what is wrong)
     ├── IndexError_                 an index cannot be served
     │   ├── IndexNotFoundError      no index at the path (suggests build-index)
     │   ├── IndexIntegrityError     a file is missing, truncated or altered
@@ -72,6 +74,16 @@ class QuestionTooLongError(InputError):
 
 class IngestError(RagserveError):
     stage = "ingest"
+
+
+class DatasetError(RagserveError):
+    """An evaluation data set (SQuAD JSON or BEIR folder) cannot be used as given."""
+
+    stage = "eval"
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
 
 
 class IndexError_(RagserveError):

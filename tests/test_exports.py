@@ -4,11 +4,11 @@ import sys
 import ragserve
 
 EXPECTED = [
-    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "EmbedConfig", "EmptyQuestionError",
-    "EngineDeadError", "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError",
+    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DatasetError", "EmbedConfig",
+    "EmptyQuestionError", "EngineDeadError", "EvalReport", "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError",
     "IndexMismatchError", "IndexNotFoundError", "IngestError", "InputError", "ModelError",
     "QueryConfig", "QueryResult", "QuestionTooLongError", "RAG", "RAGConfig", "RagIndexError",
-    "RagserveError", "Source", "Timings", "TokenUsage", "__version__", "build_index", "verify_index",
+    "RagserveError", "Source", "Timings", "TokenUsage", "__version__", "build_index", "evaluate", "verify_index",
 ]
 
 
