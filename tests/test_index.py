@@ -154,3 +154,13 @@ def test_wrong_dimension_and_unplanned_types_are_refused():
     with pytest.raises(ValueError, match="plan_index"):
         FaissIndex.build(clustered(9, 50, 16), "ivf-fp16")
     assert not hasattr(index, "add")  # a loaded index is read-only: rebuild instead
+
+
+def test_single_query_runs_on_one_thread_and_restores_the_setting():
+    import faiss
+
+    index = FaissIndex.build(clustered(10, 500, 16), "flat-fp16")
+    before = faiss.omp_get_max_threads()
+    index.search(clustered(11, 1, 16), 5)
+    index.search(clustered(11, 40, 16), 5)
+    assert faiss.omp_get_max_threads() == before
