@@ -183,7 +183,7 @@ def eval_cmd(
     answers: Annotated[bool, typer.Option("--answers", help="Also generate answers and score them.")] = False,
     split: Annotated[str, typer.Option(help="BEIR qrels split.")] = "test",
     rebuild: Annotated[bool, typer.Option(help="Build the index even if a matching one exists.")] = False,
-    max_questions: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    max_questions: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -218,6 +218,7 @@ def _print_eval(report: Any) -> None:
     for row in report.rows():
         table.add_row(*row)
     out.print(table)
+    out.print("  latency: one question per call; rag.retrieve = embed + search + docload", highlight=False)
     out.print(f"  single-question top document equals the batched pass for {report.single_matches_batched:.1%}"
               f" of questions; seconds {report.seconds}", highlight=False)
     if report.answers is not None:

@@ -103,7 +103,7 @@ class EvalReport:
         rows += [(f"recall@{k}", f"{s.recall[k]:.3f}", f"{e.recall[k]:.3f}") for k in KS]
         rows += [("MRR@10", f"{s.mrr10:.3f}", f"{e.mrr10:.3f}"), ("nDCG@10", f"{s.ndcg10:.3f}", f"{e.ndcg10:.3f}"),
                  ("top-10 overlap with exact", f"{self.agreement10:.3f}", "1.000")]
-        for name, attr in (("search", "search_ms"), ("retrieve (embed+search+docload)", "retrieve_ms")):
+        for name, attr in (("search", "search_ms"), ("rag.retrieve", "retrieve_ms")):
             a, b = getattr(s, attr), getattr(e, attr)
             rows.append((f"{name} ms p50 / p95", f"{a[0]:.2f} / {a[1]:.2f}", f"{b[0]:.2f} / {b[1]:.2f}"))
         return rows

@@ -32,15 +32,16 @@ from ragserve.errors import ConfigError
 
 INDEX_TYPES = ("flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32")
 
-# NOTE on the ``auto`` thresholds, measured on this machine kind (2 cores, 384-d, FAISS 1.15):
-# exhaustive SQfp16 scans every code on one core for a single query, about 0.1-0.2 µs per
-# vector (16-20 ms at 100k while other jobs ran): up to 50k chunks that stays a few
-# milliseconds and is exact up to fp16 rounding, so nothing approximate is worth it. Above
-# that HNSW gives the best latency for a given recall on real embeddings, but its build
-# costs ~0.35 ms per vector on 2 cores (35 s per 100k; about 10 min per million) and its
-# graph adds ~270 B per vector. Past 2M chunks the build would take hours here, so IVF
-# (k-means on a sample, then a cheap add; lists mapped from disk) is the scalable default.
-AUTO_FLAT_MAX = 50_000
+# NOTE on the ``auto`` thresholds, measured on this machine kind (2 cores, 384-d, FAISS 1.15,
+# scripts/bench_scale.py, other jobs loading the cores): exhaustive SQfp16 scans every code
+# for a query, ~2.4 ms per 100k vectors on one core (p50 at 100k: 2.37 ms), growing linearly.
+# Up to 100k chunks that stays within a few milliseconds and is exact up to fp16 rounding,
+# so nothing approximate is worth it. Above that HNSW gives the best latency for a given
+# recall on real embeddings, but its build costs ~0.35-0.55 ms per vector on 2 cores
+# (35-55 s per 100k) and its graph adds ~270 B per vector. Past 2M chunks the build would
+# take hours here, so IVF (k-means on a sample, then a cheap add; lists mapped from disk)
+# is the scalable default.
+AUTO_FLAT_MAX = 100_000
 AUTO_HNSW_MAX = 2_000_000
 
 IVF_POINTS_PER_LIST = 64
