@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ragserve.errors import RagserveError
 
@@ -33,7 +34,9 @@ def _fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except RagserveError as e:
-            console.print(f"[bold red]error[/] {e}", highlight=False)
+            # escape: the message starts with its stage in brackets ("[index] ..."), which rich
+            # would otherwise take for a markup tag and drop
+            console.print(f"[bold red]error[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper

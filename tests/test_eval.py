@@ -102,3 +102,11 @@ def test_answer_metrics_on_a_few_questions(rag, squad8):
     for value in (metrics.contains, metrics.exact_match, metrics.f1):
         assert 0.0 <= value <= 1.0
     assert metrics.exact_match <= metrics.contains  # an exact answer also contains itself
+
+
+def test_cli_errors_are_one_clean_line(tmp_path):
+    missing = CliRunner().invoke(app, ["eval", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 1
+    assert "[eval]" in missing.output and "no such file or folder" in " ".join(missing.output.split())
+    bad = CliRunner().invoke(app, ["eval", str(tmp_path), "--index-type", "annoy"])
+    assert bad.exit_code == 1 and "index.index_type" in bad.output
