@@ -22,6 +22,7 @@ from ragserve.config import (
 )
 from ragserve.errors import (
     ConfigError,
+    DatasetError,
     DeadlineExceededError,
     EmptyQuestionError,
     EngineDeadError,
@@ -37,6 +38,7 @@ from ragserve.errors import (
     RagserveError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
+from ragserve.evaluate import EvalReport, evaluate
 from ragserve.manifest import verify as verify_index
 from ragserve.pipeline import RAG
 from ragserve.types import (
@@ -56,11 +58,13 @@ __all__ = [
     "Chunk",
     "ChunkConfig",
     "ConfigError",
+    "DatasetError",
     "DeadlineExceededError",
     "DoneEvent",
     "EmbedConfig",
     "EmptyQuestionError",
     "EngineDeadError",
+    "EvalReport",
     "GenerateConfig",
     "GenerationError",
     "IndexConfig",
@@ -86,5 +90,6 @@ __all__ = [
     "TokenUsage",
     "__version__",
     "build_index",
+    "evaluate",
     "verify_index",
 ]

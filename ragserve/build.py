@@ -22,13 +22,18 @@ from ragserve._version import __version__
 from ragserve.config import RAGConfig
 from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
 from ragserve.errors import ConfigError, IngestError
-from ragserve.index import INDEX_FILE, INDEX_TYPES, FaissIndex
-from ragserve.ingest import FileOutcome, chunk_documents, read_corpus
+from ragserve.index import INDEX_FILE, FaissIndex
+from ragserve.index_spec import plan_index
+from ragserve.ingest import Document, FileOutcome, chunk_documents, read_corpus
 from ragserve.manifest import write_manifest
 from ragserve.types import Embedder
 
 ProgressFn = Callable[[str, int, int], None]
-"""``progress(phase, done, total)``: called as chunks are embedded."""
+"""``progress(phase, done, total)``: phases ``embed`` (chunks), ``train`` (IVF k-means
+iterations) and ``add`` (vectors added to the index)."""
+
+VECTORS_FILE = "vectors.f32.npy"
+"""float32 embeddings, written only on request (``keep_vectors``): the exact reference."""
 
 
 @dataclass
@@ -43,6 +48,11 @@ class BuildReport:
     fp32_bytes: int
     fingerprint: str
     seconds: dict[str, float] = field(default_factory=dict)
+    index_params: dict[str, int] = field(default_factory=dict)
+    index_reason: str = ""
+    """Why ``auto`` chose the type (empty when it was named)."""
+    vectors: np.ndarray | None = field(default=None, repr=False)
+    """The float32 embeddings, when the build was asked to keep them."""
 
     @property
     def files_read(self) -> int:
@@ -67,15 +77,43 @@ def build_index(
     **Usage:** ``build_index("docs/", "indexes/docs")``
     """
     config = config or RAGConfig.load()
-    out = Path(out)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     docs, outcomes = read_corpus(Path(source), encoding)
-    timings["read"] = time.perf_counter() - t0
     if not docs:
         reasons = "; ".join(f"{o.path}: {o.reason}" for o in outcomes[:5]) or "the folder is empty"
         raise IngestError(f"{source}: no readable documents ({reasons})")
+    return build_from_documents(docs, out, config, embedder=embedder, outcomes=outcomes, progress=progress,
+                                _started=t0)
 
+
+def build_from_documents(
+    docs: list[Document],
+    out: Path | str,
+    config: RAGConfig | None = None,
+    *,
+    embedder: Embedder | None = None,
+    outcomes: list[FileOutcome] | None = None,
+    progress: ProgressFn | None = None,
+    source: dict[str, Any] | None = None,
+    keep_vectors: bool = False,
+    _started: float | None = None,
+) -> BuildReport:
+    """Chunk, embed and index documents already in memory (``ragserve eval`` builds from a
+    data set's paragraphs this way); the folder is written and swapped in as by ``build_index``.
+
+    ``source`` is recorded in the manifest (what the documents came from, with a digest);
+    ``keep_vectors`` also writes the float32 embeddings (``vectors.f32.npy``, hashed in the
+    manifest like every file) and returns them in the report: the exact reference of an
+    evaluation needs the vectors before float16 rounding.
+
+    **Usage:** ``build_from_documents([Document("a", "text")], "indexes/a", keep_vectors=True)``
+    """
+    config = config or RAGConfig.load()
+    out = Path(out)
+    t0 = _started if _started is not None else time.perf_counter()
+    timings: dict[str, float] = {"read": time.perf_counter() - t0}
+    if outcomes is None:
+        outcomes = [FileOutcome(d, "ok", documents=1) for d in dict.fromkeys(doc.doc_id for doc in docs)]
     if embedder is None:
         from ragserve.embed import SentenceTransformerEmbedder
 
@@ -111,12 +149,21 @@ def build_index(
     tmp.mkdir()
     try:
         t = time.perf_counter()
-        index = FaissIndex.build(vectors, config.index.index_type)
+        spec = plan_index(len(vectors), config.index)
+        index = FaissIndex.build(vectors, spec, progress=progress)
+        timings["index"] = time.perf_counter() - t
+        t = time.perf_counter()
         index.save(tmp)
         write_docstore(tmp, chunks)
+        files = [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE]
+        if keep_vectors:
+            np.save(tmp / VECTORS_FILE, vectors, allow_pickle=False)
+            files.append(VECTORS_FILE)
         timings["write"] = time.perf_counter() - t
-        manifest = write_manifest(tmp, _manifest_body(config, embedder, outcomes, docs, chunks, index),
-                                  [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE])
+        body = _manifest_body(config, embedder, outcomes, docs, chunks, index)
+        if source is not None:
+            body["source"] = source
+        manifest = write_manifest(tmp, body, files)
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +172,8 @@ def build_index(
         out=out, files=outcomes, chunks=len(chunks), documents=len(docs), dim=index.dim,
         index_type=index.index_type, index_bytes=manifest["files"][INDEX_FILE]["bytes"],
         fp32_bytes=len(chunks) * index.dim * 4, fingerprint=manifest["fingerprint"],
-        seconds={k: round(v, 3) for k, v in timings.items()},
+        seconds={k: round(v, 3) for k, v in timings.items()}, index_params=spec.params,
+        index_reason=spec.reason, vectors=vectors if keep_vectors else None,
     )
 
 
@@ -151,8 +199,7 @@ def _manifest_body(config, embedder, outcomes, docs, chunks, index) -> dict[str,
         "chunking": {"splitter": "llama_index.core.node_parser.SentenceSplitter",
                      "chunk_size": config.chunk.chunk_size, "chunk_overlap": config.chunk.chunk_overlap,
                      "tokenizer": "embedding model"},
-        "index": {"type": index.index_type, "faiss": INDEX_TYPES[index.index_type]["faiss"],
-                  "metric": "inner_product", "ntotal": index.ntotal},
+        "index": {**index.spec.to_manifest(), "ntotal": index.ntotal},
         "counts": {"files_read": sum(o.status == "ok" for o in outcomes),
                    "files_skipped": sum(o.status == "skipped" for o in outcomes),
                    "documents": len(docs), "chunks": len(chunks)},

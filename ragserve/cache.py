@@ -2,8 +2,9 @@
 
 Keys are SHA-256 over a canonical encoding of the normalised question (NFKC, whitespace
 collapsed and trimmed), the index fingerprint, the answer-changing config fingerprint
-(generation model, sampling, prompt template version, top_k) and the namespace. Python's
-``hash()`` is never used: keys must agree across processes and restarts.
+(generation model, sampling, prompt template version, top_k, the index's query-time search
+settings) and the namespace. Python's ``hash()`` is never used: keys must agree across
+processes and restarts.
 
 Values are ``CachedAnswer`` structs encoded as JSON with msgspec, which also validates the
 schema on the way back: a value that does not decode is a miss, never an exception and

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ragserve.errors import RagserveError
 
@@ -30,7 +34,9 @@ def _fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except RagserveError as e:
-            console.print(f"[bold red]error[/] {e}", highlight=False)
+            # escape: the message starts with its stage in brackets ("[index] ..."), which rich
+            # would otherwise take for a markup tag and drop
+            console.print(f"[bold red]error[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -44,6 +50,41 @@ def _config(path: Path | None, **sections: dict[str, Any]) -> Any:
     return cfg.replace(**{k: v for k, v in sections.items() if v})
 
 
+IndexTypeOpt = Annotated[Optional[str], typer.Option(
+    "--index-type", help="auto (by corpus size), flat-fp16, ivf-fp16, hnsw-fp16 or flat-fp32.")]
+NprobeOpt = Annotated[Optional[int], typer.Option("--nprobe", help="ivf-fp16: lists scanned per query.")]
+EfSearchOpt = Annotated[Optional[int], typer.Option("--ef-search", help="hnsw-fp16: candidates per query.")]
+
+_PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
+           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers"}
+
+
+@contextmanager
+def _progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per phase; yields the ``progress(phase, done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+        started: dict[str, float] = {}
+        last = [time.perf_counter()]
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            if phase not in tasks:
+                # Phases run one after another and report only when a step is done: this
+                # phase began when the previous report came in.
+                tasks[phase] = progress.add_task(_PHASES.get(phase, phase), total=total, rate="")
+                started[phase] = last[0]
+            last[0] = now
+            rate = f"{done / max(now - started[phase], 1e-9):,.0f}/s" if phase in ("embed", "add", "questions") else ""
+            progress.update(tasks[phase], completed=done, total=total, rate=rate)
+
+        yield on_progress
+
+
 @app.command("build-index")
 @_fails_cleanly
 def build_index_cmd(
@@ -51,26 +92,20 @@ def build_index_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write, e.g. indexes/NAME.")],
     chunk_size: Annotated[Optional[int], typer.Option(help="Chunk size in embedding-model tokens.")] = None,
     chunk_overlap: Annotated[Optional[int], typer.Option(help="Tokens shared by consecutive chunks.")] = None,
-    index_type: Annotated[Optional[str], typer.Option(help="flat-fp16 (default) or flat-fp32.")] = None,
+    index_type: IndexTypeOpt = None,
+    nlist: Annotated[Optional[int], typer.Option(help="ivf-fp16: inverted lists (default ~4*sqrt(chunks)).")] = None,
+    hnsw_m: Annotated[Optional[int], typer.Option(help="hnsw-fp16: neighbours per node.")] = None,
+    ef_construction: Annotated[Optional[int], typer.Option(help="hnsw-fp16: build candidates.")] = None,
     encoding: Annotated[Optional[str], typer.Option(help="Force a text encoding instead of detecting it.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus; write a verified index folder atomically."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
     from ragserve.build import build_index
 
     cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap},
-                  index={"index_type": index_type})
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("embedding chunks", total=None, rate="")
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, completed=done, total=total, rate=f"{done / elapsed:,.0f} chunks/s")
-
+                  index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
+                         "hnsw_ef_construction": ef_construction})
+    with _progress_bars() as on_progress:
         report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress)
     _print_build_summary(report)
 
@@ -82,8 +117,10 @@ def _print_build_summary(report: Any) -> None:
     out.print(f"[bold green]index written[/] {report.out}")
     out.print(f"  files read {report.files_read}, skipped {len(report.skipped)}; documents {report.documents}; "
               f"chunks {report.chunks} ({report.dim}-d)")
-    out.print(f"  index {report.index_type}: {report.index_bytes / mib:.2f} MiB "
-              f"(float32 vectors would take {report.fp32_bytes / mib:.2f} MiB)")
+    out.print(f"  index {report.index_type} {report.index_params or ''}: {report.index_bytes / mib:.2f} MiB "
+              f"(float32 vectors would take {report.fp32_bytes / mib:.2f} MiB)", highlight=False)
+    if report.index_reason:
+        out.print(f"  auto: {report.index_reason}", highlight=False)
     out.print(f"  fingerprint {report.fingerprint[:16]}  seconds {report.seconds}")
     if report.skipped:
         table = Table("skipped file", "reason", title="files not indexed")
@@ -100,12 +137,15 @@ def query_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     top_k: Annotated[Optional[int], typer.Option(help="Chunks retrieved.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens generated.")] = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question against an index, with sources and per-stage timings."""
     from ragserve.pipeline import RAG
 
-    cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens})
+    cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
+                  index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     with RAG.from_index(index, cfg) as rag:
         result = rag.query(question)
     if json_out:
@@ -182,6 +222,67 @@ def batch_cmd(
               f"{s['seconds']} s, {s['questions_per_s']} questions/s → {out_file}")
     if summary.failed:
         raise typer.Exit(2)
+
+
+@app.command("eval")
+@_fails_cleanly
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(help="A SQuAD-style .json file or a BEIR folder "
+                                                 "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv).")],
+    index_dir: Annotated[Optional[Path], typer.Option(
+        "--index", help="Evaluation index folder (default indexes/eval-NAME-TYPE); reused if it matches.")] = None,
+    index_type: IndexTypeOpt = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    answers: Annotated[bool, typer.Option("--answers", help="Also generate answers and score them.")] = False,
+    split: Annotated[str, typer.Option(help="BEIR qrels split.")] = "test",
+    rebuild: Annotated[bool, typer.Option(help="Build the index even if a matching one exists.")] = False,
+    max_questions: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Retrieval quality (hit@k, recall@k, MRR, nDCG) and latency against exact fp32 search."""
+    from ragserve.evaluate import evaluate
+
+    cfg = _config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    with _progress_bars() as on_progress:
+        report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
+                          max_questions=max_questions, progress=on_progress)
+    _print_eval(report)
+    if json_path is not None:
+        import orjson
+
+        json_path.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+                                           | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        out.print(f"report written to {json_path}")
+
+
+def _print_eval(report: Any) -> None:
+    from rich.table import Table
+
+    d, i = report.dataset, report.index
+    params = ", ".join(f"{k}={v}" for k, v in i["params"].items())
+    search = ", ".join(f"{k}={v}" for k, v in i["search"].items())
+    out.print(f"[bold]{d['name']}[/] ({d['kind']}): {d['documents']} documents, {d['questions']} questions; "
+              f"index {i['type']}{f' ({params}; in use: {search})' if params else ''} over {i['chunks']} chunks, "
+              f"{'reused' if i['reused'] else 'built'}: {i['path']}", highlight=False)
+    for note in d["notes"]:
+        out.print(f"  note: {note}", highlight=False)
+    table = Table("metric", f"{i['type']}", "exact fp32 (IndexFlatIP)", title="retrieval")
+    for row in report.rows():
+        table.add_row(*row)
+    out.print(table)
+    out.print("  latency: one question per call; rag.retrieve = embed + search + docload", highlight=False)
+    out.print(f"  single-question top document equals the batched pass for {report.single_matches_batched:.1%}"
+              f" of questions; seconds {report.seconds}", highlight=False)
+    if report.answers is not None:
+        a = report.answers
+        table = Table("answers", "value", title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
+        table.add_row("contains a gold answer", f"{a.contains:.3f}")
+        table.add_row("exact match", f"{a.exact_match:.3f}")
+        table.add_row("token F1", f"{a.f1:.3f}")
+        table.add_row("errors", str(a.errors))
+        out.print(table)
 
 
 @app.command("verify-index")

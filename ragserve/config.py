@@ -11,7 +11,8 @@ Env vars are named ``RAGSERVE_<SECTION>_<FIELD>``, e.g. ``RAGSERVE_GENERATE_MODE
 message names the field and the allowed values.
 
 ``fingerprint()`` hashes only the fields that change an answer (models, sampling,
-prompt template, top_k), never batch sizes, URLs or timeouts.
+prompt template, top_k, the index's query-time search settings), never batch sizes, URLs
+or timeouts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 
 from ragserve.errors import ConfigError
 
-IndexType = Literal["flat-fp16", "flat-fp32"]
+IndexType = Literal["auto", "flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32"]
 Device = Literal["cpu", "cuda", "auto"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -71,9 +72,29 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    index_type: IndexType = "flat-fp16"
-    """FAISS index: exhaustive search over float16 codes (IndexScalarQuantizer QT_fp16),
-    or exact float32 (IndexFlatIP) as the reference."""
+    """Build-time index choice and parameters, and the query-time search settings.
+
+    **Usage:** ``RAGConfig().replace(index={"index_type": "ivf-fp16", "ivf_nprobe": 64})``
+    or ``RAGSERVE_INDEX_HNSW_EF_SEARCH=256``.
+    """
+
+    index_type: IndexType = "auto"
+    """FAISS index to build, all with float16 codes but the reference: "flat-fp16"
+    (exhaustive, IndexScalarQuantizer QT_fp16), "ivf-fp16" (IVF{nlist},SQfp16),
+    "hnsw-fp16" (HNSW{m},SQfp16), "flat-fp32" (exact IndexFlatIP, for comparisons), or
+    "auto": chosen by corpus size (thresholds and reasons in ``index_spec.py``)."""
+    ivf_nlist: int = 0
+    """Build: inverted lists of ivf-fp16; 0 picks about 4·sqrt(chunks)."""
+    ivf_nprobe: int = 0
+    """Query time: lists scanned per question (no rebuild needed); 0 uses the default the
+    manifest records (about sqrt(nlist), or this field's value when the index was built)."""
+    hnsw_m: int = 32
+    """Build: graph neighbours per node of hnsw-fp16."""
+    hnsw_ef_construction: int = 40
+    """Build: candidate list size while inserting into the graph (FAISS's default)."""
+    hnsw_ef_search: int = 0
+    """Query time: candidate list size per question (no rebuild needed); 0 uses the
+    manifest's default (128, or this field's value when the index was built)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +216,13 @@ class RAGConfig:
             "generate": {k: getattr(g, k) for k in _ANSWER_FIELDS},
             "prompt_template": PROMPT_TEMPLATE_VERSION,
             "top_k": self.query.top_k,
+            # NOTE: nprobe and efSearch change which chunks an approximate index returns, so
+            # they change answers and belong here (not in the index fingerprint: they can
+            # change without a rebuild). Both are hashed whatever the served index type,
+            # because the config does not know it: for a flat index this only splits the
+            # cache by a setting that has no effect. A 0 ("the manifest's default") is safe
+            # too: that default is part of the manifest, hence of the index fingerprint.
+            "search": {"ivf_nprobe": self.index.ivf_nprobe, "hnsw_ef_search": self.index.hnsw_ef_search},
         }
         return hashlib.sha256(orjson.dumps(factors, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -258,7 +286,13 @@ def _validate(cfg: RAGConfig) -> None:
     _check(e.batch_size >= 1, "embed.batch_size", f"must be >= 1, got {e.batch_size}")
     _check(e.threads >= 0, "embed.threads", f"must be >= 0, got {e.threads}")
     _check_choice("embed.device", e.device, Device)
-    _check_choice("index.index_type", cfg.index.index_type, IndexType)
+    i = cfg.index
+    _check_choice("index.index_type", i.index_type, IndexType)
+    for name in ("ivf_nlist", "ivf_nprobe", "hnsw_ef_search"):
+        _check(getattr(i, name) >= 0, f"index.{name}", f"must be >= 0 (0 chooses), got {getattr(i, name)}")
+    _check(2 <= i.hnsw_m <= 256, "index.hnsw_m", f"must be in 2..256, got {i.hnsw_m}")
+    _check(i.hnsw_ef_construction >= 1, "index.hnsw_ef_construction",
+           f"must be >= 1, got {i.hnsw_ef_construction}")
     _check(1 <= q.top_k <= 100, "query.top_k", f"must be in 1..100, got {q.top_k}")
     _check(e.batch_window_ms >= 0, "embed.batch_window_ms", f"must be >= 0, got {e.batch_window_ms}")
     _check(e.max_batch >= 1, "embed.max_batch", f"must be >= 1, got {e.max_batch}")

@@ -7,9 +7,12 @@ that is wrong and what to do about it::
     ├── ConfigError                 a config field has a bad value (names the field)
     ├── InputError                  a request is refused before any work is done
     │   ├── EmptyQuestionError
-    │   └── QuestionTooLongError
+    │   ├── QuestionTooLongError
+    │   └── BatchInputError         a questions file for `ragserve batch` (batch.py)
     ├── IngestError                 a corpus cannot be read at all (per-file problems
     │                               are reported in the build summary, not raised)
+    ├── DatasetError                an evaluation data set is missing or malformed (names
+    │                               the file, the record and what is wrong)
     ├── IndexError_                 an index cannot be served
     │   ├── IndexNotFoundError      no index at the path (suggests build-index)
     │   ├── IndexIntegrityError     a file is missing, truncated or altered
@@ -75,6 +78,16 @@ class QuestionTooLongError(InputError):
 
 class IngestError(RagserveError):
     stage = "ingest"
+
+
+class DatasetError(RagserveError):
+    """An evaluation data set (SQuAD JSON or BEIR folder) cannot be used as given."""
+
+    stage = "eval"
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
 
 
 class IndexError_(RagserveError):

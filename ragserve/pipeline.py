@@ -93,22 +93,32 @@ class RAG:
         config: RAGConfig | None = None,
         *,
         start_engine: bool = True,
+        embedder: Embedder | None = None,
     ) -> RAG:
         """Open an index folder: verify it against its manifest, map its files, load the
         embedding model and (unless ``start_engine=False``) start the generation engine.
+
+        The index type and its parameters come from the manifest; the query-time search
+        settings (``index.ivf_nprobe``, ``index.hnsw_ef_search``) from ``config``, where 0
+        keeps the manifest's defaults. ``embedder`` shares an already loaded model (it must
+        be the one the index was built with; that is checked).
 
         Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
         before anything is served from a bad index.
         """
         from ragserve.docstore import LazyDocStore
-        from ragserve.embed import SentenceTransformerEmbedder
         from ragserve.index import FaissIndex
+        from ragserve.index_spec import IndexSpec
 
         config = config or RAGConfig.load()
         manifest = verify(path)
-        embedder = SentenceTransformerEmbedder(config.embed)
+        if embedder is None:
+            from ragserve.embed import SentenceTransformerEmbedder
+
+            embedder = SentenceTransformerEmbedder(config.embed)
         check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
-        index = FaissIndex.load(manifest.folder, manifest.data["index"]["type"])
+        index = FaissIndex.load(manifest.folder, IndexSpec.from_manifest(manifest.data["index"]),
+                                nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
         embedder.warm_up()
         check_embedding(manifest, embedder.identity, embedder.dim)
         docstore = LazyDocStore(manifest.folder)

@@ -83,3 +83,26 @@ def pytest_collection_modifyitems(config, items):
         if "engine" in item.keywords:
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda i: ("engine" in i.keywords, "integration" in i.keywords))
+
+
+def write_squad_slice(path: Path, n_articles: int) -> Path:
+    """The first ``n_articles`` of XQuAD as a SQuAD-style file (what ``ragserve eval`` reads)."""
+    path.write_text(json.dumps({"version": "slice", "data": xquad_articles(n_articles)}), encoding="utf-8")
+    return path
+
+
+def write_beir_from_squad(folder: Path, n_articles: int) -> Path:
+    """The same paragraphs and questions laid out as a BEIR data set (corpus, queries, qrels)."""
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    corpus, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
+    for article in xquad_articles(n_articles):
+        for i, para in enumerate(article["paragraphs"]):
+            doc_id = f"{article['title']}#{i}"
+            corpus.append({"_id": doc_id, "title": "", "text": para["context"]})
+            for qa in para["qas"]:
+                queries.append({"_id": qa["id"], "text": qa["question"]})
+                qrels.append(f"{qa['id']}\t{doc_id}\t1")
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus), encoding="utf-8")
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries), encoding="utf-8")
+    (folder / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n", encoding="utf-8")
+    return folder

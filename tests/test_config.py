@@ -6,7 +6,8 @@ from ragserve.errors import ConfigError
 
 def test_defaults_are_valid():
     cfg = RAGConfig()
-    assert cfg.index.index_type == "flat-fp16"
+    assert cfg.index.index_type == "auto"
+    assert (cfg.index.ivf_nprobe, cfg.index.hnsw_ef_search) == (0, 0)  # 0: the manifest's defaults
     assert cfg.chunk.chunk_overlap < cfg.chunk.chunk_size
 
 
@@ -16,6 +17,12 @@ def test_env_vars_override_and_are_coerced():
     assert cfg.query.top_k == 5
     assert cfg.generate.enforce_eager is False
     assert cfg.generate.temperature == 0.5
+
+
+def test_index_settings_from_env():
+    cfg = RAGConfig.load(env={"RAGSERVE_INDEX_INDEX_TYPE": "hnsw-fp16", "RAGSERVE_INDEX_HNSW_EF_SEARCH": "256",
+                              "RAGSERVE_INDEX_IVF_NPROBE": "32"})
+    assert (cfg.index.index_type, cfg.index.hnsw_ef_search, cfg.index.ivf_nprobe) == ("hnsw-fp16", 256, 32)
 
 
 def test_toml_file_then_env(tmp_path):
@@ -32,6 +39,9 @@ def test_toml_file_then_env(tmp_path):
         ({"query": {"top_k": 0}}, "query.top_k"),
         ({"chunk": {"chunk_overlap": 999}}, "chunk.chunk_overlap"),
         ({"index": {"index_type": "hnsw-magic"}}, "index.index_type"),
+        ({"index": {"ivf_nprobe": -1}}, "index.ivf_nprobe"),
+        ({"index": {"hnsw_m": 1}}, "index.hnsw_m"),
+        ({"index": {"hnsw_ef_construction": 0}}, "index.hnsw_ef_construction"),
         ({"generate": {"max_tokens": 4096, "max_model_len": 2048}}, "generate.max_model_len"),
         ({"generate": {"dtype": "int3"}}, "generate.dtype"),
         ({"generate": {"no_such_field": 1}}, "generate.no_such_field"),
@@ -62,6 +72,10 @@ def test_fingerprint_covers_what_changes_answers_only():
     assert base.fingerprint() == RAGConfig().fingerprint()
     assert base.replace(embed={"batch_size": 7}).fingerprint() == base.fingerprint()
     assert base.replace(generate={"kv_cache_gib": 4}).fingerprint() == base.fingerprint()
+    # build-time index settings are covered by the index fingerprint (the manifest), not here
+    assert base.replace(index={"hnsw_m": 16, "index_type": "ivf-fp16"}).fingerprint() == base.fingerprint()
     for change in ({"query": {"top_k": 4}}, {"generate": {"model": "/m"}}, {"generate": {"temperature": 0.7}},
-                   {"generate": {"max_tokens": 10}}):
+                   {"generate": {"max_tokens": 10}},
+                   # query-time search settings change which chunks come back, hence answers
+                   {"index": {"ivf_nprobe": 64}}, {"index": {"hnsw_ef_search": 256}}):
         assert base.replace(**change).fingerprint() != base.fingerprint(), change

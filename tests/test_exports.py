@@ -4,13 +4,13 @@ import sys
 import ragserve
 
 EXPECTED = [
-    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DeadlineExceededError", "DoneEvent",
-    "EmbedConfig", "EmptyQuestionError", "EngineDeadError", "GenerateConfig", "GenerationError",
-    "IndexConfig", "IndexIntegrityError", "IndexMismatchError", "IndexNotFoundError", "IngestError",
-    "InputError", "ModelError", "OverloadedError", "QueryConfig", "QueryResult",
-    "QuestionTooLongError", "RAG", "RAGConfig", "RagIndexError", "RagserveError", "Source",
-    "SourcesEvent", "StreamEvent", "Timings", "TokenEvent", "TokenUsage", "__version__",
-    "build_index", "verify_index",
+    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DatasetError", "DeadlineExceededError",
+    "DoneEvent", "EmbedConfig", "EmptyQuestionError", "EngineDeadError", "EvalReport",
+    "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError", "IndexMismatchError",
+    "IndexNotFoundError", "IngestError", "InputError", "ModelError", "OverloadedError",
+    "QueryConfig", "QueryResult", "QuestionTooLongError", "RAG", "RAGConfig", "RagIndexError",
+    "RagserveError", "Source", "SourcesEvent", "StreamEvent", "Timings", "TokenEvent", "TokenUsage",
+    "__version__", "build_index", "evaluate", "verify_index",
 ]
 
 

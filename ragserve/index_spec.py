@@ -1,0 +1,169 @@
+"""Which FAISS index to build, with which parameters: the plan a build follows and the
+manifest records.
+
+Every type but the reference stores vectors as float16 codes (2·d bytes per vector):
+
+| type | FAISS | search |
+|---|---|---|
+| ``flat-fp16`` | ``SQfp16`` (IndexScalarQuantizer QT_fp16) | exhaustive |
+| ``ivf-fp16`` | ``IVF{nlist},SQfp16`` | ``nprobe`` of ``nlist`` lists |
+| ``hnsw-fp16`` | ``HNSW{m},SQfp16`` | graph walk, ``efSearch`` candidates |
+| ``flat-fp32`` | ``Flat`` (IndexFlatIP) | exhaustive, exact: the reference |
+
+``auto`` picks by corpus size (see ``choose_index_type``). Build parameters (nlist, m,
+efConstruction) are fixed in the file; query-time parameters (nprobe, efSearch) are
+recorded as defaults and can be overridden by config without a rebuild.
+
+**Usage:**
+
+    spec = plan_index(n_chunks, IndexConfig(index_type="auto"))
+    spec.factory          # e.g. "HNSW32,SQfp16"
+    spec.to_manifest()    # {"type": "hnsw-fp16", "params": {...}, ...}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragserve.config import IndexConfig
+from ragserve.errors import ConfigError
+
+INDEX_TYPES = ("flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32")
+
+# NOTE on the ``auto`` thresholds, measured on this machine kind (2 cores, 384-d, FAISS 1.15,
+# scripts/bench_scale.py, other jobs loading the cores): exhaustive SQfp16 scans every code
+# for a query, ~2.4 ms per 100k vectors on one core (p50 at 100k: 2.37 ms), growing linearly.
+# Up to 100k chunks that stays within a few milliseconds and is exact up to fp16 rounding,
+# so nothing approximate is worth it. Above that HNSW gives the best latency for a given
+# recall on real embeddings, but its build costs ~0.35-0.55 ms per vector on 2 cores
+# (35-55 s per 100k) and its graph adds ~270 B per vector. Past 2M chunks the build would
+# take hours here, so IVF (k-means on a sample, then a cheap add; lists mapped from disk)
+# is the scalable default.
+AUTO_FLAT_MAX = 100_000
+AUTO_HNSW_MAX = 2_000_000
+
+IVF_POINTS_PER_LIST = 64
+"""Training sample size per inverted list. FAISS warns below 39 and samples 256 by default;
+64 keeps k-means within minutes at a million chunks on 2 cores."""
+IVF_MIN_POINTS_PER_LIST = 39
+IVF_MAX_NLIST = 65_536
+IVF_KMEANS_ITERATIONS = 10
+"""What FAISS's own IVF training uses (``Level1Quantizer.cp.niter``)."""
+HNSW_DEFAULT_EF_SEARCH = 128
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index type with the parameters that built it and the query-time defaults."""
+
+    index_type: str
+    nlist: int = 0
+    """ivf-fp16: inverted lists (k-means centroids)."""
+    train_size: int = 0
+    """ivf-fp16: vectors sampled to train the centroids."""
+    nprobe: int = 0
+    """ivf-fp16: lists scanned per query by default."""
+    m: int = 0
+    """hnsw-fp16: graph neighbours per node (2·m on the bottom layer)."""
+    ef_construction: int = 0
+    """hnsw-fp16: candidate list size while building the graph."""
+    ef_search: int = 0
+    """hnsw-fp16: candidate list size per query by default."""
+    requested: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The build-time config as given (``index_type`` may be ``auto``)."""
+    reason: str = ""
+    """Why ``auto`` chose this type (empty when the type was named)."""
+
+    def __post_init__(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
+
+    @property
+    def factory(self) -> str:
+        """The FAISS ``index_factory`` string."""
+        return {
+            "flat-fp16": "SQfp16",
+            "ivf-fp16": f"IVF{self.nlist},SQfp16",
+            "hnsw-fp16": f"HNSW{self.m},SQfp16",
+            "flat-fp32": "Flat",
+        }[self.index_type]
+
+    @property
+    def params(self) -> dict[str, int]:
+        if self.index_type == "ivf-fp16":
+            return {"nlist": self.nlist, "train_size": self.train_size, "nprobe": self.nprobe}
+        if self.index_type == "hnsw-fp16":
+            return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+        return {}
+
+    def to_manifest(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.index_type, "faiss": self.factory, "metric": "inner_product",
+                               "params": self.params, "requested": self.requested}
+        if self.reason:
+            out["auto"] = self.reason
+        return out
+
+    @classmethod
+    def from_manifest(cls, section: dict[str, Any]) -> IndexSpec:
+        """The spec recorded in a manifest's ``index`` section (older manifests: no params)."""
+        return cls(index_type=section["type"], **section.get("params", {}),
+                   requested=section.get("requested", {}), reason=section.get("auto", ""))
+
+
+def choose_index_type(n: int) -> tuple[str, str]:
+    """The type ``auto`` picks for ``n`` chunks, and why (see the NOTE above the thresholds).
+
+    **Usage:** ``choose_index_type(300_000)`` → ``("hnsw-fp16", "...")``
+    """
+    if n <= AUTO_FLAT_MAX:
+        return "flat-fp16", f"{n} chunks <= {AUTO_FLAT_MAX}: an exhaustive scan is fast and exact"
+    if n <= AUTO_HNSW_MAX:
+        return "hnsw-fp16", f"{n} chunks <= {AUTO_HNSW_MAX}: HNSW has the best latency per recall"
+    return "ivf-fp16", f"{n} chunks > {AUTO_HNSW_MAX}: an HNSW build would take hours; IVF trains on a sample"
+
+
+def choose_nlist(n: int) -> int:
+    """About 4·√n lists, but never fewer than 39 training points per list, at most 65536.
+
+    **Usage:** ``choose_nlist(1_000_000)`` → ``4000``
+    """
+    by_size = round(4 * math.sqrt(max(n, 1)))
+    return max(1, min(by_size, n // IVF_MIN_POINTS_PER_LIST, IVF_MAX_NLIST))
+
+
+def default_nprobe(nlist: int) -> int:
+    """About √nlist probes (at least 16, at most nlist): a starting point; measure recall
+    on your data with ``ragserve eval`` and set ``index.ivf_nprobe``."""
+    return max(1, min(nlist, max(16, round(math.sqrt(nlist)))))
+
+
+def requested_build(config: IndexConfig) -> dict[str, Any]:
+    """The config fields that decide what is built (not the query-time ones), as the
+    manifest records them: two builds with equal values over equal chunks are the same."""
+    return {"index_type": config.index_type, "ivf_nlist": config.ivf_nlist, "hnsw_m": config.hnsw_m,
+            "hnsw_ef_construction": config.hnsw_ef_construction}
+
+
+def plan_index(n: int, config: IndexConfig) -> IndexSpec:
+    """Resolve ``auto`` and every zero ("pick for me") parameter for a corpus of ``n`` chunks.
+
+    **Usage:** ``plan_index(len(vectors), RAGConfig.load().index)``
+    """
+    requested = requested_build(config)
+    index_type, reason = config.index_type, ""
+    if index_type == "auto":
+        index_type, reason = choose_index_type(n)
+    if index_type == "ivf-fp16":
+        nlist = config.ivf_nlist or choose_nlist(n)
+        if nlist > n:
+            raise ConfigError("index.ivf_nlist", f"{nlist} lists for {n} chunks: use at most {n}, or 0 to choose")
+        return IndexSpec(index_type, nlist=nlist, train_size=min(n, IVF_POINTS_PER_LIST * nlist),
+                         nprobe=min(nlist, config.ivf_nprobe or default_nprobe(nlist)),
+                         requested=requested, reason=reason)
+    if index_type == "hnsw-fp16":
+        return IndexSpec(index_type, m=config.hnsw_m, ef_construction=config.hnsw_ef_construction,
+                         ef_search=config.hnsw_ef_search or HNSW_DEFAULT_EF_SEARCH,
+                         requested=requested, reason=reason)
+    return IndexSpec(index_type, requested=requested, reason=reason)
