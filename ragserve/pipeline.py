@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from ragserve.config import RAGConfig
 from ragserve.errors import EmptyQuestionError, QuestionTooLongError
 from ragserve.manifest import Manifest, check_embedding, verify
 from ragserve.runtime import LoopThread
-from ragserve.timing import StageClock, StageStats
+from ragserve.timing import Gauges, StageClock, StageStats
 from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, Timings, VectorIndex
 
 
@@ -59,6 +60,9 @@ class RAG:
         self.generator = generator
         self.config = config
         self.stage_stats = StageStats()
+        # in_flight: requests past L1 on the engine loop; queued: at the embed worker
+        # (waiting for it or being embedded).
+        self.gauges = Gauges("in_flight", "queued")
         self._runtime = LoopThread()
         # One worker: the embedding model uses its own intra-op threads, and one model
         # call at a time keeps them from fighting each other.
@@ -164,8 +168,12 @@ class RAG:
         return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k, StageClock()))
 
     def stats(self) -> dict[str, Any]:
-        """Queries, errors, per-stage latency (count, mean, p50/p95/p99) and cache tiers."""
-        return {**self._counts, "stages": self.stage_stats.summary(),
+        """Queries, errors, per-stage latency (count, mean, p50/p95/p99 in ms over the last
+        ``window`` queries), the share of queries each cache tier answered, the in-flight
+        and queued gauges, and the cache's own counters. Plain JSON-able values:
+        ``orjson.dumps(rag.stats())``."""
+        return {**self._counts, "window": self.stage_stats.window, "stages": self.stage_stats.summary(),
+                "tiers": self.stage_stats.tiers(), "gauges": self.gauges.snapshot(),
                 "cache": self.cache.stats() if self.cache else None}
 
     def close(self) -> None:
@@ -205,12 +213,18 @@ class RAG:
 
     async def _retrieve(self, question: str, top_k: int, clock: StageClock) -> list[Source]:
         loop = asyncio.get_running_loop()
-        vectors, hits = await loop.run_in_executor(self._cpu, self._embed_search, question, top_k, clock)
+        # Counted here, not in the worker, so a cancelled wait cannot leave the gauge high.
+        with self.gauges.track("queued"):
+            vectors, hits = await loop.run_in_executor(
+                self._cpu, self._embed_search, question, top_k, clock, time.perf_counter())
         with clock.span("docload"):
             chunks = self.docstore.get_many([h.chunk_id for h in hits])
         return [Source(c.doc_id, c.chunk_id, h.score, c.text, c.metadata) for c, h in zip(chunks, hits)]
 
-    def _embed_search(self, question: str, top_k: int, clock: StageClock) -> tuple[np.ndarray, list[Any]]:
+    def _embed_search(self, question: str, top_k: int, clock: StageClock,
+                      submitted: float) -> tuple[np.ndarray, list[Any]]:
+        # The one embed worker serves queries in turn: the time before it reached this one.
+        clock.add("embed_wait", (time.perf_counter() - submitted) * 1e3)
         with clock.span("embed"):
             vectors = self.embedder.encode([question])
         with clock.span("search"):
@@ -237,6 +251,7 @@ class RAG:
 
     async def _answer(self, question: str | _Prepared, namespace: str | None = None,
                       read: bool = True, write: bool = True) -> QueryResult:
+        self.gauges.inc("in_flight")
         try:
             p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
             clock = p.clock
@@ -258,6 +273,8 @@ class RAG:
         except BaseException:
             self._counts["errors"] += 1
             raise
+        finally:
+            self.gauges.dec("in_flight")
 
     async def _generate_and_remember(self, key: str, question: str, write: bool) -> QueryResult:
         result = await self._generate(question, StageClock())
@@ -293,7 +310,7 @@ class RAG:
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
         self._counts["queries"] += 1
-        self.stage_stats.record(clock.ms)
+        self.stage_stats.record(clock.ms, result.cache_tier)
         return result
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None) -> list[QueryResult | Exception]:

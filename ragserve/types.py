@@ -49,6 +49,8 @@ class Timings:
     """Milliseconds spent in each stage of one query.
 
     ``cache_l1`` / ``cache_l2`` are the lookups in each cache tier (0 when skipped).
+    ``embed_wait`` is the time a query waited for the embedding worker (queued behind
+    other queries' embeddings) before its own ``embed`` began.
 
     ``generate`` is measured here; its split into ``generate_queue`` (waiting in vLLM's
     scheduler), ``generate_first_token`` (prefill: scheduled → first token) and
@@ -57,14 +59,16 @@ class Timings:
 
     cache_l1: float = 0.0
     cache_l2: float = 0.0
+    embed_wait: float = 0.0
     embed: float = 0.0
     search: float = 0.0
     docload: float = 0.0
     prompt: float = 0.0
     generate: float = 0.0
-    generate_queue: float = 0.0
-    generate_first_token: float = 0.0
-    generate_decode: float = 0.0
+    # Parts of ``generate`` (``part_of``): reports show them under it, never add them again.
+    generate_queue: float = field(default=0.0, metadata={"part_of": "generate"})
+    generate_first_token: float = field(default=0.0, metadata={"part_of": "generate"})
+    generate_decode: float = field(default=0.0, metadata={"part_of": "generate"})
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
