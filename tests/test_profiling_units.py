@@ -134,3 +134,26 @@ def test_stats_cli_prints_a_saved_report(tmp_path, fake_rag):  # noqa: F811
     assert orjson.loads(as_json.stdout)["tiers"]["miss"]["queries"] == 1
     missing = CliRunner().invoke(app, ["stats", str(tmp_path / "nothing")])
     assert missing.exit_code != 0
+
+
+def test_advice_rules_quote_the_numbers_and_stay_silent_below_their_thresholds():
+    from ragserve.profiling.bottleneck import rule_contention, rule_embed_queue, rule_generation
+
+    def miss(**means):
+        return {k: {"mean_ms": v, "share": v / 1000} for k, v in means.items()}
+
+    base = {"cores": 2, "concurrency": 8, "top_k": 3, "max_tokens": 64, "miss_rps": 0.5,
+            "prompt_tokens": 700.0, "completion_tokens": 60.0}
+    prefill = {**base, "miss": miss(generate=900, **{"generate:generate_queue": 1, "generate:generate_first_token": 600,
+                                                      "generate:generate_decode": 250})}
+    assert "prefill dominates" in rule_generation(prefill) and "600 ms" in rule_generation(prefill)
+    queued = {**base, "miss": miss(generate=900, **{"generate:generate_queue": 400,
+                                                     "generate:generate_first_token": 300,
+                                                     "generate:generate_decode": 150})}
+    assert "44%" in rule_generation(queued) and "scheduler" in rule_generation(queued)
+    assert rule_generation({**base, "miss": miss(generate=100, embed=900)}) is None  # generation is not the cost
+    assert rule_embed_queue({**base, "miss": miss(embed_wait=30, embed=10)}).startswith("Queries wait 30.0 ms")
+    assert rule_embed_queue({**base, "miss": miss(embed_wait=5, embed=10)}) is None
+    busy = {"cores": 2, "cpu": {"whole machine": 190.0, "this process": 2.0, "VLLM::EngineCore": 54.0}}
+    assert "134%" in rule_contention(busy)
+    assert rule_contention({"cores": 2, "cpu": {"whole machine": 80.0, "VLLM::EngineCore": 70.0}}) is None

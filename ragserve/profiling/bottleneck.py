@@ -17,6 +17,7 @@ import orjson
 
 from ragserve.profiling.breakdown import LABELS, OTHER, fmt_ms
 from ragserve.profiling.env import header_markdown
+from ragserve.profiling.memory import MACHINE
 
 Metrics = dict[str, Any]
 
@@ -101,8 +102,26 @@ def rule_embed_queue(m: Metrics) -> str | None:
             f"one model call (micro-batching) removes most of the wait.")
 
 
-def rule_cpu(m: Metrics) -> str | None:
+def _ours(cpu: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in cpu.items() if k != MACHINE}
+
+
+def rule_contention(m: Metrics) -> str | None:
     cpu = m.get("cpu") or {}
+    if MACHINE not in cpu:
+        return None
+    ours = _ours(cpu)
+    others = cpu[MACHINE] - sum(ours.values())
+    if others < 0.25 * 100 * m["cores"]:
+        return None
+    parts = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(ours.items(), key=lambda kv: -kv[1]) if v >= 1)
+    return (f"Other jobs on this machine used {others:.0f}% of its {100 * m['cores']}% CPU during the timed pass "
+            f"(this run: {parts}; 100% = one core). The latencies above are inflated by that contention: "
+            f"compare shares between stages, not seconds between runs.")
+
+
+def rule_cpu(m: Metrics) -> str | None:
+    cpu = _ours(m.get("cpu") or {})
     used = sum(cpu.values())
     if not cpu or used < 0.8 * 100 * m["cores"]:
         return None
@@ -154,8 +173,8 @@ def rule_memory(m: Metrics) -> str | None:
             f"{m['kv_cache_gib']:g} GiB).")
 
 
-RULES: list[Callable[[Metrics], str | None]] = [rule_generation, rule_generation_rest, rule_embed_queue, rule_cpu,
-                                                rule_other, rule_cache, rule_memory]
+RULES: list[Callable[[Metrics], str | None]] = [rule_contention, rule_generation, rule_generation_rest,
+                                                rule_embed_queue, rule_cpu, rule_other, rule_cache, rule_memory]
 
 
 def _profile_section(report: Any, slowest: str | None) -> str:

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+MACHINE = "whole machine"
+
+
 @dataclass
 class Sample:
     t: float
@@ -32,7 +35,7 @@ class Sample:
     children: dict[int, float] = field(default_factory=dict)
     """RSS MiB per child pid (names in ``MemoryTimeline.names``: a child renames itself)."""
     cpu: dict[str | int, float] = field(default_factory=dict)
-    """CPU % since the previous sample (100 = one core): "self" and each child pid."""
+    """CPU % since the previous sample (100 = one core): "self", each child pid, "machine"."""
 
 
 class MemoryTimeline:
@@ -65,12 +68,16 @@ class MemoryTimeline:
 
         me = psutil.Process(os.getpid())
         me.cpu_percent(None)
+        psutil.cpu_percent(None)
+        cores = os.cpu_count() or 1
         procs: dict[int, Any] = {}  # psutil keeps the CPU counters per Process object
         while not self._stop.is_set():
             own, ts = memory_usage(os.getpid(), timestamps=True)[0]
             total = memory_usage(os.getpid(), include_children=True)[0]
             children: dict[int, float] = {}
-            cpu: dict[str | int, float] = {"self": me.cpu_percent(None)}
+            # "machine": every process on the host, in the same unit (100 = one core), so the
+            # report can tell contention from other jobs apart from this run's own load.
+            cpu: dict[str | int, float] = {"self": me.cpu_percent(None), "machine": psutil.cpu_percent(None) * cores}
             try:
                 for c in me.children(recursive=True):
                     try:
@@ -108,7 +115,7 @@ class MemoryTimeline:
     def _named(self, per_pid: dict[Any, float]) -> dict[str, float]:
         out: dict[str, float] = {}
         for pid, v in per_pid.items():
-            name = "this process" if pid == "self" else self.names.get(pid, str(pid))
+            name = {"self": "this process", "machine": MACHINE}.get(pid) or self.names.get(pid, str(pid))
             out[name] = out.get(name, 0.0) + v
         return out
 

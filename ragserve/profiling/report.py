@@ -222,7 +222,7 @@ def run_report(target: Any, out: str | os.PathLike[str], settings: ReportSetting
             timed = _pass(rag, timed_pool, s, s.seed, s.questions)
         holders = _holders(rag, index)
         models = {"generation": getattr(rag.generator, "model_name", config.generate.model),
-                  "embedding": Path(str(getattr(rag.embedder, "path", config.embed.model))).name}
+                  "embedding": str(getattr(rag.embedder, "identity", {}).get("name") or config.embed.model)}
         engine_stats = rag.stats()
         profiled, stages, threads = None, {}, {}
         if s.profile_pass:
