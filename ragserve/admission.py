@@ -20,13 +20,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from ragserve.errors import OverloadedError
+from ragserve.timing import Gauges
 
 
 class Admission:
     """Use from one event loop (the engine's)."""
 
-    def __init__(self, max_in_flight: int, max_queued: int) -> None:
+    def __init__(self, max_in_flight: int, max_queued: int, gauges: Gauges | None = None) -> None:
+        """``gauges``: where the ``queued`` gauge is kept (the engine's), if anywhere."""
         self.max_in_flight = max_in_flight
+        self.gauges = gauges
         self.max_queued = max_queued
         self.in_flight = 0
         self.admitted = 0
@@ -57,6 +60,8 @@ class Admission:
             raise OverloadedError(self.in_flight, len(self._waiters))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if self.gauges is not None:
+            self.gauges.inc("queued")
         try:
             await waiter  # a releasing run hands its slot over: in_flight stays counted
         except asyncio.CancelledError:
@@ -65,6 +70,9 @@ class Admission:
             else:
                 self._waiters.remove(waiter)
             raise
+        finally:
+            if self.gauges is not None:
+                self.gauges.dec("queued")
 
     def _release(self) -> None:
         while self._waiters:

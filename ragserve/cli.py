@@ -297,6 +297,81 @@ def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder
               f"{counts['chunks']} chunks, {m.dim}-d, {m.data['index']['type']}, fingerprint {m.fingerprint[:16]}")
 
 
+@app.command("stats")
+@_fails_cleanly
+def stats_cmd(
+    target: Annotated[Path, typer.Argument(help="An index folder (runs a workload now), a profiling report "
+                                                "folder, or a stats.json.")],
+    questions: Annotated[int, typer.Option(help="Queries to run against an index.")] = 24,
+    concurrency: Annotated[int, typer.Option(help="Clients asking at once.")] = 4,
+    repeat_share: Annotated[float, typer.Option(help="Share of queries repeating an answered one.")] = 0.25,
+    question_source: Annotated[str, typer.Option(help='"corpus" or a question file (.txt, SQuAD .json).')] = "corpus",
+    max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens generated.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Also write the JSON to this file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-stage latency (count, mean, p50/p95/p99), cache tiers and gauges, as tables or JSON.
+
+    Given an index, it opens it, runs a workload (the profiler's, without profilers) and
+    prints ``rag.stats()``; given a report folder or stats.json, it prints what was saved.
+    """
+    import orjson
+
+    if (target / "manifest.json").is_file():
+        from ragserve.pipeline import RAG
+        from ragserve.profiling.workload import load_questions, run_workload
+
+        cfg = _config(config, generate={"max_tokens": max_tokens})
+        with RAG.from_index(target, cfg) as rag:
+            pool = load_questions(question_source, rag.docstore, questions, 0)
+            run_workload(rag, pool, n=questions, concurrency=concurrency, repeat_share=repeat_share)
+            stats = rag.stats()
+    else:
+        path = target / "stats.json" if target.is_dir() else target
+        if not path.is_file():
+            raise typer.BadParameter(f"{target} is neither an index folder nor a report with stats.json")
+        stats = stats_view(orjson.loads(path.read_bytes()))
+    data = orjson.dumps(stats, option=orjson.OPT_INDENT_2)
+    if save:
+        save.write_bytes(data + b"\n")
+    if json_out:
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        print_stats(stats)
+
+
+def stats_view(data: dict[str, Any]) -> dict[str, Any]:
+    """``rag.stats()`` from a saved file: a profiling report's stats.json keeps the timed
+    pass's own stages and tiers beside the engine's whole-life stats."""
+    if "timed_pass" in data:
+        return {**(data.get("engine") or {}), **data["timed_pass"], "source": "timed pass of a profiling report"}
+    return data
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table("stage", "count", "mean ms", "p50 ms", "p95 ms", "p99 ms",
+                  title=f"per-stage latency ({stats.get('source', 'rolling window')})")
+    for stage, s in stats.get("stages", {}).items():
+        table.add_row(stage, str(s["count"]), *(f"{s[k]:.3f}" for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")))
+    out.print(table)
+    tiers = Table("answered by", "queries", "share", "p50 ms", "p95 ms", title="cache tiers")
+    for tier, t in stats.get("tiers", {}).items():
+        tiers.add_row(tier, str(t["queries"]), f"{100 * t['share']:.1f}%", f"{t['total']['p50_ms']:.3f}",
+                      f"{t['total']['p95_ms']:.3f}")
+    out.print(tiers)
+    gauges = stats.get("gauges") or {}
+    if gauges:
+        out.print("gauges: " + ", ".join(f"{k} {v['current']} (peak {v['peak']})" for k, v in gauges.items()))
+    cache = stats.get("cache") or {}
+    for tier in ("l1", "l2"):
+        if cache.get(tier):
+            c = cache[tier]
+            out.print(f"{tier} lookups: {c['hits']} hits, {c['misses']} misses, hit rate {100 * c['hit_rate']:.1f}%")
+
+
 @app.command("prepare-models")
 @_fails_cleanly
 def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False) -> None:

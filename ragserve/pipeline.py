@@ -21,8 +21,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from ragserve.admission import Admission
 from ragserve.answers import AnswerCache, from_cached
 from ragserve.cache import normalize_question
@@ -31,7 +29,7 @@ from ragserve.errors import DeadlineExceededError, EmptyQuestionError, Generatio
 from ragserve.manifest import Manifest, check_embedding, verify
 from ragserve.retrieval import Retriever
 from ragserve.runtime import LoopThread
-from ragserve.timing import StageClock, StageStats
+from ragserve.timing import Gauges, StageClock, StageStats
 from ragserve.types import (
     DocStore,
     DoneEvent,
@@ -74,10 +72,12 @@ class RAG:
         self.generator = generator
         self.config = config
         self.stage_stats = StageStats()
+        # in_flight: requests past L1 on the engine loop; queued: waiting for an admission slot.
+        self.gauges = Gauges("in_flight", "queued")
         self._runtime = LoopThread()
         self.retriever = Retriever(embedder, index, docstore, config.embed)
         q = config.query
-        self.admission = Admission(q.max_in_flight, q.max_queued)
+        self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
         self._prompt_builder: Any = None
         self._counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
         self.cache: AnswerCache | None = None
@@ -224,12 +224,18 @@ class RAG:
         return await self._runtime.run_async(self.retriever.retrieve(question, top_k or self.config.query.top_k, StageClock()))
 
     def stats(self) -> dict[str, Any]:
-        """Queries, errors, per-stage latency (count, mean, p50/p95/p99), admission gauges
-        (in flight, queued, rejected), embedding batches and cache tiers."""
+        """Queries, errors, per-stage latency (count, mean, p50/p95/p99 in ms over the last
+        ``window`` queries), the share of queries each cache tier answered, the gauges
+        (``in_flight``: requests past L1 on the engine loop; ``queued``: waiting for an
+        admission slot), admission and embedding-batch counters, and the cache's own
+        counters. Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
         unfinished = getattr(self.generator, "unfinished", None)
         return {
             **self._counts,
+            "window": self.stage_stats.window,
             "stages": self.stage_stats.summary(),
+            "tiers": self.stage_stats.tiers(),
+            "gauges": self.gauges.snapshot(),
             "admission": self.admission.as_dict(),
             "embed_batches": self.retriever.stats(),
             "engine_unfinished": unfinished() if unfinished else None,
@@ -294,6 +300,7 @@ class RAG:
     async def _scope(self, timeout_s: float | None) -> AsyncIterator[None]:
         """One request on the engine loop: its deadline, and its outcome counted."""
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
+        self.gauges.inc("in_flight")
         try:
             try:
                 async with asyncio.timeout(deadline or None) as scope:
@@ -309,6 +316,8 @@ class RAG:
         except BaseException:
             self._counts["errors"] += 1
             raise
+        finally:
+            self.gauges.dec("in_flight")
 
     async def _answer(self, question: str | _Prepared, namespace: str | None = None, read: bool = True,
                       write: bool = True, timeout_s: float | None = None) -> QueryResult:
@@ -411,7 +420,7 @@ class RAG:
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
         self._counts["queries"] += 1
-        self.stage_stats.record(clock.ms)
+        self.stage_stats.record(clock.ms, result.cache_tier)
         return result
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,

@@ -67,9 +67,10 @@ class Timings:
     docload: float = 0.0
     prompt: float = 0.0
     generate: float = 0.0
-    generate_queue: float = 0.0
-    generate_first_token: float = 0.0
-    generate_decode: float = 0.0
+    # Parts of ``generate`` (``part_of``): reports show them under it, never add them again.
+    generate_queue: float = field(default=0.0, metadata={"part_of": "generate"})
+    generate_first_token: float = field(default=0.0, metadata={"part_of": "generate"})
+    generate_decode: float = field(default=0.0, metadata={"part_of": "generate"})
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:

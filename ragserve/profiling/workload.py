@@ -1,0 +1,189 @@
+"""A realistic query workload: questions from the corpus or a file, a share of them asked
+again, a fixed number of concurrent clients.
+
+Repeats are drawn only from questions whose first answer has come back, as popular
+questions arrive in real traffic: they are cache hits, never single-flight joins of a run
+still in progress (whose stage times belong to another request). ``l2_share`` of the
+repeats first drop their L1 entry, as if another replica had answered them, so the L2
+(Redis) path is exercised too. Each run uses its own cache namespace: answers cached
+before the run (by an earlier run or test) cannot turn its first questions into hits.
+
+**Usage:**
+
+    pool = load_questions("corpus", rag.docstore, n=48)
+    result = run_workload(rag, pool, n=48, concurrency=8, repeat_share=0.25)
+    [r.tier for r in result.records]          # "miss", "l1", "l2" or "error"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragserve.cache import normalize_question
+
+_HEADING_RULE = re.compile(r"^([*=~^\-#])\1{3,}\s*$")
+_TEMPLATES = ("What is {t}?", "How does {t} work?", "Explain {t}.", "What should I know about {t}?",
+              "When is {t} used?", "Give an example of {t}.")
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """One query of a workload: what was asked, which tier answered, its stage times."""
+
+    index: int
+    question: str
+    repeat: bool
+    tier: str
+    timings: dict[str, float]
+    start_s: float
+    end_s: float
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class WorkloadResult:
+    records: list[QueryRecord]
+    wall_s: float
+    namespace: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def ok(self) -> list[QueryRecord]:
+        return [r for r in self.records if r.error is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": self.wall_s, "namespace": self.namespace, "settings": self.settings,
+                "records": [asdict(r) for r in self.records]}
+
+
+def _topics(text: str) -> list[str]:
+    """Headings of a chunk (a line underlined with ****, ====, ----), as question topics."""
+    lines = text.splitlines()
+    out = []
+    for prev, line in zip(lines, lines[1:]):
+        title = prev.strip().strip('"')
+        if _HEADING_RULE.match(line) and 3 <= len(title) <= 60:
+            out.append(title[0].lower() + title[1:] if not title[:2].isupper() else title)
+    return out
+
+
+def corpus_questions(docstore: Any, n: int, seed: int = 0) -> list[str]:
+    """Up to ``n`` distinct questions made from the index's own chunks: a chunk heading (or
+    the document's name when it has none) put into one of a few question templates."""
+    rng = random.Random(seed)
+    ids = list(range(len(docstore)))
+    rng.shuffle(ids)
+    seen: set[str] = set()
+    out: list[str] = []
+    for cid in ids:
+        chunk = docstore.get(cid)
+        topics = _topics(chunk.text) or [Path(chunk.doc_id).stem.replace("-", " ").replace("_", " ")]
+        q = normalize_question(rng.choice(_TEMPLATES).format(t=rng.choice(topics)))
+        if q not in seen:
+            seen.add(q)
+            out.append(q)
+        if len(out) >= n:
+            break
+    return out
+
+
+def file_questions(path: str | Path) -> list[str]:
+    """Questions from a file: ``.json`` in SQuAD/XQuAD layout (data → paragraphs → qas →
+    question), anything else one question per line (blank lines and ``#`` lines skipped)."""
+    path = Path(path)
+    text = path.read_text("utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return [qa["question"] for art in data["data"] for p in art["paragraphs"] for qa in p["qas"]]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def load_questions(source: str, docstore: Any, n: int, seed: int = 0) -> list[str]:
+    """``source`` is ``"corpus"`` (made from the index) or a question file; returns up to
+    ``n`` distinct questions (distinct after normalisation, so no two share a cache key)."""
+    if source == "corpus":
+        return corpus_questions(docstore, n, seed)
+    pool = list(dict.fromkeys(normalize_question(q) for q in file_questions(source)))
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def plan(n: int, repeat_share: float, seed: int = 0) -> list[bool]:
+    """Which of ``n`` slots are repeats (True): exactly ``round(n * repeat_share)`` of them,
+    spread at random but never the first slot."""
+    repeats = min(round(n * repeat_share), max(n - 1, 0))
+    slots = [True] * repeats + [False] * (n - 1 - repeats)
+    random.Random(seed).shuffle(slots)
+    return ([False] + slots)[:n]
+
+
+async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: int = 8,
+                        repeat_share: float = 0.25, l2_share: float = 0.0, seed: int = 0,
+                        namespace: str | None = None) -> WorkloadResult:
+    """Ask ``n`` questions with ``concurrency`` clients (each asks its next question when its
+    last one is answered); new questions come from ``pool`` in order."""
+    slots = plan(n, repeat_share, seed)
+    if sum(not s for s in slots) > len(pool):
+        raise ValueError(f"{sum(not s for s in slots)} distinct questions needed, the pool has {len(pool)}")
+    namespace = namespace or f"profile-{uuid.uuid4().hex[:8]}"
+    rng = random.Random(seed + 1)
+    fresh = iter(pool)
+    answered: list[str] = []
+    first_answer = asyncio.Event()  # set at the first answer, or when no new question is left
+    new_left = [sum(not s for s in slots)]
+    next_slot = iter(enumerate(slots))
+    records: list[QueryRecord] = []
+    l2 = getattr(getattr(rag, "cache", None), "l2", None)
+    t0 = time.perf_counter()
+
+    async def ask(i: int, repeat: bool) -> None:
+        if repeat:
+            await first_answer.wait()
+            if not answered:
+                records.append(QueryRecord(i, "", True, "error", {}, 0.0, 0.0, "every new question failed"))
+                return
+            q = rng.choice(answered)
+            if l2 is not None and rng.random() < l2_share:
+                await rag._runtime.run_async(l2.drain())  # its background L2 write has landed
+                rag.cache.l1.delete(rag.cache.key(q, namespace))
+        else:
+            q = next(fresh)
+        start = time.perf_counter() - t0
+        try:
+            r = await rag.aquery(q, namespace=namespace)
+        except Exception as e:  # a failed query is a finding of the run, not its end
+            records.append(QueryRecord(i, q, repeat, "error", {}, start, time.perf_counter() - t0, repr(e)))
+        else:
+            records.append(QueryRecord(i, q, repeat, r.cache_tier, r.timings.as_dict(), start,
+                                       time.perf_counter() - t0, None, r.usage.prompt_tokens,
+                                       r.usage.completion_tokens))
+            if not repeat:
+                answered.append(r.question)
+        if not repeat:
+            new_left[0] -= 1
+            if answered or not new_left[0]:
+                first_answer.set()
+
+    async def client() -> None:
+        for i, repeat in next_slot:
+            await ask(i, repeat)
+
+    await asyncio.gather(*(client() for _ in range(max(1, concurrency))))
+    settings = {"questions": n, "concurrency": concurrency, "repeat_share": repeat_share,
+                "l2_share": l2_share if l2 is not None else 0.0, "seed": seed}
+    return WorkloadResult(sorted(records, key=lambda r: r.index), time.perf_counter() - t0, namespace, settings)
+
+
+def run_workload(rag: Any, pool: Sequence[str], **kwargs: Any) -> WorkloadResult:
+    """Blocking ``arun_workload`` (runs the clients on a fresh event loop of this thread)."""
+    return asyncio.run(arun_workload(rag, pool, **kwargs))
