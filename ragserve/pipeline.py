@@ -342,7 +342,7 @@ class RAG:
         # run's stage times and its own total.
         result = dataclasses.replace(shared)
         for stage, ms in result.timings.as_dict().items():  # keep our own cache lookups
-            if stage != "total":
+            if stage != "total" and ms:  # a stage the run never entered is not a 0 ms sample
                 clock.ms.setdefault(stage, ms)
         return self._finish(result, clock)
 
