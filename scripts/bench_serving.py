@@ -33,8 +33,9 @@ questions no run measures, then a reset of the measured engine's prefix cache
 which it runs with ``VLLM_SERVER_DEV_MODE=1``), so every system meets the same prompts
 cold and no system inherits another's cache. Questions are distinct; each C has its own
 slice, shared by all systems. Systems run interleaved per level in a rotating order (so
-that drift in the machine's load does not always hit the same system); the sequential
-loop runs first. Both engines stay loaded throughout; the idle one costs little CPU (the
+that drift in the machine's load does not always hit the same system); with ``--rounds 2``
+each level runs twice, the second time in reverse order, and the rounds are pooled. The
+sequential loop runs first. Both engines stay loaded throughout; the idle one costs little CPU (the
 CPU table shows how much).
 
 Run (from the repo root; ``make bench`` installs the peer first):
@@ -64,14 +65,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bench_serving_workload as wl  # noqa: E402
-from bench_serving_report import CpuSampler, Record, Run, chart, cpu_table, hardware, results_table, versions  # noqa: E402
+from bench_serving_report import (  # noqa: E402
+    CpuSampler, Record, Run, chart, cpu_per_request, cpu_table, hardware, merge_runs, results_table, versions)
 from bench_serving_systems import Systems, embed_bench  # noqa: E402
 
 SYSTEMS = ("ragserve", "raw vLLM", "LlamaIndex")
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, default=REPO / "indexes" / "xquad",
                     help="ragserve index folder (built from all 240 XQuAD paragraphs if missing)")
     ap.add_argument("--xquad", type=Path, default=wl.XQUAD)
@@ -87,6 +90,9 @@ def parse_args() -> argparse.Namespace:
                     help="run the peer's vLLM server with vLLM's default process layout, not ragserve's")
     ap.add_argument("--peer-overlay", type=Path, default=REPO / "build" / "bench-peer",
                     help="folder holding OpenAILike (see requirements/bench-peer.txt; `make bench-deps`)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of every system per level (same questions, cache reset each time), pooled; "
+                         "on a busy machine 2 cancels linear load drift")
     ap.add_argument("--embed-requests", type=int, default=256, help="retrievals per embedding-batching run")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -142,7 +148,8 @@ async def measure(sys_: Systems, name: str, c: int, qs: list[wl.Question], args:
         run.server_stats = sys_.metric_deltas(before_metrics, await sys_.server_metrics(name))
     run.retrieval_overlap = sys_.overlap(name, qs, records)
     s = run.summary()
-    log(f"{name:>10} C={c:<3} {len(qs)} q: {s['req_s']:.2f} req/s, p50 {s['p50_s']:.2f} s, p95 {s['p95_s']:.2f} s, "
+    log(f"{name:>10} C={c:<3} {len(qs)} q: {s['req_s']:.2f} req/s, p50 {s['p50_s']:.2f} s, "
+        f"p95 {s['p95_s']:.2f} s, "
         f"{s['errors']} errors, gold {s['gold_hits']}/{len(qs)}")
     return run
 
@@ -168,9 +175,14 @@ async def main_async(args: argparse.Namespace) -> None:
         runs.append(await measure(sys_, "sequential", 1, seq_qs, args, sampler))
         names = [n for n in SYSTEMS if n in sys_.available]
         for i, c in enumerate(args.per_level):
-            order = names[i % len(names):] + names[: i % len(names)]
-            for name in order:
-                runs.append(await measure(sys_, name, c, workload.levels[c], args, sampler))
+            rounds: dict[str, list[Run]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                order = names[i % len(names):] + names[: i % len(names)]
+                # Odd rounds run the order backwards: a load that drifts linearly over the
+                # level then weighs the same on every system.
+                for name in (order[::-1] if r % 2 else order):
+                    rounds[name].append(await measure(sys_, name, c, workload.levels[c], args, sampler))
+            runs += [merge_runs(rs) for rs in rounds.values()]
     finally:
         await sys_.stop()
     write_report(args, cfg, sys_, runs, embed, index_note)
@@ -203,6 +215,10 @@ def ratio_lines(summaries: list[dict[str, Any]], embed: dict[str, Any], peer_ski
                      f"{'met' if ours['p95_s'] < peer['p95_s'] else 'NOT met'})")
     elif peer_skipped:
         lines.append(f"- LlamaIndex: not measured ({peer_skipped})")
+    cpu = {name: cpu_per_request(s) for name, s in at.items()}
+    lines.append("- CPU-seconds per request at C={} (all of this benchmark's processes; less sensitive to other "
+                 "load than wall time, though vLLM's OpenMP threads also burn CPU waiting when the cores are "
+                 "contended): {}".format(top, ", ".join(f"{n} {v:.2f}" for n, v in cpu.items())))
     if embed.get("ratio"):
         lines.append(line(f"embedding micro-batching, retrievals/s at {embed['concurrency']} concurrent",
                           embed["ratio"], "≥ 5", embed["ratio"] >= 5))
@@ -226,7 +242,8 @@ def write_report(args, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any
         f"{g.enforce_eager}, uniproc executor {g.uniproc_executor})",
         f"- generation: max_tokens {args.max_tokens}, temperature 0; answer cache OFF",
         f"- questions: XQuAD-en, distinct, seed {args.seed}; per level {args.per_level}; warm-up {args.warmup} "
-        f"requests per run; sequential loop over {seq['requests'] if seq else 0} questions of the largest level",
+        f"requests per run; {args.rounds} round(s) per system and level, pooled; sequential loop over "
+        f"{seq['requests'] if seq else 0} questions of the largest level",
         f"- engine starts: ragserve {sys_.start_s.get('ragserve', 0):.0f} s"
         + (f", peer server {sys_.start_s['peer']:.0f} s" if "peer" in sys_.start_s else ""),
         f"- peer: {sys_.peer_note}", "",
@@ -268,7 +285,8 @@ def sample_answers(runs: list[Run], n: int = 3) -> list[str]:
         return []
     lines = ["| question | gold | " + " | ".join(r.system for r in at) + " |", "|---" * (len(at) + 2) + "|"]
     for i in range(min(n, len(at[0].records))):
-        cells = [(r.records[i].answer or r.records[i].error).replace("|", "/").replace("\n", " ")[:160] for r in at]
+        cells = [(r.records[i].answer or r.records[i].error).replace("|", "/").replace("\n", " ")[:160]
+                 for r in at]
         gold = at[0].golds[i][0] if at[0].golds[i] else ""
         lines.append(f"| {at[0].questions[i]} | {gold} | " + " | ".join(cells) + " |")
     return lines

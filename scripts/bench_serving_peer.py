@@ -85,7 +85,8 @@ class PeerServer:
                                          stdin=subprocess.DEVNULL)
         while time.perf_counter() - t0 < timeout_s:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM OpenAI server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"the vLLM OpenAI server exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
             try:
                 if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
                     self.start_s = time.perf_counter() - t0

@@ -79,6 +79,34 @@ class Run:
         }
 
 
+def merge_runs(runs: list[Run]) -> Run:
+    """Rounds of one system at one level as one run: requests pooled, wall times and
+    CPU-seconds added, vLLM's per-request means weighted by their request counts."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    cpu: dict[str, Any] = {}
+    for r in runs:
+        for k, v in r.cpu.items():
+            if isinstance(v, dict):
+                bucket = cpu.setdefault(k, {})
+                for name, sec in v.items():
+                    bucket[name] = bucket.get(name, 0.0) + sec
+            else:
+                cpu[k] = cpu.get(k, 0.0) + v
+    stats: dict[str, float] = {}
+    n = sum(r.server_stats.get("requests", 0.0) for r in runs)
+    for key in {k for r in runs for k in r.server_stats}:
+        if key in ("requests", "generation_tokens", "prompt_tokens"):
+            stats[key] = sum(r.server_stats.get(key, 0.0) for r in runs)
+        elif n:
+            stats[key] = sum(r.server_stats.get(key, 0.0) * r.server_stats.get("requests", 0.0) for r in runs) / n
+    overlaps = [r.retrieval_overlap for r in runs if r.retrieval_overlap is not None]
+    return Run(first.system, first.concurrency, [x for r in runs for x in r.records], sum(r.wall_s for r in runs),
+               [g for r in runs for g in r.golds], cpu, stats,
+               float(np.mean(overlaps)) if overlaps else None, [q for r in runs for q in r.questions])
+
+
 # -- CPU: where the two cores go ------------------------------------------------------------
 
 def _busy(t: Any) -> float:
@@ -186,22 +214,32 @@ def results_table(summaries: list[dict[str, Any]]) -> list[str]:
         hit = f"{s['gold_hits']}/{ok} ({s['gold_hits'] / ok:.0%})" if ok else "—"
         lines.append(
             f"| {s['system']} | {s['concurrency']} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | "
-            f"{_f(s['out_tok_s'], '.1f')} | {s['p50_s']:.2f} | {s['p95_s']:.2f} | {_f(s['prompt_tokens_mean'], '.0f')} | "
+            f"{_f(s['out_tok_s'], '.1f')} | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
+            f"{_f(s['prompt_tokens_mean'], '.0f')} | "
             f"{stage_text(s['stages_ms'])} | {s['answered']}/{ok} | {hit} |")
     return lines
 
 
+def cpu_per_request(s: dict[str, Any]) -> float:
+    """CPU-seconds of every process this benchmark started (engines, server, this one) per
+    answered request: unlike wall time, it does not grow when others take the cores."""
+    ok = s["requests"] - s["errors"]
+    return s["cpu"]["ours_s"] / ok if s["cpu"] and ok else float("nan")
+
+
 def cpu_table(summaries: list[dict[str, Any]]) -> list[str]:
-    lines = ["| system | C | wall s | CPU-s by process (per request) | this process by thread | "
-             "other load on the machine |", "|---|---:|---:|---|---|---|"]
+    lines = ["| system | C | wall s | CPU-s per request, all ours | CPU-s by process (per request) | "
+             "this process by thread | other load on the machine |", "|---|---:|---:|---:|---|---|---|"]
     for s in summaries:
         c = s["cpu"]
         if not c:
             continue
         n = max(s["requests"], 1)
-        procs = "; ".join(f"{k} {v:.1f} ({v / n:.2f})" for k, v in sorted(c["procs"].items(), key=lambda kv: -kv[1]))
+        procs = "; ".join(f"{k} {v:.1f} ({v / n:.2f})"
+                          for k, v in sorted(c["procs"].items(), key=lambda kv: -kv[1]))
         threads = "; ".join(f"{k} {v:.1f}" for k, v in sorted(c["threads"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {s['system']} | {s['concurrency']} | {c['wall_s']:.1f} | {procs} | {threads} | "
+        lines.append(f"| {s['system']} | {s['concurrency']} | {c['wall_s']:.1f} | {cpu_per_request(s):.2f} | "
+                     f"{procs} | {threads} | "
                      f"{c['others_s']:.1f} CPU-s ({c['others_s'] / c['wall_s']:.2f} cores) |")
     return lines
 

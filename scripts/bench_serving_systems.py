@@ -106,11 +106,12 @@ class Systems:
             self.args.max_tokens, self.cfg.generate.max_model_len)
         self._peer = peer
         self.available.append("LlamaIndex")
+        argv = " ".join(Path(a).name if "/" in a else a for a in self.server.argv[1:])
         layout = "vLLM's default process layout" if self.args.peer_vllm_defaults else "ragserve's engine settings"
         self.peer_note = (f"LlamaIndex VectorStoreIndex + FaissVectorStore(IndexFlatIP) + HuggingFaceEmbedding"
                           f"(local MiniLM folder) over ragserve's {len(chunks)} chunks, similarity_top_k "
-                          f"{self.cfg.query.top_k}, OpenAILike(is_chat_model=True, max_tokens={self.args.max_tokens}, "
-                          f"temperature=0, max_retries=0) → `{' '.join(Path(a).name if '/' in a else a for a in self.server.argv[1:])}` "
+                          f"{self.cfg.query.top_k}, OpenAILike(is_chat_model=True, "
+                          f"max_tokens={self.args.max_tokens}, temperature=0, max_retries=0) → `{argv}` "
                           f"with {layout}; server log in peer_server.log")
         self.log(f"peer up in {self.server.start_s:.0f} s")
 
@@ -124,7 +125,8 @@ class Systems:
 
     # -- one system, one run ----------------------------------------------------------------
 
-    async def run(self, name: str, qs: list[Question], c: int, drive: Any, timeout_s: float) -> tuple[list[Record], float]:
+    async def run(self, name: str, qs: list[Question], c: int, drive: Any,
+                  timeout_s: float) -> tuple[list[Record], float]:
         if name == "ragserve":
             return await drive(qs, c, self._ragserve_one, timeout_s)
         if name == "sequential":
@@ -247,7 +249,8 @@ class Systems:
         for r in runs:
             if r.server_stats:
                 ok = sum(not x.error for x in r.records)
-                lines.append(f"- LlamaIndex C={r.concurrency}: the server counted {r.server_stats['requests']:.0f} "
+                lines.append(f"- LlamaIndex C={r.concurrency}: the server counted "
+                             f"{r.server_stats['requests']:.0f} "
                              f"finished requests for {ok} answered at the client; top-{self.cfg.query.top_k} "
                              f"chunks shared with ragserve's retrieval: {r.retrieval_overlap:.0%}.")
         return lines
