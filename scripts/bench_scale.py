@@ -334,7 +334,9 @@ def main() -> None:
 
     header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "
                            f"{args.queries} queries drawn after them from the same distribution; "
-                           f"faiss OpenMP threads {faiss.omp_get_max_threads()}; page cache warm (files just written)"]
+                           f"faiss OpenMP threads {faiss.omp_get_max_threads()}; page cache: "
+                           + ("whatever earlier runs left (--reuse-built)" if args.reuse_built else
+                              "warm (each index file just written)")]
     print("\n".join(header), flush=True)
     work = args.work / f"{args.kind}-{args.n}"
     work.mkdir(parents=True, exist_ok=True)
