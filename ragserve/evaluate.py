@@ -41,7 +41,7 @@ from ragserve.build import VECTORS_FILE, build_from_documents
 from ragserve.config import RAGConfig
 from ragserve.datasets import EvalDataset, EvalQuestion, load_dataset
 from ragserve.errors import DatasetError, IndexError_, IndexMismatchError, IndexNotFoundError
-from ragserve.index_spec import requested_build
+from ragserve.index_spec import plan_index, requested_build
 from ragserve.manifest import read_manifest, verify
 from ragserve.metrics import (contains_answer, dedupe, exact_match, hit_at, mrr_at, ndcg_at, overlap_at,
                               percentile, recall_at, token_f1)
@@ -280,11 +280,17 @@ def _matches(folder: Path, source: dict[str, Any], config: RAGConfig, embedder: 
         m = verify(folder).data
     except IndexError_:
         return False  # ours, but damaged: build it again
+    # The plan is compared too, not only the request: "auto" may choose differently after
+    # an upgrade. Query-time defaults (nprobe, efSearch) never force a rebuild.
+    plan = plan_index(m["counts"]["chunks"], config.index)
+    build_params = {k: v for k, v in plan.params.items() if k not in ("nprobe", "ef_search")}
     return (m.get("source") == source and VECTORS_FILE in m["files"]
             and m["embedding"].get("identity") == embedder.identity.get("identity")
             and m["chunking"]["chunk_size"] == config.chunk.chunk_size
             and m["chunking"]["chunk_overlap"] == config.chunk.chunk_overlap
-            and m["index"].get("requested") == requested_build(config.index))
+            and m["index"].get("requested") == requested_build(config.index)
+            and m["index"]["type"] == plan.index_type
+            and all(m["index"].get("params", {}).get(k) == v for k, v in build_params.items()))
 
 
 def _embed_questions(embedder: Embedder, questions: Sequence[EvalQuestion], batch_size: int,
