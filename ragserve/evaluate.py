@@ -24,10 +24,12 @@ search over the same embeddings, and optionally answer quality.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from ragserve.build import VECTORS_FILE, build_from_documents
 from ragserve.config import RAGConfig
 from ragserve.datasets import EvalDataset, EvalQuestion, load_dataset
 from ragserve.errors import DatasetError, IndexError_, IndexMismatchError, IndexNotFoundError
-from ragserve.index_spec import requested_build
+from ragserve.index_spec import plan_index, requested_build
 from ragserve.manifest import read_manifest, verify
 from ragserve.metrics import (contains_answer, dedupe, exact_match, hit_at, mrr_at, ndcg_at, overlap_at,
                               percentile, recall_at, token_f1)
@@ -208,28 +210,54 @@ def prepare_index(ds: EvalDataset, folder: Path, config: RAGConfig, embedder: Em
 
 def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: int = 16,
                    progress: ProgressFn | None = None) -> tuple[AnswerMetrics, list[dict[str, Any]]]:
-    """Generate an answer per question (``concurrency`` in flight, so vLLM batches them) and
-    score it against the gold answers. A failed question counts as an error and scores 0.
+    """Generate an answer per question and score it against the gold answers. A failed
+    question counts as an error and scores 0.
+
+    ``concurrency`` requests stay in flight the whole time (a new one starts as soon as one
+    finishes, rather than batch after batch) so that vLLM's continuous batching stays full.
 
     **Usage:** ``metrics, rows = answer_metrics(rag, dataset.questions[:20])``
     """
     t = time.perf_counter()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        results = asyncio.run(_answer_all(rag, questions, concurrency, progress))
+    else:  # called from inside an event loop (a notebook): run ours on a helper thread
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            results = pool.submit(asyncio.run, _answer_all(rag, questions, concurrency, progress)).result()
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(questions), concurrency):
-        batch = questions[start:start + concurrency]
-        for q, r in zip(batch, rag.query_batch([q.text for q in batch])):
-            answer = "" if isinstance(r, Exception) else r.answer
-            rows.append({"answer": answer, "error": repr(r) if isinstance(r, Exception) else None,
-                         "contains": contains_answer(answer, q.answers), "em": exact_match(answer, q.answers),
-                         "f1": token_f1(answer, q.answers)})
-        if progress:
-            progress("answers", len(rows), len(questions))
+    for q, r in zip(questions, results):
+        answer = "" if isinstance(r, Exception) else r.answer
+        rows.append({"answer": answer, "error": repr(r) if isinstance(r, Exception) else None,
+                     "contains": contains_answer(answer, q.answers), "em": exact_match(answer, q.answers),
+                     "f1": token_f1(answer, q.answers)})
     n = max(1, len(rows))
     return AnswerMetrics(
         questions=len(rows), contains=sum(r["contains"] for r in rows) / n, exact_match=sum(r["em"] for r in rows) / n,
         f1=sum(r["f1"] for r in rows) / n, errors=sum(r["error"] is not None for r in rows),
         seconds=round(time.perf_counter() - t, 3),
     ), rows
+
+
+async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
+                      progress: ProgressFn | None) -> list[Any]:
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(q: EvalQuestion) -> Any:
+        nonlocal done
+        async with gate:
+            try:
+                result: Any = await rag.aquery(q.text)
+            except Exception as e:  # noqa: BLE001 - one failed question is scored, not fatal
+                result = e
+        done += 1
+        if progress:
+            progress("answers", done, len(questions))
+        return result
+
+    return await asyncio.gather(*(one(q) for q in questions))
 
 
 def _refuse_foreign(folder: Path) -> None:
@@ -252,11 +280,17 @@ def _matches(folder: Path, source: dict[str, Any], config: RAGConfig, embedder: 
         m = verify(folder).data
     except IndexError_:
         return False  # ours, but damaged: build it again
+    # The plan is compared too, not only the request: "auto" may choose differently after
+    # an upgrade. Query-time defaults (nprobe, efSearch) never force a rebuild.
+    plan = plan_index(m["counts"]["chunks"], config.index)
+    build_params = {k: v for k, v in plan.params.items() if k not in ("nprobe", "ef_search")}
     return (m.get("source") == source and VECTORS_FILE in m["files"]
             and m["embedding"].get("identity") == embedder.identity.get("identity")
             and m["chunking"]["chunk_size"] == config.chunk.chunk_size
             and m["chunking"]["chunk_overlap"] == config.chunk.chunk_overlap
-            and m["index"].get("requested") == requested_build(config.index))
+            and m["index"].get("requested") == requested_build(config.index)
+            and m["index"]["type"] == plan.index_type
+            and all(m["index"].get("params", {}).get(k) == v for k, v in build_params.items()))
 
 
 def _embed_questions(embedder: Embedder, questions: Sequence[EvalQuestion], batch_size: int,

@@ -147,6 +147,11 @@ def child_open(folder: str, work: str, sweep: str) -> dict:
     open_s = time.perf_counter() - t
     after = rss_mb()
     out = {"open_s": open_s, "rss_before": before, "rss_after_open": after, "sweep": []}
+    # Searches are timed with the file in the page cache, as on a serving machine after its
+    # first minutes: a cold file would add disk reads to whichever setting ran first.
+    with open(Path(folder) / "index.faiss", "rb") as f:
+        while f.read(1 << 24):
+            pass
     settings = [int(s) for s in sweep.split(",") if s] or [0]
     for value in settings:
         if spec.index_type == "ivf-fp16":
@@ -185,6 +190,31 @@ def choose(sweep: list[dict], target: float) -> dict:
     return ok[0] if ok else max(sweep, key=lambda s: s["recall"])
 
 
+def child_side(work: str, settings: str) -> dict:
+    """All types open in one process; each query goes to every type in turn (rotating who
+    goes first), then the same for batches of 32."""
+    from ragserve.index import FaissIndex
+    from ragserve.index_spec import IndexSpec
+    from ragserve.manifest import read_manifest
+
+    queries = np.load(Path(work) / "queries.npy")
+    indexes = {}
+    for item in settings.split(","):
+        name, value = item.split(":")
+        spec = IndexSpec.from_manifest(read_manifest(Path(work) / name).data["index"])
+        indexes[name] = FaissIndex.load(Path(work) / name, spec, nprobe=int(value), ef_search=int(value))
+        indexes[name].search(queries[:8], 10)
+    names = list(indexes)
+    times: dict[str, dict[str, list[float]]] = {n: {"single": [], "batch32": []} for n in names}
+    for kind, step in (("single", 1), ("batch32", 32)):
+        for i, start in enumerate(range(0, len(queries) - step + 1, step)):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                t = time.perf_counter()
+                indexes[name].search(queries[start:start + step], 10)
+                times[name][kind].append((time.perf_counter() - t) * 1e3)
+    return {n: {k: pct(v) for k, v in t.items()} for n, t in times.items()}
+
+
 def child_serve(folder: str, setting: str) -> dict:
     """``RAG.from_index`` (verify + map + embedder) and 200 ``retrieve`` calls; RSS after."""
     from ragserve import RAG, RAGConfig
@@ -221,15 +251,21 @@ def render(header: list[str], rows: list[dict], d: int) -> str:
     for r in rows:
         o, s, t = r["open"], r["serve"], r["open"]["tuned"]
         grow = {k: o["rss_after_open"][k] - o["rss_before"][k] for k in ("VmRSS", "RssAnon", "RssFile")}
+        built = "reused" if r["build_s"] is None else f"{r['build_s']:.1f}"
         setting = {"ivf-fp16": f"nprobe {t['value']} of {r['params'].get('nlist')}",
                    "hnsw-fp16": f"efSearch {t['value']} (M {r['params'].get('m')}, "
                                 f"efC {r['params'].get('ef_construction')})"}.get(r["type"], "exhaustive")
         lines.append(
-            f"| {r['type']} | {setting} | {r['build_s']:.1f} | {r['bytes'] / r['n']:.1f} | {o['open_s'] * 1e3:.1f} "
+            f"| {r['type']} | {setting} | {built} | {r['bytes'] / r['n']:.1f} | {o['open_s'] * 1e3:.1f} "
             f"| {grow['VmRSS']:.0f} ({grow['RssAnon']:.0f} + {grow['RssFile']:.0f}) "
             f"| {t['single'][0]:.2f} / {t['single'][1]:.2f} | {o['batch32'][0]:.1f} / {o['batch32'][1]:.1f} "
             f"| {t['recall']:.4f} | {s['rss_served']['VmRSS']:.0f} ({s['rss_served']['RssAnon']:.0f} + "
             f"{s['rss_served']['RssFile']:.0f}) | {s['from_index_s']:.2f} | {s['retrieve'][0]:.1f} |")
+    lines += ["", "Interleaved in one process (each query to every type in turn, same load for all):", "",
+              "| index | setting | single query p50 / p95 ms | batch of 32 p50 / p95 ms |", "|---|---|---|---|"]
+    lines += [f"| {r['type']} | {r['open']['tuned']['value'] or 'exhaustive'} | {r['side']['single'][0]:.2f} / "
+              f"{r['side']['single'][1]:.2f} | {r['side']['batch32'][0]:.1f} / {r['side']['batch32'][1]:.1f} |"
+              for r in rows]
     for r in rows:
         if len(r["open"]["sweep"]) > 1:
             name = "nprobe" if r["type"] == "ivf-fp16" else "efSearch"
@@ -245,6 +281,35 @@ def render(header: list[str], rows: list[dict], d: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build(x: np.ndarray, spec, work: Path, args: argparse.Namespace) -> tuple[float, dict]:
+    from ragserve.index import FaissIndex
+
+    t = time.perf_counter()
+    last = [t]
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 30 or done == total:
+            last[0] = time.perf_counter()
+            print(f"  {spec.index_type} {phase} {done:,}/{total:,} after {last[0] - t:.0f} s", flush=True)
+
+    index = FaissIndex.build(x, spec, progress=progress)
+    build_s = time.perf_counter() - t
+    return build_s, write_index_folder(work / spec.index_type, index, work / "docstore", args.n, args.seed, args.kind)
+
+
+def already_built(folder: Path, spec, n: int) -> dict | None:
+    """The manifest of an earlier build with the same type, parameters and size, if any."""
+    from ragserve.errors import IndexError_
+    from ragserve.manifest import read_manifest
+
+    try:
+        data = read_manifest(folder).data
+    except IndexError_:
+        return None
+    same = data["index"].get("params") == spec.params and data["index"]["ntotal"] == n
+    return data if same and data["index"]["type"] == spec.index_type else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -257,10 +322,12 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=40)
     ap.add_argument("--work", type=Path, default=ROOT / "indexes" / "bench-scale")
     ap.add_argument("--out", type=Path, default=None, help="Also write the markdown report here.")
+    ap.add_argument("--reuse-built", action="store_true",
+                    help="Keep index folders (and data) an earlier run built with the same parameters.")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = {"open": child_open, "serve": child_serve}[args.child[0]]
+        fn = {"open": child_open, "serve": child_serve, "side": child_side}[args.child[0]]
         print(orjson.dumps(fn(*args.child[1:])).decode())
         return
 
@@ -272,39 +339,38 @@ def main() -> None:
 
     header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "
                            f"{args.queries} queries drawn after them from the same distribution; "
-                           f"faiss OpenMP threads {faiss.omp_get_max_threads()}; page cache warm (files just written)"]
+                           f"faiss OpenMP threads {faiss.omp_get_max_threads()}; page cache: "
+                           + ("open measured with whatever earlier runs left (--reuse-built)" if args.reuse_built
+                              else "open measured right after writing the file")
+                           + "; the file is read through once before searches are timed"]
     print("\n".join(header), flush=True)
     work = args.work / f"{args.kind}-{args.n}"
     work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    x = unit_vectors(args.n + args.queries, args.dim, args.seed, args.kind)
-    x, queries = x[:args.n], np.ascontiguousarray(x[args.n:])
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(x)
-    gt = exact.search(queries, 10)[1]
-    del exact
-    np.save(work / "queries.npy", queries)
-    np.save(work / "gt.npy", gt)
-    write_shared_docstore(work / "docstore", args.n, args.seed)
-    print(f"data, exact fp32 ground truth and docstore: {time.perf_counter() - t:.1f} s", flush=True)
+    x = None
+    if not (args.reuse_built and all((work / f).exists() for f in ("queries.npy", "gt.npy", "docstore"))):
+        t = time.perf_counter()
+        x = unit_vectors(args.n + args.queries, args.dim, args.seed, args.kind)
+        x, queries = x[:args.n], np.ascontiguousarray(x[args.n:])
+        exact = faiss.IndexFlatIP(args.dim)
+        exact.add(x)
+        gt = exact.search(queries, 10)[1]
+        del exact
+        np.save(work / "queries.npy", queries)
+        np.save(work / "gt.npy", gt)
+        write_shared_docstore(work / "docstore", args.n, args.seed)
+        print(f"data, exact fp32 ground truth and docstore: {time.perf_counter() - t:.1f} s", flush=True)
 
     rows = []
     for index_type in args.types.split(","):
         spec = plan_index(args.n, IndexConfig(index_type=index_type, hnsw_m=args.hnsw_m,
                                               hnsw_ef_construction=args.ef_construction))
-        t = time.perf_counter()
-        last = [t]
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if time.perf_counter() - last[0] > 30 or done == total:
-                last[0] = time.perf_counter()
-                print(f"  {index_type} {phase} {done:,}/{total:,} after {last[0] - t:.0f} s", flush=True)
-
-        index = FaissIndex.build(x, spec, progress=progress)
-        build_s = time.perf_counter() - t
-        manifest = write_index_folder(work / index_type, index, work / "docstore", args.n, args.seed, args.kind)
-        del index
-        print(f"{index_type} {spec.params}: built in {build_s:.1f} s", flush=True)
+        build_s, manifest = None, already_built(work / index_type, spec, args.n) if args.reuse_built else None
+        if manifest is None:
+            if x is None:
+                x = unit_vectors(args.n + args.queries, args.dim, args.seed, args.kind)[:args.n]
+            build_s, manifest = build(x, spec, work, args)
+        print(f"{index_type} {spec.params}: {'reused' if build_s is None else f'built in {build_s:.1f} s'}",
+              flush=True)
         sweep = SWEEP.get(index_type, [])
         if index_type == "ivf-fp16":
             sweep = sorted({v for v in sweep if v < spec.nlist} | {spec.nprobe, spec.nlist * 3 // 4, spec.nlist})
@@ -314,6 +380,11 @@ def main() -> None:
                      "bytes": manifest["files"]["index.faiss"]["bytes"], "open": opened, "serve": served})
         print(f"{index_type}: open {opened['open_s'] * 1e3:.1f} ms, tuned {opened['tuned']}, "
               f"serving RSS {served['rss_served']['VmRSS']:.0f} MB", flush=True)
+    # Every type in one process, round robin per query: the ratios between types are then
+    # measured under the same load, which the sequential runs above cannot promise.
+    side = child("side", str(work), ",".join(f"{r['type']}:{r['open']['tuned']['value']}" for r in rows))
+    for r in rows:
+        r["side"] = side[r["type"]]
     report = render(header, rows, args.dim)
     print(report)
     if args.out:

@@ -1,0 +1,45 @@
+"""Answer scoring logic with a fake RAG (the real engine: test_eval.py)."""
+
+import asyncio
+
+import pytest
+
+from ragserve.datasets import EvalQuestion
+from ragserve.evaluate import answer_metrics
+
+
+class FakeRag:
+    def __init__(self):
+        self.in_flight = self.peak = 0
+
+    async def aquery(self, question):
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(0.005 if question != "q0" else 0.05)  # one slow request
+        self.in_flight -= 1
+        if question == "bad":
+            raise RuntimeError("engine hiccup")
+
+        class Result:
+            answer = "It was the Denver Broncos."
+        return Result()
+
+
+QUESTIONS = [EvalQuestion(str(i), "bad" if i == 3 else f"q{i}", {"d": 1}, ("Denver Broncos",)) for i in range(20)]
+
+
+def test_requests_stay_in_flight_and_a_failure_scores_zero():
+    rag, seen = FakeRag(), []
+    metrics, rows = answer_metrics(rag, QUESTIONS, concurrency=4, progress=lambda *e: seen.append(e))
+    assert rag.peak == 4  # the slow first request does not hold back the others
+    assert metrics.questions == 20 and metrics.errors == 1
+    assert metrics.contains == 19 / 20 and metrics.exact_match == 0.0
+    # "it was denver broncos" vs "denver broncos": precision 2/4, recall 1 -> F1 2/3
+    assert metrics.f1 == pytest.approx(19 / 20 * 2 / 3)
+    assert rows[3]["error"] == "RuntimeError('engine hiccup')" and rows[3]["answer"] == ""
+    assert seen[-1] == ("answers", 20, 20)
+
+
+async def test_works_from_inside_a_running_event_loop():
+    metrics, _ = answer_metrics(FakeRag(), QUESTIONS[:5], concurrency=2)
+    assert metrics.questions == 5 and metrics.errors == 1
