@@ -1,4 +1,5 @@
-"""Admission control: a bound on pipeline runs in flight and on runs waiting for a slot.
+"""Admission control: a bound on pipeline runs in flight and on runs waiting for a slot;
+and every request's deadline and outcome (``Requests``).
 
 Past both bounds a request fails at once with ``OverloadedError``: no unbounded queue,
 no memory growth under a burst. Waiters are served first come, first served; a slot
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from ragserve.errors import OverloadedError
+from ragserve.errors import DeadlineExceededError, OverloadedError
 from ragserve.timing import Gauges
 
 
@@ -85,3 +86,35 @@ class Admission:
     def as_dict(self) -> dict[str, int]:
         return {"in_flight": self.in_flight, "queued": self.queued, "max_in_flight": self.max_in_flight,
                 "max_queued": self.max_queued, "admitted": self.admitted, "rejected": self.rejected}
+
+
+class Requests:
+    """Every request on the engine loop: its deadline, the ``in_flight`` gauge, and its
+    outcome counted (``queries`` is counted by whoever finishes the result)."""
+
+    def __init__(self, gauges: Gauges) -> None:
+        self.gauges = gauges
+        self.counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
+
+    @asynccontextmanager
+    async def scope(self, deadline_s: float) -> AsyncIterator[None]:
+        """One request; past ``deadline_s`` (0: none) it is cancelled and raises
+        ``DeadlineExceededError`` — cancellation is what aborts its vLLM request."""
+        self.gauges.inc("in_flight")
+        try:
+            try:
+                async with asyncio.timeout(deadline_s or None) as scope:
+                    yield
+            except TimeoutError:
+                if scope.expired():  # ours, not a TimeoutError from inside the request
+                    self.counts["timeouts"] += 1
+                    raise DeadlineExceededError(deadline_s) from None
+                raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self.counts["cancelled"] += 1
+            raise
+        except BaseException:
+            self.counts["errors"] += 1
+            raise
+        finally:
+            self.gauges.dec("in_flight")

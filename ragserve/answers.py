@@ -14,7 +14,7 @@ from ragserve.config import CacheConfig
 from ragserve.l2 import RedisL2
 from ragserve.redis_server import RedisServer
 from ragserve.timing import StageClock
-from ragserve.types import CacheTier, QueryResult, Source, Timings, TokenUsage
+from ragserve.types import CacheTier, Generation, QueryResult, Source, Timings, TokenUsage
 
 
 class AnswerCache:
@@ -85,6 +85,20 @@ def to_cached(r: QueryResult) -> CachedAnswer:
         model=r.model, index_fingerprint=r.index_fingerprint, prompt_tokens=r.usage.prompt_tokens,
         completion_tokens=r.usage.completion_tokens, finish_reason=r.finish_reason,
         dropped_sources=r.dropped_sources, created_at=time.time(),
+    )
+
+
+def from_generation(question: str, model: str, prompt: Any, gen: Generation, clock: StageClock,
+                    index_fingerprint: str) -> QueryResult:
+    """A miss's result: the answer, the sources its prompt used, vLLM's own split of
+    the generate stage (queue, first token, decode)."""
+    clock.add("generate_queue", gen.queue_ms)
+    clock.add("generate_first_token", gen.first_token_ms)
+    clock.add("generate_decode", gen.decode_ms)
+    return QueryResult(
+        question=question, answer=gen.text, sources=prompt.used, timings=Timings(**clock.ms), cache_tier="miss",
+        model=model, index_fingerprint=index_fingerprint, usage=gen.usage, finish_reason=gen.finish_reason,
+        dropped_sources=prompt.dropped,
     )
 
 

@@ -43,6 +43,7 @@ from ragserve.datasets import EvalDataset, EvalQuestion, load_dataset
 from ragserve.errors import DatasetError, IndexError_, IndexMismatchError, IndexNotFoundError
 from ragserve.index_spec import plan_index, requested_build
 from ragserve.manifest import read_manifest, verify
+from ragserve.runtime import map_bounded
 from ragserve.metrics import (contains_answer, dedupe, exact_match, hit_at, mrr_at, ndcg_at, overlap_at,
                               percentile, recall_at, token_f1)
 from ragserve.types import Embedder
@@ -242,22 +243,16 @@ def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: 
 
 async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
                       progress: ProgressFn | None) -> list[Any]:
-    gate = asyncio.Semaphore(concurrency)
     done = 0
 
-    async def one(q: EvalQuestion) -> Any:
+    def tick() -> None:
         nonlocal done
-        async with gate:
-            try:
-                result: Any = await rag.aquery(q.text)
-            except Exception as e:  # noqa: BLE001 - one failed question is scored, not fatal
-                result = e
         done += 1
         if progress:
             progress("answers", done, len(questions))
-        return result
 
-    return await asyncio.gather(*(one(q) for q in questions))
+    # One failed question is scored, not fatal: it stays in its slot.
+    return await map_bounded(lambda q: rag.aquery(q.text), questions, concurrency, on_done=tick)
 
 
 def _refuse_foreign(folder: Path) -> None:

@@ -13,28 +13,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ragserve.admission import Admission
-from ragserve.answers import AnswerCache, from_cached
+from ragserve.admission import Admission, Requests
+from ragserve.answers import AnswerCache, from_cached, from_generation
 from ragserve.cache import normalize_question
 from ragserve.config import RAGConfig
-from ragserve.errors import DeadlineExceededError, EmptyQuestionError, GenerationError, QuestionTooLongError
+from ragserve.errors import EmptyQuestionError, GenerationError, QuestionTooLongError
 from ragserve.manifest import Manifest, check_embedding, verify
 from ragserve.retrieval import Retriever
-from ragserve.runtime import LoopThread
+from ragserve.runtime import LoopThread, map_bounded
 from ragserve.timing import Gauges, StageClock, StageStats
 from ragserve.types import (
     DocStore,
     DoneEvent,
     Embedder,
-    Generation,
     Generator,
     QueryResult,
     Source,
@@ -79,7 +76,7 @@ class RAG:
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
         self._prompt_builder: Any = None
-        self._counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
+        self.requests = Requests(self.gauges)
         self.cache: AnswerCache | None = None
         if config.cache.enabled:
             self.cache = AnswerCache(config.cache, manifest.fingerprint, config.fingerprint())
@@ -231,7 +228,7 @@ class RAG:
         counters. Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
         unfinished = getattr(self.generator, "unfinished", None)
         return {
-            **self._counts,
+            **self.requests.counts,
             "window": self.stage_stats.window,
             "stages": self.stage_stats.summary(),
             "tiers": self.stage_stats.tiers(),
@@ -296,32 +293,12 @@ class RAG:
             return p._replace(l1_done=True)
         return self._finish(from_cached(hit, "l1", p.clock), p.clock)
 
-    @asynccontextmanager
-    async def _scope(self, timeout_s: float | None) -> AsyncIterator[None]:
-        """One request on the engine loop: its deadline, and its outcome counted."""
-        deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
-        self.gauges.inc("in_flight")
-        try:
-            try:
-                async with asyncio.timeout(deadline or None) as scope:
-                    yield
-            except TimeoutError:
-                if scope.expired():  # ours, not a TimeoutError from inside the request
-                    self._counts["timeouts"] += 1
-                    raise DeadlineExceededError(deadline) from None
-                raise
-        except (asyncio.CancelledError, GeneratorExit):
-            self._counts["cancelled"] += 1
-            raise
-        except BaseException:
-            self._counts["errors"] += 1
-            raise
-        finally:
-            self.gauges.dec("in_flight")
+    def _deadline(self, timeout_s: float | None) -> float:
+        return self.config.query.timeout_s if timeout_s is None else timeout_s
 
     async def _answer(self, question: str | _Prepared, namespace: str | None = None, read: bool = True,
                       write: bool = True, timeout_s: float | None = None) -> QueryResult:
-        async with self._scope(timeout_s):
+        async with self.requests.scope(self._deadline(timeout_s)):
             p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
             return await self._answer_prepared(p, read, write)
 
@@ -358,7 +335,7 @@ class RAG:
             generator, prompt = await self._grounded_prompt(question, clock)
             with clock.span("generate"):
                 gen = await generator.generate(prompt.text, uuid.uuid4().hex, token_ids=prompt.token_ids)
-            return self._result(question, generator, prompt, gen, clock)
+            return from_generation(question, generator.model_name, prompt, gen, clock, self.fingerprint)
 
     async def _grounded_prompt(self, question: str, clock: StageClock) -> tuple[Generator, Any]:
         sources = await self.retriever.retrieve(question, self.config.query.top_k, clock)
@@ -367,29 +344,11 @@ class RAG:
             prompt = self._builder(generator).build(question, sources)
         return generator, prompt
 
-    def _result(self, question: str, generator: Generator, prompt: Any, gen: Generation,
-                clock: StageClock) -> QueryResult:
-        clock.add("generate_queue", gen.queue_ms)
-        clock.add("generate_first_token", gen.first_token_ms)
-        clock.add("generate_decode", gen.decode_ms)
-        return QueryResult(
-            question=question,
-            answer=gen.text,
-            sources=prompt.used,
-            timings=Timings(**clock.ms),
-            cache_tier="miss",
-            model=generator.model_name,
-            index_fingerprint=self.fingerprint,
-            usage=gen.usage,
-            finish_reason=gen.finish_reason,
-            dropped_sources=prompt.dropped,
-        )
-
     async def _stream(self, p: _Prepared, read: bool, write: bool,
                       timeout_s: float | None) -> AsyncIterator[StreamEvent]:
         """The stream on the engine loop: cache hit → one piece; miss → vLLM deltas."""
         clock = p.clock
-        async with self._scope(timeout_s):
+        async with self.requests.scope(self._deadline(timeout_s)):
             if self.cache is not None and read:
                 hit, tier = await self.cache.lookup(p.key, clock)
                 if hit is not None:
@@ -410,7 +369,7 @@ class RAG:
                             gen = piece
                 if gen is None:
                     raise GenerationError("the engine ended the stream without a final output")
-                result = self._result(p.question, generator, prompt, gen, clock)
+                result = from_generation(p.question, generator.model_name, prompt, gen, clock, self.fingerprint)
             if write and self.cache is not None:
                 self.cache.remember(p.key, result)  # only once the whole answer is in
             yield DoneEvent(self._finish(result, clock))
@@ -419,23 +378,14 @@ class RAG:
         """Stamp the caller's own total, count the query, record its stage times."""
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
-        self._counts["queries"] += 1
+        self.requests.counts["queries"] += 1
         self.stage_stats.record(clock.ms, result.cache_tier)
         return result
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,
                            timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        bound = asyncio.Semaphore(self.config.query.max_in_flight)
-
-        async def one(q: str) -> QueryResult:
-            async with bound:
-                return await self._answer(q, namespace, timeout_s=timeout_s)
-
-        results = await asyncio.gather(*(one(q) for q in questions), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, Exception):
-                raise r  # cancellation and interrupts are not per-item failures
-        return list(results)  # type: ignore[arg-type]
+        return await map_bounded(lambda q: self._answer(q, namespace, timeout_s=timeout_s), questions,
+                                 self.config.query.max_in_flight)
 
     def _builder(self, generator: Generator) -> Any:
         if self._prompt_builder is None:

@@ -12,10 +12,11 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class LoopThread:
@@ -77,13 +78,8 @@ class LoopThread:
         items: queue.Queue[tuple[str, Any]] = queue.Queue()
         future = self.submit(_pump(stream, items.put))
         try:
-            while True:
-                kind, value = items.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise value
-                yield value
+            while (item := _unwrap(items.get())) is not _END:
+                yield item
         finally:
             future.cancel()
 
@@ -97,13 +93,8 @@ class LoopThread:
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         future = self.submit(_pump(stream, lambda item: loop.call_soon_threadsafe(items.put_nowait, item)))
         try:
-            while True:
-                kind, value = await items.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise value
-                yield value
+            while (item := _unwrap(await items.get())) is not _END:
+                yield item
         finally:
             future.cancel()
 
@@ -133,6 +124,44 @@ class LoopThread:
         self._thread.join(timeout=30)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def map_bounded(fn: Callable[[A], Awaitable[T]], items: Iterable[A], limit: int,
+                      on_done: Callable[[], Any] | None = None) -> list[T | Exception]:
+    """``fn`` over ``items`` with at most ``limit`` running at once, results in input order.
+
+    The next item starts as soon as any finishes (no waiting for the slowest of a group),
+    so a generation engine keeps its batch full. A failed item's ``Exception`` is kept in
+    its slot; cancellation and interrupts are not per-item failures and are re-raised.
+    """
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(item: A) -> T | Exception:
+        async with gate:
+            try:
+                return await fn(item)
+            except Exception as e:  # noqa: BLE001 - reported in its slot
+                return e
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    results = await asyncio.gather(*(one(x) for x in items), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+_END = object()
+
+
+def _unwrap(message: tuple[str, Any]) -> Any:
+    """A message from ``_pump``: its item, ``_END``, or its error raised here."""
+    kind, value = message
+    if kind == "error":
+        raise value
+    return _END if kind == "end" else value
 
 
 async def _pump(stream: AsyncIterator[Any], put: Callable[[tuple[str, Any]], Any]) -> None:

