@@ -1,6 +1,7 @@
 """Cache benchmark: latency of whole ``rag.query()`` calls served by L1 and by L2 (Redis on
 loopback); the time the cache lookups add to a miss; and miss latency while Redis is alive,
-killed (SIGKILL), restarted and hung (SIGSTOP), measured one after the other in one run.
+killed (SIGKILL), restarted, hung (SIGSTOP) and resumed, one after the other in one run;
+each outage is compared with the alive phases on both sides of it.
 Prints a table with hardware and versions at the top. A benchmark, not a test: numbers
 vary with the machine's load.
 
@@ -96,24 +97,34 @@ def main() -> None:
             ms_row("L2 hit over loopback, whole rag.query()", timed_calls(rag, qs, args.calls, "l2"), "p50 ≤ 1 ms")
             rag.cache.l1.max_entries = max_entries
             timed_misses(rag, qs, len(qs))  # warm vLLM's prefix cache for the miss rows
-            alive, lookups = timed_misses(rag, qs, args.misses)
+            # Each outage is bracketed by phases with Redis alive, and compared with the
+            # two phases around it pooled: slow drift in the machine's speed over the run
+            # (seen here: p50 +14% in 6 minutes) then cancels instead of landing on the
+            # phase that happens to come last. Each outage starts once, as in production:
+            # its first queries pay for opening the breaker.
+            alive1, lookups = timed_misses(rag, qs, args.misses)
             ms_row("cache lookups on a miss (L1 + L2 GET)", lookups, "≤ 1 ms")
-            _, alive99 = ms_row("miss, whole rag.query(): Redis alive", alive, "")
+            ms_row("miss, whole rag.query(): Redis alive (1)", alive1, "")
             server.kill()
             dead, _ = timed_misses(rag, qs, args.misses)
-            ms_row("miss, whole rag.query(): Redis killed (SIGKILL)", dead,
-                               f"p99 ≤ alive + 20 ms: {dead99_delta(dead, alive99)}")
             server.start()
             time.sleep(cfg.cache.l2_cooldown_s + 0.1)
-            back, _ = timed_misses(rag, qs, args.misses)
-            ms_row("miss, whole rag.query(): Redis restarted", back, f"breaker {rag.cache.l2.breaker.state}")
+            alive2, _ = timed_misses(rag, qs, args.misses)
+            ms_row("miss, whole rag.query(): Redis killed (SIGKILL)", dead,
+                   f"p99 ≤ alive (1+2) + 20 ms: {dead99_delta(dead, alive1 + alive2)}")
+            ms_row("miss, whole rag.query(): Redis restarted, alive (2)", alive2,
+                   f"breaker {rag.cache.l2.breaker.state} after the phase")
             server.pause()
             try:
                 hung, _ = timed_misses(rag, qs, args.misses)
             finally:
                 server.resume()
+            time.sleep(cfg.cache.l2_cooldown_s + 0.1)
+            alive3, _ = timed_misses(rag, qs, args.misses)
             ms_row("miss, whole rag.query(): Redis hung (SIGSTOP)", hung,
-                   f"p99 ≤ alive + 20 ms: {dead99_delta(hung, alive99)}")
+                   f"p99 ≤ alive (2+3) + 20 ms: {dead99_delta(hung, alive2 + alive3)}")
+            ms_row("miss, whole rag.query(): Redis resumed, alive (3)", alive3,
+                   f"breaker {rag.cache.l2.breaker.state} after the phase")
             stats = rag.stats()["cache"]
     print(f"# cache benchmark — {machine_line(env)}")
     print(f"# {versions_line(env)}")
@@ -129,8 +140,8 @@ def main() -> None:
           f"by the breaker; breaker now {l2['breaker']}")
 
 
-def dead99_delta(xs: list[float], alive99: float) -> str:
-    d = pct(xs)[1] - alive99
+def dead99_delta(xs: list[float], alive: list[float]) -> str:
+    d = pct(xs)[1] - pct(alive)[1]
     return f"{d:+.1f} ms"
 
 
