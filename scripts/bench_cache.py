@@ -1,7 +1,6 @@
 """Cache benchmark: latency of whole ``rag.query()`` calls served by L1 and by L2 (Redis on
 loopback); the time the cache lookups add to a miss; and miss latency while Redis is alive,
-killed (SIGKILL), restarted, hung (SIGSTOP) and resumed, one after the other in one run;
-each outage is compared with the alive phases on both sides of it.
+killed (SIGKILL) and hung (SIGSTOP), in blocks that alternate with alive ones in one run.
 Prints a table with hardware and versions at the top. A benchmark, not a test: numbers
 vary with the machine's load.
 
@@ -17,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
+import orjson
 
 from ragserve import RAG, RAGConfig
 from ragserve.profiling.env import environment, machine_line, versions_line
@@ -51,26 +52,27 @@ def timed_calls(rag: RAG, questions: list[str], calls: int, expect: str) -> list
     return out
 
 
-def timed_misses(rag: RAG, questions: list[str], calls: int) -> tuple[list[float], list[float]]:
-    """Whole-query ms and cache-lookup ms of ``calls`` real misses."""
-    total, lookups = [], []
+def timed_misses(rag: RAG, questions: list[str], calls: int) -> list[dict[str, float]]:
+    """``calls`` real misses: each one's client-side ms and its stage times."""
+    rows = []
     for i in range(calls):
         t = time.perf_counter()
         r = rag.query(questions[i % len(questions)], namespace="bench-miss", cache_write=False)
-        total.append((time.perf_counter() - t) * 1e3)
-        lookups.append(r.timings.cache_l1 + r.timings.cache_l2)
+        rows.append({"client_ms": (time.perf_counter() - t) * 1e3, "t": t, **r.timings.as_dict()})
         if r.cache_tier != "miss":
             raise SystemExit(f"expected a miss, got {r.cache_tier}")
-    return total, lookups
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("index")
     ap.add_argument("--calls", type=int, default=10_000, help="calls per hit row")
-    ap.add_argument("--misses", type=int, default=500, help="calls per miss row")
+    ap.add_argument("--misses", type=int, default=500, help="misses per Redis state (alive, killed, hung)")
+    ap.add_argument("--cycles", type=int, default=2, help="outages of each kind, between alive blocks")
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--raw", type=Path, help="write every miss's stage times, per block, to this JSON file")
     args = ap.parse_args()
     qs = QUESTIONS[: args.questions]
     rows: list[tuple[str, int, str, str, str]] = []
@@ -80,10 +82,19 @@ def main() -> None:
         rows.append((what, len(xs), f"{p50:.3f} ms", f"{p99:.3f} ms", target))
         return p50, p99
 
+    blocks: dict[str, list[list[dict[str, float]]]] = {"alive": [], "killed": [], "hung": []}
+    breaker_after_alive: list[str] = []
     env = environment()  # before the run: its load average is the machine's, not ours
     with RedisServer(port=free_port()) as server:
         cfg = RAGConfig.load().replace(cache={"redis_url": server.url}, generate={"max_tokens": args.max_tokens})
         with RAG.from_index(args.index, cfg) as rag:
+
+            def back_up() -> None:  # Redis back: wait out the breaker's cooldown, as a client would not
+                time.sleep(cfg.cache.l2_cooldown_s + 0.1)
+
+            enter = {"alive": lambda: None, "killed": server.kill, "hung": server.pause}
+            leave = {"alive": lambda: breaker_after_alive.append(rag.cache.l2.breaker.state),
+                     "killed": lambda: (server.start(), back_up()), "hung": lambda: (server.resume(), back_up())}
             for q in qs:  # real generation fills both tiers
                 rag.query(q)
             rag._runtime.run(rag.cache.l2.drain())
@@ -97,52 +108,56 @@ def main() -> None:
             ms_row("L2 hit over loopback, whole rag.query()", timed_calls(rag, qs, args.calls, "l2"), "p50 ≤ 1 ms")
             rag.cache.l1.max_entries = max_entries
             timed_misses(rag, qs, len(qs))  # warm vLLM's prefix cache for the miss rows
-            # Each outage is bracketed by phases with Redis alive, and compared with the
-            # two phases around it pooled: slow drift in the machine's speed over the run
-            # (seen here: p50 +14% in 6 minutes) then cancels instead of landing on the
-            # phase that happens to come last. Each outage starts once, as in production:
-            # its first queries pay for opening the breaker.
-            alive1, lookups = timed_misses(rag, qs, args.misses)
-            ms_row("cache lookups on a miss (L1 + L2 GET)", lookups, "≤ 1 ms")
-            ms_row("miss, whole rag.query(): Redis alive (1)", alive1, "")
-            server.kill()
-            dead, _ = timed_misses(rag, qs, args.misses)
-            server.start()
-            time.sleep(cfg.cache.l2_cooldown_s + 0.1)
-            alive2, _ = timed_misses(rag, qs, args.misses)
-            ms_row("miss, whole rag.query(): Redis killed (SIGKILL)", dead,
-                   f"p99 ≤ alive (1+2) + 20 ms: {dead99_delta(dead, alive1 + alive2)}")
-            ms_row("miss, whole rag.query(): Redis restarted, alive (2)", alive2,
-                   f"breaker {rag.cache.l2.breaker.state} after the phase")
-            server.pause()
-            try:
-                hung, _ = timed_misses(rag, qs, args.misses)
-            finally:
-                server.resume()
-            time.sleep(cfg.cache.l2_cooldown_s + 0.1)
-            alive3, _ = timed_misses(rag, qs, args.misses)
-            ms_row("miss, whole rag.query(): Redis hung (SIGSTOP)", hung,
-                   f"p99 ≤ alive (2+3) + 20 ms: {dead99_delta(hung, alive2 + alive3)}")
-            ms_row("miss, whole rag.query(): Redis resumed, alive (3)", alive3,
-                   f"breaker {rag.cache.l2.breaker.state} after the phase")
+            # Outages alternate with alive blocks (alive, killed, alive, hung, ..., alive),
+            # so slow drift and bursts in the machine's speed spread over every state
+            # instead of landing on whichever phase runs last. Each outage block starts
+            # cold, as in production: its first queries pay for opening the breaker.
+            per_block = max(1, args.misses // args.cycles)
+            for _ in range(args.cycles):
+                for state in ("alive", "killed", "alive", "hung"):
+                    enter[state]()
+                    blocks[state].append(timed_misses(rag, qs, per_block))
+                    leave[state]()
+            blocks["alive"].append(timed_misses(rag, qs, per_block))
+            breaker_after_alive.append(rag.cache.l2.breaker.state)
             stats = rag.stats()["cache"]
+    if args.raw:
+        args.raw.write_bytes(orjson.dumps(blocks))
     print(f"# cache benchmark — {machine_line(env)}")
     print(f"# {versions_line(env)}")
-    print(f"# index {args.index}; {len(qs)} distinct questions; {args.calls} calls per hit row, {args.misses} per "
-          f"miss row; max_tokens {args.max_tokens}; Redis on 127.0.0.1; L2 timeout {cfg.cache.l2_timeout_ms} ms, "
+    print(f"# index {args.index}; {len(qs)} distinct questions; {args.calls} calls per hit row, {args.misses} misses per "
+          f"Redis state; max_tokens {args.max_tokens}; Redis on 127.0.0.1; L2 timeout {cfg.cache.l2_timeout_ms} ms, "
           f"breaker opens after {cfg.cache.l2_failures_to_open} failures, probes every {cfg.cache.l2_cooldown_s} s")
     print("| what | calls | p50 | p99 | target / note |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
+    alive = [r for b in blocks["alive"] for r in b]
+    ms_lookups = [r.get("cache_l1", 0.0) + r.get("cache_l2", 0.0) for r in alive]
+    p50, p99 = pct(ms_lookups)
+    print(f"| cache lookups on a miss (L1 + L2 GET), Redis alive | {len(ms_lookups)} | {p50:.3f} ms | {p99:.3f} ms "
+          "| p50 ≤ 1 ms |")
+    print(f"\nMisses by Redis state ({args.cycles} outage(s) of each kind, {args.misses // args.cycles} misses per "
+          "block, blocks alternating with alive ones; every column in ms)\n")
+    print("| Redis | misses | query p50 | query p99 | p99 − alive p99 (target ≤ +20) | cache lookups p99 | "
+          "lookups max | query − generate p99 |")
+    print("|---|---|---|---|---|---|---|---|")
+    alive99 = pct([r["client_ms"] for r in alive])[1]
+    for state, label in (("alive", "alive"), ("killed", "killed (SIGKILL), then restarted"),
+                         ("hung", "hung (SIGSTOP), then resumed")):
+        xs = [r for b in blocks[state] for r in b]
+        q50, q99 = pct([r["client_ms"] for r in xs])
+        look = [r.get("cache_l1", 0.0) + r.get("cache_l2", 0.0) for r in xs]
+        rest = [r["client_ms"] - r.get("generate", 0.0) for r in xs]
+        delta = "" if state == "alive" else f"{q99 - alive99:+.1f}"
+        print(f"| {label} | {len(xs)} | {q50:.1f} | {q99:.1f} | {delta} | {pct(look)[1]:.2f} | {max(look):.2f} "
+              f"| {pct(rest)[1]:.1f} |")
     l2 = stats["l2"]
-    print(f"\nL1 {stats['l1']['hits']} hits; L2 {l2['hits']} hits, {l2['errors']} errors, {l2['skipped']} skipped "
-          f"by the breaker; breaker now {l2['breaker']}")
-
-
-def dead99_delta(xs: list[float], alive: list[float]) -> str:
-    d = pct(xs)[1] - pct(alive)[1]
-    return f"{d:+.1f} ms"
+    print(f"\nBreaker after each alive block: {', '.join(breaker_after_alive)}. "
+          f"L1 {stats['l1']['hits']} hits; L2 {l2['hits']} hits, {l2['errors']} errors, {l2['skipped']} skipped "
+          f"by the breaker; breaker now {l2['breaker']}.\n'query − generate' is the part of a miss outside vLLM: "
+          "generation's own jitter on this CPU dominates the query p99, so this column and the lookups show "
+          "what the cache layer adds.")
 
 
 if __name__ == "__main__":
