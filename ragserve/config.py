@@ -31,6 +31,7 @@ from ragserve.errors import ConfigError
 
 IndexType = Literal["auto", "flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32"]
 Device = Literal["cpu", "cuda", "auto"]
+Precision = Literal["auto", "float32", "bfloat16"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 PROMPT_TEMPLATE_VERSION = "v1"
@@ -59,6 +60,12 @@ class EmbedConfig:
     """Texts per model call when building an index."""
     device: Device = "cpu"
     """Torch device for the embedding model."""
+    precision: Precision = "auto"
+    """Compute precision of the embedding model. "auto": bfloat16 autocast on a CPU with
+    native bf16 (AVX512-BF16 or AMX), float32 elsewhere. On this machine kind a batch of
+    32 questions embeds 2.5x faster in bf16, with cosine >= 0.99997 to the float32
+    vectors (smaller than the fp16 index's own rounding); outputs stay float32 and
+    unit-length. A lone question gains nothing: it is bound by per-call overhead."""
     threads: int = 0
     """Torch intra-op threads in this process (0 leaves torch's default). On a small CPU
     machine the embedder competes with vLLM for the same cores."""
@@ -90,8 +97,10 @@ class IndexConfig:
     manifest records (about sqrt(nlist), or this field's value when the index was built)."""
     hnsw_m: int = 32
     """Build: graph neighbours per node of hnsw-fp16."""
-    hnsw_ef_construction: int = 40
-    """Build: candidate list size while inserting into the graph (FAISS's default)."""
+    hnsw_ef_construction: int = 200
+    """Build: candidate list size while inserting into the graph. FAISS's default of 40
+    builds 6x faster but a poorer graph: at 1M clustered 384-d vectors, recall@10 0.79
+    at efSearch 64 against 0.9985 with 200 (``scripts/bench_scale.py``)."""
     hnsw_ef_search: int = 0
     """Query time: candidate list size per question (no rebuild needed); 0 uses the
     manifest's default (128, or this field's value when the index was built)."""
@@ -286,6 +295,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(e.batch_size >= 1, "embed.batch_size", f"must be >= 1, got {e.batch_size}")
     _check(e.threads >= 0, "embed.threads", f"must be >= 0, got {e.threads}")
     _check_choice("embed.device", e.device, Device)
+    _check_choice("embed.precision", e.precision, Precision)
     i = cfg.index
     _check_choice("index.index_type", i.index_type, IndexType)
     for name in ("ivf_nlist", "ivf_nprobe", "hnsw_ef_search"):

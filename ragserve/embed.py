@@ -11,6 +11,7 @@ FAISS search): a batch of 32 short questions costs little more than one question
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -34,6 +35,8 @@ class SentenceTransformerEmbedder:
         self.identity: dict[str, Any] = model_identity(self.path)
         self._model: Any = None
         self._lock = threading.Lock()
+        self.precision = _precision(self.config.precision, self.config.device)
+        """The resolved compute precision: "float32" or "bfloat16"."""
 
     def warm_up(self) -> None:
         if self._model is not None:
@@ -84,14 +87,49 @@ class SentenceTransformerEmbedder:
     ) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=batch_size or self.config.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=show_progress_bar,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        model = self.model
+        with self._autocast():
+            vectors = model.encode(
+                list(texts),
+                batch_size=batch_size or self.config.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=show_progress_bar,
+            )
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.precision != "float32":  # unit length in float32, as inner-product search assumes
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.precision == "bfloat16":
+            return torch.autocast(device_type="cuda" if str(self.model.device).startswith("cuda") else "cpu",
+                                  dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX): there torch's
+    bf16 matmuls are about twice as fast as float32; elsewhere they are emulated."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def _device(device: str) -> str:

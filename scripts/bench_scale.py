@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
+from ragserve.config import IndexConfig  # noqa: E402
 
 SWEEP = {"ivf-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048], "hnsw-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 """Query-time settings tried per type; IVF also tries 3/4 of its lists and all of them."""
@@ -313,7 +314,7 @@ def main() -> None:
     ap.add_argument("--kind", choices=("random", "clustered"), default="random")
     ap.add_argument("--types", default="flat-fp16,ivf-fp16,hnsw-fp16,flat-fp32")
     ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=40)
+    ap.add_argument("--ef-construction", type=int, default=IndexConfig.hnsw_ef_construction)
     ap.add_argument("--work", type=Path, default=ROOT / "indexes" / "bench-scale")
     ap.add_argument("--out", type=Path, default=None, help="Also write the markdown report here.")
     ap.add_argument("--reuse-built", action="store_true",
@@ -327,7 +328,6 @@ def main() -> None:
 
     import faiss
 
-    from ragserve.config import IndexConfig
     from ragserve.index_spec import plan_index
 
     header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "

@@ -109,7 +109,7 @@ def test_messy_corpus_is_reported_in_the_summary(tmp_path, embedder):
     result = CliRunner().invoke(app, ["build-index", str(src), "--out", str(tmp_path / "idx2"),
                                       "--index-type", "hnsw-fp16", "--hnsw-m", "16"])
     assert result.exit_code == 0, result.output
-    assert "index hnsw-fp16 {'m': 16, 'ef_construction': 40, 'ef_search': 128}" in result.output
+    assert "index hnsw-fp16 {'m': 16, 'ef_construction': 200, 'ef_search': 128}" in result.output
     assert "files read 2, skipped 2" in result.output
     assert "binary.txt" in result.output and "undecodable text" in result.output
 

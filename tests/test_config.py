@@ -47,6 +47,7 @@ def test_toml_file_then_env(tmp_path):
         ({"generate": {"no_such_field": 1}}, "generate.no_such_field"),
         ({"query": {"top_k": "many"}}, "query.top_k"),
         ({"generate": {"enforce_eager": "maybe"}}, "generate.enforce_eager"),
+        ({"embed": {"precision": "float8"}}, "embed.precision"),
     ],
 )
 def test_bad_values_name_the_field(sections, field):

@@ -28,11 +28,9 @@ def _cpu_model() -> str:
 
 
 def _flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return []
+    from ragserve.embed import cpu_flags
+
+    flags = cpu_flags()
     return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
 
 
