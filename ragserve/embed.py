@@ -35,8 +35,7 @@ class SentenceTransformerEmbedder:
         self.identity: dict[str, Any] = model_identity(self.path)
         self._model: Any = None
         self._lock = threading.Lock()
-        self.precision = _precision(self.config.precision, self.config.device)
-        """The resolved compute precision: "float32" or "bfloat16"."""
+        self._precision = "float32"
 
     def warm_up(self) -> None:
         if self._model is not None:
@@ -52,9 +51,17 @@ class SentenceTransformerEmbedder:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
             try:
-                self._model = SentenceTransformer(str(self.path), device=_device(self.config.device))
+                model = SentenceTransformer(str(self.path), device=_device(self.config.device))
             except (OSError, ValueError) as e:
                 raise ModelError(f"cannot load embedding model {self.path}: {e}", stage="embed") from e
+            self._precision = resolve_precision(self.config.precision, model.device.type)
+            self._model = model
+
+    @property
+    def precision(self) -> str:
+        """The compute precision in use: "float32" or "bfloat16" (loads the model)."""
+        self.warm_up()
+        return self._precision
 
     @property
     def model(self) -> Any:
@@ -105,15 +112,16 @@ class SentenceTransformerEmbedder:
         import torch
 
         if self.precision == "bfloat16":
-            return torch.autocast(device_type="cuda" if str(self.model.device).startswith("cuda") else "cpu",
-                                  dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
-def _precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``embed.precision`` for a model on ``device_type``: "auto" is bfloat16 only on a CPU
+    with native bf16 (on a GPU, float32 until measured there)."""
     if precision != "auto":
         return precision
-    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+    return "bfloat16" if device_type == "cpu" and cpu_has_native_bf16() else "float32"
 
 
 def cpu_has_native_bf16() -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ragserve.config import EmbedConfig
-from ragserve.embed import SentenceTransformerEmbedder, cpu_has_native_bf16
+from ragserve.embed import SentenceTransformerEmbedder, cpu_has_native_bf16, resolve_precision
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,10 @@ def test_bfloat16_vectors_are_unit_float32_and_close_to_float32():
     assert (a @ b.T).argmax(axis=1).tolist() == list(range(len(QUESTIONS)))
 
 
-def test_auto_precision_follows_the_cpu():
-    e = SentenceTransformerEmbedder(EmbedConfig(precision="auto", device="cpu"))
-    assert e.precision == ("bfloat16" if cpu_has_native_bf16() else "float32")
-    assert SentenceTransformerEmbedder(EmbedConfig(precision="auto", device="cuda")).precision == "float32"
+def test_auto_precision_follows_the_device_and_the_cpu():
+    native = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert SentenceTransformerEmbedder(EmbedConfig(precision="auto", device="auto")).precision == (
+        "float32" if torch.cuda.is_available() else native)
+    assert resolve_precision("auto", "cpu") == native
+    assert resolve_precision("auto", "cuda") == "float32"
+    assert resolve_precision("float32", "cpu") == "float32" and resolve_precision("bfloat16", "cuda") == "bfloat16"
