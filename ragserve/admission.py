@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from ragserve.errors import DeadlineExceededError, OverloadedError
+from ragserve.observe import Observers
 from ragserve.timing import Gauges
 
 
@@ -92,9 +93,15 @@ class Requests:
     """Every request on the engine loop: its deadline, the ``in_flight`` gauge, and its
     outcome counted (``queries`` is counted by whoever finishes the result)."""
 
-    def __init__(self, gauges: Gauges) -> None:
+    def __init__(self, gauges: Gauges, observers: Observers | None = None) -> None:
         self.gauges = gauges
+        self.observers = observers or Observers()
         self.counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
+
+    def refused(self, error: BaseException) -> None:
+        """A request refused before it started (bad input): counted and reported as one."""
+        self.counts["errors"] += 1
+        self.observers.error(error)
 
     @asynccontextmanager
     async def scope(self, deadline_s: float) -> AsyncIterator[None]:
@@ -110,11 +117,16 @@ class Requests:
                     self.counts["timeouts"] += 1
                     raise DeadlineExceededError(deadline_s) from None
                 raise
-        except (asyncio.CancelledError, GeneratorExit):
-            self.counts["cancelled"] += 1
+        except GeneratorExit:
+            self.counts["cancelled"] += 1  # a stream left early: not a failure to report
             raise
-        except BaseException:
+        except asyncio.CancelledError as e:
+            self.counts["cancelled"] += 1
+            self.observers.error(e)
+            raise
+        except BaseException as e:
             self.counts["errors"] += 1
+            self.observers.error(e)
             raise
         finally:
             self.gauges.dec("in_flight")

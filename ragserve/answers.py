@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ragserve.cache import CachedAnswer, CachedSource, L1Cache, SingleFlight, cache_key, encode_answer
+from ragserve.cache import CachedAnswer, CachedSource, L1Cache, cache_key, encode_answer
 from ragserve.config import CacheConfig
 from ragserve.l2 import RedisL2
 from ragserve.redis_server import RedisServer
@@ -23,7 +23,6 @@ class AnswerCache:
         self.index_fingerprint = index_fingerprint
         self.answer_fingerprint = answer_fingerprint
         self.l1 = L1Cache(config.l1_max_entries, config.l1_max_bytes, config.l1_ttl_s)
-        self.flight = SingleFlight()
         self.server: RedisServer | None = None
         url = config.redis_url
         if url == "embedded":
@@ -65,8 +64,7 @@ class AnswerCache:
 
     def stats(self) -> dict[str, Any]:
         return {"l1": {**self.l1.stats.as_dict(), "entries": len(self.l1), "bytes": self.l1.bytes},
-                "l2": self.l2.as_dict() if self.l2 else None,
-                "single_flight_shared": self.flight.shared}
+                "l2": self.l2.as_dict() if self.l2 else None}
 
     async def close(self) -> None:
         if self.l2 is not None:

@@ -1,4 +1,4 @@
-"""Answer cache: keys, the in-process L1, and the tiered lookup with single-flight.
+"""Answer cache: keys, the stored value and its codec, and the in-process L1.
 
 Keys are SHA-256 over a canonical encoding of the normalised question (NFKC, whitespace
 collapsed and trimmed), the index fingerprint, the answer-changing config fingerprint
@@ -13,7 +13,6 @@ never code execution (no pickle).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 import time
@@ -156,39 +155,3 @@ class L1Cache:
         with self._lock:
             self._data.clear()
             self._bytes = 0
-
-
-class SingleFlight:
-    """Identical concurrent misses share one run: the first caller starts it, the others
-    await the same task. A waiter that is cancelled leaves the run going for the others;
-    the run is cancelled only when no one waits for it any more."""
-
-    def __init__(self) -> None:
-        self._inflight: dict[str, list[Any]] = {}
-        self.shared = 0
-
-    def __len__(self) -> int:
-        return len(self._inflight)
-
-    async def run(self, key: str, factory: Any) -> tuple[Any, bool]:
-        """Returns ``(result, led)``; ``led`` is True for the caller whose run it was."""
-        entry = self._inflight.get(key)
-        led = entry is None
-        if entry is None:
-            task = asyncio.ensure_future(factory())
-            entry = self._inflight[key] = [task, 0]
-
-            def forget(_: Any, entry: list[Any] = entry) -> None:
-                if self._inflight.get(key) is entry:
-                    del self._inflight[key]
-
-            task.add_done_callback(forget)
-        else:
-            self.shared += 1
-        entry[1] += 1
-        try:
-            return await asyncio.shield(entry[0]), led
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0 and not entry[0].done():
-                entry[0].cancel()

@@ -121,9 +121,17 @@ class VllmGenerator:
             raise GenerationError(f"request {request_id}: the engine returned no output")
         return _to_generation(final, final.outputs[0].text)
 
-    async def stream(self, prompt: str, request_id: str, *,
-                     token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
-        """Yield text deltas as they are generated, then the final ``Generation``."""
+    async def stream(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
+                     deltas: bool = True) -> AsyncIterator[str | Generation]:
+        """Yield text deltas as they are generated, then the final ``Generation``.
+
+        ``deltas=False`` asks vLLM for the final output only (``FINAL_ONLY``), as its own
+        non-streaming ``generate`` does: no per-token output to hop between processes and
+        loops when nobody reads the pieces. Then only the ``Generation`` is yielded.
+        """
+        if not deltas:
+            yield await self.generate(prompt, request_id, token_ids=token_ids)
+            return
         text: list[str] = []
         last = None
         async for out in self._run(prompt, request_id, delta=True, token_ids=token_ids):

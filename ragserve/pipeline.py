@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from ragserve.admission import Admission, Requests
 from ragserve.answers import AnswerCache, from_cached, from_generation
 from ragserve.cache import normalize_question
+from ragserve.flight import StreamFlight
 from ragserve.config import RAGConfig
-from ragserve.errors import EmptyQuestionError, GenerationError, QuestionTooLongError
+from ragserve.errors import EmptyQuestionError, GenerationError, InputError, QuestionTooLongError
 from ragserve.manifest import Manifest, check_embedding, verify
+from ragserve.observe import Observers
 from ragserve.retrieval import Retriever
 from ragserve.runtime import LoopThread, map_bounded
 from ragserve.timing import Gauges, StageClock, StageStats
@@ -43,11 +46,19 @@ from ragserve.types import (
 )
 
 
-class _Prepared(NamedTuple):
+@dataclasses.dataclass(slots=True)
+class _Prepared:
+    """One request, validated: what every later step of it needs."""
+
     question: str
     key: str
     clock: StageClock
+    request_id: str
+    read: bool
+    write: bool
+    deadline_s: float
     l1_done: bool = False
+    """Set once the caller's thread asked L1, so a miss is counted there once."""
 
 
 class RAG:
@@ -69,6 +80,8 @@ class RAG:
         self.generator = generator
         self.config = config
         self.stage_stats = StageStats()
+        self.observers = Observers(self.stage_stats)
+        """Told of every finished or failed request (``observe.py``); ``add`` your own."""
         # in_flight: requests past L1 on the engine loop; queued: waiting for an admission slot.
         self.gauges = Gauges("in_flight", "queued")
         self._runtime = LoopThread()
@@ -76,7 +89,8 @@ class RAG:
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
         self._prompt_builder: Any = None
-        self.requests = Requests(self.gauges)
+        self.requests = Requests(self.gauges, self.observers)
+        self.flight = StreamFlight()
         self.cache: AnswerCache | None = None
         if config.cache.enabled:
             self.cache = AnswerCache(config.cache, manifest.fingerprint, config.fingerprint())
@@ -91,6 +105,7 @@ class RAG:
         *,
         start_engine: bool = True,
         embedder: Embedder | None = None,
+        generator: Generator | None = None,
     ) -> RAG:
         """Open an index folder: verify it against its manifest, map its files, load the
         embedding model and (unless ``start_engine=False``) start the generation engine.
@@ -98,7 +113,8 @@ class RAG:
         The index type and its parameters come from the manifest; the query-time search
         settings (``index.ivf_nprobe``, ``index.hnsw_ef_search``) from ``config``, where 0
         keeps the manifest's defaults. ``embedder`` shares an already loaded model (it must
-        be the one the index was built with; that is checked).
+        be the one the index was built with; that is checked). ``generator`` replaces the
+        default vLLM generator with any object of the ``types.Generator`` protocol.
 
         Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
         before anything is served from a bad index.
@@ -119,7 +135,7 @@ class RAG:
         embedder.warm_up()
         check_embedding(manifest, embedder.identity, embedder.dim)
         docstore = LazyDocStore(manifest.folder)
-        rag = cls(manifest, index, docstore, embedder, None, config)
+        rag = cls(manifest, index, docstore, embedder, generator, config)
         if start_engine:
             try:
                 rag.warm_up()
@@ -157,29 +173,28 @@ class RAG:
     # -- public API ---------------------------------------------------------------------
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
-              cache_write: bool = True, timeout_s: float | None = None) -> QueryResult:
+              cache_write: bool = True, timeout_s: float | None = None,
+              request_id: str | None = None) -> QueryResult:
         """Answer one question (blocking). Safe from threads and from inside an event loop.
 
         An L1 hit is answered in the calling thread, without a hop to the engine loop.
         ``namespace`` overrides ``cache.namespace``; ``cache_read`` / ``cache_write``
         bypass the answer cache for this request; ``timeout_s`` overrides
-        ``query.timeout_s`` (0: no deadline). Raises ``OverloadedError`` at once when the
-        engine is full, ``DeadlineExceededError`` past the deadline.
+        ``query.timeout_s`` (0: no deadline); ``request_id`` names the request in the
+        result and, when it runs generation, in vLLM (a new one by default). Raises
+        ``OverloadedError`` at once when the engine is full, ``DeadlineExceededError``
+        past the deadline.
         """
-        hit = self._l1_answer(question, namespace, cache_read)
-        if isinstance(hit, QueryResult):
-            return hit
-        return self._runtime.run(self._answer(hit, read=cache_read, write=cache_write, timeout_s=timeout_s))
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        return self._l1_hit(p) or self._runtime.run(self._answer(p))
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
-                     cache_write: bool = True, timeout_s: float | None = None) -> QueryResult:
+                     cache_write: bool = True, timeout_s: float | None = None,
+                     request_id: str | None = None) -> QueryResult:
         """Answer one question from any event loop. Cancelling the awaiting task aborts the
         request in the engine and caches nothing."""
-        hit = self._l1_answer(question, namespace, cache_read)
-        if isinstance(hit, QueryResult):
-            return hit
-        return await self._runtime.run_async(
-            self._answer(hit, read=cache_read, write=cache_write, timeout_s=timeout_s))
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        return self._l1_hit(p) or await self._runtime.run_async(self._answer(p))
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                     timeout_s: float | None = None) -> list[QueryResult | Exception]:
@@ -193,22 +208,24 @@ class RAG:
         return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s))
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
-               cache_write: bool = True, timeout_s: float | None = None) -> Iterator[StreamEvent]:
+               cache_write: bool = True, timeout_s: float | None = None,
+               request_id: str | None = None) -> Iterator[StreamEvent]:
         """Answer one question as a stream (blocking iterator): a ``SourcesEvent`` first,
         then ``TokenEvent`` pieces as they are generated, then a ``DoneEvent`` with the
-        result and its timings. Leaving the loop early aborts the generation.
+        result and its timings. Leaving the loop early aborts the generation (unless
+        another request shares it). Bad input raises here, before the first event.
 
         **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
         """
-        p = self._prepare(question, namespace)
-        return self._runtime.iterate(self._stream(p, cache_read, cache_write, timeout_s))
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        return self._runtime.iterate(self._stream(p))
 
-    async def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
-                      cache_write: bool = True, timeout_s: float | None = None) -> AsyncIterator[StreamEvent]:
+    def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
+                cache_write: bool = True, timeout_s: float | None = None,
+                request_id: str | None = None) -> AsyncIterator[StreamEvent]:
         """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``"""
-        p = self._prepare(question, namespace)
-        async for event in self._runtime.aiterate(self._stream(p, cache_read, cache_write, timeout_s)):
-            yield event
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        return self._runtime.aiterate(self._stream(p))
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
@@ -236,8 +253,14 @@ class RAG:
             "admission": self.admission.as_dict(),
             "embed_batches": self.retriever.stats(),
             "engine_unfinished": unfinished() if unfinished else None,
+            "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
             "cache": self.cache.stats() if self.cache else None,
         }
+
+    def engine_unfinished(self) -> int | None:
+        """Requests the generation engine holds right now (None: the backend cannot say)."""
+        unfinished = getattr(self.generator, "unfinished", None)
+        return unfinished() if unfinished else None
 
     def close(self) -> None:
         """Stop the engine, flush cache writes, release the index files. Idempotent."""
@@ -275,117 +298,116 @@ class RAG:
             raise QuestionTooLongError(len(question), limit)
         return question
 
-    def _prepare(self, question: str, namespace: str | None) -> _Prepared:
-        """Validate and normalise once; the cache key and the clock travel with the request."""
+    def _prepare(self, question: str, namespace: str | None, read: bool, write: bool,
+                 timeout_s: float | None, request_id: str | None) -> _Prepared:
+        """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
-        q = self._check(question)
-        key = self.cache.key(q, namespace) if self.cache is not None else ""
-        return _Prepared(q, key, clock)
+        try:
+            q = self._check(question)
+            key = self.cache.key(q, namespace) if self.cache is not None else ""
+        except InputError as e:
+            self.requests.refused(e)
+            raise
+        deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
+        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline)
 
-    def _l1_answer(self, question: str, namespace: str | None, read: bool) -> QueryResult | _Prepared:
-        """The caller-thread fast path: an L1 hit, or the prepared request (L1 already asked)."""
-        p = self._prepare(question, namespace)
-        if self.cache is None or not read:
-            return p
+    def _l1_hit(self, p: _Prepared) -> QueryResult | None:
+        """The caller-thread fast path: an L1 hit, or None (and L1 is marked as asked)."""
+        if self.cache is None or not p.read:
+            return None
         with p.clock.span("cache_l1"):
             hit = self.cache.l1.get(p.key)
         if hit is None:
-            return p._replace(l1_done=True)
-        return self._finish(from_cached(hit, "l1", p.clock), p.clock)
+            p.l1_done = True
+            return None
+        return self._finish(from_cached(hit, "l1", p.clock), p)
 
-    def _deadline(self, timeout_s: float | None) -> float:
-        return self.config.query.timeout_s if timeout_s is None else timeout_s
+    async def _answer(self, p: _Prepared) -> QueryResult:
+        """Not streaming is consuming the stream and keeping its result (as in vLLM)."""
+        async with self.requests.scope(p.deadline_s):
+            async with aclosing(self._events(p, deltas=False)) as events:
+                async for event in events:
+                    if isinstance(event, DoneEvent):
+                        return event.result
+        raise GenerationError("the request ended without a result")
 
-    async def _answer(self, question: str | _Prepared, namespace: str | None = None, read: bool = True,
-                      write: bool = True, timeout_s: float | None = None) -> QueryResult:
-        async with self.requests.scope(self._deadline(timeout_s)):
-            p = question if isinstance(question, _Prepared) else self._prepare(question, namespace)
-            return await self._answer_prepared(p, read, write)
+    async def _stream(self, p: _Prepared) -> AsyncIterator[StreamEvent]:
+        async with self.requests.scope(p.deadline_s):
+            async with aclosing(self._events(p, deltas=True)) as events:
+                async for event in events:
+                    yield event
 
-    async def _answer_prepared(self, p: _Prepared, read: bool, write: bool) -> QueryResult:
+    async def _events(self, p: _Prepared, deltas: bool) -> AsyncIterator[StreamEvent]:
+        """The one path of a request on the engine loop: the cache tiers, then a run of the
+        miss path, shared with identical concurrent requests (``flight.py``)."""
         clock = p.clock
-        if self.cache is None:
-            return self._finish(await self._generate(p.question, clock), clock)
-        if read:
+        if self.cache is not None and p.read:
             hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
             if hit is not None:
-                return self._finish(from_cached(hit, tier, clock), clock)
-        # A run that must not write is shared only with callers that don't write either:
-        # a writer joining it would otherwise lose its write.
-        flight_key = p.key if write else p.key + ":no-write"
-        shared, _ = await self.cache.flight.run(
-            flight_key, lambda: self._generate_and_remember(p.key, p.question, write))
-        # Identical concurrent callers share one run: each gets its own copy, with the
-        # run's stage times and its own total.
-        result = dataclasses.replace(shared)
-        for stage, ms in result.timings.as_dict().items():  # keep our own cache lookups
-            if stage != "total" and ms:  # a stage the run never entered is not a 0 ms sample
-                clock.ms.setdefault(stage, ms)
-        return self._finish(result, clock)
+                result = self._finish(from_cached(hit, tier, clock), p)
+                for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
+                    yield event
+                return
+        if self.cache is None:
+            run = self._run(p.question, p.request_id, p.key, write=False, deltas=deltas)
+        else:
+            # A run that must not write is shared only with callers that don't write either:
+            # a writer joining it would otherwise lose its write.
+            flight_key = p.key if p.write else p.key + ":no-write"
+            run = self.flight.subscribe(
+                flight_key, lambda: self._run(p.question, p.request_id, p.key, p.write, deltas))
+        async with aclosing(run) as events:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    event = DoneEvent(self._finish(_own_copy(event.result, clock), p))
+                yield event
 
-    async def _generate_and_remember(self, key: str, question: str, write: bool) -> QueryResult:
-        result = await self._generate(question, StageClock())
-        if write and self.cache is not None:
-            self.cache.remember(key, result)  # only a finished, successful answer is stored
-        return result
-
-    async def _generate(self, question: str, clock: StageClock) -> QueryResult:
+    async def _run(self, question: str, request_id: str, key: str, write: bool,
+                   deltas: bool) -> AsyncIterator[StreamEvent]:
+        """The miss path, run once for every request that shares it: admission →
+        retrieve → prompt → generate → remember. ``deltas``: yield the answer as vLLM
+        produces it; else vLLM sends only the final output and it comes as one piece."""
+        clock = StageClock()
         async with self.admission.slot() as waited:
             clock.add("admission", waited())
-            generator, prompt = await self._grounded_prompt(question, clock)
+            sources = await self.retriever.retrieve(question, self.config.query.top_k, clock)
+            generator = self._ensure_generator()
+            with clock.span("prompt"):
+                prompt = self._builder(generator).build(question, sources)
+            yield SourcesEvent(prompt.used, "miss")
+            gen = None
             with clock.span("generate"):
-                gen = await generator.generate(prompt.text, uuid.uuid4().hex, token_ids=prompt.token_ids)
-            return from_generation(question, generator.model_name, prompt, gen, clock, self.fingerprint)
+                async for piece in generator.stream(prompt.text, request_id, token_ids=prompt.token_ids,
+                                                    deltas=deltas):
+                    if not isinstance(piece, str):
+                        gen = piece
+                    elif deltas:
+                        yield TokenEvent(piece)
+            if gen is None:
+                raise GenerationError("the engine ended the stream without a final output")
+            if not deltas:
+                yield TokenEvent(gen.text)
+            result = from_generation(question, generator.model_name, prompt, gen, clock, self.fingerprint)
+        if write and self.cache is not None:
+            self.cache.remember(key, result)  # only a whole, successful answer is stored
+        yield DoneEvent(result)
 
-    async def _grounded_prompt(self, question: str, clock: StageClock) -> tuple[Generator, Any]:
-        sources = await self.retriever.retrieve(question, self.config.query.top_k, clock)
-        generator = self._ensure_generator()
-        with clock.span("prompt"):
-            prompt = self._builder(generator).build(question, sources)
-        return generator, prompt
-
-    async def _stream(self, p: _Prepared, read: bool, write: bool,
-                      timeout_s: float | None) -> AsyncIterator[StreamEvent]:
-        """The stream on the engine loop: cache hit → one piece; miss → vLLM deltas."""
+    def _finish(self, result: QueryResult, p: _Prepared) -> QueryResult:
+        """Stamp the caller's own total and request id, count the query, tell the observers."""
         clock = p.clock
-        async with self.requests.scope(self._deadline(timeout_s)):
-            if self.cache is not None and read:
-                hit, tier = await self.cache.lookup(p.key, clock)
-                if hit is not None:
-                    result = self._finish(from_cached(hit, tier, clock), clock)
-                    for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
-                        yield event
-                    return
-            async with self.admission.slot() as waited:
-                clock.add("admission", waited())
-                generator, prompt = await self._grounded_prompt(p.question, clock)
-                yield SourcesEvent(prompt.used, "miss")
-                gen = None
-                with clock.span("generate"):
-                    async for piece in generator.stream(prompt.text, uuid.uuid4().hex, token_ids=prompt.token_ids):
-                        if isinstance(piece, str):
-                            yield TokenEvent(piece)
-                        else:
-                            gen = piece
-                if gen is None:
-                    raise GenerationError("the engine ended the stream without a final output")
-                result = from_generation(p.question, generator.model_name, prompt, gen, clock, self.fingerprint)
-            if write and self.cache is not None:
-                self.cache.remember(p.key, result)  # only once the whole answer is in
-            yield DoneEvent(self._finish(result, clock))
-
-    def _finish(self, result: QueryResult, clock: StageClock) -> QueryResult:
-        """Stamp the caller's own total, count the query, record its stage times."""
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
+        result.request_id = p.request_id
         self.requests.counts["queries"] += 1
-        self.stage_stats.record(clock.ms, result.cache_tier)
+        self.observers.result(result, clock.ms)
         return result
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,
                            timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        return await map_bounded(lambda q: self._answer(q, namespace, timeout_s=timeout_s), questions,
-                                 self.config.query.max_in_flight)
+        async def one(question: str) -> QueryResult:
+            return await self._answer(self._prepare(question, namespace, True, True, timeout_s, None))
+
+        return await map_bounded(one, questions, self.config.query.max_in_flight)
 
     def _builder(self, generator: Generator) -> Any:
         if self._prompt_builder is None:
@@ -394,3 +416,13 @@ class RAG:
             g = self.config.generate
             self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens)
         return self._prompt_builder
+
+
+def _own_copy(shared: QueryResult, clock: StageClock) -> QueryResult:
+    """Each request sharing a run gets its own copy of the run's result: the run's stage
+    times under its own cache lookups, and (stamped by ``_finish``) its own total."""
+    result = dataclasses.replace(shared)
+    for stage, ms in shared.timings.as_dict().items():
+        if stage != "total" and ms:  # a stage the run never entered is not a 0 ms sample
+            clock.ms.setdefault(stage, ms)
+    return result

@@ -110,6 +110,13 @@ class StageStats:
         return {str(tier): {"queries": counts.get(tier, 0), "share": round(len(v) / n, 4),
                             "total": _percentiles(v)} for tier, v in totals.items()}
 
+    def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
+        """As a request observer (``observe.py``): every answered request is a row."""
+        self.record(stages, result.cache_tier)
+
+    def on_error(self, error: BaseException) -> None:
+        pass  # failures are counted by ``admission.Requests``; the window holds answers
+
     @property
     def recorded(self) -> int:
         """Queries recorded since start (the window keeps only the last ``window``)."""

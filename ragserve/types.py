@@ -120,6 +120,8 @@ class QueryResult:
     finish_reason: str | None = None
     dropped_sources: int = 0
     """Retrieved chunks left out of the prompt because they did not fit the token budget."""
+    request_id: str = ""
+    """This request's id (the caller's, or a new one); a miss's vLLM request carries it."""
 
     def __str__(self) -> str:
         return self.answer
@@ -193,9 +195,11 @@ class Generator(Protocol):
         """``token_ids``: the same prompt already tokenized, when the caller has it."""
         ...
 
-    def stream(self, prompt: str, request_id: str, *,
-               token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
-        """Text deltas as they are generated, then the final ``Generation``."""
+    def stream(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
+               deltas: bool = True) -> AsyncIterator[str | Generation]:
+        """Text deltas as they are generated, then the final ``Generation``. With
+        ``deltas=False`` the caller reads only the ``Generation`` (a backend may then skip
+        the pieces). The pipeline answers every request through this one method."""
         ...
 
     def shutdown(self) -> None: ...

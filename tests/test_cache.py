@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from ragserve.cache import CachedAnswer, CachedSource, L1Cache, SingleFlight, cache_key, normalize_question
+from ragserve.cache import CachedAnswer, CachedSource, L1Cache, cache_key, normalize_question
 
 from .test_pipeline import fake_rag  # noqa: F401 - fixture
 
@@ -90,40 +90,6 @@ def test_l1_evicts_at_byte_bound_and_skips_oversized_values():
     assert c.get("huge") is None
 
 
-async def test_single_flight_runs_once_and_everyone_gets_the_result():
-    sf, runs = SingleFlight(), []
-
-    async def work():
-        runs.append(1)
-        await asyncio.sleep(0.05)
-        return "result"
-
-    out = await asyncio.gather(*(sf.run("k", work) for _ in range(32)))
-    assert len(runs) == 1 and [r for r, _ in out] == ["result"] * 32
-    assert sum(led for _, led in out) == 1 and len(sf) == 0
-
-
-async def test_single_flight_failure_reaches_every_waiter_and_a_cancelled_waiter_leaves_the_run():
-    sf = SingleFlight()
-
-    async def boom():
-        await asyncio.sleep(0.02)
-        raise ValueError("x")
-
-    out = await asyncio.gather(*(sf.run("k", boom) for _ in range(4)), return_exceptions=True)
-    assert all(isinstance(e, ValueError) for e in out)
-
-    async def slow():
-        await asyncio.sleep(0.05)
-        return 1
-
-    a = asyncio.ensure_future(sf.run("s", slow))
-    b = asyncio.ensure_future(sf.run("s", slow))
-    await asyncio.sleep(0.01)
-    a.cancel()
-    assert (await b) == (1, False)
-
-
 def test_pipeline_l1_hit_miss_bypass_and_namespaces(fake_rag):  # noqa: F811
     gen = fake_rag.generator
     first = fake_rag.query("Which chunk?")
@@ -142,7 +108,7 @@ def test_pipeline_identical_concurrent_misses_generate_once(fake_rag):  # noqa: 
     out = fake_rag.query_batch(["same question"] * 32)
     assert all(r.answer == "an answer" for r in out)
     assert len(fake_rag.generator.prompts) == 1
-    assert fake_rag.stats()["cache"]["single_flight_shared"] == 31
+    assert fake_rag.stats()["single_flight"]["shared"] == 31
 
 
 def test_pipeline_failed_request_writes_nothing(fake_rag):  # noqa: F811

@@ -186,10 +186,11 @@ class KillingGenerator(FakeGenerator):
         super().__init__()
         self.server, self.kill_at = server, kill_at
 
-    async def generate(self, prompt, request_id, token_ids=None):
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
         if len(self.prompts) == self.kill_at:
             self.server.kill()
-        return await super().generate(prompt, request_id)
+        async for piece in super().stream(prompt, request_id, token_ids, deltas):
+            yield piece
 
 
 def test_redis_killed_during_concurrent_queries_fails_no_query(fake_rag, server):  # noqa: F811

@@ -41,6 +41,7 @@ class FakeGenerator:
 
     def __init__(self, fail_on=None, delay=0.01, words=2):
         self.prompts = []
+        self.request_ids = []
         self.fail_on = fail_on
         self.delay = delay
         self.words = words
@@ -58,9 +59,11 @@ class FakeGenerator:
             gen = piece
         return gen
 
-    async def stream(self, prompt, request_id, token_ids=None):
-        """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``."""
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+        """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``
+        (the pieces too when ``deltas`` is off: the pipeline must cope with either)."""
         self.prompts.append(prompt)
+        self.request_ids.append(request_id)
         self.running += 1
         try:
             pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]

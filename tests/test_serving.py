@@ -266,3 +266,73 @@ def test_close_cancels_requests_still_running_instead_of_dropping_them(tmp_path)
         with pytest.raises(concurrent.futures.CancelledError):
             pending.result(timeout=5)
     assert gen.running == 0  # its generation was cancelled (vLLM would abort it)
+
+
+# -- one miss path: streams share runs, observers hear every request ------------------
+
+
+async def test_streams_and_plain_queries_share_one_run_and_each_gets_its_own_request_id(tmp_path):
+    gen = FakeGenerator(delay=0.2, words=4)
+    with make_rag(tmp_path, gen) as rag:
+        async def streamed(rid):
+            return [e async for e in rag.astream("shared", request_id=rid)]
+
+        s1, s2, plain = await asyncio.gather(streamed("s-1"), streamed("s-2"), rag.aquery("shared", request_id="p-1"))
+        assert len(gen.prompts) == 1 and gen.request_ids == ["s-1"]  # the leader's id reaches the engine
+        for events, rid in ((s1, "s-1"), (s2, "s-2")):
+            tokens = [e.text for e in events if isinstance(e, TokenEvent)]
+            assert len(tokens) == 4 and events[-1].result.request_id == rid
+        assert plain.answer == s1[-1].result.answer and plain.request_id == "p-1"
+        assert rag.stats()["single_flight"] == {"runs": 1, "shared": 2, "running": 0}
+
+
+async def test_a_plain_query_asks_the_engine_for_the_final_output_only(tmp_path):
+    class Recording(FakeGenerator):
+        def __init__(self):
+            super().__init__(words=3)
+            self.deltas = []
+
+        async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+            self.deltas.append(deltas)
+            async for piece in super().stream(prompt, request_id, token_ids, deltas):
+                yield piece
+
+    gen = Recording()
+    with make_rag(tmp_path, gen) as rag:
+        r = await rag.aquery("final only")
+        events = [e async for e in rag.astream("tokens please")]
+        assert gen.deltas == [False, True] and r.answer == "an answer more"
+        assert [type(e) for e in events].count(TokenEvent) == 3
+
+
+def test_observers_hear_every_result_and_every_failure_once(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.results, self.errors = [], []
+
+        def on_result(self, result, stages):
+            self.results.append((result.cache_tier, "total" in stages))
+
+        def on_error(self, error):
+            self.errors.append(type(error).__name__)
+
+    class Broken:
+        def on_result(self, result, stages):
+            raise RuntimeError("observer bug")
+
+        def on_error(self, error):
+            raise RuntimeError("observer bug")
+
+    rec = Recorder()
+    with make_rag(tmp_path, FakeGenerator(fail_on="poison"), query={"max_in_flight": 1, "max_queued": 0}) as rag:
+        rag.observers.add(Broken())  # a broken observer fails no request
+        rag.observers.add(rec)
+        rag.query("fine")
+        rag.query("fine")
+        list(rag.stream("streamed"))
+        for bad in ("", "poison"):
+            with pytest.raises(Exception):
+                rag.query(bad)
+        assert rec.results == [("miss", True), ("l1", True), ("miss", True)]
+        assert rec.errors == ["EmptyQuestionError", "RuntimeError"]
+        assert rag.stats()["stages"]["total"]["count"] == 3  # the rolling stats are an observer too

@@ -1,0 +1,88 @@
+"""Single-flight over event streams (``flight.py``): one run per key, replayed to all."""
+
+import asyncio
+
+import pytest
+
+from ragserve.flight import StreamFlight
+
+
+async def collect(stream):
+    return [event async for event in stream]
+
+
+def counting(runs, events=("a", "b", "c"), delay=0.01, fail=None):
+    async def produce():
+        runs.append(1)
+        for e in events:
+            await asyncio.sleep(delay)
+            if e == fail:
+                raise ValueError(f"failed at {e}")
+            yield e
+    return produce
+
+
+async def test_concurrent_subscribers_share_one_run_and_each_sees_every_event():
+    flight, runs = StreamFlight(), []
+    out = await asyncio.gather(*(collect(flight.subscribe("k", counting(runs))) for _ in range(32)))
+    assert len(runs) == 1 and out == [["a", "b", "c"]] * 32
+    assert (flight.runs, flight.shared, len(flight)) == (1, 31, 0)
+
+
+async def test_a_late_subscriber_is_replayed_the_events_it_missed():
+    flight, runs = StreamFlight(), []
+    first = asyncio.ensure_future(collect(flight.subscribe("k", counting(runs, delay=0.03))))
+    await asyncio.sleep(0.045)  # "a" is out, "b" is not
+    late = await collect(flight.subscribe("k", counting(runs)))
+    assert late == ["a", "b", "c"] and await first == ["a", "b", "c"] and len(runs) == 1
+
+
+async def test_a_failure_reaches_every_subscriber_and_the_next_request_starts_afresh():
+    flight, runs = StreamFlight(), []
+    out = await asyncio.gather(*(collect(flight.subscribe("k", counting(runs, fail="b"))) for _ in range(4)),
+                               return_exceptions=True)
+    assert all(isinstance(e, ValueError) for e in out) and len(runs) == 1
+    assert await collect(flight.subscribe("k", counting(runs))) == ["a", "b", "c"] and len(runs) == 2
+
+
+async def test_a_cancelled_leader_leaves_the_run_going_for_its_followers():
+    flight, runs = StreamFlight(), []
+    leader = asyncio.ensure_future(collect(flight.subscribe("k", counting(runs, delay=0.02))))
+    await asyncio.sleep(0.005)
+    follower = asyncio.ensure_future(collect(flight.subscribe("k", counting(runs))))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert await follower == ["a", "b", "c"] and len(runs) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_the_run_is_cancelled_when_its_last_subscriber_leaves():
+    flight, cleaned = StreamFlight(), []
+
+    async def produce():
+        try:
+            for i in range(100):
+                await asyncio.sleep(0.01)
+                yield i
+        finally:
+            cleaned.append(True)  # where vLLM would abort the request
+
+    async def take_two():
+        async for e in flight.subscribe("k", produce):
+            if e == 1:
+                return e
+
+    assert await asyncio.gather(take_two(), take_two()) == [1, 1]
+    await asyncio.sleep(0.02)
+    assert cleaned == [True] and len(flight) == 0
+
+
+async def test_a_request_arriving_while_an_abandoned_run_is_cancelled_starts_its_own():
+    flight, runs = StreamFlight(), []
+    first = asyncio.ensure_future(collect(flight.subscribe("k", counting(runs, delay=0.02))))
+    await asyncio.sleep(0.005)
+    first.cancel()
+    await asyncio.sleep(0)  # the subscriber has left; the run's cancellation is pending
+    assert await collect(flight.subscribe("k", counting(runs))) == ["a", "b", "c"]
+    assert len(runs) == 2
