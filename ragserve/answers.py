@@ -7,6 +7,7 @@ pipeline only asks "is there an answer for this key" and "remember this one".
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ragserve.cache import CachedAnswer, CachedSource, L1Cache, cache_key, encode_answer
@@ -26,7 +27,8 @@ class AnswerCache:
         self.server: RedisServer | None = None
         url = config.redis_url
         if url == "embedded":
-            self.server = RedisServer().start()
+            folder = Path(config.redis_dir) if config.redis_dir else None
+            self.server = RedisServer(folder=folder, persist=folder is not None).start()
             url = self.server.url
         self.l2 = (
             RedisL2(url, ttl_s=config.l2_ttl_s, timeout_s=config.l2_timeout_ms / 1000,
@@ -34,9 +36,10 @@ class AnswerCache:
             if url else None
         )
 
-    def key(self, normalized_question: str, namespace: str | None) -> str:
-        return cache_key(normalized_question, index_fingerprint=self.index_fingerprint,
-                         answer_fingerprint=self.answer_fingerprint,
+    def key(self, normalized_question: str, namespace: str | None, top_k: int | None = None) -> str:
+        """``top_k``: a request's own, when it differs from the config's (in the fingerprint)."""
+        answer = self.answer_fingerprint if top_k is None else f"{self.answer_fingerprint}:top_k={top_k}"
+        return cache_key(normalized_question, index_fingerprint=self.index_fingerprint, answer_fingerprint=answer,
                          namespace=self.config.namespace if namespace is None else namespace)
 
     async def lookup(self, key: str, clock: StageClock, *, l1: bool = True) -> tuple[CachedAnswer | None, CacheTier]:

@@ -166,7 +166,12 @@ class CacheConfig:
     l1_ttl_s: float = 3600.0
     redis_url: str = ""
     """L2: "" (off), "embedded" (ragserve starts its own Redis on a unix socket), or a
-    redis://, rediss:// or unix:// URL. Also from RAGSERVE_REDIS_URL."""
+    redis://, rediss:// or unix:// URL. Also from RAGSERVE_REDIS_URL. ``ragserve serve``
+    turns "" into "embedded" with ``redis_dir`` set: a service has L2 by default."""
+    redis_dir: str = ""
+    """Where an embedded Redis keeps its data (RDB + append-only file), so answers survive
+    a restart; "" keeps nothing (the data dies with the process). ``ragserve serve``
+    defaults it to ``$RAGSERVE_HOME/redis``."""
     l2_ttl_s: float = 86_400.0
     l2_timeout_ms: float = 50.0
     """Each Redis call gives up after this long; a cache outage must not stall a query."""
@@ -177,6 +182,30 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """``ragserve serve``: the HTTP service. None of it changes an answer.
+
+    **Usage:** ``RAGSERVE_SERVER_PORT=9000 ragserve serve indexes/docs`` or a ``[server]``
+    table in the TOML config; the CLI options override both.
+    """
+
+    host: str = "127.0.0.1"
+    """Address to bind. Without API keys the default stays on loopback."""
+    port: int = 8000
+    api_keys_file: str = ""
+    """A JSON file mapping API key → namespace (tenant). With it, every /v1 request needs
+    ``Authorization: Bearer KEY`` and its namespace comes from the key, never the body."""
+    admin_key: str = ""
+    """Key for /admin endpoints ("" turns them off)."""
+    max_body_bytes: int = 64 * 1024
+    """Larger request bodies are refused with 413 before they are read."""
+    drain_grace_s: float = 30.0
+    """On SIGTERM: how long requests in flight may take to finish before they are aborted."""
+    retry_after_s: int = 1
+    """The Retry-After header of a 429 (seconds)."""
+
+
+@dataclass(frozen=True)
 class RAGConfig:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -184,6 +213,7 @@ class RAGConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -327,6 +357,11 @@ def _validate(cfg: RAGConfig) -> None:
     _check(k.l1_ttl_s > 0 and k.l2_ttl_s > 0, "cache.l1_ttl_s/l2_ttl_s", "TTLs must be > 0")
     _check(k.l2_timeout_ms > 0, "cache.l2_timeout_ms", f"must be > 0, got {k.l2_timeout_ms}")
     _check(k.l2_failures_to_open >= 1, "cache.l2_failures_to_open", f"must be >= 1, got {k.l2_failures_to_open}")
+    sv = cfg.server
+    _check(0 <= sv.port <= 65535, "server.port", f"must be in 0..65535, got {sv.port}")
+    _check(sv.max_body_bytes >= 1024, "server.max_body_bytes", f"must be >= 1024, got {sv.max_body_bytes}")
+    _check(sv.drain_grace_s >= 0, "server.drain_grace_s", f"must be >= 0, got {sv.drain_grace_s}")
+    _check(sv.retry_after_s >= 0, "server.retry_after_s", f"must be >= 0, got {sv.retry_after_s}")
     _check(k.redis_url in ("", "embedded") or k.redis_url.split("://")[0] in ("redis", "rediss", "unix"),
            "cache.redis_url", f"must be '', 'embedded' or a redis://, rediss:// or unix:// URL, got {k.redis_url!r}")
 

@@ -57,6 +57,7 @@ class _Prepared:
     read: bool
     write: bool
     deadline_s: float
+    top_k: int
     l1_done: bool = False
     """Set once the caller's thread asked L1, so a miss is counted there once."""
 
@@ -174,26 +175,27 @@ class RAG:
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
-              request_id: str | None = None) -> QueryResult:
+              request_id: str | None = None, top_k: int | None = None) -> QueryResult:
         """Answer one question (blocking). Safe from threads and from inside an event loop.
 
         An L1 hit is answered in the calling thread, without a hop to the engine loop.
         ``namespace`` overrides ``cache.namespace``; ``cache_read`` / ``cache_write``
         bypass the answer cache for this request; ``timeout_s`` overrides
         ``query.timeout_s`` (0: no deadline); ``request_id`` names the request in the
-        result and, when it runs generation, in vLLM (a new one by default). Raises
+        result and, when it runs generation, in vLLM (a new one by default); ``top_k``
+        overrides ``query.top_k`` (answers are cached per top_k). Raises
         ``OverloadedError`` at once when the engine is full, ``DeadlineExceededError``
         past the deadline.
         """
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
         return self._l1_hit(p) or self._runtime.run(self._answer(p))
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
-                     request_id: str | None = None) -> QueryResult:
+                     request_id: str | None = None, top_k: int | None = None) -> QueryResult:
         """Answer one question from any event loop. Cancelling the awaiting task aborts the
         request in the engine and caches nothing."""
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
         return self._l1_hit(p) or await self._runtime.run_async(self._answer(p))
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
@@ -209,7 +211,7 @@ class RAG:
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
-               request_id: str | None = None) -> Iterator[StreamEvent]:
+               request_id: str | None = None, top_k: int | None = None) -> Iterator[StreamEvent]:
         """Answer one question as a stream (blocking iterator): a ``SourcesEvent`` first,
         then ``TokenEvent`` pieces as they are generated, then a ``DoneEvent`` with the
         result and its timings. Leaving the loop early aborts the generation (unless
@@ -217,14 +219,14 @@ class RAG:
 
         **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
         """
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
         return self._runtime.iterate(self._stream(p))
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
-                request_id: str | None = None) -> AsyncIterator[StreamEvent]:
+                request_id: str | None = None, top_k: int | None = None) -> AsyncIterator[StreamEvent]:
         """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``"""
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id)
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
         return self._runtime.aiterate(self._stream(p))
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
@@ -299,17 +301,21 @@ class RAG:
         return question
 
     def _prepare(self, question: str, namespace: str | None, read: bool, write: bool,
-                 timeout_s: float | None, request_id: str | None) -> _Prepared:
+                 timeout_s: float | None, request_id: str | None, top_k: int | None = None) -> _Prepared:
         """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
+        default_k = self.config.query.top_k
         try:
             q = self._check(question)
-            key = self.cache.key(q, namespace) if self.cache is not None else ""
+            if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= 100):
+                raise InputError(f"top_k must be an integer in 1..100, got {top_k!r}")
+            k = default_k if top_k is None else top_k
+            key = self.cache.key(q, namespace, None if k == default_k else k) if self.cache is not None else ""
         except InputError as e:
             self.requests.refused(e)
             raise
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
-        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline)
+        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k)
 
     def _l1_hit(self, p: _Prepared) -> QueryResult | None:
         """The caller-thread fast path: an L1 hit, or None (and L1 is marked as asked)."""
@@ -349,35 +355,33 @@ class RAG:
                     yield event
                 return
         if self.cache is None:
-            run = self._run(p.question, p.request_id, p.key, write=False, deltas=deltas)
+            run = self._run(p, write=False, deltas=deltas)
         else:
             # A run that must not write is shared only with callers that don't write either:
             # a writer joining it would otherwise lose its write.
             flight_key = p.key if p.write else p.key + ":no-write"
-            run = self.flight.subscribe(
-                flight_key, lambda: self._run(p.question, p.request_id, p.key, p.write, deltas))
+            run = self.flight.subscribe(flight_key, lambda: self._run(p, p.write, deltas))
         async with aclosing(run) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
-                    event = DoneEvent(self._finish(_own_copy(event.result, clock), p))
+                    event = DoneEvent(self._finish(_own_copy(event.result, clock, p.request_id), p))
                 yield event
 
-    async def _run(self, question: str, request_id: str, key: str, write: bool,
-                   deltas: bool) -> AsyncIterator[StreamEvent]:
+    async def _run(self, leader: _Prepared, write: bool, deltas: bool) -> AsyncIterator[StreamEvent]:
         """The miss path, run once for every request that shares it: admission →
         retrieve → prompt → generate → remember. ``deltas``: yield the answer as vLLM
         produces it; else vLLM sends only the final output and it comes as one piece."""
-        clock = StageClock()
+        clock, question = StageClock(), leader.question
         async with self.admission.slot() as waited:
             clock.add("admission", waited())
-            sources = await self.retriever.retrieve(question, self.config.query.top_k, clock)
+            sources = await self.retriever.retrieve(question, leader.top_k, clock)
             generator = self._ensure_generator()
             with clock.span("prompt"):
                 prompt = self._builder(generator).build(question, sources)
             yield SourcesEvent(prompt.used, "miss")
             gen = None
             with clock.span("generate"):
-                async for piece in generator.stream(prompt.text, request_id, token_ids=prompt.token_ids,
+                async for piece in generator.stream(prompt.text, leader.request_id, token_ids=prompt.token_ids,
                                                     deltas=deltas):
                     if not isinstance(piece, str):
                         gen = piece
@@ -388,8 +392,9 @@ class RAG:
             if not deltas:
                 yield TokenEvent(gen.text)
             result = from_generation(question, generator.model_name, prompt, gen, clock, self.fingerprint)
+            result.request_id = leader.request_id
         if write and self.cache is not None:
-            self.cache.remember(key, result)  # only a whole, successful answer is stored
+            self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
         yield DoneEvent(result)
 
     def _finish(self, result: QueryResult, p: _Prepared) -> QueryResult:
@@ -418,11 +423,12 @@ class RAG:
         return self._prompt_builder
 
 
-def _own_copy(shared: QueryResult, clock: StageClock) -> QueryResult:
+def _own_copy(run: QueryResult, clock: StageClock, request_id: str) -> QueryResult:
     """Each request sharing a run gets its own copy of the run's result: the run's stage
-    times under its own cache lookups, and (stamped by ``_finish``) its own total."""
-    result = dataclasses.replace(shared)
-    for stage, ms in shared.timings.as_dict().items():
+    times under its own cache lookups, and (stamped by ``_finish``) its own total; ``shared``
+    when another request led the run (its tokens were generated once, for the leader)."""
+    result = dataclasses.replace(run, shared=run.request_id != request_id)
+    for stage, ms in run.timings.as_dict().items():
         if stage != "total" and ms:  # a stage the run never entered is not a 0 ms sample
             clock.ms.setdefault(stage, ms)
     return result

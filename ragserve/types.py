@@ -122,6 +122,9 @@ class QueryResult:
     """Retrieved chunks left out of the prompt because they did not fit the token budget."""
     request_id: str = ""
     """This request's id (the caller's, or a new one); a miss's vLLM request carries it."""
+    shared: bool = False
+    """A miss answered by a run that an identical concurrent request started (single-flight):
+    its tokens were generated once, for that request."""
 
     def __str__(self) -> str:
         return self.answer
