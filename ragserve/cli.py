@@ -372,6 +372,37 @@ def print_stats(stats: dict[str, Any]) -> None:
             out.print(f"{tier} lookups: {c['hits']} hits, {c['misses']} misses, hit rate {100 * c['hit_rate']:.1f}%")
 
 
+@app.command("serve")
+@_fails_cleanly
+def serve_cmd(
+    index: Annotated[Path, typer.Argument(help="An index folder (from build-index).")],
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (server.host; default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (server.port; default 8000; 0 picks a free one).")] = None,
+    api_keys: Annotated[Optional[Path], typer.Option(
+        "--api-keys", help="JSON file mapping API key to namespace (server.api_keys_file).")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(help="Key for /admin endpoints (server.admin_key).")] = None,
+    grace: Annotated[Optional[float], typer.Option(
+        help="Seconds requests in flight may take to finish after SIGTERM (server.drain_grace_s).")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(
+        help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
+    ready_file: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve INDEX over HTTP: native API, OpenAI-compatible API, /health, /ready, /metrics
+    and a page at /. Opens the index, warms the engine, then accepts requests; SIGTERM
+    drains. Options override the config file and RAGSERVE_* env vars."""
+    import logging
+
+    from ragserve.server import serve_index
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = _config(config, server={"host": host, "port": port, "api_keys_file": str(api_keys) if api_keys else None,
+                                  "admin_key": admin_key, "drain_grace_s": grace},
+                  cache={"redis_url": redis_url})
+    console.print(f"serving {index} on http://{cfg.server.host}:{cfg.server.port} (warming the engine first)")
+    serve_index(index, cfg, ready_file=ready_file)
+
+
 @app.command("prepare-models")
 @_fails_cleanly
 def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False) -> None:

@@ -91,6 +91,10 @@ class VllmGenerator:
             except (OSError, ValueError) as e:
                 raise ModelError(f"vLLM cannot load {self.path}: {e}", stage="generate") from e
 
+    def alive(self) -> bool:
+        """Started and not errored (vLLM marks a dead engine core as ``errored``)."""
+        return self._engine is not None and not getattr(self._engine, "errored", False)
+
     def unfinished(self) -> int:
         """Requests the engine holds right now (a gauge; 0 after every caller is gone)."""
         return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0

@@ -259,6 +259,11 @@ class RAG:
             "cache": self.cache.stats() if self.cache else None,
         }
 
+    def engine_alive(self) -> bool:
+        """False once the generation engine has died (a backend that cannot tell: True)."""
+        alive = getattr(self.generator, "alive", None)
+        return self.generator is not None and (alive() if alive else True)
+
     def engine_unfinished(self) -> int | None:
         """Requests the generation engine holds right now (None: the backend cannot say)."""
         unfinished = getattr(self.generator, "unfinished", None)

@@ -1,0 +1,252 @@
+"""The FastAPI app of ``ragserve serve``: native API, operations, and the page.
+
+Every handler is a thin call into the engine's public API (``aquery``, ``astream``,
+``aretrieve``, ``stats``): the HTTP layer adds a request id, a tenant, error mapping and
+framing, and nothing that changes an answer. Answers run on the engine's own loop thread;
+an L1 hit is answered on the server's loop without a hop.
+
+**Usage:** ``app = create_app(lambda: RAG.from_index("indexes/docs"), RAGConfig.load())``
+then ``uvicorn.run(app)``; ``ragserve serve`` does this with a SIGTERM drain (``run.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import FileResponse, Response, StreamingResponse
+
+from ragserve.config import RAGConfig
+from ragserve.errors import RagserveError
+from ragserve.server import sse
+from ragserve.server.auth import ApiKeys
+from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
+from ragserve.server.middleware import RequestMiddleware, ServingState
+from ragserve.server.schemas import QueryRequest, RetrieveRequest
+from ragserve.server.telemetry import CONTENT_TYPE, PrometheusExporter
+from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
+
+log = logging.getLogger("ragserve.server")
+T = TypeVar("T")
+STATIC = Path(__file__).parent / "static"
+
+
+class Served:
+    """What the handlers share: the engine, the server's state, keys and exporter."""
+
+    def __init__(self, config: RAGConfig, keys: ApiKeys | None) -> None:
+        self.config = config
+        self.keys = keys
+        self.state = ServingState()
+        self.rag: Any = None
+        self.exporter: PrometheusExporter | None = None
+
+    def tenant(self, request: Request, namespace: str | None) -> str | None:
+        """With keys, the key's namespace (the body's is ignored); without, the body's."""
+        if self.keys is None:
+            return namespace
+        return self.keys.namespace(request.headers.get("authorization"))
+
+    def check_key(self, request: Request) -> None:
+        if self.keys is not None:
+            self.keys.namespace(request.headers.get("authorization"))
+
+
+def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> FastAPI:
+    """``rag``: a ``RAG`` the app serves and leaves open, or a function that opens one at
+    start-up (the app then closes it at shutdown: engine stopped, cache writes flushed)."""
+    served = Served(config, keys)
+    owned = callable(rag) and not hasattr(rag, "aquery")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # NOTE: opened on the server's own thread, not a worker: an embedded Redis dies
+        # with the thread that started it (PR_SET_PDEATHSIG), and nothing is served yet.
+        served.rag = rag() if owned else rag
+        served.exporter = PrometheusExporter(served.rag)
+        served.rag.observers.add(served.exporter)
+        served.state.ready = True
+        try:
+            yield
+        finally:
+            served.state.ready = False
+            served.rag.observers.remove(served.exporter)
+            if owned:
+                served.rag.close()
+
+    app = FastAPI(title="ragserve", version=_version(), lifespan=lifespan,
+                  description="A multi-tier RAG serving engine: answers with sources, timings and cache tier.")
+    app.state.served = served
+    _errors(app, served)
+    _native_routes(app, served)
+    _ops_routes(app, served)
+    from ragserve.server.openai_api import add_openai_routes
+
+    add_openai_routes(app, served)
+    app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)
+    return app
+
+
+def request_id(request: Request) -> str:
+    return request.scope["state"]["request_id"]
+
+
+def _native_routes(app: FastAPI, served: Served) -> None:
+    @app.post("/v1/query", summary="Answer a question (JSON, or Server-Sent Events with stream=true)")
+    async def query(req: QueryRequest, request: Request) -> Response:
+        rid = request_id(request)
+        opts = dict(namespace=served.tenant(request, req.namespace), cache_read=req.cache.read,
+                    cache_write=req.cache.write, timeout_s=req.timeout_s, request_id=rid, top_k=req.top_k)
+        if req.stream:
+            events = served.rag.astream(req.question, **opts)
+            first = await _first(events)
+            return StreamingResponse(_native_sse(first, events, served), media_type="text/event-stream",
+                                     headers={**sse.HEADERS, "X-Cache": first.cache_tier})
+        result = await until_disconnected(request, served.rag.aquery(req.question, **opts))
+        return json_response(result_json(result), headers={"X-Cache": result.cache_tier})
+
+    @app.post("/v1/retrieve", summary="Retrieval only: the top-k sources with scores, no LLM")
+    async def retrieve(req: RetrieveRequest, request: Request) -> Response:
+        served.check_key(request)
+        sources = await until_disconnected(request, served.rag.aretrieve(req.question, req.top_k))
+        return json_response({"sources": [_source(s) for s in sources], "request_id": request_id(request)})
+
+    @app.get("/v1/stats", summary="The engine's stats(): per-stage latency, cache tiers, gauges")
+    async def stats(request: Request) -> Response:
+        served.check_key(request)
+        return json_response(served.rag.stats())
+
+
+def _ops_routes(app: FastAPI, served: Served) -> None:
+    @app.get("/health", summary="200 while the process and the engine are alive; 503 if dead or draining")
+    async def health() -> Response:
+        rag, state = served.rag, served.state
+        alive = rag is not None and rag.engine_alive()
+        status = "draining" if state.draining else "ok" if alive else "engine_dead"
+        l2 = _l2_state(rag)
+        if status == "ok" and l2 not in ("ok", "off"):
+            status = "degraded"  # Redis is optional: degraded, still healthy
+        return json_response({"status": status, "engine": "alive" if alive else "dead", "l2": l2},
+                             200 if alive and not state.draining else 503)
+
+    @app.get("/ready", summary="200 once the index is verified and the engine warm; 503 otherwise")
+    async def ready() -> Response:
+        rag, state = served.rag, served.state
+        ok = state.ready and not state.draining and rag is not None and rag.engine_alive()
+        return json_response({"ready": ok, "draining": state.draining, "l2": _l2_state(rag)}, 200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        assert served.exporter is not None
+        return Response(served.exporter.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+def _errors(app: FastAPI, served: Served) -> None:
+    retry = served.config.server.retry_after_s
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        return response(HTTPError(422, "InvalidRequest", _validation_message(e), "input"))
+
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, e: HTTPError) -> Response:
+        return response(e)
+
+    @app.exception_handler(RagserveError)
+    async def rag_error(request: Request, e: RagserveError) -> Response:
+        return response(describe(e, request_id(request), retry))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> Response:
+        return response(describe(e, request_id(request), retry))
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` until it ends or the client goes away; then it is cancelled, which
+    aborts its vLLM request and caches nothing (vLLM's server does the same)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if not task.done() or task.cancelled():
+        raise HTTPError(499, "ClientClosedRequest", "the client closed the connection", "http")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
+    """The first event, awaited before the response starts: refusals (overload, bad
+    input) still get their own status code instead of a 200 that ends in an error."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    assert isinstance(first, SourcesEvent)
+    return first
+
+
+async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served) -> AsyncIterator[bytes]:
+    try:
+        yield sse.frame({"sources": [_source(s) for s in first.sources], "cache_tier": first.cache_tier}, "sources")
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                yield sse.frame({"text": event.text}, "token")
+            elif isinstance(event, DoneEvent):
+                yield sse.frame(result_json(event.result), "done")
+    except Exception as e:  # noqa: BLE001 - after the headers, an error is the stream's last event
+        yield sse.frame(body(describe(e, "stream", served.config.server.retry_after_s)), "error")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]  # a client gone: the run is cancelled
+
+
+def result_json(r: QueryResult) -> dict[str, Any]:
+    d = r.to_dict()
+    d["sources"] = [_source(s) for s in r.sources]
+    return d
+
+
+def _source(s: Any) -> dict[str, Any]:
+    return {"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(float(s.score), 6), "text": s.text,
+            "metadata": s.metadata}
+
+
+def _l2_state(rag: Any) -> str:
+    l2 = rag.cache.l2 if rag is not None and rag.cache is not None else None
+    if l2 is None:
+        return "off"
+    return "ok" if l2.breaker.state == "closed" else f"unavailable (breaker {l2.breaker.state})"
+
+
+def _validation_message(e: RequestValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request body is not valid"
+
+
+def _version() -> str:
+    from ragserve._version import __version__
+
+    return __version__

@@ -1,0 +1,70 @@
+"""API keys → tenant namespaces.
+
+The keys file is JSON: ``{"KEY": "namespace", ...}``. With keys, a request's namespace is
+the one its key maps to, never the one in its body, so tenant A can never read tenant B's
+cached answers. Keys are compared in constant time, and every key is compared, so the
+time taken says nothing about which key (or how much of one) matched.
+
+**Usage:** ``keys = ApiKeys.load("keys.json"); namespace = keys.namespace(authorization_header)``
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import orjson
+
+from ragserve.errors import ConfigError
+from ragserve.server.httperrors import HTTPError
+
+
+class ApiKeys:
+    def __init__(self, keys: dict[str, str]) -> None:
+        self._keys = [(k.encode(), ns) for k, ns in keys.items()]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ApiKeys:
+        p = Path(path)
+        try:
+            data = orjson.loads(p.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError("server.api_keys_file", f"{p} does not exist") from None
+        except orjson.JSONDecodeError as e:
+            raise ConfigError("server.api_keys_file", f"{p} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not data:
+            raise ConfigError("server.api_keys_file", f"{p} must be a JSON object mapping key to namespace")
+        for key, ns in data.items():
+            if not isinstance(ns, str) or not ns or len(key) < 16:
+                raise ConfigError("server.api_keys_file",
+                                  f"{p}: every key needs 16+ characters and a non-empty namespace string")
+        return cls(data)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def namespace(self, authorization: str | None) -> str:
+        """The namespace of the bearer key in an ``Authorization`` header; 401 otherwise."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("missing API key: send 'Authorization: Bearer KEY'")
+        presented = token.strip().encode()
+        found = None
+        for key, ns in self._keys:  # no early exit: the time is the same whichever matches
+            if hmac.compare_digest(presented, key):
+                found = ns
+        if found is None:
+            raise unauthorized("the API key is not valid")
+        return found
+
+
+def check_admin(admin_key: str, authorization: str | None) -> None:
+    scheme, _, token = (authorization or "").partition(" ")
+    if not admin_key:
+        raise HTTPError(404, "NotFound", "admin endpoints are off (set server.admin_key)")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_key.encode()):
+        raise unauthorized("the admin key is missing or not valid")
+
+
+def unauthorized(message: str) -> HTTPError:
+    return HTTPError(401, "Unauthorized", message, "auth", {"WWW-Authenticate": "Bearer"})

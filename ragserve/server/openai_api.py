@@ -1,0 +1,140 @@
+"""OpenAI-compatible endpoints, so standard clients work unchanged: the ``openai`` SDK,
+LangChain's ``ChatOpenAI``, Open WebUI.
+
+- ``POST /v1/chat/completions``: the last user message is the question (earlier turns
+  are not used for retrieval or generation: ragserve answers one grounded question).
+  ``model`` must be the served model's id or ``ragserve``. Sampling options are the
+  server's (they are part of every answer's cache key): ``temperature``, ``top_p`` and
+  ``max_tokens`` / ``max_completion_tokens`` are honoured when absent or equal to the
+  server's values and refused with 400 otherwise; ``n`` must be 1.
+- Sources are never lost: a top-level ``sources`` field on the response; when streaming,
+  the first frame is a ``chat.completion.chunk`` with empty ``choices`` and the
+  ``sources`` (SDKs parse it like a usage chunk), then the token chunks, then
+  ``data: [DONE]``. ``ragserve`` carries the cache tier and the stage timings.
+- ``GET /v1/models``: the served model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from ragserve.errors import InputError
+from ragserve.server import sse
+from ragserve.server.app import Served, _first, _source, request_id, until_disconnected
+from ragserve.server.httperrors import HTTPError, body, describe, json_response
+from ragserve.server.schemas import ChatCompletionRequest
+from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
+
+ALIAS = "ragserve"
+
+
+def add_openai_routes(app: FastAPI, served: Served) -> None:
+    @app.get("/v1/models", summary="OpenAI-compatible: the served model")
+    async def models(request: Request) -> Response:
+        served.check_key(request)
+        return json_response({"object": "list", "data": [
+            {"id": model_id(served), "object": "model", "created": 0, "owned_by": "ragserve"}]})
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completion, grounded, with sources")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        rid = request_id(request)
+        namespace = served.tenant(request, None)
+        check_options(req, served)
+        question = last_user_message(req)
+        opts = dict(namespace=namespace, request_id=rid)
+        cid, created, model = f"chatcmpl-{rid}", int(time.time()), model_id(served)
+        if req.stream:
+            events = served.rag.astream(question, **opts)
+            first = await _first(events)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            frames = _chunks(first, events, cid, created, model, usage, served)
+            return StreamingResponse(frames, media_type="text/event-stream",
+                                     headers={**sse.HEADERS, "X-Cache": first.cache_tier})
+        r = await until_disconnected(request, served.rag.aquery(question, **opts))
+        return json_response({
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.answer},
+                         "finish_reason": _finish_reason(r), "logprobs": None}],
+            "usage": _usage(r), "sources": [_source(s) for s in r.sources], "ragserve": _extra(r),
+        }, headers={"X-Cache": r.cache_tier})
+
+
+def model_id(served: Served) -> str:
+    from ragserve.models import resolve_generation_model
+
+    name = getattr(served.rag.generator, "model_name", None)
+    return name or resolve_generation_model(served.config.generate.model).name
+
+
+def check_options(req: ChatCompletionRequest, served: Served) -> None:
+    g = served.config.generate
+    if req.model not in (model_id(served), ALIAS):
+        raise HTTPError(404, "ModelNotFound", f"model {req.model!r} is not served here; use "
+                        f"{model_id(served)!r} (or {ALIAS!r}); see GET /v1/models", "input")
+    refused = []
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens != g.max_tokens:
+        refused.append(f"max_tokens={max_tokens} (this server generates up to {g.max_tokens}: generate.max_tokens)")
+    if req.temperature is not None and req.temperature != g.temperature:
+        refused.append(f"temperature={req.temperature:g} (this server uses {g.temperature:g}: generate.temperature)")
+    if req.top_p is not None and req.top_p != g.top_p:
+        refused.append(f"top_p={req.top_p:g} (this server uses {g.top_p:g}: generate.top_p)")
+    if req.n not in (None, 1):
+        refused.append(f"n={req.n} (one answer per request)")
+    if refused:
+        raise InputError("sampling options are the server's (they are part of every cached answer's key); "
+                         "omit them or send the server's values: " + "; ".join(refused))
+
+
+def last_user_message(req: ChatCompletionRequest) -> str:
+    for message in reversed(req.messages):
+        if message.role == "user":
+            content = message.content
+            if isinstance(content, list):  # content parts: the text ones, joined
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if isinstance(content, str):
+                return content
+    raise InputError("no user message with text content: the last user message is the question")
+
+
+async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: str, created: int, model: str,
+                  usage: bool, served: Served) -> AsyncIterator[bytes]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                          "choices": choices, **extra})
+
+    try:
+        yield chunk([], sources=[_source(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async for event in events:
+            if isinstance(event, TokenEvent) and event.text:
+                yield chunk([{"index": 0, "delta": {"content": event.text}, "finish_reason": None}])
+            elif isinstance(event, DoneEvent):
+                r = event.result
+                yield chunk([{"index": 0, "delta": {}, "finish_reason": _finish_reason(r)}], ragserve=_extra(r))
+                if usage:
+                    yield chunk([], usage=_usage(r))
+        yield sse.DONE
+    except Exception as e:  # noqa: BLE001 - the SDKs raise APIError on an error frame
+        yield sse.frame(body(describe(e, cid, served.config.server.retry_after_s)))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _finish_reason(r: QueryResult) -> str:
+    return "length" if r.finish_reason == "length" else "stop"
+
+
+def _usage(r: QueryResult) -> dict[str, int]:
+    return {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+            "total_tokens": r.usage.total_tokens}
+
+
+def _extra(r: QueryResult) -> dict[str, Any]:
+    return {"cache_tier": r.cache_tier, "timings": r.timings.as_dict(), "index_fingerprint": r.index_fingerprint,
+            "request_id": r.request_id}

@@ -1,0 +1,99 @@
+"""Run the HTTP service: open the index, warm the engine, serve, drain on SIGTERM.
+
+Shutdown, as load balancers and Kubernetes expect it:
+
+1. SIGTERM (or Ctrl-C): ``/ready`` and ``/health`` answer 503 and new requests get 503,
+   so the balancer stops routing here; requests in flight go on.
+2. When the last of them is done, or ``server.drain_grace_s`` has passed, uvicorn stops;
+   what is still running then is cancelled (its vLLM requests aborted, nothing cached).
+3. The engine stops and pending cache writes are flushed; the process exits 0.
+
+A second SIGTERM during the drain aborts what is left at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from ragserve.config import RAGConfig, data_home
+from ragserve.server.middleware import ServingState
+
+log = logging.getLogger("ragserve.server")
+
+
+def serve_config(config: RAGConfig) -> RAGConfig:
+    """A service has an L2 by default: with no Redis URL, an embedded Redis that keeps its
+    data in ``$RAGSERVE_HOME/redis``, so answers survive a restart."""
+    c = config.cache
+    if c.enabled and not c.redis_url:
+        return config.replace(cache={"redis_url": "embedded", "redis_dir": c.redis_dir or str(data_home() / "redis")})
+    return config
+
+
+def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None = None) -> None:
+    """Serve ``index`` until SIGTERM. ``ready_file``: written once the port accepts (tests)."""
+    from ragserve.pipeline import RAG
+    from ragserve.server.app import create_app
+    from ragserve.server.auth import ApiKeys
+
+    config = serve_config(config)
+    s = config.server
+    keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
+    if keys is None:
+        where = "only this machine can reach it" if s.host in ("127.0.0.1", "localhost", "::1") else \
+            f"ANYONE who can reach {s.host} can query it and read every cached answer"
+        log.warning("no API keys (server.api_keys_file): bound to %s, %s", s.host, where)
+    rag = RAG.from_index(index, config)  # verify the index and warm the engine before accepting
+    try:
+        app = create_app(rag, config, keys=keys)
+        uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=1, lifespan="on")
+        server = DrainingServer(uv, app.state.served.state, s.drain_grace_s, ready_file)
+        server.run()
+    finally:
+        rag.close()  # cancels what is left (vLLM aborts it), flushes cache writes, stops the engine
+    log.info("ragserve stopped")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's ``Server`` with a drain before its own shutdown (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServingState, grace_s: float,
+                 ready_file: Path | None = None) -> None:
+        super().__init__(config)
+        self.state = state
+        self.grace_s = grace_s
+        self.ready_file = ready_file
+        self._drain_started = 0.0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: uvicorn's own handler records the signal and raises it again after shutdown,
+        # which would end the process by the signal instead of with status 0.
+        state = self.state
+        if state.draining:
+            log.warning("second signal: aborting %d request(s) in flight", state.in_flight)
+            self.force_exit = self.should_exit = True
+            return
+        state.draining = True
+        self._drain_started = time.monotonic()
+        log.warning("%s: draining %d request(s) in flight (grace %g s)", signal.Signals(sig).name,
+                    state.in_flight, self.grace_s)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.ready_file is not None and self.started:
+            self.ready_file.write_text(str(self.servers[0].sockets[0].getsockname()[1]))
+
+    async def on_tick(self, counter: int) -> bool:
+        state = self.state
+        if state.draining and not self.should_exit:
+            if state.in_flight == 0 or time.monotonic() - self._drain_started >= self.grace_s:
+                self.should_exit = True
+        return await super().on_tick(counter)

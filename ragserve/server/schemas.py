@@ -1,0 +1,67 @@
+"""Request bodies of the HTTP API (pydantic: FastAPI validates them and publishes their
+JSON schema in ``/openapi.json``). Unknown fields of the native API are refused, so a
+typo is a 422 that names it, not a silently ignored option."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CacheOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    read: bool = True
+    """Look the answer up in the cache tiers."""
+    write: bool = True
+    """Store a new answer in the cache tiers."""
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(description="The question; validated and normalised by the engine.")
+    namespace: str | None = Field(default=None, max_length=256,
+                                  description="Cache namespace; ignored when API keys are on (the key decides).")
+    top_k: int | None = Field(default=None, ge=1, le=100, description="Chunks retrieved (default: query.top_k).")
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    timeout_s: float | None = Field(default=None, ge=0, le=3600,
+                                    description="Deadline in seconds (0: none; default: query.timeout_s).")
+    stream: bool = Field(default=False, description="Answer as Server-Sent Events: sources, token..., done.")
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    top_k: int | None = Field(default=None, ge=1, le=100)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request. Extra fields that clients send (``user``,
+    ``presence_penalty`` at its default, ...) are accepted and ignored; options that would
+    change the answer are honoured or refused by ``openai_api.check_options``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)

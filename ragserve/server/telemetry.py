@@ -1,0 +1,114 @@
+"""The Prometheus exporter of ``ragserve serve``: a request observer (``observe.py``).
+
+It subscribes to the engine's observers, so it sees exactly what ``stats()`` sees and
+never parses it. Names follow Prometheus conventions with a ``ragserve_`` prefix; stage
+names are those of ``Timings``:
+
+| metric | type | labels |
+|---|---|---|
+| ``ragserve_stage_duration_seconds`` | histogram | ``stage`` (``embed``, ``generate``, ..., ``total``) |
+| ``ragserve_requests_total`` | counter | ``outcome`` (``ok``, ``error``, ``timeout``, ``cancelled``, ``overloaded``, ``invalid``) |
+| ``ragserve_answers_total`` | counter | ``cache_tier`` (``l1``, ``l2``, ``miss``) |
+| ``ragserve_errors_total`` | counter | ``type`` (the error class) |
+| ``ragserve_admission_rejections_total`` | counter | |
+| ``ragserve_generated_tokens_total`` / ``ragserve_prompt_tokens_total`` | counter | (each generation once) |
+| ``ragserve_in_flight``, ``ragserve_queued`` | gauge | |
+| ``ragserve_engine_unfinished_requests`` | gauge | |
+| ``ragserve_l2_breaker_state`` | gauge (1 for the current state) | ``state`` |
+
+Each app has its own ``CollectorRegistry``: two servers in one process never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ragserve.errors import DeadlineExceededError, InputError, OverloadedError
+
+# From 0.1 ms (an L1 hit) to 2 minutes (a long generation under load).
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class PrometheusExporter:
+    """**Usage:** ``exp = PrometheusExporter(rag); rag.observers.add(exp); exp.render()``"""
+
+    def __init__(self, rag: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.stages = Histogram("ragserve_stage_duration_seconds", "Time spent in each stage of a request",
+                                ["stage"], buckets=BUCKETS, registry=r)
+        self.requests = Counter("ragserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.answers = Counter("ragserve_answers", "Answered requests by the cache tier that answered",
+                               ["cache_tier"], registry=r)
+        self.errors = Counter("ragserve_errors", "Failed requests by error type", ["type"], registry=r)
+        self.rejections = Counter("ragserve_admission_rejections", "Requests refused at admission (429)",
+                                  registry=r)
+        self.completion_tokens = Counter("ragserve_generated_tokens", "Tokens generated (each run once)",
+                                         registry=r)
+        self.prompt_tokens = Counter("ragserve_prompt_tokens", "Prompt tokens sent to the engine (each run once)",
+                                     registry=r)
+        r.register(_LiveGauges(rag))
+
+    def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
+        for stage, ms in stages.items():
+            self.stages.labels(stage).observe(ms / 1e3)
+        self.requests.labels("ok").inc()
+        self.answers.labels(result.cache_tier).inc()
+        if result.cache_tier == "miss" and not result.shared:
+            self.completion_tokens.inc(result.usage.completion_tokens)
+            self.prompt_tokens.inc(result.usage.prompt_tokens)
+
+    def on_error(self, error: BaseException) -> None:
+        self.requests.labels(outcome_of(error)).inc()
+        if isinstance(error, OverloadedError):
+            self.rejections.inc()
+        if not isinstance(error, asyncio.CancelledError):
+            self.errors.labels(type(error).__name__).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def outcome_of(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, DeadlineExceededError):
+        return "timeout"
+    if isinstance(error, OverloadedError):
+        return "overloaded"
+    if isinstance(error, InputError):
+        return "invalid"
+    return "error"
+
+
+class _LiveGauges(Collector):
+    """Gauges read at scrape time from the engine's public state."""
+
+    def __init__(self, rag: Any) -> None:
+        self.rag = rag
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rag = self.rag
+        for name, doc in (("in_flight", "Requests past L1 on the engine loop"),
+                          ("queued", "Requests waiting for an admission slot")):
+            yield GaugeMetricFamily(f"ragserve_{name}", doc, value=rag.gauges.value(name))
+        unfinished = rag.engine_unfinished()
+        if unfinished is not None:
+            yield GaugeMetricFamily("ragserve_engine_unfinished_requests",
+                                    "Requests the generation engine holds", value=unfinished)
+        l2 = rag.cache.l2 if rag.cache is not None else None
+        if l2 is not None:
+            g = GaugeMetricFamily("ragserve_l2_breaker_state", "L2 (Redis) circuit breaker: 1 for the current state",
+                                  labels=["state"])
+            for state in ("closed", "open", "half-open"):
+                g.add_metric([state], 1.0 if l2.breaker.state == state else 0.0)
+            yield g

@@ -1,0 +1,200 @@
+"""The HTTP layer against a real uvicorn server on loopback, with fake models behind it
+(the same behaviour against the real engine: test_http_engine.py)."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.server.app import create_app
+from ragserve.server.auth import ApiKeys
+
+from .http_server import running
+from .test_pipeline import FakeGenerator
+from .test_serving import make_rag
+
+pytestmark = pytest.mark.http
+
+KEY_A, KEY_B = "tenant-a-key-0123456789", "tenant-b-key-0123456789"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(base_url, rag) for a server over fakes; options through request.param."""
+    rag = make_rag(tmp_path, FakeGenerator(words=4, delay=0.05))
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        yield url, rag
+
+
+def sse_events(text):
+    """[(event, data)] of an SSE body."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        event, data = None, None
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+        out.append((event, data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+def test_query_returns_the_whole_result_with_request_id_and_cache_header(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/query", json={"question": "which chunk?"}, headers={"X-Request-Id": "client-id-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-1" and r.headers["x-cache"] == "miss"
+    body = r.json()
+    assert body["answer"] == "an answer more more" and body["request_id"] == "client-id-1"
+    assert {"doc_id", "chunk_id", "score", "text", "metadata"} <= set(body["sources"][0])
+    assert body["timings"]["generate"] > 0 and body["usage"]["total_tokens"] > 0
+    assert body["cache_tier"] == "miss" and body["model"] == "fake-llm" and body["index_fingerprint"]
+    again = httpx.post(f"{url}/v1/query", json={"question": "which chunk?"})
+    assert again.headers["x-cache"] == "l1" and len(again.headers["x-request-id"]) == 32
+
+
+def test_stream_sends_sources_then_tokens_then_done_and_a_hit_streams_too(served):
+    url, _ = served
+    for tier in ("miss", "l1"):
+        r = httpx.post(f"{url}/v1/query", json={"question": "stream me", "stream": True})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        names = [e for e, _ in events]
+        assert names[0] == "sources" and names[-1] == "done" and set(names[1:-1]) == {"token"}
+        assert events[0][1]["cache_tier"] == tier and r.headers["x-cache"] == tier
+        assert "".join(d["text"] for e, d in events if e == "token") == events[-1][1]["answer"]
+        assert (len(names) == 6) if tier == "miss" else (len(names) == 3)
+
+
+def test_retrieve_and_stats(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/retrieve", json={"question": "anything", "top_k": 2})
+    assert r.status_code == 200 and len(r.json()["sources"]) == 2
+    httpx.post(f"{url}/v1/query", json={"question": "counted"})
+    stats = httpx.get(f"{url}/v1/stats").json()
+    assert stats["queries"] == 1 and stats["stages"]["generate"]["count"] == 1
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    ({"question": ""}, 400, "EmptyQuestionError"),
+    ({"question": "x" * 2001}, 400, "QuestionTooLongError"),
+    ({"question": 42}, 422, "InvalidRequest"),
+    ({"questio": "typo"}, 422, "InvalidRequest"),
+    ({"question": "q", "top_k": 0}, 422, "InvalidRequest"),
+    ({"question": "q", "timeout_s": -1}, 422, "InvalidRequest"),
+])
+def test_bad_bodies_get_typed_errors_and_never_a_trace(served, body, status, kind):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/query", json=body)
+    assert r.status_code == status and r.json()["error"]["type"] == kind
+    assert set(r.json()["error"]) == {"type", "message", "stage"} and "Traceback" not in r.text
+
+
+def test_malformed_and_oversized_bodies(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/query", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "InvalidRequest"
+    r = httpx.post(f"{url}/v1/query", json={"question": "q" * 70_000})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "PayloadTooLarge"
+
+    def chunked():
+        for _ in range(100):
+            yield b"x" * 1024
+
+    r = httpx.post(f"{url}/v1/query", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_overload_is_429_with_retry_after_at_once(tmp_path):
+    rag = make_rag(tmp_path, FakeGenerator(delay=1.0), query={"max_in_flight": 1, "max_queued": 0})
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                return await asyncio.gather(*(client.post("/v1/query", json={"question": f"q{i}"}) for i in range(6)))
+
+        responses = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses[0] == 200 and statuses.count(429) >= 4
+        refused = [r for r in responses if r.status_code == 429]
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "OverloadedError" for r in refused)
+        assert max(r.elapsed.total_seconds() for r in refused) < 0.5  # at once, not after the 1 s run
+
+
+def test_deadline_is_504(tmp_path):
+    rag = make_rag(tmp_path, FakeGenerator(delay=2.0))
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        r = httpx.post(f"{url}/v1/query", json={"question": "slow", "timeout_s": 0.2}, timeout=10)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "DeadlineExceededError"
+        assert rag.generator.running == 0 and len(rag.cache.l1) == 0
+
+
+def test_keys_decide_the_tenant_and_the_body_namespace_is_ignored(tmp_path):
+    rag = make_rag(tmp_path, FakeGenerator())
+    keys = ApiKeys({KEY_A: "tenant-a", KEY_B: "tenant-b"})
+    with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
+        q = {"question": "tenant secret?"}
+        assert httpx.post(f"{url}/v1/query", json=q).status_code == 401
+        bad = httpx.post(f"{url}/v1/query", json=q, headers={"Authorization": "Bearer wrong-key-0123456789"})
+        assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+        a = {"Authorization": f"Bearer {KEY_A}"}
+        b = {"Authorization": f"Bearer {KEY_B}"}
+        assert httpx.post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "miss"
+        assert httpx.post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "l1"
+        # B asks for A's namespace in the body: the key decides, so it is a miss in B's own
+        r = httpx.post(f"{url}/v1/query", json={**q, "namespace": "tenant-a"}, headers=b)
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+        assert httpx.get(f"{url}/v1/stats").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+
+
+def test_openai_sdk_against_the_chat_endpoint(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["fake-llm"]
+    r = client.chat.completions.create(model="ragserve", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "which chunk?"}])
+    assert r.choices[0].message.content == "an answer more more" and r.choices[0].finish_reason == "stop"
+    assert r.model_extra["sources"][0]["doc_id"] and r.usage.total_tokens > 0
+    chunks = list(client.chat.completions.create(model="fake-llm", stream=True,
+                                                 messages=[{"role": "user", "content": "stream it"}],
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices == [] and chunks[0].model_extra["sources"]  # sources first
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "an answer more more" and chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="ragserve", temperature=0.7, messages=[{"role": "user", "content": "q"}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
+
+
+def test_openai_stream_ends_with_done(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "stream": True,
+                                                       "messages": [{"role": "user", "content": "raw frames"}]})
+    events = sse_events(r.text)
+    assert events[-1] == (None, "[DONE]") and events[0][1]["sources"] and events[0][1]["choices"] == []
+    assert all(d["object"] == "chat.completion.chunk" for _, d in events[:-1])
+
+
+def test_health_ready_metrics(served):
+    url, rag = served
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/ready").status_code == 200
+    httpx.post(f"{url}/v1/query", json={"question": "metrics"})
+    httpx.post(f"{url}/v1/query", json={"question": "metrics"})
+    httpx.post(f"{url}/v1/query", json={"question": ""})
+    m = httpx.get(f"{url}/metrics").text
+    assert 'ragserve_stage_duration_seconds_count{stage="generate"} 1.0' in m
+    assert 'ragserve_answers_total{cache_tier="l1"} 1.0' in m
+    assert 'ragserve_requests_total{outcome="invalid"} 1.0' in m
+    assert 'ragserve_errors_total{type="EmptyQuestionError"} 1.0' in m
+    assert "ragserve_in_flight 0.0" in m and "ragserve_generated_tokens_total 4.0" in m
+
+
+def test_the_page_is_served(served):
+    url, _ = served
+    r = httpx.get(url)
+    assert r.status_code == 200 and "<title>ragserve</title>" in r.text
