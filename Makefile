@@ -16,6 +16,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 test: setup
+	@bash scripts/setup-test-system.sh
 	$(PY) -m pytest -q
 
 test-fast: setup
