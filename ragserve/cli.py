@@ -143,9 +143,11 @@ def query_cmd(
 ) -> None:
     """Answer one question against an index, with sources and per-stage timings."""
     from ragserve.pipeline import RAG
+    from ragserve.validation import check_question
 
     cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
                   index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    check_question(question, cfg.query.max_question_chars)  # before ~20 s of model and engine start-up
     with RAG.from_index(index, cfg) as rag:
         result = rag.query(question)
     if json_out:
@@ -191,11 +193,12 @@ def batch_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ragserve.batch import read_questions, run_batch
+    from ragserve.batch import check_questions, read_questions, run_batch
     from ragserve.pipeline import RAG
 
-    read_questions(questions)  # a bad questions file fails before the engine starts
     cfg = _config(config)
+    # a bad questions file, or a question that cannot be asked, fails before the engine starts
+    check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
     columns = (TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with RAG.from_index(index, cfg) as rag, Progress(*columns, console=console) as progress:

@@ -267,13 +267,9 @@ class RAG:
     # -- stages -------------------------------------------------------------------------
 
     def _check(self, question: str) -> str:
-        if not isinstance(question, str) or not question.strip():
-            raise EmptyQuestionError()
-        question = normalize_question(question)
-        limit = self.config.query.max_question_chars
-        if len(question) > limit:
-            raise QuestionTooLongError(len(question), limit)
-        return question
+        from ragserve.validation import check_question  # what a question is: see validation.py
+
+        return check_question(question, self.config.query.max_question_chars)
 
     def _prepare(self, question: str, namespace: str | None) -> _Prepared:
         """Validate and normalise once; the cache key and the clock travel with the request."""
