@@ -176,7 +176,14 @@ class L1Cache:
 class SingleFlight:
     """Identical concurrent misses share one run: the first caller starts it, the others
     await the same task. A waiter that is cancelled leaves the run going for the others;
-    the run is cancelled only when no one waits for it any more."""
+    the run is cancelled only when no one waits for it any more.
+
+    No one inherits a cancellation that was not theirs: a run being cancelled is forgotten
+    at once, so a caller arriving during its clean-up starts a fresh run; and a waiter whose
+    run was cancelled while the waiter itself was not (the run's own work was aborted from
+    elsewhere) runs it again instead of raising ``CancelledError``. A run's *failure* is
+    shared: it is the same work, and it would fail the same way for every waiter.
+    """
 
     def __init__(self) -> None:
         self._inflight: dict[str, list[Any]] = {}
@@ -187,23 +194,43 @@ class SingleFlight:
 
     async def run(self, key: str, factory: Any) -> tuple[Any, bool]:
         """Returns ``(result, led)``; ``led`` is True for the caller whose run it was."""
-        entry = self._inflight.get(key)
-        led = entry is None
-        if entry is None:
-            task = asyncio.ensure_future(factory())
-            entry = self._inflight[key] = [task, 0]
+        for attempt in range(_RERUNS + 1):
+            entry = self._inflight.get(key)
+            led = entry is None
+            if entry is None:
+                entry = self._start(key, factory)
+            else:
+                self.shared += 1
+            entry[1] += 1
+            try:
+                return await asyncio.shield(entry[0]), led
+            except asyncio.CancelledError:
+                if entry[0].cancelled() and not _cancelling() and attempt < _RERUNS:
+                    continue  # the run was cancelled, we were not: run it again
+                raise
+            finally:
+                entry[1] -= 1
+                if entry[1] == 0 and not entry[0].done():
+                    self._forget(key, entry)
+                    entry[0].cancel()
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-            def forget(_: Any, entry: list[Any] = entry) -> None:
-                if self._inflight.get(key) is entry:
-                    del self._inflight[key]
+    def _start(self, key: str, factory: Any) -> list[Any]:
+        task = asyncio.ensure_future(factory())
+        entry = self._inflight[key] = [task, 0]
+        task.add_done_callback(lambda _: self._forget(key, entry))
+        return entry
 
-            task.add_done_callback(forget)
-        else:
-            self.shared += 1
-        entry[1] += 1
-        try:
-            return await asyncio.shield(entry[0]), led
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0 and not entry[0].done():
-                entry[0].cancel()
+    def _forget(self, key: str, entry: list[Any]) -> None:
+        if self._inflight.get(key) is entry:
+            del self._inflight[key]
+
+
+# A run that keeps cancelling itself (its work raises CancelledError) is not rerun forever.
+_RERUNS = 3
+
+
+def _cancelling() -> bool:
+    """Has someone asked to cancel the calling task?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
