@@ -291,13 +291,17 @@ def _print_eval(report: Any) -> None:
 @app.command("verify-index")
 @_fails_cleanly
 def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder.")]) -> None:
-    """Check every file of an index against its manifest; exit 1 on any mismatch."""
+    """Check every file of an index against its manifest, and the files against each other
+    (dimension, counts, index type and metric, docstore offsets); exit 1 on any mismatch."""
     from ragserve.manifest import verify
+    from ragserve.structure import check_structure
 
-    m = verify(index)
-    counts = m.data["counts"]
+    m = verify(index)  # hashes, then structure
+    counts, structure = m.data["counts"], check_structure(m)
     out.print(f"[green]ok[/] {index}: {len(m.data['files'])} files match the manifest; "
               f"{counts['chunks']} chunks, {m.dim}-d, {m.data['index']['type']}, fingerprint {m.fingerprint[:16]}")
+    if structure is not None:
+        out.print(f"  structure agrees: {structure.summary()}", highlight=False)
 
 
 @app.command("stats")
