@@ -97,12 +97,13 @@ def build_index_cmd(
     hnsw_m: Annotated[Optional[int], typer.Option(help="hnsw-fp16: neighbours per node.")] = None,
     ef_construction: Annotated[Optional[int], typer.Option(help="hnsw-fp16: build candidates.")] = None,
     encoding: Annotated[Optional[str], typer.Option(help="Force a text encoding instead of detecting it.")] = None,
+    max_file_mb: Annotated[Optional[float], typer.Option(help="Skip larger files, with a reason (0: no limit).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus; write a verified index folder atomically."""
     from ragserve.build import build_index
 
-    cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap},
+    cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction})
     with _progress_bars() as on_progress:
