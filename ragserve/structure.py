@@ -61,39 +61,58 @@ class StructureReport:
 
     def summary(self) -> str:
         ivf = f", {self.nlist} lists" if self.nlist else ""
-        return (f"{self.index_type} ({FOURCC[self.index_type].decode()}{ivf}), {self.dim}-d, inner product, "
-                f"{self.vectors} vectors = {self.chunks} docstore lines")
+        lines = f" = {self.chunks} docstore lines" if self.chunks >= 0 else " (no docstore)"
+        vectors = f"{self.vectors} vectors" if self.vectors >= 0 else "vectors (no count recorded)"
+        return f"{self.index_type} ({FOURCC[self.index_type].decode()}{ivf}), {self.dim}-d, inner product, {vectors}{lines}"
 
 
 def check_structure(manifest: Manifest) -> StructureReport | None:
     """Check an index folder's structure against its manifest; ``None`` when the manifest
-    describes no index at all (no index type, no index file present or listed)."""
+    describes no index at all (no index type, no index file present or listed).
+
+    Every index file present in the folder must be listed (so it was hashed); a listed
+    FAISS file is checked against the manifest, a listed docstore against its own lines,
+    and the two against each other and ``counts.chunks``.
+    """
     folder, data = manifest.folder, manifest.data
     section = data.get("index") if isinstance(data.get("index"), dict) else {}
     listed = data.get("files") or {}
-    if not section.get("type") and not any(n in listed or (folder / n).exists() for n in INDEX_FILES):
-        return None
-    missing = [n for n in INDEX_FILES if n not in listed]
-    if missing:
-        raise IndexIntegrityError(folder / "manifest.json", f"does not list {', '.join(missing)}: "
+    unlisted = [n for n in INDEX_FILES if n not in listed and (folder / n).exists()]
+    if unlisted:
+        raise IndexIntegrityError(folder / "manifest.json", f"does not list {', '.join(unlisted)}: "
                                   "a file the index opens would escape the hash check")
+    if not section.get("type") and not any(n in listed for n in INDEX_FILES):
+        return None
+    chunks = _manifest_int(manifest, ("counts", "chunks")) if "chunks" in (data.get("counts") or {}) else None
+    if chunks is not None and "ntotal" in section and section["ntotal"] != chunks:
+        raise IndexIntegrityError(folder / "manifest.json",
+                                  f"index.ntotal {section['ntotal']} differs from counts.chunks {chunks}")
+    lines = None
+    if CHUNKS_FILE in listed or OFFSETS_FILE in listed:
+        if CHUNKS_FILE not in listed or OFFSETS_FILE not in listed:
+            raise IndexIntegrityError(folder / "manifest.json", f"lists only half of the docstore "
+                                      f"({CHUNKS_FILE if CHUNKS_FILE in listed else OFFSETS_FILE})")
+        if chunks is None:
+            raise IndexIntegrityError(folder / "manifest.json", "counts.chunks is missing")
+        lines = check_offsets(folder, chunks)
     index_type = section.get("type")
     if index_type not in FOURCC:
         raise IndexIntegrityError(folder / "manifest.json", f"unknown index type {index_type!r}; "
                                   f"known: {', '.join(FOURCC)}")
+    if INDEX_FILE not in listed:
+        raise IndexIntegrityError(folder / "manifest.json", f"describes a {index_type} index but does not "
+                                  f"list {INDEX_FILE}")
     dim = _manifest_int(manifest, ("embedding", "dim"))
-    chunks = _manifest_int(manifest, ("counts", "chunks"))
-    if "ntotal" in section and section["ntotal"] != chunks:
-        raise IndexIntegrityError(folder / "manifest.json",
-                                  f"index.ntotal {section['ntotal']} differs from counts.chunks {chunks}")
-    nlist = check_faiss_header(folder / INDEX_FILE, index_type, dim, chunks,
+    count = chunks if chunks is not None else section.get("ntotal")
+    nlist = check_faiss_header(folder / INDEX_FILE, index_type, dim, count,
                                int((section.get("params") or {}).get("nlist", 0)))
-    check_offsets(folder, chunks)
-    return StructureReport(index_type, dim, chunks, chunks, nlist)
+    return StructureReport(index_type, dim, count if count is not None else -1,
+                           lines if lines is not None else -1, nlist)
 
 
-def check_faiss_header(path: Path, index_type: str, dim: int, count: int, nlist: int = 0) -> int:
-    """Compare the FAISS file's own header with what the manifest says; returns its nlist."""
+def check_faiss_header(path: Path, index_type: str, dim: int, count: int | None, nlist: int = 0) -> int:
+    """Compare the FAISS file's own header with what the manifest says (``count`` None:
+    the manifest records none); returns its nlist."""
     with open(path, "rb") as f:
         head = f.read(_HEADER.size + _IVF_NLIST.size)
     if len(head) < _HEADER.size:
@@ -109,7 +128,7 @@ def check_faiss_header(path: Path, index_type: str, dim: int, count: int, nlist:
                                   "be cosine similarities")
     if d != dim:
         raise IndexIntegrityError(path, f"holds {d}-d vectors; the manifest says {dim}-d embeddings")
-    if ntotal != count:
+    if count is not None and ntotal != count:
         raise IndexIntegrityError(path, f"holds {ntotal} vectors; the manifest and docstore say {count} chunks")
     if not trained:
         raise IndexIntegrityError(path, "is not trained: it cannot be searched")
@@ -123,8 +142,9 @@ def check_faiss_header(path: Path, index_type: str, dim: int, count: int, nlist:
     return int(found_nlist)
 
 
-def check_offsets(folder: Path, chunks: int) -> None:
-    """The docstore's offsets describe exactly ``chunks`` whole lines of ``chunks.jsonl``."""
+def check_offsets(folder: Path, chunks: int) -> int:
+    """The docstore's offsets describe exactly ``chunks`` whole lines of ``chunks.jsonl``;
+    returns that count."""
     path = folder / OFFSETS_FILE
     try:
         offsets = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -147,6 +167,7 @@ def check_offsets(folder: Path, chunks: int) -> None:
     if len(split):
         raise IndexIntegrityError(folder / CHUNKS_FILE, f"chunk {int(split[0])} does not end at a line end: "
                                   "the offsets do not match the lines")
+    return chunks
 
 
 def _manifest_int(manifest: Manifest, keys: tuple[str, str]) -> int:

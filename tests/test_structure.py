@@ -119,7 +119,7 @@ def _unlisted_offsets(folder):
 @pytest.mark.parametrize(("damage", "message"), [
     (_shift_one_offset, "chunk 4 does not end at a line end"),
     (_float_offsets, "expected a 1-d uint64 array"),
-    (_unlisted_offsets, "does not list chunks.offsets.npy"),
+    (_unlisted_offsets, "does not list chunks.offsets.npy"),  # present, so it would be opened unhashed
 ])
 def test_a_docstore_that_disagrees_with_itself_is_refused(tmp_path, damage, message):
     folder = make_index(tmp_path / "i")
