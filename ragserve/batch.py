@@ -78,6 +78,22 @@ def read_questions(path: str | Path) -> list[tuple[str, str]]:
     return items
 
 
+def check_questions(items: list[tuple[str, str]], max_chars: int, path: str | Path, *, show: int = 10) -> None:
+    """Refuse a questions file with questions that cannot be asked, naming each one (up to
+    ``show``) and why, so that all of them can be fixed at once before any model loads."""
+    from ragserve.validation import check_question
+
+    bad = []
+    for qid, question in items:
+        try:
+            check_question(question, max_chars)
+        except InputError as e:
+            bad.append(f"id {qid!r}: {e.args[0]}")
+    if bad:
+        more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+        raise BatchInputError(f"{path}: {len(bad)} question(s) cannot be asked: {'; '.join(bad[:show])}{more}")
+
+
 def answered_ids(out: str | Path) -> set[str]:
     """Ids with an answer in ``out``. Cuts off a half-written last line (a crash mid-write)."""
     out = Path(out)

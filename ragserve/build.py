@@ -78,7 +78,7 @@ def build_index(
     """
     config = config or RAGConfig.load()
     t0 = time.perf_counter()
-    docs, outcomes = read_corpus(Path(source), encoding)
+    docs, outcomes = read_corpus(Path(source), encoding, int(config.chunk.max_file_mb * 2**20))
     if not docs:
         reasons = "; ".join(f"{o.path}: {o.reason}" for o in outcomes[:5]) or "the folder is empty"
         raise IngestError(f"{source}: no readable documents ({reasons})")
@@ -129,15 +129,20 @@ def build_from_documents(
 
     t = time.perf_counter()
     counter = getattr(embedder, "token_counter", None)
+    unchunked: dict[str, str] = {}  # a document that cannot be chunked is skipped, not the build
     chunks = list(chunk_documents(docs, config.chunk.chunk_size, config.chunk.chunk_overlap,
-                                  counter() if counter else None))
+                                  counter() if counter else None, on_skip=unchunked.__setitem__))
     timings["chunk"] = time.perf_counter() - t
     per_file: dict[str, int] = {}
     for c in chunks:
         per_file[c.doc_id] = per_file.get(c.doc_id, 0) + 1
     outcomes = [
-        FileOutcome(o.path, o.status, o.reason, o.encoding, o.documents, per_file.get(o.path, 0)) for o in outcomes
+        FileOutcome(o.path, "skipped" if o.path in unchunked and not per_file.get(o.path) else o.status,
+                    unchunked.get(o.path, o.reason), o.encoding, o.documents, per_file.get(o.path, 0))
+        for o in outcomes
     ]
+    if not chunks:
+        raise IngestError(f"no chunks: {'; '.join(f'{k}: {v}' for k, v in list(unchunked.items())[:5])}")
 
     t = time.perf_counter()
     vectors = _embed_all(embedder, [c.text for c in chunks], config.embed.batch_size, progress)

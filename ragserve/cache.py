@@ -22,6 +22,8 @@ from typing import Any
 
 import msgspec
 
+from ragserve.errors import InvalidParameterError
+
 KEY_VERSION = "k1"
 
 
@@ -30,8 +32,21 @@ def normalize_question(question: str) -> str:
 
 
 def cache_key(question: str, *, index_fingerprint: str, answer_fingerprint: str, namespace: str) -> str:
-    """SHA-256 hex of everything that decides the answer. ``question`` must be normalised."""
-    canonical = msgspec.json.encode([KEY_VERSION, question, index_fingerprint, answer_fingerprint, namespace])
+    """SHA-256 hex of everything that decides the answer. ``question`` must be normalised.
+
+    Text that is not Unicode (a lone surrogate) cannot be encoded into a key: that is an
+    ``InvalidTextError`` naming the question or the namespace, never a ``UnicodeEncodeError``.
+    """
+    if not isinstance(namespace, str):
+        raise InvalidParameterError("namespace", namespace, "a str")
+    try:
+        canonical = msgspec.json.encode([KEY_VERSION, question, index_fingerprint, answer_fingerprint, namespace])
+    except UnicodeEncodeError:
+        from ragserve.validation import check_unicode  # validation imports this module
+
+        check_unicode(question, "question")
+        check_unicode(namespace, "namespace")
+        raise
     return hashlib.sha256(canonical).hexdigest()
 
 

@@ -97,12 +97,13 @@ def build_index_cmd(
     hnsw_m: Annotated[Optional[int], typer.Option(help="hnsw-fp16: neighbours per node.")] = None,
     ef_construction: Annotated[Optional[int], typer.Option(help="hnsw-fp16: build candidates.")] = None,
     encoding: Annotated[Optional[str], typer.Option(help="Force a text encoding instead of detecting it.")] = None,
+    max_file_mb: Annotated[Optional[float], typer.Option(help="Skip larger files, with a reason (0: no limit).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus; write a verified index folder atomically."""
     from ragserve.build import build_index
 
-    cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap},
+    cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction})
     with _progress_bars() as on_progress:
@@ -143,9 +144,11 @@ def query_cmd(
 ) -> None:
     """Answer one question against an index, with sources and per-stage timings."""
     from ragserve.pipeline import RAG
+    from ragserve.validation import check_question
 
     cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
                   index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    check_question(question, cfg.query.max_question_chars)  # before ~20 s of model and engine start-up
     with RAG.from_index(index, cfg) as rag:
         result = rag.query(question)
     if json_out:
@@ -191,11 +194,12 @@ def batch_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ragserve.batch import read_questions, run_batch
+    from ragserve.batch import check_questions, read_questions, run_batch
     from ragserve.pipeline import RAG
 
-    read_questions(questions)  # a bad questions file fails before the engine starts
     cfg = _config(config)
+    # a bad questions file, or a question that cannot be asked, fails before the engine starts
+    check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
     columns = (TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with RAG.from_index(index, cfg) as rag, Progress(*columns, console=console) as progress:
@@ -288,13 +292,17 @@ def _print_eval(report: Any) -> None:
 @app.command("verify-index")
 @_fails_cleanly
 def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder.")]) -> None:
-    """Check every file of an index against its manifest; exit 1 on any mismatch."""
+    """Check every file of an index against its manifest, and the files against each other
+    (dimension, counts, index type and metric, docstore offsets); exit 1 on any mismatch."""
     from ragserve.manifest import verify
+    from ragserve.structure import check_structure
 
-    m = verify(index)
-    counts = m.data["counts"]
+    m = verify(index)  # hashes, then structure
+    counts, structure = m.data["counts"], check_structure(m)
     out.print(f"[green]ok[/] {index}: {len(m.data['files'])} files match the manifest; "
               f"{counts['chunks']} chunks, {m.dim}-d, {m.data['index']['type']}, fingerprint {m.fingerprint[:16]}")
+    if structure is not None:
+        out.print(f"  structure agrees: {structure.summary()}", highlight=False)
 
 
 @app.command("stats")

@@ -49,6 +49,10 @@ class ChunkConfig:
     embedding model's own tokenizer; at most what that model reads (256 for MiniLM-L6)."""
     chunk_overlap: int = 32
     """Tokens shared by consecutive chunks of one document."""
+    max_file_mb: float = 100.0
+    """Files larger than this (in MiB) are skipped, each with its reason in the build
+    summary; 0: no limit. Text is chunked in bounded sections whatever its size, but the
+    whole text of a file is held while it is read, and its chunks until it is embedded."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(c.chunk_size >= 16, "chunk.chunk_size", f"must be >= 16, got {c.chunk_size}")
     _check(0 <= c.chunk_overlap < c.chunk_size, "chunk.chunk_overlap",
            f"must be >= 0 and < chunk_size ({c.chunk_size}), got {c.chunk_overlap}")
+    _check(c.max_file_mb >= 0, "chunk.max_file_mb", f"must be >= 0 (0: no limit), got {c.max_file_mb}")
     _check(e.batch_size >= 1, "embed.batch_size", f"must be >= 1, got {e.batch_size}")
     _check(e.threads >= 0, "embed.threads", f"must be >= 0, got {e.threads}")
     _check_choice("embed.device", e.device, Device)

@@ -15,6 +15,7 @@ untrusted folder (the manifest's hashes are checked before it is opened).
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,16 +30,32 @@ OFFSETS_FILE = "chunks.offsets.npy"
 
 
 def write_docstore(folder: Path, chunks: Iterable[Chunk]) -> int:
-    """Write chunks (ids must be 0..n-1 in order); returns how many were written."""
-    offsets = [0]
-    with open(folder / CHUNKS_FILE, "wb") as f:
-        for expected, chunk in enumerate(chunks):
-            if chunk.chunk_id != expected:
-                raise ValueError(f"chunk ids must be consecutive: expected {expected}, got {chunk.chunk_id}")
-            line = orjson.dumps({"doc_id": chunk.doc_id, "text": chunk.text, "metadata": chunk.metadata})
-            f.write(line + b"\n")
-            offsets.append(offsets[-1] + len(line) + 1)
-    np.save(folder / OFFSETS_FILE, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
+    """Write chunks (ids must be 0..n-1 in order); returns how many were written.
+
+    Both files are written under temporary names and renamed into place only when both
+    are complete, the offsets last: a failure while writing (a chunk that cannot be
+    encoded, a full disk, an interrupt) leaves a store already in the folder as it was,
+    and a crash between the two renames leaves new lines with old offsets, which opening
+    refuses (the offsets end at the old size). Never a store that reads wrong lines.
+    """
+    folder = Path(folder)
+    tmp_chunks = folder / f".{CHUNKS_FILE}.tmp-{os.getpid()}"
+    tmp_offsets = folder / f".{OFFSETS_FILE}.tmp-{os.getpid()}.npy"
+    try:
+        offsets = [0]
+        with open(tmp_chunks, "wb") as f:
+            for expected, chunk in enumerate(chunks):
+                if chunk.chunk_id != expected:
+                    raise ValueError(f"chunk ids must be consecutive: expected {expected}, got {chunk.chunk_id}")
+                line = orjson.dumps({"doc_id": chunk.doc_id, "text": chunk.text, "metadata": chunk.metadata})
+                f.write(line + b"\n")
+                offsets.append(offsets[-1] + len(line) + 1)
+        np.save(tmp_offsets, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
+        os.replace(tmp_chunks, folder / CHUNKS_FILE)
+        os.replace(tmp_offsets, folder / OFFSETS_FILE)
+    finally:
+        tmp_chunks.unlink(missing_ok=True)
+        tmp_offsets.unlink(missing_ok=True)
     return len(offsets) - 1
 
 
@@ -48,7 +65,13 @@ class LazyDocStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         path = self.folder / CHUNKS_FILE
-        self._offsets = np.load(self.folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+        for name in (CHUNKS_FILE, OFFSETS_FILE):
+            if not (self.folder / name).is_file():
+                raise IndexIntegrityError(self.folder / name, "missing: the docstore is incomplete")
+        try:
+            self._offsets = np.load(self.folder / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:  # not an .npy file, or an object array that would need pickle
+            raise IndexIntegrityError(self.folder / OFFSETS_FILE, f"not a plain .npy array: {e}") from None
         self._file = open(path, "rb")
         size = path.stat().st_size
         if len(self._offsets) < 1 or int(self._offsets[-1]) != size:

@@ -8,6 +8,10 @@ that is wrong and what to do about it::
     ├── InputError                  a request is refused before any work is done
     │   ├── EmptyQuestionError
     │   ├── QuestionTooLongError
+    │   ├── QuestionTypeError       the question is not a str (None, a number, bytes)
+    │   ├── InvalidTextError        not valid Unicode text, or a control character
+    │   │                           (names the code point and its position)
+    │   ├── InvalidParameterError   a request parameter (top_k, namespace) has a bad value
     │   └── BatchInputError         a questions file for `ragserve batch` (batch.py)
     ├── IngestError                 a corpus cannot be read at all (per-file problems
     │                               are reported in the build summary, not raised)
@@ -70,10 +74,40 @@ class QuestionTooLongError(InputError):
         self.limit = limit
         hint = (
             "raise query.max_question_chars to allow longer questions"
-            if unit == "characters"
+            if unit.startswith("characters")
             else "raise generate.max_model_len or lower generate.max_tokens"
         )
         super().__init__(f"the question has {length} {unit}, over the limit of {limit} ({hint})")
+
+
+class QuestionTypeError(InputError):
+    """The question is not a ``str``: the message names the type it got instead."""
+
+    def __init__(self, value: object) -> None:
+        self.type_name = type(value).__name__
+        hint = ("; decode it first, e.g. data.decode('utf-8')"
+                if isinstance(value, (bytes, bytearray, memoryview)) else "")
+        super().__init__(f"the question must be a str, got {self.type_name}{hint}")
+
+
+class InvalidTextError(InputError):
+    """Text that cannot be a question: a lone surrogate (not Unicode text at all) or a
+    control character. The message names the code point and where it is, never the text
+    itself (printing a lone surrogate back would fail in turn)."""
+
+    def __init__(self, what: str, problem: str, position: int | None = None) -> None:
+        self.what = what
+        self.position = position
+        super().__init__(f"the {what} {problem}")
+
+
+class InvalidParameterError(InputError):
+    """A request parameter other than the question has a value it cannot take."""
+
+    def __init__(self, name: str, value: object, expected: str) -> None:
+        self.name = name
+        shown = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) < 40 else type(value).__name__
+        super().__init__(f"{name} must be {expected}, got {shown}")
 
 
 class IngestError(RagserveError):

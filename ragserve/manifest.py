@@ -100,7 +100,8 @@ def read_manifest(folder: Path | str) -> Manifest:
 
 
 def verify(folder: Path | str) -> Manifest:
-    """Check every file against the manifest: present, same size, same SHA-256."""
+    """Check every file against the manifest (present, same size, same SHA-256), then the
+    folder's structure (``structure.check_structure``: dimensions, counts, offsets)."""
     manifest = read_manifest(folder)
     for name, meta in manifest.data["files"].items():
         path = manifest.folder / name
@@ -112,6 +113,9 @@ def verify(folder: Path | str) -> Manifest:
             raise IndexIntegrityError(path, f"{what}: {size} bytes, the manifest says {meta['bytes']}")
         if sha256_file(path) != meta["sha256"]:
             raise IndexIntegrityError(path, "altered: SHA-256 differs from the manifest")
+    from ragserve.structure import check_structure  # files agree with each other, not only with hashes
+
+    check_structure(manifest)
     return manifest
 
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from ragserve.admission import Admission, Requests
 from ragserve.answers import AnswerCache, from_cached, from_generation
-from ragserve.cache import normalize_question
-from ragserve.flight import StreamFlight
 from ragserve.config import RAGConfig
-from ragserve.errors import EmptyQuestionError, GenerationError, InputError, QuestionTooLongError
+from ragserve.errors import GenerationError, InputError, InvalidParameterError
+from ragserve.flight import StreamFlight
 from ragserve.manifest import Manifest, check_embedding, verify
 from ragserve.observe import Observers
 from ragserve.retrieval import Retriever
@@ -44,6 +43,7 @@ from ragserve.types import (
     TokenEvent,
     VectorIndex,
 )
+from ragserve.validation import check_question
 
 
 @dataclasses.dataclass(slots=True)
@@ -297,13 +297,7 @@ class RAG:
     # -- stages -------------------------------------------------------------------------
 
     def _check(self, question: str) -> str:
-        if not isinstance(question, str) or not question.strip():
-            raise EmptyQuestionError()
-        question = normalize_question(question)
-        limit = self.config.query.max_question_chars
-        if len(question) > limit:
-            raise QuestionTooLongError(len(question), limit)
-        return question
+        return check_question(question, self.config.query.max_question_chars)
 
     def _prepare(self, question: str, namespace: str | None, read: bool, write: bool,
                  timeout_s: float | None, request_id: str | None, top_k: int | None = None) -> _Prepared:
@@ -312,8 +306,11 @@ class RAG:
         default_k = self.config.query.top_k
         try:
             q = self._check(question)
-            if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= 100):
-                raise InputError(f"top_k must be an integer in 1..100, got {top_k!r}")
+            if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
+                raise InvalidParameterError("top_k", top_k, "an int in 1..100")
+            if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+                                          or not 0 <= timeout_s < float("inf")):
+                raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
             k = default_k if top_k is None else top_k
             key = self.cache.key(q, namespace, None if k == default_k else k) if self.cache is not None else ""
         except InputError as e:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ragserve.config import EmbedConfig
 from ragserve.embed import MicroBatcher
+from ragserve.errors import InvalidParameterError
 from ragserve.timing import StageClock
 from ragserve.types import DocStore, Embedder, Hit, Source, VectorIndex
 
@@ -33,6 +34,8 @@ class Retriever:
         """Top-k sources for a normalised question; stage times go into ``clock``:
         ``embed_wait`` (for the batch to start), ``embed`` and ``search`` (the batch's)
         and ``docload``."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InvalidParameterError("top_k", top_k, "a positive int")
         (hits, embed_ms, search_ms), wait_ms = await self.batcher.submit((question, top_k))
         clock.add("embed_wait", wait_ms)
         clock.add("embed", embed_ms)

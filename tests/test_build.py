@@ -183,7 +183,8 @@ def test_dimension_and_model_mismatch(index_copy):
     from ragserve import RAG
 
     _rewrite_manifest(index_copy, lambda m: m["embedding"].update(dim=768))
-    with pytest.raises(IndexMismatchError, match="768-d"):
+    # the manifest now disagrees with its own 384-d FAISS file: refused before the model loads
+    with pytest.raises(IndexIntegrityError, match="holds 384-d vectors; the manifest says 768-d"):
         RAG.from_index(index_copy, start_engine=False)
     _rewrite_manifest(index_copy, lambda m: m["embedding"].update(dim=384, name="e5-large", identity="0" * 64))
     with pytest.raises(IndexMismatchError, match="e5-large"):

@@ -7,8 +7,8 @@ EXPECTED = [
     "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DatasetError", "DeadlineExceededError",
     "DoneEvent", "EmbedConfig", "EmptyQuestionError", "EngineDeadError", "EvalReport",
     "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError", "IndexMismatchError",
-    "IndexNotFoundError", "IngestError", "InputError", "ModelError", "OverloadedError",
-    "QueryConfig", "QueryResult", "QuestionTooLongError", "RAG", "RAGConfig", "RagIndexError",
+    "IndexNotFoundError", "IngestError", "InputError", "InvalidParameterError", "InvalidTextError",
+    "ModelError", "OverloadedError", "QueryConfig", "QueryResult", "QuestionTooLongError", "QuestionTypeError", "RAG", "RAGConfig", "RagIndexError",
     "RagserveError", "Source", "SourcesEvent", "StreamEvent", "Timings", "TokenEvent", "TokenUsage",
     "__version__", "build_index", "evaluate", "verify_index",
 ]
