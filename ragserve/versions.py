@@ -27,13 +27,13 @@ previous version stays on disk so that a server can still open it (or an operato
 
 Leftovers of a build that died (``.building-<pid>``, temporary links, ``.trash-*``, and
 the ``.NAME.building-<pid>`` / ``.NAME.old-<pid>`` folders of the pre-versioning build)
-are cleaned up by the next build; a folder of a process that is still alive is left alone.
+are cleaned up by the next build; a folder of a process that is still alive is left alone
+(a dead build's PID reused by a new process only delays that cleanup).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import time
@@ -265,6 +265,8 @@ def _alive(pid_text: str) -> bool:
 
 @contextmanager
 def _lock(vdir: Path, out: Path) -> Iterator[None]:
+    import fcntl  # POSIX only; imported here so that ``import ragserve`` works everywhere
+
     fd = os.open(vdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -204,3 +204,25 @@ def test_a_plain_folder_index_from_before_is_migrated_by_the_next_build(tmp_path
     assert out.is_symlink() and verify(out).fingerprint == report.fingerprint
     assert report.mode == "incremental" and counter.texts == []  # nothing changed: migrated, not re-embedded
     assert [verify(v).fingerprint for v in complete_versions(versions_dir(out))][0] == old
+
+
+def test_an_open_rag_keeps_serving_its_version_while_builds_flip_the_path(tmp_path, src, embedder, xquad_corpus):
+    from ragserve import RAG
+
+    out = tmp_path / "idx"
+    first = build_index(src, out, embedder=embedder)
+    question = xquad_corpus[1][0]
+    with RAG.from_index(out, start_engine=False, embedder=embedder) as rag:
+        served = rag.manifest.folder
+        assert served == first.version.resolve() and not served.is_symlink()
+        before = [(s.chunk_id, s.text) for s in rag.retrieve(question["question"], top_k=5)]
+        _edit(src)
+        build_index(src, out, embedder=embedder)
+        (src / "Zz_added_1.txt").write_text("Basel lies on the Rhine. " * 20, encoding="utf-8")
+        latest = build_index(src, out, embedder=embedder)  # two flips: the open version is deleted
+        assert not served.exists()
+        # mapped and open files outlive their names: same answers from the same version
+        assert [(s.chunk_id, s.text) for s in rag.retrieve(question["question"], top_k=5)] == before
+        assert rag.manifest.fingerprint == first.fingerprint
+    with RAG.from_index(out, start_engine=False, embedder=embedder) as rag:
+        assert rag.manifest.fingerprint == latest.fingerprint and rag.index.ntotal == latest.chunks
