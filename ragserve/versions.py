@@ -96,8 +96,9 @@ def newest_version(vdir: Path) -> Path | None:
 def build_folder(out: Path) -> Iterator[Path]:
     """An empty folder to build the next version of ``out`` in; removed if the build fails.
 
-    Holds ``.NAME.v/.lock`` for the whole build (a second build of the same index fails
-    at once) and cleans up what dead builds left first. Call ``publish`` inside the block.
+    Holds ``.NAME.v/.lock`` while the folder is written and published (another build of
+    the same index reaching this point meanwhile fails at once) and first cleans up what
+    dead builds left. Call ``publish`` inside the block.
     """
     out = Path(out)
     vdir = versions_dir(out)
