@@ -1,15 +1,18 @@
-"""``build_index``: corpus → chunks → embeddings → FAISS + docstore + manifest.
+"""``build_index``: corpus → chunks → embeddings → FAISS + docstore + manifest, incrementally.
 
-The build writes into a temporary folder beside the destination and renames it into
-place only when every file and the manifest are complete, so a crash or Ctrl-C leaves
-the previous index untouched. An existing index is moved aside first and removed only
-after the new one is in place.
+When the index at ``out`` was built with the same embedding model and chunking, only the
+files whose SHA-256 changed (or that are new) are read, chunked and embedded; the chunks
+and vectors of unchanged files are taken from the previous index, and deleted files drop
+out (``incremental.py`` has the plan and the chunk-id order that makes the result equal
+to a full build). ``full=True``, another model or other chunking build everything.
+
+Every build writes a new version folder and flips ``out`` to it atomically
+(``versions.py``): a crash or Ctrl-C at any point leaves the previous index or the new
+one at ``out``, never neither, and a server that has the previous one open keeps it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,22 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from ragserve._version import __version__
 from ragserve.config import RAGConfig
-from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
 from ragserve.errors import ConfigError, IngestError
-from ragserve.index import INDEX_FILE, FaissIndex
-from ragserve.index_spec import plan_index
-from ragserve.ingest import Document, FileOutcome, chunk_documents, read_corpus
-from ragserve.manifest import write_manifest
-from ragserve.types import Embedder
+from ragserve.incremental import BuildPlan, gather, plan_build, scan_source
+from ragserve.index import INDEX_FILE, FaissIndex, quantizer_fit
+from ragserve.index_folder import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
+from ragserve.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
+from ragserve.ingest import Document, FileOutcome, chunk_documents
+from ragserve.types import Chunk, Embedder
 
 ProgressFn = Callable[[str, int, int], None]
-"""``progress(phase, done, total)``: phases ``embed`` (chunks), ``train`` (IVF k-means
-iterations) and ``add`` (vectors added to the index)."""
+"""``progress(phase, done, total)``: phases ``hash`` (source files), ``embed`` (chunks),
+``train`` (IVF k-means iterations) and ``add`` (vectors added to the index)."""
 
-VECTORS_FILE = "vectors.f32.npy"
-"""float32 embeddings, written only on request (``keep_vectors``): the exact reference."""
+__all__ = ["VECTORS_FILE", "BuildReport", "build_from_documents", "build_index", "plan_build_index"]
 
 
 @dataclass
@@ -53,6 +54,18 @@ class BuildReport:
     """Why ``auto`` chose the type (empty when it was named)."""
     vectors: np.ndarray | None = field(default=None, repr=False)
     """The float32 embeddings, when the build was asked to keep them."""
+    mode: str = "full"
+    """"full", "incremental", or "up to date" (nothing changed: no new version written)."""
+    reason: str = ""
+    """Why the build was full."""
+    changes: dict[str, int] = field(default_factory=dict)
+    """Source files unchanged / changed / added / deleted since the previous index."""
+    embedded: int = 0
+    """Chunks embedded by this build (the rest were taken from the previous index)."""
+    quantizer: dict[str, Any] | None = None
+    """IVF: whether the coarse quantizer was trained or reused, and why."""
+    version: Path | None = None
+    """The real folder ``out`` now names."""
 
     @property
     def files_read(self) -> int:
@@ -63,6 +76,21 @@ class BuildReport:
         return [f for f in self.files if f.status == "skipped"]
 
 
+def plan_build_index(source: Path | str, out: Path | str, config: RAGConfig | None = None, *,
+                     embedder: Embedder | None = None, encoding: str | None = None, full: bool = False,
+                     progress: ProgressFn | None = None) -> BuildPlan:
+    """What ``build_index`` would do, without writing anything or loading the model:
+    full or incremental (and why), and the files unchanged, changed, added and deleted.
+
+    **Usage:** ``print(plan_build_index("docs/", "indexes/docs").describe())``
+    """
+    config = config or RAGConfig.load()
+    identity = embedder.identity if embedder is not None else _embedder(config).identity
+    files = scan_source(source, progress)
+    return plan_build(files, Path(out), identity=identity, chunking=chunking_section(config.chunk),
+                      encoding=encoding, full=full)
+
+
 def build_index(
     source: Path | str,
     out: Path | str,
@@ -71,19 +99,45 @@ def build_index(
     embedder: Embedder | None = None,
     encoding: str | None = None,
     progress: ProgressFn | None = None,
+    full: bool = False,
 ) -> BuildReport:
-    """Build an index folder at ``out`` from a file or folder of documents.
+    """Build or update the index at ``out`` from a file or folder of documents.
 
-    **Usage:** ``build_index("docs/", "indexes/docs")``
+    **Usage:** ``build_index("docs/", "indexes/docs")``; ``full=True`` re-embeds everything.
     """
     config = config or RAGConfig.load()
+    out = Path(out)
     t0 = time.perf_counter()
-    docs, outcomes = read_corpus(Path(source), encoding, int(config.chunk.max_file_mb * 2**20))
-    if not docs:
-        reasons = "; ".join(f"{o.path}: {o.reason}" for o in outcomes[:5]) or "the folder is empty"
+    embedder = embedder or _embedder(config)
+    plan = plan_build_index(source, out, config, embedder=embedder, encoding=encoding, full=full, progress=progress)
+    timings = {"scan": time.perf_counter() - t0}
+    t = time.perf_counter()
+    tokenizer = _ready(embedder, config)
+    g = gather(plan, chunk_size=config.chunk.chunk_size, chunk_overlap=config.chunk.chunk_overlap,
+               tokenizer=tokenizer, encoding=encoding, max_bytes=int(config.chunk.max_file_mb * 2**20))
+    timings["read"] = time.perf_counter() - t
+    if not any(o.status == "ok" for o in g.outcomes):
+        reasons = "; ".join(f"{o.path}: {o.reason}" for o in g.outcomes[:5]) or "the folder is empty"
         raise IngestError(f"{source}: no readable documents ({reasons})")
-    return build_from_documents(docs, out, config, embedder=embedder, outcomes=outcomes, progress=progress,
-                                _started=t0)
+    if _up_to_date(plan, g.outcomes, config) and out.is_symlink():  # a plain folder is migrated below
+        return _unchanged_report(plan, out, g.outcomes, timings, t0)
+    previous = _open_previous(plan) if plan.previous is not None else None
+    t = time.perf_counter()
+    vectors = np.empty((len(g.chunks), embedder.dim), np.float32)
+    for new, old, count in _runs(g.kept):
+        vectors[new:new + count] = previous.vectors(old, count)  # type: ignore[union-attr]
+    vectors[g.new_ids] = _embed_all(embedder, [g.chunks[i].text for i in g.new_ids], config.embed.batch_size,
+                                    progress)
+    timings["embed"] = time.perf_counter() - t
+    build_record = {"mode": plan.mode, "reason": plan.reason, "files": plan.counts,
+                    "chunks_embedded": len(g.new_ids), "chunks_kept": len(g.chunks) - len(g.new_ids),
+                    "previous": plan.previous.fingerprint if plan.previous is not None else None}
+    extra = {"corpus": {"encoding": encoding, "files": g.corpus}, "build": build_record}
+    report = _index_and_publish(out, g.chunks, vectors, g.outcomes, g.documents, config, embedder,
+                                extra=extra, plan=plan, previous=previous, progress=progress, timings=timings)
+    report.seconds["total"] = round(time.perf_counter() - t0, 3)
+    report.mode, report.reason, report.changes, report.embedded = plan.mode, plan.reason, plan.counts, len(g.new_ids)
+    return report
 
 
 def build_from_documents(
@@ -96,10 +150,9 @@ def build_from_documents(
     progress: ProgressFn | None = None,
     source: dict[str, Any] | None = None,
     keep_vectors: bool = False,
-    _started: float | None = None,
 ) -> BuildReport:
     """Chunk, embed and index documents already in memory (``ragserve eval`` builds from a
-    data set's paragraphs this way); the folder is written and swapped in as by ``build_index``.
+    data set's paragraphs this way): always a full build, published like ``build_index``'s.
 
     ``source`` is recorded in the manifest (what the documents came from, with a digest);
     ``keep_vectors`` also writes the float32 embeddings (``vectors.f32.npy``, hashed in the
@@ -110,14 +163,156 @@ def build_from_documents(
     """
     config = config or RAGConfig.load()
     out = Path(out)
-    t0 = _started if _started is not None else time.perf_counter()
-    timings: dict[str, float] = {"read": time.perf_counter() - t0}
-    if outcomes is None:
-        outcomes = [FileOutcome(d, "ok", documents=1) for d in dict.fromkeys(doc.doc_id for doc in docs)]
-    if embedder is None:
-        from ragserve.embed import SentenceTransformerEmbedder
+    t0 = time.perf_counter()
+    outcomes = outcomes or [FileOutcome(d, "ok", documents=1) for d in dict.fromkeys(doc.doc_id for doc in docs)]
+    embedder = embedder or _embedder(config)
+    tokenizer = _ready(embedder, config)
+    t = time.perf_counter()
+    unchunked: dict[str, str] = {}  # a document that cannot be chunked is skipped, not the build
+    chunks = list(chunk_documents(docs, config.chunk.chunk_size, config.chunk.chunk_overlap, tokenizer,
+                                  on_skip=unchunked.__setitem__))
+    if not chunks:
+        raise IngestError(f"no chunks: {'; '.join(f'{k}: {v}' for k, v in list(unchunked.items())[:5])}")
+    per_file: dict[str, int] = {}
+    for c in chunks:
+        per_file[c.doc_id] = per_file.get(c.doc_id, 0) + 1
+    outcomes = [FileOutcome(o.path, "skipped" if o.path in unchunked and not per_file.get(o.path) else o.status,
+                            unchunked.get(o.path, o.reason), o.encoding, o.documents, per_file.get(o.path, 0))
+                for o in outcomes]
+    timings = {"chunk": time.perf_counter() - t}
+    t = time.perf_counter()
+    vectors = _embed_all(embedder, [c.text for c in chunks], config.embed.batch_size, progress)
+    timings["embed"] = time.perf_counter() - t
+    extra: dict[str, Any] = {"build": {"mode": "full", "reason": "built from documents in memory",
+                                       "chunks_embedded": len(chunks)}}
+    if source is not None:
+        extra["source"] = source
+    report = _index_and_publish(out, chunks, vectors, outcomes, len(docs), config, embedder, extra=extra,
+                                keep_vectors=keep_vectors, progress=progress, timings=timings)
+    report.seconds["total"] = round(time.perf_counter() - t0, 3)
+    report.embedded = len(chunks)
+    return report
 
-        embedder = SentenceTransformerEmbedder(config.embed)
+
+def _index_and_publish(out: Path, chunks: list[Chunk], vectors: np.ndarray, outcomes: list[FileOutcome],
+                       documents: int, config: RAGConfig, embedder: Embedder, *, extra: dict[str, Any],
+                       plan: BuildPlan | None = None, previous: FaissIndex | None = None, keep_vectors: bool = False,
+                       progress: ProgressFn | None = None, timings: dict[str, float]) -> BuildReport:
+    """Build the FAISS index over ``vectors``, write a new version of ``out`` and switch to it.
+
+    Nothing is written before this point: a build that fails while reading or embedding
+    (the long part) leaves nothing behind.
+    """
+    t = time.perf_counter()
+    spec = plan_index(len(vectors), config.index)
+    spec, centroids, quantizer = _ivf_quantizer(spec, plan, previous, vectors, config)
+    index = FaissIndex.build(vectors, spec, progress=progress, centroids=centroids)
+    index_extra = None
+    if quantizer is not None:
+        if centroids is None:
+            quantizer["fit"] = quantizer_fit(index.centroids(), vectors)  # type: ignore[arg-type]
+        index_extra = {"quantizer": {"fit": quantizer["fit"]}}
+        extra["build"]["quantizer"] = quantizer
+    timings["index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    embedding = embedding_section(embedder.identity, getattr(embedder, "path", config.embed.model), index.dim,
+                                  precision=getattr(embedder, "precision", "float32"),
+                                  max_seq_length=getattr(embedder, "max_seq_length", None))
+    counts = {"files_read": sum(o.status == "ok" for o in outcomes),
+              "files_skipped": sum(o.status == "skipped" for o in outcomes),
+              "documents": documents, "chunks": len(chunks)}
+    skipped = [{"path": o.path, "reason": o.reason} for o in outcomes if o.status == "skipped"]
+    manifest, version = publish_index_folder(
+        out, index, chunks=chunks, embedding=embedding, chunking=chunking_section(config.chunk), counts=counts,
+        index_extra=index_extra, vectors=vectors if keep_vectors else None, extra={"skipped": skipped, **extra})
+    timings["write"] = time.perf_counter() - t
+    return BuildReport(
+        out=out, files=outcomes, chunks=len(chunks), documents=documents, dim=index.dim,
+        index_type=index.index_type, index_bytes=manifest["files"][INDEX_FILE]["bytes"],
+        fp32_bytes=len(chunks) * index.dim * 4, fingerprint=manifest["fingerprint"],
+        seconds={k: round(v, 3) for k, v in timings.items()}, index_params=spec.params,
+        index_reason=spec.reason, vectors=vectors if keep_vectors else None, quantizer=quantizer, version=version,
+    )
+
+
+def _ivf_quantizer(spec: IndexSpec, plan: BuildPlan | None, previous: FaissIndex | None, vectors: np.ndarray,
+                   config: RAGConfig) -> tuple[IndexSpec, np.ndarray | None, dict[str, Any] | None]:
+    """IVF: reuse the previous centroids when they still fit the corpus, else train.
+
+    Returns the spec to build, the centroids to reuse (None: train) and what the manifest
+    and summary say about it (None for other index types).
+    """
+    if spec.index_type != "ivf-fp16":
+        return spec, None, None
+    if plan is None or plan.previous is None or previous is None:
+        return spec, None, {"action": "trained", "reason": (plan.reason if plan else "") or "no previous centroids"}
+    old_section = plan.previous.data["index"]
+    reused, why = reuse_ivf_quantizer(old_section, spec, len(vectors), config.index)
+    if reused is not None:
+        centroids = previous.centroids()
+        assert centroids is not None
+        trained, now = float(old_section["quantizer"]["fit"]), quantizer_fit(centroids, vectors)
+        why = drift(trained, now)
+        if not why:
+            return reused, centroids, {
+                "action": "reused", "fit": trained, "fit_now": now,
+                "reason": f"mean cosine to the nearest centroid {now:.3f} (at training {trained:.3f})"}
+    return spec, None, {"action": "trained", "reason": why}
+
+
+def _up_to_date(plan: BuildPlan, outcomes: list[FileOutcome], config: RAGConfig) -> bool:
+    """Nothing to write: no file changed and the index would be built the same way."""
+    if not plan.changes_nothing or plan.previous is None:
+        return False
+    data = plan.previous.data
+    skipped = [{"path": o.path, "reason": o.reason} for o in outcomes if o.status == "skipped"]
+    same_index = (data["index"].get("requested") == requested_build(config.index)
+                  and data["index"]["type"] == plan_index(data["counts"]["chunks"], config.index).index_type)
+    return same_index and data.get("skipped") == skipped
+
+
+def _unchanged_report(plan: BuildPlan, out: Path, outcomes: list[FileOutcome], timings: dict[str, float],
+                      t0: float) -> BuildReport:
+    assert plan.previous is not None
+    data = plan.previous.data
+    timings["total"] = time.perf_counter() - t0
+    spec = IndexSpec.from_manifest(data["index"])
+    return BuildReport(
+        out=out, files=outcomes, chunks=data["counts"]["chunks"], documents=data["counts"]["documents"],
+        dim=int(data["embedding"]["dim"]), index_type=spec.index_type,
+        index_bytes=data["files"][INDEX_FILE]["bytes"], fp32_bytes=data["counts"]["chunks"] * int(data["embedding"]["dim"]) * 4,
+        fingerprint=plan.previous.fingerprint, seconds={k: round(v, 3) for k, v in timings.items()},
+        index_params=spec.params, index_reason=spec.reason, mode="up to date", changes=plan.counts,
+        version=plan.previous.folder,
+    )
+
+
+def _open_previous(plan: BuildPlan) -> FaissIndex:
+    assert plan.previous is not None
+    return FaissIndex.load(plan.previous.folder, IndexSpec.from_manifest(plan.previous.data["index"]))
+
+
+def _runs(kept: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Adjacent runs merged, so that a mostly unchanged corpus is read in a few calls."""
+    merged: list[tuple[int, int, int]] = []
+    for new, old, count in kept:
+        if count == 0:
+            continue
+        if merged and merged[-1][0] + merged[-1][2] == new and merged[-1][1] + merged[-1][2] == old:
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + count)
+        else:
+            merged.append((new, old, count))
+    return merged
+
+
+def _embedder(config: RAGConfig) -> Embedder:
+    from ragserve.embed import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(config.embed)  # cheap: the model loads in warm_up
+
+
+def _ready(embedder: Embedder, config: RAGConfig) -> Any:
+    """Load the model, check the chunk size against it; returns the splitter's tokenizer."""
     embedder.warm_up()
     max_len = getattr(embedder, "max_seq_length", None)
     if max_len and config.chunk.chunk_size > max_len:
@@ -126,60 +321,8 @@ def build_from_documents(
             f"{config.chunk.chunk_size} tokens is more than the embedding model reads ({max_len}); "
             f"use --chunk-size {max_len} or less",
         )
-
-    t = time.perf_counter()
     counter = getattr(embedder, "token_counter", None)
-    unchunked: dict[str, str] = {}  # a document that cannot be chunked is skipped, not the build
-    chunks = list(chunk_documents(docs, config.chunk.chunk_size, config.chunk.chunk_overlap,
-                                  counter() if counter else None, on_skip=unchunked.__setitem__))
-    timings["chunk"] = time.perf_counter() - t
-    per_file: dict[str, int] = {}
-    for c in chunks:
-        per_file[c.doc_id] = per_file.get(c.doc_id, 0) + 1
-    outcomes = [
-        FileOutcome(o.path, "skipped" if o.path in unchunked and not per_file.get(o.path) else o.status,
-                    unchunked.get(o.path, o.reason), o.encoding, o.documents, per_file.get(o.path, 0))
-        for o in outcomes
-    ]
-    if not chunks:
-        raise IngestError(f"no chunks: {'; '.join(f'{k}: {v}' for k, v in list(unchunked.items())[:5])}")
-
-    t = time.perf_counter()
-    vectors = _embed_all(embedder, [c.text for c in chunks], config.embed.batch_size, progress)
-    timings["embed"] = time.perf_counter() - t
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        t = time.perf_counter()
-        spec = plan_index(len(vectors), config.index)
-        index = FaissIndex.build(vectors, spec, progress=progress)
-        timings["index"] = time.perf_counter() - t
-        t = time.perf_counter()
-        index.save(tmp)
-        write_docstore(tmp, chunks)
-        files = [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE]
-        if keep_vectors:
-            np.save(tmp / VECTORS_FILE, vectors, allow_pickle=False)
-            files.append(VECTORS_FILE)
-        timings["write"] = time.perf_counter() - t
-        body = _manifest_body(config, embedder, outcomes, docs, chunks, index)
-        if source is not None:
-            body["source"] = source
-        manifest = write_manifest(tmp, body, files)
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t0
-    return BuildReport(
-        out=out, files=outcomes, chunks=len(chunks), documents=len(docs), dim=index.dim,
-        index_type=index.index_type, index_bytes=manifest["files"][INDEX_FILE]["bytes"],
-        fp32_bytes=len(chunks) * index.dim * 4, fingerprint=manifest["fingerprint"],
-        seconds={k: round(v, 3) for k, v in timings.items()}, index_params=spec.params,
-        index_reason=spec.reason, vectors=vectors if keep_vectors else None,
-    )
+    return counter() if counter else None
 
 
 def _embed_all(embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressFn | None) -> np.ndarray:
@@ -192,39 +335,3 @@ def _embed_all(embedder: Embedder, texts: list[str], batch_size: int, progress: 
         if progress:
             progress("embed", min(start + step, len(texts)), len(texts))
     return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
-
-
-def _manifest_body(config, embedder, outcomes, docs, chunks, index) -> dict[str, Any]:
-    return {
-        "ragserve_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "embedding": {**embedder.identity, "model": str(getattr(embedder, "path", config.embed.model)),
-                      "dim": index.dim, "normalized": True,
-                      "precision": getattr(embedder, "precision", "float32"),
-                      "max_seq_length": getattr(embedder, "max_seq_length", None)},
-        "chunking": {"splitter": "llama_index.core.node_parser.SentenceSplitter",
-                     "chunk_size": config.chunk.chunk_size, "chunk_overlap": config.chunk.chunk_overlap,
-                     "tokenizer": "embedding model"},
-        "index": {**index.spec.to_manifest(), "ntotal": index.ntotal},
-        "counts": {"files_read": sum(o.status == "ok" for o in outcomes),
-                   "files_skipped": sum(o.status == "skipped" for o in outcomes),
-                   "documents": len(docs), "chunks": len(chunks)},
-        "skipped": [{"path": o.path, "reason": o.reason} for o in outcomes if o.status == "skipped"],
-    }
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished build into place; the old index is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -56,7 +56,8 @@ NprobeOpt = Annotated[Optional[int], typer.Option("--nprobe", help="ivf-fp16: li
 EfSearchOpt = Annotated[Optional[int], typer.Option("--ef-search", help="hnsw-fp16: candidates per query.")]
 
 _PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
-           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers"}
+           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers",
+           "hash": "hashing source files"}
 
 
 @contextmanager
@@ -98,36 +99,42 @@ def build_index_cmd(
     ef_construction: Annotated[Optional[int], typer.Option(help="hnsw-fp16: build candidates.")] = None,
     encoding: Annotated[Optional[str], typer.Option(help="Force a text encoding instead of detecting it.")] = None,
     max_file_mb: Annotated[Optional[float], typer.Option(help="Skip larger files, with a reason (0: no limit).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-embed every file, even if the index could be "
+                                                      "updated incrementally.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what the build would do (files unchanged, "
+                                                            "changed, added, deleted) and write nothing.")] = False,
+    notify: Annotated[Optional[str], typer.Option(
+        "--notify", help="After a successful build, POST to this URL (a server's /admin/reload).")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(
+        "--admin-key", envvar="RAGSERVE_ADMIN_KEY", help="Sent with --notify as 'Authorization: Bearer KEY'.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Read, chunk and embed a corpus; write a verified index folder atomically."""
-    from ragserve.build import build_index
+    """Read, chunk and embed a corpus into a new index version, then switch to it atomically.
+
+    If OUT already holds an index built with the same embedding model and chunking, only
+    new and changed files are embedded; unchanged files keep their chunks and vectors.
+    """
+    from ragserve.build import build_index, plan_build_index
+    from ragserve.build_summary import print_build_summary, print_plan
 
     cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction})
+    if dry_run:
+        print_plan(out, plan_build_index(source, out_dir, cfg, encoding=encoding, full=full), out_dir)
+        return
     with _progress_bars() as on_progress:
-        report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress)
-    _print_build_summary(report)
+        report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
+    print_build_summary(out, report)
+    if notify:
+        from ragserve.notify import notify_reload
 
-
-def _print_build_summary(report: Any) -> None:
-    from rich.table import Table
-
-    mib = 1024 * 1024
-    out.print(f"[bold green]index written[/] {report.out}")
-    out.print(f"  files read {report.files_read}, skipped {len(report.skipped)}; documents {report.documents}; "
-              f"chunks {report.chunks} ({report.dim}-d)")
-    out.print(f"  index {report.index_type} {report.index_params or ''}: {report.index_bytes / mib:.2f} MiB "
-              f"(float32 vectors would take {report.fp32_bytes / mib:.2f} MiB)", highlight=False)
-    if report.index_reason:
-        out.print(f"  auto: {report.index_reason}", highlight=False)
-    out.print(f"  fingerprint {report.fingerprint[:16]}  seconds {report.seconds}")
-    if report.skipped:
-        table = Table("skipped file", "reason", title="files not indexed")
-        for f in report.skipped:
-            table.add_row(f.path, f.reason)
-        out.print(table)
+        result = notify_reload(notify, index=str(out_dir), fingerprint=report.fingerprint, admin_key=admin_key)
+        if result.ok:
+            out.print(f"  notified {result.message}", highlight=False)
+        else:  # the index is in place: a server that missed this picks it up at its next reload
+            console.print(f"[yellow]warning[/] notify failed (the index is built): {escape(result.message)}",
+                          highlight=False)
 
 
 @app.command("query")
@@ -299,7 +306,8 @@ def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder
 
     m = verify(index)  # hashes, then structure
     counts, structure = m.data["counts"], check_structure(m)
-    out.print(f"[green]ok[/] {index}: {len(m.data['files'])} files match the manifest; "
+    version = f" (version {m.folder.name})" if m.folder.name != index.name else ""
+    out.print(f"[green]ok[/] {index}{version}: {len(m.data['files'])} files match the manifest; "
               f"{counts['chunks']} chunks, {m.dim}-d, {m.data['index']['type']}, fingerprint {m.fingerprint[:16]}")
     if structure is not None:
         out.print(f"  structure agrees: {structure.summary()}", highlight=False)

@@ -7,9 +7,10 @@ stores float16 codes (2·d bytes per vector), which on this data ranks like exac
 NOTE: a loaded index is read-only. Flat, SQ and HNSW storage is mapped from disk with
 ``IO_FLAG_MMAP_IFC``; IVF lists are mapped with ``IO_FLAG_MMAP`` (FAISS reads them through
 read-only ``OnDiskInvertedLists`` over the same file). Adding to a mapped index aborted the
-process in a test, so this class has no ``add``: to change an index, build a new folder
-(``build.py`` swaps it in atomically). A process that still maps the old files keeps a
-valid view: the old folder is unlinked, not overwritten.
+process in a test, so this class has no ``add``: to change an index, build a new version
+folder (``versions.py`` flips the index path to it atomically; an incremental build reads
+the old vectors back with ``vectors()``). A process that still maps the old files keeps a
+valid view: an old version is unlinked, never overwritten.
 
 **Usage:**
 
@@ -97,10 +98,12 @@ class FaissIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, spec: IndexSpec | str = "flat-fp16", *,
-              progress: ProgressFn | None = None) -> FaissIndex:
+              progress: ProgressFn | None = None, centroids: np.ndarray | None = None) -> FaissIndex:
         """Train (IVF: k-means on a sample) and add ``vectors`` in id order.
 
         ``progress(phase, done, total)`` is called with phases ``train`` and ``add``.
+        ``centroids`` (IVF only) reuses a coarse quantizer instead of training one: an
+        incremental build whose corpus has not drifted keeps the previous centroids.
         """
         faiss = _faiss()
         spec = _spec(spec)
@@ -111,7 +114,9 @@ class FaissIndex:
         if spec.index_type == "hnsw-fp16":
             index.hnsw.efConstruction = spec.ef_construction
         if spec.index_type == "ivf-fp16":
-            _train_ivf(faiss, index, x, spec, progress)
+            _train_ivf(faiss, index, x, spec, progress, centroids)
+        elif centroids is not None:
+            raise ValueError(f"centroids are for ivf-fp16, not {spec.index_type}")
         elif not index.is_trained:
             index.train(x)  # SQfp16 and Flat need no training; kept for future types
         # Added in steps only so that progress moves: FAISS assigns ids in call order, so the
@@ -122,6 +127,27 @@ class FaissIndex:
             if progress:
                 progress("add", min(start + step, len(x)), len(x))
         return cls(index, spec)
+
+    def vectors(self, start: int, count: int) -> np.ndarray:
+        """Stored vectors ``start .. start+count-1`` decoded to float32 (shape (count, dim)).
+
+        float16 codes decode exactly and encode back to the same codes, so an index built
+        from these rows stores what the original embeddings gave (IVF stores residuals to
+        the centroid: exact again when the centroids are reused).
+        """
+        if count <= 0:
+            return np.zeros((0, self.dim), np.float32)
+        if not 0 <= start <= start + count <= self.ntotal:
+            raise ValueError(f"rows {start}..{start + count - 1} are outside 0..{self.ntotal - 1}")
+        return np.ascontiguousarray(self._index.reconstruct_n(start, count), dtype=np.float32)
+
+    def centroids(self) -> np.ndarray | None:
+        """The IVF coarse quantizer's centroids (nlist, dim); None for other types."""
+        if self.index_type != "ivf-fp16":
+            return None
+        faiss = _faiss()
+        quantizer = faiss.extract_index_ivf(self._index).quantizer
+        return np.ascontiguousarray(quantizer.reconstruct_n(0, quantizer.ntotal), dtype=np.float32)
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / INDEX_FILE
@@ -220,17 +246,24 @@ def _one_thread_if(single: bool) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def _train_ivf(faiss: Any, index: Any, x: np.ndarray, spec: IndexSpec, progress: ProgressFn | None) -> None:
+def _train_ivf(faiss: Any, index: Any, x: np.ndarray, spec: IndexSpec, progress: ProgressFn | None,
+               centroids: np.ndarray | None = None) -> None:
     """k-means for the coarse quantizer on a seeded sample, one iteration per call so that
     progress can be reported (FAISS's own ``train`` runs all iterations in C++ silently).
 
     Each call continues from the previous centroids, which is what the iterations inside
     one FAISS call do; ``spherical`` matches what ``index_factory`` sets for inner product.
+    Given ``centroids``, k-means is skipped and those become the quantizer.
     """
     ivf = faiss.extract_index_ivf(index)
     rng = np.random.default_rng(_SEED)
     sample = x if spec.train_size >= len(x) else x[np.sort(rng.choice(len(x), spec.train_size, replace=False))]
-    centroids: np.ndarray | None = None
+    if centroids is not None:
+        if centroids.shape != (spec.nlist, x.shape[1]):
+            raise ValueError(f"centroids of shape {centroids.shape} for nlist {spec.nlist}, dim {x.shape[1]}")
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        ivf.train(sample)
+        return
     for it in range(IVF_KMEANS_ITERATIONS):
         clus = faiss.Clustering(x.shape[1], spec.nlist)
         clus.niter = 1
@@ -248,3 +281,25 @@ def _train_ivf(faiss: Any, index: Any, x: np.ndarray, spec: IndexSpec, progress:
     # The quantizer now holds nlist centroids, so FAISS's train skips k-means and only
     # trains the float16 encoder (a no-op for fp16, kept so any encoder is trained).
     ivf.train(sample)
+
+
+FIT_SAMPLE = 4096
+"""Vectors sampled (seeded) to measure how well IVF centroids fit a corpus."""
+
+
+def quantizer_fit(centroids: np.ndarray, vectors: np.ndarray, sample: int = FIT_SAMPLE) -> float:
+    """Mean cosine between a seeded sample of ``vectors`` and their nearest centroid.
+
+    Recorded when IVF centroids are trained; an incremental build measures it again on
+    the new corpus, and a drop means the corpus has drifted away from the centroids
+    (lists grow unevenly and nprobe finds fewer true neighbours).
+    """
+    faiss = _faiss()
+    rng = np.random.default_rng(_SEED)
+    rows = np.arange(len(vectors)) if sample >= len(vectors) else np.sort(rng.choice(len(vectors), sample, replace=False))
+    c = as_queries(centroids, centroids.shape[1])
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    flat = faiss.IndexFlatIP(c.shape[1])
+    flat.add(c)
+    scores, _ = flat.search(as_queries(vectors[rows], c.shape[1]), 1)
+    return round(float(scores.mean()), 4)

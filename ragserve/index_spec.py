@@ -24,7 +24,7 @@ recorded as defaults and can be overridden by config without a rebuild.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ragserve.config import IndexConfig
@@ -54,6 +54,14 @@ IVF_MAX_NLIST = 65_536
 IVF_KMEANS_ITERATIONS = 10
 """What FAISS's own IVF training uses (``Level1Quantizer.cp.niter``)."""
 HNSW_DEFAULT_EF_SEARCH = 128
+
+# NOTE on reusing IVF centroids in an incremental build (a starting point, not measured at
+# scale): the centroids are kept while the planned list count stays within a factor of 2
+# of theirs and the corpus's mean cosine to its nearest centroid (``quantizer_fit``) has
+# not fallen more than 0.05 below its value when they were trained. Past that, lists get
+# uneven or far from their vectors and the same nprobe finds fewer true neighbours.
+IVF_NLIST_SLACK = 2.0
+IVF_DRIFT_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -169,3 +177,33 @@ def plan_index(n: int, config: IndexConfig) -> IndexSpec:
                          ef_search=config.hnsw_ef_search or HNSW_DEFAULT_EF_SEARCH,
                          requested=requested, reason=reason)
     return IndexSpec(index_type, requested=requested, reason=reason)
+
+
+def reuse_ivf_quantizer(previous: dict[str, Any], planned: IndexSpec, n: int,
+                        config: IndexConfig) -> tuple[IndexSpec | None, str]:
+    """Whether the previous index's IVF centroids may serve ``n`` chunks (before drift is
+    measured): the spec to build with them, or None and why they must be retrained.
+
+    **Usage:** ``spec, why = reuse_ivf_quantizer(old_manifest["index"], plan_index(n, cfg), n, cfg)``
+    """
+    if previous.get("type") != "ivf-fp16":
+        return None, f"the previous index is {previous.get('type')}, not ivf-fp16"
+    if "fit" not in previous.get("quantizer", {}):
+        return None, "the previous index records no quantizer fit"
+    old = IndexSpec.from_manifest(previous)
+    if config.ivf_nlist and config.ivf_nlist != old.nlist:
+        return None, f"index.ivf_nlist is {config.ivf_nlist}, the centroids are {old.nlist}"
+    if old.nlist > n // IVF_MIN_POINTS_PER_LIST:
+        return None, f"{n} chunks are too few for {old.nlist} lists"
+    if not config.ivf_nlist and not old.nlist / IVF_NLIST_SLACK <= planned.nlist <= old.nlist * IVF_NLIST_SLACK:
+        return None, f"the corpus is now {n} chunks: about {planned.nlist} lists fit it, the centroids are {old.nlist}"
+    nprobe = min(old.nlist, config.ivf_nprobe or default_nprobe(old.nlist))
+    return replace(planned, nlist=old.nlist, train_size=old.train_size, nprobe=nprobe), ""
+
+
+def drift(trained_fit: float, fit_now: float) -> str:
+    """Why the centroids must be retrained for drift ("" when they still fit)."""
+    if fit_now >= trained_fit - IVF_DRIFT_TOLERANCE:
+        return ""
+    return (f"drift: mean cosine to the nearest centroid fell from {trained_fit:.3f} to {fit_now:.3f} "
+            f"(more than {IVF_DRIFT_TOLERANCE})")

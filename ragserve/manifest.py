@@ -6,6 +6,16 @@ parameters, the index type, counts, and the SHA-256 and size of every file. Its
 to a document, a model or a parameter gives a new fingerprint: cache keys include it, and
 no answer computed against another index is ever served.
 
+Format 2 adds ``corpus`` (path, SHA-256 and chunk range of every source file, what an
+incremental build compares) and ``build`` (how this folder was made: full or incremental
+and why, what was reused). ``build`` is left out of the fingerprint like ``created_at``:
+it says how the folder was produced, not what it holds, so an incremental build that
+gives the same files as a full build gives the same fingerprint. Format 1 is still read.
+
+``read_manifest`` resolves the path once (an index path is usually a link to the current
+version, see ``versions.py``): ``Manifest.folder`` is the real folder, and everything
+opened through it stays on that version when a later build flips the link.
+
 NOTE: FAISS loads a file with a flipped payload byte without complaint and returns
 results, so ``verify()`` hashes every file before anything is served (about 0.06 s per
 100 MB here).
@@ -21,10 +31,12 @@ from typing import Any
 import orjson
 
 from ragserve.errors import IndexIntegrityError, IndexMismatchError, IndexNotFoundError
+from ragserve.versions import resolve_index
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
-_UNHASHED = ("created_at", "fingerprint")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_UNHASHED = ("created_at", "fingerprint", "build")
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -73,10 +85,12 @@ class Manifest:
 
 
 def read_manifest(folder: Path | str) -> Manifest:
-    """Parse the manifest; errors name the folder and what is wrong."""
-    folder = Path(folder)
+    """Parse the manifest of the folder ``folder`` names now; errors name the folder and
+    what is wrong."""
+    given = Path(folder)
+    folder = resolve_index(given)
     if not folder.is_dir():
-        raise IndexNotFoundError(folder)
+        raise IndexNotFoundError(given)
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise IndexNotFoundError(folder, f"no {MANIFEST_FILE} in the folder")
@@ -87,9 +101,10 @@ def read_manifest(folder: Path | str) -> Manifest:
     if not isinstance(data, dict):
         raise IndexIntegrityError(path, "not a JSON object")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise IndexMismatchError(
-            path, f"format version {version!r}, this ragserve reads {FORMAT_VERSION}; rebuild the index"
+            path, f"format version {version!r}, this ragserve reads {', '.join(map(str, READABLE_VERSIONS))}; "
+                  "rebuild the index"
         )
     for key in ("embedding", "chunking", "index", "counts", "files", "fingerprint"):
         if key not in data:

