@@ -19,9 +19,8 @@ from ragserve.types import CacheTier, Generation, QueryResult, Source, Timings, 
 
 
 class AnswerCache:
-    def __init__(self, config: CacheConfig, index_fingerprint: str, answer_fingerprint: str) -> None:
+    def __init__(self, config: CacheConfig, answer_fingerprint: str) -> None:
         self.config = config
-        self.index_fingerprint = index_fingerprint
         self.answer_fingerprint = answer_fingerprint
         self.l1 = L1Cache(config.l1_max_entries, config.l1_max_bytes, config.l1_ttl_s)
         self.server: RedisServer | None = None
@@ -36,10 +35,13 @@ class AnswerCache:
             if url else None
         )
 
-    def key(self, normalized_question: str, namespace: str | None, top_k: int | None = None) -> str:
-        """``top_k``: a request's own, when it differs from the config's (in the fingerprint)."""
+    def key(self, normalized_question: str, namespace: str | None, index_fingerprint: str,
+            top_k: int | None = None) -> str:
+        """``index_fingerprint``: of the index version the request reads (a reload changes
+        it, so no answer from the old index is ever served); ``top_k``: a request's own,
+        when it differs from the config's."""
         answer = self.answer_fingerprint if top_k is None else f"{self.answer_fingerprint}:top_k={top_k}"
-        return cache_key(normalized_question, index_fingerprint=self.index_fingerprint, answer_fingerprint=answer,
+        return cache_key(normalized_question, index_fingerprint=index_fingerprint, answer_fingerprint=answer,
                          namespace=self.config.namespace if namespace is None else namespace)
 
     async def lookup(self, key: str, clock: StageClock, *, l1: bool = True) -> tuple[CachedAnswer | None, CacheTier]:

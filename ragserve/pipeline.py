@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ from ragserve.answers import AnswerCache, from_cached, from_generation
 from ragserve.config import RAGConfig
 from ragserve.errors import GenerationError, InputError, InvalidParameterError
 from ragserve.flight import StreamFlight
-from ragserve.manifest import Manifest, check_embedding, verify
+from ragserve.manifest import Manifest
 from ragserve.observe import Observers
 from ragserve.retrieval import Retriever
 from ragserve.runtime import LoopThread, map_bounded
+from ragserve.served import ServedIndex, Snapshots, describe, open_served
 from ragserve.timing import Gauges, StageClock, StageStats
 from ragserve.types import (
     DocStore,
@@ -58,6 +61,8 @@ class _Prepared:
     write: bool
     deadline_s: float
     top_k: int
+    snapshot: ServedIndex
+    """The index version this request reads, from start to end (``served.py``)."""
     l1_done: bool = False
     """Set once the caller's thread asked L1, so a miss is counted there once."""
 
@@ -74,9 +79,6 @@ class RAG:
         generator: Generator | None,
         config: RAGConfig,
     ) -> None:
-        self.manifest = manifest
-        self.index = index
-        self.docstore = docstore
         self.embedder = embedder
         self.generator = generator
         self.config = config
@@ -86,7 +88,13 @@ class RAG:
         # in_flight: requests past L1 on the engine loop; queued: waiting for an admission slot.
         self.gauges = Gauges("in_flight", "queued")
         self._runtime = LoopThread()
-        self.retriever = Retriever(embedder, index, docstore, config.embed)
+        # One thread runs every snapshot's embedding and search: one model call at a time.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
+        self.served = Snapshots(ServedIndex(manifest, index, docstore,
+                                            Retriever(embedder, index, docstore, config.embed, self._cpu)))
+        """The current index version; each request keeps the one it started with (``served.py``)."""
+        self._path: Path | None = None  # where from_index opened it: what reload() opens again
+        self._reload_lock = threading.Lock()
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
         self._prompt_builder: Any = None
@@ -94,7 +102,7 @@ class RAG:
         self.flight = StreamFlight()
         self.cache: AnswerCache | None = None
         if config.cache.enabled:
-            self.cache = AnswerCache(config.cache, manifest.fingerprint, config.fingerprint())
+            self.cache = AnswerCache(config.cache, config.fingerprint())
 
     # -- construction -----------------------------------------------------------------
 
@@ -120,23 +128,14 @@ class RAG:
         Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
         before anything is served from a bad index.
         """
-        from ragserve.docstore import LazyDocStore
-        from ragserve.index import FaissIndex
-        from ragserve.index_spec import IndexSpec
-
         config = config or RAGConfig.load()
-        manifest = verify(path)
         if embedder is None:
             from ragserve.embed import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(config.embed)
-        check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
-        index = FaissIndex.load(manifest.folder, IndexSpec.from_manifest(manifest.data["index"]),
-                                nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
-        embedder.warm_up()
-        check_embedding(manifest, embedder.identity, embedder.dim)
-        docstore = LazyDocStore(manifest.folder)
-        rag = cls(manifest, index, docstore, embedder, generator, config)
+        snap = open_served(path, config, embedder)
+        rag = cls(snap.manifest, snap.index, snap.docstore, embedder, generator, config)
+        rag._path = Path(path)
         if start_engine:
             try:
                 rag.warm_up()
@@ -162,14 +161,50 @@ class RAG:
         self.generator.warm_up()
         return self.generator
 
+    # The current snapshot's parts (a request in flight may still use an older one).
     @property
-    def _cpu(self) -> Any:
-        """The executor that runs embedding and search (profilers hook into its thread)."""
-        return self.retriever.executor
+    def manifest(self) -> Manifest:
+        return self.served.current.manifest
+
+    @property
+    def index(self) -> VectorIndex:
+        return self.served.current.index
+
+    @property
+    def docstore(self) -> DocStore:
+        return self.served.current.docstore
+
+    @property
+    def retriever(self) -> Retriever:
+        return self.served.current.retriever
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest.fingerprint
+        return self.served.current.fingerprint
+
+    def reload(self, path: str | Path | None = None) -> dict[str, Any]:
+        """Open the index at ``path`` (default: the path this engine was opened from, which
+        a build flips to its new version), verify it, and swap it in atomically: requests
+        already running finish on the index they started with, new ones use the new one,
+        and the old files are released when the last request using them ends. Cache keys
+        carry the fingerprint, so no answer from the old index is served after the swap.
+
+        A missing, corrupt or half-written index raises (``IndexIntegrityError``, ...)
+        and the current one keeps serving. Returns ``{"changed", "fingerprint",
+        "previous", "folder", ...}``; the same fingerprint again changes nothing.
+        """
+        target = Path(path) if path is not None else self._path
+        if target is None:
+            raise InputError("reload needs a path: this engine was not opened with RAG.from_index")
+        with self._reload_lock:  # one reload at a time; requests are never blocked by it
+            new = open_served(target, self.config, self.embedder, self._cpu)
+            previous = self.served.current
+            if new.fingerprint == previous.fingerprint:
+                new.close()
+                return {"changed": False, "previous": previous.fingerprint, **describe(previous)}
+            self.served.swap(new)
+            self._path = target
+        return {"changed": True, "previous": previous.fingerprint, **describe(new)}
 
     # -- public API ---------------------------------------------------------------------
 
@@ -232,12 +267,19 @@ class RAG:
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
         question = self._check(question)
-        return self._runtime.run(self.retriever.retrieve(question, top_k or self.config.query.top_k, StageClock()))
+        return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k))
 
     async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """``retrieve`` from any event loop; concurrent calls share embedding batches."""
         question = self._check(question)
-        return await self._runtime.run_async(self.retriever.retrieve(question, top_k or self.config.query.top_k, StageClock()))
+        return await self._runtime.run_async(self._retrieve(question, top_k or self.config.query.top_k))
+
+    async def _retrieve(self, question: str, top_k: int) -> list[Source]:
+        snap = self.served.acquire()
+        try:
+            return await snap.retriever.retrieve(question, top_k, StageClock())
+        finally:
+            self.served.release(snap)
 
     def stats(self) -> dict[str, Any]:
         """Queries, errors, per-stage latency (count, mean, p50/p95/p99 in ms over the last
@@ -286,7 +328,8 @@ class RAG:
         self._runtime.stop()
         if self.cache is not None:
             self.cache.stop_server()
-        self.retriever.close()
+        self.served.close()
+        self._cpu.shutdown(wait=True)
 
     def __enter__(self) -> RAG:
         return self
@@ -304,6 +347,7 @@ class RAG:
         """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
         default_k = self.config.query.top_k
+        snap = self.served.acquire()  # released when the request ends (_release)
         try:
             q = self._check(question)
             if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
@@ -312,12 +356,14 @@ class RAG:
                                           or not 0 <= timeout_s < float("inf")):
                 raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
             k = default_k if top_k is None else top_k
-            key = self.cache.key(q, namespace, None if k == default_k else k) if self.cache is not None else ""
+            key = (self.cache.key(q, namespace, snap.fingerprint, None if k == default_k else k)
+                   if self.cache is not None else "")
         except InputError as e:
+            self.served.release(snap)
             self.requests.refused(e)
             raise
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
-        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k)
+        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k, snap)
 
     def _l1_hit(self, p: _Prepared) -> QueryResult | None:
         """The caller-thread fast path: an L1 hit, or None (and L1 is marked as asked)."""
@@ -328,22 +374,29 @@ class RAG:
         if hit is None:
             p.l1_done = True
             return None
+        self.served.release(p.snapshot)
         return self._finish(from_cached(hit, "l1", p.clock), p)
 
     async def _answer(self, p: _Prepared) -> QueryResult:
         """Not streaming is consuming the stream and keeping its result (as in vLLM)."""
-        async with self.requests.scope(p.deadline_s):
-            async with aclosing(self._events(p, deltas=False)) as events:
-                async for event in events:
-                    if isinstance(event, DoneEvent):
-                        return event.result
-        raise GenerationError("the request ended without a result")
+        try:
+            async with self.requests.scope(p.deadline_s):
+                async with aclosing(self._events(p, deltas=False)) as events:
+                    async for event in events:
+                        if isinstance(event, DoneEvent):
+                            return event.result
+            raise GenerationError("the request ended without a result")
+        finally:
+            self.served.release(p.snapshot)
 
     async def _stream(self, p: _Prepared) -> AsyncIterator[StreamEvent]:
-        async with self.requests.scope(p.deadline_s):
-            async with aclosing(self._events(p, deltas=True)) as events:
-                async for event in events:
-                    yield event
+        try:
+            async with self.requests.scope(p.deadline_s):
+                async with aclosing(self._events(p, deltas=True)) as events:
+                    async for event in events:
+                        yield event
+        finally:
+            self.served.release(p.snapshot)
 
     async def _events(self, p: _Prepared, deltas: bool) -> AsyncIterator[StreamEvent]:
         """The one path of a request on the engine loop: the cache tiers, then a run of the
@@ -376,7 +429,7 @@ class RAG:
         clock, question = StageClock(), leader.question
         async with self.admission.slot() as waited:
             clock.add("admission", waited())
-            sources = await self.retriever.retrieve(question, leader.top_k, clock)
+            sources = await leader.snapshot.retriever.retrieve(question, leader.top_k, clock)
             generator = self._ensure_generator()
             with clock.span("prompt"):
                 prompt = self._builder(generator).build(question, sources)
@@ -393,7 +446,7 @@ class RAG:
                 raise GenerationError("the engine ended the stream without a final output")
             if not deltas:
                 yield TokenEvent(gen.text)
-            result = from_generation(question, generator.model_name, prompt, gen, clock, self.fingerprint)
+            result = from_generation(question, generator.model_name, prompt, gen, clock, leader.snapshot.fingerprint)
             result.request_id = leader.request_id
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored

@@ -11,7 +11,7 @@ from fighting each other.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from ragserve.config import EmbedConfig
@@ -22,11 +22,15 @@ from ragserve.types import DocStore, Embedder, Hit, Source, VectorIndex
 
 
 class Retriever:
-    def __init__(self, embedder: Embedder, index: VectorIndex, docstore: DocStore, config: EmbedConfig) -> None:
+    def __init__(self, embedder: Embedder, index: VectorIndex, docstore: DocStore, config: EmbedConfig,
+                 executor: Executor | None = None) -> None:
+        """``executor``: a one-thread executor shared with other retrievers over the same
+        model (the snapshots of a reload); by default the retriever makes and owns its own."""
         self.embedder = embedder
         self.index = index
         self.docstore = docstore
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
+        self._owns_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragserve-embed")
         self.batcher: MicroBatcher[tuple[str, int], tuple[list[Hit], float, float]] = MicroBatcher(
             self._embed_search, self.executor, window_s=config.batch_window_ms / 1000, max_batch=config.max_batch)
 
@@ -60,7 +64,8 @@ class Retriever:
                 "mean_batch": round(b.items / b.batches, 2) if b.batches else 0.0}
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        if self._owns_executor:
+            self.executor.shutdown(wait=True)
         close = getattr(self.docstore, "close", None)
         if close:
             close()

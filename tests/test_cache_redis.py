@@ -162,7 +162,7 @@ def _rag_with_l2(fake_rag, url, namespace="default"):  # noqa: F811
     from ragserve.config import CacheConfig
 
     cfg = CacheConfig(redis_url=url, l2_cooldown_s=0.1, l2_timeout_ms=1000, namespace=namespace)
-    fake_rag.cache = AnswerCache(cfg, fake_rag.fingerprint, fake_rag.config.fingerprint())
+    fake_rag.cache = AnswerCache(cfg, fake_rag.config.fingerprint())
     return fake_rag
 
 
@@ -224,7 +224,7 @@ def test_embedded_server_starts_and_stops(tmp_path):
     from ragserve.answers import AnswerCache
     from ragserve.config import CacheConfig
 
-    cache = AnswerCache(CacheConfig(redis_url="embedded"), "f", "a")
+    cache = AnswerCache(CacheConfig(redis_url="embedded"), "a")
     assert cache.server is not None and cache.server.url.startswith("unix://")
     loop = asyncio.new_event_loop()
     try:

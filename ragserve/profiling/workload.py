@@ -155,7 +155,7 @@ async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: i
             q = rng.choice(answered)
             if l2 is not None and rng.random() < l2_share:
                 await rag._runtime.run_async(l2.drain())  # its background L2 write has landed
-                rag.cache.l1.delete(rag.cache.key(q, namespace))
+                rag.cache.l1.delete(rag.cache.key(q, namespace, rag.fingerprint))
         else:
             q = next(fresh)
         start = time.perf_counter() - t0

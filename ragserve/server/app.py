@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from ragserve.config import RAGConfig
-from ragserve.errors import RagserveError
+from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
-from ragserve.server.auth import ApiKeys
+from ragserve.server.auth import ApiKeys, check_admin
 from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
 from ragserve.server.middleware import RequestMiddleware, ServingState
 from ragserve.server.schemas import QueryRequest, RetrieveRequest
@@ -86,6 +86,7 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     _errors(app, served)
     _native_routes(app, served)
     _ops_routes(app, served)
+    _admin_routes(app, served)
     from ragserve.server.openai_api import add_openai_routes
 
     add_openai_routes(app, served)
@@ -149,6 +150,20 @@ def _ops_routes(app: FastAPI, served: Served) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+def _admin_routes(app: FastAPI, served: Served) -> None:
+    @app.post("/admin/reload", summary="Open the index path again and swap the new version in (admin key)")
+    async def reload(request: Request) -> Response:
+        check_admin(served.config.server.admin_key, request.headers.get("authorization"))
+        try:
+            # Verifying hashes the files: off the event loop, so requests keep flowing.
+            result = await asyncio.to_thread(served.rag.reload)
+        except IndexError_ as e:  # the new index is refused; the current one keeps serving
+            raise HTTPError(422, type(e).__name__, f"reload refused, still serving {served.rag.fingerprint[:16]}: "
+                            f"{e}", "index") from None
+        log.info("reload: %s", result)
+        return json_response(result)
 
 
 def _errors(app: FastAPI, served: Served) -> None:

@@ -8,14 +8,19 @@ Shutdown, as load balancers and Kubernetes expect it:
    what is still running then is cancelled (its vLLM requests aborted, nothing cached).
 3. The engine stops and pending cache writes are flushed; the process exits 0.
 
-A second SIGTERM during the drain aborts what is left at once.
+A second SIGTERM during the drain aborts what is left at once. SIGHUP reloads the index
+(``RAG.reload``: the path is opened again, verified and swapped in; a bad index is refused
+and the current one keeps serving), as ``POST /admin/reload`` does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,7 +60,7 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
         app = create_app(rag, config, keys=keys)
         uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=1, lifespan="on")
-        server = DrainingServer(uv, app.state.served.state, s.drain_grace_s, ready_file)
+        server = DrainingServer(uv, app.state.served.state, s.drain_grace_s, ready_file, on_hangup=rag.reload)
         server.run()
     finally:
         rag.close()  # cancels what is left (vLLM aborts it), flushes cache writes, stops the engine
@@ -66,11 +71,12 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's ``Server`` with a drain before its own shutdown (see the module docstring)."""
 
     def __init__(self, config: uvicorn.Config, state: ServingState, grace_s: float,
-                 ready_file: Path | None = None) -> None:
+                 ready_file: Path | None = None, on_hangup: Callable[[], Any] | None = None) -> None:
         super().__init__(config)
         self.state = state
         self.grace_s = grace_s
         self.ready_file = ready_file
+        self.on_hangup = on_hangup
         self._drain_started = 0.0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -88,8 +94,21 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
+        if self.on_hangup is not None and threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            signal.signal(signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(self._reload))
         if self.ready_file is not None and self.started:
             self.ready_file.write_text(str(self.servers[0].sockets[0].getsockname()[1]))
+
+    def _reload(self) -> None:
+        """SIGHUP: reload the index off the event loop, as ``POST /admin/reload`` does."""
+        async def run() -> None:
+            try:
+                log.info("SIGHUP reload: %s", await asyncio.to_thread(self.on_hangup))  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - a refused index leaves the current one serving
+                log.error("SIGHUP reload refused, still serving the current index: %s", e)
+
+        asyncio.ensure_future(run())
 
     async def on_tick(self, counter: int) -> bool:
         state = self.state

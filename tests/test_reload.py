@@ -1,0 +1,135 @@
+"""Hot reload on real components (MiniLM, FAISS, versioned index folders), with a fake
+generator: the engine is not what is under test, the swap of the served index is."""
+
+import asyncio
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from ragserve.build import build_index
+from ragserve.config import RAGConfig
+from ragserve.docstore import LazyDocStore
+from ragserve.errors import IndexIntegrityError
+from ragserve.manifest import verify
+from ragserve.pipeline import RAG
+from ragserve.server.app import create_app
+
+from .http_server import running
+from .test_pipeline import FakeGenerator
+
+pytestmark = pytest.mark.integration
+MARK = " The archive was moved to the zebra building in 2031."
+
+
+@pytest.fixture
+def versions(tmp_path, xquad_corpus, embedder):
+    """(source folder, index path, the first build's report): a versioned index to rebuild."""
+    src = tmp_path / "src"
+    shutil.copytree(xquad_corpus[0], src)
+    out = tmp_path / "idx"
+    v1 = build_index(src, out, embedder=embedder)
+    return src, out, v1
+
+
+def chunk_texts(folder):
+    store = LazyDocStore(folder)
+    try:
+        return {c.text for c in store.get_many(range(len(store)))}
+    finally:
+        store.close()
+
+
+def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xquad_corpus, embedder):
+    src, out, v1 = versions
+    questions = [q["question"] for q in xquad_corpus[1][:64]]
+    gen = FakeGenerator(delay=0.3)
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+        before = rag.query(questions[0])
+        assert before.index_fingerprint == v1.fingerprint
+        old_folder = rag.manifest.folder
+        for f in sorted(src.glob("*.txt"))[:4]:  # four documents change: their chunks differ between versions
+            f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
+        v2 = build_index(src, out, embedder=embedder)
+        texts = {v1.fingerprint: chunk_texts(old_folder), v2.fingerprint: chunk_texts(verify(out).folder)}
+        assert texts[v1.fingerprint] != texts[v2.fingerprint]
+
+        async def load():
+            tasks = [asyncio.ensure_future(rag.aquery(q, cache_read=False)) for q in questions]
+            await asyncio.sleep(0.1)  # all 64 are in flight on v1
+            result = await asyncio.to_thread(rag.reload)
+            late = [asyncio.ensure_future(rag.aquery(q, cache_read=False)) for q in questions[32:48]]
+            return result, await asyncio.gather(*tasks, *late, return_exceptions=True)
+
+        result, results = asyncio.run(load())
+        assert result["changed"] and result["fingerprint"] == v2.fingerprint == rag.fingerprint
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, failed[:3]
+        seen = {r.index_fingerprint for r in results}
+        assert seen == {v1.fingerprint, v2.fingerprint}  # in flight on v1, after the swap on v2
+        for r in results:  # every source comes from the docstore of the version the request searched
+            assert all(s.text in texts[r.index_fingerprint] for s in r.sources), r.question
+        assert all(r.index_fingerprint == v2.fingerprint for r in results[64:])
+        # The answer cached on v1 is never served again: its key carries v1's fingerprint.
+        after = rag.query(questions[0])
+        assert after.cache_tier == "miss" and after.index_fingerprint == v2.fingerprint
+        assert rag.query(questions[0]).cache_tier == "l1"
+        old = [s for s in (rag.served.current,) if s.fingerprint == v1.fingerprint]
+        assert old == [] and rag.stats()["gauges"]["in_flight"]["current"] == 0
+
+
+def test_the_old_version_is_released_when_its_last_request_ends(versions, embedder):
+    src, out, v1 = versions
+    gen = FakeGenerator(delay=1.0)
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+        first = rag.served.current
+        for f in sorted(src.glob("*.txt"))[:1]:
+            f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
+        build_index(src, out, embedder=embedder)
+        holder = threading.Thread(target=rag.query, args=("Who held the old version?",))
+        holder.start()
+        while first.users == 0:
+            time.sleep(0.001)
+        rag.reload()
+        assert first.retired and first.users == 1  # still held: its files stay open
+        holder.join()
+        assert first.users == 0 and rag.served.current is not first
+
+
+def test_a_corrupt_or_missing_new_index_is_refused_and_the_old_keeps_serving(versions, tmp_path, embedder):
+    src, out, v1 = versions
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+        bad = tmp_path / "bad"
+        shutil.copytree(verify(out).folder, bad)
+        data = bytearray((bad / "index.faiss").read_bytes())
+        data[-100] ^= 0xFF
+        (bad / "index.faiss").write_bytes(bytes(data))
+        with pytest.raises(IndexIntegrityError):
+            rag.reload(bad)
+        (bad / "chunks.jsonl").write_text("half-written", encoding="utf-8")
+        with pytest.raises(IndexIntegrityError):
+            rag.reload(bad)
+        assert rag.fingerprint == v1.fingerprint and rag.query("still serving?").answer
+        assert rag.reload() == {**rag.reload(), "changed": False}  # the same version again: nothing to do
+
+
+def test_admin_reload_over_http_needs_the_admin_key(versions, embedder):
+    src, out, v1 = versions
+    cfg = RAGConfig().replace(server={"admin_key": "admin-secret-0123456789"})
+    with RAG.from_index(out, cfg, embedder=embedder, generator=FakeGenerator()) as rag:
+        with running(create_app(rag, cfg)) as url:
+            assert httpx.post(f"{url}/admin/reload").status_code == 401
+            assert httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            for f in sorted(src.glob("*.txt"))[:1]:
+                f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
+            v2 = build_index(src, out, embedder=embedder)
+            r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["changed"] and r.json()["fingerprint"] == v2.fingerprint
+            q = httpx.post(f"{url}/v1/query", json={"question": "which version?"}).json()
+            assert q["index_fingerprint"] == v2.fingerprint
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+        with running(create_app(rag, RAGConfig())) as url:
+            assert httpx.post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
