@@ -95,6 +95,11 @@ class VllmGenerator:
         """Started and not errored (vLLM marks a dead engine core as ``errored``)."""
         return self._engine is not None and not getattr(self._engine, "errored", False)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop vLLM's cached prefixes (benchmarks compare systems from the same cold
+        start). False while a running request still holds blocks: try again later."""
+        return bool(await self.engine.reset_prefix_cache())
+
     def unfinished(self) -> int:
         """Requests the engine holds right now (a gauge; 0 after every caller is gone)."""
         return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import uuid
@@ -300,6 +301,23 @@ class RAG:
             "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
             "cache": self.cache.stats() if self.cache else None,
         }
+
+    def reset_prefix_cache(self, attempts: int = 50) -> bool:
+        """Empty the generation engine's prefix cache (for benchmarks that must start every
+        system cold). Retries while finishing requests still hold blocks; False if the
+        engine cannot (a backend without a prefix cache) or never could."""
+        reset = getattr(self.generator, "reset_prefix_cache", None)
+        if reset is None:
+            return False
+
+        async def run() -> bool:
+            for _ in range(attempts):
+                if await reset():
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        return self._runtime.run(run())
 
     def engine_alive(self) -> bool:
         """False once the generation engine has died (a backend that cannot tell: True)."""

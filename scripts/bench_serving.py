@@ -97,14 +97,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    args.per_level = per_level(ap, args)
+    return args
+
+
+def per_level(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[int, int]:
+    """``--concurrency 1,8,32`` and ``--questions-per-level 16,32,64`` (or one count for all)
+    as ``{C: questions}``."""
     levels = [int(c) for c in args.concurrency.split(",")]
     counts = [int(n) for n in args.questions_per_level.split(",")]
     if len(counts) == 1:
         counts *= len(levels)
     if len(counts) != len(levels):
         ap.error("--questions-per-level needs one count per --concurrency level, or a single count")
-    args.per_level = dict(zip(levels, counts))
-    return args
+    return dict(zip(levels, counts))
 
 
 def log(msg: str) -> None:

@@ -198,3 +198,29 @@ def test_the_page_is_served(served):
     url, _ = served
     r = httpx.get(url)
     assert r.status_code == 200 and "<title>ragserve</title>" in r.text
+
+
+def test_a_dead_engine_is_503_on_probes_and_requests(tmp_path):
+    from ragserve.errors import EngineDeadError
+
+    class Dead(FakeGenerator):
+        def alive(self):
+            return False
+
+        async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+            raise EngineDeadError("the vLLM engine died: test")
+            yield  # an async generator that fails on its first step
+
+    rag = make_rag(tmp_path, Dead())
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        assert httpx.get(f"{url}/health").status_code == 503 and httpx.get(f"{url}/ready").status_code == 503
+        assert httpx.get(f"{url}/health").json()["engine"] == "dead"
+        r = httpx.post(f"{url}/v1/query", json={"question": "anyone there?"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "EngineDeadError"
+        s = httpx.post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
+        assert s.status_code == 503  # known before the first event: a status, not a broken stream
+        Dead.alive = lambda self: True  # dies only once the stream has begun: its last event says so
+        s = httpx.post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
+        events = sse_events(s.text)
+        assert s.status_code == 200 and [e for e, _ in events] == ["sources", "error"]
+        assert events[-1][1]["error"]["type"] == "EngineDeadError"

@@ -1,10 +1,7 @@
 """``ragserve serve`` as a process, as an operator runs it: SIGTERM drains and exits 0, and
 answers in the embedded Redis survive a restart (each start is a real vLLM engine)."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,38 +9,26 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ragserve.server.process import ServerProcess
+
 pytestmark = [pytest.mark.engine, pytest.mark.http, pytest.mark.redis]
 
 
-def start(index: Path, home: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    ready = tmp / f"ready-{time.monotonic_ns()}"
-    env = {**os.environ, "RAGSERVE_HOME": str(home), "RAGSERVE_GENERATE_MAX_TOKENS": "32",
-           "RAGSERVE_GENERATE_KV_CACHE_GIB": "1", "HF_HUB_OFFLINE": "1"}
-    # The prepared models live in the user's RAGSERVE_HOME; this one only holds the server's data.
-    env["RAGSERVE_GENERATE_MODEL"] = str(_model_dir())
-    proc = subprocess.Popen([sys.executable, "-m", "ragserve.cli", "serve", str(index), "--port", "0",
-                             "--grace", "60", "--ready-file", str(ready)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the server did not start:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{ready.read_text()}"
-
-
-def _model_dir() -> Path:
+def start(index: Path, home: Path) -> ServerProcess:
     from ragserve.models import resolve_generation_model
 
-    return resolve_generation_model("default")
+    # The prepared models live in the user's RAGSERVE_HOME; this one only holds the server's data.
+    env = {"RAGSERVE_HOME": str(home), "RAGSERVE_GENERATE_MAX_TOKENS": "32", "RAGSERVE_GENERATE_KV_CACHE_GIB": "1",
+           "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
+    return ServerProcess(index, env=env, args=["--grace", "60"], start_timeout_s=240).start()
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a_restart(
         xquad_index, xquad_corpus, tmp_path):
     home = tmp_path / "home"
     questions = [q["question"] for q in xquad_corpus[1][60:64]]
-    proc, url = start(xquad_index, home, tmp_path)
+    srv = start(xquad_index, home)
+    url = srv.url
     try:
         first = httpx.post(f"{url}/v1/query", json={"question": questions[0]}, timeout=60)
         assert first.status_code == 200 and first.headers["x-cache"] == "miss"
@@ -62,7 +47,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
         while httpx.get(f"{url}/v1/stats").json()["gauges"]["in_flight"]["current"] < 3:
             assert time.monotonic() < deadline, "the requests never got in flight"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        srv.signal(signal.SIGTERM)
         time.sleep(0.3)
         refused = httpx.post(f"{url}/v1/query", json={"question": "arriving late"}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "Draining"
@@ -71,15 +56,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
             t.join(timeout=120)
         assert [results[i].status_code for i in (1, 2, 3)] == [200, 200, 200]
         assert all(results[i].json()["answer"] for i in (1, 2, 3))
-        assert proc.wait(timeout=60) == 0, proc.stdout.read()[-3000:]
+        assert srv.stop(timeout_s=60) == 0, srv.tail()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        srv.kill()
 
-    proc, url = start(xquad_index, home, tmp_path)  # a new process: empty L1, the same Redis data
-    try:
-        again = httpx.post(f"{url}/v1/query", json={"question": questions[0]}, timeout=60)
+    with start(xquad_index, home) as srv:  # a new process: empty L1, the same Redis data
+        again = httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=60)
         assert again.headers["x-cache"] == "l2" and again.json()["answer"] == first.json()["answer"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+    assert srv.returncode == 0, srv.tail()

@@ -53,6 +53,13 @@ class Served:
             return namespace
         return self.keys.namespace(request.headers.get("authorization"))
 
+    def check_engine(self) -> None:
+        """A dead engine is 503 before anything starts (a stream would otherwise begin with
+        its sources and end in an error event)."""
+        if not self.rag.engine_alive():
+            raise HTTPError(503, "EngineDeadError", "the generation engine is not running; retry elsewhere",
+                            "generate")
+
     def check_key(self, request: Request) -> None:
         if self.keys is not None:
             self.keys.namespace(request.headers.get("authorization"))
@@ -104,6 +111,7 @@ def _native_routes(app: FastAPI, served: Served) -> None:
         rid = request_id(request)
         opts = dict(namespace=served.tenant(request, req.namespace), cache_read=req.cache.read,
                     cache_write=req.cache.write, timeout_s=req.timeout_s, request_id=rid, top_k=req.top_k)
+        served.check_engine()
         if req.stream:
             events = served.rag.astream(req.question, **opts)
             first = await _first(events)
@@ -164,6 +172,11 @@ def _admin_routes(app: FastAPI, served: Served) -> None:
                             f"{e}", "index") from None
         log.info("reload: %s", result)
         return json_response(result)
+
+    @app.post("/admin/reset_prefix_cache", summary="Empty vLLM's prefix cache (benchmarks; admin key)")
+    async def reset_prefix_cache(request: Request) -> Response:
+        check_admin(served.config.server.admin_key, request.headers.get("authorization"))
+        return json_response({"reset": await asyncio.to_thread(served.rag.reset_prefix_cache)})
 
 
 def _errors(app: FastAPI, served: Served) -> None:

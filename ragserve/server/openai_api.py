@@ -46,6 +46,7 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
         namespace = served.tenant(request, None)
         check_options(req, served)
         question = last_user_message(req)
+        served.check_engine()
         opts = dict(namespace=namespace, request_id=rid)
         cid, created, model = f"chatcmpl-{rid}", int(time.time()), model_id(served)
         if req.stream:

@@ -1,0 +1,87 @@
+"""``ragserve serve`` as a child process on loopback: for tests, benchmarks and soak runs.
+
+**Usage:**
+
+    with ServerProcess("indexes/docs", env={"RAGSERVE_CACHE_ENABLED": "false"}) as srv:
+        httpx.post(f"{srv.url}/v1/query", json={"question": "..."})
+    srv.returncode   # 0 after a clean SIGTERM drain
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    def __init__(self, index: str | Path, *, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 log: Path | None = None, start_timeout_s: float = 300.0) -> None:
+        """``env``: added to this process's environment (``RAGSERVE_*`` settings); ``args``:
+        extra ``ragserve serve`` options; ``log``: where its output goes (default: a temp file)."""
+        self.index = Path(index)
+        self.env = env or {}
+        self.args = args or []
+        self.log = log
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.returncode: int | None = None
+
+    def start(self) -> ServerProcess:
+        workdir = Path(tempfile.mkdtemp(prefix="ragserve-serve-"))
+        ready = workdir / "port"
+        self.log = self.log or workdir / "server.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ragserve.cli", "serve", str(self.index), "--port", "0",
+                 "--ready-file", str(ready), *self.args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"ragserve serve did not start; its log:\n{self.tail()}")
+            time.sleep(0.1)
+        self.url = f"http://127.0.0.1:{ready.read_text().strip()}"
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 120.0) -> int | None:
+        """SIGTERM (the drain), then wait; SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return self.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            self.returncode = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc is not None:
+            self.returncode = self.proc.returncode
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_bytes()[-n:].decode(errors="replace") if self.log and self.log.exists() else ""
+
+    def __enter__(self) -> ServerProcess:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,372 @@
+"""HTTP serving benchmark of issue 11: ``ragserve serve`` against ragserve in-process and the
+LlamaIndex peer, side by side in ONE run (the machine is noisy: only ratios measured
+together mean much).
+
+Misses, at each concurrency C (default 1, 8, 32, 64: C clients keep C requests in flight),
+distinct XQuAD questions, answer cache off, the same engine settings everywhere:
+
+- (a) ``HTTP native``: ``ragserve serve`` in its own process on 127.0.0.1, ``POST /v1/query``
+  with ``"stream": true`` through httpx (time to first token as the client sees it);
+- (b) ``HTTP OpenAI``: the same server through the ``openai`` SDK,
+  ``chat.completions.create(stream=True)``;
+- (c) ``in-process``: ``rag.astream`` in this process (the pipeline with no HTTP at all);
+- (d) ``LlamaIndex``: the peer of ``bench_serving.py`` (LlamaIndex + vLLM's OpenAI server;
+  ``make bench-deps`` installs it; non-streaming, so no client-side TTFT).
+
+The HTTP layer's own cost per request is the client's latency minus the ``total`` the
+server measured for the same request (parsing, JSON/SSE framing, the hop between the
+server's loop and the engine's, loopback TCP). Every system × C starts with a warm-up on
+questions no run measures and an emptied vLLM prefix cache (``/admin/reset_prefix_cache``
+on the server). Systems rotate their order per level.
+
+Then, on a second server with the answer cache on (L1, embedded Redis in a temp folder)
+and tight admission bounds: L1 hits over HTTP at ``--hit-clients`` (64) clients; and a
+burst of misses past the bounds, where every refused request must get 429 at once.
+
+Memory over a long mixed run (RSS growth): ``scripts/soak.py``.
+
+Run (from the repo root, on an otherwise idle machine; ``make bench-deps`` first for (d)):
+
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python scripts/bench_http.py --out reports/http
+    python scripts/bench_http.py --concurrency 1,8 --questions-per-level 4,16 --skip-peer   # a quick look
+
+A benchmark, not a test: it asserts nothing, it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
+import bench_serving_workload as wl  # noqa: E402
+from bench_serving_report import CpuSampler, Record, Run, cpu_table, merge_runs  # noqa: E402
+from bench_serving_systems import Systems  # noqa: E402
+
+SYSTEMS = ("HTTP native", "HTTP OpenAI", "in-process", "LlamaIndex")
+ADMIN_KEY = "bench-admin-key-0123456789"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=Path, default=bs.REPO / "indexes" / "xquad")
+    ap.add_argument("--xquad", type=Path, default=wl.XQUAD)
+    ap.add_argument("--out", type=Path, default=bs.REPO / "reports" / "http")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--questions-per-level", default="8,32,64,128")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--peer-vllm-defaults", action="store_true")
+    ap.add_argument("--peer-overlay", type=Path, default=bs.REPO / "build" / "bench-peer")
+    ap.add_argument("--hit-clients", type=int, default=64)
+    ap.add_argument("--hit-requests", type=int, default=20_000)
+    ap.add_argument("--burst", type=int, default=64, help="concurrent misses sent past the admission bounds")
+    ap.add_argument("--request-timeout", type=float, default=900.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.per_level = bs.per_level(ap, args)
+    return args
+
+
+def server_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
+    """The server's settings: the in-process engine's, by env (``RAGSERVE_<SECTION>_<FIELD>``)."""
+    return {"RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens), "RAGSERVE_SERVER_ADMIN_KEY": ADMIN_KEY,
+            "RAGSERVE_QUERY_MAX_IN_FLIGHT": "64", **extra}
+
+
+class HttpSystems(Systems):
+    """``bench_serving``'s systems plus ``ragserve serve`` over HTTP (native and OpenAI)."""
+
+    async def start(self) -> None:
+        import httpx
+        import openai
+
+        from ragserve.server.process import ServerProcess
+
+        await super().start()  # the in-process engine (cache off) and the peer
+        self.srv = ServerProcess(self.args.index, env=server_env(self.args, RAGSERVE_CACHE_ENABLED="false"),
+                                 log=self.args.out / "server.log")
+        t = time.perf_counter()
+        await asyncio.to_thread(self.srv.start)
+        self.start_s["ragserve serve"] = time.perf_counter() - t
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(base_url=self.srv.url, timeout=self.args.request_timeout, limits=limits)
+        self.oa = openai.AsyncOpenAI(base_url=f"{self.srv.url}/v1", api_key="unused", max_retries=0,
+                                     http_client=httpx.AsyncClient(timeout=self.args.request_timeout, limits=limits))
+        self.available = [n for n in SYSTEMS if n in ("HTTP native", "HTTP OpenAI", "in-process")
+                          or n in self.available]
+        self.log(f"ragserve serve up at {self.srv.url} in {self.start_s['ragserve serve']:.0f} s")
+
+    async def stop(self) -> None:
+        if getattr(self, "client", None) is not None:
+            await self.client.aclose()
+            await self.oa.close()
+        if getattr(self, "srv", None) is not None:
+            await asyncio.to_thread(self.srv.stop)
+        await super().stop()
+
+    async def run(self, name: str, qs: list[Any], c: int, drive: Any, timeout_s: float) -> Any:
+        one = {"HTTP native": self._native_one, "HTTP OpenAI": self._openai_one,
+               "in-process": self._inprocess_one}.get(name)
+        if one is None:
+            return await super().run(name, qs, c, drive, timeout_s)
+        return await drive(qs, c, one, timeout_s)
+
+    async def reset_prefix_cache(self, name: str) -> None:
+        if name.startswith("HTTP"):
+            r = await self.client.post("/admin/reset_prefix_cache", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            if r.status_code != 200 or not r.json()["reset"]:
+                raise RuntimeError(f"the server did not reset its prefix cache: {r.status_code} {r.text[:200]}")
+            return
+        await super().reset_prefix_cache("ragserve" if name == "in-process" else name)
+
+    async def _native_one(self, i: int, q: Any) -> Record:
+        t0 = time.perf_counter()
+        ttft, done, event = None, None, None
+        async with self.client.stream("POST", "/v1/query", json={"question": q.text, "stream": True}) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    if event == "token" and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    elif event == "done":
+                        done = json.loads(line[6:])
+                    elif event == "error":
+                        raise RuntimeError(line[6:200])
+        if done is None:
+            raise RuntimeError("the stream ended without a done event")
+        return _record(i, done["answer"], done["usage"], done["timings"], ttft, time.perf_counter() - t0)
+
+    async def _openai_one(self, i: int, q: Any) -> Record:
+        t0 = time.perf_counter()
+        ttft, parts, extra, usage = None, [], None, None
+        stream = await self.oa.chat.completions.create(
+            model="ragserve", messages=[{"role": "user", "content": q.text}], stream=True,
+            stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                extra = (chunk.model_extra or {}).get("ragserve")
+            if chunk.usage is not None:
+                usage = {"completion_tokens": chunk.usage.completion_tokens, "prompt_tokens": chunk.usage.prompt_tokens}
+        if extra is None:
+            raise RuntimeError("the stream ended without a finish chunk")
+        return _record(i, "".join(parts).strip(), usage or {}, extra["timings"], ttft, time.perf_counter() - t0)
+
+    async def _inprocess_one(self, i: int, q: Any) -> Record:
+        from ragserve.types import DoneEvent, TokenEvent
+
+        t0 = time.perf_counter()
+        ttft, result = None, None
+        async for ev in self.rag.astream(q.text):
+            if isinstance(ev, TokenEvent) and ttft is None:
+                ttft = time.perf_counter() - t0
+            elif isinstance(ev, DoneEvent):
+                result = ev.result
+        assert result is not None
+        usage = {"completion_tokens": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens}
+        return _record(i, result.answer, usage, result.timings.as_dict(), ttft, time.perf_counter() - t0)
+
+    def label_pid(self, pid: int) -> str:
+        srv = getattr(self, "srv", None)
+        if srv is not None and srv.proc is not None:
+            import psutil
+
+            if pid == srv.pid:
+                return "ragserve serve (HTTP + pipeline)"
+            try:
+                if pid in {p.pid for p in psutil.Process(srv.pid).children(recursive=True)}:
+                    return "ragserve serve: vLLM engine"
+            except psutil.Error:
+                pass
+        return super().label_pid(pid)
+
+
+def _record(i: int, answer: str, usage: dict[str, Any], timings: dict[str, float], ttft: float | None,
+            latency_s: float) -> Record:
+    stages = dict(timings)
+    stages["ttft_ms"] = (ttft if ttft is not None else latency_s) * 1e3
+    stages["outside_server_ms"] = latency_s * 1e3 - float(timings.get("total", 0.0))
+    return Record(i, answer=answer, completion_tokens=usage.get("completion_tokens"),
+                  prompt_tokens=usage.get("prompt_tokens"), stages=stages)
+
+
+# -- the cache-hit path and overload, on a server with the cache on ---------------------------
+
+async def hits_and_overload(args: argparse.Namespace, questions: list[Any]) -> dict[str, Any]:
+    import httpx
+
+    from ragserve.server.process import ServerProcess
+
+    redis_dir = tempfile.mkdtemp(prefix="bench-http-redis-")
+    env = server_env(args, RAGSERVE_CACHE_REDIS_DIR=redis_dir, RAGSERVE_QUERY_MAX_IN_FLIGHT="4",
+                     RAGSERVE_QUERY_MAX_QUEUED="4")
+    out: dict[str, Any] = {}
+    with ServerProcess(args.index, env=env, log=args.out / "server-cache.log") as srv:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=limits) as client:
+            hot = [q.text for q in questions[:32]]
+            for q in hot:  # one at a time: stays inside the admission bounds
+                (await client.post("/v1/query", json={"question": q})).raise_for_status()
+            lat, server_ms, tiers = [], [], {}
+            todo = iter(range(args.hit_requests))
+
+            async def worker() -> None:
+                for n in todo:
+                    t = time.perf_counter()
+                    r = await client.post("/v1/query", json={"question": hot[n % len(hot)]})
+                    lat.append(time.perf_counter() - t)
+                    tiers[r.headers.get("x-cache")] = tiers.get(r.headers.get("x-cache"), 0) + 1
+                    server_ms.append(r.json()["timings"]["total"])
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.hit_clients)))
+            wall = time.perf_counter() - t0
+            out["hits"] = {"requests": len(lat), "clients": args.hit_clients, "req_s": len(lat) / wall,
+                           "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
+                           "server_p50_ms": float(np.percentile(server_ms, 50)), "tiers": tiers}
+            bs.log(f"L1 hits over HTTP: {out['hits']}")
+            bursts = []
+            for b in range(2):
+                fresh = [q.text for q in questions[32 + b * args.burst: 32 + (b + 1) * args.burst]]
+
+                async def one(q: str) -> tuple[int, float]:
+                    t = time.perf_counter()
+                    r = await client.post("/v1/query", json={"question": q, "cache": {"read": False}})
+                    return r.status_code, time.perf_counter() - t
+
+                bursts += await asyncio.gather(*(one(q) for q in fresh))
+            refused = [t for s, t in bursts if s == 429]
+            out["overload"] = {"sent": len(bursts), "429": len(refused), "200": sum(s == 200 for s, _ in bursts),
+                               "other": sorted({s for s, _ in bursts} - {200, 429}),
+                               "p50_ms": _pct(refused, 50) * 1e3, "max_ms": max(refused, default=float("nan")) * 1e3}
+            bs.log(f"overload: {out['overload']}")
+    out["server_exit"] = srv.returncode
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def miss_table(runs: list[Run]) -> list[str]:
+    lines = ["| system | C | requests | errors | req/s | p50 s | p95 s | TTFT p50 s | TTFT p95 s | "
+             "outside the server, ms (mean / p50) | gold hit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for run in runs:
+        s = run.summary()
+        ok = [r for r in run.records if not r.error]
+        ttft = [r.stages["ttft_ms"] / 1e3 for r in ok if "ttft_ms" in r.stages]
+        outside = [r.stages["outside_server_ms"] for r in ok if "outside_server_ms" in r.stages]
+        n = len(ok)
+        lines.append(
+            f"| {run.system} | {run.concurrency} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | "
+            f"{s['p50_s']:.2f} | {s['p95_s']:.2f} | "
+            + (f"{_pct(ttft, 50):.2f} | {_pct(ttft, 95):.2f} | " if ttft else "— | — | ")
+            + (f"{np.mean(outside):.2f} / {_pct(outside, 50):.2f} | " if outside else "— | ")
+            + f"{s['gold_hits']}/{n} |")
+    return lines
+
+
+def ratio_lines(runs: list[Run]) -> list[str]:
+    by = {(r.system, r.concurrency): r.summary()["req_s"] for r in runs}
+    lines = []
+    for c in sorted({r.concurrency for r in runs}):
+        base = by.get(("in-process", c))
+        if not base:
+            continue
+        parts = [f"{name} {by[(name, c)] / base:.3f}×" for name in ("HTTP native", "HTTP OpenAI", "LlamaIndex")
+                 if (name, c) in by]
+        lines.append(f"- C={c}: requests/s relative to in-process: " + ", ".join(parts)
+                     + (" (target at C=32: HTTP native ≥ 0.95×)" if c == 32 else ""))
+    return lines
+
+
+def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], extra: dict[str, Any]) -> None:
+    from ragserve.profiling.env import PEER_PACKAGES, PACKAGES, environment, header_markdown
+
+    env = environment((*PACKAGES, "fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES))
+    settings = {"index": args.index, "max_tokens": args.max_tokens, "levels (C: questions)": args.per_level,
+                "answer cache": "off for misses; on (L1 + embedded Redis) for the hit/overload server",
+                "start-up s": {k: round(v, 1) for k, v in sys_.start_s.items()}, "peer": sys_.peer_note}
+    lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(env, settings), "",
+             "## Misses: distinct questions, every request reaches vLLM", "", *miss_table(runs), "",
+             *ratio_lines(runs), "",
+             "TTFT: from sending the request to the first token at the client (streaming). *Outside the server*: "
+             "the client's latency minus the server's own `total` for that request — the HTTP layer's cost "
+             "(framing, the hop to the engine loop, loopback TCP, the client library).", ""]
+    h, o = extra.get("hits"), extra.get("overload")
+    if h:
+        lines += ["## L1 hits over HTTP (native API, keep-alive connections)", "",
+                  "| clients | requests | req/s | p50 ms | p99 ms | server's own total p50 ms | answered by |",
+                  "|---:|---:|---:|---:|---:|---:|---|",
+                  f"| {h['clients']} | {h['requests']} | {h['req_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | "
+                  f"{h['server_p50_ms']:.3f} | {h['tiers']} |", "",
+                  f"- target: L1-hit p50 over HTTP ≤ 2 ms: {'met' if h['p50_ms'] <= 2 else 'NOT met'}", ""]
+    if o:
+        lines += ["## Overload: bursts of misses past the admission bounds (4 in flight + 4 queued)", "",
+                  "| sent | 200 | 429 | other | 429 p50 ms | 429 max ms |", "|---:|---:|---:|---|---:|---:|",
+                  f"| {o['sent']} | {o['200']} | {o['429']} | {o['other']} | {o['p50_ms']:.1f} | {o['max_ms']:.1f} |",
+                  "", f"- target: 429 within 50 ms: {'met' if o['max_ms'] <= 50 else 'NOT met'} (max)", ""]
+    lines += ["## CPU", "", *cpu_table([r.summary() for r in runs]), ""]
+    text = "\n".join(lines)
+    (args.out / "report.md").write_text(text, encoding="utf-8")
+    (args.out / "report.json").write_text(json.dumps({"runs": [r.summary() for r in runs], **extra}, default=str,
+                                                     indent=1), encoding="utf-8")
+    print(text)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from ragserve import RAGConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = RAGConfig().replace(cache={"enabled": False}, generate={"max_tokens": args.max_tokens})
+    await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, cfg)
+    questions = wl.load_questions(args.xquad)
+    workload = wl.split(questions, args.per_level, max(args.warmup, 1), args.seed)
+    sys_ = HttpSystems(args, cfg, workload, bs.log)
+    runs: list[Run] = []
+    extra: dict[str, Any] = {}
+    try:
+        await sys_.start()
+        sampler = CpuSampler(sys_.label_pid)
+        names = [n for n in SYSTEMS if n in sys_.available]
+        for i, c in enumerate(args.per_level):
+            rounds: dict[str, list[Run]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                order = names[i % len(names):] + names[: i % len(names)]
+                for name in (order[::-1] if r % 2 else order):
+                    rounds[name].append(await bs.measure(sys_, name, c, workload.levels[c], args, sampler))
+            runs += [merge_runs(rs) for rs in rounds.values()]
+    finally:
+        await sys_.stop()
+    extra = await hits_and_overload(args, workload.spare)
+    write_report(args, sys_, runs, extra)
+
+
+def main() -> None:
+    asyncio.run(main_async(parse_args()))
+
+
+if __name__ == "__main__":  # vLLM's engine spawns processes: the guard is required
+    main()
