@@ -224,3 +224,15 @@ def test_a_dead_engine_is_503_on_probes_and_requests(tmp_path):
         events = sse_events(s.text)
         assert s.status_code == 200 and [e for e, _ in events] == ["sources", "error"]
         assert events[-1][1]["error"]["type"] == "EngineDeadError"
+
+
+def test_every_request_is_one_access_log_line_with_its_request_id(served, caplog):
+    import logging
+
+    url, _ = served
+    with caplog.at_level(logging.INFO, logger="ragserve.access"):
+        httpx.post(f"{url}/v1/query", json={"question": "logged?"}, headers={"X-Request-Id": "trace-me-42"})
+        httpx.post(f"{url}/v1/query", json={"question": ""}, headers={"X-Request-Id": "trace-me-43"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
+    assert any(m.startswith("trace-me-42 POST /v1/query 200 ") for m in lines), lines
+    assert any(m.startswith("trace-me-43 POST /v1/query 400 ") for m in lines), lines

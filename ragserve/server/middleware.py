@@ -12,13 +12,17 @@ streamed response, and the handler still sees the client's disconnect).
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
 from ragserve.server.httperrors import HTTPError, response
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+access = logging.getLogger("ragserve.access")
+"""One line per request: request id, method, path, status, milliseconds (INFO)."""
 OPS_PATHS = ("/health", "/ready", "/metrics")
 
 
@@ -49,14 +53,15 @@ class RequestMiddleware:
         request_id = given if _ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = too_large = False
-        seen = 0
+        seen = status = 0
+        t0 = time.perf_counter()
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, status
             if too_large and not started:
                 return  # the app's answer to a body it could not read: replaced by the 413
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
@@ -91,6 +96,9 @@ class RequestMiddleware:
         if too_large and not started:
             too_large = False
             await response(_too_large(self.max_body))(scope, receive, send_with_id)
+        if access.isEnabledFor(logging.INFO):
+            access.info("%s %s %s %d %.1fms", request_id, scope["method"], scope["path"], status,
+                        (time.perf_counter() - t0) * 1e3)
 
 
 def _too_large(limit: int) -> HTTPError:
