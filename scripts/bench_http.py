@@ -227,24 +227,27 @@ async def hits_and_overload(args: argparse.Namespace, questions: list[Any]) -> d
             hot = [q.text for q in questions[:32]]
             for q in hot:  # one at a time: stays inside the admission bounds
                 (await client.post("/v1/query", json={"question": q})).raise_for_status()
-            lat, server_ms, tiers = [], [], {}
-            todo = iter(range(args.hit_requests))
+            out["hits"] = []
+            for clients in (1, args.hit_clients):  # alone: the HTTP layer's latency; 64: its throughput
+                lat, server_ms, tiers = [], [], {}
+                todo = iter(range(args.hit_requests // (10 if clients == 1 else 1)))
 
-            async def worker() -> None:
-                for n in todo:
-                    t = time.perf_counter()
-                    r = await client.post("/v1/query", json={"question": hot[n % len(hot)]})
-                    lat.append(time.perf_counter() - t)
-                    tiers[r.headers.get("x-cache")] = tiers.get(r.headers.get("x-cache"), 0) + 1
-                    server_ms.append(r.json()["timings"]["total"])
+                async def worker() -> None:
+                    for n in todo:
+                        t = time.perf_counter()
+                        r = await client.post("/v1/query", json={"question": hot[n % len(hot)]})
+                        lat.append(time.perf_counter() - t)
+                        tiers[r.headers.get("x-cache")] = tiers.get(r.headers.get("x-cache"), 0) + 1
+                        server_ms.append(r.json()["timings"]["total"])
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(args.hit_clients)))
-            wall = time.perf_counter() - t0
-            out["hits"] = {"requests": len(lat), "clients": args.hit_clients, "req_s": len(lat) / wall,
-                           "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-                           "server_p50_ms": float(np.percentile(server_ms, 50)), "tiers": tiers}
-            bs.log(f"L1 hits over HTTP: {out['hits']}")
+                t0 = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(clients)))
+                wall = time.perf_counter() - t0
+                row = {"requests": len(lat), "clients": clients, "req_s": len(lat) / wall,
+                       "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
+                       "server_p50_ms": float(np.percentile(server_ms, 50)), "tiers": tiers}
+                out["hits"].append(row)
+                bs.log(f"L1 hits over HTTP: {row}")
             bursts = []
             for b in range(2):
                 fresh = [q.text for q in questions[32 + b * args.burst: 32 + (b + 1) * args.burst]]
@@ -315,14 +318,18 @@ def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], e
              "TTFT: from sending the request to the first token at the client (streaming). *Outside the server*: "
              "the client's latency minus the server's own `total` for that request — the HTTP layer's cost "
              "(framing, the hop to the engine loop, loopback TCP, the client library).", ""]
-    h, o = extra.get("hits"), extra.get("overload")
-    if h:
-        lines += ["## L1 hits over HTTP (native API, keep-alive connections)", "",
+    hits, o = extra.get("hits"), extra.get("overload")
+    if hits:
+        lines += ["## L1 hits over HTTP (native API, httpx keep-alive clients in this process)", "",
                   "| clients | requests | req/s | p50 ms | p99 ms | server's own total p50 ms | answered by |",
-                  "|---:|---:|---:|---:|---:|---:|---|",
-                  f"| {h['clients']} | {h['requests']} | {h['req_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | "
-                  f"{h['server_p50_ms']:.3f} | {h['tiers']} |", "",
-                  f"- target: L1-hit p50 over HTTP ≤ 2 ms: {'met' if h['p50_ms'] <= 2 else 'NOT met'}", ""]
+                  "|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {h['clients']} | {h['requests']} | {h['req_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | "
+                  f"{h['server_p50_ms']:.3f} | {h['tiers']} |" for h in hits]
+        alone = hits[0]
+        lines += ["", f"- target: L1-hit p50 over HTTP ≤ 2 ms: {'met' if alone['p50_ms'] <= 2 else 'NOT met'} "
+                  f"({alone['p50_ms']:.2f} ms with one client). With C clients in a closed loop, latency is "
+                  "C / throughput (Little's law): at 64 clients the p50 says how many requests/s the server "
+                  "and the client share of the 2 cores allow, not the cost of one request.", ""]
     if o:
         lines += ["## Overload: bursts of misses past the admission bounds (4 in flight + 4 queued)", "",
                   "| sent | 200 | 429 | other | 429 p50 ms | 429 max ms |", "|---:|---:|---:|---|---:|---:|",
