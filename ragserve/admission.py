@@ -15,6 +15,7 @@ freed by a finished run passes straight to the oldest waiter.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -97,6 +98,11 @@ class Requests:
         self.gauges = gauges
         self.observers = observers or Observers()
         self.counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
+        self._lock = threading.Lock()  # answered() runs on callers' threads (L1 hits) and the engine's
+
+    def answered(self) -> None:
+        with self._lock:
+            self.counts["queries"] += 1
 
     def refused(self, error: BaseException) -> None:
         """A request refused before it started (bad input): counted and reported as one."""

@@ -87,7 +87,8 @@ class LazyDocStore:
     def get(self, chunk_id: int) -> Chunk:
         if not 0 <= chunk_id < len(self):
             raise KeyError(f"chunk id {chunk_id} is not in the docstore (size {len(self)})")
-        assert self._map is not None
+        if self._map is None:  # a closed version: a request must hold its snapshot (served.py)
+            raise IndexIntegrityError(self.folder, "the docstore was closed while a request still read it")
         start, end = int(self._offsets[chunk_id]), int(self._offsets[chunk_id + 1])
         try:
             row = orjson.loads(self._map[start:end])

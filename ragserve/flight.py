@@ -85,6 +85,11 @@ class StreamFlight:
     def __len__(self) -> int:
         return len(self._runs)
 
+    def __contains__(self, key: str) -> bool:
+        """A run for ``key`` is going and may be joined."""
+        run = self._runs.get(key)
+        return run is not None and run.error is None
+
     async def subscribe(self, key: str, factory: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         run = self._runs.get(key)
         if run is None or run.error is not None:  # a failed run is not joined: start afresh

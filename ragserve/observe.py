@@ -65,6 +65,18 @@ class Observers:
             except Exception:  # noqa: BLE001 - an observer's bug must not fail the request
                 log.exception("observer %r failed on a result", o)
 
+    def generation(self, result: QueryResult) -> None:
+        """A run of the miss path generated ``result`` (once, however many requests share
+        it): for observers with an ``on_generation`` (token counters)."""
+        for o in self._observers:
+            hook = getattr(o, "on_generation", None)
+            if hook is None:
+                continue
+            try:
+                hook(result)
+            except Exception:  # noqa: BLE001
+                log.exception("observer %r failed on a generation", o)
+
     def error(self, error: BaseException) -> None:
         for o in self._observers:
             try:

@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ragserve.manifest import Manifest
 from ragserve.observe import Observers
 from ragserve.retrieval import Retriever
 from ragserve.runtime import LoopThread, map_bounded
-from ragserve.served import ServedIndex, Snapshots, describe, open_served
+from ragserve.served import ServedIndex, Snapshots, describe, open_index, open_served
 from ragserve.timing import Gauges, StageClock, StageStats
 from ragserve.types import (
     DocStore,
@@ -47,7 +47,7 @@ from ragserve.types import (
     TokenEvent,
     VectorIndex,
 )
-from ragserve.validation import check_question
+from ragserve.validation import check_namespace, check_question
 
 
 @dataclasses.dataclass(slots=True)
@@ -62,8 +62,11 @@ class _Prepared:
     write: bool
     deadline_s: float
     top_k: int
+    namespace: str | None
     snapshot: ServedIndex
-    """The index version this request reads, from start to end (``served.py``)."""
+    """The index version this request reads: the current one when prepared (the key is
+    built from its fingerprint), held from the moment the request starts on the engine
+    loop to its end (``_holding``)."""
     l1_done: bool = False
     """Set once the caller's thread asked L1, so a miss is counted there once."""
 
@@ -134,8 +137,8 @@ class RAG:
             from ragserve.embed import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(config.embed)
-        snap = open_served(path, config, embedder)
-        rag = cls(snap.manifest, snap.index, snap.docstore, embedder, generator, config)
+        manifest, index, docstore = open_index(path, config, embedder)
+        rag = cls(manifest, index, docstore, embedder, generator, config)
         rag._path = Path(path)
         if start_engine:
             try:
@@ -288,7 +291,6 @@ class RAG:
         (``in_flight``: requests past L1 on the engine loop; ``queued``: waiting for an
         admission slot), admission and embedding-batch counters, and the cache's own
         counters. Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
-        unfinished = getattr(self.generator, "unfinished", None)
         return {
             **self.requests.counts,
             "window": self.stage_stats.window,
@@ -297,7 +299,7 @@ class RAG:
             "gauges": self.gauges.snapshot(),
             "admission": self.admission.as_dict(),
             "embed_batches": self.retriever.stats(),
-            "engine_unfinished": unfinished() if unfinished else None,
+            "engine_unfinished": self.engine_unfinished(),
             "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
             "cache": self.cache.stats() if self.cache else None,
         }
@@ -365,7 +367,7 @@ class RAG:
         """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
         default_k = self.config.query.top_k
-        snap = self.served.acquire()  # released when the request ends (_release)
+        snap = self.served.current  # held only once the request starts (_holding)
         try:
             q = self._check(question)
             if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
@@ -373,15 +375,35 @@ class RAG:
             if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
                                           or not 0 <= timeout_s < float("inf")):
                 raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
+            if namespace is not None:
+                check_namespace(namespace)
             k = default_k if top_k is None else top_k
             key = (self.cache.key(q, namespace, snap.fingerprint, None if k == default_k else k)
                    if self.cache is not None else "")
         except InputError as e:
-            self.served.release(snap)
             self.requests.refused(e)
             raise
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
-        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k, snap)
+        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k, namespace, snap)
+
+    def _key(self, p: _Prepared, snap: ServedIndex) -> str:
+        if self.cache is None:
+            return ""
+        default_k = self.config.query.top_k
+        return self.cache.key(p.question, p.namespace, snap.fingerprint, None if p.top_k == default_k else p.top_k)
+
+    @asynccontextmanager
+    async def _holding(self, p: _Prepared) -> AsyncIterator[None]:
+        """Hold the current index version for the whole request. A reload since the request
+        was prepared moves it to the new version, and its key with it: the key always
+        names the index the request reads."""
+        snap = self.served.acquire()
+        try:
+            if snap is not p.snapshot:
+                p.snapshot, p.key, p.l1_done = snap, self._key(p, snap), False
+            yield
+        finally:
+            self.served.release(snap)
 
     def _l1_hit(self, p: _Prepared) -> QueryResult | None:
         """The caller-thread fast path: an L1 hit, or None (and L1 is marked as asked)."""
@@ -392,29 +414,22 @@ class RAG:
         if hit is None:
             p.l1_done = True
             return None
-        self.served.release(p.snapshot)
         return self._finish(from_cached(hit, "l1", p.clock), p)
 
     async def _answer(self, p: _Prepared) -> QueryResult:
         """Not streaming is consuming the stream and keeping its result (as in vLLM)."""
-        try:
-            async with self.requests.scope(p.deadline_s):
-                async with aclosing(self._events(p, deltas=False)) as events:
-                    async for event in events:
-                        if isinstance(event, DoneEvent):
-                            return event.result
-            raise GenerationError("the request ended without a result")
-        finally:
-            self.served.release(p.snapshot)
+        async with self._holding(p), self.requests.scope(p.deadline_s):
+            async with aclosing(self._events(p, deltas=False)) as events:
+                async for event in events:
+                    if isinstance(event, DoneEvent):
+                        return event.result
+        raise GenerationError("the request ended without a result")
 
     async def _stream(self, p: _Prepared) -> AsyncIterator[StreamEvent]:
-        try:
-            async with self.requests.scope(p.deadline_s):
-                async with aclosing(self._events(p, deltas=True)) as events:
-                    async for event in events:
-                        yield event
-        finally:
-            self.served.release(p.snapshot)
+        async with self._holding(p), self.requests.scope(p.deadline_s):
+            async with aclosing(self._events(p, deltas=True)) as events:
+                async for event in events:
+                    yield event
 
     async def _events(self, p: _Prepared, deltas: bool) -> AsyncIterator[StreamEvent]:
         """The one path of a request on the engine loop: the cache tiers, then a run of the
@@ -427,27 +442,36 @@ class RAG:
                 for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
                     yield event
                 return
-        if self.cache is None:
-            run = self._run(p, write=False, deltas=deltas)
-        else:
-            # A run that must not write is shared only with callers that don't write either:
-            # a writer joining it would otherwise lose its write.
-            flight_key = p.key if p.write else p.key + ":no-write"
-            run = self.flight.subscribe(flight_key, lambda: self._run(p, p.write, deltas))
+        led: list[bool] = []  # filled by the factory, which only the run's leader calls
+
+        def start() -> AsyncIterator[StreamEvent]:
+            led.append(True)
+            return self._run(p, p.write and self.cache is not None, deltas)
+
+        run = start() if self.cache is None else self.flight.subscribe(self._flight_key(p, deltas), start)
         async with aclosing(run) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
-                    event = DoneEvent(self._finish(_own_copy(event.result, clock, p.request_id), p))
+                    event = DoneEvent(self._finish(_own_copy(event.result, clock, shared=not led), p))
                 yield event
+
+    def _flight_key(self, p: _Prepared, deltas: bool) -> str:
+        """Which requests may share a run: a run that must not write only with callers that
+        don't write either (a writer joining it would lose its write); a stream only a run
+        that streams (else its first token would come with the last); a plain query any."""
+        key = p.key if p.write else p.key + ":no-write"
+        streaming = key + ":deltas"
+        return streaming if deltas or streaming in self.flight else key
 
     async def _run(self, leader: _Prepared, write: bool, deltas: bool) -> AsyncIterator[StreamEvent]:
         """The miss path, run once for every request that shares it: admission →
         retrieve → prompt → generate → remember. ``deltas``: yield the answer as vLLM
         produces it; else vLLM sends only the final output and it comes as one piece."""
-        clock, question = StageClock(), leader.question
-        async with self.admission.slot() as waited:
+        clock, question, snap = StageClock(), leader.question, leader.snapshot
+        # The run holds its index version itself: followers may outlive the leader.
+        async with self.served.holding(snap), self.admission.slot() as waited:
             clock.add("admission", waited())
-            sources = await leader.snapshot.retriever.retrieve(question, leader.top_k, clock)
+            sources = await snap.retriever.retrieve(question, leader.top_k, clock)
             generator = self._ensure_generator()
             with clock.span("prompt"):
                 prompt = self._builder(generator).build(question, sources)
@@ -464,8 +488,9 @@ class RAG:
                 raise GenerationError("the engine ended the stream without a final output")
             if not deltas:
                 yield TokenEvent(gen.text)
-            result = from_generation(question, generator.model_name, prompt, gen, clock, leader.snapshot.fingerprint)
+            result = from_generation(question, generator.model_name, prompt, gen, clock, snap.fingerprint)
             result.request_id = leader.request_id
+            self.observers.generation(result)  # counted once per run, whoever still waits for it
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
         yield DoneEvent(result)
@@ -476,7 +501,7 @@ class RAG:
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
         result.request_id = p.request_id
-        self.requests.counts["queries"] += 1
+        self.requests.answered()
         self.observers.result(result, clock.ms)
         return result
 
@@ -496,11 +521,11 @@ class RAG:
         return self._prompt_builder
 
 
-def _own_copy(run: QueryResult, clock: StageClock, request_id: str) -> QueryResult:
+def _own_copy(run: QueryResult, clock: StageClock, shared: bool) -> QueryResult:
     """Each request sharing a run gets its own copy of the run's result: the run's stage
     times under its own cache lookups, and (stamped by ``_finish``) its own total; ``shared``
-    when another request led the run (its tokens were generated once, for the leader)."""
-    result = dataclasses.replace(run, shared=run.request_id != request_id)
+    when another request started the run."""
+    result = dataclasses.replace(run, shared=shared)
     for stage, ms in run.timings.as_dict().items():
         if stage != "total" and ms:  # a stage the run never entered is not a 0 ms sample
             clock.ms.setdefault(stage, ms)

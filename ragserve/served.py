@@ -15,7 +15,9 @@ request using it ends.
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,26 @@ class ServedIndex:
     """Requests holding this snapshot right now."""
     retired: bool = False
     """Replaced by a newer one: closed once ``users`` reaches 0."""
+    closed: bool = False
 
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
 
     def close(self) -> None:
-        self.retriever.close()
+        if not self.closed:
+            self.closed = True
+            self.retriever.close()
 
 
 def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
                 executor: Executor | None = None) -> ServedIndex:
+    """``open_index`` and a retriever over it (on ``executor``, shared by every version)."""
+    manifest, index, docstore = open_index(path, config, embedder)
+    return ServedIndex(manifest, index, docstore, Retriever(embedder, index, docstore, config.embed, executor))
+
+
+def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple[Manifest, VectorIndex, DocStore]:
     """Verify an index folder (hashes, then structure), check it was built with this
     embedding model, and map its files. Raises ``IndexNotFoundError``,
     ``IndexIntegrityError`` or ``IndexMismatchError`` before anything is served from it.
@@ -61,8 +72,7 @@ def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
                             nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
     embedder.warm_up()
     check_embedding(manifest, embedder.identity, embedder.dim)
-    docstore = LazyDocStore(manifest.folder)
-    return ServedIndex(manifest, index, docstore, Retriever(embedder, index, docstore, config.embed, executor))
+    return manifest, index, LazyDocStore(manifest.folder)
 
 
 class Snapshots:
@@ -77,6 +87,18 @@ class Snapshots:
             snap = self.current
             snap.users += 1
             return snap
+
+    @asynccontextmanager
+    async def holding(self, snap: ServedIndex) -> AsyncIterator[None]:
+        """Hold ``snap`` (already held by the caller, so still open) for a block, e.g. a
+        shared run whose followers may outlive the request that started it."""
+        with self._lock:
+            assert not snap.closed, "hold a snapshot only while someone holds it already"
+            snap.users += 1
+        try:
+            yield
+        finally:
+            self.release(snap)
 
     def release(self, snap: ServedIndex) -> None:
         with self._lock:

@@ -36,7 +36,13 @@ import re
 import unicodedata
 
 from ragserve.cache import normalize_question
-from ragserve.errors import EmptyQuestionError, InvalidTextError, QuestionTooLongError, QuestionTypeError
+from ragserve.errors import (
+    EmptyQuestionError,
+    InvalidParameterError,
+    InvalidTextError,
+    QuestionTooLongError,
+    QuestionTypeError,
+)
 
 _RAW_FACTOR = 4
 _RAW_SLACK = 4096
@@ -64,6 +70,15 @@ def check_question(question: object, max_chars: int) -> str:
     if len(normalised) > max_chars:
         raise QuestionTooLongError(len(normalised), max_chars)
     return normalised
+
+
+def check_namespace(namespace: object) -> None:
+    """A cache namespace: a str of 1..256 characters, no lone surrogate, no control character."""
+    if not isinstance(namespace, str):
+        raise InvalidParameterError("namespace", namespace, "a str")
+    if not 1 <= len(namespace) <= 256:
+        raise InvalidParameterError("namespace", namespace, "1 to 256 characters")
+    check_text(namespace, "namespace")
 
 
 def check_text(text: str, what: str) -> None:

@@ -329,19 +329,15 @@ def bad_calls(q: str, namespace: str) -> list[Call]:
         bad("chat: empty question", chat(""), 400, "EmptyQuestionError", "/v1/chat/completions"),
         bad("chat: stream, lone surrogate", b'{"model": "ragserve", "stream": true, "messages": '
             b'[{"role": "user", "content": "\\ud800"}]}', 400, "InvalidTextError", "/v1/chat/completions"),
+        bad("chat: content part text not a string",
+            {"model": "ragserve", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 422,
+            "InvalidRequest", "/v1/chat/completions"),
     ]
 
 
-KNOWN_BUGS = [
-    # NOTE: a content part whose "text" is not a string (a number, null, an object) reaches
-    # openai_api.last_user_message's " ".join() and fails there with a TypeError: 500
-    # InternalError instead of a 422. Move it into bad_calls once it is fixed.
-    Call("bad", "chat: content part text not a string", "/v1/chat/completions",
-         {"model": "ragserve", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
-         frozenset({400, 422})),
-]
-"""Refusals the server gets wrong today (``--known-bugs`` sends them; ``tests/test_soak.py``
-has a strict xfail for each, which starts failing once the bug is fixed)."""
+KNOWN_BUGS: list[Call] = []
+"""Refusals the server gets wrong today (``--known-bugs`` sends them). None at the moment:
+a content part whose ``text`` is not a string used to be a 500; it is in ``bad_calls``."""
 
 
 # -- sending and checking ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Single-flight over event streams (``flight.py``): one run per key, replayed to all."""
 
 import asyncio
+from contextlib import aclosing
 
 import pytest
 
@@ -69,9 +70,10 @@ async def test_the_run_is_cancelled_when_its_last_subscriber_leaves():
             cleaned.append(True)  # where vLLM would abort the request
 
     async def take_two():
-        async for e in flight.subscribe("k", produce):
-            if e == 1:
-                return e
+        async with aclosing(flight.subscribe("k", produce)) as events:
+            async for e in events:
+                if e == 1:
+                    return e
 
     assert await asyncio.gather(take_two(), take_two()) == [1, 1]
     await asyncio.sleep(0.02)

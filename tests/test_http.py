@@ -236,3 +236,64 @@ def test_every_request_is_one_access_log_line_with_its_request_id(served, caplog
     lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
     assert any(m.startswith("trace-me-42 POST /v1/query 200 ") for m in lines), lines
     assert any(m.startswith("trace-me-43 POST /v1/query 400 ") for m in lines), lines
+
+
+def test_unknown_paths_wrong_methods_and_odd_content_parts_get_typed_errors(served):
+    url, _ = served
+    r = httpx.get(f"{url}/v1/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFound"
+    r = httpx.get(f"{url}/v1/query")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowed" and "allow" in r.headers
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 5}]}]})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "InvalidRequest"
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "q?"}]}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    r = httpx.post(f"{url}/v1/query", json={"question": "q", "namespace": "a\u0000b"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidTextError"
+
+
+def test_a_bug_is_a_typed_500_with_the_request_id_and_one_access_line(served, caplog, monkeypatch):
+    import logging
+
+    url, rag = served
+    monkeypatch.setattr(rag, "stats", lambda: 1 / 0)
+    with caplog.at_level(logging.INFO, logger="ragserve"):
+        r = httpx.get(f"{url}/v1/stats", headers={"X-Request-Id": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"] == {"type": "InternalError", "stage": "server",
+                                 "message": "internal error (request bug-1); see the server log"}
+    assert "ZeroDivisionError" not in r.text
+    assert any(m.getMessage().startswith("bug-1 GET /v1/stats 500") for m in caplog.records)
+
+
+def test_a_stream_joining_a_plain_querys_run_still_streams(tmp_path):
+    gen = FakeGenerator(delay=0.4, words=4)
+    rag = make_rag(tmp_path, gen)
+
+    async def both():
+        plain = asyncio.ensure_future(rag.aquery("shared question"))
+        await asyncio.sleep(0.05)
+        events = [e async for e in rag.astream("shared question")]
+        return await plain, events
+
+    with rag:
+        plain, events = asyncio.run(both())
+    tokens = [e for e in events if type(e).__name__ == "TokenEvent"]
+    assert len(tokens) == 4 and plain.answer == events[-1].result.answer
+    assert len(gen.prompts) == 2  # a stream does not join a final-output-only run: it starts its own
+
+
+def test_tenants_are_isolated_on_the_openai_endpoint_too(tmp_path):
+    rag = make_rag(tmp_path, FakeGenerator())
+    keys = ApiKeys({KEY_A: "tenant-a", KEY_B: "tenant-b"})
+    with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
+        body = {"model": "ragserve", "messages": [{"role": "user", "content": "chat secret?"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+        a = {"Authorization": f"Bearer {KEY_A}"}
+        b = {"Authorization": f"Bearer {KEY_B}"}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "miss"
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "l1"
+        assert httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True},
+                          headers=b).headers["x-cache"] == "miss"

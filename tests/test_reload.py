@@ -49,6 +49,7 @@ def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xq
     with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
         before = rag.query(questions[0])
         assert before.index_fingerprint == v1.fingerprint
+        first = rag.served.current
         old_folder = rag.manifest.folder
         for f in sorted(src.glob("*.txt"))[:4]:  # four documents change: their chunks differ between versions
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
@@ -76,8 +77,8 @@ def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xq
         after = rag.query(questions[0])
         assert after.cache_tier == "miss" and after.index_fingerprint == v2.fingerprint
         assert rag.query(questions[0]).cache_tier == "l1"
-        old = [s for s in (rag.served.current,) if s.fingerprint == v1.fingerprint]
-        assert old == [] and rag.stats()["gauges"]["in_flight"]["current"] == 0
+        assert first.retired and first.users == 0 and first.closed  # released with its last request
+        assert rag.stats()["gauges"]["in_flight"]["current"] == 0
 
 
 def test_the_old_version_is_released_when_its_last_request_ends(versions, embedder):
@@ -93,9 +94,9 @@ def test_the_old_version_is_released_when_its_last_request_ends(versions, embedd
         while first.users == 0:
             time.sleep(0.001)
         rag.reload()
-        assert first.retired and first.users == 1  # still held: its files stay open
+        assert first.retired and first.users >= 1 and not first.closed  # still held (the request, its run)
         holder.join()
-        assert first.users == 0 and rag.served.current is not first
+        assert first.users == 0 and first.closed and rag.served.current is not first
 
 
 def test_a_corrupt_or_missing_new_index_is_refused_and_the_old_keeps_serving(versions, tmp_path, embedder):
@@ -133,3 +134,43 @@ def test_admin_reload_over_http_needs_the_admin_key(versions, embedder):
     with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, RAGConfig())) as url:
             assert httpx.post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
+
+
+def test_a_stream_never_iterated_holds_no_index_version(versions, embedder):
+    src, out, v1 = versions
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+        first = rag.served.current
+        abandoned = rag.stream("never read")  # prepared, never started
+        for f in sorted(src.glob("*.txt"))[:1]:
+            f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
+        build_index(src, out, embedder=embedder)
+        rag.reload()
+        assert first.closed  # nothing held it: released at the swap
+        events = list(abandoned)  # started late: it runs on the version current now
+        assert events[-1].result.index_fingerprint == rag.fingerprint != v1.fingerprint
+
+
+def test_a_shared_run_keeps_its_version_open_after_its_leader_leaves(versions, embedder):
+    """A → B → A: the same fingerprint again, so the same key; the follower of a run whose
+    leader was cancelled must still read the docstore it searched."""
+    src, out, v1 = versions
+    gen = FakeGenerator(delay=0.6)
+    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+        a_folder = verify(out).folder
+        for f in sorted(src.glob("*.txt"))[:1]:
+            f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
+        build_index(src, out, embedder=embedder)
+
+        async def scenario():
+            leader = asyncio.ensure_future(rag.aquery("Which year?"))
+            await asyncio.sleep(0.1)
+            follower = asyncio.ensure_future(rag.aquery("Which year?"))
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(rag.reload)            # to B
+            await asyncio.to_thread(rag.reload, a_folder)  # back to A: a new snapshot, same fingerprint
+            leader.cancel()
+            return await follower
+
+        result = asyncio.run(scenario())
+        assert result.answer and result.sources and result.index_fingerprint == v1.fingerprint
+        assert len(gen.prompts) == 1  # the follower was answered by the leader's run

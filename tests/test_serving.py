@@ -336,3 +336,17 @@ def test_observers_hear_every_result_and_every_failure_once(tmp_path):
         assert rec.results == [("miss", True), ("l1", True), ("miss", True)]
         assert rec.errors == ["EmptyQuestionError", "RuntimeError"]
         assert rag.stats()["stages"]["total"]["count"] == 3  # the rolling stats are an observer too
+
+
+async def test_a_plain_query_joins_a_streaming_run(tmp_path):
+    gen = FakeGenerator(delay=0.4, words=4)
+    with make_rag(tmp_path, gen) as rag:
+        async def streamed():
+            return [e async for e in rag.astream("joined")]
+
+        stream = asyncio.ensure_future(streamed())
+        await asyncio.sleep(0.05)
+        plain = await rag.aquery("joined")
+        events = await stream
+        assert len(gen.prompts) == 1 and plain.shared and not events[-1].result.shared
+        assert plain.answer == events[-1].result.answer

@@ -65,17 +65,3 @@ def test_a_short_mixed_soak_has_no_500_no_unexpected_response_and_no_fd_leak(url
         time.sleep(0.05)
     assert rag.generator.unfinished() == 0, "abandoned or timed-out requests are still in vLLM"
     assert result.fd_growth() is not None and result.fd_growth() <= 16
-
-
-@pytest.mark.xfail(strict=True, reason="scripts/soak.py KNOWN_BUGS: the server answers them with a 500 today; "
-                   "once fixed, move them into bad_calls and drop this test")
-def test_the_known_bugs_are_refused_with_a_4xx(url):
-    soak = load_soak()
-
-    async def send():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return [await soak.perform(client, call, time.perf_counter(), f"soak-known-{i}")
-                    for i, call in enumerate(soak.KNOWN_BUGS)]
-
-    records = asyncio.run(send())
-    assert records and all(r.expected for r in records), [(r.variant, r.outcome) for r in records]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from ragserve.config import RAGConfig
@@ -114,8 +115,8 @@ def _native_routes(app: FastAPI, served: Served) -> None:
         served.check_engine()
         if req.stream:
             events = served.rag.astream(req.question, **opts)
-            first = await _first(events)
-            return StreamingResponse(_native_sse(first, events, served), media_type="text/event-stream",
+            first = await until_disconnected(request, first_event(events))
+            return StreamingResponse(_native_sse(first, events, served, rid), media_type="text/event-stream",
                                      headers={**sse.HEADERS, "X-Cache": first.cache_tier})
         result = await until_disconnected(request, served.rag.aquery(req.question, **opts))
         return json_response(result_json(result), headers={"X-Cache": result.cache_tier})
@@ -124,7 +125,7 @@ def _native_routes(app: FastAPI, served: Served) -> None:
     async def retrieve(req: RetrieveRequest, request: Request) -> Response:
         served.check_key(request)
         sources = await until_disconnected(request, served.rag.aretrieve(req.question, req.top_k))
-        return json_response({"sources": [_source(s) for s in sources], "request_id": request_id(request)})
+        return json_response({"sources": [source_json(s) for s in sources], "request_id": request_id(request)})
 
     @app.get("/v1/stats", summary="The engine's stats(): per-stage latency, cache tiers, gauges")
     async def stats(request: Request) -> Response:
@@ -190,13 +191,19 @@ def _errors(app: FastAPI, served: Served) -> None:
     async def http_error(request: Request, e: HTTPError) -> Response:
         return response(e)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, e: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (404 no such path, 405 wrong method) in the same shape."""
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(e.status_code, "HTTPError")
+        return response(HTTPError(e.status_code, kind, f"{request.method} {request.url.path}: {e.detail}", "http",
+                                  dict(e.headers or {})))
+
     @app.exception_handler(RagserveError)
     async def rag_error(request: Request, e: RagserveError) -> Response:
         return response(describe(e, request_id(request), retry))
 
-    @app.exception_handler(Exception)
-    async def bug(request: Request, e: Exception) -> Response:
-        return response(describe(e, request_id(request), retry))
+    # NOTE: no handler for Exception: Starlette would answer it outside every middleware
+    # (no X-Request-Id, no access line, the trace logged twice). RequestMiddleware answers it.
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -210,9 +217,15 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         gone.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
-    if not task.done() or task.cancelled():
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the handler itself is being cancelled (shutdown): not the client's doing
+            except Exception:  # noqa: BLE001 - the work's own end no longer matters: the client left
+                pass
+    if task.cancelled():
         raise HTTPError(499, "ClientClosedRequest", "the client closed the connection", "http")
     return task.result()
 
@@ -222,7 +235,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _first(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
+async def first_event(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
     """The first event, awaited before the response starts: refusals (overload, bad
     input) still get their own status code instead of a 200 that ends in an error."""
     try:
@@ -234,27 +247,29 @@ async def _first(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
     return first
 
 
-async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served) -> AsyncIterator[bytes]:
+async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served,
+                      rid: str) -> AsyncIterator[bytes]:
     try:
-        yield sse.frame({"sources": [_source(s) for s in first.sources], "cache_tier": first.cache_tier}, "sources")
+        yield sse.frame({"sources": [source_json(s) for s in first.sources], "cache_tier": first.cache_tier},
+                        "sources")
         async for event in events:
             if isinstance(event, TokenEvent):
                 yield sse.frame({"text": event.text}, "token")
             elif isinstance(event, DoneEvent):
                 yield sse.frame(result_json(event.result), "done")
     except Exception as e:  # noqa: BLE001 - after the headers, an error is the stream's last event
-        yield sse.frame(body(describe(e, "stream", served.config.server.retry_after_s)), "error")
+        yield sse.frame(body(describe(e, rid, served.config.server.retry_after_s)), "error")
     finally:
         await events.aclose()  # type: ignore[attr-defined]  # a client gone: the run is cancelled
 
 
 def result_json(r: QueryResult) -> dict[str, Any]:
     d = r.to_dict()
-    d["sources"] = [_source(s) for s in r.sources]
+    d["sources"] = [source_json(s) for s in r.sources]
     return d
 
 
-def _source(s: Any) -> dict[str, Any]:
+def source_json(s: Any) -> dict[str, Any]:
     return {"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(float(s.score), 6), "text": s.text,
             "metadata": s.metadata}
 

@@ -18,9 +18,10 @@ import time
 import uuid
 from typing import Any
 
-from ragserve.server.httperrors import HTTPError, response
+from ragserve.server.httperrors import HTTPError, describe, response
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+log = logging.getLogger("ragserve.server")
 access = logging.getLogger("ragserve.access")
 """One line per request: request id, method, path, status, milliseconds (INFO)."""
 OPS_PATHS = ("/health", "/ready", "/metrics")
@@ -67,7 +68,7 @@ class RequestMiddleware:
 
         if self.state.draining and scope["path"] not in OPS_PATHS:
             refusal = HTTPError(503, "Draining", "the server is shutting down; retry elsewhere", "server",
-                                {"Connection": "close"})
+                                {"Connection": "close", "Retry-After": "1"})
             return await response(refusal)(scope, receive, send_with_id)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -90,6 +91,11 @@ class RequestMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             pass
+        except Exception as e:  # noqa: BLE001 - a bug: a typed 500 with the request id, logged once
+            if not started:
+                await response(describe(e, request_id))(scope, receive, send_with_id)
+            else:
+                log.error("request %s failed after its response began", request_id, exc_info=e)
         finally:
             if counted:
                 self.state.in_flight -= 1

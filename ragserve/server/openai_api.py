@@ -4,9 +4,10 @@ LangChain's ``ChatOpenAI``, Open WebUI.
 - ``POST /v1/chat/completions``: the last user message is the question (earlier turns
   are not used for retrieval or generation: ragserve answers one grounded question).
   ``model`` must be the served model's id or ``ragserve``. Sampling options are the
-  server's (they are part of every answer's cache key): ``temperature``, ``top_p`` and
-  ``max_tokens`` / ``max_completion_tokens`` are honoured when absent or equal to the
-  server's values and refused with 400 otherwise; ``n`` must be 1.
+  server's (they are part of every answer's cache key): ``temperature`` and ``top_p`` are
+  accepted when absent or equal to the server's values and refused with 400 otherwise;
+  ``max_tokens`` / ``max_completion_tokens`` when absent or at least the server's
+  ``generate.max_tokens`` (a larger cap cannot change the answer), else 400; ``n`` must be 1.
 - Sources are never lost: a top-level ``sources`` field on the response; when streaming,
   the first frame is a ``chat.completion.chunk`` with empty ``choices`` and the
   ``sources`` (SDKs parse it like a usage chunk), then the token chunks, then
@@ -25,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ragserve.errors import InputError
 from ragserve.server import sse
-from ragserve.server.app import Served, _first, _source, request_id, until_disconnected
+from ragserve.server.app import Served, first_event, request_id, source_json, until_disconnected
 from ragserve.server.httperrors import HTTPError, body, describe, json_response
 from ragserve.server.schemas import ChatCompletionRequest
 from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
@@ -51,9 +52,9 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
         cid, created, model = f"chatcmpl-{rid}", int(time.time()), model_id(served)
         if req.stream:
             events = served.rag.astream(question, **opts)
-            first = await _first(events)
+            first = await until_disconnected(request, first_event(events))
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = _chunks(first, events, cid, created, model, usage, served)
+            frames = _chunks(first, events, cid, created, model, usage, served, rid)
             return StreamingResponse(frames, media_type="text/event-stream",
                                      headers={**sse.HEADERS, "X-Cache": first.cache_tier})
         r = await until_disconnected(request, served.rag.aquery(question, **opts))
@@ -61,7 +62,7 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.answer},
                          "finish_reason": _finish_reason(r), "logprobs": None}],
-            "usage": _usage(r), "sources": [_source(s) for s in r.sources], "ragserve": _extra(r),
+            "usage": _usage(r), "sources": [source_json(s) for s in r.sources], "ragserve": _extra(r),
         }, headers={"X-Cache": r.cache_tier})
 
 
@@ -79,8 +80,9 @@ def check_options(req: ChatCompletionRequest, served: Served) -> None:
                         f"{model_id(served)!r} (or {ALIAS!r}); see GET /v1/models", "input")
     refused = []
     max_tokens = req.max_completion_tokens or req.max_tokens
-    if max_tokens is not None and max_tokens != g.max_tokens:
-        refused.append(f"max_tokens={max_tokens} (this server generates up to {g.max_tokens}: generate.max_tokens)")
+    if max_tokens is not None and max_tokens < g.max_tokens:  # a larger cap cannot change the answer
+        refused.append(f"max_tokens={max_tokens} (this server generates up to {g.max_tokens}: generate.max_tokens; "
+                       "send that or more)")
     if req.temperature is not None and req.temperature != g.temperature:
         refused.append(f"temperature={req.temperature:g} (this server uses {g.temperature:g}: generate.temperature)")
     if req.top_p is not None and req.top_p != g.top_p:
@@ -97,20 +99,20 @@ def last_user_message(req: ChatCompletionRequest) -> str:
         if message.role == "user":
             content = message.content
             if isinstance(content, list):  # content parts: the text ones, joined
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                content = " ".join(p.text for p in content if p.type == "text" and p.text)
             if isinstance(content, str):
                 return content
     raise InputError("no user message with text content: the last user message is the question")
 
 
 async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: str, created: int, model: str,
-                  usage: bool, served: Served) -> AsyncIterator[bytes]:
+                  usage: bool, served: Served, rid: str) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": choices, **extra})
 
     try:
-        yield chunk([], sources=[_source(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
+        yield chunk([], sources=[source_json(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
         yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for event in events:
             if isinstance(event, TokenEvent) and event.text:
@@ -122,7 +124,7 @@ async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: 
                     yield chunk([], usage=_usage(r))
         yield sse.DONE
     except Exception as e:  # noqa: BLE001 - the SDKs raise APIError on an error frame
-        yield sse.frame(body(describe(e, cid, served.config.server.retry_after_s)))
+        yield sse.frame(body(describe(e, rid, served.config.server.retry_after_s)))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 

@@ -77,6 +77,7 @@ class DrainingServer(uvicorn.Server):
         self.grace_s = grace_s
         self.ready_file = ready_file
         self.on_hangup = on_hangup
+        self._reloads: set[asyncio.Task[None]] = set()
         self._drain_started = 0.0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -95,8 +96,12 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.on_hangup is not None and threading.current_thread() is threading.main_thread():
-            loop = asyncio.get_running_loop()
-            signal.signal(signal.SIGHUP, lambda sig, frame: loop.call_soon_threadsafe(self._reload))
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self.on_hangup is not None and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # no reload while closing
+        await super().shutdown(sockets)
         if self.ready_file is not None and self.started:
             self.ready_file.write_text(str(self.servers[0].sockets[0].getsockname()[1]))
 
@@ -108,7 +113,9 @@ class DrainingServer(uvicorn.Server):
             except Exception as e:  # noqa: BLE001 - a refused index leaves the current one serving
                 log.error("SIGHUP reload refused, still serving the current index: %s", e)
 
-        asyncio.ensure_future(run())
+        task = asyncio.ensure_future(run())
+        self._reloads.add(task)  # a reference, or the task could be collected half-way
+        task.add_done_callback(self._reloads.discard)
 
     async def on_tick(self, counter: int) -> bool:
         state = self.state

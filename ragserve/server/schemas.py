@@ -4,7 +4,7 @@ typo is a 422 that names it, not a silently ignored option."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,11 +38,20 @@ class RetrieveRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=100)
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts carry a question."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):

@@ -63,9 +63,10 @@ class PrometheusExporter:
             self.stages.labels(stage).observe(ms / 1e3)
         self.requests.labels("ok").inc()
         self.answers.labels(result.cache_tier).inc()
-        if result.cache_tier == "miss" and not result.shared:
-            self.completion_tokens.inc(result.usage.completion_tokens)
-            self.prompt_tokens.inc(result.usage.prompt_tokens)
+
+    def on_generation(self, result: Any) -> None:
+        self.completion_tokens.inc(result.usage.completion_tokens)
+        self.prompt_tokens.inc(result.usage.prompt_tokens)
 
     def on_error(self, error: BaseException) -> None:
         self.requests.labels(outcome_of(error)).inc()
