@@ -43,7 +43,7 @@ from ragserve.errors import (
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.evaluate import EvalReport, evaluate
 from ragserve.manifest import verify as verify_index
-from ragserve.pipeline import RAG
+from ragserve.rag import RAG
 from ragserve.types import (
     Chunk,
     DoneEvent,

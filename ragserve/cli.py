@@ -150,7 +150,7 @@ def query_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question against an index, with sources and per-stage timings."""
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
     from ragserve.validation import check_question
 
     cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
@@ -202,7 +202,7 @@ def batch_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ragserve.batch import check_questions, read_questions, run_batch
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
 
     cfg = _config(config)
     # a bad questions file, or a question that cannot be asked, fails before the engine starts
@@ -335,7 +335,7 @@ def stats_cmd(
     import orjson
 
     if (target / "manifest.json").is_file():
-        from ragserve.pipeline import RAG
+        from ragserve.rag import RAG
         from ragserve.profiling.workload import load_questions, run_workload
 
         cfg = _config(config, generate={"max_tokens": max_tokens})

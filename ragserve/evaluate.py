@@ -133,7 +133,7 @@ def evaluate(
     """
     from ragserve.docstore import LazyDocStore
     from ragserve.index import FaissIndex
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
 
     t0 = time.perf_counter()
     ds = dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset, split)

@@ -51,7 +51,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
 import bench_serving_workload as wl  # noqa: E402
-from bench_serving_report import CpuSampler, Record, Run, cpu_table, merge_runs  # noqa: E402
+from bench_serving_report import CpuSampler, Record, Run, cpu_table  # noqa: E402
 from bench_serving_systems import Systems  # noqa: E402
 
 SYSTEMS = ("HTTP native", "HTTP OpenAI", "in-process", "LlamaIndex")
@@ -357,14 +357,7 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         await sys_.start()
         sampler = CpuSampler(sys_.label_pid)
-        names = [n for n in SYSTEMS if n in sys_.available]
-        for i, c in enumerate(args.per_level):
-            rounds: dict[str, list[Run]] = {name: [] for name in names}
-            for r in range(args.rounds):
-                order = names[i % len(names):] + names[: i % len(names)]
-                for name in (order[::-1] if r % 2 else order):
-                    rounds[name].append(await bs.measure(sys_, name, c, workload.levels[c], args, sampler))
-            runs += [merge_runs(rs) for rs in rounds.values()]
+        runs = await bs.run_levels(sys_, [n for n in SYSTEMS if n in sys_.available], args, sampler)
     finally:
         await sys_.stop()
     extra = await hits_and_overload(args, workload.spare)

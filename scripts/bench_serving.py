@@ -160,6 +160,21 @@ async def measure(sys_: Systems, name: str, c: int, qs: list[wl.Question], args:
     return run
 
 
+async def run_levels(sys_: Systems, names: list[str], args: argparse.Namespace, sampler: CpuSampler) -> list[Run]:
+    """Every system at every level, the order rotating per level; ``--rounds`` repeats
+    each level, odd rounds backwards (a load that drifts linearly over the level then
+    weighs the same on every system); rounds are pooled per system and level."""
+    runs: list[Run] = []
+    for i, c in enumerate(args.per_level):
+        rounds: dict[str, list[Run]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in (order[::-1] if r % 2 else order):
+                rounds[name].append(await measure(sys_, name, c, sys_.workload.levels[c], args, sampler))
+        runs += [merge_runs(rs) for rs in rounds.values()]
+    return runs
+
+
 async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
 
@@ -179,16 +194,7 @@ async def main_async(args: argparse.Namespace) -> None:
         largest = max(args.per_level)
         seq_qs = workload.levels[largest][: args.sequential_questions or None]
         runs.append(await measure(sys_, "sequential", 1, seq_qs, args, sampler))
-        names = [n for n in SYSTEMS if n in sys_.available]
-        for i, c in enumerate(args.per_level):
-            rounds: dict[str, list[Run]] = {name: [] for name in names}
-            for r in range(args.rounds):
-                order = names[i % len(names):] + names[: i % len(names)]
-                # Odd rounds run the order backwards: a load that drifts linearly over the
-                # level then weighs the same on every system.
-                for name in (order[::-1] if r % 2 else order):
-                    rounds[name].append(await measure(sys_, name, c, workload.levels[c], args, sampler))
-            runs += [merge_runs(rs) for rs in rounds.values()]
+        runs += await run_levels(sys_, [n for n in SYSTEMS if n in sys_.available], args, sampler)
     finally:
         await sys_.stop()
     write_report(args, cfg, sys_, runs, embed, index_note)

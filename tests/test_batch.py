@@ -75,7 +75,7 @@ def test_cli_batch_on_the_real_engine(rag, xquad_corpus, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from ragserve import cli
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qs = [q["question"] for q in xquad_corpus[1][100:106]]  # asked by no other test

@@ -13,7 +13,7 @@ from ragserve.embed import MicroBatcher
 from ragserve.errors import InvalidTextError
 from ragserve.index import FaissIndex
 from ragserve.manifest import Manifest
-from ragserve.pipeline import RAG
+from ragserve.rag import RAG
 from ragserve.types import Chunk
 
 from .test_pipeline import DIM, FakeEmbedder, FakeGenerator

@@ -10,7 +10,7 @@ from ragserve.docstore import LazyDocStore, write_docstore
 from ragserve.errors import EmptyQuestionError, QuestionTooLongError
 from ragserve.index import FaissIndex
 from ragserve.manifest import Manifest
-from ragserve.pipeline import RAG
+from ragserve.rag import RAG
 from ragserve.types import Chunk, Generation, TokenUsage
 
 from .test_prompt import WordTokenizer

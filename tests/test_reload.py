@@ -14,7 +14,7 @@ from ragserve.config import RAGConfig
 from ragserve.docstore import LazyDocStore
 from ragserve.errors import IndexIntegrityError
 from ragserve.manifest import verify
-from ragserve.pipeline import RAG
+from ragserve.rag import RAG
 from ragserve.server.app import create_app
 
 from .http_server import running

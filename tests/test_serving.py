@@ -15,7 +15,7 @@ from ragserve.embed import MicroBatcher
 from ragserve.errors import DeadlineExceededError, OverloadedError
 from ragserve.index import FaissIndex
 from ragserve.manifest import Manifest
-from ragserve.pipeline import RAG
+from ragserve.rag import RAG
 from ragserve.types import Chunk, DoneEvent, SourcesEvent, TokenEvent
 
 from .test_pipeline import DIM, FakeEmbedder, FakeGenerator

@@ -102,7 +102,7 @@ def _small_corpus(docstore: Any, folder: Path, n_docs: int) -> int:
 
 def _open_and_ask(index: Path, config: Any, questions: list[str], start_engine: bool) -> Any:
     """Open an index and ask the first questions (the function the load phase profiles)."""
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
 
     rag = RAG.from_index(index, config, start_engine=start_engine)
     for q in questions:
@@ -118,7 +118,7 @@ def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings,
     from ragserve.build import _embed_all, _index_and_publish, _ready, build_index
     from ragserve.incremental import gather
     from ragserve.docstore import LazyDocStore
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
 
     lines: dict[str, list[LineMemory]] = {}
     with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:

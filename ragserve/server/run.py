@@ -44,7 +44,7 @@ def serve_config(config: RAGConfig) -> RAGConfig:
 
 def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None = None) -> None:
     """Serve ``index`` until SIGTERM. ``ready_file``: written once the port accepts (tests)."""
-    from ragserve.pipeline import RAG
+    from ragserve.rag import RAG
     from ragserve.server.app import create_app
     from ragserve.server.auth import ApiKeys
 
