@@ -63,4 +63,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
     with start(xquad_index, home) as srv:  # a new process: empty L1, the same Redis data
         again = httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=60)
         assert again.headers["x-cache"] == "l2" and again.json()["answer"] == first.json()["answer"]
+        srv.signal(signal.SIGHUP)  # reload: the same version, so nothing changes, and nothing breaks
+        deadline = time.monotonic() + 30
+        while "SIGHUP reload" not in srv.tail(20_000):
+            assert time.monotonic() < deadline, srv.tail()
+            time.sleep(0.1)
+        assert "'changed': False" in srv.tail(20_000)
+        assert httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
     assert srv.returncode == 0, srv.tail()

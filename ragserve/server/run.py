@@ -97,13 +97,13 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.on_hangup is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+        if self.ready_file is not None and self.started:
+            self.ready_file.write_text(str(self.servers[0].sockets[0].getsockname()[1]))
 
     async def shutdown(self, sockets: Any = None) -> None:
         if self.on_hangup is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # no reload while closing
         await super().shutdown(sockets)
-        if self.ready_file is not None and self.started:
-            self.ready_file.write_text(str(self.servers[0].sockets[0].getsockname()[1]))
 
     def _reload(self) -> None:
         """SIGHUP: reload the index off the event loop, as ``POST /admin/reload`` does."""
