@@ -379,7 +379,7 @@ def main() -> None:
     from ragserve.build import build_index, plan_build_index
     from ragserve.config import RAGConfig
     from ragserve.embed import SentenceTransformerEmbedder
-    from ragserve.pipeline import RAG
+    from ragserve import RAG
 
     config = RAGConfig()
     top_k = args.top_k or config.query.top_k
