@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -19,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ragserve.console import print_eval, print_result, print_stats, progress_bars, stats_view
 from ragserve.errors import RagserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ragserve: a multi-tier RAG serving engine.")
@@ -54,37 +52,6 @@ IndexTypeOpt = Annotated[Optional[str], typer.Option(
     "--index-type", help="auto (by corpus size), flat-fp16, ivf-fp16, hnsw-fp16 or flat-fp32.")]
 NprobeOpt = Annotated[Optional[int], typer.Option("--nprobe", help="ivf-fp16: lists scanned per query.")]
 EfSearchOpt = Annotated[Optional[int], typer.Option("--ef-search", help="hnsw-fp16: candidates per query.")]
-
-_PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
-           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers",
-           "hash": "hashing source files"}
-
-
-@contextmanager
-def _progress_bars() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar per phase; yields the ``progress(phase, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks: dict[str, Any] = {}
-        started: dict[str, float] = {}
-        last = [time.perf_counter()]
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            now = time.perf_counter()
-            if phase not in tasks:
-                # Phases run one after another and report only when a step is done: this
-                # phase began when the previous report came in.
-                tasks[phase] = progress.add_task(_PHASES.get(phase, phase), total=total, rate="")
-                started[phase] = last[0]
-            last[0] = now
-            rate = f"{done / max(now - started[phase], 1e-9):,.0f}/s" if phase in ("embed", "add", "questions") else ""
-            progress.update(tasks[phase], completed=done, total=total, rate=rate)
-
-        yield on_progress
-
 
 @app.command("build-index")
 @_fails_cleanly
@@ -123,7 +90,7 @@ def build_index_cmd(
     if dry_run:
         print_plan(out, plan_build_index(source, out_dir, cfg, encoding=encoding, full=full), out_dir)
         return
-    with _progress_bars() as on_progress:
+    with progress_bars(console) as on_progress:
         report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
     print_build_summary(out, report)
     if notify:
@@ -164,23 +131,6 @@ def query_cmd(
         sys.stdout.buffer.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print_result(result)
-
-
-def print_result(result: Any, console_: Console | None = None) -> None:
-    c = console_ or out
-    c.print(f"[bold]Q:[/] {result.question}", highlight=False)
-    c.print(f"[bold]A:[/] {result.answer}", highlight=False)
-    for s in result.sources:
-        snippet = " ".join(s.text.split())[:90]
-        c.print(f"   [dim]{s.score:.3f}[/] {s.doc_id}#{s.chunk_id}  {snippet}…", highlight=False)
-    if result.dropped_sources:
-        c.print(f"   ({result.dropped_sources} lower-ranked source(s) left out to fit the context)")
-    t = result.timings
-    c.print(f"   [dim]ms: embed {t.embed:.1f} | search {t.search:.2f} | docload {t.docload:.2f} | "
-            f"prompt {t.prompt:.1f} | generate {t.generate:.0f} (queue {t.generate_queue:.0f}, "
-            f"first token {t.generate_first_token:.0f}, decode {t.generate_decode:.0f}) | total {t.total:.0f}; "
-            f"tokens {result.usage.prompt_tokens}+{result.usage.completion_tokens}; cache {result.cache_tier}[/]",
-            highlight=False)
 
 
 @app.command("batch")
@@ -256,44 +206,16 @@ def eval_cmd(
     from ragserve.evaluate import evaluate
 
     cfg = _config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
-    with _progress_bars() as on_progress:
+    with progress_bars(console) as on_progress:
         report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
                           max_questions=max_questions, progress=on_progress)
-    _print_eval(report)
+    print_eval(out, report)
     if json_path is not None:
         import orjson
 
         json_path.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
                                            | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         out.print(f"report written to {json_path}")
-
-
-def _print_eval(report: Any) -> None:
-    from rich.table import Table
-
-    d, i = report.dataset, report.index
-    params = ", ".join(f"{k}={v}" for k, v in i["params"].items())
-    search = ", ".join(f"{k}={v}" for k, v in i["search"].items())
-    out.print(f"[bold]{d['name']}[/] ({d['kind']}): {d['documents']} documents, {d['questions']} questions; "
-              f"index {i['type']}{f' ({params}; in use: {search})' if params else ''} over {i['chunks']} chunks, "
-              f"{'reused' if i['reused'] else 'built'}: {i['path']}", highlight=False)
-    for note in d["notes"]:
-        out.print(f"  note: {note}", highlight=False)
-    table = Table("metric", f"{i['type']}", "exact fp32 (IndexFlatIP)", title="retrieval")
-    for row in report.rows():
-        table.add_row(*row)
-    out.print(table)
-    out.print("  latency: one question per call; rag.retrieve = embed + search + docload", highlight=False)
-    out.print(f"  single-question top document equals the batched pass for {report.single_matches_batched:.1%}"
-              f" of questions; seconds {report.seconds}", highlight=False)
-    if report.answers is not None:
-        a = report.answers
-        table = Table("answers", "value", title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
-        table.add_row("contains a gold answer", f"{a.contains:.3f}")
-        table.add_row("exact match", f"{a.exact_match:.3f}")
-        table.add_row("token F1", f"{a.f1:.3f}")
-        table.add_row("errors", str(a.errors))
-        out.print(table)
 
 
 @app.command("verify-index")
@@ -354,38 +276,7 @@ def stats_cmd(
     if json_out:
         sys.stdout.buffer.write(data + b"\n")
     else:
-        print_stats(stats)
-
-
-def stats_view(data: dict[str, Any]) -> dict[str, Any]:
-    """``rag.stats()`` from a saved file: a profiling report's stats.json keeps the timed
-    pass's own stages and tiers beside the engine's whole-life stats."""
-    if "timed_pass" in data:
-        return {**(data.get("engine") or {}), **data["timed_pass"], "source": "timed pass of a profiling report"}
-    return data
-
-
-def print_stats(stats: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table("stage", "count", "mean ms", "p50 ms", "p95 ms", "p99 ms",
-                  title=f"per-stage latency ({stats.get('source', 'rolling window')})")
-    for stage, s in stats.get("stages", {}).items():
-        table.add_row(stage, str(s["count"]), *(f"{s[k]:.3f}" for k in ("mean_ms", "p50_ms", "p95_ms", "p99_ms")))
-    out.print(table)
-    tiers = Table("answered by", "queries", "share", "p50 ms", "p95 ms", title="cache tiers")
-    for tier, t in stats.get("tiers", {}).items():
-        tiers.add_row(tier, str(t["queries"]), f"{100 * t['share']:.1f}%", f"{t['total']['p50_ms']:.3f}",
-                      f"{t['total']['p95_ms']:.3f}")
-    out.print(tiers)
-    gauges = stats.get("gauges") or {}
-    if gauges:
-        out.print("gauges: " + ", ".join(f"{k} {v['current']} (peak {v['peak']})" for k, v in gauges.items()))
-    cache = stats.get("cache") or {}
-    for tier in ("l1", "l2"):
-        if cache.get(tier):
-            c = cache[tier]
-            out.print(f"{tier} lookups: {c['hits']} hits, {c['misses']} misses, hit rate {100 * c['hit_rate']:.1f}%")
+        print_stats(out, stats)
 
 
 @app.command("serve")
