@@ -72,9 +72,14 @@ class ThreadProfiler:
 
     def _executors(self) -> list[tuple[str, ThreadPoolExecutor]]:
         # Found by type, not by name: any executor the pipeline owns is one of its threads.
+        # One entry per executor: the pipeline and its retriever share the embedding thread.
         owners = [self.rag, getattr(self.rag, "retriever", None)]
-        return [(name, v) for o in owners if o is not None for name, v in vars(o).items()
-                if isinstance(v, ThreadPoolExecutor)]
+        found: dict[int, tuple[str, ThreadPoolExecutor]] = {}
+        for o in owners:
+            for name, v in (vars(o).items() if o is not None else ()):
+                if isinstance(v, ThreadPoolExecutor):
+                    found.setdefault(id(v), (name, v))
+        return list(found.values())
 
     def _in_loop(self, fn: Any) -> None:
         done = threading.Event()
