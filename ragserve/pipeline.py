@@ -24,7 +24,7 @@ from typing import Any
 from ragserve.admission import Admission, Requests
 from ragserve.answers import AnswerCache, from_cached, from_generation
 from ragserve.config import RAGConfig
-from ragserve.errors import GenerationError, InputError, InvalidParameterError
+from ragserve.errors import GenerationError, InputError
 from ragserve.flight import StreamFlight
 from ragserve.manifest import Manifest
 from ragserve.observe import Observers
@@ -44,7 +44,7 @@ from ragserve.types import (
     TokenEvent,
     VectorIndex,
 )
-from ragserve.validation import check_namespace, check_question
+from ragserve.validation import check_options, check_question
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,13 +127,7 @@ class Pipeline:
         snap = self.served.current  # held only once the request starts (_holding)
         try:
             q = self._check(question)
-            if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
-                raise InvalidParameterError("top_k", top_k, "an int in 1..100")
-            if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
-                                          or not 0 <= timeout_s < float("inf")):
-                raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
-            if namespace is not None:
-                check_namespace(namespace)
+            check_options(namespace=namespace, top_k=top_k, timeout_s=timeout_s)
             k = default_k if top_k is None else top_k
             key = (self.cache.key(q, namespace, snap.fingerprint, None if k == default_k else k)
                    if self.cache is not None else "")

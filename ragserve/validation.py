@@ -72,6 +72,17 @@ def check_question(question: object, max_chars: int) -> str:
     return normalised
 
 
+def check_options(*, namespace: object = None, top_k: object = None, timeout_s: object = None) -> None:
+    """A request's options other than the question (None: the config's)."""
+    if namespace is not None:
+        check_namespace(namespace)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
+        raise InvalidParameterError("top_k", top_k, "an int in 1..100")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+                                  or not 0 <= timeout_s < float("inf")):
+        raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
+
+
 def check_namespace(namespace: object) -> None:
     """A cache namespace: a str of 1..256 characters, no lone surrogate, no control character."""
     if not isinstance(namespace, str):

@@ -114,8 +114,6 @@ class Settings:
     give_up_s: float = 0.3
     """The client timeout of a plain query the client abandons."""
     seed: int = 0
-    known_bugs: bool = False
-    """Also send ``KNOWN_BUGS`` (requests the server answers with a 500 today)."""
     namespace: str = ""
     """Cache namespace of native requests (default: a new one per run)."""
 
@@ -283,7 +281,7 @@ class Traffic:
                         expect=frozenset({504, 200}))
         if kind == "retrieve":
             return Call(kind, "top_k 5", "/v1/retrieve", {"question": self.fresh(), "top_k": 5})
-        bad = bad_calls(self.rng.choice(self.hot), self.s.namespace) + (KNOWN_BUGS if self.s.known_bugs else [])
+        bad = bad_calls(self.rng.choice(self.hot), self.s.namespace)
         return bad[self.n[kind] % len(bad)]
 
 
@@ -333,11 +331,6 @@ def bad_calls(q: str, namespace: str) -> list[Call]:
             {"model": "ragserve", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 422,
             "InvalidRequest", "/v1/chat/completions"),
     ]
-
-
-KNOWN_BUGS: list[Call] = []
-"""Refusals the server gets wrong today (``--known-bugs`` sends them). None at the moment:
-a content part whose ``text`` is not a string used to be a 500; it is in ``bad_calls``."""
 
 
 # -- sending and checking ------------------------------------------------------------------
@@ -792,7 +785,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "or half the run if it is shorter than two minutes)")
     ap.add_argument("--max-requests", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--known-bugs", action="store_true", help="also send KNOWN_BUGS (500s today)")
     ap.add_argument("--max-tokens", type=int, default=32, help="generate.max_tokens of the server started here")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="generate.kv_cache_gib of the server")
     ap.add_argument("--grace", type=float, default=30.0, help="the server's drain grace after SIGTERM")
@@ -821,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(duration_s=args.minutes * 60, concurrency=args.concurrency, max_generating=args.max_generating,
                  mix=args.mix, hot=args.hot, think_s=args.think_ms / 1e3,
                  warmup_s=args.warmup_s or min(60.0, args.minutes * 30), sample_s=args.sample_s,
-                 max_requests=args.max_requests, seed=args.seed, known_bugs=args.known_bugs)
+                 max_requests=args.max_requests, seed=args.seed)
     settings = {"minutes": f"{args.minutes:g}", "concurrency": s.concurrency,
                 "generating at most": s.max_generating or max(1, s.concurrency // 2),
                 "think time": f"{args.think_ms:g} ms",
