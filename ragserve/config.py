@@ -51,8 +51,9 @@ class ChunkConfig:
     """Tokens shared by consecutive chunks of one document."""
     max_file_mb: float = 100.0
     """Files larger than this (in MiB) are skipped, each with its reason in the build
-    summary; 0: no limit. Text is chunked in bounded sections whatever its size, but the
-    whole text of a file is held while it is read, and its chunks until it is embedded."""
+    summary; 0: no limit. Plain text is streamed and chunked in bounded sections whatever
+    its size (its chunks are held until they are embedded); HTML, PDF and text that needs
+    charset detection are read whole, so this limit bounds what they take."""
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from ragserve.docstore import LazyDocStore
 from ragserve.errors import IndexError_
-from ragserve.ingest import SUPPORTED, Document, FileOutcome, Skip, chunk_documents, iter_files, read_file
+from ragserve.ingest import SUPPORTED, Chunker, FileChunks, FileOutcome, Skip, chunk_file, iter_files
 from ragserve.manifest import Manifest, sha256_file, verify
+from ragserve.textfile import READ_SIZE
 from ragserve.types import Chunk
 
 Action = Literal["unchanged", "changed", "added", "retried"]
@@ -180,32 +181,30 @@ class Gathered:
 
 
 def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: Any,
-           encoding: str | None, max_bytes: int = 0) -> Gathered:
+           encoding: str | None, max_bytes: int = 0, read_size: int = READ_SIZE) -> Gathered:
     """Read and chunk what the plan says to, take the rest from the previous index.
     ``max_bytes`` > 0 skips larger files (``chunk.max_file_mb``); a file none of whose
-    documents can be chunked is skipped with the reason, and the build goes on."""
-    read: dict[str, list[Document]] = {}
+    documents can be chunked is skipped with the reason, and the build goes on.
+
+    Files are read and chunked one at a time, plain text streamed (``chunk_file``): what
+    is held is the chunks, never the texts of the files. NOTE: the chunks of every file
+    (texts included) are still all held until they are embedded and written.
+    """
+    chunker = Chunker(chunk_size, chunk_overlap, tokenizer)
+    read: dict[str, FileChunks] = {}
     skips: dict[str, str] = {}
     unstable: set[str] = set()
     for f in plan.files:
         if plan.reused(f.doc_id) is not None:
             continue
         try:
-            read[f.doc_id], _ = read_file(f.path, f.doc_id, encoding, max_bytes)
+            read[f.doc_id] = got = chunk_file(f.path, f.doc_id, chunker, encoding, max_bytes, read_size)
         except Skip as e:
             skips[f.doc_id] = str(e)
             continue
-        if f.sha256 is not None and _sha_or_none(f.path) != f.sha256:
-            unstable.add(f.doc_id)  # changed while being read: hash again next build
-    by_file: dict[str, list[Chunk]] = {}
-    docs = [d for f in plan.files for d in read.get(f.doc_id, [])]
-    unchunked: dict[str, str] = {}
-    for c in chunk_documents(docs, chunk_size, chunk_overlap, tokenizer, on_skip=unchunked.__setitem__):
-        by_file.setdefault(c.doc_id, []).append(c)
-    for doc_id, reason in unchunked.items():
-        if doc_id not in by_file:  # nothing of it could be chunked: the file is skipped
-            skips[doc_id] = reason
-            del read[doc_id]
+        # A streamed file was hashed as it was read: the hash is of the very bytes chunked.
+        if f.sha256 is not None and (got.sha256 or _sha_or_none(f.path)) != f.sha256:
+            unstable.add(f.doc_id)  # changed since it was hashed: hash again next build
 
     store = LazyDocStore(plan.previous.folder) if plan.previous is not None else None
     out = Gathered([], [], {}, 0, [], [])
@@ -224,12 +223,11 @@ def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: A
             elif f.doc_id in skips:
                 outcome = FileOutcome(f.doc_id, "skipped", skips[f.doc_id])
             else:
-                new = by_file.get(f.doc_id, [])
-                out.new_ids.extend(range(start, start + len(new)))
-                out.chunks.extend(Chunk(start + i, c.doc_id, c.text, c.metadata) for i, c in enumerate(new))
-                file_docs = read[f.doc_id]
-                outcome = FileOutcome(f.doc_id, "ok", encoding=file_docs[0].metadata.get("encoding"),
-                                      documents=len(file_docs), chunks=len(new))
+                got = read.pop(f.doc_id)
+                out.new_ids.extend(range(start, start + len(got.chunks)))
+                out.chunks.extend(Chunk(start + i, c.doc_id, c.text, c.metadata) for i, c in enumerate(got.chunks))
+                outcome = FileOutcome(f.doc_id, "ok", encoding=got.encoding, documents=got.documents,
+                                      chunks=len(got.chunks))
             out.outcomes.append(outcome)
             out.documents += outcome.documents
             if f.sha256 is not None:

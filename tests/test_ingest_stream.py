@@ -217,3 +217,33 @@ def test_memory_while_chunking_a_30_mb_file_does_not_scale_with_the_file(tmp_pat
     bound = 5 * c.section_chars * 4 + 8 * READ_SIZE
     assert transient < bound, f"{transient / 2**20:.1f} MiB for a {size / 2**20:.0f} MB file"
 
+
+def test_a_build_hashes_what_it_streams_and_flags_a_file_changed_since_the_scan(tmp_path, monkeypatch):
+    """``gather`` (the build's read step) records each file's SHA-256 from the scan only when
+    the bytes it streamed and chunked have that hash; text files are not read again to
+    hash them (the whole-file path read each file three times: scan, read, hash again)."""
+    import ragserve.incremental as incremental
+    from ragserve.manifest import sha256_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(MULTI * 200, "utf-8")
+    (src / "b.md").write_text(TEXT * 200 + "\r\n\r\n" + MULTI, "utf-8")
+    (src / "c.html").write_text(f"<html><body><p>{TEXT}</p></body></html>")
+    (src / "d.txt").write_text(TEXT * 100)
+    files = incremental.scan_source(src)
+    plan = incremental.plan_build(files, tmp_path / "idx", identity={}, chunking={}, encoding=None)
+    (src / "d.txt").write_text(TEXT * 100 + "An edit after the scan.")
+    rehashed: list[str] = []
+    monkeypatch.setattr(incremental, "sha256_file", lambda p: rehashed.append(p.name) or sha256_file(p))
+    g = incremental.gather(plan, chunk_size=24, chunk_overlap=4, tokenizer=str.split, encoding=None, read_size=5)
+    assert rehashed == ["c.html"]  # read whole: hashed again after reading, as before
+    assert [o.status for o in g.outcomes] == ["ok"] * 4
+    assert {d: r["sha256"] for d, r in g.corpus.items()} == {
+        "a.txt": sha256_file(src / "a.txt"), "b.md": sha256_file(src / "b.md"),
+        "c.html": sha256_file(src / "c.html"), "d.txt": None}  # d.txt: hashed again next build
+    c = Chunker(24, 4, str.split)
+    expected = [ch for f in ("a.txt", "b.md") for ch in whole(src / f, c)[0]]
+    assert [(ch.doc_id, ch.text, ch.metadata) for ch in g.chunks[:len(expected)]] == [
+        (ch.doc_id, ch.text, ch.metadata) for ch in expected]
+    assert [ch.chunk_id for ch in g.chunks] == list(range(len(g.chunks))) == g.new_ids
