@@ -20,6 +20,7 @@ import codecs
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # NOTE: short legacy texts are ambiguous between the Western code pages; cp1252 is by far
 # the most common, so it wins when it decodes with nearly as little "chaos" as the best.
@@ -110,7 +111,7 @@ class TextStream:
             raise Skip(f"unreadable: {e.strerror or e}") from None
         self.encoding = used
 
-    def _decode(self, f, codec: str | None) -> Iterator[str]:  # noqa: ANN001 - a binary file
+    def _decode(self, f: BinaryIO, codec: str | None) -> Iterator[str]:
         b"".decode(codec or "utf-8")  # an unknown or non-text codec fails as bytes.decode does
         # NOTE: UTF-8 with its mark dropped by hand rather than by "utf-8-sig", whose
         # incremental decoder returns "" for a file of one or two bytes of a mark, where
