@@ -60,7 +60,8 @@ class PeerServer:
         g, v = self.gen, self.vllm
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                 "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-                "--dtype", v.dtype, "--max-model-len", str(g.max_model_len), "--max-num-seqs", str(v.max_num_seqs),
+                "--dtype", v.dtype, "--max-model-len", str(g.max_model_len),
+                "--max-num-seqs", str(v.max_num_seqs),
                 "--seed", str(g.seed), "--uvicorn-log-level", "warning"]
         template = self.model / "chat_template.jinja"
         if template.is_file():  # the same chat template ragserve's tokenizer applies

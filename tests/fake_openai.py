@@ -123,8 +123,8 @@ class FakeOpenAI:
                 return JSONResponse({"error": {"message": "the fake server fails", "code": self.b.status}},
                                     status_code=self.b.status)
             if body.get("model") != self.b.name:
-                return JSONResponse({"error": {"message": f"model {body.get('model')!r} not found", "code": 404}},
-                                    status_code=404)
+                error = {"message": f"model {body.get('model')!r} not found", "code": 404}
+                return JSONResponse({"error": error}, status_code=404)
             return StreamingResponse(self._events(body), media_type="text/event-stream")
 
         return app
@@ -146,11 +146,13 @@ class FakeOpenAI:
                 await asyncio.sleep(delay)
                 last = i == len(words) - 1
                 finish = ("length" if len(words) == body["max_tokens"] else "stop") if last else None
+                choice = {"index": 0, "text": (" " if i else "") + word, "finish_reason": finish}
                 yield _sse({"id": "cmpl-1", "object": "text_completion", "model": self.b.name,
-                            "choices": [{"index": 0, "text": (" " if i else "") + word, "finish_reason": finish}]})
-            final: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "model": self.b.name, "choices": [],
-                                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(words),
-                                               "total_tokens": n_prompt + len(words)}}
+                            "choices": [choice]})
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": len(words),
+                     "total_tokens": n_prompt + len(words)}
+            final: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "model": self.b.name,
+                                     "choices": [], "usage": usage}
             if self.b.metrics:
                 final["metrics"] = self.b.metrics
             yield _sse(final)

@@ -44,7 +44,8 @@ def test_sections_load_from_toml_then_env(tmp_path):
 
 def test_old_vllm_keys_under_generate_still_load_with_a_warning(tmp_path):
     p = tmp_path / "old.toml"
-    p.write_text('[generate]\nmax_tokens = 50\ndtype = "float16"\nkv_cache_gib = 3\nuniproc_executor = false\n')
+    p.write_text('[generate]\nmax_tokens = 50\ndtype = "float16"\nkv_cache_gib = 3\n'
+                 'uniproc_executor = false\n')
     with pytest.warns(FutureWarning, match=r"\[generate\] dtype, kv_cache_gib, uniproc_executor moved to the "
                                            r"\[vllm\] section"):
         cfg = RAGConfig.load(p, env={})
@@ -65,7 +66,8 @@ def test_an_old_key_that_contradicts_the_new_one_is_refused():
         RAGConfig().replace(generate={"dtype": "float16"}, vllm={"dtype": "bfloat16"})
     assert e.value.field == "generate.dtype"
     with pytest.warns(FutureWarning):  # the same value in both places is fine
-        assert RAGConfig().replace(generate={"dtype": "float16"}, vllm={"dtype": "float16"}).vllm.dtype == "float16"
+        same = RAGConfig().replace(generate={"dtype": "float16"}, vllm={"dtype": "float16"})
+    assert same.vllm.dtype == "float16"
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,8 @@ def test_urls_timeouts_and_pools_leave_the_answer_fingerprint_alone():
                         vllm={"kv_cache_gib": 9, "dtype": "float32"})  # [vllm] is not this backend's
     assert same.fingerprint() == base.fingerprint()
     for change in ({"openai": {"model": "another-model"}}, {"generate": {"model": "/m"}},
-                   {"generate": {"temperature": 0.5}}, {"generate": {"max_tokens": 9}}, {"generate": {"seed": 1}}):
+                   {"generate": {"temperature": 0.5}}, {"generate": {"max_tokens": 9}},
+                   {"generate": {"seed": 1}}):
         assert base.replace(**change).fingerprint() != base.fingerprint(), change
     assert base.fingerprint() != RAGConfig().fingerprint()  # two backends never share answers
 
@@ -109,9 +112,11 @@ def test_the_vllm_fingerprint_is_unchanged_by_the_move():
     """The keys (and L2 entries) of a config written before [vllm] existed stay valid."""
     cfg = RAGConfig()
     g = cfg.generate
-    old = {"embed.model": cfg.embed.model, "prompt_template": PROMPT_TEMPLATE_VERSION, "top_k": cfg.query.top_k,
-           "generate": {"model": g.model, "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                        "seed": g.seed, "dtype": "bfloat16", "max_model_len": g.max_model_len},
+    old = {"embed.model": cfg.embed.model, "prompt_template": PROMPT_TEMPLATE_VERSION,
+           "top_k": cfg.query.top_k,
+           "generate": {"model": g.model, "max_tokens": g.max_tokens, "temperature": g.temperature,
+                        "top_p": g.top_p, "seed": g.seed, "dtype": "bfloat16",
+                        "max_model_len": g.max_model_len},
            "search": {"ivf_nprobe": 0, "hnsw_ef_search": 0}}
     assert cfg.fingerprint() == hashlib.sha256(orjson.dumps(old, option=orjson.OPT_SORT_KEYS)).hexdigest()
     assert cfg.replace(vllm={"dtype": "float16"}).fingerprint() != cfg.fingerprint()

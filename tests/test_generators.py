@@ -81,7 +81,8 @@ async def test_stream_yields_deltas_then_a_generation_with_the_servers_usage(ser
         body = fake.bodies[0]
         assert body["prompt"] == "three word prompt" and body["stream"] is True
         assert body["stream_options"] == {"include_usage": True} and body["model"] == "fake-model"
-        assert (body["max_tokens"], body["temperature"], body["top_p"]) == (16, 0.0, 1.0) and "seed" not in body
+        assert (body["max_tokens"], body["temperature"], body["top_p"]) == (16, 0.0, 1.0)
+        assert "seed" not in body  # greedy: as the vllm backend
         assert fake.headers[0]["x-request-id"] == "req-42"
         assert gen.unfinished() == 0 and gen.stats()["endpoints"][0]["requests"] == 1
     finally:
@@ -93,7 +94,8 @@ async def test_token_ids_go_as_the_prompt_when_they_are_ints_and_max_tokens_caps
     gen = make(url, max_tokens=2)
     try:
         _, final = await collect(gen, "the text", token_ids=[5, 6, 7])
-        assert fake.bodies[0]["prompt"] == [5, 6, 7] and final.text == "an answer" and final.finish_reason == "length"
+        assert fake.bodies[0]["prompt"] == [5, 6, 7]
+        assert final.text == "an answer" and final.finish_reason == "length"
         await collect(gen, "the text", token_ids=["the", "text"])  # a test tokenizer's words: send the text
         assert fake.bodies[1]["prompt"] == "the text"
     finally:
@@ -112,7 +114,8 @@ async def test_without_deltas_only_the_generation_and_generate_returns_it(server
 
 
 async def test_the_servers_own_timings_give_the_split_when_it_reports_them(servers):
-    _, url = servers(metrics={"queue_time_ms": 5.0, "time_to_first_token_ms": 7.0, "generation_time_ms": 11.0})
+    metrics = {"queue_time_ms": 5.0, "time_to_first_token_ms": 7.0, "generation_time_ms": 11.0}
+    _, url = servers(metrics=metrics)
     gen = make(url)
     try:
         _, final = await collect(gen)

@@ -1,9 +1,9 @@
 """Generator backends, chosen by ``generate.backend``; the pipeline asks ``make_generator``.
 
-| backend | class | where the model runs | its options |
-|---|---|---|---|
-| ``vllm`` (default) | ``ragserve.generate.VllmGenerator`` | vLLM's ``AsyncLLM`` in this process | ``[vllm]`` |
-| ``openai`` | ``ragserve.generators.openai.OpenAIGenerator`` | remote OpenAI-compatible servers | ``[openai]`` |
+- ``vllm`` (the default): ``ragserve.generate.VllmGenerator``, vLLM's ``AsyncLLM`` in this
+  process; options in ``[vllm]``.
+- ``openai``: ``ragserve.generators.openai.OpenAIGenerator``, remote OpenAI-compatible
+  servers (vLLM's own); options in ``[openai]``.
 
 Both follow the ``types.Generator`` protocol, as does any object given to
 ``RAG.from_index(..., generator=...)``. Nothing heavy is imported here: each backend's

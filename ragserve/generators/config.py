@@ -163,4 +163,5 @@ def validate_backends(backend: str, v: VllmConfig, o: OpenAIConfig) -> None:
     _check(o.failures_to_eject >= 1, "openai.failures_to_eject", f"must be >= 1, got {o.failures_to_eject}")
     _check(o.retries >= 0, "openai.retries", f"must be >= 0, got {o.retries}")
     _check(o.tokenizer in get_args(TokenizerSource), "openai.tokenizer",
-           f"must be '' (the local folder of generate.model) or 'server' (POST /tokenize), got {o.tokenizer!r}")
+           f"must be '' (the local folder of generate.model) or 'server' (POST /tokenize), "
+           f"got {o.tokenizer!r}")

@@ -52,7 +52,8 @@ class Endpoints:
     """**Usage:** ``ep = pool.pick(); pool.begin(ep); ...; pool.success(ep) / pool.failure(ep);
     pool.end(ep)``. ``probe(ep)`` answers whether an ejected endpoint is healthy again."""
 
-    def __init__(self, urls: Iterable[str], failures_to_eject: int, probe_interval_s: float, probe: Probe) -> None:
+    def __init__(self, urls: Iterable[str], failures_to_eject: int, probe_interval_s: float,
+                 probe: Probe) -> None:
         self.all = [Endpoint(u) for u in urls]
         self.failures_to_eject = failures_to_eject
         self.probe_interval_s = probe_interval_s
@@ -94,10 +95,11 @@ class Endpoints:
             return
         ep.ejected = True
         ep.ejections += 1
-        log.warning("generator endpoint %s ejected after %d failures in a row (last: %s); probing it every %g s",
-                    shown_url(ep.url), ep.failures, reason, self.probe_interval_s)
+        log.warning("generator endpoint %s ejected after %d failures in a row (last: %s); "
+                    "probing it every %g s", shown_url(ep.url), ep.failures, reason, self.probe_interval_s)
         if self._prober is None or self._prober.done():
-            self._prober = asyncio.get_running_loop().create_task(self._probe_ejected(), name="ragserve-probe")
+            loop = asyncio.get_running_loop()
+            self._prober = loop.create_task(self._probe_ejected(), name="ragserve-probe")
 
     def restore(self, ep: Endpoint) -> None:
         ep.ejected = False

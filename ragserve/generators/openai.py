@@ -3,8 +3,9 @@
 Built for vLLM's own server (``python -m vllm.entrypoints.openai.api_server``, one per GPU
 node) and usable with any server that speaks ``POST /v1/completions`` with SSE streaming.
 Each request is one streamed completion of the rendered prompt; every endpoint has its
-own pooled ``httpx.AsyncClient`` (keep-alive connections), and ``endpoints.py`` picks the
-endpoint (least outstanding requests) and ejects and probes failing ones.
+own pooled ``httpx.AsyncClient`` (keep-alive connections); ``endpoints.py`` picks the
+endpoint (least outstanding requests) and ejects and probes failing ones, and
+``completions.py`` writes the request and reads the stream.
 
 - **Prompt.** The chat template is applied here (the prompt builder's token budget needs
   it), so the completions endpoint gets the rendered prompt: as token ids when the
@@ -31,78 +32,24 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import httpx
-import orjson
 
 from ragserve.config import GenerateConfig, OpenAIConfig
 from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError
+from ragserve.generators.completions import Attempt, parse_chunk, request_body
 from ragserve.generators.config import normalise_url
 from ragserve.generators.endpoints import Endpoint, Endpoints, shown_url
-from ragserve.types import Generation, TokenUsage
+from ragserve.types import Generation
 
 log = logging.getLogger("ragserve.generate")
 
 
 class _Retry(Exception):
     """An attempt failed before its first chunk: another endpoint may take the request."""
-
-
-@dataclass
-class _Attempt:
-    """What one attempt on one endpoint has received so far."""
-
-    sent: float
-    pieces: list[str] = field(default_factory=list)
-    first: float = 0.0
-    """``perf_counter()`` of the first chunk with a choice (0: none yet)."""
-    last: float = 0.0
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
-    done: bool = False
-
-    @property
-    def started(self) -> bool:
-        return self.first > 0
-
-    def add(self, chunk: dict[str, Any]) -> str:
-        """Take one ``text_completion`` chunk; returns its text delta ("" for none)."""
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        if chunk.get("metrics"):
-            self.metrics = chunk["metrics"]
-        choices = chunk.get("choices") or []
-        if not choices:
-            return ""
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        choice = choices[0]
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        text = choice.get("text") or ""
-        if text:
-            self.pieces.append(text)
-        return text
-
-    def generation(self, token_ids: Sequence[Any] | None) -> Generation:
-        usage = self.usage or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or len(token_ids or ()))
-        completion = int(usage.get("completion_tokens") or len(self.pieces))
-        m = self.metrics or {}
-        if m.get("time_to_first_token_ms") is not None:  # the server's own timestamps
-            queue, first, decode = (float(m.get("queue_time_ms") or 0.0), float(m["time_to_first_token_ms"]),
-                                    float(m.get("generation_time_ms") or 0.0))
-        else:
-            first_at = self.first or self.last or time.perf_counter()
-            queue, first, decode = 0.0, (first_at - self.sent) * 1e3, (max(self.last, first_at) - first_at) * 1e3
-        return Generation(text="".join(self.pieces).strip(),
-                          usage=TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=completion),
-                          finish_reason=self.finish_reason, queue_ms=queue, first_token_ms=first, decode_ms=decode)
 
 
 class OpenAIGenerator:
@@ -124,8 +71,8 @@ class OpenAIGenerator:
         self.model_name = self.options.model
         """The served model name (resolved from ``GET /v1/models`` when not configured)."""
         o = self.options
-        self.endpoints = Endpoints([normalise_url(u) for u in o.urls], o.failures_to_eject, o.probe_interval_s,
-                                   self._probe)
+        urls = [normalise_url(u) for u in o.urls]
+        self.endpoints = Endpoints(urls, o.failures_to_eject, o.probe_interval_s, self._probe)
         self._headers = {"Authorization": f"Bearer {o.api_key}"} if o.api_key else {}
         self._timeout = httpx.Timeout(o.read_timeout_s, connect=o.connect_timeout_s, pool=None)
         # Probes and admin calls answer at once on a live server: they must not wait a read timeout.
@@ -151,9 +98,13 @@ class OpenAIGenerator:
                 self._tokenizer = local_tokenizer(self.config.model)
             self._check_models()
             o = self.options
-            limits = httpx.Limits(max_connections=o.max_connections, max_keepalive_connections=o.max_connections)
-            self._clients = {ep.url: httpx.AsyncClient(base_url=ep.url, headers=self._headers, timeout=self._timeout,
-                                                       limits=limits) for ep in self.endpoints.all}
+            limits = httpx.Limits(max_connections=o.max_connections,
+                                  max_keepalive_connections=o.max_connections)
+            self._clients = {
+                ep.url: httpx.AsyncClient(base_url=ep.url, headers=self._headers, timeout=self._timeout,
+                                          limits=limits)
+                for ep in self.endpoints.all
+            }
 
     def _check_models(self) -> None:
         """The served models, asked once at start (blocking, short timeouts): fills in
@@ -163,15 +114,17 @@ class OpenAIGenerator:
                 r = httpx.get(ep.url + "/v1/models", headers=self._headers, timeout=self._short)
                 listed = {m["id"]: m for m in r.json()["data"]} if r.status_code == 200 else None
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-                log.warning("generator endpoint %s did not list its models at start: %s", shown_url(ep.url), e)
+                log.warning("generator endpoint %s did not list its models at start: %s",
+                            shown_url(ep.url), e)
                 continue
             if not listed:
                 continue
             if not self.model_name:
                 self.model_name = next(iter(listed))
             if self.model_name not in listed:
-                raise ConfigError("openai.model", f"{shown_url(ep.url)} serves {', '.join(map(repr, listed))}, "
-                                  f"not {self.model_name!r}")
+                served = ", ".join(map(repr, listed))
+                raise ConfigError("openai.model",
+                                  f"{shown_url(ep.url)} serves {served}, not {self.model_name!r}")
             served_len = listed[self.model_name].get("max_model_len")
             if isinstance(served_len, int) and served_len < self.config.max_model_len:
                 log.warning("%s serves %s with max_model_len %d < generate.max_model_len %d: long prompts "
@@ -184,8 +137,8 @@ class OpenAIGenerator:
             from ragserve.generators import tokenizers
 
             if self.options.tokenizer == "server":
-                self._tokenizer = tokenizers.ServerTokenizer(lambda: self.endpoints.all, lambda: self.model_name,
-                                                             self._headers, self._timeout)
+                self._tokenizer = tokenizers.ServerTokenizer(
+                    lambda: self.endpoints.all, lambda: self.model_name, self._headers, self._timeout)
             else:
                 self._tokenizer = tokenizers.local_tokenizer(self.config.model)
         return self._tokenizer
@@ -261,7 +214,8 @@ class OpenAIGenerator:
 
     # -- generation --------------------------------------------------------------------
 
-    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None) -> Generation:
+    async def generate(self, prompt: str, request_id: str, *,
+                       token_ids: list[int] | None = None) -> Generation:
         """The whole answer (the stream, consumed)."""
         final = None
         async with aclosing(self.stream(prompt, request_id, token_ids=token_ids, deltas=False)) as pieces:
@@ -278,7 +232,7 @@ class OpenAIGenerator:
             self.warm_up()
         if not self.model_name:
             await self._ask_model()
-        body = self._body(prompt, token_ids)
+        body = request_body(self.config, self.model_name, prompt, token_ids)
         tried: list[Endpoint] = []
         problems: list[str] = []
         while len(tried) <= self.options.retries:
@@ -286,7 +240,7 @@ class OpenAIGenerator:
             if ep is None:
                 break
             tried.append(ep)
-            attempt = _Attempt(time.perf_counter())
+            attempt = Attempt(time.perf_counter())
             try:
                 async with aclosing(self._attempt(ep, body, request_id, attempt)) as pieces:
                     async for piece in pieces:
@@ -298,25 +252,13 @@ class OpenAIGenerator:
                 continue
             yield attempt.generation(token_ids)
             return
-        ejected = sum(ep.ejected for ep in self.endpoints.all)
+        ejected, total = sum(ep.ejected for ep in self.endpoints.all), len(self.endpoints.all)
         raise GeneratorUnavailableError(
             f"request {request_id}: no generator endpoint could take it ({len(problems)} tried, {ejected} of "
-            f"{len(self.endpoints.all)} ejected until a probe finds them healthy): {'; '.join(problems) or 'none'}")
-
-    def _body(self, prompt: str, token_ids: Sequence[Any] | None) -> dict[str, Any]:
-        g = self.config
-        ids = list(token_ids) if token_ids and all(type(t) is int for t in token_ids) else None
-        body: dict[str, Any] = {
-            "model": self.model_name, "prompt": ids if ids is not None else prompt, "max_tokens": g.max_tokens,
-            "temperature": g.temperature, "top_p": g.top_p, "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if g.temperature > 0:  # as the vllm backend: a seed means nothing to greedy decoding
-            body["seed"] = g.seed
-        return body
+            f"{total} ejected until a probe finds them healthy): {'; '.join(problems) or 'none'}")
 
     async def _attempt(self, ep: Endpoint, body: dict[str, Any], request_id: str,
-                       attempt: _Attempt) -> AsyncIterator[str]:
+                       attempt: Attempt) -> AsyncIterator[str]:
         """One streamed completion on ``ep``: its text deltas; ``_Retry`` if it failed before
         its first chunk, ``GenerationError`` after."""
         pool = self.endpoints
@@ -333,7 +275,7 @@ class OpenAIGenerator:
                     if data == "[DONE]":
                         attempt.done = True
                         break
-                    chunk = _json(data, ep)
+                    chunk = parse_chunk(data, shown_url(ep.url))
                     if "error" in chunk:
                         self._stream_error(ep, attempt, chunk["error"])
                     text = attempt.add(chunk)
@@ -368,7 +310,7 @@ class OpenAIGenerator:
             raise _Retry(f"{where} (busy): {detail}")
         raise GenerationError(f"{where}: {detail}")
 
-    def _stream_error(self, ep: Endpoint, attempt: _Attempt, error: Any) -> NoReturn:
+    def _stream_error(self, ep: Endpoint, attempt: Attempt, error: Any) -> NoReturn:
         """An error event inside the stream (vLLM sends ``data: {"error": {...}}``)."""
         code = error.get("code") if isinstance(error, dict) else None
         message = error.get("message", error) if isinstance(error, dict) else error
@@ -391,14 +333,6 @@ class OpenAIGenerator:
             if models:
                 self.model_name = str(models[0]["id"])
                 return
-        raise GeneratorUnavailableError("no generator endpoint listed a model at GET /v1/models (set openai.model)")
+        raise GeneratorUnavailableError("no generator endpoint listed a model at GET /v1/models "
+                                        "(set openai.model)")
 
-
-def _json(data: str, ep: Endpoint) -> dict[str, Any]:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise GenerationError(f"{shown_url(ep.url)} sent a chunk that is not JSON: {data[:120]!r}") from e
-    if not isinstance(chunk, dict):
-        raise GenerationError(f"{shown_url(ep.url)} sent a chunk that is not a JSON object: {data[:120]!r}")
-    return chunk

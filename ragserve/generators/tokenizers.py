@@ -64,7 +64,8 @@ class ServerTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
                             add_generation_prompt: bool = True, **_: Any) -> Any:
-        ids = self._post("/tokenize", {"messages": messages, "add_generation_prompt": add_generation_prompt})["tokens"]
+        body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        ids = self._post("/tokenize", body)["tokens"]
         if tokenize:
             return ids
         text = self.decode(ids)
@@ -102,11 +103,13 @@ class ServerTokenizer:
                 problems.append(f"{shown_url(ep.url)}: HTTP {r.status_code}")
                 continue
             if r.status_code != 200:
-                raise GenerationError(f"{shown_url(ep.url)}{path} refused the request: HTTP {r.status_code} "
-                                      f"{r.text[:300]} (openai.tokenizer = \"server\" needs vLLM's /tokenize and "
-                                      "/detokenize; \"\" reads the local folder of generate.model)")
+                raise GenerationError(
+                    f"{shown_url(ep.url)}{path} refused the request: HTTP {r.status_code} {r.text[:300]} "
+                    "(openai.tokenizer = \"server\" needs vLLM's /tokenize and /detokenize; \"\" reads the "
+                    "local folder of generate.model)")
             return dict(r.json())
-        raise GeneratorUnavailableError(f"no generator endpoint could tokenize: {'; '.join(problems) or 'none'}")
+        raise GeneratorUnavailableError(
+            f"no generator endpoint could tokenize: {'; '.join(problems) or 'none'}")
 
     def close(self) -> None:
         self._client.close()

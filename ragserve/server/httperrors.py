@@ -7,7 +7,7 @@
 | missing or wrong API key | 401 |
 | ``OverloadedError`` | 429 + ``Retry-After`` |
 | ``DeadlineExceededError`` | 504 |
-| ``EngineDeadError``, ``GeneratorUnavailableError`` (no generator endpoint), engine not ready, draining, index not servable | 503 |
+| ``EngineDeadError``, ``GeneratorUnavailableError``, engine not ready, draining, index not servable | 503 |
 | ``GenerationError`` (one request failed in the engine) | 502 |
 | anything else | 500: a bug; the response says only the request id, the log has the traceback |
 
