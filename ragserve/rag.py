@@ -50,7 +50,8 @@ class RAG(Pipeline):
         settings (``index.ivf_nprobe``, ``index.hnsw_ef_search``) from ``config``, where 0
         keeps the manifest's defaults. ``embedder`` shares an already loaded model (it must
         be the one the index was built with; that is checked). ``generator`` replaces the
-        default vLLM generator with any object of the ``types.Generator`` protocol.
+        one ``config.generate.backend`` names (``generators.make_generator``) with any
+        object of the ``types.Generator`` protocol.
 
         Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
         before anything is served from a bad index.
@@ -204,7 +205,9 @@ class RAG(Pipeline):
         ``window`` queries), the share of queries each cache tier answered, the gauges
         (``in_flight``: requests past L1 on the engine loop; ``queued``: waiting for an
         admission slot), admission and embedding-batch counters, and the cache's own
-        counters. Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
+        counters, and the generator's own (per endpoint for the openai backend; None when
+        it keeps none). Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
+        generator_stats = getattr(self.generator, "stats", None)
         return {
             **self.requests.counts,
             "window": self.stage_stats.window,
@@ -214,6 +217,7 @@ class RAG(Pipeline):
             "admission": self.admission.as_dict(),
             "embed_batches": self.retriever.stats(),
             "engine_unfinished": self.engine_unfinished(),
+            "generator": generator_stats() if generator_stats else None,
             "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
             "cache": self.cache.stats() if self.cache else None,
         }
@@ -255,7 +259,10 @@ class RAG(Pipeline):
             async def stop() -> None:
                 if self.cache is not None:
                     await self.cache.close()
-                if self.generator is not None:
+                aclose = getattr(self.generator, "aclose", None)  # an async backend closes politely
+                if aclose is not None:
+                    await aclose()
+                elif self.generator is not None:
                     self.generator.shutdown()
 
             self._runtime.run(stop())

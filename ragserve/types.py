@@ -56,6 +56,9 @@ class Timings:
     ``generate`` is measured here; its split into ``generate_queue`` (waiting in vLLM's
     scheduler), ``generate_first_token`` (prefill: scheduled → first token) and
     ``generate_decode`` (first → last token) comes from vLLM's own per-request metrics.
+    With the ``openai`` backend it is measured by the client unless the server reports its
+    own: ``generate_queue`` 0, ``generate_first_token`` the time to the first streamed
+    token (queue + prefill + the network), ``generate_decode`` first → last token.
     """
 
     cache_l1: float = 0.0
@@ -186,9 +189,20 @@ class DocStore(Protocol):
 
 
 class Generator(Protocol):
+    """What the pipeline needs of a generation backend (``generators.make_generator`` builds
+    one from ``generate.backend``: vLLM in-process, or remote OpenAI-compatible servers).
+
+    Optional, looked up with ``getattr`` by ``RAG``: ``alive() -> bool`` (False: answer 503),
+    ``unfinished() -> int`` (requests held), ``async reset_prefix_cache() -> bool``,
+    ``stats() -> dict`` (in ``rag.stats()["generator"]``) and ``async aclose()`` (awaited by
+    ``RAG.close`` instead of ``shutdown``).
+    """
+
     model_name: str
 
-    def warm_up(self) -> None: ...
+    def warm_up(self) -> None:
+        """Start the backend (idempotent and cheap once done: it is called per request)."""
+        ...
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (``apply_chat_template``, ``encode``, ``decode``)."""

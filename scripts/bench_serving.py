@@ -240,7 +240,7 @@ def ratio_lines(summaries: list[dict[str, Any]], embed: dict[str, Any], peer_ski
 def write_report(args, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any], index_note: str) -> None:
     summaries = [r.summary() for r in runs]
     seq = next((s for s in summaries if s["system"] == "sequential"), None)
-    g = cfg.generate
+    g, v = cfg.generate, cfg.vllm
     page = [
         "# ragserve serving benchmark (issue 4)", "",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
@@ -249,9 +249,9 @@ def write_report(args, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any
         f"- versions: {versions()}",
         f"- index: {index_note}; {sys_.n_chunks} chunks (chunk_size {cfg.chunk.chunk_size}, overlap "
         f"{cfg.chunk.chunk_overlap}), {cfg.index.index_type}, top_k {cfg.query.top_k}",
-        f"- models: embedding `{sys_.embed_path}`; generation `{sys_.gen_path}` (dtype {g.dtype}, max_model_len "
-        f"{g.max_model_len}, kv cache {g.kv_cache_gib:g} GiB, max_num_seqs {g.max_num_seqs}, enforce_eager "
-        f"{g.enforce_eager}, uniproc executor {g.uniproc_executor})",
+        f"- models: embedding `{sys_.embed_path}`; generation `{sys_.gen_path}` (dtype {v.dtype}, "
+        f"max_model_len {g.max_model_len}, kv cache {v.kv_cache_gib:g} GiB, max_num_seqs {v.max_num_seqs}, "
+        f"enforce_eager {v.enforce_eager}, uniproc executor {v.uniproc_executor})",
         f"- generation: max_tokens {args.max_tokens}, temperature 0; answer cache OFF",
         f"- questions: XQuAD-en, distinct, seed {args.seed}; per level {args.per_level}; warm-up {args.warmup} "
         f"requests per run; {args.rounds} round(s) per system and level, pooled; sequential loop over "

@@ -45,8 +45,10 @@ class PeerServer:
     this deprecated entry point ignores a positional model and loads its default model.
     """
 
-    def __init__(self, model: Path, gen: Any, log: Path, matched_env: bool = True) -> None:
-        self.model, self.gen, self.log, self.matched_env = model, gen, log, matched_env
+    def __init__(self, model: Path, config: Any, log: Path, matched_env: bool = True) -> None:
+        """``config``: ragserve's ``RAGConfig``; its [generate] and [vllm] sections set the server's."""
+        self.model, self.log, self.matched_env = model, log, matched_env
+        self.gen, self.vllm = config.generate, config.vllm
         self.name = model.name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -55,22 +57,23 @@ class PeerServer:
 
     @property
     def argv(self) -> list[str]:
-        g = self.gen
+        g, v = self.gen, self.vllm
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                 "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-                "--dtype", g.dtype, "--max-model-len", str(g.max_model_len), "--max-num-seqs", str(g.max_num_seqs),
+                "--dtype", v.dtype, "--max-model-len", str(g.max_model_len),
+                "--max-num-seqs", str(v.max_num_seqs),
                 "--seed", str(g.seed), "--uvicorn-log-level", "warning"]
         template = self.model / "chat_template.jinja"
         if template.is_file():  # the same chat template ragserve's tokenizer applies
             argv += ["--chat-template", str(template)]
-        if g.enforce_eager:
+        if v.enforce_eager:
             argv.append("--enforce-eager")
         return argv
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE=f"{self.gen.kv_cache_gib:g}")
-        if self.matched_env and self.gen.uniproc_executor:
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE=f"{self.vllm.kv_cache_gib:g}")
+        if self.matched_env and self.vllm.uniproc_executor:
             # ragserve's engine runs the model inside EngineCore (no separate worker process);
             # the peer gets the same process layout unless --peer-vllm-defaults is given.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -93,7 +93,7 @@ class Systems:
             self.peer_skipped = f"its packages are not importable ({e}); `make bench-deps` installs them"
             self.log(f"peer skipped: {self.peer_skipped}")
             return
-        self.server = peer.PeerServer(self.gen_path, self.cfg.generate, self.args.out / "peer_server.log",
+        self.server = peer.PeerServer(self.gen_path, self.cfg, self.args.out / "peer_server.log",
                                       matched_env=not self.args.peer_vllm_defaults)
         self.log(f"starting the peer's vLLM OpenAI server on {self.server.base}")
         await asyncio.to_thread(self.server.start)

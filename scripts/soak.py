@@ -721,7 +721,7 @@ def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subp
     ready, log_path = tmp / "ready", tmp / "server.log"
     env = {**os.environ, "RAGSERVE_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens),
-           "RAGSERVE_GENERATE_KV_CACHE_GIB": str(args.kv_cache_gib),
+           "RAGSERVE_VLLM_KV_CACHE_GIB": str(args.kv_cache_gib),
            # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
            "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
     with open(log_path, "wb") as out:
@@ -786,7 +786,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-requests", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=32, help="generate.max_tokens of the server started here")
-    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="generate.kv_cache_gib of the server")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="vllm.kv_cache_gib of the server")
     ap.add_argument("--grace", type=float, default=30.0, help="the server's drain grace after SIGTERM")
     ap.add_argument("--max-rss-growth-mb", type=float, help="fail if the server's RSS grows more (issue 11: 50)")
     ap.add_argument("--out", type=Path, help="also write the report here (markdown)")

@@ -72,7 +72,7 @@ def rag(xquad_index):
     """The one real vLLM engine of the test session."""
     from ragserve import RAG, RAGConfig
 
-    cfg = RAGConfig().replace(generate={"max_tokens": 32, "kv_cache_gib": 1})
+    cfg = RAGConfig().replace(generate={"max_tokens": 32}, vllm={"kv_cache_gib": 1})
     with RAG.from_index(xquad_index, cfg) as r:
         yield r
 

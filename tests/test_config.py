@@ -12,10 +12,10 @@ def test_defaults_are_valid():
 
 
 def test_env_vars_override_and_are_coerced():
-    cfg = RAGConfig.load(env={"RAGSERVE_QUERY_TOP_K": "5", "RAGSERVE_GENERATE_ENFORCE_EAGER": "false",
+    cfg = RAGConfig.load(env={"RAGSERVE_QUERY_TOP_K": "5", "RAGSERVE_VLLM_ENFORCE_EAGER": "false",
                               "RAGSERVE_GENERATE_TEMPERATURE": "0.5", "UNRELATED": "x"})
     assert cfg.query.top_k == 5
-    assert cfg.generate.enforce_eager is False
+    assert cfg.vllm.enforce_eager is False
     assert cfg.generate.temperature == 0.5
 
 
@@ -43,10 +43,10 @@ def test_toml_file_then_env(tmp_path):
         ({"index": {"hnsw_m": 1}}, "index.hnsw_m"),
         ({"index": {"hnsw_ef_construction": 0}}, "index.hnsw_ef_construction"),
         ({"generate": {"max_tokens": 4096, "max_model_len": 2048}}, "generate.max_model_len"),
-        ({"generate": {"dtype": "int3"}}, "generate.dtype"),
+        ({"vllm": {"dtype": "int3"}}, "vllm.dtype"),
         ({"generate": {"no_such_field": 1}}, "generate.no_such_field"),
         ({"query": {"top_k": "many"}}, "query.top_k"),
-        ({"generate": {"enforce_eager": "maybe"}}, "generate.enforce_eager"),
+        ({"vllm": {"enforce_eager": "maybe"}}, "vllm.enforce_eager"),
         ({"embed": {"precision": "float8"}}, "embed.precision"),
     ],
 )
@@ -72,7 +72,7 @@ def test_fingerprint_covers_what_changes_answers_only():
     base = RAGConfig()
     assert base.fingerprint() == RAGConfig().fingerprint()
     assert base.replace(embed={"batch_size": 7}).fingerprint() == base.fingerprint()
-    assert base.replace(generate={"kv_cache_gib": 4}).fingerprint() == base.fingerprint()
+    assert base.replace(vllm={"kv_cache_gib": 4}).fingerprint() == base.fingerprint()
     # build-time index settings are covered by the index fingerprint (the manifest), not here
     assert base.replace(index={"hnsw_m": 16, "index_type": "ivf-fp16"}).fingerprint() == base.fingerprint()
     for change in ({"query": {"top_k": 4}}, {"generate": {"model": "/m"}}, {"generate": {"temperature": 0.7}},

@@ -6,11 +6,11 @@ import ragserve
 EXPECTED = [
     "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DatasetError", "DeadlineExceededError",
     "DoneEvent", "EmbedConfig", "EmptyQuestionError", "EngineDeadError", "EvalReport",
-    "GenerateConfig", "GenerationError", "IndexConfig", "IndexIntegrityError", "IndexMismatchError",
+    "GenerateConfig", "GenerationError", "GeneratorUnavailableError", "IndexConfig", "IndexIntegrityError", "IndexMismatchError",
     "IndexNotFoundError", "IngestError", "InputError", "InvalidParameterError", "InvalidTextError",
-    "ModelError", "OverloadedError", "QueryConfig", "QueryResult", "QuestionTooLongError", "QuestionTypeError", "RAG", "RAGConfig", "RagIndexError",
+    "ModelError", "OpenAIConfig", "OverloadedError", "QueryConfig", "QueryResult", "QuestionTooLongError", "QuestionTypeError", "RAG", "RAGConfig", "RagIndexError",
     "RagserveError", "Source", "SourcesEvent", "StreamEvent", "Timings", "TokenEvent", "TokenUsage",
-    "__version__", "build_index", "evaluate", "verify_index",
+    "VllmConfig", "__version__", "build_index", "evaluate", "verify_index",
 ]
 
 
@@ -22,7 +22,7 @@ def test_public_names_are_pinned_and_sorted():
 
 
 def test_import_stays_light():
-    code = "import sys, ragserve; print(sorted(m for m in ('torch','faiss','vllm','sentence_transformers','llama_index') if m in sys.modules))"
+    code = "import sys, ragserve; print(sorted(m for m in ('torch','faiss','vllm','sentence_transformers','llama_index','httpx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

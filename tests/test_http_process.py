@@ -18,7 +18,7 @@ def start(index: Path, home: Path) -> ServerProcess:
     from ragserve.models import resolve_generation_model
 
     # The prepared models live in the user's RAGSERVE_HOME; this one only holds the server's data.
-    env = {"RAGSERVE_HOME": str(home), "RAGSERVE_GENERATE_MAX_TOKENS": "32", "RAGSERVE_GENERATE_KV_CACHE_GIB": "1",
+    env = {"RAGSERVE_HOME": str(home), "RAGSERVE_GENERATE_MAX_TOKENS": "32", "RAGSERVE_VLLM_KV_CACHE_GIB": "1",
            "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
     return ServerProcess(index, env=env, args=["--grace", "60"], start_timeout_s=240).start()
 

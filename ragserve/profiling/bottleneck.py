@@ -52,7 +52,7 @@ def _metrics(report: Any, env: dict[str, Any], config: Any) -> Metrics:
         m["profiled_wall_s"] = prof.wall_s
     m["cpu"] = report.memory.get("cpu_timed_pass", {})
     m["peak"] = report.memory.get("peak", {})
-    m["kv_cache_gib"] = config.generate.kv_cache_gib
+    m["kv_cache_gib"] = config.vllm.kv_cache_gib
     return m
 
 
@@ -226,7 +226,7 @@ def write_report(report: Any, env: dict[str, Any], *, settings: dict[str, Any], 
     shown = {"index": str(index), **settings, "top_k": config.query.top_k, "max_tokens": config.generate.max_tokens,
              "generation model": report.models.get("generation", config.generate.model),
              "embedding model": report.models.get("embedding", config.embed.model),
-             "kv_cache_gib": config.generate.kv_cache_gib, "uniproc_executor": config.generate.uniproc_executor,
+             "kv_cache_gib": config.vllm.kv_cache_gib, "uniproc_executor": config.vllm.uniproc_executor,
              "embed threads": config.embed.threads or "torch default", "L2": config.cache.redis_url or "off"}
     slow = m.get("slowest")
     findings = []

@@ -41,6 +41,7 @@ ROOTS: list[tuple[str, str, str]] = [
     ("ragserve/generate.py", "generate", "generate"),
     ("ragserve/generate.py", "stream", "generate"),
     ("ragserve/generate.py", "_run", "generate"),
+    ("ragserve/generators/openai.py", "", "generate"),
     ("ragserve/cache.py", "get", "cache_l1"),
     ("ragserve/l2.py", "get", "cache_l2"),
     ("ragserve/answers.py", "remember", "cache_write"),
@@ -51,7 +52,8 @@ ROOTS: list[tuple[str, str, str]] = [
 PLUMBING = ("ragserve/pipeline.py", "ragserve/runtime.py", "ragserve/retrieval.py", "ragserve/admission.py")
 # Fallback by module, for code no root reaches (vLLM's output handler task, Redis writes).
 MODULES: list[tuple[str, str]] = [
-    ("/vllm/", "generate"), ("/zmq/", "generate"), ("/sentence_transformers/", "embed"),
+    ("/vllm/", "generate"), ("/zmq/", "generate"), ("/httpx/", "generate"), ("/httpcore/", "generate"),
+    ("/sentence_transformers/", "embed"),
     ("/faiss/", "search"), ("/redis/", "cache_l2"), ("/ragserve/", "pipeline"),
     ("/asyncio/", "event loop"), ("/concurrent/", "event loop"), ("/threading.py", "event loop"),
     ("/selectors.py", "event loop"),

@@ -176,7 +176,7 @@ def _holders(rag: Any, index: Path) -> dict[str, Any]:
     out["index_files_mib"] = {k: round(v["bytes"] / 2**20, 2) for k, v in files.items()}
     if rag.cache is not None:
         out["l1_cache_mib"] = round(rag.cache.l1.bytes / 2**20, 3)
-    out["kv_cache_gib_configured"] = rag.config.generate.kv_cache_gib
+    out["kv_cache_gib_configured"] = rag.config.vllm.kv_cache_gib
     procs = {}
     me = psutil.Process(os.getpid())
     for p in [me, *me.children(recursive=True)]:

@@ -7,7 +7,7 @@
 | missing or wrong API key | 401 |
 | ``OverloadedError`` | 429 + ``Retry-After`` |
 | ``DeadlineExceededError`` | 504 |
-| ``EngineDeadError``, engine not ready, draining, index not servable | 503 |
+| ``EngineDeadError``, ``GeneratorUnavailableError``, engine not ready, draining, index not servable | 503 |
 | ``GenerationError`` (one request failed in the engine) | 502 |
 | anything else | 500: a bug; the response says only the request id, the log has the traceback |
 
@@ -26,6 +26,7 @@ from ragserve.errors import (
     DeadlineExceededError,
     EngineDeadError,
     GenerationError,
+    GeneratorUnavailableError,
     IndexError_,
     InputError,
     OverloadedError,
@@ -59,7 +60,7 @@ def describe(error: BaseException, request_id: str, retry_after_s: int = 1) -> H
             return HTTPError(429, name, message, stage, {"Retry-After": str(retry_after_s)})
         if isinstance(error, DeadlineExceededError):
             return HTTPError(504, name, message, stage)
-        if isinstance(error, (EngineDeadError, IndexError_)):
+        if isinstance(error, (EngineDeadError, GeneratorUnavailableError, IndexError_)):
             return HTTPError(503, name, message, stage)
         if isinstance(error, GenerationError):
             return HTTPError(502, name, message, stage)
