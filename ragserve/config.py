@@ -32,12 +32,11 @@ import orjson
 
 from ragserve.errors import ConfigError
 from ragserve.generators.config import Backend, OpenAIConfig, VllmConfig, migrate_legacy, validate_backends
+from ragserve.prompt_config import PROMPT_TEMPLATE_VERSION, PromptConfig, validate_prompt
 
 IndexType = Literal["auto", "flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32"]
 Device = Literal["cpu", "cuda", "auto"]
 Precision = Literal["auto", "float32", "bfloat16"]
-
-PROMPT_TEMPLATE_VERSION = "v1"
 
 
 def data_home() -> Path:
@@ -213,6 +212,7 @@ class RAGConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
@@ -261,6 +261,7 @@ class RAGConfig:
             "embed.model": self.embed.model,
             "generate": generate,
             "prompt_template": PROMPT_TEMPLATE_VERSION,
+            "prompt": dataclasses.asdict(self.prompt),
             "top_k": self.query.top_k,
             # NOTE: nprobe and efSearch change which chunks an approximate index returns, so
             # they change answers and belong here (not in the index fingerprint: they can
@@ -368,6 +369,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(g.temperature >= 0, "generate.temperature", f"must be >= 0, got {g.temperature}")
     _check(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
     validate_backends(g.backend, cfg.vllm, cfg.openai)
+    validate_prompt(cfg.prompt)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")

@@ -279,7 +279,8 @@ class Pipeline:
             from ragserve.prompt import PromptBuilder
 
             g = self.config.generate
-            self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens)
+            self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens,
+                                                 self.config.prompt)
         return self._prompt_builder
 
 

@@ -1,11 +1,16 @@
-"""Prompt assembly with a token budget.
+"""Prompt assembly: which sources, in what order, within a token budget.
 
 Layout (the chat template of the generation model wraps it):
 
 - system: fixed instructions, first, so that every prompt shares one prefix that vLLM's
   prefix cache reuses across questions;
-- user: the retrieved chunks, each between clear ``[source N]`` / ``[end of source N]``
-  markers with its document id, then the question last.
+- user: the chosen chunks (``[prompt] order``: best first, or in index order so that
+  questions reading the same chunks share a longer prefix), then the question last.
+
+Which sources (``select_sources``): a text retrieved twice (two files holding the same
+paragraph) appears once, and a source far below the best one (``[prompt]
+max_score_gap``) is left out: a small model is distracted by it more than it is helped.
+The sources a result reports are the ones its prompt used.
 
 The budget is ``prompt tokens + max_tokens <= max_model_len``. When the chunks do not fit,
 the lowest-ranked are dropped (and counted in the result) instead of the answer coming
@@ -18,15 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragserve.config import PROMPT_TEMPLATE_VERSION
 from ragserve.errors import QuestionTooLongError
+from ragserve.prompt_config import PROMPT_TEMPLATE_VERSION, PromptConfig
 from ragserve.types import Source
 
-SYSTEM = (
-    "You answer questions using only the numbered sources given by the user. "
-    "Answer in one or two short sentences. If the sources do not contain the answer, "
-    "say that you do not know."
-)
+SYSTEM = "Answer with a short phrase copied from the context. Give only the answer."
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,41 @@ class Prompt:
 
 
 def render_user(question: str, sources: Sequence[Source]) -> str:
-    parts = []
-    for n, s in enumerate(sources, 1):
-        parts.append(f"[source {n}: {s.doc_id}]\n{s.text.strip()}\n[end of source {n}]")
-    context = "\n\n".join(parts) if parts else "(no sources)"
-    return f"Sources:\n\n{context}\n\nQuestion: {question}"
+    context = "\n\n".join(s.text.strip() for s in sources) if sources else "(no context)"
+    return f"Context:\n{context}\n\nQuestion: {question}"
+
+
+def select_sources(sources: Sequence[Source], max_score_gap: float) -> list[Source]:
+    """The sources worth showing, best first: each text once (its best-scored copy), and
+    none scoring more than ``max_score_gap`` below the best (0: no such cut)."""
+    ranked = sorted(sources, key=lambda s: -s.score)
+    seen: set[str] = set()
+    out = []
+    for s in ranked:
+        text = " ".join(s.text.split())
+        if text in seen:
+            continue
+        if max_score_gap > 0 and out and s.score < out[0].score - max_score_gap:
+            break
+        seen.add(text)
+        out.append(s)
+    return out
+
+
+def lay_out(sources: Sequence[Source], order: str) -> list[Source]:
+    """The chosen sources in prompt order ("chunk_id": the index's order, whatever the
+    scores, so that questions reading the same chunks send the same prompt prefix)."""
+    return sorted(sources, key=lambda s: s.chunk_id) if order == "chunk_id" else list(sources)
 
 
 class PromptBuilder:
     """**Usage:** ``PromptBuilder(tokenizer, 2048, 64).build(question, sources)``"""
 
-    def __init__(self, tokenizer: Any, max_model_len: int, max_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int, max_tokens: int,
+                 config: PromptConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.budget = max_model_len - max_tokens
+        self.config = config or PromptConfig()
 
     def _render(self, question: str, sources: Sequence[Source]) -> tuple[str, list[int]]:
         messages = [
@@ -66,9 +89,17 @@ class PromptBuilder:
         return text, list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def build(self, question: str, sources: Sequence[Source]) -> Prompt:
-        text, ids = self._render(question, sources)
+        """The prompt for ``question`` over the chosen ``sources`` (any order: they are
+        ranked by score here). When they do not fit the budget, the lowest-scored go first,
+        whatever the layout order."""
+        ranked = select_sources(sources, self.config.max_score_gap)
+        used = lay_out(ranked, self.config.order)
+        text, ids = self._render(question, used)
         if len(ids) <= self.budget:
-            return Prompt(text, len(ids), list(sources), 0, token_ids=ids)
+            return Prompt(text, len(ids), used, 0, token_ids=ids)
+        return self._fit(question, ranked)
+
+    def _fit(self, question: str, sources: list[Source]) -> Prompt:
         bare_tokens = len(self._render(question, [])[1])
         if bare_tokens > self.budget:
             raise QuestionTooLongError(bare_tokens, self.budget, "prompt tokens")
@@ -76,14 +107,15 @@ class PromptBuilder:
         lo, hi = 0, len(sources) - 1  # n=lo fits; n=len(sources) does not
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(self._render(question, sources[:mid])[1]) <= self.budget:
+            if len(self._render(question, lay_out(sources[:mid], self.config.order))[1]) <= self.budget:
                 lo = mid
             else:
                 hi = mid - 1
         if lo == 0 and sources:
             return self._truncated_first(question, sources[0], len(sources) - 1, bare_tokens)
-        text, ids = self._render(question, sources[:lo])
-        return Prompt(text, len(ids), list(sources[:lo]), len(sources) - lo, token_ids=ids)
+        used = lay_out(sources[:lo], self.config.order)
+        text, ids = self._render(question, used)
+        return Prompt(text, len(ids), used, len(sources) - lo, token_ids=ids)
 
     def _truncated_first(self, question: str, first: Source, dropped: int, bare_tokens: int) -> Prompt:
         ids = self.tokenizer.encode(first.text, add_special_tokens=False)

@@ -3,6 +3,7 @@ migration of the vLLM options that used to sit under [generate], and the fingerp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 
@@ -113,7 +114,7 @@ def test_the_vllm_fingerprint_is_unchanged_by_the_move():
     cfg = RAGConfig()
     g = cfg.generate
     old = {"embed.model": cfg.embed.model, "prompt_template": PROMPT_TEMPLATE_VERSION,
-           "top_k": cfg.query.top_k,
+           "prompt": dataclasses.asdict(cfg.prompt), "top_k": cfg.query.top_k,
            "generate": {"model": g.model, "max_tokens": g.max_tokens, "temperature": g.temperature,
                         "top_p": g.top_p, "seed": g.seed, "dtype": "bfloat16",
                         "max_model_len": g.max_model_len},

@@ -36,7 +36,7 @@ def index(tmp_path_factory):
 
 
 def config(*urls, **openai):
-    return RAGConfig().replace(generate={"backend": "openai", "max_tokens": 16},
+    return RAGConfig().replace(generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
                                openai={"urls": list(urls), "tokenizer": "server", "probe_interval_s": 0.1,
                                        **openai})
 

@@ -83,16 +83,26 @@ class FakeGenerator:
         pass
 
 
-@pytest.fixture
-def fake_rag(tmp_path):
+def _make_rag(tmp_path, cfg):
     chunks = [Chunk(i, f"doc{i}.txt", f"chunk number {i}") for i in range(DIM)]
     write_docstore(tmp_path, chunks)
     index = FaissIndex.build(np.eye(DIM, dtype=np.float32), "flat-fp16")
     manifest = Manifest(tmp_path, {"fingerprint": "f" * 64, "embedding": {"dim": DIM}})
-    gen = FakeGenerator(fail_on="poison")
-    rag = RAG(manifest, index, LazyDocStore(tmp_path), FakeEmbedder(), gen, RAGConfig())
-    yield rag
-    rag.close()
+    return RAG(manifest, index, LazyDocStore(tmp_path), FakeEmbedder(), FakeGenerator(fail_on="poison"), cfg)
+
+
+@pytest.fixture
+def fake_rag(tmp_path):
+    # One-hot vectors: every source but the best scores 0, far below it; keep them all here.
+    with _make_rag(tmp_path, RAGConfig().replace(prompt={"max_score_gap": 0})) as rag:
+        yield rag
+
+
+def test_sources_far_below_the_best_are_left_out_of_the_prompt_and_the_result(tmp_path):
+    with _make_rag(tmp_path, RAGConfig()) as rag:
+        r = rag.query("which chunk?")
+        assert [s.score for s in r.sources] == [1.0] and r.dropped_sources == 0
+        assert rag.generator.prompts[-1].count("chunk number") == 1
 
 
 def test_query_result_shape_and_timings(fake_rag):
