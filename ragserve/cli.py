@@ -199,6 +199,10 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="BEIR qrels split.")] = "test",
     rebuild: Annotated[bool, typer.Option(help="Build the index even if a matching one exists.")] = False,
     max_questions: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions.")] = None,
+    sample: Annotated[Optional[int], typer.Option(
+        min=1, help="N questions drawn with random.Random(SEED).sample from the file's order "
+                    "(--answers --sample 200 --seed 1 is the answer-quality protocol).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 1,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -208,7 +212,7 @@ def eval_cmd(
     cfg = _config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     with progress_bars(console) as on_progress:
         report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
-                          max_questions=max_questions, progress=on_progress)
+                          max_questions=max_questions, sample=sample, seed=seed, progress=on_progress)
     print_eval(out, report)
     if json_path is not None:
         import orjson

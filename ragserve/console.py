@@ -85,6 +85,9 @@ def print_eval(out: Console, report: Any) -> None:
         table.add_row("contains a gold answer", f"{a.contains:.3f}")
         table.add_row("exact match", f"{a.exact_match:.3f}")
         table.add_row("token F1", f"{a.f1:.3f}")
+        table.add_row("mean answer words", f"{a.mean_words:.1f}")
+        table.add_row("cut at max_tokens", f"{a.cut_share:.3f}")
+        table.add_row("empty", f"{a.empty_share:.3f}")
         table.add_row("errors", str(a.errors))
         out.print(table)
 

@@ -13,8 +13,12 @@ search over the same embeddings, and optionally answer quality.
 4. Latency pass: one question at a time through ``rag.retrieve`` (embed + search + docload)
    for the served index and for the reference wrapped in a second ``RAG`` sharing the
    model, alternating which goes first; plus the search stage alone per query vector.
-5. ``answers=True``: every question through ``rag.query_batch`` on the real engine; share of
-   answers containing a gold answer, exact match and token F1 (SQuAD normalisation).
+5. ``answers=True``: every question through ``rag.aquery`` on the real engine, scored by
+   ``answer_eval`` (contains-gold, EM, F1, answer length, cut at max_tokens, empty).
+
+``sample=N, seed=S`` measures ``random.Random(S).sample(questions in file order, N)``
+(``answer_eval.sample_questions``): ``ragserve eval --answers --sample 200 --seed 1`` is the
+protocol the prompt's defaults were chosen on.
 
 **Usage:**
 
@@ -24,12 +28,10 @@ search over the same embeddings, and optionally answer quality.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,21 +39,21 @@ from typing import Any
 
 import numpy as np
 
+from ragserve.answer_eval import AnswerMetrics, answer_metrics, sample_questions
 from ragserve.build import VECTORS_FILE, build_from_documents
 from ragserve.config import RAGConfig
 from ragserve.datasets import EvalDataset, EvalQuestion, load_dataset
 from ragserve.errors import DatasetError, IndexError_, IndexMismatchError, IndexNotFoundError
 from ragserve.index_spec import plan_index, requested_build
 from ragserve.manifest import read_manifest, verify
-from ragserve.runtime import map_bounded
-from ragserve.metrics import (contains_answer, dedupe, exact_match, hit_at, mrr_at, ndcg_at, overlap_at,
-                              percentile, recall_at, token_f1)
+from ragserve.metrics import dedupe, hit_at, mrr_at, ndcg_at, overlap_at, percentile, recall_at
 from ragserve.types import Embedder
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: build phases (``embed``, ``train``, ``add``), then
 ``questions``, ``latency`` and ``answers``."""
 
+SCHEMA = "ragserve.eval/1"
 KS = (1, 3, 10)
 DEPTH = 10
 _WARMUP = 3
@@ -72,16 +74,6 @@ class RetrievalMetrics:
 
 
 @dataclass
-class AnswerMetrics:
-    questions: int
-    contains: float
-    exact_match: float
-    f1: float
-    errors: int
-    seconds: float
-
-
-@dataclass
 class EvalReport:
     dataset: dict[str, Any]
     index: dict[str, Any]
@@ -97,7 +89,9 @@ class EvalReport:
     per_question: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The ``--json`` report. ``schema`` names its shape: keys are added under a
+        schema, never renamed or removed (scripts read ``answers.contains`` etc.)."""
+        return {"schema": SCHEMA, **dataclasses.asdict(self)}
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(metric, served index, exact fp32) rows for a table."""
@@ -121,6 +115,8 @@ def evaluate(
     split: str = "test",
     rebuild: bool = False,
     max_questions: int | None = None,
+    sample: int | None = None,
+    seed: int = 1,
     embedder: Embedder | None = None,
     progress: ProgressFn | None = None,
 ) -> EvalReport:
@@ -147,7 +143,7 @@ def evaluate(
         embedder = SentenceTransformerEmbedder(config.embed)
     embedder.warm_up()
     reused, vectors, build_s = prepare_index(ds, folder, config, embedder, progress=progress, rebuild=rebuild)
-    questions = ds.questions[:max_questions] if max_questions else ds.questions
+    questions = sample_questions(ds.questions[:max_questions] if max_questions else ds.questions, sample, seed)
     seconds = {"build": build_s}
     with ExitStack() as stack:
         rag = stack.enter_context(RAG.from_index(folder, config, start_engine=answers, embedder=embedder))
@@ -174,7 +170,8 @@ def evaluate(
     top_single = [row[0] if row else None for row in timing["single_top"]]
     return EvalReport(
         dataset={"name": ds.name, "kind": ds.kind, "path": str(ds.path), "documents": len(ds.documents),
-                 "questions": len(questions), "notes": ds.notes},
+                 "questions": len(questions), "sample": sample, "seed": seed if sample else None,
+                 "notes": ds.notes},
         index={"path": str(folder), "reused": reused, "type": rag.index.index_type,
                "params": rag.index.spec.params, "search": rag.index.search_params,
                "auto": rag.manifest.data["index"].get("auto", ""), "chunks": rag.index.ntotal,
@@ -207,52 +204,6 @@ def prepare_index(ds: EvalDataset, folder: Path, config: RAGConfig, embedder: Em
                                   source=source, keep_vectors=True)
     assert report.vectors is not None
     return False, report.vectors, time.perf_counter() - t
-
-
-def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: int = 16,
-                   progress: ProgressFn | None = None) -> tuple[AnswerMetrics, list[dict[str, Any]]]:
-    """Generate an answer per question and score it against the gold answers. A failed
-    question counts as an error and scores 0.
-
-    ``concurrency`` requests stay in flight the whole time (a new one starts as soon as one
-    finishes, rather than batch after batch) so that vLLM's continuous batching stays full.
-
-    **Usage:** ``metrics, rows = answer_metrics(rag, dataset.questions[:20])``
-    """
-    t = time.perf_counter()
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        results = asyncio.run(_answer_all(rag, questions, concurrency, progress))
-    else:  # called from inside an event loop (a notebook): run ours on a helper thread
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            results = pool.submit(asyncio.run, _answer_all(rag, questions, concurrency, progress)).result()
-    rows: list[dict[str, Any]] = []
-    for q, r in zip(questions, results):
-        answer = "" if isinstance(r, Exception) else r.answer
-        rows.append({"answer": answer, "error": repr(r) if isinstance(r, Exception) else None,
-                     "contains": contains_answer(answer, q.answers), "em": exact_match(answer, q.answers),
-                     "f1": token_f1(answer, q.answers)})
-    n = max(1, len(rows))
-    return AnswerMetrics(
-        questions=len(rows), contains=sum(r["contains"] for r in rows) / n, exact_match=sum(r["em"] for r in rows) / n,
-        f1=sum(r["f1"] for r in rows) / n, errors=sum(r["error"] is not None for r in rows),
-        seconds=round(time.perf_counter() - t, 3),
-    ), rows
-
-
-async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
-                      progress: ProgressFn | None) -> list[Any]:
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress("answers", done, len(questions))
-
-    # One failed question is scored, not fatal: it stays in its slot.
-    return await map_bounded(lambda q: rag.aquery(q.text), questions, concurrency, on_done=tick)
 
 
 def _refuse_foreign(folder: Path) -> None:
@@ -346,5 +297,6 @@ def _per_question(questions: Sequence[EvalQuestion], served: list[list[str]], ex
 
     rows = [{"qid": q.qid, "rank": rank(s, q), "rank_exact": rank(e, q)} for q, s, e in zip(questions, served, exact)]
     for row, a in zip(rows, answers or []):
-        row.update(answer=a["answer"], contains=a["contains"], em=a["em"], f1=a["f1"], error=a["error"])
+        row.update(answer=a["answer"], contains=a["contains"], em=a["em"], f1=a["f1"], cut=a["cut"],
+                   error=a["error"])
     return rows

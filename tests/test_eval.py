@@ -5,6 +5,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from ragserve.answer_eval import sample_questions
 from ragserve.cli import app
 from ragserve.config import RAGConfig
 from ragserve.datasets import load_dataset
@@ -110,3 +111,31 @@ def test_cli_errors_are_one_clean_line(tmp_path):
     assert "[eval]" in missing.output and "no such file or folder" in " ".join(missing.output.split())
     bad = CliRunner().invoke(app, ["eval", str(tmp_path), "--index-type", "annoy"])
     assert bad.exit_code == 1 and "index.index_type" in bad.output
+
+
+@pytest.mark.engine
+def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8):
+    """`ragserve eval --answers --sample N --seed S` end to end, in its own process and
+    engine (as a user runs it): the documented draw, every answer metric, a stable JSON."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "answers.json"
+    env = {**os.environ, "RAGSERVE_GENERATE_MAX_TOKENS": "16", "RAGSERVE_VLLM_KV_CACHE_GIB": "1"}
+    run = subprocess.run([sys.executable, "-m", "ragserve.cli", "eval", str(squad8), "--index", str(tmp_path / "i"),
+                          "--answers", "--sample", "6", "--seed", "3", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "contains a gold answer" in run.stdout and "cut at max_tokens" in run.stdout
+    report = orjson.loads(out.read_bytes())
+    assert report["schema"] == "ragserve.eval/1"
+    assert report["dataset"]["questions"] == 6 and report["dataset"]["sample"] == 6 and report["dataset"]["seed"] == 3
+    drawn = sample_questions(load_dataset(squad8).questions, 6, 3)
+    assert [r["qid"] for r in report["per_question"]] == [q.qid for q in drawn]
+    a = report["answers"]
+    assert a["questions"] == 6 and a["errors"] == 0 and a["empty_share"] == 0.0
+    for key in ("contains", "exact_match", "f1", "cut_share"):
+        assert 0.0 <= a[key] <= 1.0, key
+    assert a["mean_words"] > 0
+    assert all(isinstance(r["cut"], bool) for r in report["per_question"])

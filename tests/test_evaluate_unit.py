@@ -1,10 +1,12 @@
 """Answer scoring logic with a fake RAG (the real engine: test_eval.py)."""
 
 import asyncio
+import random
 
 import pytest
 
 from ragserve.datasets import EvalQuestion
+from ragserve.answer_eval import sample_questions
 from ragserve.evaluate import answer_metrics
 
 
@@ -43,3 +45,30 @@ def test_requests_stay_in_flight_and_a_failure_scores_zero():
 async def test_works_from_inside_a_running_event_loop():
     metrics, _ = answer_metrics(FakeRag(), QUESTIONS[:5], concurrency=2)
     assert metrics.questions == 5 and metrics.errors == 1
+
+
+class ShapedRag:
+    """Answers shaped by the question: one cut at max_tokens, one empty."""
+
+    async def aquery(self, question):
+        class Result:
+            answer = {"cut": "Denver Broncos won and then won and", "empty": ""}.get(question, "Denver Broncos")
+            finish_reason = "length" if question == "cut" else "stop"
+        return Result()
+
+
+def test_answer_shape_is_reported():
+    qs = [EvalQuestion(str(i), text, {"d": 1}, ("Denver Broncos",)) for i, text in enumerate(["a", "cut", "empty", "b"])]
+    metrics, rows = answer_metrics(ShapedRag(), qs, concurrency=2)
+    assert metrics.cut_share == 0.25 and metrics.empty_share == 0.25
+    assert metrics.mean_words == (2 + 7 + 0 + 2) / 4
+    assert metrics.exact_match == 0.5 and metrics.contains == 0.75
+    assert [r["cut"] for r in rows] == [False, True, False, False]
+
+
+def test_the_sample_is_the_documented_draw():
+    qs = [EvalQuestion(str(i), f"q{i}", {"d": 1}) for i in range(50)]
+    assert sample_questions(qs, 10, seed=1) == random.Random(1).sample(qs, 10)
+    assert sample_questions(qs, 10, seed=1) == sample_questions(qs, 10, seed=1)
+    assert sample_questions(qs, 10, seed=2) != sample_questions(qs, 10, seed=1)
+    assert sample_questions(qs, None) == qs and sample_questions(qs, 500) == qs
