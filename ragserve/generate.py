@@ -27,18 +27,48 @@ from ragserve.models import resolve_generation_model
 from ragserve.types import Generation, TokenUsage
 
 
-def _silent_stat_logger() -> Any:
+class PrefixCacheCounter:
+    """vLLM's own prefix-cache counters, summed: prompt tokens looked up (``queries``) and
+    found cached (``hits``), over the engine's life and since the last reset."""
+
+    def __init__(self) -> None:
+        self.queries = self.hits = self.requests = 0
+        self.queries_since_reset = self.hits_since_reset = 0
+        self.resets = 0
+
+    def add(self, stats: Any) -> None:
+        if stats.reset:
+            self.resets += 1
+            self.queries_since_reset = self.hits_since_reset = 0
+        self.requests += stats.requests
+        self.queries += stats.queries
+        self.hits += stats.hits
+        self.queries_since_reset += stats.queries
+        self.hits_since_reset += stats.hits
+
+    def as_dict(self) -> dict[str, Any]:
+        def rate(hits: int, queries: int) -> float | None:
+            return round(hits / queries, 4) if queries else None
+
+        return {"requests": self.requests, "queried_tokens": self.queries, "hit_tokens": self.hits,
+                "hit_rate": rate(self.hits, self.queries), "resets": self.resets,
+                "hit_rate_since_reset": rate(self.hits_since_reset, self.queries_since_reset)}
+
+
+def _silent_stat_logger(prefix_cache: PrefixCacheCounter) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SilentStatLogger(StatLoggerBase):
-        """Turns on vLLM's per-request timestamps without its periodic log lines."""
+        """Turns on vLLM's per-request timestamps without its periodic log lines, and keeps
+        its prefix-cache counters."""
 
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             pass
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                    engine_idx: int = 0) -> None:
-            pass
+            if scheduler_stats is not None and scheduler_stats.prefix_cache_stats is not None:
+                prefix_cache.add(scheduler_stats.prefix_cache_stats)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -57,6 +87,7 @@ class VllmGenerator:
         self.model_name = self.path.name
         self._engine: Any = None
         self._lock = threading.Lock()
+        self.prefix_cache = PrefixCacheCounter()
 
     @property
     def engine(self) -> Any:
@@ -89,7 +120,8 @@ class VllmGenerator:
                 disable_log_stats=True,
             )
             try:
-                self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_silent_stat_logger()])
+                loggers = [_silent_stat_logger(self.prefix_cache)]
+                self._engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
             except (OSError, ValueError) as e:
                 raise ModelError(f"vLLM cannot load {self.path}: {e}", stage="generate") from e
 
@@ -105,6 +137,10 @@ class VllmGenerator:
     def unfinished(self) -> int:
         """Requests the engine holds right now (a gauge; 0 after every caller is gone)."""
         return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        """vLLM's prefix-cache hit rate (token-weighted), for ``rag.stats()``."""
+        return {"prefix_cache": self.prefix_cache.as_dict()}
 
     def tokenizer(self) -> Any:
         return self.engine.get_tokenizer()

@@ -26,10 +26,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ragserve.cache import normalize_question
 
+T = TypeVar("T")
 _HEADING_RULE = re.compile(r"^([*=~^\-#])\1{3,}\s*$")
 _TEMPLATES = ("What is {t}?", "How does {t} work?", "Explain {t}.", "What should I know about {t}?",
               "When is {t} used?", "Give an example of {t}.")
@@ -125,6 +126,22 @@ def plan(n: int, repeat_share: float, seed: int = 0) -> list[bool]:
     slots = [True] * repeats + [False] * (n - 1 - repeats)
     random.Random(seed).shuffle(slots)
     return ([False] + slots)[:n]
+
+
+def zipf_stream(items: Sequence[T], n: int, s: float = 1.1, seed: int = 0) -> list[T]:
+    """``n`` draws, i.i.d., from a Zipf(``s``) law over ``items``: the item of popularity
+    rank r (a fixed random ranking, shuffled with ``seed``) comes with probability
+    proportional to 1 / r^s. Questions that share popular documents come back as they do
+    in real traffic; ``s`` near 1 gives a long tail of questions asked once.
+
+    **Usage:** ``zipf_stream(dataset.questions, 2000, s=1.1, seed=0)``
+    """
+    if not items:
+        raise ValueError("zipf_stream needs at least one item")
+    rng = random.Random(seed)
+    ranked = rng.sample(list(items), len(items))
+    weights = [1.0 / (r ** s) for r in range(1, len(ranked) + 1)]
+    return rng.choices(ranked, weights=weights, k=n)
 
 
 async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: int = 8,
