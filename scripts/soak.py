@@ -49,7 +49,7 @@ Run (from the repo root; the index is built from XQuAD into ``indexes/xquad`` if
 
 The driver (``run``, ``report``) is what ``tests/test_soak.py`` runs for ~40 s in CI. What
 it sends and how it checks each response is ``soak_traffic.py``; what it measured and the
-report, ``soak_report.py``.
+report, ``soak_report.py``; the server it drives, ``soak_server.py``.
 """
 
 from __future__ import annotations
@@ -59,8 +59,6 @@ import asyncio
 import dataclasses
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,44 +72,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))  # its parts, also when tests load this file by path
 
 from soak_report import MB, Result, Sample, failures, report  # noqa: E402
+from soak_server import Sampler, engine_held, settled, start_server, stop_server, tail, wait_ready  # noqa: E402
 from soak_traffic import DEFAULT_MIX, KINDS, SLOW, Record, Settings, Traffic, perform  # noqa: E402
 
 __all__ = ["KINDS", "SLOW", "Record", "Result", "Sample", "Settings", "failures", "main", "report", "run"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-# -- sampling ------------------------------------------------------------------------------
-
-
-class Sampler:
-    """RSS and fds of one process (the server), and the RSS of its children."""
-
-    def __init__(self, pid: int | None) -> None:
-        import psutil
-
-        self.psutil = psutil
-        self.proc = psutil.Process(pid) if pid else None
-
-    def sample(self, t_s: float) -> Sample | None:
-        if self.proc is None:
-            return None
-        ps = self.psutil
-        try:
-            rss, fds = self.proc.memory_info().rss, self.proc.num_fds()
-            children = self.proc.children(recursive=True)
-        except ps.Error:
-            return None
-        engine = redis = 0
-        for c in children:
-            try:
-                mem = c.memory_info().rss
-                if "redis" in c.name():
-                    redis += mem
-                else:
-                    engine += mem
-            except ps.Error:  # a child that ended between the listing and the read
-                continue
-        return Sample(t_s, rss, engine, redis, fds, len(children))
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -128,7 +93,7 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
     records: list[Record] = []
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=url, timeout=s.request_timeout_s, limits=limits) as client:
-        await _wait_ready(client)
+        await wait_ready(client)
         t = time.perf_counter()
         primed = await asyncio.gather(*(client.post("/v1/query", json=traffic.query(q)) for q in traffic.hot))
         bad = [r.status_code for r in primed if r.status_code != 200]
@@ -199,93 +164,13 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
         for task in background:
             task.cancel()
     wall = time.perf_counter() - t0
-    in_flight, held_after = await _settled(url)
+    in_flight, held_after = await settled(url)
     await asyncio.sleep(1.0)
     after = sampler.sample(time.perf_counter() - t0)
     return Result(s, url, records, samples, before, after, in_flight, wall, held, held_after)
 
 
-async def _wait_ready(client: httpx.AsyncClient, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if (await client.get("/ready")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{client.base_url} is not ready after {timeout_s:.0f} s")
-        await asyncio.sleep(0.5)
-
-
-async def engine_held(client: httpx.AsyncClient) -> int | None:
-    """``ragserve_engine_unfinished_requests`` from ``/metrics`` (None if not exported)."""
-    try:
-        r = await client.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    for line in r.text.splitlines():
-        if line.startswith("ragserve_engine_unfinished_requests "):
-            return int(float(line.split()[1]))
-    return None
-
-
-async def _settled(url: str, timeout_s: float = 15.0) -> tuple[int | None, int | None]:
-    """(requests the server counts in flight, requests vLLM holds) after the run, once both
-    are 0 or ``timeout_s`` has passed: what is left then has leaked."""
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        while True:
-            r = await client.get("/v1/stats")
-            n = r.json().get("gauges", {}).get("in_flight", {}).get("current") if r.status_code == 200 else None
-            held = await engine_held(client)
-            if (not n and not held) or time.monotonic() > deadline:
-                return n, held
-            await asyncio.sleep(0.25)
-
-
 # -- the script: a server of its own, the run, SIGTERM ----------------------------------------
-
-
-def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, Path]:
-    """``ragserve serve INDEX`` on 127.0.0.1, port 0, ``RAGSERVE_HOME`` in ``tmp``; its output
-    goes to a file (a pipe nobody reads would fill up and stall it)."""
-    from ragserve.models import resolve_generation_model
-
-    ready, log_path = tmp / "ready", tmp / "server.log"
-    env = {**os.environ, "RAGSERVE_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens),
-           "RAGSERVE_GENERATE_KV_CACHE_GIB": str(args.kv_cache_gib),
-           # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
-           "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ragserve.cli", "serve", str(index), "--host", "127.0.0.1",
-                                 "--port", "0", "--grace", str(args.grace), "--ready-file", str(ready)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while not (ready.is_file() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the server did not start:\n{tail(log_path)}")
-        time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{ready.read_text().strip()}", log_path
-
-
-def stop_server(proc: subprocess.Popen, grace_s: float) -> tuple[int | None, float]:
-    """SIGTERM, then wait for the drain; (exit status or None if it had to be killed, seconds)."""
-    t = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=grace_s + 60), time.perf_counter() - t
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None, time.perf_counter() - t
-
-
-def tail(path: Path, n: int = 60) -> str:
-    lines = path.read_text("utf-8", "replace").splitlines() if path.is_file() else []
-    return "\n".join(lines[-n:])
 
 
 def parse_mix(text: str) -> dict[str, float]:
