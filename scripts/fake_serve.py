@@ -2,12 +2,14 @@
 (``bench_sse.py``) and its memory in a soak (``soak.py --fake-generator``), without a vLLM
 engine (on a 2-core machine, vLLM benchmarks need the cores to themselves).
 
-NOT an answer server. The embedder hashes each text to a unit vector and claims the
-identity of the index's own model (so a real index folder opens: real chunk texts, real
-FAISS search, meaningless neighbours); the generator emits ``--tokens`` word pieces per
-answer, one per ``--step-ms`` on a clock shared by every running request, as vLLM's engine
-steps give every running request its next token at once. Everything else is the real
-server: ``serve_index`` with its drain, cache tiers (embedded Redis), metrics and logs.
+NOT an answer server. The generator emits ``--tokens`` word pieces per answer, one per
+``--step-ms`` on a clock shared by every running request, as vLLM's engine steps give every
+running request its next token at once. With ``--embedder stand-in`` (the default) the
+embedder hashes each text to a unit vector and claims the identity of the index's own model
+(so a real index folder opens: real chunk texts, real FAISS search, meaningless
+neighbours); ``--embedder real`` loads the configured embedding model (its memory and CPU
+are part of what a soak watches). Everything else is the real server: ``serve_index`` with
+its drain, cache tiers (embedded Redis), metrics and logs.
 
 ``--tracemalloc-after S``: trace Python allocations from the start, take a snapshot S
 seconds in (the end of a warm-up) and write the top growth since then to
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ready-file", type=Path)
     ap.add_argument("--tokens", type=int, default=64, help="pieces per answer")
     ap.add_argument("--step-ms", type=float, default=20.0, help="one engine step: every running request's next piece")
+    ap.add_argument("--embedder", choices=("stand-in", "real"), default="stand-in")
     ap.add_argument("--tracemalloc-after", type=float, help="seconds: snapshot here, report growth since")
     ap.add_argument("--tracemalloc-every", type=float, default=60.0)
     ap.add_argument("--tracemalloc-out", type=Path, default=Path("fake-serve-tracemalloc.txt"))
@@ -193,10 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     trace = (AllocationTrace(args.tracemalloc_after, args.tracemalloc_every, args.tracemalloc_out)
              if args.tracemalloc_after is not None else None)
     cfg = RAGConfig.load().replace(server={"host": args.host, "port": args.port, "drain_grace_s": args.grace})
-    print(f"fake_serve: STAND-IN models ({args.tokens} pieces per answer, one per {args.step_ms:g} ms step) over "
-          f"{args.index}", flush=True)
+    print(f"fake_serve: STAND-IN generator ({args.tokens} pieces per answer, one per {args.step_ms:g} ms step), "
+          f"{args.embedder} embedder, over {args.index}", flush=True)
     try:
-        serve_index(args.index, cfg, ready_file=args.ready_file, embedder=StandInEmbedder(args.index),
+        serve_index(args.index, cfg, ready_file=args.ready_file,
+                    embedder=StandInEmbedder(args.index) if args.embedder == "stand-in" else None,
                     generator=PacedGenerator(args.tokens, args.step_ms / 1e3))
     finally:
         if trace is not None:

@@ -27,12 +27,28 @@ cache namespace, so answers cached before the run cannot turn its misses into hi
 
 Sampled every ``--sample-s`` seconds with psutil: the server process's RSS and open fds,
 and its child processes' RSS (the vLLM engine core; the embedded Redis apart); from
-``/metrics``, the requests the vLLM engine holds. Reported:
-one markdown row per minute (requests by kind with p50/p99 latency, outcomes, RSS, fds),
-the outcomes of the whole run, and a summary: RSS growth from the end of the first minute
-(warm-up) to the end of the run, fd growth idle-to-idle (after priming, after the run),
-requests still in flight on the server and held by vLLM after the run (abandoned and
-timed-out requests must have been aborted), 500s and unexpected statuses.
+``/metrics``, the requests the vLLM engine holds; from ``/v1/stats``, the bytes and entries
+of the L1 answer cache. Reported: one markdown row per minute (requests by kind with
+p50/p99 latency, outcomes, RSS, fds), the outcomes of the whole run, and a summary: RSS
+growth from the end of the warm-up to the end of the run, as it is and net of what L1 grew
+by (a cache bounded by ``cache.l1_max_bytes`` filling up is not a leak), and its pace in
+the first and the second half of that time (a cache filling up slows down, a leak keeps
+its pace); fd growth idle-to-idle (after priming, after the run), requests still in flight
+on the server and held by vLLM after the run (abandoned and timed-out requests must have
+been aborted), 500s and unexpected statuses.
+
+Why the warm-up is minutes long (``--warmup-s``, default 3 minutes, or half a shorter run):
+the server's own memory grows while its embedding model meets new input shapes. Under
+bfloat16 autocast on a CPU, torch/oneDNN keeps state per (batch size, padded length) it
+has run (compiled primitives, buffers): embedding one question at a time, RSS rises 82 MB
+and levels off once every question length has been seen; in batches of 1 to 16, it rises
+470 MB over 26,000 questions, slowing down. A soak keeps meeting rarer shapes for minutes:
+the 10-minute run on the real engine grew +23, +22, +7, +11, +13, +1, +4, +4, +1 MB in its
+minutes 2 to 10. The HTTP layer and the pipeline hold no more than their bounded caches:
+``--fake-generator`` (the same server over a stand-in generator, no vLLM; ``--fake-embedder``
+too) grew 7 MB in 2 minutes at 125 requests/s with a stand-in embedder, and tracemalloc
+found the Python heap's growth (3.5 MB in 70 s) in L1 entries and the 10,000-query stats
+window. (Measured 2026-11-29 with ``scripts/fake_serve.py``; see its docstring.)
 
 By default it starts ``ragserve serve INDEX`` itself on 127.0.0.1 (port 0, its own
 ``RAGSERVE_HOME`` in a temp dir, so its embedded Redis starts empty), and stops it with
@@ -72,7 +88,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))  # its parts, also when tests load this file by path
 
 from soak_report import MB, Result, Sample, failures, report  # noqa: E402
-from soak_server import Sampler, engine_held, settled, start_server, stop_server, tail, wait_ready  # noqa: E402
+from soak_server import Sampler, engine_held, l1_size, settled, start_server, stop_server, tail, \
+    wait_ready  # noqa: E402
 from soak_traffic import DEFAULT_MIX, KINDS, SLOW, Record, Settings, Traffic, perform  # noqa: E402
 
 __all__ = ["KINDS", "SLOW", "Record", "Result", "Sample", "Settings", "failures", "main", "report", "run"]
@@ -109,6 +126,7 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
     counter = iter(range(s.max_requests))
 
     held: list[tuple[float, int]] = []
+    l1: list[tuple[float, int, int]] = []
 
     async def sample_loop() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=10) as metrics:
@@ -120,6 +138,9 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
                 n = await engine_held(metrics)
                 if n is not None:
                     held.append((t, n))
+                cache = await l1_size(metrics)
+                if cache is not None:
+                    l1.append((t, *cache))
                 await asyncio.sleep(s.sample_s)
 
     slow_slots = s.max_generating or max(1, s.concurrency // 2)
@@ -167,7 +188,7 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
     in_flight, held_after = await settled(url)
     await asyncio.sleep(1.0)
     after = sampler.sample(time.perf_counter() - t0)
-    return Result(s, url, records, samples, before, after, in_flight, wall, held, held_after)
+    return Result(s, url, records, samples, before, after, in_flight, wall, held, held_after, l1)
 
 
 # -- the script: a server of its own, the run, SIGTERM ----------------------------------------
@@ -200,16 +221,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hot", type=int, default=8, help="questions in the hot set (cache hits)")
     ap.add_argument("--think-ms", type=float, default=50.0, help="pause of each worker between requests")
     ap.add_argument("--sample-s", type=float, default=5.0)
-    ap.add_argument("--warmup-s", type=float, help="RSS growth is counted from here (default: the first minute, "
-                    "or half the run if it is shorter than two minutes)")
+    ap.add_argument("--warmup-s", type=float, help="RSS growth is counted from here (default: the first three "
+                    "minutes, or half the run if it is shorter than six; see above)")
     ap.add_argument("--max-requests", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=32, help="generate.max_tokens of the server started here")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="generate.kv_cache_gib of the server")
     ap.add_argument("--grace", type=float, default=30.0, help="the server's drain grace after SIGTERM")
     ap.add_argument("--max-rss-growth-mb", type=float, help="fail if the server's RSS grows more (issue 11: 50)")
+    ap.add_argument("--fake-generator", action="store_true",
+                    help="FOR INVESTIGATING THE HTTP LAYER'S MEMORY: serve with scripts/fake_serve.py (a stand-in "
+                    "generator, the real embedding model, no vLLM); its RSS says nothing about vLLM's")
+    ap.add_argument("--fake-embedder", action="store_true", help="with --fake-generator: a stand-in embedder too")
+    ap.add_argument("--fake-step-ms", type=float, default=20.0, help="with --fake-generator: ms per generated piece")
     ap.add_argument("--out", type=Path, help="also write the report here (markdown)")
     args = ap.parse_args(argv)
+    if args.fake_embedder and not args.fake_generator:
+        ap.error("--fake-embedder goes with --fake-generator")
     if args.url and httpx.URL(args.url).host not in LOOPBACK:
         ap.error(f"--url must be a loopback address ({', '.join(LOOPBACK)}): a soak is not for other machines")
     return args
@@ -231,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     random.Random(args.seed).shuffle(questions)
     s = Settings(duration_s=args.minutes * 60, concurrency=args.concurrency, max_generating=args.max_generating,
                  mix=args.mix, hot=args.hot, think_s=args.think_ms / 1e3,
-                 warmup_s=args.warmup_s or min(60.0, args.minutes * 30), sample_s=args.sample_s,
+                 warmup_s=args.warmup_s or min(180.0, args.minutes * 30), sample_s=args.sample_s,
                  max_requests=args.max_requests, seed=args.seed)
     settings = {"minutes": f"{args.minutes:g}", "concurrency": s.concurrency,
                 "generating at most": s.max_generating or max(1, s.concurrency // 2),
@@ -248,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = wl.ensure_index(args.index, args.xquad, RAGConfig.load())
             proc, url, log_path = start_server(args.index, Path(tmp), args)
             pid = proc.pid
-            settings.update({"server": f"`ragserve serve` pid {pid} at {url}; its own RAGSERVE_HOME (empty Redis)",
+            what = ("`fake_serve.py` (STAND-IN generator, " + ("stand-in" if args.fake_embedder else "real")
+                    + " embedder: for the HTTP layer's memory, not vLLM's)") if args.fake_generator else "`ragserve serve`"
+            settings.update({"server": f"{what} pid {pid} at {url}; its own RAGSERVE_HOME (empty Redis)",
                              "index": note, "generate": f"max_tokens {args.max_tokens}, KV cache "
                              f"{args.kv_cache_gib:g} GiB", "drain grace": f"{args.grace:g} s"})
         print(f"# Soak: {args.minutes:g} min of mixed traffic against ragserve serve\n", flush=True)

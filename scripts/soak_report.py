@@ -41,6 +41,8 @@ class Result:
     than the generating workers, give or take a request being aborted."""
     held_after: int | None = None
     """Requests vLLM still holds after the run (abandoned ones must have been aborted)."""
+    l1: list[tuple[float, int, int]] = field(default_factory=list)
+    """(t, bytes, entries) of the server's L1 answer cache, from ``/v1/stats`` at every sample."""
 
     @property
     def errors_500(self) -> list[Record]:
@@ -62,6 +64,29 @@ class Result:
         """(server, engine) RSS growth in bytes, end of warm-up → last sample of the run."""
         w, e = self.warm(), self.last()
         return None if w is None or e is None else (e.rss_server - w.rss_server, e.rss_engine - w.rss_engine)
+
+    def l1_growth(self) -> tuple[int, int, int] | None:
+        """(bytes at the end of the warm-up, bytes at the end, entries at the end) of L1."""
+        w = [x for x in self.l1 if x[0] <= self.settings.warmup_s] or self.l1[:1]
+        return (w[-1][1], self.l1[-1][1], self.l1[-1][2]) if w else None
+
+    def net_rss_growth(self) -> int | None:
+        """Server RSS growth less the growth of what L1 holds (a bounded cache filling up)."""
+        growth, l1 = self.rss_growth(), self.l1_growth()
+        return None if growth is None else growth[0] - (l1[1] - l1[0] if l1 else 0)
+
+    def rss_pace(self) -> tuple[float, float] | None:
+        """Server RSS growth in MB per minute in the first and the second half of the time from
+        the end of the warm-up to the end of the run."""
+        w, e = self.warm(), self.last()
+        if w is None or e is None or e.t_s - w.t_s < 4 * self.settings.sample_s:
+            return None
+        mid = min(self.samples, key=lambda x: abs(x.t_s - (w.t_s + e.t_s) / 2))
+
+        def pace(a: Sample, b: Sample) -> float:
+            return (b.rss_server - a.rss_server) / MB / ((b.t_s - a.t_s) / 60)
+
+        return pace(w, mid), pace(mid, e)
 
     def fd_growth(self) -> int | None:
         """Open fds after the run minus before it, both idle."""
@@ -148,6 +173,15 @@ def summary_lines(res: Result) -> list[str]:
                    f"{(last.rss_redis - warm.rss_redis) / MB:+.1f} MB; server peak "
                    f"{max(x.rss_server for x in res.samples) / MB:.0f} MB; {len(res.samples)} samples every "
                    f"{s.sample_s:g} s")
+        l1, net = res.l1_growth(), res.net_rss_growth()
+        if l1 is not None and net is not None:
+            out.append(f"- **Net of the L1 answer cache** (bounded by `cache.l1_max_bytes`; encoded bytes): L1 "
+                       f"{l1[0] / MB:.1f} → {l1[1] / MB:.1f} MB ({l1[2]} entries at the end); server RSS growth "
+                       f"less the L1 growth: **{net / MB:+.1f} MB**")
+        pace = res.rss_pace()
+        if pace is not None:
+            out.append(f"- **RSS growth pace** after the warm-up: {pace[0]:+.1f} MB/min in its first half, "
+                       f"{pace[1]:+.1f} MB/min in its second (a cache filling up slows down; a leak keeps its pace)")
     else:
         out.append("- **RSS**: not sampled (no server process id)")
     if res.before is not None and res.after is not None:
@@ -174,7 +208,7 @@ def failures(res: Result, max_rss_growth_mb: float | None = None) -> list[str]:
         why.append(f"{res.in_flight_after} requests still in flight after the run")
     if res.held_after not in (0, None):
         why.append(f"{res.held_after} requests still held by vLLM after the run")
-    growth = res.rss_growth()
-    if max_rss_growth_mb is not None and growth is not None and growth[0] / MB > max_rss_growth_mb:
-        why.append(f"server RSS grew {growth[0] / MB:.1f} MB (limit {max_rss_growth_mb:g} MB)")
+    net = res.net_rss_growth()
+    if max_rss_growth_mb is not None and net is not None and net / MB > max_rss_growth_mb:
+        why.append(f"server RSS grew {net / MB:.1f} MB net of the L1 cache (limit {max_rss_growth_mb:g} MB)")
     return why

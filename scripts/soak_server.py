@@ -65,6 +65,16 @@ async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 120.0) -> Non
         await asyncio.sleep(0.5)
 
 
+async def l1_size(client: httpx.AsyncClient) -> tuple[int, int] | None:
+    """(bytes, entries) of the server's L1 answer cache from ``/v1/stats`` (None: no cache)."""
+    try:
+        r = await client.get("/v1/stats")
+        l1 = ((r.json().get("cache") or {}).get("l1") or {}) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    return (int(l1["bytes"]), int(l1["entries"])) if "bytes" in l1 else None
+
+
 async def engine_held(client: httpx.AsyncClient) -> int | None:
     """``ragserve_engine_unfinished_requests`` from ``/metrics`` (None if not exported)."""
     try:
@@ -96,18 +106,24 @@ async def settled(url: str, timeout_s: float = 15.0) -> tuple[int | None, int | 
 
 def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, Path]:
     """``ragserve serve INDEX`` on 127.0.0.1, port 0, ``RAGSERVE_HOME`` in ``tmp``; its output
-    goes to a file (a pipe nobody reads would fill up and stall it)."""
-    from ragserve.models import resolve_generation_model
-
+    goes to a file (a pipe nobody reads would fill up and stall it). ``--fake-generator``:
+    ``fake_serve.py`` instead (the same server over a stand-in generator, no vLLM)."""
     ready, log_path = tmp / "ready", tmp / "server.log"
     env = {**os.environ, "RAGSERVE_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens),
-           "RAGSERVE_GENERATE_KV_CACHE_GIB": str(args.kv_cache_gib),
-           # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
-           "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
+           "RAGSERVE_GENERATE_KV_CACHE_GIB": str(args.kv_cache_gib)}
+    if args.fake_generator:
+        command = [str(REPO / "scripts" / "fake_serve.py"), str(index), "--tokens", str(args.max_tokens),
+                   "--step-ms", str(args.fake_step_ms), "--embedder", "stand-in" if args.fake_embedder else "real"]
+    else:
+        from ragserve.models import resolve_generation_model
+
+        # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
+        env["RAGSERVE_GENERATE_MODEL"] = str(resolve_generation_model("default"))
+        command = ["-m", "ragserve.cli", "serve", str(index)]
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ragserve.cli", "serve", str(index), "--host", "127.0.0.1",
-                                 "--port", "0", "--grace", str(args.grace), "--ready-file", str(ready)],
+        proc = subprocess.Popen([sys.executable, *command, "--host", "127.0.0.1", "--port", "0", "--grace",
+                                 str(args.grace), "--ready-file", str(ready)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 300
     while not (ready.is_file() and ready.read_text().strip()):
