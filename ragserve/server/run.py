@@ -58,7 +58,8 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
         where = "only this machine can reach it" if s.host in ("127.0.0.1", "localhost", "::1") else \
             f"ANYONE who can reach {s.host} can query it and read every cached answer"
         log.warning("no API keys (server.api_keys_file): bound to %s, %s", s.host, where)
-    rag = RAG.from_index(index, config, embedder=embedder, generator=generator)  # verify the index and warm the engine before accepting
+    # Verify the index and warm the engine before accepting.
+    rag = RAG.from_index(index, config, embedder=embedder, generator=generator)
     try:
         app = create_app(rag, config, keys=keys)
         uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",

@@ -3,11 +3,11 @@
 One event is ``event: NAME`` (optional) and ``data: JSON``, ended by a blank line; JSON
 never holds a raw newline, so one ``data:`` line always suffices.
 
-Token streams are written in ``batches``, each ``coalesce``-d: whatever reached the server's loop
-since the writer last looked goes out in one write, with consecutive token pieces joined
-into one event. A writer that keeps up sends every piece as it comes (nothing ever waits
-to be batched); one that fell behind (a busy machine, a slow client) catches up with one
-frame and one write instead of one per token.
+Token streams are written in ``batches``, each ``coalesce``-d: whatever reached the
+server's loop since the writer last looked goes out in one write, with consecutive token
+pieces joined into one event. A writer that keeps up sends every piece as it comes
+(nothing ever waits to be batched); one that fell behind (a busy machine, a slow client)
+catches up with one frame and one write instead of one per token.
 """
 
 from __future__ import annotations
