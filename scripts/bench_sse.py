@@ -83,11 +83,18 @@ class Client:
     """One request of each system; returns (time to first token s, token frames)."""
 
     def __init__(self, url: str, rag: Any) -> None:
+        self.url = url
+        self.rag = rag
+        self.http: Any = None
+
+    def connections(self) -> Any:
+        """A new pool per run of a system: uvicorn closes connections idle for 5 s, and one
+        closed while the client reuses it fails the request (httpx.ReadError)."""
         import httpx
 
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self.http = httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
-        self.rag = rag
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits)
+        return self.http
 
     async def one(self, system: str, question: str) -> tuple[float, int]:
         return await {"in-process": self.inprocess, "HTTP native": self.native,
@@ -174,9 +181,10 @@ async def drive(client: Client, system: str, c: int, seconds: float, server_pid:
         main = times.pop(server_pid, 0.0)
         return main, sum(times.values())
 
-    (http0, engine0), cpu_self, t0 = threads(), time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(c)))
-    wall = time.perf_counter() - t0
+    async with client.connections():
+        (http0, engine0), cpu_self, t0 = threads(), time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        wall = time.perf_counter() - t0
     done = len(ttfts)
     http1, engine1 = threads()
     return {"system": system, "requests": done, "req_s": done / wall,
@@ -210,7 +218,6 @@ async def main_async(args: argparse.Namespace) -> None:
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                           flush=True)
         finally:
-            await client.http.aclose()
             proc.terminate()
             proc.wait(timeout=60)
             rag.close()
