@@ -187,6 +187,10 @@ async def drive(client: Client, system: str, c: int, seconds: float, server_pid:
         wall = time.perf_counter() - t0
     done = len(ttfts)
     http1, engine1 = threads()
+    if not done:  # a starved machine: not one request ended in time
+        return {"system": system, "requests": 0, "req_s": 0.0, **dict.fromkeys(
+            ("ttft_p50_ms", "ttft_p95_ms", "frames", "server_http_cpu_ms", "server_engine_cpu_ms", "self_cpu_ms"),
+            float("nan"))}
     return {"system": system, "requests": done, "req_s": done / wall,
             "ttft_p50_ms": float(np.percentile(ttfts, 50)) * 1e3, "ttft_p95_ms": float(np.percentile(ttfts, 95)) * 1e3,
             "frames": float(np.mean(frames)),
