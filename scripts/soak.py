@@ -44,10 +44,11 @@ has run (compiled primitives, buffers): embedding one question at a time, RSS ri
 and levels off once every question length has been seen; in batches of 1 to 16, it rises
 470 MB over 26,000 questions, slowing down. A soak keeps meeting rarer shapes for minutes:
 the 10-minute run on the real engine grew +23, +22, +7, +11, +13, +1, +4, +4, +1 MB in its
-minutes 2 to 10 (+86 MB from minute 1; from minute 3, +41 MB, at 9 then 3 MB/min). The HTTP layer and the pipeline hold no more than their bounded caches:
-``--fake-generator`` (the same server over a stand-in generator, no vLLM; ``--fake-embedder``
-too) grew 7 MB in 2 minutes at 125 requests/s with a stand-in embedder, and tracemalloc
-found the Python heap's growth (3.5 MB in 70 s) in L1 entries and the 10,000-query stats
+minutes 2 to 10 (+86 MB from minute 1; from minute 3, +41 MB, at 9 then 3 MB/min). The
+HTTP layer and the pipeline hold no more than their bounded caches: ``--fake-generator``
+(the same server over a stand-in generator, no vLLM; ``--fake-embedder`` too) grew 7 MB in
+2 minutes at 125 requests/s with a stand-in embedder, and tracemalloc found the Python
+heap's growth (3.5 MB in 70 s) in L1 entries and the 10,000-query stats
 window. (Measured 2026-11-29 with ``scripts/fake_serve.py``; see its docstring.)
 
 By default it starts ``ragserve serve INDEX`` itself on 127.0.0.1 (port 0, its own
