@@ -179,7 +179,11 @@ class RAG(Pipeline):
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
                 request_id: str | None = None, top_k: int | None = None) -> AsyncIterator[StreamEvent]:
-        """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``"""
+        """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``
+
+        The iterator (a ``runtime.Relay``) also reads as ``batches()``: the same events in
+        lists of those that reached the caller's loop together, never waiting for more
+        (a server writes each list at once)."""
         p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
         return self._runtime.aiterate(self._stream(p))
 

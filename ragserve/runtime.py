@@ -4,6 +4,10 @@ vLLM's ``AsyncLLM`` belongs to the loop it was started on. ragserve runs that lo
 dedicated thread, so the same engine serves ``query()`` from plain scripts and threads,
 and ``await aquery()`` from any other event loop (a web server, a notebook): work is
 submitted to the engine loop and awaited from the caller's loop.
+
+Streams come back through a ``Relay``: the items of every stream bound for one caller's
+loop share that loop's ``_Mailbox``, so a turn of the engine loop that gives a token to
+each of 32 streams wakes the caller's loop once, not 32 times.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -24,6 +31,8 @@ class LoopThread:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._mailbox_lock = threading.Lock()
         self._thread.start()
         self._ready.wait()
 
@@ -83,20 +92,18 @@ class LoopThread:
         finally:
             future.cancel()
 
-    async def aiterate(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
-        """The same from any event loop: items hop from the engine loop to the caller's."""
-        if self.in_loop():
-            async for item in stream:
-                yield item
-            return
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        future = self.submit(_pump(stream, lambda item: loop.call_soon_threadsafe(items.put_nowait, item)))
-        try:
-            while (item := _unwrap(await items.get())) is not _END:
-                yield item
-        finally:
-            future.cancel()
+    def aiterate(self, stream: AsyncIterator[T]) -> Relay[T]:
+        """The same from any event loop: items hop from the engine loop to the caller's
+        (``Relay``: also in lists of those that arrived together, ``batches()``)."""
+        return Relay(self, stream)
+
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """The one mailbox of ``loop``: what every stream read from that loop arrives by."""
+        with self._mailbox_lock:
+            box = self._mailboxes.get(loop)
+            if box is None:
+                box = self._mailboxes[loop] = _Mailbox(loop)
+            return box
 
     def cancel_tasks(self, keep: Callable[[asyncio.Task[Any]], bool] = lambda t: False,
                      timeout_s: float = 10.0) -> int:
@@ -151,6 +158,138 @@ async def map_bounded(fn: Callable[[A], Awaitable[T]], items: Iterable[A], limit
         if isinstance(r, BaseException) and not isinstance(r, Exception):
             raise r
     return results  # type: ignore[return-value]
+
+
+class _Mailbox:
+    """Messages from the engine loop to one other loop, with one wake-up of that loop per
+    batch: the first message posted schedules a delivery, the ones posted before it runs
+    ride along. Nothing ever waits to be batched; it only happens when the reader's loop
+    has not run since the last message."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: deque[tuple[weakref.ref[Relay[Any]], tuple[str, Any]]] = deque()
+        self._scheduled = False
+
+    def post(self, relay: weakref.ref[Relay[Any]], message: tuple[str, Any]) -> None:
+        """On the engine loop's thread. A weak reference: a relay its reader dropped is
+        collected, and that cancels its producer (``Relay.__del__``)."""
+        self._pending.append((relay, message))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        # NOTE: cleared BEFORE draining: a message posted while the flag still read True
+        # is in the deque by then, and one posted after it schedules a delivery of its own.
+        self._scheduled = False
+        pending = self._pending
+        while pending:
+            ref, message = pending.popleft()
+            relay = ref()
+            if relay is not None:
+                relay.deliver(message)
+
+
+class Relay(Generic[T]):
+    """An async iterator, on the caller's loop, over a stream that runs on the engine loop.
+
+    ``batches()`` reads the same items in lists of all those that had arrived when the
+    reader looked, never waiting for more: a writer that fell behind sends several tokens
+    at once, a writer that keeps up sends each as it comes. The producer starts at the
+    first read; ``aclose()`` (or dropping the relay) cancels it, which aborts a generation.
+    """
+
+    def __init__(self, runtime: LoopThread, stream: AsyncIterator[T]) -> None:
+        self._runtime = runtime
+        self._stream: AsyncIterator[T] | None = stream
+        self._direct: AsyncIterator[T] | None = None  # read on the engine loop itself: no hop
+        self._future: concurrent.futures.Future[None] | None = None
+        self._messages: deque[tuple[str, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+
+    def __aiter__(self) -> Relay[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._direct is not None or (self._stream is not None and self._start()):
+            return await self._direct.__anext__()  # type: ignore[union-attr]
+        await self._arrival()
+        item = self._take()
+        if item is _END:
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    async def batches(self) -> AsyncIterator[list[T]]:
+        """Lists of the items that arrived together (each list holds at least one)."""
+        if self._direct is not None or (self._stream is not None and self._start()):
+            async for item in self._direct:  # type: ignore[union-attr]
+                yield [item]
+            return
+        while True:
+            await self._arrival()
+            batch: list[T] = []
+            while self._messages:
+                item = self._take() if self._messages[0][0] == "item" or not batch else _END
+                if item is _END:
+                    break
+                batch.append(item)
+            if batch:
+                yield batch
+            if self._done and not self._messages:
+                return
+
+    def deliver(self, message: tuple[str, Any]) -> None:
+        """From the mailbox, on the reader's loop."""
+        self._messages.append(message)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _start(self) -> bool:
+        """Start the producer (at the first read); True when read on the engine loop itself."""
+        stream, self._stream = self._stream, None
+        if self._runtime.in_loop():
+            self._direct = stream
+            return True
+        box = self._runtime.mailbox(asyncio.get_running_loop())
+        self._future = self._runtime.submit(_pump(stream, partial(box.post, weakref.ref(self))))  # type: ignore[arg-type]
+        return False
+
+    async def _arrival(self) -> None:
+        """Until at least one message is here (an end, after the end)."""
+        if self._done and not self._messages:
+            self._messages.append(("end", None))
+        while not self._messages:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take(self) -> Any:
+        """The next item, or ``_END``; a producer's error is raised here."""
+        kind, value = self._messages.popleft()
+        if kind != "item":
+            self._done = True
+        return _unwrap((kind, value))
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._stream = None
+        if self._future is not None:
+            self._future.cancel()
+        elif self._direct is not None:
+            await self._direct.aclose()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        future = getattr(self, "_future", None)
+        if future is not None and not future.done():
+            try:
+                future.cancel()  # a reader that dropped the relay: the generation stops
+            except RuntimeError:  # the engine loop is already closed
+                pass
 
 
 _END = object()

@@ -249,14 +249,18 @@ async def first_event(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
 
 async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served,
                       rid: str) -> AsyncIterator[bytes]:
+    """``sources``, then ``token`` events (pieces that arrived together: one event, one
+    write; see ``sse.py``), then ``done``."""
     try:
         yield sse.frame({"sources": [source_json(s) for s in first.sources], "cache_tier": first.cache_tier},
                         "sources")
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                yield sse.frame({"text": event.text}, "token")
-            elif isinstance(event, DoneEvent):
-                yield sse.frame(result_json(event.result), "done")
+        async with contextlib.aclosing(sse.batches(events)) as batches:
+            async for batch in batches:
+                out = b"".join(sse.token_frame(e.text) if isinstance(e, TokenEvent) else
+                               sse.frame(result_json(e.result), "done") for e in sse.coalesce(batch)
+                               if isinstance(e, (TokenEvent, DoneEvent)))
+                if out:
+                    yield out
     except Exception as e:  # noqa: BLE001 - after the headers, an error is the stream's last event
         yield sse.frame(body(describe(e, rid, served.config.server.retry_after_s)), "error")
     finally:

@@ -18,9 +18,11 @@ LangChain's ``ChatOpenAI``, Open WebUI.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
@@ -111,22 +113,45 @@ async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: 
         return sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": choices, **extra})
 
-    try:
-        yield chunk([], sources=[source_json(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        async for event in events:
+    content = content_framer(cid, created, model)
+
+    def frames(batch: list[StreamEvent]) -> Iterator[bytes]:
+        for event in batch:
             if isinstance(event, TokenEvent) and event.text:
-                yield chunk([{"index": 0, "delta": {"content": event.text}, "finish_reason": None}])
+                yield content(event.text)
             elif isinstance(event, DoneEvent):
                 r = event.result
                 yield chunk([{"index": 0, "delta": {}, "finish_reason": _finish_reason(r)}], ragserve=_extra(r))
                 if usage:
                     yield chunk([], usage=_usage(r))
+
+    try:
+        yield chunk([], sources=[source_json(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async with aclosing(sse.batches(events)) as batches:  # pieces that arrived together: one chunk
+            async for batch in batches:
+                out = b"".join(frames(sse.coalesce(batch)))
+                if out:
+                    yield out
         yield sse.DONE
     except Exception as e:  # noqa: BLE001 - the SDKs raise APIError on an error frame
         yield sse.frame(body(describe(e, rid, served.config.server.retry_after_s)))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
+
+
+def content_framer(cid: str, created: int, model: str) -> Callable[[str], bytes]:
+    """The frame of a content chunk, as ``sse.frame`` writes it, with the parts that are
+    the same for every token of a stream encoded once: per token, only its text is."""
+    head = sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]})
+    before, after = head.split(b'"content":""', 1)
+    before += b'"content":'
+
+    def content(text: str) -> bytes:
+        return before + orjson.dumps(text) + after
+
+    return content
 
 
 def _finish_reason(r: QueryResult) -> str:

@@ -42,8 +42,11 @@ def serve_config(config: RAGConfig) -> RAGConfig:
     return config
 
 
-def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None = None) -> None:
-    """Serve ``index`` until SIGTERM. ``ready_file``: written once the port accepts (tests)."""
+def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None = None,
+                embedder: Any = None, generator: Any = None) -> None:
+    """Serve ``index`` until SIGTERM. ``ready_file``: written once the port accepts (tests).
+    ``embedder`` / ``generator``: as for ``RAG.from_index`` (default: the configured models;
+    ``scripts/fake_serve.py`` passes stand-ins to study the HTTP layer without vLLM)."""
     from ragserve.rag import RAG
     from ragserve.server.app import create_app
     from ragserve.server.auth import ApiKeys
@@ -55,7 +58,8 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
         where = "only this machine can reach it" if s.host in ("127.0.0.1", "localhost", "::1") else \
             f"ANYONE who can reach {s.host} can query it and read every cached answer"
         log.warning("no API keys (server.api_keys_file): bound to %s, %s", s.host, where)
-    rag = RAG.from_index(index, config)  # verify the index and warm the engine before accepting
+    # Verify the index and warm the engine before accepting.
+    rag = RAG.from_index(index, config, embedder=embedder, generator=generator)
     try:
         app = create_app(rag, config, keys=keys)
         uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",

@@ -1,0 +1,219 @@
+"""Streaming over HTTP writes what has arrived, never waits for more: token pieces that
+reach the server's loop together go out as one event and one write; the first piece goes
+out at once. Below it, the relay from the engine loop (one wake-up per turn of the engine
+loop, however many streams it fed) and the per-token encodings."""
+
+import asyncio
+import gc
+import json
+import time
+
+import httpx
+import orjson
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.runtime import LoopThread
+from ragserve.server import sse
+from ragserve.server.app import create_app
+from ragserve.server.openai_api import content_framer
+from ragserve.types import DoneEvent, Generation, SourcesEvent, TokenEvent, TokenUsage
+
+from .http_server import running
+from .test_http import sse_events
+from .test_pipeline import FakeGenerator
+from .test_serving import make_rag
+
+PIECES = [f" w{i}" for i in range(50)]
+
+
+class Burst(FakeGenerator):
+    """The first piece, then ``pause_s``, then the other 49 with no await between them."""
+
+    def __init__(self, pause_s=0.0):
+        super().__init__()
+        self.pause_s = pause_s
+
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+        self.prompts.append(prompt)
+        yield PIECES[0]
+        await asyncio.sleep(self.pause_s)
+        for piece in PIECES[1:]:
+            yield piece
+        yield Generation("".join(PIECES), TokenUsage(3, len(PIECES)), "stop", 1.0, 2.0, 3.0)
+
+
+# -- the relay from the engine loop ------------------------------------------------------------
+
+
+async def test_batches_hold_what_arrived_together_and_the_first_item_comes_alone():
+    rt = LoopThread(name="test-relay")
+
+    async def produce():
+        yield 0
+        await asyncio.sleep(0.3)  # the reader has long taken item 0 by now
+        for i in range(1, 50):
+            yield i  # no await between them: they cross in one turn of the engine loop
+
+    try:
+        t0 = time.perf_counter()
+        got, first_at = [], None
+        async for batch in rt.aiterate(produce()).batches():
+            first_at = first_at or time.perf_counter() - t0
+            got.append(batch)
+        assert got[0] == [0] and first_at < 0.2  # not held back to be batched
+        assert [x for b in got for x in b] == list(range(50)) and len(got) < 10
+    finally:
+        rt.stop()
+
+
+async def test_one_wake_up_of_the_readers_loop_for_many_streams_fed_in_one_turn():
+    rt = LoopThread(name="test-relay")
+    loop = asyncio.get_running_loop()
+    engine_go = asyncio.Event()  # waited on (so bound to) the engine loop
+
+    async def produce(i):
+        await engine_go.wait()
+        yield i
+
+    wakes = 0
+    real = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        nonlocal wakes
+        wakes += 1
+        return real(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting
+    try:
+        relays = [rt.aiterate(produce(i)) for i in range(32)]
+        readers = [asyncio.ensure_future(anext(r)) for r in relays]
+        await asyncio.sleep(0.1)  # every producer waits on the engine loop
+        rt.loop.call_soon_threadsafe(engine_go.set)  # all 32 items in one turn of the engine loop
+        assert sorted(await asyncio.gather(*readers)) == list(range(32))
+        assert wakes < 8, wakes  # one per turn (a few if the reader's loop ran in between), not 32
+        for r in relays:
+            await r.aclose()
+    finally:
+        del loop.call_soon_threadsafe
+        rt.stop()
+
+
+async def test_closing_or_dropping_a_relay_cancels_its_producer():
+    rt = LoopThread(name="test-relay")
+    ended = []
+
+    async def produce(name):
+        try:
+            while True:
+                yield name
+                await asyncio.sleep(0.01)
+        finally:
+            ended.append(name)
+
+    try:
+        closed = rt.aiterate(produce("closed"))
+        assert await anext(closed) == "closed"
+        await closed.aclose()
+        dropped = rt.aiterate(produce("dropped"))
+        assert await anext(dropped) == "dropped"
+        del dropped
+        gc.collect()
+        for _ in range(100):
+            if len(ended) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(ended) == ["closed", "dropped"]
+    finally:
+        rt.stop()
+
+
+async def test_a_producers_error_comes_after_the_items_before_it():
+    rt = LoopThread(name="test-relay")
+
+    async def produce():
+        yield 1
+        yield 2
+        raise KeyError("boom")
+
+    try:
+        got = []
+        with pytest.raises(KeyError, match="boom"):
+            async for batch in rt.aiterate(produce()).batches():
+                got += batch
+        assert got == [1, 2]
+    finally:
+        rt.stop()
+
+
+# -- coalescing and encoding -----------------------------------------------------------------------
+
+
+def test_coalesce_joins_runs_of_tokens_and_keeps_everything_else_in_place():
+    done = DoneEvent(None)
+    batch = [TokenEvent("a"), TokenEvent("b"), done, TokenEvent("c")]
+    assert sse.coalesce(batch) == [TokenEvent("ab"), done, TokenEvent("c")]
+    one = [TokenEvent("x")]
+    assert sse.coalesce(one) is one
+    src = SourcesEvent([], "miss")
+    assert sse.coalesce([src, TokenEvent("p")]) == [src, TokenEvent("p")]
+
+
+@pytest.mark.parametrize("text", ["plain", ' "quoted" ', "new\nline", "naïve ☃ 😀", "\\back\\", "", "\t\u2028"])
+def test_per_token_frames_are_the_generic_frames_byte_for_byte(text):
+    assert sse.token_frame(text) == sse.frame({"text": text}, "token")
+    cid, created, model = "chatcmpl-r1", 1700000000, 'a "model" with content'
+    full = sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+    assert content_framer(cid, created, model)(text) == full
+    assert orjson.loads(full[6:])["choices"][0]["delta"]["content"] == text
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def burst_server(tmp_path):
+    rag = make_rag(tmp_path, Burst(pause_s=0.3), cache={"enabled": False})
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        yield url
+
+
+def timed_lines(url, path, body):
+    """[(seconds since the request, line)] of a streamed response."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        t0 = time.perf_counter()
+        with client.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            return [(time.perf_counter() - t0, line) for line in r.iter_lines()]
+
+
+@pytest.mark.http
+def test_native_stream_coalesces_pieces_that_arrive_together_and_sends_the_first_at_once(burst_server):
+    lines = timed_lines(burst_server, "/v1/query", {"question": "burst?", "stream": True})
+    events = sse_events("\n".join(line for _, line in lines) + "\n")
+    names = [e for e, _ in events]
+    assert names[0] == "sources" and names[-1] == "done" and set(names[1:-1]) == {"token"}
+    tokens = [d["text"] for e, d in events if e == "token"]
+    assert "".join(tokens) == events[-1][1]["answer"] == "".join(PIECES)
+    assert tokens[0] == PIECES[0] and len(tokens) < len(PIECES) // 2
+    first_token_at = next(t for t, line in lines if line.startswith("event: token"))
+    last_token_at = [t for t, line in lines if line.startswith("event: token")][-1]
+    assert last_token_at - first_token_at > 0.25  # the first piece did not wait for the others
+
+
+@pytest.mark.http
+def test_openai_stream_coalesces_into_valid_chunks_ending_with_done(burst_server):
+    body = {"model": "ragserve", "stream": True, "messages": [{"role": "user", "content": "burst?"}],
+            "stream_options": {"include_usage": True}}
+    lines = timed_lines(burst_server, "/v1/chat/completions", body)
+    events = sse_events("\n".join(line for _, line in lines) + "\n")
+    assert events[-1] == (None, "[DONE]") and events[0][1]["sources"]
+    chunks = [d for _, d in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    content = [c["choices"][0]["delta"]["content"] for c in chunks
+               if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert "".join(content) == "".join(PIECES) and content[0] == PIECES[0] and len(content) < len(PIECES) // 2
+    assert chunks[-1]["usage"]["completion_tokens"] == len(PIECES)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert json.loads(json.dumps(chunks))  # every frame was one valid JSON document
