@@ -67,9 +67,10 @@ def test_bad_input_is_refused_before_the_engine(rag):
 
 def test_budget_drops_sources_rather_than_failing(rag, xquad_corpus):
     from ragserve.prompt import PromptBuilder
+    from ragserve.prompt_config import PromptConfig
 
     # A budget with room for about one paragraph: the answer must still come back.
-    builder = PromptBuilder(rag.generator.tokenizer(), 380, 32)
+    builder = PromptBuilder(rag.generator.tokenizer(), 380, 32, PromptConfig(max_score_gap=0))
     sources = rag.retrieve(xquad_corpus[1][0]["question"], top_k=5)
     prompt = builder.build(xquad_corpus[1][0]["question"], sources)
     assert prompt.dropped >= 1 and prompt.used and prompt.tokens <= 380 - 32

@@ -18,7 +18,10 @@ def start(index: Path, home: Path) -> ServerProcess:
     from ragserve.models import resolve_generation_model
 
     # The prepared models live in the user's RAGSERVE_HOME; this one only holds the server's data.
+    # Every top-k source in the prompt (no score gap): longer prefills keep the drained
+    # requests in flight long enough for the test to see the draining server answer 503.
     env = {"RAGSERVE_HOME": str(home), "RAGSERVE_GENERATE_MAX_TOKENS": "32", "RAGSERVE_VLLM_KV_CACHE_GIB": "1",
+           "RAGSERVE_PROMPT_MAX_SCORE_GAP": "0",
            "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
     return ServerProcess(index, env=env, args=["--grace", "60"], start_timeout_s=240).start()
 
@@ -48,7 +51,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
             assert time.monotonic() < deadline, "the requests never got in flight"
             time.sleep(0.02)
         srv.signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/ready").status_code != 503:  # the signal is handled on the server's loop
+            assert time.monotonic() < deadline, "SIGTERM never started the drain"
+            time.sleep(0.01)
         refused = httpx.post(f"{url}/v1/query", json={"question": "arriving late"}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "Draining"
         assert httpx.get(f"{url}/ready").status_code == 503 and httpx.get(f"{url}/health").status_code == 503

@@ -54,7 +54,9 @@ def test_stage_times_add_up_to_each_total(report):
 
 def test_memory_timeline_and_line_profiles(report):
     timeline = orjson.loads((report.folder / "memory_timeline.json").read_bytes())
-    assert len(timeline["samples"]) >= 10
+    # Sampled every 50 ms on a thread: how many depends on how long the run took (a few
+    # seconds); at least one per phase.
+    assert len(timeline["samples"]) >= len(timeline["phases"]) == 4
     assert [p[0] for p in timeline["phases"]] == ["build", "load", "timed pass", "profiled pass"]
     assert any("EngineCore" in name for name in timeline["child_names"].values())
     peak = report.memory["peak"]
