@@ -19,6 +19,7 @@ back truncated or empty. If even the best chunk alone is too long, its text is c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 from ragserve.errors import QuestionTooLongError
 from ragserve.prompt_config import PROMPT_TEMPLATE_VERSION, PromptConfig
 from ragserve.types import Source
+
+_WORDS = re.compile(r"\w+")
 
 SYSTEM = "Answer with a short phrase copied from the context. Give only the answer."
 
@@ -49,12 +52,16 @@ def render_user(question: str, sources: Sequence[Source]) -> str:
 
 def select_sources(sources: Sequence[Source], max_score_gap: float) -> list[Source]:
     """The sources worth showing, best first: each text once (its best-scored copy), and
-    none scoring more than ``max_score_gap`` below the best (0: no such cut)."""
+    none scoring more than ``max_score_gap`` below the best (0: no such cut).
+
+    Two texts are the same when their words are: the same paragraph in two files may
+    differ only in markup, such as a heading underlined with "----" in one and "====" in
+    the other (CPython's help topics ``try`` and ``compound`` do)."""
     ranked = sorted(sources, key=lambda s: -s.score)
     seen: set[str] = set()
     out = []
     for s in ranked:
-        text = " ".join(s.text.split())
+        text = " ".join(_WORDS.findall(s.text.casefold()))
         if text in seen:
             continue
         if max_score_gap > 0 and out and s.score < out[0].score - max_score_gap:

@@ -65,8 +65,9 @@ def test_sources_far_below_the_best_are_left_out():
 
 
 def test_a_text_retrieved_twice_appears_once_in_the_prompt_and_the_sources():
-    same = "Use try/except to handle errors."
-    sources = [Source("try.txt", 4, 0.9, same), Source("compound.txt", 9, 0.89, f"  {same}\n"),
+    same = "Use try/except to handle errors.\n\nThe finally clause\n------------------\nruns last."
+    markup = same.replace("-" * 18, "=" * 18)  # the same words, another heading underline
+    sources = [Source("try.txt", 4, 0.9, same), Source("compound.txt", 9, 0.89, f"  {markup}\n"),
                Source("other.txt", 2, 0.88, "Something else.")]
     p = PromptBuilder(WordTokenizer(), 2048, 64).build("how?", sources)
     assert [s.doc_id for s in p.used] == ["try.txt", "other.txt"]  # the better-scored copy stays
