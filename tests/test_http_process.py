@@ -63,6 +63,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
         assert [results[i].status_code for i in (1, 2, 3)] == [200, 200, 200]
         assert all(results[i].json()["answer"] for i in (1, 2, 3))
         assert srv.stop(timeout_s=60) == 0, srv.tail()
+        deadline = time.monotonic() + 30
+        while srv.group_alive():  # the engine core ends with its server, never left running
+            assert time.monotonic() < deadline, "a process of the stopped server is still running"
+            time.sleep(0.1)
     finally:
         srv.kill()
 

@@ -40,7 +40,10 @@ class ServerProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ragserve.cli", "serve", str(self.index), "--port", "0",
-                 "--ready-file", str(ready), *self.args], env=env, stdout=out, stderr=subprocess.STDOUT)
+                 "--ready-file", str(ready), *self.args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                # Its own process group: kill() takes the vLLM engine core with it (a SIGKILLed
+                # server cannot stop its engine, which would live on as an orphan).
+                start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -71,11 +74,25 @@ class ServerProcess:
         return self.returncode
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc is not None:
-            self.returncode = self.proc.returncode
+        """SIGKILL the server and every process it started (its process group)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the server and its children are all gone already
+        self.proc.wait()
+        self.returncode = self.proc.returncode
+
+    def group_alive(self) -> bool:
+        """Whether any process the server started is still running (its engine core, say)."""
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def tail(self, n: int = 3000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace") if self.log and self.log.exists() else ""
