@@ -70,13 +70,13 @@ def start_server(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[
         proc = subprocess.Popen([sys.executable, str(SCRIPTS / "fake_serve.py"), str(args.index), "--ready-file",
                                  str(ready), "--tokens", str(args.tokens), "--step-ms", str(args.step_ms)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not (ready.is_file() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"fake_serve did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{ready.read_text().strip()}"
+    from ragserve.server.process import wait_until_ready
+
+    url = wait_until_ready(proc, ready, 60)
+    if url is None:
+        proc.kill()
+        raise SystemExit(f"fake_serve did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+    return proc, url
 
 
 class Client:

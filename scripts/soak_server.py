@@ -125,13 +125,13 @@ def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subp
         proc = subprocess.Popen([sys.executable, *command, "--host", "127.0.0.1", "--port", "0", "--grace",
                                  str(args.grace), "--ready-file", str(ready)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while not (ready.is_file() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the server did not start:\n{tail(log_path)}")
-        time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{ready.read_text().strip()}", log_path
+    from ragserve.server.process import wait_until_ready  # this checkout's (main() puts it on the path)
+
+    url = wait_until_ready(proc, ready, 300, poll_s=0.2)
+    if url is None:
+        proc.kill()
+        raise SystemExit(f"the server did not start:\n{tail(log_path)}")
+    return proc, url, log_path
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float) -> tuple[int | None, float]:

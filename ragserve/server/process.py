@@ -18,6 +18,18 @@ import time
 from pathlib import Path
 
 
+def wait_until_ready(proc: subprocess.Popen[bytes], ready: Path, timeout_s: float, poll_s: float = 0.1) -> str | None:
+    """The loopback URL of a server started with ``--ready-file ready`` (it writes its port
+    there once it accepts requests), or None if ``proc`` exits or ``timeout_s`` passes
+    first: then the caller decides what to kill and what to report."""
+    deadline = time.monotonic() + timeout_s
+    while not (ready.is_file() and (port := ready.read_text().strip())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return None
+        time.sleep(poll_s)
+    return f"http://127.0.0.1:{port}"
+
+
 class ServerProcess:
     def __init__(self, index: str | Path, *, env: dict[str, str] | None = None, args: list[str] | None = None,
                  log: Path | None = None, start_timeout_s: float = 300.0) -> None:
@@ -44,13 +56,11 @@ class ServerProcess:
                 # Its own process group: kill() takes the vLLM engine core with it (a SIGKILLed
                 # server cannot stop its engine, which would live on as an orphan).
                 start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout_s
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"ragserve serve did not start; its log:\n{self.tail()}")
-            time.sleep(0.1)
-        self.url = f"http://127.0.0.1:{ready.read_text().strip()}"
+        url = wait_until_ready(self.proc, ready, self.start_timeout_s)
+        if url is None:
+            self.kill()
+            raise RuntimeError(f"ragserve serve did not start; its log:\n{self.tail()}")
+        self.url = url
         return self
 
     @property
