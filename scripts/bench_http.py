@@ -143,20 +143,19 @@ class HttpSystems(Systems):
 
     async def _native_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
-        ttft, done, event = None, None, None
+        from ragserve.server.sse import read_events
+
+        ttft, done = None, None
         async with self.client.stream("POST", "/v1/query", json={"question": q.text, "stream": True}) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for line in r.aiter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    if event == "token" and ttft is None:
-                        ttft = time.perf_counter() - t0
-                    elif event == "done":
-                        done = json.loads(line[6:])
-                    elif event == "error":
-                        raise RuntimeError(line[6:200])
+            async for event, data in read_events(r.aiter_lines()):
+                if event == "token" and ttft is None:
+                    ttft = time.perf_counter() - t0
+                elif event == "done":
+                    done = json.loads(data)
+                elif event == "error":
+                    raise RuntimeError(data[:194])
         if done is None:
             raise RuntimeError("the stream ended without a done event")
         return _record(i, done["answer"], done["usage"], done["timings"], ttft, time.perf_counter() - t0)

@@ -114,21 +114,20 @@ class Client:
         return ttft or 0.0, len(parts)
 
     async def native(self, question: str) -> tuple[float, int]:
-        t0, ttft, parts, answer, event = time.perf_counter(), None, [], None, None
+        from ragserve.server.sse import read_events
+
+        t0, ttft, parts, answer = time.perf_counter(), None, [], None
         async with self.http.stream("POST", "/v1/query", json={"question": question, "stream": True}) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for line in r.aiter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    if event == "token":
-                        ttft = ttft if ttft is not None else time.perf_counter() - t0
-                        parts.append(json.loads(line[6:])["text"])
-                    elif event == "done":
-                        answer = json.loads(line[6:])["answer"]
-                    elif event == "error":
-                        raise RuntimeError(line[6:200])
+            async for event, data in read_events(r.aiter_lines()):
+                if event == "token":
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    parts.append(json.loads(data)["text"])
+                elif event == "done":
+                    answer = json.loads(data)["answer"]
+                elif event == "error":
+                    raise RuntimeError(data[:194])
         _check("".join(parts), answer)
         return ttft or 0.0, len(parts)
 

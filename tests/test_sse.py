@@ -224,3 +224,16 @@ def test_openai_stream_coalesces_into_valid_chunks_ending_with_done(burst_server
     assert chunks[-1]["usage"]["completion_tokens"] == len(PIECES)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
     assert json.loads(json.dumps(chunks))  # every frame was one valid JSON document
+
+
+async def test_read_events_is_the_inverse_of_frame():
+    from ragserve.server.sse import frame, read_events
+
+    text = (frame({"a": 1}, "sources") + frame({"text": "x\ny"}, "token") + frame({"b": 2})).decode()
+
+    async def lines():
+        for line in text.split("\n"):
+            yield line
+
+    got = [(e, orjson.loads(d)) async for e, d in read_events(lines())]
+    assert got == [("sources", {"a": 1}), ("token", {"text": "x\ny"}), (None, {"b": 2})]

@@ -66,3 +66,16 @@ def coalesce(batch: list[StreamEvent]) -> list[StreamEvent]:
 async def _singles(events: AsyncIterator[StreamEvent]) -> AsyncIterator[list[StreamEvent]]:
     async for event in events:
         yield [event]
+
+
+async def read_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, str]]:
+    """The client's side of ``frame``: ``(event name or None, data text)`` for each
+    ``data:`` line of a stream read line by line (``httpx.Response.aiter_lines()``)."""
+    event = None
+    async for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, line[6:]
+        elif not line:
+            event = None  # a blank line ends the event: the next one names its own
