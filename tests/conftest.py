@@ -77,10 +77,23 @@ def rag(xquad_index):
         yield r
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the session's ``ray`` tests (Ray Data builds, Ray Serve),
+    started here and shut down at the end: two CPUs, no dashboard, logs in a temp folder."""
+    ray = pytest.importorskip("ray", reason="ray[serve] is in the CPU lock; run `make setup`")
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   _temp_dir=str(tmp_path_factory.mktemp("ray")), namespace="ragserve-tests")
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
-    # Engine tests imply integration; order them last so fast failures show first.
+    # Engine and Ray tests imply integration; order them last so fast failures show first.
     for item in items:
-        if "engine" in item.keywords:
+        if "engine" in item.keywords or "ray" in item.keywords:
             item.add_marker(pytest.mark.integration)
     items.sort(key=lambda i: ("engine" in i.keywords, "integration" in i.keywords))
 
