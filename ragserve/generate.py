@@ -55,12 +55,32 @@ class PrefixCacheCounter:
                 "hit_rate_since_reset": rate(self.hits_since_reset, self.queries_since_reset)}
 
 
-def _silent_stat_logger(prefix_cache: PrefixCacheCounter) -> Any:
+class RequestCounter:
+    """Requests vLLM itself finished, by finish reason (``stop``, ``length``, ``abort``, ...),
+    and the tokens it generated: what a benchmark counts "at the engine" (each generation
+    that ran, whichever caller started it)."""
+
+    def __init__(self) -> None:
+        self.finished: dict[str, int] = {}
+        self.generation_tokens = 0
+
+    def add(self, stats: Any) -> None:
+        self.generation_tokens += stats.num_generation_tokens
+        for r in stats.finished_requests:
+            reason = str(getattr(r.finish_reason, "name", r.finish_reason)).lower()
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"finished": sum(self.finished.values()), "finished_by_reason": dict(self.finished),
+                "generation_tokens": self.generation_tokens}
+
+
+def _silent_stat_logger(prefix_cache: PrefixCacheCounter, requests: RequestCounter) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SilentStatLogger(StatLoggerBase):
         """Turns on vLLM's per-request timestamps without its periodic log lines, and keeps
-        its prefix-cache counters."""
+        its prefix-cache and finished-request counters."""
 
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             pass
@@ -69,6 +89,8 @@ def _silent_stat_logger(prefix_cache: PrefixCacheCounter) -> Any:
                    engine_idx: int = 0) -> None:
             if scheduler_stats is not None and scheduler_stats.prefix_cache_stats is not None:
                 prefix_cache.add(scheduler_stats.prefix_cache_stats)
+            if iteration_stats is not None:
+                requests.add(iteration_stats)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -88,6 +110,7 @@ class VllmGenerator:
         self._engine: Any = None
         self._lock = threading.Lock()
         self.prefix_cache = PrefixCacheCounter()
+        self.requests = RequestCounter()
 
     @property
     def engine(self) -> Any:
@@ -120,7 +143,7 @@ class VllmGenerator:
                 disable_log_stats=True,
             )
             try:
-                loggers = [_silent_stat_logger(self.prefix_cache)]
+                loggers = [_silent_stat_logger(self.prefix_cache, self.requests)]
                 self._engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
             except (OSError, ValueError) as e:
                 raise ModelError(f"vLLM cannot load {self.path}: {e}", stage="generate") from e
@@ -139,8 +162,9 @@ class VllmGenerator:
         return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        """vLLM's prefix-cache hit rate (token-weighted), for ``rag.stats()``."""
-        return {"prefix_cache": self.prefix_cache.as_dict()}
+        """vLLM's prefix-cache hit rate (token-weighted) and its finished requests, for
+        ``rag.stats()``."""
+        return {"prefix_cache": self.prefix_cache.as_dict(), "engine": self.requests.as_dict()}
 
     def tokenizer(self) -> Any:
         return self.engine.get_tokenizer()

@@ -210,7 +210,9 @@ class RAG(Pipeline):
         (``in_flight``: requests past L1 on the engine loop; ``queued``: waiting for an
         admission slot), admission and embedding-batch counters, and the cache's own
         counters, and the generator's own (vLLM's prefix-cache hit rate, ``["generator"]
-        ["prefix_cache"]``; per endpoint for the openai backend; None when it keeps none). Plain JSON-able values: ``orjson.dumps(rag.stats())``."""
+        ["prefix_cache"]``, and the requests vLLM finished, ``["generator"]["engine"]``; per
+        endpoint for the openai backend; None when it keeps none). Plain JSON-able values:
+        ``orjson.dumps(rag.stats())``."""
         generator_stats = getattr(self.generator, "stats", None)
         return {
             **self.requests.counts,

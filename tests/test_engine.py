@@ -87,6 +87,17 @@ def test_repeated_question_is_answered_from_l1_without_the_engine(rag, xquad_cor
     assert rag.stats()["cache"]["l1"]["hits"] == before + 1
 
 
+def test_the_engine_counts_each_generation_it_ran(rag, xquad_corpus):
+    engine = rag.stats()["generator"]["engine"]
+    q = xquad_corpus[1][4]["question"]
+    rag.query(q, cache_read=False)  # one generation
+    rag.query(q)  # an L1 hit: none
+    after = rag.stats()["generator"]["engine"]
+    assert after["finished"] == engine["finished"] + 1, (engine, after)
+    assert after["generation_tokens"] > engine["generation_tokens"]
+    assert sum(after["finished_by_reason"].values()) == after["finished"]
+
+
 async def _until(condition, timeout_s=10.0):
     for _ in range(int(timeout_s / 0.01)):
         if condition():
