@@ -136,12 +136,41 @@ def zipf_stream(items: Sequence[T], n: int, s: float = 1.1, seed: int = 0) -> li
 
     **Usage:** ``zipf_stream(dataset.questions, 2000, s=1.1, seed=0)``
     """
+    return zipf_days(items, n, s, seed, days=1)[0]
+
+
+def zipf_days(items: Sequence[T], n: int, s: float = 1.1, seed: int = 0, days: int = 2) -> list[list[T]]:
+    """``days`` independent streams of ``n`` draws from ONE Zipf(``s``) law (one popularity
+    ranking, from ``seed``): yesterday's traffic and today's. The first is ``zipf_stream``'s
+    stream for the same arguments; each later day draws with its own generator.
+
+    **Usage:** ``yesterday, today = zipf_days(dataset.questions, 2000, s=1.1, seed=0)``
+    """
     if not items:
-        raise ValueError("zipf_stream needs at least one item")
+        raise ValueError("zipf_days needs at least one item")
     rng = random.Random(seed)
     ranked = rng.sample(list(items), len(items))
     weights = [1.0 / (r ** s) for r in range(1, len(ranked) + 1)]
-    return rng.choices(ranked, weights=weights, k=n)
+    out = [rng.choices(ranked, weights=weights, k=n)]
+    for day in range(1, days):
+        out.append(random.Random(f"{seed}/day{day}").choices(ranked, weights=weights, k=n))
+    return out
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Send times (seconds from the start) of ``n`` open-loop requests arriving at ``rate``
+    per second on average (exponential gaps): traffic that does not wait for answers.
+
+    **Usage:** ``for t, q in zip(poisson_arrivals(len(stream), 8.0), stream): ...``
+    """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    rng = random.Random(f"{seed}/arrivals")
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
 
 
 async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: int = 8,
