@@ -1,0 +1,215 @@
+"""What ``bench_headline.py`` reports for each system's run of a question stream: throughput,
+latency, where answers came from, how many generations the engine ran, CPU per request, and
+whether cached answers can be trusted (answer fidelity).
+
+Fidelity, per system with an answer cache:
+
+- every answer served from a cache (or by joining a running generation) is byte-identical
+  to the generation that stored it: the first generation of that question that completed
+  in this run, or the stored answer the run started with (yesterday's, in day mode);
+- no question is generated again once an answer to it has completed (a request sent after
+  that answer came back and still generated counts as a regeneration);
+- generations counted at the engine (vLLM's own finished-request counter) against the
+  stream's distinct questions: a cache with single-flight runs each exactly once.
+
+vLLM on this CPU is not batch-invariant (the same greedy prompt can decode differently in
+another batch), so a cached answer is compared with the generation that stored it, never
+with a fresh run. Quality is compared instead: contains-gold of the answers a cache served
+against the cache-off system's answers to the same requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHED_TIERS = ("l1", "l2", "cache", "shared")
+"""Tiers whose answer was not generated for this request: ragserve's L1/L2, a peer's LLM
+cache, and a single-flight join of an identical request's generation."""
+
+
+@dataclass
+class Req:
+    """One request of a run, as the client saw it."""
+
+    i: int
+    qid: str
+    key: str
+    """The question as the cache keys it (``ragserve.cache.normalize_question``)."""
+    sent_s: float
+    done_s: float = 0.0
+    tier: str = ""
+    """``miss`` (generated for this request), ``l1``, ``l2``, ``cache`` (a peer's LLM cache),
+    ``shared`` (joined an identical running generation), ``error``."""
+    answer: str = ""
+    error: str | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return self.done_s - self.sent_s
+
+
+def pct(values: list[float] | np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def fidelity(reqs: list[Req], stored: dict[str, str] | None = None) -> dict[str, Any]:
+    """The cached-answer checks of the module docstring. ``stored``: key → answer already in
+    the cache when the run started (yesterday's), the reference for those keys."""
+    ref: dict[str, tuple[float, str]] = {k: (float("-inf"), a) for k, a in (stored or {}).items()}
+    for r in sorted((r for r in reqs if r.tier == "miss"), key=lambda r: r.done_s):
+        ref.setdefault(r.key, (r.done_s, r.answer))
+    served = [r for r in reqs if r.tier in CACHED_TIERS]
+    compared = [r for r in served if r.key in ref]
+    identical = sum(r.answer == ref[r.key][1] for r in compared)
+    regenerated = [r for r in reqs if r.tier == "miss" and r.sent_s > ref[r.key][0]]
+    return {"served_from_cache": len(served), "compared": len(compared), "identical": identical,
+            "identical_share": identical / len(compared) if compared else None,
+            "no_reference": len(served) - len(compared),
+            "regenerated_after_answer": len(regenerated),
+            "regenerated_questions": len({r.key for r in regenerated})}
+
+
+def summarize(name: str, reqs: list[Req], wall_s: float, generations: float | None,
+              cpu_s: float | None, stored: dict[str, str] | None = None, *, cache: bool = True) -> dict[str, Any]:
+    """One row of the report: everything but the quality comparison (``quality``). ``cache``:
+    the system has an answer cache (without one, "cached = stored" does not apply: a
+    single-flight join may join a later generation of its question, not the first)."""
+    ok = [r for r in reqs if r.error is None]
+    lat = np.array([r.latency_s for r in ok]) * 1e3
+    tiers = Counter(r.tier for r in reqs)
+    distinct = len({r.key for r in reqs})
+    return {
+        "system": name, "cache": cache, "requests": len(reqs), "errors": len(reqs) - len(ok),
+        "error_examples": sorted({r.error for r in reqs if r.error})[:3],
+        "wall_s": wall_s, "requests_per_s": len(ok) / wall_s if wall_s else float("nan"),
+        "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99), "mean_ms": float(lat.mean()) if len(lat) else float("nan"),
+        "tiers": {t: tiers.get(t, 0) for t in ("miss", *CACHED_TIERS, "error") if tiers.get(t)},
+        "hit_rate": sum(tiers.get(t, 0) for t in CACHED_TIERS) / len(reqs) if reqs else float("nan"),
+        "distinct_questions": distinct,
+        "generations": generations,
+        "generations_per_distinct": generations / distinct if generations is not None and distinct else None,
+        "generations_per_s": generations / wall_s if generations is not None and wall_s else None,
+        # time-averaged requests waiting on a generation of their own: the batch the engine saw
+        "generating_in_flight": sum(r.latency_s for r in reqs if r.tier == "miss") / wall_s if wall_s else None,
+        "miss_latency_s": float(np.mean([r.latency_s for r in reqs if r.tier == "miss"] or [float("nan")])),
+        "cpu_s_per_request": cpu_s / len(reqs) if cpu_s is not None and reqs else None,
+        "fidelity": fidelity(reqs, stored),
+        "latencies_ms": [round(float(x), 3) for x in lat],
+    }
+
+
+def quality(cached: list[Req], fresh: list[Req], golds: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """Contains-gold of the answers a cache served (``cached``' cache-tier requests) and of
+    ``fresh`` (a cache-off run of the same stream) on the same request positions."""
+    from ragserve.metrics import contains_answer
+
+    fresh_by_i = {r.i: r for r in fresh if r.error is None}
+    pairs = [(r, fresh_by_i[r.i]) for r in cached if r.tier in CACHED_TIERS and r.i in fresh_by_i]
+    if not pairs:
+        return {"pairs": 0}
+    c = [contains_answer(a.answer, golds[a.qid]) for a, _ in pairs]
+    f = [contains_answer(b.answer, golds[b.qid]) for _, b in pairs]
+    return {"pairs": len(pairs), "cached_contains_gold": float(np.mean(c)), "fresh_contains_gold": float(np.mean(f)),
+            # the spread of a proportion over n pairs: what "within noise" means here
+            "stderr": float(np.sqrt(max(np.mean(f) * (1 - np.mean(f)), 1e-9) / len(pairs)))}
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    def f(x: Any, fmt: str) -> str:
+        return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+    out = ["| system | req/s | p50 ms | p95 ms | p99 ms | hit rate (tiers) | distinct | generations at vLLM "
+           "| regenerated | cached = stored | CPU-s/req | errors |",
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        fid = r["fidelity"]
+        tiers = ", ".join(f"{t} {n}" for t, n in r["tiers"].items())
+        same = f"{fid['identical']}/{fid['compared']}" if fid["compared"] and r["cache"] else "—"
+        out.append(f"| {r['system']} | {f(r['requests_per_s'], '.2f')} | {f(r['p50_ms'], '.1f')} "
+                   f"| {f(r['p95_ms'], '.0f')} | {f(r['p99_ms'], '.0f')} | {f(r['hit_rate'], '.1%')} ({tiers}) "
+                   f"| {r['distinct_questions']} | {f(r['generations'], '.0f')} | {fid['regenerated_after_answer']} "
+                   f"| {same} | {f(r['cpu_s_per_request'], '.3f')} | {r['errors']} |")
+    return out
+
+
+def miss_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the misses' time goes: the rate the engine finished generations at, and how many
+    requests were waiting on a generation of their own on average (the batch vLLM saw)."""
+    out = ["| system | generations/s (at vLLM) | requests generating, time-averaged | mean miss latency s |",
+           "|---|---:|---:|---:|"]
+    for r in rows:
+        if r["generations"]:
+            out.append(f"| {r['system']} | {r['generations_per_s']:.2f} | {r['generating_in_flight']:.1f} "
+                       f"| {r['miss_latency_s']:.1f} |")
+    return out
+
+
+def ratio_lines(rows: list[dict[str, Any]], names: dict[str, str]) -> list[str]:
+    """The issue's targets, from this run's rows. ``names``: role (ours, recipe, peer) → system."""
+    by = {r["system"]: r for r in rows}
+    ours = by.get(names["ours"])
+    if ours is None:
+        return []
+    lines = []
+    for role, target, also_p95 in (("recipe", 1.5, True), ("peer", 3.0, False)):
+        other = by.get(names[role])
+        if other is None or not other["requests_per_s"]:
+            lines.append(f"- {names[role]}: not measured in this run")
+            continue
+        ratio = ours["requests_per_s"] / other["requests_per_s"]
+        line = f"- {names['ours']} / {names[role]} requests/s: **{ratio:.2f}×** (target ≥ {target}×: " \
+               f"{'met' if ratio >= target else 'NOT met'})"
+        if also_p95:
+            lower = ours["p95_ms"] < other["p95_ms"]
+            line += f"; p95 {ours['p95_ms']:.0f} vs {other['p95_ms']:.0f} ms ({'lower' if lower else 'NOT lower'})"
+        lines.append(line)
+    return lines
+
+
+def cdf_png(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        lat = np.sort(np.array(r["latencies_ms"]) / 1e3)
+        if len(lat):
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=f"{r['system']} ({r['requests_per_s']:.2f} req/s)")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("latency as the client sees it (s, log above 10 ms)")
+    ax.set_ylabel("share of requests")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out: Path, header: list[str], rows: list[dict[str, Any]], extra_lines: list[str],
+          data: dict[str, Any]) -> None:
+    """``report.md`` (tables), ``report.json`` (everything, requests included) and
+    ``latency_cdf.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cdf_png(rows, out / "latency_cdf.png", data.get("title", "latency CDF per system"))
+    md = [*header, "", *table(rows), "", *miss_table(rows), "", *extra_lines, "", "Latency CDFs: `latency_cdf.png`."]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    slim = [{k: v for k, v in r.items() if k != "latencies_ms"} for r in rows]
+    (out / "report.json").write_text(json.dumps({**data, "rows": slim}, indent=1, default=_json_default),
+                                     encoding="utf-8")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Req):
+        return asdict(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)

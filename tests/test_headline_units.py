@@ -1,0 +1,91 @@
+"""The headline benchmark's logic without an engine: the streams it draws (one Zipf law for
+yesterday and today, open-loop arrivals) and the fidelity checks it reports (cached answers
+against the generation that stored them, regenerations after an answer completed)."""
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ragserve.profiling.workload import poisson_arrivals, zipf_days, zipf_stream
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_report():
+    if "headline_report" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("headline_report", SCRIPTS / "headline_report.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # before exec: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["headline_report"]
+
+
+def test_days_share_one_popularity_law_but_not_their_draws():
+    items = list(range(200))
+    yesterday, today = zipf_days(items, 3000, s=1.1, seed=3)
+    assert yesterday == zipf_stream(items, 3000, s=1.1, seed=3)
+    assert yesterday != today
+    top_y = [q for q, _ in Counter(yesterday).most_common(5)]
+    top_t = [q for q, _ in Counter(today).most_common(5)]
+    assert top_y[0] == top_t[0] and len(set(top_y) & set(top_t)) >= 3  # the same popular questions
+    assert zipf_days(items, 50, seed=3) == zipf_days(items, 50, seed=3)  # reproducible
+    with pytest.raises(ValueError):
+        zipf_days([], 5)
+
+
+def test_poisson_arrivals_keep_the_rate_and_start_at_zero():
+    times = poisson_arrivals(4000, rate=20.0, seed=1)
+    assert times[0] == 0.0 and times == sorted(times)
+    assert 4000 / times[-1] == pytest.approx(20.0, rel=0.1)
+    with pytest.raises(ValueError, match="rate"):
+        poisson_arrivals(3, 0)
+
+
+def _req(hr, i, key, sent, done, tier, answer):
+    return hr.Req(i, f"q-{key}", key, sent, done, tier, answer)
+
+
+def test_fidelity_compares_hits_with_the_generation_that_stored_them():
+    hr = load_report()
+    reqs = [
+        _req(hr, 0, "a", 0.0, 5.0, "miss", "Paris"),
+        _req(hr, 1, "a", 1.0, 5.0, "shared", "Paris"),   # joined the running generation
+        _req(hr, 2, "a", 6.0, 6.1, "l1", "Paris"),
+        _req(hr, 3, "b", 0.0, 4.0, "miss", "1066"),
+        _req(hr, 4, "b", 4.5, 4.6, "l2", "1067"),        # not what was stored
+        _req(hr, 5, "b", 5.0, 9.0, "miss", "1066"),      # generated again after an answer came back
+        _req(hr, 6, "c", 0.0, 1.0, "l1", "x"),           # stored before the run
+    ]
+    f = hr.fidelity(reqs, stored={"c": "x"})
+    assert (f["served_from_cache"], f["compared"], f["identical"]) == (4, 4, 3)
+    assert f["regenerated_after_answer"] == 1 and f["regenerated_questions"] == 1
+    assert f["no_reference"] == 0
+    # a hit whose generation is not in the run and was not given is counted, not compared
+    assert hr.fidelity([_req(hr, 0, "z", 0, 1, "l2", "y")])["no_reference"] == 1
+
+
+def test_a_miss_sent_before_the_first_answer_is_not_a_regeneration():
+    hr = load_report()
+    reqs = [_req(hr, 0, "a", 0.0, 5.0, "miss", "A"), _req(hr, 1, "a", 4.9, 9.0, "miss", "A")]
+    assert hr.fidelity(reqs)["regenerated_after_answer"] == 0
+
+
+def test_summary_and_quality_of_cached_against_fresh_answers():
+    hr = load_report()
+    cached = [_req(hr, 0, "a", 0.0, 2.0, "miss", "It is Paris."), _req(hr, 1, "a", 2.0, 2.001, "l1", "It is Paris."),
+              _req(hr, 2, "b", 0.0, 1.0, "error", "")]
+    cached[2].error = "RuntimeError: HTTP 503"
+    fresh = [_req(hr, 0, "a", 0, 1, "miss", "Paris"), _req(hr, 1, "a", 1, 2, "miss", "Lyon"),
+             _req(hr, 2, "b", 2, 3, "miss", "no")]
+    row = hr.summarize("x", cached, wall_s=2.0, generations=1.0, cpu_s=3.0)
+    assert row["requests"] == 3 and row["errors"] == 1 and row["requests_per_s"] == 1.0
+    assert row["tiers"] == {"miss": 1, "l1": 1, "error": 1} and row["hit_rate"] == pytest.approx(1 / 3)
+    assert row["distinct_questions"] == 2 and row["generations_per_distinct"] == 0.5
+    assert row["cpu_s_per_request"] == 1.0
+    q = hr.quality(cached, fresh, {"q-a": ("Paris",), "q-b": ("yes",)})
+    assert q["pairs"] == 1 and q["cached_contains_gold"] == 1.0 and q["fresh_contains_gold"] == 0.0
+    lines = hr.table([row])
+    assert len(lines) == 3 and "| x |" in lines[2]
