@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ragserve.console import print_eval, print_result, print_stats, progress_bars, stats_view
+from ragserve.console import (print_eval, print_result, print_stats, progress_bars, question_progress,
+                              stats_view)
 from ragserve.errors import RagserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ragserve: a multi-tier RAG serving engine.")
@@ -149,27 +150,22 @@ def batch_cmd(
     """
     import asyncio
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from ragserve.batch import check_questions, read_questions, run_batch
     from ragserve.rag import RAG
 
     cfg = _config(config)
     # a bad questions file, or a question that cannot be asked, fails before the engine starts
     check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
-    columns = (TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with RAG.from_index(index, cfg) as rag, Progress(*columns, console=console) as progress:
-        task = progress.add_task("answering", total=None, rate="", failed="")
+    with RAG.from_index(index, cfg) as rag, question_progress(console, "answering") as update:
 
         def on_start(s: Any) -> None:
-            progress.update(task, total=s.total - s.skipped)
+            update(total=s.total - s.skipped)
             if s.skipped:
                 console.print(f"resuming: {s.skipped} of {s.total} questions already answered in {out_file}")
 
         def on_record(record: dict[str, Any], s: Any) -> None:
-            progress.update(task, completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
-                            failed=f"[red]{s.failed} failed[/]" if s.failed else "")
+            update(completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
+                   note=f"[red]{s.failed} failed[/]" if s.failed else "")
 
         try:
             summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency, timeout_s=timeout,
