@@ -47,20 +47,27 @@ def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]
 @contextmanager
 def question_progress(console: Console, label: str) -> Iterator[Callable[..., None]]:
     """The bar of a run over a file of questions (``batch``, ``warm``): done of total, rate,
-    a note (failures), elapsed and ETA. Yields ``update(completed=, total=, rate=, note=)``."""
+    a note (failures), elapsed and ETA. Yields ``update(completed=, total=, rate=, note=)``.
+    The bar appears, and its clock starts, at the first update: not while models load."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(label, total=None, rate="", note="")
+    progress = Progress(*columns, console=console)
+    task = progress.add_task(label, total=None, start=False, rate="", note="")
 
-        def update(**fields: Any) -> None:
-            progress.update(task, **fields)
+    def update(**fields: Any) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        progress.update(task, **fields)
 
+    try:
         yield update
+    finally:
+        progress.stop()
 
 
 def print_result(result: Any, console_: Console | None = None) -> None:
