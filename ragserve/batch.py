@@ -1,7 +1,8 @@
 """Offline batch answering: a JSONL file of questions in, a JSONL file of answers out.
 
 - Bounded concurrency: at most ``concurrency`` questions are in the engine at once, so
-  vLLM batches them and nothing queues without bound.
+  vLLM batches them and nothing queues without bound (``work_through``, which
+  ``ragserve warm`` shares).
 - Every answer is appended and flushed as soon as it is ready: an interrupted run loses
   at most the answers still being generated.
 - Resume: on restart, ids that already have an answer in the output are skipped. Failed
@@ -21,14 +22,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from ragserve.errors import InputError
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BatchInputError(InputError):
@@ -128,6 +134,31 @@ def _record(qid: str, question: str, result: Any) -> dict[str, Any]:
     }
 
 
+async def work_through(items: Sequence[T], work: Callable[[T], Awaitable[R]],
+                       done: Callable[[T, R | Exception], None], concurrency: int) -> None:
+    """``work`` on every item, in list order, with at most ``concurrency`` running at once;
+    ``done(item, result)`` as each completes, where a failed item's result is its exception.
+    One failure does not stop the others; cancellation (Ctrl-C) does, and is raised.
+
+    The next item starts as soon as any finishes, so the engine's batch stays full
+    (``ragserve batch`` and ``ragserve warm`` share this loop).
+    """
+    if concurrency < 1:
+        raise BatchInputError(f"concurrency must be >= 1, got {concurrency}")
+    queue = deque(items)
+
+    async def worker() -> None:
+        while queue:
+            item = queue.popleft()
+            try:
+                result: R | Exception = await work(item)
+            except Exception as e:  # noqa: BLE001 - handed to done(); the run goes on
+                result = e
+            done(item, result)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(queue)))))
+
+
 async def run_batch(
     rag: Any,
     questions: str | Path,
@@ -139,41 +170,33 @@ async def run_batch(
     on_record: Callable[[dict[str, Any], BatchSummary], None] | None = None,
 ) -> BatchSummary:
     """Answer every question of ``questions`` not yet answered in ``out`` (see module doc)."""
-    if concurrency < 1:
-        raise BatchInputError(f"concurrency must be >= 1, got {concurrency}")
     items = read_questions(questions)
     done_ids = answered_ids(out)
     todo = [(qid, q) for qid, q in items if qid not in done_ids]
     summary = BatchSummary(total=len(items), skipped=len(items) - len(todo))
     if on_start:
         on_start(summary)
-    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-    for item in todo:
-        queue.put_nowait(item)
     started = time.perf_counter()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "ab") as sink:
 
-        async def worker() -> None:
-            while not queue.empty():
-                qid, question = queue.get_nowait()
-                try:
-                    result: Any = await rag.aquery(question, timeout_s=timeout_s)
-                except Exception as e:  # noqa: BLE001 - recorded in its line; the run goes on
-                    result = e
-                record = _record(qid, question, result)
-                sink.write(orjson.dumps(record) + b"\n")
-                sink.flush()  # written as it completes: an interrupted run keeps it
-                if "error" in record:
-                    summary.failed += 1
-                else:
-                    summary.done += 1
-                summary.seconds = time.perf_counter() - started
-                if on_record:
-                    on_record(record, summary)
+        async def ask(item: tuple[str, str]) -> Any:
+            return await rag.aquery(item[1], timeout_s=timeout_s)
+
+        def done(item: tuple[str, str], result: Any) -> None:
+            record = _record(item[0], item[1], result)
+            sink.write(orjson.dumps(record) + b"\n")
+            sink.flush()  # written as it completes: an interrupted run keeps it
+            if "error" in record:
+                summary.failed += 1
+            else:
+                summary.done += 1
+            summary.seconds = time.perf_counter() - started
+            if on_record:
+                on_record(record, summary)
 
         try:
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)))))
+            await work_through(todo, ask, done, concurrency)
         finally:
             sink.flush()
             os.fsync(sink.fileno())

@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ragserve.console import print_eval, print_result, print_stats, progress_bars, stats_view
+from ragserve.console import (print_eval, print_result, print_stats, progress_bars, question_progress,
+                              stats_view)
 from ragserve.errors import RagserveError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ragserve: a multi-tier RAG serving engine.")
@@ -149,27 +150,22 @@ def batch_cmd(
     """
     import asyncio
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from ragserve.batch import check_questions, read_questions, run_batch
     from ragserve.rag import RAG
 
     cfg = _config(config)
     # a bad questions file, or a question that cannot be asked, fails before the engine starts
     check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
-    columns = (TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with RAG.from_index(index, cfg) as rag, Progress(*columns, console=console) as progress:
-        task = progress.add_task("answering", total=None, rate="", failed="")
+    with RAG.from_index(index, cfg) as rag, question_progress(console, "answering") as update:
 
         def on_start(s: Any) -> None:
-            progress.update(task, total=s.total - s.skipped)
+            update(total=s.total - s.skipped)
             if s.skipped:
                 console.print(f"resuming: {s.skipped} of {s.total} questions already answered in {out_file}")
 
         def on_record(record: dict[str, Any], s: Any) -> None:
-            progress.update(task, completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
-                            failed=f"[red]{s.failed} failed[/]" if s.failed else "")
+            update(completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
+                   note=f"[red]{s.failed} failed[/]" if s.failed else "")
 
         try:
             summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency, timeout_s=timeout,
@@ -182,6 +178,65 @@ def batch_cmd(
     out.print(f"done {s['done']}, failed {s['failed']}, skipped {s['skipped']} (already answered) of {s['total']}; "
               f"{s['seconds']} s, {s['questions_per_s']} questions/s → {out_file}")
     if summary.failed:
+        raise typer.Exit(2)
+
+
+@app.command("warm")
+@_fails_cleanly
+def warm_cmd(
+    index: Annotated[Path, typer.Argument(help="The index folder the service serves.")],
+    questions: Annotated[Path, typer.Argument(help="A question log, as for batch; repeats welcome.")],
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the N most frequent questions.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="A tenant's namespace (cache.namespace).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Questions in the engine at once.")] = 16,
+    timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="As for serve (cache.redis_url).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Also print the summary as a JSON line.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Precompute answers into the L2 cache that `ragserve serve` with the same config reads,
+    from a question log: most frequent first, progress, resume (answers already in L2 cost
+    nothing). Exits 0 when every question is warm, 2 when some failed."""
+    from ragserve.warm import warm
+
+    cfg = _config(config, cache={"redis_url": redis_url})
+    last: list[Any] = []
+    try:
+        with question_progress(console, "warming") as update:
+
+            def on_start(s: Any) -> None:
+                last.append(s)
+                update(total=s.total)
+                console.print(f"{s.lines} questions, {s.distinct} distinct; warming {s.total} into {s.l2} "
+                              f"(namespace {s.namespace!r})", highlight=False)
+
+            def on_done(s: Any) -> None:
+                failed = f", [red]{s.failed} failed[/]" if s.failed else ""
+                update(completed=s.done, rate=f"{s.per_second:.2f} q/s",
+                       note=f"{s.already_warm} already warm{failed}")
+
+            s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
+                     timeout_s=timeout, on_start=on_start, on_done=on_done)
+    except KeyboardInterrupt:
+        done = f" ({last[0].warmed} warmed now)" if last else ""
+        console.print(f"[yellow]interrupted[/]: the answers stored so far stay in L2{done}; "
+                      "run the same command again to resume")
+        raise typer.Exit(130) from None
+    of = f" of {s.distinct}" if s.total < s.distinct else ""  # --limit
+    out.print(f"{s.total}{of} distinct questions: warmed {s.warmed}, already warm {s.already_warm}, "
+              f"failed {s.failed}; {s.seconds:.1f} s, {s.per_second:.2f} questions/s", highlight=False)
+    for question, error in s.failures[:10]:
+        console.print(f"  [red]failed[/] {escape(repr(question[:80]))}: {escape(error)}", highlight=False)
+    if len(s.failures) > 10:
+        console.print(f"  and {len(s.failures) - 10} more failed")
+    if s.not_stored:
+        console.print(f"[red]{s.not_stored} answers were generated but not stored in L2[/] "
+                      f"({escape(s.l2_error)}); run again to warm them")
+    if json_out:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(s.as_dict()) + b"\n")
+    if not s.ok:
         raise typer.Exit(2)
 
 

@@ -44,6 +44,32 @@ def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]
         yield on_progress
 
 
+@contextmanager
+def question_progress(console: Console, label: str) -> Iterator[Callable[..., None]]:
+    """The bar of a run over a file of questions (``batch``, ``warm``): done of total, rate,
+    a note (failures), elapsed and ETA. Yields ``update(completed=, total=, rate=, note=)``.
+    The bar appears, and its clock starts, at the first update: not while models load."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    progress = Progress(*columns, console=console)
+    task = progress.add_task(label, total=None, start=False, rate="", note="")
+
+    def update(**fields: Any) -> None:
+        if not progress.live.is_started:
+            progress.start()
+            progress.start_task(task)
+        progress.update(task, **fields)
+
+    try:
+        yield update
+    finally:
+        progress.stop()
+
+
 def print_result(result: Any, console_: Console | None = None) -> None:
     c = console_ or Console(soft_wrap=True)
     c.print(f"[bold]Q:[/] {result.question}", highlight=False)

@@ -5,6 +5,8 @@ that is wrong and what to do about it::
 
     RagserveError
     ├── ConfigError                 a config field has a bad value (names the field)
+    │   └── NoL2Error               `ragserve warm` has no L2 to write to: the cache is
+    │                               off or its Redis does not answer (warm.py)
     ├── InputError                  a request is refused before any work is done
     │   ├── EmptyQuestionError
     │   ├── QuestionTooLongError

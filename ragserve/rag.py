@@ -228,6 +228,13 @@ class RAG(Pipeline):
             "cache": self.cache.stats() if self.cache else None,
         }
 
+    async def aflush_cache(self) -> None:
+        """Wait for the L2 writes scheduled so far (they run in the background, off each
+        query's path). After it, every answer generated so far is in L2 or its write is
+        counted as failed (``stats()["cache"]["l2"]``); ``ragserve warm`` checks that."""
+        if self.cache is not None and self.cache.l2 is not None:
+            await self._runtime.run_async(self.cache.l2.drain())
+
     def reset_prefix_cache(self, attempts: int = 50) -> bool:
         """Empty the generation engine's prefix cache (for benchmarks that must start every
         system cold). Retries while finishing requests still hold blocks; False if the
