@@ -30,6 +30,19 @@ zstandard, xxhash, httpx-sse, distro). Why these:
 NOTE: langchain-community's ``RedisCache`` keys are bare ``md5(prompt + llm_string)`` hex
 digests with no prefix, and its ``clear()`` is ``FLUSHDB``. ``clear_cache`` therefore deletes
 only hash keys that are exactly 32 hex digits: ragserve's keys (``ragserve:...``) survive.
+
+What a driver must know (all LangChain's own behaviour, kept as users get it):
+
+- the cache key hashes the chat messages (prompt text with the retrieved context) and
+  ``ChatOpenAI``'s serialized settings, **including ``base_url``** (port and all), model,
+  temperature, max_tokens, timeout and max_retries: a peer server on a new port misses
+  everything stored before (keep the URL fixed for a yesterday/today run);
+- no single-flight: concurrent misses on one question each generate and each write;
+- every hit still embeds the question and searches FAISS (retrieval runs before the LLM
+  cache); the embedding, the FAISS search and both Redis calls run in the loop's default
+  executor (``run_in_executor(None, ...)``, min(32, cores + 4) threads);
+- all ``ask`` calls belong on one event loop: ChatOpenAI pools its async connections per loop;
+- ``set_llm_cache`` is process-global: one recipe per process at a time.
 """
 
 from __future__ import annotations
@@ -238,9 +251,11 @@ class LangChainRecipe:
     def describe(self) -> str:
         """One line for the report: packages and versions, chain, prompt, settings."""
         versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
+        path = self.embed_path
+        embed_name = path.parent.name if path.name == "model" else path.name  # ragserve's model folders
         return (f"LangChain LCEL RAG chain ({versions}): FAISS.from_documents(MAX_INNER_PRODUCT, "
                 f"IndexFlatIP) over ragserve's {len(self.chunks)} chunks with HuggingFaceEmbeddings"
-                f"(local {self.embed_path.name}, normalize_embeddings) → retriever k={self.top_k} "
+                f"(local {embed_name}, float32, normalize_embeddings) → retriever k={self.top_k} "
                 f"| format_docs "
                 f"→ hub rlm/rag-prompt text as one human message → ChatOpenAI(model={self.model}, "
                 f"temperature=0, max_tokens={self.max_tokens}, max_retries=0, timeout=900) → "
