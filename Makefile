@@ -25,12 +25,16 @@ test-fast: setup
 # The serving benchmark of issue 4 (ragserve vs raw vLLM vs LlamaIndex + vLLM's OpenAI server).
 # Its peer's packages: requirements/bench.txt into the venv (--no-deps: the lock already holds
 # what they need), requirements/bench-peer.txt into BENCH_PEER only (see that file for why).
+# The headline benchmark's LangChain peer (issue 14): requirements/bench-peer-langchain.txt,
+# into BENCH_PEER too, in the same pip run: `pip --target --upgrade` replaces a top-level folder
+# whole (bin/, a namespace package), so a second run would drop the first one's files there.
 BENCH_PEER ?= build/bench-peer
 BENCH_ARGS ?=
 
 bench-deps: setup
 	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
-	$(PY) -m pip install -q --no-deps --upgrade --target $(BENCH_PEER) -r requirements/bench-peer.txt
+	$(PY) -m pip install -q --no-deps --upgrade --target $(BENCH_PEER) -r requirements/bench-peer.txt \
+		-r requirements/bench-peer-langchain.txt
 
 bench: bench-deps
 	$(PY) scripts/bench_serving.py --out reports/serving --peer-overlay $(BENCH_PEER) $(BENCH_ARGS)

@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible server for the ``openai`` backend's tests: vLLM's routes and its
 SSE format for ``POST /v1/completions`` over a word-level "model", served by the real
-uvicorn on a loopback port (``tests/http_server.running``).
+uvicorn on a loopback port (``tests/http_server.running``). ``POST /v1/chat/completions``
+answers without streaming, for clients such as LangChain's ``ChatOpenAI``.
 
 The reply to any prompt is ``reply``, one word per chunk. Knobs (attributes of
 ``FakeOpenAI.b``, changeable while it runs) make it slow, failing, dying mid-stream,
@@ -46,6 +47,7 @@ class Behaviour:
 class FakeOpenAI:
     b: Behaviour = field(default_factory=Behaviour)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    chat_bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
     completed: int = 0
@@ -126,6 +128,30 @@ class FakeOpenAI:
                 error = {"message": f"model {body.get('model')!r} not found", "code": 404}
                 return JSONResponse({"error": error}, status_code=404)
             return StreamingResponse(self._events(body), media_type="text/event-stream")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            body = await request.json()
+            self.chat_bodies.append(body)
+            if self.b.header_delay_s:
+                await asyncio.sleep(self.b.header_delay_s)
+            if self.b.status != 200:
+                return JSONResponse({"error": {"message": "the fake server fails", "code": self.b.status}},
+                                    status_code=self.b.status)
+            if body.get("model") != self.b.name or body.get("stream"):
+                error = {"message": f"model {body.get('model')!r} not found, or stream asked", "code": 404}
+                return JSONResponse({"error": error}, status_code=404)
+            limit = body.get("max_completion_tokens") or body.get("max_tokens") or 1 << 30
+            words = self.b.reply.split()[:limit]
+            n_prompt = len(self.ids(self.render(body["messages"])))
+            self.completed += 1
+            finish = "length" if len(words) == limit else "stop"
+            return JSONResponse({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": self.b.name,
+                "choices": [{"index": 0, "finish_reason": finish,
+                             "message": {"role": "assistant", "content": " ".join(words)}}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(words),
+                          "total_tokens": n_prompt + len(words)}})
 
         return app
 
