@@ -192,11 +192,17 @@ def warm_cmd(
     timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="As for serve (cache.redis_url).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Also print the summary as a JSON line.")] = False,
+    answers: Annotated[Optional[Path], typer.Option(help="Also write each question's stored answer here (JSONL: "
+                                                    "question, answer, cache_tier).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Precompute answers into the L2 cache that `ragserve serve` with the same config reads,
     from a question log: most frequent first, progress, resume (answers already in L2 cost
     nothing). Exits 0 when every question is warm, 2 when some failed."""
+    import contextlib
+
+    import orjson
+
     from ragserve.warm import warm
 
     cfg = _config(config, cache={"redis_url": redis_url})
@@ -215,8 +221,17 @@ def warm_cmd(
                 update(completed=s.done, rate=f"{s.per_second:.2f} q/s",
                        note=f"{s.already_warm} already warm{failed}")
 
-            s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
-                     timeout_s=timeout, on_start=on_start, on_done=on_done)
+            with contextlib.ExitStack() as stack:
+                sink = stack.enter_context(open(answers, "ab")) if answers else None
+
+                def on_answer(item: Any, r: Any) -> None:
+                    assert sink is not None
+                    sink.write(orjson.dumps({"question": item.question, "answer": r.answer,
+                                             "cache_tier": r.cache_tier}) + b"\n")
+
+                s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
+                         timeout_s=timeout, on_start=on_start, on_done=on_done,
+                         on_answer=on_answer if sink else None)
     except KeyboardInterrupt:
         done = f" ({last[0].warmed} warmed now)" if last else ""
         console.print(f"[yellow]interrupted[/]: the answers stored so far stay in L2{done}; "

@@ -199,9 +199,11 @@ async def run_warm(
     timeout_s: float | None = None,
     on_start: Callable[[WarmSummary], None] | None = None,
     on_done: Callable[[WarmSummary], None] | None = None,
+    on_answer: Callable[[WarmItem, Any], None] | None = None,
 ) -> WarmSummary:
     """Warm ``plan`` into the L2 of an open ``rag`` (see the module doc), at most
-    ``concurrency`` questions at once; ``on_done`` after each question.
+    ``concurrency`` questions at once; ``on_done`` after each question, ``on_answer`` with
+    each question's ``QueryResult`` (the answer the service will serve for it).
 
     Open ``rag`` with ``warm_config``: with L1 on, an answer this process already holds in
     L1 counts as already warm whether or not its L2 write succeeded.
@@ -228,6 +230,8 @@ async def run_warm(
             summary.warmed += 1
         else:
             summary.already_warm += 1
+        if on_answer and not isinstance(result, Exception):
+            on_answer(item, result)
         summary.seconds = time.perf_counter() - started
         if on_done:
             on_done(summary)
@@ -257,6 +261,7 @@ def warm(
     timeout_s: float | None = None,
     on_start: Callable[[WarmSummary], None] | None = None,
     on_done: Callable[[WarmSummary], None] | None = None,
+    on_answer: Callable[[WarmItem, Any], None] | None = None,
     embedder: Any = None,
     generator: Any = None,
 ) -> WarmSummary:
@@ -279,4 +284,5 @@ def warm(
     check_l2_answers(config)
     with RAG.from_index(index, config, embedder=embedder, generator=generator) as rag:
         return asyncio.run(run_warm(rag, plan, namespace=namespace, concurrency=concurrency,
-                                    timeout_s=timeout_s, on_start=on_start, on_done=on_done))
+                                    timeout_s=timeout_s, on_start=on_start, on_done=on_done,
+                                    on_answer=on_answer))

@@ -269,7 +269,13 @@ def test_cli_warm_reports_exits_2_on_a_failure_and_0_once_all_are_warm(home, tmp
     report = orjson.loads(first.output.strip().splitlines()[-1])
     assert (report["distinct"], report["total"], report["warmed"], report["failed"]) == (4, 3, 2, 1)
     assert report["failures"][0]["question"] == "poison?" and asked(gens[0], q[0]) == 0  # q[0] is 4th: cut
-    second = CliRunner().invoke(cli.app, ["warm", str(xquad_index), str(write_log(log, q[:3]))])
+    answers = tmp_path / "answers.jsonl"
+    second = CliRunner().invoke(cli.app, ["warm", str(xquad_index), str(write_log(log, q[:3])),
+                                          "--answers", str(answers)])
     assert second.exit_code == 0, second.output
     assert "3 distinct questions: warmed 1, already warm 2, failed 0" in second.output
     assert asked(gens[1], q[0]) == 1 and len(gens[1].prompts) == 1
+    # --answers: what the service will serve for each question, the one generated now included
+    rows = [orjson.loads(line) for line in answers.read_bytes().splitlines()]
+    assert sorted(r["question"] for r in rows) == sorted(q[:3])
+    assert sorted(r["cache_tier"] for r in rows) == ["l2", "l2", "miss"] and all(r["answer"] for r in rows)
