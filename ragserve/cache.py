@@ -124,19 +124,20 @@ class L1Cache:
     def bytes(self) -> int:
         return self._bytes
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str, *, count_miss: bool = True) -> CachedAnswer | None:
+        """``count_miss=False``: a second look for a key whose miss is already counted."""
         now = time.monotonic()
         with self._lock:
             item = self._data.get(key)
             if item is None:
-                self.stats.misses += 1
+                self.stats.misses += count_miss
                 return None
             value, expires, size = item
             if expires <= now:
                 del self._data[key]
                 self._bytes -= size
                 self.stats.expired += 1
-                self.stats.misses += 1
+                self.stats.misses += count_miss
                 return None
             self._data.move_to_end(key)
             self.stats.hits += 1

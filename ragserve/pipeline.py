@@ -189,13 +189,21 @@ class Pipeline:
         """The one path of a request on the engine loop: the cache tiers, then a run of the
         miss path, shared with identical concurrent requests (``flight.py``)."""
         clock = p.clock
+        hit, tier = None, "miss"
         if self.cache is not None and p.read:
             hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
-            if hit is not None:
-                result = self._finish(from_cached(hit, tier, clock), p)
-                for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
-                    yield event
-                return
+            if hit is None and self._flight_key(p, deltas) not in self.flight:
+                # The lookup awaited (the hop to this loop, Redis): a run of this question may
+                # have ended meanwhile, its answer now in L1 and its flight gone. Look again with
+                # no await between this look and starting a run: no question is generated
+                # again once its answer is cached.
+                with clock.span("cache_l1"):
+                    hit, tier = self.cache.l1.get(p.key, count_miss=False), "l1"
+        if hit is not None:
+            result = self._finish(from_cached(hit, tier, clock), p)
+            for event in (SourcesEvent(result.sources, tier), TokenEvent(result.answer), DoneEvent(result)):
+                yield event
+            return
         led: list[bool] = []  # filled by the factory, which only the run's leader calls
 
         def start() -> AsyncIterator[StreamEvent]:

@@ -350,3 +350,26 @@ async def test_a_plain_query_joins_a_streaming_run(tmp_path):
         events = await stream
         assert len(gen.prompts) == 1 and plain.shared and not events[-1].result.shared
         assert plain.answer == events[-1].result.answer
+
+
+async def test_a_lookup_that_outlasts_the_run_it_missed_is_an_l1_hit_not_a_second_generation(tmp_path):
+    gen = FakeGenerator(delay=0.05, words=2)
+    with make_rag(tmp_path, gen) as rag:
+        cache, calls = rag.cache, []
+        lookup = cache.lookup
+
+        async def slow_after_the_first(key, clock, *, l1=True):
+            calls.append(key)
+            found = await lookup(key, clock, l1=l1)
+            if len(calls) > 1:
+                await asyncio.sleep(0.5)  # an L2 (Redis) lookup still out when the first run ends
+            return found
+
+        cache.lookup = slow_after_the_first
+        first = asyncio.ensure_future(rag.aquery("asked twice"))
+        await asyncio.sleep(0.03)  # the first run is generating: the second misses L1, then waits on "L2"
+        second = await rag.aquery("asked twice")
+        assert (await first).cache_tier == "miss"
+        assert len(gen.prompts) == 1, "generated again after its answer was cached"
+        assert second.cache_tier == "l1" and second.answer == (await first).answer
+        assert rag.stats()["cache"]["l1"]["misses"] == 2  # the second look is not counted again
