@@ -34,6 +34,7 @@ Run (repo root, an otherwise idle machine; ``make bench-deps`` first for (c) and
 
     python scripts/bench_headline.py --out reports/headline                   # 2,000 requests, C=32
     python scripts/bench_headline.py --n 60 --concurrency 8 --systems ragserve,ragserve-nocache  # CI's size
+    python scripts/bench_headline.py --days --systems ragserve,langchain --out reports/headline-days
 
 A benchmark, not a test: it asserts nothing, it reports.
 """
@@ -52,6 +53,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
+import headline_days  # noqa: E402
 import headline_report as hr  # noqa: E402
 import headline_systems as hs  # noqa: E402
 import psutil  # noqa: E402
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=32, help="closed loop: clients")
     ap.add_argument("--rate", type=float, default=None, help="open loop: requests/s (Poisson); overrides C")
     ap.add_argument("--max-open", type=int, default=512, help="open loop: most requests in flight")
+    ap.add_argument("--days", action="store_true", help="yesterday/today mode: today's stream cold and after "
+                    "warming with yesterday's (ragserve warm; LangChain: yesterday's traffic)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=bs.REPO / "reports" / "headline")
@@ -244,18 +248,21 @@ class Bench:
             except Exception as e:  # keep stopping the rest
                 log(f"stopping: {type(e).__name__}: {e}")
 
-    async def run(self, name: str, stream: list[Any], label: str) -> tuple[dict[str, Any], list[hr.Req]]:
+    async def run(self, name: str, stream: list[Any], label: str, *, namespace: str | None = None,
+                  stored: dict[str, str] | None = None) -> tuple[dict[str, Any], list[hr.Req]]:
+        """One measured run of ``stream`` on a cold system; ``namespace``: keep the answers
+        already cached under it (day mode), ``stored``: those answers, for the fidelity check."""
         system = self.systems[name]
-        warm = self.dataset.questions[0].text
-        await system.prepare()
-        await system.ask(warm)  # first-request costs (connections, lazy imports) outside the run
-        await system.prepare()
+        await system.prepare(namespace)
+        # first-request costs (connections, lazy imports) outside the run, on a question no stream asks
+        await system.ask("Which warm-up question does the headline benchmark ask first?")
+        await system.prepare(namespace)
         pids = {os.getpid(), *system.pids()}
         g0, c0 = await system.generations(), cpu_seconds(pids)
         log(f"{label}: {len(stream)} requests")
         reqs, wall = await drive(system, stream, self.args)
         g1, c1 = await system.generations(), cpu_seconds(pids)
-        row = hr.summarize(label, reqs, wall, g1 - g0, c1 - c0, cache=system.cache)
+        row = hr.summarize(label, reqs, wall, g1 - g0, c1 - c0, stored, cache=system.cache)
         log(f"{label}: {row['requests_per_s']:.2f} req/s, p95 {row['p95_ms']:.0f} ms, hit rate "
             f"{row['hit_rate']:.1%}, {row['generations']:.0f} generations for {row['distinct_questions']} "
             f"distinct, {row['errors']} errors")
@@ -285,6 +292,10 @@ async def main_async(args: argparse.Namespace) -> None:
             extra += quality_lines(by_name, bench.golds, suffix)
             if not suffix:
                 extra += hr.ratio_lines([r for r, _ in by_name.values()], ROLES)
+            if args.days:
+                day_rows, day_lines = await headline_days.run_days(bench, s, drive)
+                rows += day_rows
+                extra += ["", *day_lines]
     finally:
         await bench.stop()
     header = header_lines(args, bench)

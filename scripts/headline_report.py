@@ -60,19 +60,30 @@ def pct(values: list[float] | np.ndarray, q: float) -> float:
 
 def fidelity(reqs: list[Req], stored: dict[str, str] | None = None) -> dict[str, Any]:
     """The cached-answer checks of the module docstring. ``stored``: key → answer already in
-    the cache when the run started (yesterday's), the reference for those keys."""
-    ref: dict[str, tuple[float, str]] = {k: (float("-inf"), a) for k, a in (stored or {}).items()}
+    the cache when the run started (yesterday's), the reference for those keys.
+
+    A cache without single-flight may generate one question several times at once and
+    store whichever write lands last: a served answer counts as identical when it equals
+    one of the generations of its question that completed before it was sent.
+    ``inconsistent_questions``: questions whose clients were served more than one answer."""
+    generated: dict[str, list[tuple[float, str]]] = {k: [(float("-inf"), a)] for k, a in (stored or {}).items()}
     for r in sorted((r for r in reqs if r.tier == "miss"), key=lambda r: r.done_s):
-        ref.setdefault(r.key, (r.done_s, r.answer))
+        generated.setdefault(r.key, []).append((r.done_s, r.answer))
     served = [r for r in reqs if r.tier in CACHED_TIERS]
-    compared = [r for r in served if r.key in ref]
-    identical = sum(r.answer == ref[r.key][1] for r in compared)
-    regenerated = [r for r in reqs if r.tier == "miss" and r.sent_s > ref[r.key][0]]
+    compared = [r for r in served if r.key in generated]
+    identical = sum(any(r.answer == a for t, a in generated[r.key] if t <= max(r.sent_s, generated[r.key][0][0]))
+                    for r in compared)
+    regenerated = [r for r in reqs if r.tier == "miss" and r.key in generated and r.sent_s > generated[r.key][0][0]]
+    answers: dict[str, set[str]] = {}
+    for r in reqs:
+        if r.error is None:
+            answers.setdefault(r.key, set()).add(r.answer)
     return {"served_from_cache": len(served), "compared": len(compared), "identical": identical,
             "identical_share": identical / len(compared) if compared else None,
             "no_reference": len(served) - len(compared),
             "regenerated_after_answer": len(regenerated),
-            "regenerated_questions": len({r.key for r in regenerated})}
+            "regenerated_questions": len({r.key for r in regenerated}),
+            "inconsistent_questions": sum(len(a) > 1 for a in answers.values())}
 
 
 def summarize(name: str, reqs: list[Req], wall_s: float, generations: float | None,
@@ -125,8 +136,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
 
     out = ["| system | req/s | p50 ms | p95 ms | p99 ms | hit rate (tiers) | distinct | generations at vLLM "
-           "| regenerated | cached = stored | CPU-s/req | errors |",
-           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+           "| regenerated | cached = stored | questions given ≠ answers | CPU-s/req | errors |",
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fid = r["fidelity"]
         tiers = ", ".join(f"{t} {n}" for t, n in r["tiers"].items())
@@ -134,7 +145,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"| {r['system']} | {f(r['requests_per_s'], '.2f')} | {f(r['p50_ms'], '.1f')} "
                    f"| {f(r['p95_ms'], '.0f')} | {f(r['p99_ms'], '.0f')} | {f(r['hit_rate'], '.1%')} ({tiers}) "
                    f"| {r['distinct_questions']} | {f(r['generations'], '.0f')} | {fid['regenerated_after_answer']} "
-                   f"| {same} | {f(r['cpu_s_per_request'], '.3f')} | {r['errors']} |")
+                   f"| {same} | {fid['inconsistent_questions']} | {f(r['cpu_s_per_request'], '.3f')} | {r['errors']} |")
     return out
 
 

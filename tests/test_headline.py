@@ -38,6 +38,7 @@ def test_small_headline_run_reports_fidelity_and_generations(xquad_index, tmp_pa
     assert on["fidelity"]["regenerated_after_answer"] == 0
     assert on["fidelity"]["compared"] == on["fidelity"]["served_from_cache"] > 0
     assert on["fidelity"]["identical"] == on["fidelity"]["compared"]
+    assert on["fidelity"]["inconsistent_questions"] == 0  # every client got the same answer to a question
     # Without it, every request that did not join a running generation ran one.
     assert off["generations"] == off["tiers"].get("miss", 0) > on["generations"]
     assert "l1" not in off["tiers"] and "l2" not in off["tiers"]

@@ -89,3 +89,14 @@ def test_summary_and_quality_of_cached_against_fresh_answers():
     assert q["pairs"] == 1 and q["cached_contains_gold"] == 1.0 and q["fresh_contains_gold"] == 0.0
     lines = hr.table([row])
     assert len(lines) == 3 and "| x |" in lines[2]
+
+
+def test_a_cache_without_single_flight_may_serve_any_of_its_generations_but_not_a_later_one():
+    hr = load_report()
+    reqs = [_req(hr, 0, "a", 0.0, 3.0, "miss", "A1"), _req(hr, 1, "a", 0.5, 4.0, "miss", "A2"),  # both at once
+            _req(hr, 2, "a", 5.0, 5.1, "cache", "A2"),   # the last write won: still a stored generation
+            _req(hr, 3, "a", 6.0, 9.0, "miss", "A3"),    # generated again after an answer existed
+            _req(hr, 4, "a", 7.0, 7.1, "cache", "A3")]   # A3 was not done when this was sent
+    f = hr.fidelity(reqs)
+    assert (f["compared"], f["identical"]) == (2, 1)
+    assert f["regenerated_after_answer"] == 1 and f["inconsistent_questions"] == 1
