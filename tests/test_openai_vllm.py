@@ -2,7 +2,7 @@
 (``python -m vllm.entrypoints.openai.api_server``, the default model, a small KV cache),
 next to a dead URL: answers keep coming, the dead endpoint is skipped and counted, and a
 stream the caller leaves early is aborted on the server (its running count returns to 0
-and vLLM counts the request as aborted)."""
+and the request never finishes there)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_answers_keep_coming_and_the_dead_endpoint_is_skipped(vllm_server, xquad
 
 async def test_leaving_a_stream_early_aborts_it_on_the_server(vllm_server, xquad_index, embedder, xquad_corpus):
     question = xquad_corpus[1][5]["question"]
-    aborted = metric(vllm_server, "vllm:request_success_total", finished_reason="abort")
+    finished = metric(vllm_server, "vllm:request_success_total")
     rag = await asyncio.to_thread(RAG.from_index, xquad_index, config(vllm_server.base, max_tokens=400),
                                   embedder=embedder)
     try:
@@ -95,6 +95,8 @@ async def test_leaving_a_stream_early_aborts_it_on_the_server(vllm_server, xquad
             await asyncio.sleep(0.1)
         assert metric(vllm_server, "vllm:num_requests_running") == 0
         assert rag.engine_unfinished() == 0
-        assert metric(vllm_server, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+        # vLLM counts a request in request_success only when it ends by itself (stop, length):
+        # gone from the running set without being counted, it was aborted.
+        assert metric(vllm_server, "vllm:request_success_total") == finished
     finally:
         await asyncio.to_thread(rag.close)
