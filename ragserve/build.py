@@ -71,6 +71,8 @@ class BuildReport:
     """IVF: whether the coarse quantizer was trained or reused, and why."""
     version: Path | None = None
     """The real folder ``out`` now names."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    """Ray builds (``build_ray.py``): the cluster, read tasks and per-actor work; else empty."""
 
     @property
     def files_read(self) -> int:

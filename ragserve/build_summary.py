@@ -51,8 +51,20 @@ def print_build_summary(out: Console, report: Any) -> None:
         out.print(f"  IVF coarse quantizer {report.quantizer['action']}: {report.quantizer['reason']}",
                   highlight=False)
     out.print(f"  fingerprint {report.fingerprint[:16]}  seconds {report.seconds}")
+    if report.cluster:
+        _print_cluster(out, report.cluster)
     if report.skipped:
         table = Table("skipped file", "reason", title="files not indexed")
         for f in report.skipped:
             table.add_row(f.path, f.reason)
         out.print(table)
+
+
+def _print_cluster(out: Console, cluster: dict[str, Any]) -> None:
+    """Where a ``--ray`` build ran, and each embedding actor's share and rate."""
+    out.print(f"  ray: {cluster['how']} {cluster['address']} ({cluster['nodes']} nodes, {cluster['cpus']:g} CPUs); "
+              f"{cluster['files_read']} files in {cluster['read_tasks']} read tasks; {cluster['actors']} embedding "
+              f"actors", highlight=False)
+    for a in cluster["per_actor"]:
+        out.print(f"    actor {a['actor']} on {a['node']}: model loaded in {a['load_s']} s, {a['chunks']} chunks "
+                  f"in {a['seconds']} s ({a['chunks_per_s']} chunks/s, {a['precision']})", highlight=False)
