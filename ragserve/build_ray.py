@@ -77,7 +77,7 @@ def build_index_ray(
     ``report.seconds`` holds ``ray_start`` and ``actors`` (Ray's own start-up) apart.
     """
     ray = import_ray()  # a missing ray or a bad address fails before any work
-    if address not in (None, "auto", "local") and not ray.is_initialized():
+    if address not in (None, "auto", "local"):
         probe(address)
     if actors is not None and actors < 1:
         raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
