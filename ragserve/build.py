@@ -38,8 +38,8 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phases ``hash`` (source files), ``embed`` (chunks),
 ``train`` (IVF k-means iterations) and ``add`` (vectors added to the index)."""
 
-__all__ = ["VECTORS_FILE", "BuildReport", "PlannedBuild", "build_from_documents", "build_index", "embed_slices",
-           "finish_build", "plan_build_index", "start_build"]
+__all__ = ["VECTORS_FILE", "BuildReport", "PlannedBuild", "build_from_documents", "build_index",
+           "embed_slices", "finish_build", "plan_build_index", "start_build"]
 
 
 @dataclass
@@ -112,7 +112,8 @@ def build_index(
 
     **Usage:** ``build_index("docs/", "indexes/docs")``; ``full=True`` re-embeds everything.
     """
-    build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress, full=full)
+    build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
+                        full=full)
     t = time.perf_counter()
     g = gather(build.plan, **build.read_options())
     build.timings["read"] = time.perf_counter() - t
@@ -138,14 +139,14 @@ class PlannedBuild:
 
     def read_options(self) -> dict[str, Any]:
         """``gather``'s keyword arguments (how files are read and chunked)."""
-        chunk = self.config.chunk
-        return {"chunk_size": chunk.chunk_size, "chunk_overlap": chunk.chunk_overlap, "tokenizer": self.tokenizer,
-                "encoding": self.encoding, "max_bytes": int(chunk.max_file_mb * 2**20)}
+        c = self.config.chunk
+        return {"chunk_size": c.chunk_size, "chunk_overlap": c.chunk_overlap, "tokenizer": self.tokenizer,
+                "encoding": self.encoding, "max_bytes": int(c.max_file_mb * 2**20)}
 
 
 def start_build(source: Path | str, out: Path | str, config: RAGConfig | None = None, *,
-                embedder: Embedder | None = None, encoding: str | None = None, progress: ProgressFn | None = None,
-                full: bool = False) -> PlannedBuild:
+                embedder: Embedder | None = None, encoding: str | None = None,
+                progress: ProgressFn | None = None, full: bool = False) -> PlannedBuild:
     """Plan the build (hash the source, compare with ``out``) and load the embedding model,
     checking the chunk size against it. Nothing is read or written yet."""
     config = config or RAGConfig.load()
@@ -386,7 +387,8 @@ def embed_slices(count: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def _embed_all(embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressFn | None) -> np.ndarray:
+def _embed_all(embedder: Embedder, texts: list[str], batch_size: int,
+               progress: ProgressFn | None) -> np.ndarray:
     parts = []
     for start, end in embed_slices(len(texts), batch_size):
         parts.append(embedder.encode(texts[start:end], batch_size=batch_size))

@@ -69,7 +69,7 @@ def build_index_ray(
     num_cpus: int | None = None,
 ) -> BuildReport:
     """``build_index`` with reading and chunking in Ray tasks and embedding in ``actors``
-    Ray actors (default: one per free CPU, ``embed.threads`` CPUs each).
+    Ray actors (default: one per CPU of the cluster, ``embed.threads`` CPUs each).
 
     ``address`` is as for ``cluster.ray_session`` (default: this process's connection, else
     a running cluster, else a local one started for this build); ``num_cpus`` sizes a
@@ -81,7 +81,8 @@ def build_index_ray(
         probe(address)
     if actors is not None and actors < 1:
         raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
-    build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress, full=full)
+    build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
+                        full=full)
     with ray_session(address, num_cpus=num_cpus) as info:
         build.timings["ray_start"] = info.seconds
         try:
@@ -89,7 +90,8 @@ def build_index_ray(
             files = files_to_read(build.plan)
             g, tasks = _read_on_ray(ray, build, files, info, progress)
             build.timings["read"] = time.perf_counter() - t
-            pool = _EmbedPool(ray, build, actors, progress)
+            pool = _EmbedPool(ray, build, actors or max(1, int(info.cpus // _cpus_per_actor(build))),
+                              progress)
             report = finish_build(build, g, progress=progress, embed=pool.embed)
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None
@@ -177,14 +179,14 @@ class _EmbedPool:
     """``finish_build``'s ``embed``: the actors start on the first call (a build with
     nothing new to embed starts none) and are killed when it returns."""
 
-    def __init__(self, ray: Any, build: PlannedBuild, actors: int | None, progress: ProgressFn | None) -> None:
+    def __init__(self, ray: Any, build: PlannedBuild, actors: int, progress: ProgressFn | None) -> None:
         self.ray, self.build, self.actors, self.progress = ray, build, actors, progress
-        embed = build.config.embed
         # NOTE: the driver resolves "auto" precision: a node without native bf16 must still
         # compute what the manifest records.
-        config = getattr(build.embedder, "config", embed)
-        self.config = dataclasses.replace(config, precision=getattr(build.embedder, "precision", config.precision))
-        self.cpus = max(1, embed.threads)
+        config = getattr(build.embedder, "config", build.config.embed)
+        precision = getattr(build.embedder, "precision", config.precision)
+        self.config = dataclasses.replace(config, precision=precision)
+        self.cpus = _cpus_per_actor(build)
         self.started: list[dict[str, Any]] = []
         self.work: dict[int, list[float]] = {}
 
@@ -194,8 +196,7 @@ class _EmbedPool:
         out = np.empty((len(texts), self.build.embedder.dim), np.float32)
         if not slices:
             return out
-        free = int(ray.available_resources().get("CPU", 0) // self.cpus)
-        n = min(self.actors or max(1, free), len(slices))
+        n = min(self.actors, len(slices))
         cls = ray.remote(ChunkEmbedder).options(num_cpus=self.cpus)
         handles = [cls.remote(self.config, self.build.embedder.identity, i) for i in range(n)]
         try:
@@ -222,9 +223,10 @@ class _EmbedPool:
         try:
             return self.ray.get([h.ready.remote() for h in handles], timeout=ACTOR_START_TIMEOUT_S)
         except self.ray.exceptions.GetTimeoutError:
+            free = self.ray.available_resources().get("CPU", 0)
             raise ClusterError(f"{len(handles)} embedding actors ({self.cpus} CPU each) did not start within "
-                               f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {self.ray.available_resources()} free: "
-                               "lower --ray-actors") from None
+                               f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {free:g} CPUs free: lower "
+                               "--ray-actors") from None
 
     def summary(self) -> dict[str, Any]:
         """Per actor: node, model load time, chunks embedded and the encoding rate."""
@@ -234,6 +236,11 @@ class _EmbedPool:
             per_actor.append({**s, "chunks": int(chunks), "seconds": round(seconds, 3),
                               "chunks_per_s": round(chunks / seconds, 1) if seconds else 0.0})
         return {"actors": len(self.started), "cpus_per_actor": self.cpus, "per_actor": per_actor}
+
+
+def _cpus_per_actor(build: PlannedBuild) -> int:
+    """CPUs an embedding actor reserves: its torch threads (``embed.threads``), at least 1."""
+    return max(1, build.config.embed.threads)
 
 
 def _cause(e: Exception) -> BaseException:

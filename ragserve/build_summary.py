@@ -62,9 +62,10 @@ def print_build_summary(out: Console, report: Any) -> None:
 
 def _print_cluster(out: Console, cluster: dict[str, Any]) -> None:
     """Where a ``--ray`` build ran, and each embedding actor's share and rate."""
-    out.print(f"  ray: {cluster['how']} {cluster['address']} ({cluster['nodes']} nodes, {cluster['cpus']:g} CPUs); "
-              f"{cluster['files_read']} files in {cluster['read_tasks']} read tasks; {cluster['actors']} embedding "
-              f"actors", highlight=False)
-    for a in cluster["per_actor"]:
-        out.print(f"    actor {a['actor']} on {a['node']}: model loaded in {a['load_s']} s, {a['chunks']} chunks "
-                  f"in {a['seconds']} s ({a['chunks_per_s']} chunks/s, {a['precision']})", highlight=False)
+    c = cluster
+    out.print(f"  ray: {c['how']} {c['address']} ({c['nodes']} nodes, {c['cpus']:g} CPUs); {c['files_read']} "
+              f"files in {c['read_tasks']} read tasks; {c['actors']} embedding actors", highlight=False)
+    for a in c["per_actor"]:
+        out.print(f"    actor {a['actor']} on {a['node']}: model loaded in {a['load_s']} s, {a['chunks']} "
+                  f"chunks in {a['seconds']} s ({a['chunks_per_s']} chunks/s, {a['precision']})",
+                  highlight=False)

@@ -75,16 +75,17 @@ def build_index_cmd(
     admin_key: Annotated[Optional[str], typer.Option(
         "--admin-key", envvar="RAGSERVE_ADMIN_KEY", help="Sent with --notify as 'Authorization: Bearer KEY'.")] = None,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Read, chunk and embed on a Ray cluster (needs `pip install ragserve\\[ray]`): the same index "
-                      "as a local build, incremental too. On several machines, SOURCE must be at the same path on "
-                      "every node.")] = False,
+        "--ray", help="Read, chunk and embed on a Ray cluster (needs `pip install ragserve\\[ray]`): the "
+                      "same index as a local build, incremental too. On several machines, SOURCE must be at "
+                      "the same path on every node.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (a running "
-                              "cluster, else fail) or 'local' (a new one for this build). Default: RAY_ADDRESS or a "
-                              "cluster `ray start` runs on this machine, else a local one started for this build "
-                              "and stopped after it.")] = None,
+        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (a "
+                              "running cluster, else fail) or 'local' (a new one for this build). Default: "
+                              "RAY_ADDRESS or a cluster `ray start` runs on this machine, else a local one "
+                              "started for this build and stopped after it.")] = None,
     ray_actors: Annotated[Optional[int], typer.Option(
-        "--ray-actors", min=1, help="With --ray: embedding actors (default: one per free CPU of the cluster).")] = None,
+        "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
+                                    "cluster).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus into a new index version, then switch to it atomically.
@@ -107,8 +108,8 @@ def build_index_cmd(
         if ray:
             from ragserve.build_ray import build_index_ray
 
-            report = build_index_ray(source, out_dir, cfg, address=ray_address, actors=ray_actors, encoding=encoding,
-                                     progress=on_progress, full=full)
+            report = build_index_ray(source, out_dir, cfg, address=ray_address, actors=ray_actors,
+                                     encoding=encoding, progress=on_progress, full=full)
         else:
             report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
     print_build_summary(out, report)

@@ -65,7 +65,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
         if address not in (None, "auto", current):
-            raise ClusterError(f"this process is already connected to the Ray cluster at {current}, not {address}")
+            raise ClusterError(f"this process is already connected to the Ray cluster at {current}, "
+                               f"not {address}")
         yield _info(ray, "this process's connection", 0.0)
         return
     how = _connect(ray, address, num_cpus)
@@ -86,7 +87,8 @@ def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
         except ConnectionError:
             pass  # nothing running: start one below
     if address in (None, "local"):
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(), **quiet)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
+                 **quiet)
         return "started locally"
     if address != "auto":
         probe(address)
@@ -95,7 +97,8 @@ def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
     except ConnectionError as e:
         raise ClusterError(f"no Ray cluster at {address}: {e}") from None
     except ValueError as e:
-        raise ClusterError(f"--ray-address {address!r}: {e} (give HOST:PORT, ray://HOST:PORT, auto or local)") from None
+        raise ClusterError(f"--ray-address {address!r}: {e} (give HOST:PORT, ray://HOST:PORT, auto or "
+                           "local)") from None
     return "connected"
 
 

@@ -225,7 +225,8 @@ def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: A
     (texts included) are still all held until they are embedded and written.
     """
     chunker = Chunker(chunk_size, chunk_overlap, tokenizer)
-    return assemble(plan, [read_source(f, chunker, encoding, max_bytes, read_size) for f in files_to_read(plan)])
+    reads = [read_source(f, chunker, encoding, max_bytes, read_size) for f in files_to_read(plan)]
+    return assemble(plan, reads)
 
 
 def assemble(plan: BuildPlan, reads: list[FileRead]) -> Gathered:

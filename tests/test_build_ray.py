@@ -67,7 +67,8 @@ def test_ray_build_gives_the_local_build_chunks_manifest_and_results(built, xqua
     assert [(f.path, f.reason) for f in on_ray.skipped] == [(f.path, f.reason) for f in local.skipped]
     assert {f.path for f in on_ray.skipped} == {"binary.txt", "table.csv"}
 
-    questions = embedder.encode([q["question"] for q in xquad_corpus[1][:: len(xquad_corpus[1]) // QUESTIONS]])
+    asked = xquad_corpus[1][:: len(xquad_corpus[1]) // QUESTIONS]
+    questions = embedder.encode([q["question"] for q in asked])
     for a, b in zip(index_ray.search(questions, 10), index_local.search(questions, 10)):
         assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3)

@@ -115,7 +115,8 @@ def _open_and_ask(index: Path, config: Any, questions: list[str], start_engine: 
 
 def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings, first: list[str],
                    timeline: MemoryTimeline, out: Path) -> tuple[Any, dict[str, list[LineMemory]]]:
-    from ragserve.build import _embed_all, _index_and_publish, _ready, build_index, finish_build, start_build
+    from ragserve.build import (_embed_all, _index_and_publish, _ready, build_index, finish_build,
+                                start_build)
     from ragserve.incremental import gather
     from ragserve.docstore import LazyDocStore
     from ragserve.rag import RAG
@@ -129,8 +130,8 @@ def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings,
             # finish_build embeds (_embed_all), and _index_and_publish builds the FAISS index
             # and writes the folder.
             _, text, lines["build"] = line_profile(build_index, (Path(tmp) / "corpus", Path(tmp) / "index", config),
-                                                   extra=[start_build, _ready, gather, finish_build, _embed_all,
-                                                          _index_and_publish])
+                                                   extra=[start_build, _ready, gather, finish_build,
+                                                          _embed_all, _index_and_publish])
         _write(out / "memory_build.txt", f"# build_index over {n} documents of {index}\n{text}")
         if rag is None:
             store.close()
