@@ -4,10 +4,11 @@
 ``ray_session(address)`` connects, says what it connected to, and disconnects after:
 
 - ``None`` (the default): this process's own connection if it has one (a test's cluster,
-  a notebook's), else a running cluster (``RAY_ADDRESS``, or one that ``ray start --head``
-  started on this machine), else a local cluster started for this run and stopped after it.
+  a notebook's), else ``RAY_ADDRESS``, else the cluster ``ray start --head`` started on
+  this machine, else a local cluster started for this run and stopped after it.
 - ``"local"``: always a new local cluster for this run, stopped after it.
-- ``"auto"``: a running cluster; an error if there is none.
+- ``"auto"``: Ray's lookup of a running cluster (also one another process started on this
+  machine); an error if there is none.
 - ``"HOST:PORT"`` (a head's GCS address) or ``"ray://HOST:PORT"`` (Ray Client): that one.
 
 NOTE: an explicit address is probed with a plain TCP connect first: given an address where
@@ -78,14 +79,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
 
 def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
     if address is None:
-        try:
-            ray.init(address="auto", **quiet)
-            return "connected"
-        except ConnectionError:
-            pass  # nothing running: start one below
+        address = os.environ.get("RAY_ADDRESS") or _started_by_ray_start()
     if address in (None, "local"):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
                  **quiet)
@@ -100,6 +95,17 @@ def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
         raise ClusterError(f"--ray-address {address!r}: {e} (give HOST:PORT, ray://HOST:PORT, auto or "
                            "local)") from None
     return "connected"
+
+
+def _started_by_ray_start() -> str | None:
+    """The address of the cluster the last ``ray start`` on this machine started, if any:
+    what ``ray.init()`` itself connects to. NOTE: not ``address="auto"``, which also takes
+    any other process's private local cluster it finds (a test session's, a notebook's)."""
+    try:
+        from ray._private.services import find_bootstrap_address  # Ray's own lookup; private
+    except ImportError:
+        return None
+    return find_bootstrap_address(None)
 
 
 def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:

@@ -145,7 +145,7 @@ def test_missing_ray_names_the_extra_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unreachable_or_malformed_address_fails_fast(tmp_path):
+def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from ragserve.build_ray import build_index_ray
 
@@ -158,6 +158,13 @@ def test_an_unreachable_or_malformed_address_fails_fast(tmp_path):
     assert time.perf_counter() - t < 5  # ray.init alone retries such an address for over a minute
     with pytest.raises(ClusterError, match="not HOST:PORT"):
         build_index_ray(tmp_path, tmp_path / "out", address="nonsense")
+    if not sys.modules["ray"].is_initialized():  # the default address honours RAY_ADDRESS
+        from ragserve.cluster import ray_session
+
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
+            with ray_session(None):
+                pass
     result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"),
                                       "--ray-actors", "2"])
     assert result.exit_code == 2 and "need --ray" in result.output
