@@ -117,7 +117,7 @@ def _read_on_ray(ray: Any, build: PlannedBuild, files: list[SourceFile], info: C
     tokenizer = ray.put(options.pop("tokenizer"))
     task = ray.remote(read_files)
     pending = [task.remote(run, tokenizer, options)
-               for run in _runs(files, max(1, int(info.cpus * TASKS_PER_CPU)))]
+               for run in _file_runs(files, max(1, int(info.cpus * TASKS_PER_CPU)))]
     tasks, reads = len(pending), []
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -127,7 +127,7 @@ def _read_on_ray(ray: Any, build: PlannedBuild, files: list[SourceFile], info: C
     return assemble(build.plan, reads), tasks
 
 
-def _runs(files: list[SourceFile], n: int) -> list[list[SourceFile]]:
+def _file_runs(files: list[SourceFile], n: int) -> list[list[SourceFile]]:
     """``files`` cut into at most ``n`` consecutive runs of about equal bytes."""
     total = sum(max(f.bytes, 1) for f in files)
     runs: list[list[SourceFile]] = [[]]

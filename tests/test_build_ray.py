@@ -169,3 +169,14 @@ def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
                                       "--ray-actors", "2"])
     assert result.exit_code == 2 and "need --ray" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder, ray_cluster):
+    from ragserve.build_ray import build_index_ray
+    from ragserve.errors import ModelError
+
+    other = CountingEmbedder(embedder, identity={"name": "other-model", "identity": "0" * 64})
+    with pytest.raises(ModelError, match="is not the driver's"):
+        build_index_ray(xquad_corpus[0], tmp_path / "out", embedder=other, actors=1)
+    assert not (tmp_path / "out").exists()
