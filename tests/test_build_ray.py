@@ -172,7 +172,8 @@ def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
-def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder, ray_cluster):
+def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder,
+                                                                     ray_cluster):
     from ragserve.build_ray import build_index_ray
     from ragserve.errors import ModelError
 
