@@ -23,6 +23,7 @@ from ragserve.config import (
     VllmConfig,
 )
 from ragserve.errors import (
+    ClusterError,
     ConfigError,
     DatasetError,
     DeadlineExceededError,
@@ -63,6 +64,7 @@ __all__ = [
     "BuildReport",
     "Chunk",
     "ChunkConfig",
+    "ClusterError",
     "ConfigError",
     "DatasetError",
     "DeadlineExceededError",

@@ -9,6 +9,10 @@ to a full build). ``full=True``, another model or other chunking build everythin
 Every build writes a new version folder and flips ``out`` to it atomically
 (``versions.py``): a crash or Ctrl-C at any point leaves the previous index or the new
 one at ``out``, never neither, and a server that has the previous one open keeps it.
+
+A build is three steps: ``start_build`` (plan, load the model), reading and chunking
+(``gather`` in this process, or Ray tasks in ``build_ray.py``) and ``finish_build``
+(embed the new chunks, take the rest from the previous index, index, publish).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, IngestError
-from ragserve.incremental import BuildPlan, gather, plan_build, scan_source
+from ragserve.incremental import BuildPlan, Gathered, gather, plan_build, scan_source
 from ragserve.index import INDEX_FILE, FaissIndex, quantizer_fit
 from ragserve.index_folder import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
 from ragserve.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
@@ -34,7 +38,8 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phases ``hash`` (source files), ``embed`` (chunks),
 ``train`` (IVF k-means iterations) and ``add`` (vectors added to the index)."""
 
-__all__ = ["VECTORS_FILE", "BuildReport", "build_from_documents", "build_index", "plan_build_index"]
+__all__ = ["VECTORS_FILE", "BuildReport", "PlannedBuild", "build_from_documents", "build_index",
+           "embed_slices", "finish_build", "plan_build_index", "start_build"]
 
 
 @dataclass
@@ -66,6 +71,8 @@ class BuildReport:
     """IVF: whether the coarse quantizer was trained or reused, and why."""
     version: Path | None = None
     """The real folder ``out`` now names."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    """Ray builds (``build_ray.py``): the cluster, read tasks and per-actor work; else empty."""
 
     @property
     def files_read(self) -> int:
@@ -105,37 +112,82 @@ def build_index(
 
     **Usage:** ``build_index("docs/", "indexes/docs")``; ``full=True`` re-embeds everything.
     """
+    build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
+                        full=full)
+    t = time.perf_counter()
+    g = gather(build.plan, **build.read_options())
+    build.timings["read"] = time.perf_counter() - t
+    return finish_build(build, g, progress=progress)
+
+
+@dataclass
+class PlannedBuild:
+    """A build between planning and reading (``start_build``): the plan, the loaded model
+    and the chunking settings. ``build_index`` reads with ``gather``; ``build_ray.py`` reads
+    in Ray tasks; both then call ``finish_build``."""
+
+    source: Path | str
+    out: Path
+    config: RAGConfig
+    embedder: Embedder
+    plan: BuildPlan
+    tokenizer: Any
+    """The chunker's token counter: the embedding model's own tokenizer."""
+    encoding: str | None
+    timings: dict[str, float]
+    t0: float
+
+    def read_options(self) -> dict[str, Any]:
+        """``gather``'s keyword arguments (how files are read and chunked)."""
+        c = self.config.chunk
+        return {"chunk_size": c.chunk_size, "chunk_overlap": c.chunk_overlap, "tokenizer": self.tokenizer,
+                "encoding": self.encoding, "max_bytes": int(c.max_file_mb * 2**20)}
+
+
+def start_build(source: Path | str, out: Path | str, config: RAGConfig | None = None, *,
+                embedder: Embedder | None = None, encoding: str | None = None,
+                progress: ProgressFn | None = None, full: bool = False) -> PlannedBuild:
+    """Plan the build (hash the source, compare with ``out``) and load the embedding model,
+    checking the chunk size against it. Nothing is read or written yet."""
     config = config or RAGConfig.load()
-    out = Path(out)
     t0 = time.perf_counter()
     embedder = embedder or _embedder(config)
     plan = plan_build_index(source, out, config, embedder=embedder, encoding=encoding, full=full, progress=progress)
     timings = {"scan": time.perf_counter() - t0}
     t = time.perf_counter()
     tokenizer = _ready(embedder, config)
-    g = gather(plan, chunk_size=config.chunk.chunk_size, chunk_overlap=config.chunk.chunk_overlap,
-               tokenizer=tokenizer, encoding=encoding, max_bytes=int(config.chunk.max_file_mb * 2**20))
-    timings["read"] = time.perf_counter() - t
+    timings["model"] = time.perf_counter() - t
+    return PlannedBuild(source, Path(out), config, embedder, plan, tokenizer, encoding, timings, t0)
+
+
+def finish_build(build: PlannedBuild, g: Gathered, *, progress: ProgressFn | None = None,
+                 embed: Callable[[list[str]], np.ndarray] | None = None) -> BuildReport:
+    """Embed the new chunks of ``g``, take the rest from the previous index, build the
+    FAISS index and publish it. ``embed`` turns the new chunks' texts into vectors in
+    order (default: ``build.embedder`` in this process, ``embed_slices`` at a time);
+    nothing is written when no file could be read or nothing changed."""
+    plan, out, config, timings = build.plan, build.out, build.config, build.timings
     if not any(o.status == "ok" for o in g.outcomes):
         reasons = "; ".join(f"{o.path}: {o.reason}" for o in g.outcomes[:5]) or "the folder is empty"
-        raise IngestError(f"{source}: no readable documents ({reasons})")
+        raise IngestError(f"{build.source}: no readable documents ({reasons})")
     if _up_to_date(plan, g.outcomes, config) and out.is_symlink():  # a plain folder is migrated below
-        return _unchanged_report(plan, out, g.outcomes, timings, t0)
+        return _unchanged_report(plan, out, g.outcomes, timings, build.t0)
     previous = _open_previous(plan) if plan.previous is not None else None
     t = time.perf_counter()
-    vectors = np.empty((len(g.chunks), embedder.dim), np.float32)
+    vectors = np.empty((len(g.chunks), build.embedder.dim), np.float32)
     for new, old, count in _runs(g.kept):
         vectors[new:new + count] = previous.vectors(old, count)  # type: ignore[union-attr]
-    vectors[g.new_ids] = _embed_all(embedder, [g.chunks[i].text for i in g.new_ids], config.embed.batch_size,
-                                    progress)
+    texts = [g.chunks[i].text for i in g.new_ids]
+    vectors[g.new_ids] = (embed(texts) if embed is not None
+                          else _embed_all(build.embedder, texts, config.embed.batch_size, progress))
     timings["embed"] = time.perf_counter() - t
     build_record = {"mode": plan.mode, "reason": plan.reason, "files": plan.counts,
                     "chunks_embedded": len(g.new_ids), "chunks_kept": len(g.chunks) - len(g.new_ids),
                     "previous": plan.previous.fingerprint if plan.previous is not None else None}
-    extra = {"corpus": {"encoding": encoding, "files": g.corpus}, "build": build_record}
-    report = _index_and_publish(out, g.chunks, vectors, g.outcomes, g.documents, config, embedder,
+    extra = {"corpus": {"encoding": build.encoding, "files": g.corpus}, "build": build_record}
+    report = _index_and_publish(out, g.chunks, vectors, g.outcomes, g.documents, config, build.embedder,
                                 extra=extra, plan=plan, previous=previous, progress=progress, timings=timings)
-    report.seconds["total"] = round(time.perf_counter() - t0, 3)
+    report.seconds["total"] = round(time.perf_counter() - build.t0, 3)
     report.mode, report.reason, report.changes, report.embedded = plan.mode, plan.reason, plan.counts, len(g.new_ids)
     return report
 
@@ -325,13 +377,21 @@ def _ready(embedder: Embedder, config: RAGConfig) -> Any:
     return counter() if counter else None
 
 
-def _embed_all(embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressFn | None) -> np.ndarray:
-    # Batches of a few model batches, so the progress bar moves while the model sorts
-    # each slice by length (what sentence-transformers' own encode does).
+def embed_slices(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the slices a build embeds at a time: a few model batches each,
+    so that progress moves while the model sorts each slice by length (what
+    sentence-transformers' own ``encode`` does). The vectors of a text depend on the slice
+    it is embedded with (padding), so every build path embeds exactly these slices: that
+    keeps a Ray build's float16 codes, hence its fingerprint, equal to a local build's."""
     step = batch_size * 8
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _embed_all(embedder: Embedder, texts: list[str], batch_size: int,
+               progress: ProgressFn | None) -> np.ndarray:
     parts = []
-    for start in range(0, len(texts), step):
-        parts.append(embedder.encode(texts[start:start + step], batch_size=batch_size))
+    for start, end in embed_slices(len(texts), batch_size):
+        parts.append(embedder.encode(texts[start:end], batch_size=batch_size))
         if progress:
-            progress("embed", min(start + step, len(texts)), len(texts))
+            progress("embed", end, len(texts))
     return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)

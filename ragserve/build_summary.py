@@ -51,8 +51,21 @@ def print_build_summary(out: Console, report: Any) -> None:
         out.print(f"  IVF coarse quantizer {report.quantizer['action']}: {report.quantizer['reason']}",
                   highlight=False)
     out.print(f"  fingerprint {report.fingerprint[:16]}  seconds {report.seconds}")
+    if report.cluster:
+        _print_cluster(out, report.cluster)
     if report.skipped:
         table = Table("skipped file", "reason", title="files not indexed")
         for f in report.skipped:
             table.add_row(f.path, f.reason)
         out.print(table)
+
+
+def _print_cluster(out: Console, cluster: dict[str, Any]) -> None:
+    """Where a ``--ray`` build ran, and each embedding actor's share and rate."""
+    c = cluster
+    out.print(f"  ray: {c['how']} {c['address']} ({c['nodes']} nodes, {c['cpus']:g} CPUs); {c['files_read']} "
+              f"files in {c['read_tasks']} read tasks; {c['actors']} embedding actors", highlight=False)
+    for a in c["per_actor"]:
+        out.print(f"    actor {a['actor']} on {a['node']}: model loaded in {a['load_s']} s, {a['chunks']} "
+                  f"chunks in {a['seconds']} s ({a['chunks_per_s']} chunks/s, {a['precision']})",
+                  highlight=False)

@@ -75,6 +75,18 @@ def build_index_cmd(
         "--notify", help="After a successful build, POST to this URL (a server's /admin/reload).")] = None,
     admin_key: Annotated[Optional[str], typer.Option(
         "--admin-key", envvar="RAGSERVE_ADMIN_KEY", help="Sent with --notify as 'Authorization: Bearer KEY'.")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Read, chunk and embed on a Ray cluster (needs `pip install ragserve\\[ray]`): the "
+                      "same index as a local build, incremental too. On several machines, SOURCE must be at "
+                      "the same path on every node.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (any "
+                              "running cluster, else fail) or 'local' (a new one for this build). Default: "
+                              "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a local one "
+                              "started for this build and stopped after it.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
+                                    "cluster).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus into a new index version, then switch to it atomically.
@@ -88,11 +100,19 @@ def build_index_cmd(
     cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction})
+    if (ray_address or ray_actors) and not ray:
+        raise typer.BadParameter("--ray-address and --ray-actors need --ray")
     if dry_run:
         print_plan(out, plan_build_index(source, out_dir, cfg, encoding=encoding, full=full), out_dir)
         return
     with progress_bars(console) as on_progress:
-        report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
+        if ray:
+            from ragserve.build_ray import build_index_ray
+
+            report = build_index_ray(source, out_dir, cfg, address=ray_address, actors=ray_actors,
+                                     encoding=encoding, progress=on_progress, full=full)
+        else:
+            report = build_index(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
     print_build_summary(out, report)
     if notify:
         from ragserve.notify import notify_reload

@@ -15,7 +15,7 @@ from rich.console import Console
 
 _PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
            "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers",
-           "hash": "hashing source files"}
+           "hash": "hashing source files", "read": "reading and chunking files"}
 
 
 @contextmanager

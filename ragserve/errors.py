@@ -24,6 +24,9 @@ that is wrong and what to do about it::
     │   ├── IndexIntegrityError     a file is missing, truncated or altered
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
+    ├── ClusterError                a Ray cluster cannot be used: ray is not installed
+    │                               (names `pip install ragserve[ray]`), or the address is
+    │                               malformed or unreachable (names the address)
     ├── OverloadedError             too many requests running and waiting: retry later
     ├── DeadlineExceededError       a request ran past its deadline; its engine request
     │                               was aborted (also a TimeoutError)
@@ -154,6 +157,12 @@ class IndexMismatchError(IndexError_):
 
 class ModelError(RagserveError):
     stage = "model"
+
+
+class ClusterError(RagserveError):
+    """The Ray paths (``build-index --ray``) cannot reach or use a Ray cluster."""
+
+    stage = "cluster"
 
 
 class OverloadedError(RagserveError):

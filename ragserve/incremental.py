@@ -12,6 +12,10 @@ contiguous, and an incremental build lays them out exactly as a full build of th
 folder would, so both give the same chunk ids, texts and vectors (up to float16 rounding)
 and the same search results.
 
+Reading is split from the ordering: ``read_source`` reads and chunks one file on its own,
+and ``assemble`` numbers the chunks in that order whatever order the reads finished in,
+so a local build (``gather``) and a Ray build (``build_ray.py``) give the same chunks.
+
 The previous index is only reused when it was built with the same embedding model (its
 identity), the same chunking and the same forced text encoding; otherwise the plan is a
 full build and says why.
@@ -180,6 +184,36 @@ class Gathered:
     """Chunk ids whose text is embedded by this build, ascending."""
 
 
+@dataclass(frozen=True)
+class FileRead:
+    """One source file as ``read_source`` left it: chunked, or skipped with the reason."""
+
+    doc_id: str
+    got: FileChunks | None
+    skip: str = ""
+    unstable: bool = False
+    """The file changed between hashing and reading: its hash is not recorded."""
+
+
+def files_to_read(plan: BuildPlan) -> list[SourceFile]:
+    """The files a build reads and chunks (all but the unchanged ones), in chunk-id order."""
+    return [f for f in plan.files if plan.reused(f.doc_id) is None]
+
+
+def read_source(f: SourceFile, chunker: Chunker, encoding: str | None, max_bytes: int = 0,
+                read_size: int = READ_SIZE) -> FileRead:
+    """Read and chunk one file (``chunk_file``); a Skip becomes the outcome's reason. Depends
+    only on its arguments, so the files of a build may be read anywhere, in any order
+    (``build_ray.py`` reads them in Ray tasks), and ``assemble`` still gives one result."""
+    try:
+        got = chunk_file(f.path, f.doc_id, chunker, encoding, max_bytes, read_size)
+    except Skip as e:
+        return FileRead(f.doc_id, None, str(e))
+    # A streamed file was hashed as it was read: the hash is of the very bytes chunked.
+    unstable = f.sha256 is not None and (got.sha256 or _sha_or_none(f.path)) != f.sha256
+    return FileRead(f.doc_id, got, unstable=unstable)
+
+
 def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: Any,
            encoding: str | None, max_bytes: int = 0, read_size: int = READ_SIZE) -> Gathered:
     """Read and chunk what the plan says to, take the rest from the previous index.
@@ -191,27 +225,22 @@ def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: A
     (texts included) are still all held until they are embedded and written.
     """
     chunker = Chunker(chunk_size, chunk_overlap, tokenizer)
-    read: dict[str, FileChunks] = {}
-    skips: dict[str, str] = {}
-    unstable: set[str] = set()
-    for f in plan.files:
-        if plan.reused(f.doc_id) is not None:
-            continue
-        try:
-            read[f.doc_id] = got = chunk_file(f.path, f.doc_id, chunker, encoding, max_bytes, read_size)
-        except Skip as e:
-            skips[f.doc_id] = str(e)
-            continue
-        # A streamed file was hashed as it was read: the hash is of the very bytes chunked.
-        if f.sha256 is not None and (got.sha256 or _sha_or_none(f.path)) != f.sha256:
-            unstable.add(f.doc_id)  # changed since it was hashed: hash again next build
+    reads = [read_source(f, chunker, encoding, max_bytes, read_size) for f in files_to_read(plan)]
+    return assemble(plan, reads)
 
+
+def assemble(plan: BuildPlan, reads: list[FileRead]) -> Gathered:
+    """The chunks of the new index in chunk-id order: files in the plan's order, each
+    file's chunks numbered on from the previous file's, whatever order ``reads`` came in.
+    Unchanged files are taken from the previous index; ``reads`` holds the rest."""
+    read = {r.doc_id: r for r in reads}
     store = LazyDocStore(plan.previous.folder) if plan.previous is not None else None
     out = Gathered([], [], {}, 0, [], [])
     try:
         for f in plan.files:
             old = plan.reused(f.doc_id)
             start = len(out.chunks)
+            r = read.pop(f.doc_id, None)
             if old is not None and old["status"] == "ok":
                 out.kept.append((start, old["first_chunk"], old["chunks"]))
                 out.chunks.extend(Chunk(start + i, c.doc_id, c.text, c.metadata) for i, c in enumerate(
@@ -220,10 +249,12 @@ def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: A
                                       chunks=old["chunks"])
             elif old is not None:
                 outcome = FileOutcome(f.doc_id, "skipped", old["reason"])
-            elif f.doc_id in skips:
-                outcome = FileOutcome(f.doc_id, "skipped", skips[f.doc_id])
+            elif r is None:
+                raise ValueError(f"{f.doc_id}: the plan reads this file, but no read of it was given")
+            elif r.got is None:
+                outcome = FileOutcome(f.doc_id, "skipped", r.skip)
             else:
-                got = read.pop(f.doc_id)
+                got = r.got
                 out.new_ids.extend(range(start, start + len(got.chunks)))
                 out.chunks.extend(Chunk(start + i, c.doc_id, c.text, c.metadata) for i, c in enumerate(got.chunks))
                 outcome = FileOutcome(f.doc_id, "ok", encoding=got.encoding, documents=got.documents,
@@ -232,7 +263,7 @@ def gather(plan: BuildPlan, *, chunk_size: int, chunk_overlap: int, tokenizer: A
             out.documents += outcome.documents
             if f.sha256 is not None:
                 out.corpus[f.doc_id] = {
-                    "sha256": None if f.doc_id in unstable else f.sha256, "bytes": f.bytes,
+                    "sha256": None if r is not None and r.unstable else f.sha256, "bytes": f.bytes,
                     "status": outcome.status, "reason": outcome.reason, "encoding": outcome.encoding,
                     "documents": outcome.documents, "first_chunk": start, "chunks": outcome.chunks}
     finally:

@@ -127,7 +127,8 @@ def row(name: str, report, seconds: float, full_s: float | None) -> str:
     ratio = f"{full_s / seconds:.1f}×" if full_s else "1.0×"
     return (f"| {name} | {report.mode} | {report.files_read:,} | {report.chunks:,} | {report.embedded:,} "
             f"| {seconds:.2f} | {s.get('embed', 0):.2f} | {s.get('index', 0):.2f} "
-            f"| {s.get('scan', 0) + s.get('read', 0):.2f} | {s.get('write', 0):.2f} | {ratio} |")
+            f"| {s.get('scan', 0) + s.get('model', 0) + s.get('read', 0):.2f} | {s.get('write', 0):.2f} "
+            f"| {ratio} |")
 
 
 # -- reload and query latency ------------------------------------------------------------

@@ -4,7 +4,8 @@ import sys
 import ragserve
 
 EXPECTED = [
-    "BuildReport", "Chunk", "ChunkConfig", "ConfigError", "DatasetError", "DeadlineExceededError",
+    "BuildReport", "Chunk", "ChunkConfig", "ClusterError", "ConfigError", "DatasetError",
+    "DeadlineExceededError",
     "DoneEvent", "EmbedConfig", "EmptyQuestionError", "EngineDeadError", "EvalReport",
     "GenerateConfig", "GenerationError", "GeneratorUnavailableError", "IndexConfig", "IndexIntegrityError", "IndexMismatchError",
     "IndexNotFoundError", "IngestError", "InputError", "InvalidParameterError", "InvalidTextError",

@@ -115,7 +115,8 @@ def _open_and_ask(index: Path, config: Any, questions: list[str], start_engine: 
 
 def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings, first: list[str],
                    timeline: MemoryTimeline, out: Path) -> tuple[Any, dict[str, list[LineMemory]]]:
-    from ragserve.build import _embed_all, _index_and_publish, _ready, build_index
+    from ragserve.build import (_embed_all, _index_and_publish, _ready, build_index, finish_build,
+                                start_build)
     from ragserve.incremental import gather
     from ragserve.docstore import LazyDocStore
     from ragserve.rag import RAG
@@ -125,10 +126,12 @@ def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings,
         store = rag.docstore if rag is not None else LazyDocStore(index)
         n = _small_corpus(store, Path(tmp) / "corpus", settings.build_docs)
         with timeline.phase("build"):
-            # build_index plans; _ready loads the model; gather reads and chunks; _embed_all
-            # embeds; _index_and_publish builds the FAISS index and writes the folder.
+            # start_build plans and (_ready) loads the model; gather reads and chunks;
+            # finish_build embeds (_embed_all), and _index_and_publish builds the FAISS index
+            # and writes the folder.
             _, text, lines["build"] = line_profile(build_index, (Path(tmp) / "corpus", Path(tmp) / "index", config),
-                                                   extra=[_ready, gather, _embed_all, _index_and_publish])
+                                                   extra=[start_build, _ready, gather, finish_build,
+                                                          _embed_all, _index_and_publish])
         _write(out / "memory_build.txt", f"# build_index over {n} documents of {index}\n{text}")
         if rag is None:
             store.close()

@@ -1,0 +1,139 @@
+"""Connecting to a Ray cluster for ragserve's Ray paths (``build-index --ray``).
+
+``import_ray`` imports ray where it is needed, with the install hint when it is missing;
+``ray_session(address)`` connects, says what it connected to, and disconnects after:
+
+- ``None`` (the default): this process's own connection if it has one (a test's cluster,
+  a notebook's), else ``RAY_ADDRESS``, else the cluster ``ray start --head`` started on
+  this machine, else a local cluster started for this run and stopped after it.
+- ``"local"``: always a new local cluster for this run, stopped after it.
+- ``"auto"``: Ray's lookup of a running cluster (also one another process started on this
+  machine); an error if there is none.
+- ``"HOST:PORT"`` (a head's GCS address) or ``"ray://HOST:PORT"`` (Ray Client): that one.
+
+NOTE: an explicit address is probed with a plain TCP connect first: given an address where
+nothing listens, ``ray.init`` retries for well over a minute before it fails.
+
+**Usage:** ``with ray_session(None, num_cpus=2) as info: print(info.address, info.cpus)``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ragserve.errors import ClusterError
+
+INSTALL_HINT = "`pip install ragserve[ray]`"
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str
+    """The GCS address of the cluster in use."""
+    how: str
+    """"this process's connection", "connected" or "started locally"."""
+    nodes: int
+    cpus: float
+    seconds: float
+    """Time to connect, or to start the local cluster (Ray's own start-up overhead)."""
+
+
+def import_ray() -> ModuleType:
+    """``ray``, or a ClusterError naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ClusterError(f"ray is not installed ({e}); install it with {INSTALL_HINT}") from None
+    return ray
+
+
+@contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[ClusterInfo]:
+    """Connect (see the module docstring for ``address``), yield what was connected to, and
+    disconnect at the end, stopping the cluster only if this call started it.
+    ``num_cpus`` sizes a cluster started here (default: every CPU of the machine)."""
+    ray = import_ray()
+    t = time.perf_counter()
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address not in (None, "auto", current):
+            raise ClusterError(f"this process is already connected to the Ray cluster at {current}, "
+                               f"not {address}")
+        yield _info(ray, "this process's connection", 0.0)
+        return
+    how = _connect(ray, address, num_cpus)
+    try:
+        yield _info(ray, how, time.perf_counter() - t)
+    finally:
+        ray.shutdown()
+
+
+def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or _started_by_ray_start()
+    if address in (None, "local"):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
+                 **quiet)
+        return "started locally"
+    if address != "auto":
+        probe(address)
+    try:
+        ray.init(address=address, **quiet)
+    except ConnectionError as e:
+        raise ClusterError(f"no Ray cluster at {address}: {e}") from None
+    except ValueError as e:
+        raise ClusterError(f"--ray-address {address!r}: {e} (give HOST:PORT, ray://HOST:PORT, auto or "
+                           "local)") from None
+    return "connected"
+
+
+def _started_by_ray_start() -> str | None:
+    """The address of the cluster the last ``ray start`` on this machine started, if any:
+    what ``ray.init()`` itself connects to. NOTE: not ``address="auto"``, which also takes
+    any other process's private local cluster it finds (a test session's, a notebook's)."""
+    try:
+        from ray._private.services import find_bootstrap_address  # Ray's own lookup; private
+    except ImportError:
+        return None
+    return find_bootstrap_address(None)
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ClusterError unless something accepts TCP connections at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ClusterError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({reason}); start one there with "
+                           "`ray start --head`, or leave --ray-address out to start a local one") from None
+
+
+def _this_ragserve() -> dict[str, dict[str, str]]:
+    """A local cluster's workers import the ragserve this process runs, also when it is
+    on ``sys.path`` by hand (a script's checkout) rather than installed."""
+    import ragserve
+
+    here = str(Path(ragserve.__file__).resolve().parent.parent)
+    paths = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
+def _info(ray: ModuleType, how: str, seconds: float) -> ClusterInfo:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return ClusterInfo(ray.get_runtime_context().gcs_address, how, len(nodes),
+                       float(ray.cluster_resources().get("CPU", 0)), round(seconds, 3))

@@ -1,0 +1,183 @@
+"""``build-index --ray``: the index a local build writes, read, chunked and embedded on the
+session's local Ray cluster (``ray_cluster``), on the XQuAD slice with real MiniLM.
+
+The error paths (ray missing, an address where nothing listens) are unit tests: they
+must fail before any work, so they need no cluster.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ragserve.build import build_index
+from ragserve.cli import app
+from ragserve.config import RAGConfig
+from ragserve.errors import ClusterError
+
+from .test_incremental import CountingEmbedder, _edit, _open, _same_ranking
+
+# Slices of 32 chunks (embed.batch_size * 8): the ~40 chunks of the slice go to two actors
+# in two slices, so the pool's out-of-order results are put back in order.
+SMALL_BATCHES = RAGConfig().replace(embed={"batch_size": 4})
+QUESTIONS = 6
+
+
+def _manifest_body(m):
+    return {k: v for k, v in m.data.items() if k != "created_at"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, xquad_corpus, embedder, ray_cluster):
+    """The slice plus a binary file and an unsupported one, built locally and on Ray."""
+    from ragserve.build_ray import build_index_ray
+
+    root = tmp_path_factory.mktemp("ray-build")
+    src = root / "src"
+    shutil.copytree(xquad_corpus[0], src)
+    (src / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (src / "table.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    local = build_index(src, root / "local", SMALL_BATCHES, embedder=embedder)
+    on_ray = build_index_ray(src, root / "ray", SMALL_BATCHES, embedder=embedder, actors=2)
+    return root, src, local, on_ray
+
+
+@pytest.mark.ray
+def test_ray_build_gives_the_local_build_chunks_manifest_and_results(built, xquad_corpus, embedder):
+    root, _, local, on_ray = built
+    m_local, index_local, store_local = _open(root / "local")
+    m_ray, index_ray, store_ray = _open(root / "ray")
+    chunks_local = store_local.get_many(range(len(store_local)))
+    chunks_ray = store_ray.get_many(range(len(store_ray)))
+    assert len(chunks_ray) == on_ray.chunks == local.chunks > 32
+    assert [(c.chunk_id, c.doc_id, c.text, c.metadata) for c in chunks_ray] == [
+        (c.chunk_id, c.doc_id, c.text, c.metadata) for c in chunks_local]
+    # Every fingerprint input is the local build's: embedding, chunking, index, counts, the
+    # per-file corpus record, the skipped files, and every file's hash (same slices, same
+    # float16 codes). The build section (not hashed) is equal too: both were full builds.
+    assert _manifest_body(m_ray) == _manifest_body(m_local)
+    assert on_ray.fingerprint == local.fingerprint
+    # Files that cannot be read are reported as the local build reports them.
+    assert [(f.path, f.reason) for f in on_ray.skipped] == [(f.path, f.reason) for f in local.skipped]
+    assert {f.path for f in on_ray.skipped} == {"binary.txt", "table.csv"}
+
+    asked = xquad_corpus[1][:: len(xquad_corpus[1]) // QUESTIONS]
+    questions = embedder.encode([q["question"] for q in asked])
+    for a, b in zip(index_ray.search(questions, 10), index_local.search(questions, 10)):
+        assert [h.chunk_id for h in a] == [h.chunk_id for h in b]
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-3)
+    store_local.close()
+    store_ray.close()
+
+
+@pytest.mark.ray
+def test_ray_build_reports_the_cluster_and_each_actor(built):
+    *_, on_ray = built
+    c = on_ray.cluster
+    assert c["how"] == "this process's connection" and c["cpus"] == 2 and c["nodes"] == 1
+    assert c["files_read"] == on_ray.files_read + len(on_ray.skipped) and c["read_tasks"] >= 2
+    assert c["actors"] == 2 and sum(a["chunks"] for a in c["per_actor"]) == on_ray.embedded == on_ray.chunks
+    assert all(a["chunks"] > 0 and a["chunks_per_s"] > 0 for a in c["per_actor"])
+    assert {"ray_start", "read", "actors", "embed", "index", "write"} <= set(on_ray.seconds)
+
+
+@pytest.mark.ray
+def test_ray_build_is_incremental_and_sends_only_changed_files(built, tmp_path, embedder):
+    from ragserve.build_ray import build_index_ray
+
+    _, src_built, *_ = built
+    src = tmp_path / "src"
+    shutil.copytree(src_built, src)
+    out = tmp_path / "idx"
+    build_index_ray(src, out, SMALL_BATCHES, embedder=embedder)
+    changed, deleted, added = _edit(src)
+
+    report = build_index_ray(src, out, SMALL_BATCHES, embedder=(counter := CountingEmbedder(embedder)))
+    assert report.mode == "incremental" and report.changes["changed"] == report.changes["added"] == 1
+    # Sent to the cluster: the changed and added files, and the two skipped last time (read
+    # again, as a local build does: the reason may be gone). Actors embed, not the driver.
+    assert report.cluster["files_read"] == 4 and counter.texts == []
+    m, inc_index, inc_store = _open(out)
+    assert report.embedded == sum(m.data["corpus"]["files"][f]["chunks"] for f in (changed, added))
+    assert sum(a["chunks"] for a in report.cluster["per_actor"]) == report.embedded
+
+    full = build_index(src, tmp_path / "full", SMALL_BATCHES, embedder=embedder)
+    m_full, full_index, full_store = _open(tmp_path / "full")
+    assert full.chunks == report.chunks and deleted not in m.data["corpus"]["files"]
+    assert [(c.doc_id, c.text, c.metadata) for c in inc_store.get_many(range(len(inc_store)))] == [
+        (c.doc_id, c.text, c.metadata) for c in full_store.get_many(range(len(full_store)))]
+    for key in ("embedding", "chunking", "index", "counts", "corpus", "skipped"):
+        assert m.data[key] == m_full.data[key], key
+    # The changed file was embedded in other slices than in a full build: vectors agree to rounding.
+    questions = embedder.encode(["When was the river renamed?", "Who won Super Bowl 50?"])
+    for a, b in zip(inc_index.search(questions, 10), full_index.search(questions, 10)):
+        assert _same_ranking(a, b)
+    inc_store.close()
+    full_store.close()
+
+
+@pytest.mark.ray
+def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xquad_index, ray_cluster):
+    from ragserve.manifest import verify
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["build-index", str(xquad_corpus[0]), "--out", str(out), "--ray",
+                                      "--ray-actors", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ray: this process's connection" in result.output and "actor 0 on" in result.output
+    assert verify(out).fingerprint == verify(xquad_index).fingerprint  # the session's local build
+
+
+def test_missing_ray_names_the_extra_before_any_work(tmp_path, monkeypatch):
+    from ragserve.build_ray import build_index_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ClusterError, match=r"pip install ragserve\[ray\]"):
+        build_index_ray(tmp_path / "no-such-source", tmp_path / "out")  # fails before the source is looked at
+    result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"), "--ray"])
+    assert result.exit_code == 1 and "pip install ragserve[ray]" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from ragserve.build_ray import build_index_ray
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
+        build_index_ray(tmp_path, tmp_path / "out", address=f"127.0.0.1:{port}")
+    assert time.perf_counter() - t < 5  # ray.init alone retries such an address for over a minute
+    with pytest.raises(ClusterError, match="not HOST:PORT"):
+        build_index_ray(tmp_path, tmp_path / "out", address="nonsense")
+    if not sys.modules["ray"].is_initialized():  # the default address honours RAY_ADDRESS
+        from ragserve.cluster import ray_session
+
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
+            with ray_session(None):
+                pass
+    result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--ray-actors", "2"])
+    assert result.exit_code == 2 and "need --ray" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder,
+                                                                     ray_cluster):
+    from ragserve.build_ray import build_index_ray
+    from ragserve.errors import ModelError
+
+    other = CountingEmbedder(embedder, identity={"name": "other-model", "identity": "0" * 64})
+    with pytest.raises(ModelError, match="is not the driver's"):
+        build_index_ray(xquad_corpus[0], tmp_path / "out", embedder=other, actors=1)
+    assert not (tmp_path / "out").exists()
