@@ -1,0 +1,123 @@
+"""The ingress deployment: the FastAPI app of ``ragserve serve`` in a Ray Serve replica.
+
+Each replica opens the index (verified against its manifest, memory-mapped), loads the
+embedding model, keeps its own L1 and joins the shared L2 Redis; generation goes to the
+generator deployment through ``client.RayGenerator``. The HTTP layer is
+``server.app.create_app`` as it is (routes, middleware, error mapping, metrics), attached
+with ``@serve.ingress`` in its late-bound form: Serve calls ``__serve_build_asgi_app__``
+once the constructor has opened the index.
+
+Two headers differ from the single-process server, both because Serve's proxy is in
+front: ``X-Ragserve-Replica`` names the replica that answered (its Serve replica id), and
+``X-Request-Id`` is the proxy's, which it always appends to the response (it forwards the
+client's id, or makes one and hands it to the app, so the app's own copy of the same id
+is dropped here instead of being sent twice). ``/metrics`` and ``/v1/stats`` are the
+answering replica's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ragserve.errors import ConfigError
+
+log = logging.getLogger("ragserve.server")
+
+REPLICA_HEADER = b"x-ragserve-replica"
+
+
+def require_shared_l2(config: Any) -> None:
+    """Refuse a config whose L2 the replicas would not share: every replica must reach one
+    Redis, or a question answered by one replica is a miss on all the others."""
+    c = config.cache
+    if not c.enabled:
+        return
+    if c.redis_url in ("", "embedded"):
+        raise ConfigError("cache.redis_url",
+                          "ragserve serve --ray needs a Redis that every replica can reach, e.g. --redis-url "
+                          "redis://cache-host:6379/0 (or RAGSERVE_REDIS_URL): an embedded Redis would be one per "
+                          "replica, so replicas would not share answers. To serve without any answer cache, set "
+                          "cache.enabled = false")
+    if c.redis_url.startswith("unix://"):
+        log.warning("cache.redis_url is a unix socket: only replicas on this machine can reach it")
+
+
+def ingress_tokenizer(config: Any) -> Any:
+    """The tokenizer of the prompt budget, in the ingress replica: the local model folder's
+    (``generate.model``), or the servers' ``/tokenize`` with the openai backend and
+    ``openai.tokenizer = "server"``."""
+    if config.generate.backend == "openai" and config.openai.tokenizer == "server":
+        from ragserve.generators.openai import OpenAIGenerator
+
+        return OpenAIGenerator(config.generate, config.openai).tokenizer()
+    from ragserve.generators.tokenizers import local_tokenizer
+
+    return local_tokenizer(config.generate.model)
+
+
+class IngressServer:
+    """The deployment's class (``app.py`` wraps it with ``serve.ingress()`` and
+    ``serve.deployment``). ``index``: a path every node can read (a shared volume, or the
+    same path baked into every node's image); ``config``: ``RAGConfig.to_dict()``;
+    ``generator``: the generator deployment's handle (Serve passes it for its ``.bind()``)."""
+
+    async def __init__(self, index: str, config: dict[str, Any], generator: Any) -> None:
+        from ray import serve
+
+        from ragserve.config import RAGConfig
+        from ragserve.rag import RAG
+        from ragserve.ray_serve.client import RayGenerator
+        from ragserve.server.auth import ApiKeys
+
+        cfg = RAGConfig().replace(**config)
+        require_shared_l2(cfg)
+        self.config = cfg
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        # Waits until a generator replica is up (its engine warm), then keeps its model name.
+        info = await generator.describe.remote()
+        tokenizer = await asyncio.to_thread(ingress_tokenizer, cfg)
+        gen = RayGenerator(generator, info, tokenizer, probe_interval_s=cfg.ray.probe_interval_s)
+        s = cfg.server
+        self.keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
+        # NOTE: off the replica's loop: opening verifies the index (hashing) and loads the
+        # embedding model, and Serve's own calls to this replica should not wait on it.
+        self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen)
+        log.info("ingress replica %s serves %s (fingerprint %s) with %s", self.replica, index,
+                 self.rag.fingerprint[:16], gen.model_name)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from ragserve.server.app import create_app
+
+        app = create_app(self.rag, self.config, keys=self.keys)
+        app.add_middleware(BehindServeProxy, replica=self.replica)
+        return app
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica (after its requests have drained):
+        cancel what is left, flush cache writes, release the index."""
+        rag, self.rag = getattr(self, "rag", None), None
+        if rag is not None:
+            await asyncio.to_thread(rag.close)
+
+
+class BehindServeProxy:
+    """Pure ASGI: names the replica on every response and leaves ``X-Request-Id`` to the
+    proxy (see the module docstring)."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app = app
+        self.replica = replica.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = [*headers, (REPLICA_HEADER, self.replica)]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
