@@ -296,11 +296,12 @@ def serve_cmd(
         help="Seconds requests in flight may take to finish after SIGTERM (server.drain_grace_s).")] = None,
     redis_url: Annotated[Optional[str], typer.Option(
         help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray Serve application: N ingress replicas and a "
-                                                    "generator deployment; needs --redis-url (see deploy/README.md).")] = False,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment; needs "
+                      "--redis-url (see deploy/README.md).")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, or "
-                              "HOST:6379; default: a local cluster for this process.")] = None,
+        "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
+                              "or HOST:6379; default: a local cluster for this process.")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="--ray: ingress replicas (ray.replicas).")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     config: ConfigOpt = None,
@@ -320,7 +321,8 @@ def serve_cmd(
     if ray:
         from ragserve.ray_serve.run import serve_on_ray
 
-        serve_on_ray(index, cfg, ready_file=ready_file, printer=lambda line: console.print(line, highlight=False))
+        serve_on_ray(index, cfg, ready_file=ready_file,
+                     printer=lambda line: console.print(line, highlight=False))
         return
     if ray_address is not None or replicas is not None:
         raise typer.BadParameter("--ray-address and --replicas go with --ray")

@@ -40,7 +40,8 @@ def build_app(args: dict[str, Any]) -> Any:
     args = dict(args or {})
     index = args.pop("index", None)
     if not index:
-        raise ConfigError("args.index", "the Serve application needs `index: /path/to/indexes/NAME` in its args")
+        raise ConfigError("args.index",
+                          "the Serve application needs `index: /path/to/indexes/NAME` in its args")
     path = args.pop("config", None)
     config = RAGConfig.load(path)
     if args:

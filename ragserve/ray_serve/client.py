@@ -61,7 +61,8 @@ class RayGenerator:
         rag = RAG.from_index(index, cfg, generator=gen)
     """
 
-    def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any, *, probe_interval_s: float = 2.0) -> None:
+    def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any, *,
+                 probe_interval_s: float = 2.0) -> None:
         self._handle = handle
         self._streams = handle.options(stream=True)
         self.model_name: str = info["model_name"]
@@ -146,13 +147,16 @@ class RayGenerator:
         """The deployment's last status (its backend's stats: vLLM's prefix-cache counters,
         or the openai backend's endpoints) and this replica's calls to it."""
         s = self._status
+        backend_stats = s.get("stats") or {}
         return {"backend": f"ray:{self.backend}", "model": self.model_name, "alive": self.alive(),
                 "status_age_s": round(time.monotonic() - self._status_at, 3),
                 "deployment": {"unfinished": s.get("unfinished"), "replica": s.get("replica"),
                                "error": s.get("error")},
                 "calls": {"outstanding": self.outstanding, "requests": self.requests,
-                          "cancelled": self.cancelled, "failed": self.failed, "unavailable": self.unavailable},
-                **({"prefix_cache": s["stats"]["prefix_cache"]} if "prefix_cache" in (s.get("stats") or {}) else {}),
+                          "cancelled": self.cancelled, "failed": self.failed,
+                          "unavailable": self.unavailable},
+                **({"prefix_cache": backend_stats["prefix_cache"]} if "prefix_cache" in backend_stats
+                   else {}),
                 "backend_stats": s.get("stats")}
 
     async def reset_prefix_cache(self) -> bool:
@@ -160,7 +164,8 @@ class RayGenerator:
         replica: the CPU case; with several, call it until each has answered True)."""
         return bool(await self._handle.reset_prefix_cache.remote())
 
-    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None) -> Generation:
+    async def generate(self, prompt: str, request_id: str, *,
+                       token_ids: list[int] | None = None) -> Generation:
         """The whole answer, in one handle call."""
         self.requests += 1
         self.outstanding += 1
@@ -228,9 +233,9 @@ class RayGenerator:
         if isinstance(cause, RagserveError):
             return cause
         if isinstance(cause, BackPressureError):
-            return OverloadedError(cause.args[0] if cause.args else 0, cause.args[1] if len(cause.args) > 1 else 0,
-                                   f"overloaded: the generator deployment's queue is full ({cause.message}; "
-                                   "ray.generator_max_queued_requests); retry later")
+            queued, bound = (list(cause.args) + [0, 0])[:2]
+            return OverloadedError(queued, bound, "overloaded: the generator deployment's queue is full "
+                                   f"({cause.message}; ray.generator_max_queued_requests); retry later")
         if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
             return GeneratorUnavailableError(
                 f"{what}: the generator deployment cannot take it now ({type(cause).__name__}: {cause}); "

@@ -36,10 +36,10 @@ def require_shared_l2(config: Any) -> None:
         return
     if c.redis_url in ("", "embedded"):
         raise ConfigError("cache.redis_url",
-                          "ragserve serve --ray needs a Redis that every replica can reach, e.g. --redis-url "
-                          "redis://cache-host:6379/0 (or RAGSERVE_REDIS_URL): an embedded Redis would be one per "
-                          "replica, so replicas would not share answers. To serve without any answer cache, set "
-                          "cache.enabled = false")
+                          "ragserve serve --ray needs a Redis that every replica can reach, e.g. "
+                          "--redis-url redis://cache-host:6379/0 (or RAGSERVE_REDIS_URL): an embedded Redis "
+                          "would be one per replica, so replicas would not share answers. To serve without "
+                          "any answer cache, set cache.enabled = false")
     if c.redis_url.startswith("unix://"):
         log.warning("cache.redis_url is a unix socket: only replicas on this machine can reach it")
 

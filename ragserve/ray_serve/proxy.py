@@ -47,7 +47,8 @@ def middlewares() -> list[Any]:
     return [Middleware(ServeErrorsAsJSON, retry_after_s=int(os.environ.get(RETRY_AFTER_ENV, "1") or 1))]
 
 
-def _error(status: int, type_: str, message: str, stage: str, retry_after_s: int | None) -> list[dict[str, Any]]:
+def _error(status: int, type_: str, message: str, stage: str,
+           retry_after_s: int | None) -> list[dict[str, Any]]:
     body = orjson.dumps({"error": {"type": type_, "message": message, "stage": stage}})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after_s is not None:
@@ -99,8 +100,9 @@ class ServeErrorsAsJSON:
         extra = [(k, v) for k, v in start.get("headers") or [] if k.lower() == b"x-request-id"]
         if body.startswith(BACKPRESSURE):
             retry = headers.get(b"retry-after", str(self.retry_after_s).encode()).decode()
-            messages = _error(429, "OverloadedError", f"[admission] overloaded: {text} (ray.max_ongoing_requests, "
-                              "ray.max_queued_requests); retry later", "admission", int(retry))
+            messages = _error(429, "OverloadedError", f"[admission] overloaded: {text} "
+                              "(ray.max_ongoing_requests, ray.max_queued_requests); retry later", "admission",
+                              int(retry))
         else:
             messages = _error(503, "Unavailable", f"[server] {text or 'the application is not available'}; "
                               "retry later", "server", self.retry_after_s)

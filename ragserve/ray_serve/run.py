@@ -120,8 +120,8 @@ def _proxy_address(host: str, port: int) -> tuple[str, int]:
         log.debug("cannot read Serve's HTTP options: %s", e)
         return host, port
     if (http.host, http.port) != (host, port):
-        log.warning("Serve already runs on this cluster with its proxies on %s:%d (not %s:%d): kept", http.host,
-                    http.port, host, port)
+        log.warning("Serve already runs on this cluster with its proxies on %s:%d (not %s:%d): kept",
+                    http.host, http.port, host, port)
     return http.host or host, http.port
 
 
