@@ -84,8 +84,24 @@ def _connect(r: Any) -> bool:
     if address == "local":
         # NOTE: no dashboard: on a small machine its processes compete with the replicas.
         kwargs = {"include_dashboard": False, **({"num_cpus": r.local_num_cpus} if r.local_num_cpus else {})}
+    elif address != "auto":
+        _token_auth_if_available()
     ray.init(address=address, **kwargs)
     return address == "local"
+
+
+def _token_auth_if_available() -> None:
+    """NOTE: Ray 2.60 turns token authentication on for the clusters ``ray start`` starts,
+    and ``ray.init`` sends the token by itself for "auto" only, not for an explicit address.
+    Send it, as ``ray start --address`` does, when a token is at hand (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; ``RAY_AUTH_MODE`` set decides instead)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 class _Stop(threading.Event):
