@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,10 +60,19 @@ class Served:
     url: str
     fake: FakeOpenAI
     config: RAGConfig
+    index: Path
+    corpus: Path
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, xquad_index) -> Iterator[Served]:
+def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Served]:
+    from ragserve.build import build_index
+
+    corpus = tmp_path_factory.mktemp("ray-corpus")
+    for f in xquad_corpus[0].iterdir():
+        (corpus / f.name).write_bytes(f.read_bytes())
+    index = tmp_path_factory.mktemp("ray-indexes") / "xquad"  # this module's own: one test rebuilds it
+    build_index(corpus, index, RAGConfig(), embedder=embedder)
     fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
     with RedisServer(port=free_port()) as redis, running(fake.app) as fake_url:
         cfg = RAGConfig().replace(
@@ -70,9 +80,9 @@ def served(ray_cluster, xquad_index) -> Iterator[Served]:
             openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
             # 2 replicas x 2 requests each, and 2 more waiting in the proxy: small, for the burst test
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 0.5, "max_ongoing_requests": 2,
-                 "max_queued_requests": 2, "probe_interval_s": 0.5})
-        with deployed(xquad_index, cfg) as url:
-            yield Served(url, fake, cfg)
+                 "max_queued_requests": 2, "probe_interval_s": 0.5, "follow_index_s": 0.5})
+        with deployed(index, cfg) as url:
+            yield Served(url, fake, cfg, index, corpus)
 
 
 def query(url: str, question: str, **body: Any) -> httpx.Response:
@@ -167,6 +177,23 @@ def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_
         assert error["type"] == "OverloadedError" and error["stage"] == "admission"
         assert "max_queued_requests=2" in error["message"] and r.headers["x-request-id"]
     assert all(r.json()["answer"] == REPLY for r in responses if r.status_code == 200)
+
+
+def test_every_replica_follows_a_rebuilt_index_to_its_new_version(served, embedder):
+    from ragserve.build import build_index
+
+    url, q = served.url, "Which team won Super Bowl 50?"
+    old = query(url, q).json()["index_fingerprint"]
+    (served.corpus / "Extra_0.txt").write_text("A paragraph the Ray Serve test adds in a rebuild.", "utf-8")
+    # the build flips the index path to a new version; no replica is told
+    new = build_index(served.corpus, served.index, RAGConfig(), embedder=embedder).fingerprint
+    assert new != old
+    serving: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (len(serving) == 2 and set(serving.values()) == {new}):
+        r = query(url, q)
+        serving[replica(r)] = r.json()["index_fingerprint"]
+    assert len(serving) == 2 and set(serving.values()) == {new}, serving  # both, without an admin call
 
 
 def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):

@@ -67,6 +67,11 @@ class RayConfig:
     probe_interval_s: float = 2.0
     """How often each ingress replica asks the generator deployment whether it is alive and
     for its stats (``/health``, ``/v1/stats``)."""
+    follow_index_s: float = 5.0
+    """How often each ingress replica looks whether the index path names a new version (a
+    build flipped it) and then reloads it, as ``POST /admin/reload`` does. Behind Serve's
+    proxy that request reaches one replica only; this brings every replica to the new
+    version within this many seconds. 0: off (reload only through the admin route)."""
 
 
 def _check(ok: bool, where: str, message: str) -> None:
@@ -96,3 +101,4 @@ def validate_ray(r: RayConfig) -> None:
         value = getattr(r, name)
         _check(value == -1 or value >= 1, f"ray.{name}", f"must be -1 (no bound) or >= 1, got {value}")
     _check(r.probe_interval_s > 0, "ray.probe_interval_s", f"must be > 0, got {r.probe_interval_s}")
+    _check(r.follow_index_s >= 0, "ray.follow_index_s", f"must be >= 0 (0: off), got {r.follow_index_s}")

@@ -13,12 +13,17 @@ front: ``X-Ragserve-Replica`` names the replica that answered (its Serve replica
 client's id, or makes one and hands it to the app, so the app's own copy of the same id
 is dropped here instead of being sent twice). ``/metrics`` and ``/v1/stats`` are the
 answering replica's own.
+
+Hot reload: ``POST /admin/reload`` reaches the one replica the proxy routes it to, so every
+replica also follows the index path by itself (``ray.follow_index_s``): when a build flips
+it to a new version, each replica reloads within that many seconds (``follow_index``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from ragserve.errors import ConfigError
@@ -86,6 +91,10 @@ class IngressServer:
         self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen)
         log.info("ingress replica %s serves %s (fingerprint %s) with %s", self.replica, index,
                  self.rag.fingerprint[:16], gen.model_name)
+        self._follower = None
+        if cfg.ray.follow_index_s:
+            self._follower = asyncio.get_running_loop().create_task(
+                follow_index(self.rag, index, cfg.ray.follow_index_s))
 
     def __serve_build_asgi_app__(self) -> Any:
         from ragserve.server.app import create_app
@@ -97,9 +106,39 @@ class IngressServer:
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica (after its requests have drained):
         cancel what is left, flush cache writes, release the index."""
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.cancel()
         rag, self.rag = getattr(self, "rag", None), None
         if rag is not None:
             await asyncio.to_thread(rag.close)
+
+
+async def follow_index(rag: Any, index: str, every_s: float) -> None:
+    """Reload ``rag`` when ``index`` names another version than the one served (a build
+    flips the path to its new version in one rename: ``versions.py``). Reading the link is
+    all a look costs; a version refused by ``rag.reload`` (corrupt, another embedding
+    model) is logged once and not tried again, and the current one keeps serving."""
+    from ragserve.versions import resolve_index
+
+    refused: Path | None = None
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            target = resolve_index(index)
+        except Exception as e:  # noqa: BLE001 - no complete version right now: keep serving, look again
+            log.debug("index %s not resolvable now: %s", index, e)
+            continue
+        if target == rag.manifest.folder.resolve() or target == refused:
+            continue
+        try:
+            result = await asyncio.to_thread(rag.reload)  # verifies off the loop; requests keep flowing
+        except Exception as e:  # noqa: BLE001 - a refused version leaves the current one serving
+            refused = target
+            log.error("index %s: new version %s refused, still serving %s: %s", index, target.name,
+                      rag.fingerprint[:16], e)
+            continue
+        log.warning("index %s: now serving %s (%s)", index, target.name, result.get("fingerprint", "")[:16])
 
 
 class BehindServeProxy:
