@@ -31,7 +31,8 @@ def test_the_ray_section_loads_from_env_and_validates_with_field_names():
     for bad, field in (({"replicas": 0}, "ray.replicas"),
                        ({"max_queued_requests": 0}, "ray.max_queued_requests"),
                        ({"max_replicas": 2, "min_replicas": 3}, "ray.min_replicas"),
-                       ({"max_replicas": 4, "replicas": 5}, "ray.replicas")):
+                       ({"max_replicas": 4, "replicas": 5}, "ray.replicas"),
+                       ({"follow_index_s": -1}, "ray.follow_index_s")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             RAGConfig().replace(ray=bad)
 

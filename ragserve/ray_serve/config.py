@@ -51,7 +51,10 @@ class RayConfig:
     max_queued_requests: int = 256
     """Requests Serve's proxy holds for the ingress while every replica is at
     ``max_ongoing_requests``; past it a request gets 429 with ``Retry-After`` at once
-    (``server.retry_after_s``). -1: no bound (not advised: the queue can grow without end)."""
+    (``server.retry_after_s``). -1: no bound (not advised: the queue can grow without end).
+    NOTE: Serve counts a request from its arrival until a replica takes it, so a burst that
+    arrives at one instant can be refused below ``replicas * max_ongoing_requests`` + this:
+    keep it well above the bursts to absorb."""
     generator_replicas: int = 1
     """Generator replicas: one engine each (one per GPU on a GPU cluster; 1 on a CPU)."""
     generator_num_cpus: float = 1.0

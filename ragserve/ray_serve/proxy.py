@@ -8,7 +8,9 @@ http_util.py`` and ``proxy.py``, and seen on this machine):
   proxy's router raises ``BackPressureError`` and the proxy answers at once with the status
   of the deployment's ``BackpressureConfig`` (503 unless configured; ``app.py`` sets 429 and
   ``Retry-After: server.retry_after_s``) and a ``text/plain`` body: ``Request dropped due
-  to backpressure (num_queued_requests=1, max_queued_requests=1).``
+  to backpressure (num_queued_requests=1, max_queued_requests=1).`` It counts a request
+  as queued from its arrival until a replica takes it, so a burst arriving at one instant
+  can be refused while replicas still have room (Serve's own note in ``router.py``).
 - **No replica to send it to** (``DeploymentUnavailableError``): 503, ``text/plain``.
 - **The replica died under the request** (``RayActorError``): the proxy starts no response
   at all, and uvicorn answers ``500 Internal Server Error`` in ``text/plain``.
