@@ -386,20 +386,38 @@ def serve_cmd(
         help="Seconds requests in flight may take to finish after SIGTERM (server.drain_grace_s).")] = None,
     redis_url: Annotated[Optional[str], typer.Option(
         help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment; needs "
+                      "--redis-url (see deploy/README.md).")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
+                              "or HOST:6379; default: a local cluster for this process.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="--ray: ingress replicas (ray.replicas).")] = None,
     ready_file: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve INDEX over HTTP: native API, OpenAI-compatible API, /health, /ready, /metrics
     and a page at /. Opens the index, warms the engine, then accepts requests; SIGTERM
-    drains. Options override the config file and RAGSERVE_* env vars."""
-    import logging
+    drains. Options override the config file and RAGSERVE_* env vars.
 
-    from ragserve.server import serve_index
+    With --ray the same API runs on a Ray cluster as a Ray Serve application, with the
+    replicas and bounds of the config's ray section."""
+    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = _config(config, server={"host": host, "port": port, "api_keys_file": str(api_keys) if api_keys else None,
                                   "admin_key": admin_key, "drain_grace_s": grace},
-                  cache={"redis_url": redis_url})
+                  cache={"redis_url": redis_url}, ray={"address": ray_address, "replicas": replicas})
+    if ray:
+        from ragserve.ray_serve.run import serve_on_ray
+
+        serve_on_ray(index, cfg, ready_file=ready_file,
+                     printer=lambda line: console.print(line, highlight=False))
+        return
+    if ray_address is not None or replicas is not None:
+        raise typer.BadParameter("--ray-address and --replicas go with --ray")
+    from ragserve.server import serve_index
+
     console.print(f"serving {index} on http://{cfg.server.host}:{cfg.server.port} (warming the engine first)")
     serve_index(index, cfg, ready_file=ready_file)
 

@@ -11,7 +11,7 @@ Env vars are named ``RAGSERVE_<SECTION>_<FIELD>``, e.g. ``RAGSERVE_GENERATE_MODE
 happens in one place (``_validate``) and every message names the field and the allowed
 values. The generator backends' own sections, ``[vllm]`` and ``[openai]``, are defined in
 ``generators/config.py`` (with the migration of the vLLM options that used to sit under
-``[generate]``).
+``[generate]``); ``[ray]`` (``ragserve serve --ray``) in ``ray_serve/config.py``.
 
 ``fingerprint()`` hashes only the fields that change an answer (models, sampling,
 prompt template, top_k, the index's query-time search settings), never batch sizes, URLs
@@ -33,6 +33,7 @@ import orjson
 from ragserve.errors import ConfigError
 from ragserve.generators.config import Backend, OpenAIConfig, VllmConfig, migrate_legacy, validate_backends
 from ragserve.prompt_config import PROMPT_TEMPLATE_VERSION, PromptConfig, validate_prompt
+from ragserve.ray_serve.config import RayConfig, validate_ray
 
 IndexType = Literal["auto", "flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -218,6 +219,7 @@ class RAGConfig:
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -370,6 +372,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
     validate_backends(g.backend, cfg.vllm, cfg.openai)
     validate_prompt(cfg.prompt)
+    validate_ray(cfg.ray)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")

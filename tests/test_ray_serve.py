@@ -1,0 +1,260 @@
+"""``ragserve serve --ray`` on a real local Ray cluster (the session's ``ray_cluster``): two
+ingress replicas over the real index, embedding model and a real Redis, and the generator
+deployment wrapping the ``openai`` backend, pointed at the fake OpenAI-compatible server
+(``fake_openai.py``, in this process). The same application over a real vLLM engine:
+test_ray_serve_engine.py; the logic without a cluster: test_ray_serve_units.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.redis_server import RedisServer, free_port
+
+from .fake_openai import Behaviour, FakeOpenAI
+from .http_server import running
+from .test_http import sse_events
+
+pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
+
+APP = "ragserve-test"
+REPLY = "an answer from the fake server"
+
+
+@contextlib.contextmanager
+def deployed(index: Any, config: RAGConfig, app: str = APP) -> Iterator[str]:
+    """Serve ``index`` as the application ``app`` on the running Ray cluster, as ``ragserve
+    serve --ray`` does (its proxy middleware included); yields the base URL. Serve is shut
+    down at the end, so every module starts its own."""
+    from ray import serve
+
+    from ragserve.ray_serve import proxy
+    from ragserve.ray_serve.app import application
+    from ragserve.ray_serve.run import _proxy_address
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options={"runtime_env": {"env_vars": {proxy.ENV: proxy.CALLBACK}}})
+    host, port = _proxy_address("127.0.0.1", port)
+    try:
+        serve.run(application(index, config), name=app, route_prefix="/")
+        yield f"http://{host}:{port}"
+    finally:
+        serve.delete(app)
+        serve.shutdown()
+
+
+@dataclass
+class Served:
+    url: str
+    fake: FakeOpenAI
+    config: RAGConfig
+    index: Path
+    corpus: Path
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Served]:
+    from ragserve.build import build_index
+
+    corpus = tmp_path_factory.mktemp("ray-corpus")
+    for f in xquad_corpus[0].iterdir():
+        (corpus / f.name).write_bytes(f.read_bytes())
+    index = tmp_path_factory.mktemp("ray-indexes") / "xquad"  # this module's own: one test rebuilds it
+    build_index(corpus, index, RAGConfig(), embedder=embedder)
+    fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
+    with RedisServer(port=free_port()) as redis, running(fake.app) as fake_url:
+        cfg = RAGConfig().replace(
+            generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
+            openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
+            # 2 replicas x 2 requests each, and 2 more waiting in the proxy: small, for the burst test
+            ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 0.5, "max_ongoing_requests": 2,
+                 "max_queued_requests": 2, "probe_interval_s": 0.5, "follow_index_s": 0.5})
+        with deployed(index, cfg) as url:
+            yield Served(url, fake, cfg, index, corpus)
+
+
+def query(url: str, question: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/query", json={"question": question, **body}, timeout=120)
+
+
+def replica(r: httpx.Response) -> str:
+    return r.headers["x-ragserve-replica"]
+
+
+def generator_status(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/stats", timeout=30).json()["generator"]
+
+
+def ingress_replicas() -> dict[str, str]:
+    """Serve replica id → its actor's name, for the ingress deployment's live replicas."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {n.rsplit("#", 1)[-1]: n for n in names if f"{APP}#RagserveIngress#" in n}
+
+
+def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_on_the_other(served):
+    url, q = served.url, "Which team won Super Bowl 50?"
+    first = query(url, q, top_k=2)
+    body = first.json()
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss" and body["answer"] == REPLY
+    assert body["model"] == "fake-model" and len(body["sources"]) == 2
+    assert body["usage"]["completion_tokens"] == 6
+    assert body["timings"]["generate_first_token"] > 0 and body["timings"]["embed"] > 0
+    seen = {replica(first): "miss"}
+    for _ in range(40):  # Serve's router picks either replica: ask until the other one answers
+        r = query(url, q, top_k=2)
+        seen.setdefault(replica(r), r.headers["x-cache"])
+        if len(seen) == 2:
+            break
+    assert sorted(seen.values()) == ["l2", "miss"], seen  # the other replica: from the shared Redis
+    assert r.json()["answer"] == REPLY and r.json()["cache_tier"] in ("l1", "l2")
+    echoed = query(url, "Who was the MVP?", stream=False, top_k=1)
+    assert echoed.headers.get_list("x-request-id") == [echoed.json()["request_id"]]  # once, not twice
+    ask = {"question": "Where was Super Bowl 50 played?", "stream": True}
+    streamed = httpx.post(f"{url}/v1/query", json=ask, headers={"X-Request-Id": "stream-1"}, timeout=60)
+    events = sse_events(streamed.text)
+    assert streamed.headers.get_list("x-request-id") == ["stream-1"]
+    assert [e for e, _ in events][0] == "sources" and events[-1][0] == "done"
+    assert "".join(d["text"] for e, d in events if e == "token") == REPLY
+    assert events[-1][1]["request_id"] == "stream-1"
+    health = httpx.get(f"{url}/health").json()
+    assert health == {"status": "ok", "engine": "alive", "l2": "ok"}
+    gen = generator_status(url)  # the generator's stats as of the replica's last probe (every 0.5 s)
+    assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
+    assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
+
+
+def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_replica(served):
+    url, fake = served.url, served.fake
+    disconnects = fake.disconnects
+    aborted = generator_status(url)["deployment"]["replica"]["aborted"]
+    body = {"question": "a slow question about the stadium", "stream": True}
+    with httpx.stream("POST", f"{url}/v1/query", json=body, timeout=60) as r, \
+            contextlib.closing(r.iter_lines()) as lines:
+        for line in lines:
+            if line.startswith("event: token"):
+                break  # one token came; now the client goes away mid-answer
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and fake.disconnects == disconnects:
+        time.sleep(0.1)
+    assert fake.disconnects == disconnects + 1  # the openai backend closed its stream: the server aborts
+    while time.monotonic() < deadline and \
+            generator_status(url)["deployment"]["replica"]["aborted"] == aborted:
+        time.sleep(0.2)
+    status = generator_status(url)
+    assert status["deployment"]["replica"]["aborted"] == aborted + 1
+    assert status["deployment"]["unfinished"] == 0 and fake.in_flight == 0
+
+
+def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_process_server(served):
+    url = served.url
+
+    def ask(i: int) -> httpx.Response:
+        return query(url, f"a slow question number {i} about the halftime show?", cache={"read": False})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(ask, range(16)))
+    statuses = sorted(r.status_code for r in responses)
+    refused = [r for r in responses if r.status_code == 429]
+    # 2 replicas x max_ongoing_requests 2 run, max_queued_requests 2 wait in the proxy: the rest are refused
+    assert statuses.count(200) >= 4 and len(refused) >= 6 and set(statuses) == {200, 429}, statuses
+    for r in refused:
+        error = r.json()["error"]
+        assert r.headers["retry-after"] == "1" and r.headers["content-type"] == "application/json"
+        assert error["type"] == "OverloadedError" and error["stage"] == "admission"
+        assert "max_queued_requests=2" in error["message"] and r.headers["x-request-id"]
+    assert all(r.json()["answer"] == REPLY for r in responses if r.status_code == 200)
+
+
+def test_every_replica_follows_a_rebuilt_index_to_its_new_version(served, embedder):
+    from ragserve.build import build_index
+
+    url, q = served.url, "Which team won Super Bowl 50?"
+    old = query(url, q).json()["index_fingerprint"]
+    (served.corpus / "Extra_0.txt").write_text("A paragraph the Ray Serve test adds in a rebuild.", "utf-8")
+    # the build flips the index path to a new version; no replica is told
+    new = build_index(served.corpus, served.index, RAGConfig(), embedder=embedder).fingerprint
+    assert new != old
+    serving: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (len(serving) == 2 and set(serving.values()) == {new}):
+        r = query(url, q)
+        serving[replica(r)] = r.json()["index_fingerprint"]
+    assert len(serving) == 2 and set(serving.values()) == {new}, serving  # both, without an admin call
+
+
+def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
+    import ray
+    from ray import serve
+
+    url, fake = served.url, served.fake
+    before = ingress_replicas()
+    assert len(before) == 2
+    # 4 slow requests fill both replicas (max_ongoing_requests 2 each): 2 of them are on the victim.
+    # Sent 0.3 s apart: Serve's proxy counts a request still being routed against
+    # max_queued_requests, so 4 sent at the same instant could be refused (the burst test).
+    fake.b.slow_delay_s = 1.0
+    with ThreadPoolExecutor(4) as pool:
+        inflight = []
+        for i in range(4):
+            inflight.append(pool.submit(query, url, f"a slow question {i} on the killed replica?"))
+            time.sleep(0.3)
+        time.sleep(1.0)
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
+        killed = time.monotonic()
+        results = [f.result() for f in inflight]
+    fake.b.slow_delay_s = 0.3
+    failed = [r for r in results if r.status_code != 200]
+    # What the requests running on the killed replica get: a JSON 503 with Retry-After (the
+    # proxy's own answer would be an empty 500; proxy.py gives it ragserve's shape).
+    assert len(failed) == 2, [(r.status_code, r.text[:200]) for r in results]
+    for r in failed:
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "ReplicaUnavailable"
+    # Requests sent while the replica is replaced: all answered (by the survivor, then both).
+    during: list[tuple[int, str, str]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            r = query(url, "Which team won Super Bowl 50?", top_k=2)
+            during.append((r.status_code, r.headers.get("x-ragserve-replica", ""),
+                           r.headers.get("x-cache", "")))
+            time.sleep(0.05)
+
+    asker = threading.Thread(target=keep_asking, daemon=True)
+    asker.start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 180 and not any(rid not in before for _, rid, _ in during):
+        time.sleep(0.2)  # until the replacement has answered a request
+    stop.set()
+    asker.join()
+    statuses = [status for status, _, _ in during]
+    print(f"replacement answering {time.monotonic() - killed:.1f} s after the kill; {len(during)} requests "
+          f"meanwhile: { {c: statuses.count(c) for c in set(statuses)} }")
+    now = ingress_replicas()
+    assert victim not in now and len(now) == 2, now
+    assert statuses == [200] * len(during), during
+    new = (set(now) - set(before)).pop()
+    answers = [(rid, tier) for _, rid, tier in during]
+    for _ in range(30):
+        r = query(url, "Which team won Super Bowl 50?", top_k=2)
+        assert r.status_code == 200, r.text
+        answers.append((replica(r), r.headers["x-cache"]))
+    assert {rid for rid, _ in answers[-30:]} == set(now)  # both replicas serve again
+    assert [tier for rid, tier in answers if rid == new][0] == "l2"  # its L1 was empty; the shared L2 is not
+    assert serve.status().applications[APP].deployments["RagserveIngress"].status == "HEALTHY"

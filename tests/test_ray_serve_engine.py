@@ -1,0 +1,83 @@
+"""``ragserve serve --ray`` with the real vLLM engine in the generator deployment: two ingress
+replicas, a real Redis, the default model (the same application over a fake OpenAI server:
+test_ray_serve.py). Run it alone with the engine lock:
+``flock /tmp/ragserve-engine.lock pytest -m "engine and ray" --timeout 900``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.redis_server import RedisServer, free_port
+
+from .test_http import sse_events
+from .test_ray_serve import deployed, generator_status, query, replica
+
+pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, xquad_index) -> Iterator[str]:
+    with RedisServer(port=free_port()) as redis:
+        cfg = RAGConfig().replace(
+            generate={"max_tokens": 96}, vllm={"kv_cache_gib": 1}, cache={"redis_url": redis.url},
+            ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 1, "probe_interval_s": 0.5})
+        with deployed(xquad_index, cfg, app="ragserve-engine") as url:
+            yield url
+
+
+def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l2_is_shared(served):
+    url, q = served, "Which NFL team represented the AFC at Super Bowl 50?"
+    first = query(url, q)
+    body = first.json()
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
+    assert body["answer"].strip() and body["model"] == "SmolLM2-135M-Instruct"
+    assert 0 < body["usage"]["completion_tokens"] <= 96 and body["usage"]["prompt_tokens"] > 100
+    t = body["timings"]
+    # vLLM's own per-request timestamps, carried back from the generator replica unchanged
+    assert t["generate_first_token"] > 0 and t["generate_queue"] >= 0 and t["generate_decode"] >= 0
+    assert t["generate"] >= t["generate_queue"] + t["generate_first_token"] + t["generate_decode"] - 1
+    seen = {replica(first): "miss"}
+    for _ in range(40):
+        r = query(url, q)
+        seen.setdefault(replica(r), r.headers["x-cache"])
+        if len(seen) == 2:
+            break
+    assert sorted(seen.values()) == ["l2", "miss"] and r.json()["answer"] == body["answer"]
+    gen = generator_status(url)
+    assert gen["backend"] == "ray:vllm" and gen["alive"] and gen["prefix_cache"]["requests"] >= 1
+    assert httpx.get(f"{url}/health").json()["engine"] == "alive"
+
+
+def test_a_client_that_leaves_a_stream_aborts_the_vllm_request(served):
+    url = served
+    before = generator_status(url)["deployment"]["replica"]
+    ask = {"question": "Describe in detail everything the passages say about the Denver Broncos defense.",
+           "stream": True, "cache": {"read": False, "write": False}}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/query", json=ask, timeout=120) as r, \
+            contextlib.closing(r.iter_lines()) as lines:
+        for line in lines:
+            events.append(line)
+            if line.startswith("event: token"):
+                break  # the first piece came; the client goes away mid-answer
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = generator_status(url)
+        d = status["deployment"]
+        if d["replica"]["requests"] > before["requests"] and d["unfinished"] == 0:
+            break
+        time.sleep(0.2)
+    after = status["deployment"]["replica"]
+    assert status["deployment"]["unfinished"] == 0  # nothing left running in vLLM
+    assert after["aborted"] == before["aborted"] + 1, (before, after)  # cancelled, not finished
+    # and a streamed answer that is read to its end still works after the abort
+    done = sse_events(httpx.post(f"{url}/v1/query", json={**ask, "question": "Who won Super Bowl 50?"},
+                                 timeout=120).text)
+    assert done[0][0] == "sources" and done[-1][0] == "done" and done[-1][1]["answer"].strip()

@@ -1,0 +1,251 @@
+"""The logic of ``ragserve.ray_serve`` without a cluster: the ``[ray]`` section, the
+deployment options, ``RayGenerator`` over a fake ``DeploymentHandle`` (cancellation, error
+mapping, health) and the proxy middleware over a fake proxy app. The same code on a real
+local Ray cluster: test_ray_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from ragserve.config import RAGConfig
+from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError, OverloadedError
+from ragserve.types import Generation, TokenUsage
+
+pytest.importorskip("ray", reason="ray[serve] is in the CPU lock; run `make setup`")
+
+GEN = Generation("an answer", TokenUsage(10, 2), "stop", 1.0, 2.0, 3.0)
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def test_the_ray_section_loads_from_env_and_validates_with_field_names():
+    cfg = RAGConfig.load(env={"RAGSERVE_RAY_ADDRESS": "auto", "RAGSERVE_RAY_REPLICAS": "3",
+                              "RAGSERVE_RAY_GENERATOR_NUM_GPUS": "1"})
+    assert (cfg.ray.address, cfg.ray.replicas, cfg.ray.generator_num_gpus) == ("auto", 3, 1.0)
+    assert RAGConfig().replace(**cfg.to_dict()) == cfg  # what replicas receive
+    assert cfg.fingerprint() == RAGConfig().fingerprint()  # placement never changes an answer
+    for bad, field in (({"replicas": 0}, "ray.replicas"),
+                       ({"max_queued_requests": 0}, "ray.max_queued_requests"),
+                       ({"max_replicas": 2, "min_replicas": 3}, "ray.min_replicas"),
+                       ({"max_replicas": 4, "replicas": 5}, "ray.replicas"),
+                       ({"follow_index_s": -1}, "ray.follow_index_s")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            RAGConfig().replace(ray=bad)
+
+
+def test_deployment_options_come_from_the_ray_section():
+    from ragserve.ray_serve.app import generator_options, ingress_options
+
+    cfg = RAGConfig().replace(ray={"replicas": 2, "num_cpus": 0.5, "max_queued_requests": 8},
+                              server={"retry_after_s": 3})
+    opts = ingress_options(cfg)
+    assert opts["num_replicas"] == 2 and opts["ray_actor_options"] == {"num_cpus": 0.5}
+    assert opts["max_queued_requests"] == 8 and opts["max_ongoing_requests"] == 64
+    assert (opts["backpressure_config"].status_code, opts["backpressure_config"].retry_after_s) == (429, 3)
+    auto = ingress_options(cfg.replace(ray={"max_replicas": 4, "min_replicas": 1}))
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+    gen = generator_options(cfg.replace(ray={"generator_num_gpus": 1}))
+    assert gen["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and gen["num_replicas"] == 1
+
+
+def test_a_replica_local_l2_is_refused_before_anything_starts():
+    from ragserve.ray_serve.app import build_app
+    from ragserve.ray_serve.ingress import require_shared_l2
+
+    for url in ("", "embedded"):
+        with pytest.raises(ConfigError, match="cache.redis_url.*every replica"):
+            require_shared_l2(RAGConfig().replace(cache={"redis_url": url}))
+    require_shared_l2(RAGConfig().replace(cache={"enabled": False}))  # no cache at all: nothing to share
+    with pytest.raises(ConfigError, match="args.index"):
+        build_app({"cache": {"redis_url": "redis://cache:6379/0"}})
+    with pytest.raises(ConfigError, match="cache.redis_url"):
+        build_app({"index": "/data/indexes/docs"})
+
+
+# -- RayGenerator over a fake handle ---------------------------------------------------------
+
+
+class FakeResponse:
+    def __init__(self, work):
+        self.work = work
+        self.cancelled = False
+
+    def __await__(self):
+        return self.work.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeStream:
+    def __init__(self, items, delay=0.0, error=None):
+        self.items = list(items)
+        self.delay = delay
+        self.error = error
+        self.cancelled = False
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay)
+        if self.error is not None and not self.items:
+            raise self.error
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    """What RayGenerator uses of a DeploymentHandle: ``.method.remote(...)`` and ``.options``."""
+
+    def __init__(self):
+        self.responses, self.streams = [], []
+        self.result = GEN
+        self.pieces = ["an", " answer", GEN]
+        self.error = None
+        self.delay = 0.0
+
+    def options(self, stream=False):
+        return self
+
+    def __getattr__(self, name):
+        handle = self
+
+        class Method:
+            def remote(self, *args):
+                if name == "stream":
+                    s = FakeStream(handle.pieces, handle.delay, handle.error)
+                    handle.streams.append(s)
+                    return s
+
+                async def work():
+                    await asyncio.sleep(handle.delay)
+                    if handle.error is not None:
+                        raise handle.error
+                    return handle.result if name == "generate" else {"alive": True, "unfinished": 0}
+
+                r = FakeResponse(work())
+                handle.responses.append(r)
+                return r
+
+        return Method()
+
+
+def make(handle=None):
+    from ragserve.ray_serve.client import RayGenerator
+
+    handle = handle or FakeHandle()
+    info = {"model_name": "m", "backend": "vllm", "alive": True}
+    return RayGenerator(handle, info, tokenizer="tok"), handle
+
+
+async def test_generate_and_stream_carry_the_backends_result_and_count_calls():
+    gen, handle = make()
+    assert gen.model_name == "m" and gen.tokenizer() == "tok" and gen.alive()
+    assert await gen.generate("p", "r1") == GEN
+    assert [p async for p in gen.stream("p", "r2")] == ["an", " answer", GEN]
+    assert [p async for p in gen.stream("p", "r3", deltas=False)] == [GEN]  # one unary call
+    assert gen.unfinished() == 0 and gen.stats()["calls"]["requests"] == 3
+    assert not any(r.cancelled for r in handle.responses) and not handle.streams[0].cancelled
+
+
+async def test_cancelling_a_call_cancels_it_on_the_generator_replica():
+    gen, handle = make()
+    handle.delay = 5.0
+    task = asyncio.ensure_future(gen.generate("p", "r1"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert handle.responses[-1].cancelled and gen.unfinished() == 0
+    handle.delay = 0.0
+    stream = gen.stream("p", "r2")
+    assert await anext(stream) == "an"
+    await stream.aclose()  # the caller stops reading: a client gone
+    assert handle.streams[-1].cancelled and gen.stats()["calls"]["cancelled"] == 2
+
+
+async def test_errors_on_the_generator_side_map_to_ragserves_tree():
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    gen, handle = make()
+    handle.error = RayTaskError("generate", "tb", GenerationError("vLLM refused it"))
+    with pytest.raises(GenerationError, match="vLLM refused it"):
+        await gen.generate("p", "r1")
+    handle.error = BackPressureError(num_queued_requests=4, max_queued_requests=4)
+    with pytest.raises(OverloadedError, match="generator deployment's queue is full"):
+        await gen.generate("p", "r2")
+    assert gen.alive()  # a full queue is not a dead generator
+    handle.error = ValueError("a bug over there")
+    with pytest.raises(GenerationError, match="ValueError: a bug over there"):
+        await gen.generate("p", "r3")
+    handle.error = ActorDiedError()
+    with pytest.raises(GeneratorUnavailableError, match="Ray replaces a failed replica"):
+        async for _ in gen.stream("p", "r4"):
+            pass
+    assert not gen.alive() and gen.stats()["calls"]["unavailable"] == 1
+    handle.error = None
+    await gen.probe()  # the next status probe that answers brings it back
+    assert gen.alive()
+
+
+# -- the proxy middleware ----------------------------------------------------------------------
+
+
+def proxy_app(status, body, content_type=b"text/plain; charset=utf-8", start=True):
+    async def app(scope, receive, send):
+        if not start:
+            return  # what the proxy does when the replica died under the request
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"retry-after", b"2"),
+                                (b"x-request-id", b"rid")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def call(app):
+    from ragserve.ray_serve.proxy import ServeErrorsAsJSON
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await ServeErrorsAsJSON(app, retry_after_s=1)({"type": "http"}, None, send)
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), body
+
+
+async def test_serves_own_refusals_get_ragserves_json_shape():
+    from ragserve.ray_serve.proxy import middlewares
+
+    assert middlewares()[0].cls.__name__ == "ServeErrorsAsJSON"
+    text = b"Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."
+    status, headers, body = await call(proxy_app(429, text))
+    error = orjson.loads(body)["error"]
+    assert status == 429 and headers[b"retry-after"] == b"2" and headers[b"x-request-id"] == b"rid"
+    assert error["type"] == "OverloadedError" and error["stage"] == "admission"
+    assert "max_queued_requests=2" in error["message"] and headers[b"content-type"] == b"application/json"
+    status, headers, body = await call(proxy_app(503, text))  # a Serve left at its default status
+    assert status == 429 and orjson.loads(body)["error"]["type"] == "OverloadedError"
+    status, _, body = await call(proxy_app(503, b"Deployment is unavailable."))
+    assert status == 503 and orjson.loads(body)["error"]["type"] == "Unavailable"
+    status, headers, body = await call(proxy_app(0, b"", start=False))
+    assert status == 503 and orjson.loads(body)["error"]["type"] == "ReplicaUnavailable"
+    assert b"retry-after" in headers
+
+
+async def test_the_apps_own_json_answers_pass_untouched():
+    ours = orjson.dumps({"error": {"type": "OverloadedError", "message": "[admission] overloaded",
+                                   "stage": "admission"}})
+    status, headers, body = await call(proxy_app(429, ours, b"application/json"))
+    assert (status, body, headers[b"retry-after"]) == (429, ours, b"2")
+    status, _, body = await call(proxy_app(200, b"plain ok"))
+    assert (status, body) == (200, b"plain ok")
