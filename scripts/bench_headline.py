@@ -96,15 +96,20 @@ def log(msg: str) -> None:
     print(f"[headline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cpu_seconds(pids: set[int]) -> float:
-    total = 0.0
+def cpu_by_process(pids: set[int]) -> dict[str, float]:
+    """CPU-seconds so far of each process, by a label: this benchmark, the Redis server, and
+    the system's own processes by name (``VLLM::EngineCore``, the server's ``python``...)."""
+    me = os.getpid()
+    out: dict[str, float] = {}
     for pid in pids:
         try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            p = psutil.Process(pid)
+            t = p.cpu_times()
+            label = "benchmark (clients)" if pid == me else p.name()
         except psutil.Error:
             continue
-    return total
+        out[label] = out.get(label, 0.0) + t.user + t.system
+    return out
 
 
 async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tuple[list[hr.Req], float]:
@@ -257,12 +262,15 @@ class Bench:
         # first-request costs (connections, lazy imports) outside the run, on a question no stream asks
         await system.ask("Which warm-up question does the headline benchmark ask first?")
         await system.prepare(namespace)
-        pids = {os.getpid(), *system.pids()}
-        g0, c0 = await system.generations(), cpu_seconds(pids)
+        redis = hs.tree(self.redis.proc.pid) if self.redis.proc is not None else set()
+        pids = {os.getpid(), *system.pids(), *redis}
+        g0, c0 = await system.generations(), cpu_by_process(pids)
         log(f"{label}: {len(stream)} requests")
         reqs, wall = await drive(system, stream, self.args)
-        g1, c1 = await system.generations(), cpu_seconds(pids)
-        row = hr.summarize(label, reqs, wall, g1 - g0, c1 - c0, stored, cache=system.cache)
+        g1, c1 = await system.generations(), cpu_by_process(pids)
+        cpu = {k: round(v - c0.get(k, 0.0), 2) for k, v in c1.items()}
+        row = hr.summarize(label, reqs, wall, g1 - g0, sum(cpu.values()), stored, cache=system.cache)
+        row["cpu_s_by_process"] = cpu
         log(f"{label}: {row['requests_per_s']:.2f} req/s, p95 {row['p95_ms']:.0f} ms, hit rate "
             f"{row['hit_rate']:.1%}, {row['generations']:.0f} generations for {row['distinct_questions']} "
             f"distinct, {row['errors']} errors")
@@ -302,14 +310,14 @@ async def main_async(args: argparse.Namespace) -> None:
     hr.write(args.out, header, rows, extra, {"title": f"{args.n} requests, Zipf s={args.s}, "
              f"{'open loop' if args.rate else f'C={args.concurrency}'}", "args": _plain(vars(args)),
              "skipped": bench.skipped, "notes": bench.notes, "requests": requests})
-    print("\n".join([*header, "", *hr.table(rows), "", *hr.miss_table(rows), "", *extra]))
+    print("\n".join([*header, "", *hr.table(rows), "", *hr.miss_table(rows), "", *hr.cpu_table(rows), "", *extra]))
     log(f"report: {args.out / 'report.md'}")
 
 
 def quality_lines(by_name: dict[str, Any], golds: dict[str, Any], suffix: str) -> list[str]:
     fresh = by_name.get("ragserve-nocache")
     out = []
-    for name in ("ragserve", "langchain"):
+    for name in ("ragserve",):  # a peer's answers come from another prompt: not comparable
         if name in by_name and fresh is not None:
             q = hr.quality(by_name[name][1], fresh[1], golds)
             by_name[name][0]["quality"] = q

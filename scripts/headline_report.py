@@ -161,6 +161,19 @@ def miss_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def cpu_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the CPU went, per system: seconds per process over the run, and the share of
+    the machine's cores they kept busy."""
+    out = []
+    for r in rows:
+        by = r.get("cpu_s_by_process")
+        if by:
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+            busy = sum(by.values()) / r["wall_s"] if r["wall_s"] else float("nan")
+            out.append(f"- CPU, {r['system']}: {parts}; {busy:.2f} cores busy on average")
+    return out
+
+
 def ratio_lines(rows: list[dict[str, Any]], names: dict[str, str]) -> list[str]:
     """The issue's targets, from this run's rows. ``names``: role (ours, recipe, peer) → system."""
     by = {r["system"]: r for r in rows}
@@ -211,7 +224,8 @@ def write(out: Path, header: list[str], rows: list[dict[str, Any]], extra_lines:
     ``latency_cdf.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cdf_png(rows, out / "latency_cdf.png", data.get("title", "latency CDF per system"))
-    md = [*header, "", *table(rows), "", *miss_table(rows), "", *extra_lines, "", "Latency CDFs: `latency_cdf.png`."]
+    md = [*header, "", *table(rows), "", *miss_table(rows), "", *cpu_table(rows), "", *extra_lines, "",
+          "Latency CDFs: `latency_cdf.png`."]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     slim = [{k: v for k, v in r.items() if k != "latencies_ms"} for r in rows]
     (out / "report.json").write_text(json.dumps({**data, "rows": slim}, indent=1, default=_json_default),

@@ -80,3 +80,14 @@ def test_fingerprint_covers_what_changes_answers_only():
                    # query-time search settings change which chunks come back, hence answers
                    {"index": {"ivf_nprobe": 64}}, {"index": {"hnsw_ef_search": 256}}):
         assert base.replace(**change).fingerprint() != base.fingerprint(), change
+
+
+def test_embedding_is_single_threaded_beside_a_local_vllm_engine_only():
+    from ragserve.rag import serving_embed_config
+
+    local = RAGConfig()
+    assert serving_embed_config(local, None).threads == 1
+    assert serving_embed_config(local, object()).threads == 0  # an injected generator: not ours to judge
+    remote = local.replace(generate={"backend": "openai"}, openai={"urls": ["http://gpu-1:8000"]})
+    assert serving_embed_config(remote, None).threads == 0
+    assert serving_embed_config(local.replace(embed={"threads": 2}), None).threads == 2  # said explicitly
