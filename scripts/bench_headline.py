@@ -120,8 +120,9 @@ async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tup
     reqs = [hr.Req(i, q.qid, normalize_question(q.text), 0.0) for i, q in enumerate(stream)]
     t0 = time.perf_counter()
 
-    async def one(r: hr.Req, text: str) -> None:
-        r.sent_s = time.perf_counter() - t0
+    async def one(r: hr.Req, text: str, arrived_s: float | None = None) -> None:
+        # open loop: latency counts from the arrival, a wait for --max-open included
+        r.sent_s = time.perf_counter() - t0 if arrived_s is None else arrived_s
         try:
             r.answer, r.tier = await asyncio.wait_for(system.ask(text), args.request_timeout)
         except Exception as e:  # one failed request is recorded, never fatal
@@ -139,14 +140,14 @@ async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tup
     else:
         gate = asyncio.Semaphore(args.max_open)
 
-        async def gated(r: hr.Req, text: str) -> None:
+        async def gated(r: hr.Req, text: str, arrived_s: float) -> None:
             async with gate:
-                await one(r, text)
+                await one(r, text, arrived_s)
 
         tasks = []
         for at, r, q in zip(poisson_arrivals(len(stream), args.rate, args.seed), reqs, stream):
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
-            tasks.append(asyncio.create_task(gated(r, q.text)))
+            tasks.append(asyncio.create_task(gated(r, q.text, time.perf_counter() - t0)))
         await asyncio.gather(*tasks)
     return reqs, time.perf_counter() - t0
 

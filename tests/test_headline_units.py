@@ -100,3 +100,61 @@ def test_a_cache_without_single_flight_may_serve_any_of_its_generations_but_not_
     f = hr.fidelity(reqs)
     assert (f["compared"], f["identical"]) == (2, 1)
     assert f["regenerated_after_answer"] == 1 and f["inconsistent_questions"] == 1
+
+
+def load_driver():
+    if "bench_headline" not in sys.modules:
+        sys.path.insert(0, str(SCRIPTS))
+        spec = importlib.util.spec_from_file_location("bench_headline", SCRIPTS / "bench_headline.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_headline"]
+
+
+class _Sleepy:
+    """A system that answers after 20 ms, and fails one question."""
+
+    def __init__(self):
+        self.in_flight = self.peak = 0
+
+    async def ask(self, question):
+        import asyncio
+
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)
+            if question == "bad":
+                raise RuntimeError("HTTP 503: overloaded")
+            return question.upper(), "miss"
+        finally:
+            self.in_flight -= 1
+
+
+def _stream(n):
+    from ragserve.datasets import EvalQuestion
+
+    return [EvalQuestion(f"q{i}", "bad" if i == 3 else f"question {i % 5}", {}) for i in range(n)]
+
+
+async def test_closed_loop_keeps_c_in_flight_and_records_a_failure_without_stopping():
+    bh = load_driver()
+    system, args = _Sleepy(), bh.parse_args(["--n", "30", "--concurrency", "4"])
+    reqs, wall = await bh.drive(system, _stream(30), args)
+    assert system.peak == 4 and len(reqs) == 30
+    assert [r.i for r in reqs if r.error] == [3] and "503" in reqs[3].error and reqs[3].tier == "error"
+    assert reqs[0].answer == "QUESTION 0" and reqs[0].key == "question 0"
+    assert all(r.done_s >= r.sent_s for r in reqs)
+
+
+async def test_open_loop_sends_on_schedule_whatever_the_answers_take():
+    bh = load_driver()
+    system = _Sleepy()
+    args = bh.parse_args(["--n", "40", "--rate", "400", "--max-open", "3"])
+    reqs, wall = await bh.drive(system, _stream(40), args)
+    assert system.peak <= 3 and len(reqs) == 40 and sum(r.error is not None for r in reqs) == 1
+    # 40 arrivals at 400/s take ~0.1 s; at most 3 open at 20 ms each bounds the rest
+    assert wall < 2.0
+    # a request that waited for a free slot counts that wait in its latency
+    assert max(r.latency_s for r in reqs if r.error is None) > 0.03
