@@ -29,7 +29,7 @@ floor(num_cpus) in each replica: 1 thread for vLLM in the generator replica). Th
 cluster has 2 CPUs: ingress replicas reserve 0.5 each, the generator 1.
 CPU-seconds from psutil over every process of the run (cumulative counters, before/after).
 
-Run (repo root; on an otherwise idle machine; ~30-40 min at the defaults):
+Run (repo root; on an otherwise idle machine; about 15 min at the defaults):
 
     python scripts/bench_ray.py --out reports/ray
     python scripts/bench_ray.py --quick --out reports/ray-quick                 # a few dozen requests
@@ -65,7 +65,8 @@ QUICK = {"requests": 48, "miss_requests": 32, "hot": 8}
 ENGINE_STAGES = ("generate_queue", "generate_first_token", "generate_decode")
 AROUND = {"ray": "the handle call to the generator replica and back, and its loop",
           "openai": "the stream from vLLM's OpenAI server; its split is timed client-side, so ~0",
-          "serve": "the hop to vLLM's output handler and back", "in-process": "the hop to vLLM's output handler"}
+          "serve": "the hop to vLLM's output handler and back",
+          "in-process": "the hop to vLLM's output handler and back"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -279,7 +280,10 @@ def write_report(args: argparse.Namespace, index_note: str, systems: dict[str, A
              *loop_ratios(loops), "",
              "With C clients in a closed loop, latency is about C / throughput: on 2 cores shared by the "
              "clients and the server, the per-request service time (1/throughput) and the server's CPU per "
-             "request are the overhead figures; p50/p99 add queueing.", "",
+             "request are the overhead figures; p50/p99 add queueing. Each ingress replica runs the "
+             "embedding model with OMP_NUM_THREADS torch threads: two replicas on 2 cores oversubscribe them "
+             "on retrieval, and each replica's micro-batcher sees half the queries (smaller batches); "
+             "`--embed-threads 1` gives each one thread.", "",
              "## (c), (d): misses", "", *results_table(summaries), "", *miss_ratios(summaries), "",
              "## CPU of the miss runs", "", *cpu_table(summaries), ""]
     text = "\n".join(page)

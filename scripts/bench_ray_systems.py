@@ -145,16 +145,22 @@ class System:
             await self.client.aclose()
         if self.srv is not None:
             await asyncio.to_thread(self.srv.stop, 180.0)
-            if self.srv.group_alive():  # Ray's processes share the server's process group
-                self.log(f"{self.name}: processes left after the server stopped; killing its process group")
+            # vLLM's engine core and Ray's processes are in the server's process group and exit
+            # a moment after it: wait for them, so that no engine outlives its system
+            if not await _until(lambda: not self.srv.group_alive(), 30.0):
+                self.log(f"{self.name}: processes left 30 s after the server stopped; killing its group")
                 await asyncio.to_thread(self.srv.kill)
         if self.peer is not None:
             await asyncio.to_thread(self.peer.stop)
         if self.rag is not None:
             await asyncio.to_thread(self.rag.close)
-            left = [c.pid for c in psutil.Process().children(recursive=True) if c.is_running()]
-            if left:
-                self.log(f"in-process: child processes still running after rag.close(): {left}")
+
+            def engines() -> list[int]:
+                kids = psutil.Process().children(recursive=True)
+                return [c.pid for c in kids if "EngineCore" in title(c.pid)]
+
+            if not await _until(lambda: not engines(), 30.0):
+                self.log(f"in-process: vLLM engine still running 30 s after rag.close(): {engines()}")
 
     def pids(self) -> set[int]:
         if self.rag is not None:
@@ -206,6 +212,15 @@ class System:
         r = await self.rag.aquery(q.text, cache_read=False, cache_write=False)
         return Record(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
                       prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict())
+
+
+async def _until(done: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
 
 
 async def warm_l1(client: Any, bodies: list[dict[str, Any]], replicas: int, concurrency: int,
