@@ -9,7 +9,8 @@ same engine settings everywhere (only ratios measured together mean much here).
 - (b) 1 vs 2 ingress replicas (``ray`` vs ``ray-2``) on the same two loads. L1 is per
   replica: the hot set is asked until every replica has answered every question (its first
   answer on the second replica is an L2 hit from the shared Redis, which fills that
-  replica's L1), so the measured run is L1 hits on every replica (the X-Cache column shows it);
+  replica's L1; a generation again if the first replica's Redis write has not landed yet), so
+  the measured run is L1 hits on every replica (the X-Cache column shows it);
 - (c) misses through the Ray generator deployment (``ray``) vs in-process at
   ``--miss-concurrency`` (32), distinct XQuAD questions, answer cache off per request:
   requests/s, p50/p95, against ``serve`` (ragserve's vLLM in the same process as the

@@ -66,16 +66,19 @@ MODEL_PROGRAMS = ("ragserve.cli", "vllm.entrypoints.openai.api_server")
 
 
 def thread_notes(pids: set[int]) -> str:
-    """OMP_NUM_THREADS and threads of the processes that run models (vLLM's engine core,
-    Ray Serve replicas): Ray would set OMP_NUM_THREADS=floor(num_cpus) in each replica."""
+    """Threads of the processes that run models (vLLM's engine core, Ray Serve replicas) and
+    their OMP_NUM_THREADS: Ray would set it to floor(num_cpus) in each replica."""
     seen = {}
     for pid in pids:
         name = title(pid)
         if "EngineCore" in name or "ServeReplica" in name or name in MODEL_PROGRAMS:
             try:
                 p = psutil.Process(pid)
-                seen.setdefault(f"{name} OMP_NUM_THREADS={p.environ().get('OMP_NUM_THREADS', 'unset')}",
-                                []).append(p.num_threads())
+                # NOTE: /proc's environ is the one at exec: vLLM's spawned engine core gets its
+                # OMP_NUM_THREADS later (its log says "leaving Torch threads at N"), so not shown
+                omp = "" if "EngineCore" in name else \
+                    f" OMP_NUM_THREADS={p.environ().get('OMP_NUM_THREADS', 'unset')}"
+                seen.setdefault(name + omp, []).append(p.num_threads())
             except psutil.Error:
                 continue
     return "; ".join(f"{k} ({'/'.join(map(str, v))} threads)" for k, v in sorted(seen.items())) or "—"
