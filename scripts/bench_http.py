@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, 
 import bench_serving_workload as wl  # noqa: E402
 from bench_serving_report import CpuSampler, Record, Run, cpu_table  # noqa: E402
 from bench_serving_systems import Systems  # noqa: E402
+from bench_http_hits import hits_and_overload, pct as _pct  # noqa: E402
 
 SYSTEMS = ("HTTP native", "HTTP OpenAI", "in-process", "LlamaIndex", "HTTP native JSON", "in-process plain")
 DEFAULT_SYSTEMS = "HTTP native,HTTP OpenAI,in-process,LlamaIndex"
@@ -234,75 +234,6 @@ def _record(i: int, answer: str, usage: dict[str, Any], timings: dict[str, float
                   prompt_tokens=usage.get("prompt_tokens"), stages=stages)
 
 
-# -- the cache-hit path and overload, on a server with the cache on ---------------------------
-
-async def hits_and_overload(args: argparse.Namespace, questions: list[Any]) -> dict[str, Any]:
-    import httpx
-
-    from ragserve.server.process import ServerProcess
-
-    redis_dir = tempfile.mkdtemp(prefix="bench-http-redis-")
-    env = server_env(args, RAGSERVE_CACHE_REDIS_DIR=redis_dir, RAGSERVE_QUERY_MAX_IN_FLIGHT="4",
-                     RAGSERVE_QUERY_MAX_QUEUED="4")
-    out: dict[str, Any] = {}
-    with ServerProcess(args.index, env=env, log=args.out / "server-cache.log") as srv:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=limits) as client:
-            hot = [q.text for q in questions[:32]]
-            for q in hot:  # one at a time: stays inside the admission bounds
-                (await client.post("/v1/query", json={"question": q})).raise_for_status()
-            out["hits"] = []
-            for clients in (1, args.hit_clients):  # alone: the HTTP layer's latency; 64: its throughput
-                lat, server_ms, tiers = [], [], {}
-                todo = iter(range(args.hit_requests // (10 if clients == 1 else 1)))
-
-                async def worker() -> None:
-                    for n in todo:
-                        t = time.perf_counter()
-                        r = await client.post("/v1/query", json={"question": hot[n % len(hot)]})
-                        lat.append(time.perf_counter() - t)
-                        tiers[r.headers.get("x-cache")] = tiers.get(r.headers.get("x-cache"), 0) + 1
-                        server_ms.append(r.json()["timings"]["total"])
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(clients)))
-                wall = time.perf_counter() - t0
-                row = {"requests": len(lat), "clients": clients, "req_s": len(lat) / wall,
-                       "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-                       "server_p50_ms": float(np.percentile(server_ms, 50)), "tiers": tiers}
-                out["hits"].append(row)
-                bs.log(f"L1 hits over HTTP: {row}")
-            bursts = []
-            for b in range(2):
-                fresh = [q.text for q in questions[32 + b * args.burst: 32 + (b + 1) * args.burst]]
-
-                async def one(q: str) -> tuple[int, float]:
-                    t = time.perf_counter()
-                    r = await client.post("/v1/query", json={"question": q, "cache": {"read": False}})
-                    return r.status_code, time.perf_counter() - t
-
-                bursts += await asyncio.gather(*(one(q) for q in fresh))
-            refused = [t for s, t in bursts if s == 429]
-            out["overload"] = {"sent": len(bursts), "429": len(refused), "200": sum(s == 200 for s, _ in bursts),
-                               "other": sorted({s for s, _ in bursts} - {200, 429}),
-                               "p50_ms": _pct(refused, 50) * 1e3, "max_ms": max(refused, default=float("nan")) * 1e3}
-            bs.log(f"overload: {out['overload']}")
-    out["server_exit"] = srv.returncode
-    # The client above queues its own burst (one Python process sending 64 at once): the
-    # server's own time to refuse is in its access log.
-    refused_ms = [float(line.rsplit(" ", 1)[1].rstrip("ms")) for line in srv.tail(10**8).splitlines()
-                  if "ragserve.access" in line and " 429 " in line]
-    if "overload" in out and refused_ms:
-        out["overload"]["server_p50_ms"] = _pct(refused_ms, 50)
-        out["overload"]["server_p99_ms"] = _pct(refused_ms, 99)
-        out["overload"]["server_max_ms"] = max(refused_ms)
-    return out
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 # -- report ---------------------------------------------------------------------------------
 
 def miss_table(runs: list[Run]) -> list[str]:
@@ -397,7 +328,8 @@ async def main_async(args: argparse.Namespace) -> None:
         runs = await bs.run_levels(sys_, [n for n in args.systems if n in sys_.available], args, sampler)
     finally:
         await sys_.stop()
-    extra = {} if args.skip_hits else await hits_and_overload(args, workload.spare)
+    env = server_env(args, RAGSERVE_QUERY_MAX_IN_FLIGHT="4", RAGSERVE_QUERY_MAX_QUEUED="4")
+    extra = {} if args.skip_hits else await hits_and_overload(args, workload.spare, env)
     write_report(args, sys_, runs, extra)
 
 
