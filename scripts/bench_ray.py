@@ -25,9 +25,10 @@ it) for all; each system's hit run uses a namespace of its own, so it starts col
 miss run starts with ``--warmup`` requests on questions no run measures and an emptied
 vLLM prefix cache (``/admin/reset_prefix_cache``, which reaches the generator deployment or
 the OpenAI server); hit and retrieval runs start after a warm-up outside the measured run.
-``OMP_NUM_THREADS`` is set to the core count everywhere (Ray would otherwise set it to
-floor(num_cpus) in each replica: 1 thread for vLLM in the generator replica). The Ray
-cluster has 2 CPUs: ingress replicas reserve 0.5 each, the generator 1.
+Threads: Ray sets each replica's ``OMP_NUM_THREADS`` from the CPUs it reserves, so the local
+cluster declares 3 logical CPUs: the generator reserves 2 (vLLM's engine gets both cores,
+as in ``ragserve serve``), each ingress replica 0.5 (its embedder gets 1 thread, as
+``ragserve serve``'s does beside a local engine: ``rag.serving_embed_config``).
 CPU-seconds from psutil over every process of the run (cumulative counters, before/after).
 
 Run (repo root; on an otherwise idle machine; about 15 min at the defaults):
@@ -110,9 +111,10 @@ def settings(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
            "RAGSERVE_REDIS_URL": redis_url, "RAGSERVE_CACHE_ENABLED": "true",
            "RAGSERVE_QUERY_MAX_IN_FLIGHT": str(max(64, args.miss_concurrency, args.concurrency)),
            "RAGSERVE_QUERY_MAX_QUEUED": "256",
-           # Ray: a local cluster of 2 CPUs (no dashboard: run.py), 2 x 0.5 ingress + 1 generator
-           "RAGSERVE_RAY_LOCAL_NUM_CPUS": "2", "RAGSERVE_RAY_NUM_CPUS": "0.5",
-           "RAGSERVE_RAY_GENERATOR_NUM_CPUS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+           # Ray: a local cluster of 3 logical CPUs (no dashboard: run.py), 2 x 0.5 ingress + 2
+           # generator, so Ray gives vLLM 2 OpenMP threads and each embedder 1 (see the docstring)
+           "RAGSERVE_RAY_LOCAL_NUM_CPUS": "3", "RAGSERVE_RAY_NUM_CPUS": "0.5",
+           "RAGSERVE_RAY_GENERATOR_NUM_CPUS": "2", "RAY_USAGE_STATS_ENABLED": "0"}
     if args.embed_threads:
         env["RAGSERVE_EMBED_THREADS"] = str(args.embed_threads)
     return env
@@ -162,7 +164,6 @@ async def main_async(args: argparse.Namespace) -> None:
     from ragserve.redis_server import RedisServer, free_port
 
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # inherited by every system
     index_note = await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, RAGConfig())
     workload = wl.split(wl.load_questions(args.xquad), {args.miss_concurrency: args.miss_requests},
                         max(args.warmup, 1), args.seed)
@@ -265,9 +266,8 @@ def write_report(args: argparse.Namespace, index_note: str, systems: dict[str, A
             f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             f"- hardware: {hardware()}", f"- versions: {versions()}; {extra}",
-            f"- index: {index_note}; generation: max_tokens {args.max_tokens}, greedy; OMP_NUM_THREADS "
-            f"{os.environ.get('OMP_NUM_THREADS')} everywhere; embed.threads "
-            f"{args.embed_threads or 'torch default'}",
+            f"- index: {index_note}; generation: max_tokens {args.max_tokens}, greedy; embed.threads "
+            f"{args.embed_threads or 'auto'}; Ray: 3 logical CPUs, generator 2, ingress replicas 0.5 each",
             f"- hit / retrieval runs: {args.requests} requests from {args.concurrency} keep-alive clients "
             f"(httpx, this process); {args.hot} hot questions, L1 warmed on every replica; retrieval over "
             "distinct XQuAD questions",
@@ -281,10 +281,9 @@ def write_report(args: argparse.Namespace, index_note: str, systems: dict[str, A
              *loop_ratios(loops), "",
              "With C clients in a closed loop, latency is about C / throughput: on 2 cores shared by the "
              "clients and the server, the per-request service time (1/throughput) and the server's CPU per "
-             "request are the overhead figures; p50/p99 add queueing. Each ingress replica runs the "
-             "embedding model with OMP_NUM_THREADS torch threads: two replicas on 2 cores oversubscribe them "
-             "on retrieval, and each replica's micro-batcher sees half the queries (smaller batches); "
-             "`--embed-threads 1` gives each one thread.", "",
+             "request are the overhead figures; p50/p99 add queueing. Each ingress replica embeds with "
+             "one thread (Ray's OMP_NUM_THREADS from its 0.5 CPU), and each replica's micro-batcher sees "
+             "its share of the queries (smaller batches).", "",
              "## (c), (d): misses", "", *results_table(summaries), "", *miss_ratios(summaries), "",
              "## CPU of the miss runs", "", *cpu_table(summaries), ""]
     text = "\n".join(page)

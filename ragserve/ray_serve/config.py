@@ -58,7 +58,9 @@ class RayConfig:
     generator_replicas: int = 1
     """Generator replicas: one engine each (one per GPU on a GPU cluster; 1 on a CPU)."""
     generator_num_cpus: float = 1.0
-    """CPUs each generator replica reserves."""
+    """CPUs each generator replica reserves. Ray sets the replica's ``OMP_NUM_THREADS`` from
+    it, so with vLLM on a CPU node give it the cores the engine should use (and declare them
+    to Ray); on a GPU node 1 is enough."""
     generator_num_gpus: float = 0.0
     """GPUs each generator replica reserves (1 on a GPU cluster; 0 on the CPU build)."""
     generator_max_ongoing_requests: int = 256
