@@ -75,10 +75,11 @@ class EmbedConfig:
     vectors (smaller than the fp16 index's own rounding); outputs stay float32 and
     unit-length. A lone question gains nothing: it is bound by per-call overhead."""
     threads: int = 0
-    """Torch intra-op threads in this process. 0 (auto): 1 in a process that also drives a
-    local vLLM engine (``RAG.from_index`` with the vllm backend: the engine's OpenMP
-    threads hold the cores, and a multi-threaded embedding beside them spin-waits against
-    them; measured: +33% requests/s on a Zipf stream), torch's default elsewhere (builds)."""
+    """Torch intra-op threads in this process. 0 (auto): 1 when the vLLM engine runs on this
+    machine (``RAG.from_index`` with the vllm backend, or the openai backend on a loopback
+    URL: the engine's OpenMP threads hold the cores, and a multi-threaded embedding beside
+    them spin-waits against them; measured: +33% requests/s on a Zipf stream), torch's
+    default elsewhere (builds, remote servers)."""
     batch_window_ms: float = 2.0
     """How long the first query to reach an idle micro-batcher waits for others to join
     its embedding batch. Queries that arrive while a batch is running are taken as soon

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from ragserve.config import EmbedConfig, RAGConfig
@@ -294,13 +295,17 @@ class RAG(Pipeline):
 
 
 def serving_embed_config(config: RAGConfig, generator: Generator | None) -> EmbedConfig:
-    """``embed.threads = 0`` (auto) is 1 in a process that drives a local vLLM engine: the
-    engine's OpenMP threads hold the cores, and a multi-threaded query embedding beside them
-    spin-waits against them. Measured here (``scripts/bench_headline.py``, 1,000 requests,
-    32 clients): 26.7 req/s with one thread against 20.1 with torch's default, and the
-    serving process's CPU 4.7 s against 19.6 s. Index builds keep torch's default."""
+    """``embed.threads = 0`` (auto) is 1 in a process whose vLLM engine runs on the same
+    machine (the vllm backend, or the openai backend on a loopback URL): the engine's OpenMP
+    threads hold the cores, and a multi-threaded query embedding beside them spin-waits
+    against them. Measured here (``scripts/bench_headline.py``, 1,000 requests, 32 clients):
+    26.7 req/s with one thread against 20.1 with torch's default, and the serving process's
+    CPU 4.7 s against 19.6 s. Index builds keep torch's default."""
     e = config.embed
-    if e.threads == 0 and generator is None and config.generate.backend == "vllm":
+    g = config.generate
+    local = g.backend == "vllm" or (g.backend == "openai" and any(
+        urlsplit(u).hostname in ("127.0.0.1", "localhost", "::1") for u in config.openai.urls))
+    if e.threads == 0 and generator is None and local:
         return dataclasses.replace(e, threads=1)
     return e
 

@@ -90,4 +90,6 @@ def test_embedding_is_single_threaded_beside_a_local_vllm_engine_only():
     assert serving_embed_config(local, object()).threads == 0  # an injected generator: not ours to judge
     remote = local.replace(generate={"backend": "openai"}, openai={"urls": ["http://gpu-1:8000"]})
     assert serving_embed_config(remote, None).threads == 0
+    same_machine = local.replace(generate={"backend": "openai"}, openai={"urls": ["http://127.0.0.1:8000"]})
+    assert serving_embed_config(same_machine, None).threads == 1
     assert serving_embed_config(local.replace(embed={"threads": 2}), None).threads == 2  # said explicitly
