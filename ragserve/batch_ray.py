@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import math
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,6 +71,7 @@ ACTOR_CPUS = 1.0
 """CPUs an answering actor reserves: it embeds questions and searches; generation is elsewhere."""
 ROUNDS_PER_BATCH = 4
 """A batch is this many times an actor's questions in flight (see the module docstring)."""
+START_FAILED = "an answering actor could not start"
 ACTOR_START_TIMEOUT_S = 600
 """How long Ray Data may take to start the actors (each loads the embedding model) before
 the run fails; without a bound it would wait for ever for CPUs the cluster does not have."""
@@ -177,26 +179,38 @@ def _write(dataset: Any, out: str | Path, summary: BatchSummary,
 
 
 def _rows(dataset: Any) -> Iterator[dict[str, Any]]:
-    """The dataset's rows; a ragserve error raised in an actor (its index, its model, its
-    generator) is raised here as itself."""
+    """The dataset's rows. An actor that cannot start (its index, its embedding model, its
+    generator) fails the run with a ClusterError that says why."""
+    import ray
+
     try:
         yield from dataset.iter_rows()
     except RagserveError:
         raise
-    except Exception as e:  # noqa: BLE001 - Ray wraps what an actor raised; unwrap ours
-        cause = _ragserve_cause(e)
-        if cause is None:
+    except ray.exceptions.GetTimeoutError as e:  # wait_for_min_actors_s
+        free = ray.available_resources().get("CPU", 0.0)
+        raise ClusterError(f"the answering actors ({ACTOR_CPUS:g} CPU each) did not start within "
+                           f"{ACTOR_START_TIMEOUT_S} s; the cluster has {free:g} CPUs free: lower "
+                           f"--ray-actors ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Ray wraps what an actor raised
+        why = _start_failure(e)
+        if why is None:
             raise
-        raise cause from None
+        raise ClusterError(why) from None
 
 
-def _ragserve_cause(e: BaseException) -> RagserveError | None:
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, RagserveError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__  # type: ignore[assignment]
-        seen += 1
+def _start_failure(e: BaseException | None) -> str | None:
+    """What ``Answerer.__init__`` raised, from the error Ray gives the driver. NOTE: from its
+    text: ``ActorDiedError`` keeps only the text of an actor's failed ``__init__``, and most
+    of ragserve's errors cannot be unpickled (their ``__init__`` takes more than the message),
+    so ``__init__`` raises every failure as a ClusterError whose message says ``START_FAILED``."""
+    for _ in range(10):
+        if e is None:
+            return None
+        for line in reversed(str(e).splitlines()):
+            if START_FAILED in line:
+                return line[line.index(START_FAILED):].strip()
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 
 
@@ -227,8 +241,11 @@ class Answerer:
         from ragserve.rag import RAG
 
         cfg = RAGConfig().replace(**config)
-        generator = _ray_generator(cfg, generator_app) if generator_app else None
-        self.rag = RAG.from_index(index, cfg, generator=generator)
+        try:
+            generator = _ray_generator(cfg, generator_app) if generator_app else None
+            self.rag = RAG.from_index(index, cfg, generator=generator)
+        except Exception as e:  # noqa: BLE001 - told to the driver as text (see _start_failure)
+            raise ClusterError(f"{START_FAILED} on {socket.gethostname()}: {type(e).__name__}: {e}") from None
         self.concurrency, self.timeout_s = concurrency, timeout_s
         # one loop for every batch: the pipeline hands results back to the caller's loop
         self.loop = asyncio.new_event_loop()
@@ -312,8 +329,11 @@ def _serve_running() -> bool:
 
 @contextlib.contextmanager
 def _data_context() -> Iterator[None]:
-    """Ray Data settings for this run, put back after: no progress bars or start banner
-    (the caller shows progress), a bound on the actors' start, ragserve's own errors."""
+    """Ray Data settings for this run, put back after: no progress bars, start banner or
+    progress logs (the caller shows progress; errors are still logged), a bound on the
+    actors' start, ragserve's own errors."""
+    import logging
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -322,9 +342,13 @@ def _data_context() -> Iterator[None]:
     before = {k: getattr(ctx, k) for k in wanted}
     for k, v in wanted.items():
         setattr(ctx, k, v)
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        data_log.setLevel(level)
         for k, v in before.items():
             setattr(ctx, k, v)
 

@@ -10,6 +10,7 @@ The checks that need no cluster (the plan, refusals before any work) are unit te
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -99,7 +100,8 @@ def test_every_question_answered_with_the_records_of_ragserve_batch(ray_cluster,
         assert r["answer"] == want["answer"] == REPLY and r["cache_tier"] == want["cache_tier"] == "miss"
         assert [s["chunk_id"] for s in r["sources"]] == [s["chunk_id"] for s in want["sources"]]
         scores = [s["score"] for s in want["sources"]]
-        assert [s["score"] for s in r["sources"]] == pytest.approx(scores, abs=2e-4)
+        # NOTE: not to the last digit: an actor embeds with one thread, this process with several
+        assert [s["score"] for s in r["sources"]] == pytest.approx(scores, abs=1e-3)
         assert r["usage"] == want["usage"] and r["finish_reason"] == want["finish_reason"]
         assert set(r["timings"]) == set(want["timings"]) and r["timings"]["generate"] > 0
 
@@ -144,13 +146,14 @@ def test_an_interrupted_run_resumes_without_asking_an_answered_question_again(ra
 
 @pytest.mark.ray
 @pytest.mark.http
-def test_an_actor_that_cannot_start_fails_the_run_with_ragserves_error(ray_cluster, xquad_index, fake, asked,
-                                                                     tmp_path):
+def test_an_actor_that_cannot_start_fails_the_run_saying_why(ray_cluster, xquad_index, fake, asked, tmp_path):
     questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
     write_questions(questions, asked[:2])
-    cfg = config(fake.url, openai={"urls": [fake.url], "tokenizer": "server", "model": "not-served"})
-    with pytest.raises(ConfigError, match="openai.model.*not 'not-served'"):
+    cfg = config(fake.url).replace(openai={"model": "not-served"})
+    with pytest.raises(ClusterError) as e:
         run_batch_ray(xquad_index, questions, out, cfg, actors=1)
+    assert re.fullmatch(r"\[cluster\] an answering actor could not start on \S+: ConfigError: \[config\] "
+                        rf"openai.model: {fake.url} serves 'fake-model', not 'not-served'", str(e.value))
     assert not out.exists() or not records(out)
 
 
