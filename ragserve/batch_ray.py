@@ -126,8 +126,7 @@ def run_batch_ray(
     items = read_questions(questions)
     check_questions(items, config.query.max_question_chars, questions)
     _check_l2(config)
-    if actors is not None and actors < 1:
-        raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
+    plan_actors(len(items), concurrency, actors, 0.0)  # refuses a bad --concurrency or --ray-actors now
     folder = read_manifest(index).folder  # a missing index fails before any cluster starts
     done_ids = answered_ids(out)
     todo = [(qid, q) for qid, q in items if qid not in done_ids]

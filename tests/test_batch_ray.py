@@ -17,7 +17,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.batch import answered_ids, run_batch
+from ragserve.batch import BatchInputError, answered_ids, run_batch
 from ragserve.batch_ray import plan_actors, run_batch_ray
 from ragserve.config import RAGConfig
 from ragserve.errors import ClusterError, ConfigError, IndexNotFoundError
@@ -228,6 +228,8 @@ def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
     cfg = config("http://127.0.0.1:9")
     with pytest.raises(ConfigError, match="cache.redis_url.*embedded"):
         run_batch_ray(xquad_index, questions, out, cfg.replace(cache={"redis_url": "embedded"}))
+    with pytest.raises(BatchInputError, match="concurrency must be >= 1"):
+        run_batch_ray(xquad_index, questions, out, cfg, concurrency=0)
     with pytest.raises(IndexNotFoundError):
         run_batch_ray(tmp_path / "no-index", questions, out, cfg)
     # every question already answered: nothing to do, no cluster
