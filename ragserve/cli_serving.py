@@ -22,6 +22,19 @@ def batch_cmd(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL answers file; appended to, and resumed from.")],
     concurrency: Annotated[int, typer.Option(help="Questions in the engine at once.")] = 16,
     timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Answer on a Ray cluster: a pool of Ray Data actors over a generator deployment "
+                      "(vllm) or the openai backend's servers; same output and resume. --concurrency is "
+                      "the total over all actors. On several machines, INDEX must be at the same path on "
+                      "every node.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' or "
+                              "'local', as for build-index --ray. Default: ray.address, else RAY_ADDRESS, "
+                              "else the cluster `ray start` runs on this machine, else a local one for this "
+                              "run.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        "--ray-actors", min=1, help="With --ray: answering actors, a CPU each (default: one per CPU left "
+                                    "free on the cluster).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a file of questions: bounded concurrency, progress, resume after an interruption.
@@ -29,14 +42,21 @@ def batch_cmd(
     Exits 0 when every question has an answer, 2 when some failed (their lines say why).
     """
     import asyncio
+    import contextlib
 
     from ragserve.batch import check_questions, read_questions, run_batch
-    from ragserve.rag import RAG
 
     cfg = load_config(config)
+    if (ray_address or ray_actors) and not ray:
+        raise typer.BadParameter("--ray-address and --ray-actors need --ray")
     # a bad questions file, or a question that cannot be asked, fails before the engine starts
     check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
-    with RAG.from_index(index, cfg) as rag, question_progress(console, "answering") as update:
+    with contextlib.ExitStack() as stack:
+        if not ray:
+            from ragserve.rag import RAG
+
+            rag = stack.enter_context(RAG.from_index(index, cfg))
+        update = stack.enter_context(question_progress(console, "answering"))
 
         def on_start(s: Any) -> None:
             update(total=s.total - s.skipped)
@@ -48,8 +68,16 @@ def batch_cmd(
                    note=f"[red]{s.failed} failed[/]" if s.failed else "")
 
         try:
-            summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency, timeout_s=timeout,
-                                            on_start=on_start, on_record=on_record))
+            if ray:
+                from ragserve.batch_ray import run_batch_ray
+
+                summary = run_batch_ray(index, questions, out_file, cfg, address=ray_address,
+                                        actors=ray_actors, concurrency=concurrency, timeout_s=timeout,
+                                        on_start=on_start, on_record=on_record,
+                                        say=lambda line: console.print(line, highlight=False))
+            else:
+                summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency,
+                                                timeout_s=timeout, on_start=on_start, on_record=on_record))
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]: the answers written so far are kept in {out_file}; "
                           "run the same command again to resume")

@@ -30,6 +30,9 @@ class Behaviour:
     """Before the response starts (a long queue + prefill)."""
     status: int = 200
     """Not 200: every completion is answered with this status and an error body."""
+    refuse_word: str | None = None
+    """A prompt with this word in it is refused with HTTP 400 (the request's own fault: the
+    client neither retries it nor counts it against the server); the others are answered."""
     die_after: int | None = None
     """Chunks sent before the connection is cut (the handler raises mid-stream)."""
     stall_after: int | None = None
@@ -127,6 +130,9 @@ class FakeOpenAI:
             if body.get("model") != self.b.name:
                 error = {"message": f"model {body.get('model')!r} not found", "code": 404}
                 return JSONResponse({"error": error}, status_code=404)
+            if self.b.refuse_word and self.b.refuse_word in self.prompt_text(body["prompt"]).split():
+                message = f"the fake server refuses prompts with {self.b.refuse_word!r}"
+                return JSONResponse({"error": {"message": message, "code": 400}}, status_code=400)
             return StreamingResponse(self._events(body), media_type="text/event-stream")
 
         @app.post("/v1/chat/completions")

@@ -94,3 +94,27 @@ def test_cli_batch_on_the_real_engine(rag, xquad_corpus, tmp_path, monkeypatch):
     assert sorted(r["id"] for r in got) == [str(i) for i in range(6)] and all(r["answer"] for r in got)
     again = CliRunner().invoke(cli.app, ["batch", "unused-index", str(questions), "--out", str(out)])
     assert again.exit_code == 0 and "skipped 6" in again.output and len(records(out)) == 6
+
+
+def test_cli_batch_opens_the_engine_and_exits_2_when_a_question_failed(fake_rag, tmp_path,  # noqa: F811
+                                                                      monkeypatch):
+    from typer.testing import CliRunner
+
+    from ragserve import cli
+    from ragserve.rag import RAG
+
+    questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    write_questions(questions, 5, poison_at=2)
+    fake_rag.generator = FakeGenerator(fail_on="poison")
+    opened = []
+
+    @contextlib.contextmanager
+    def this_rag(path, cfg=None):
+        opened.append(str(path))
+        yield fake_rag
+
+    monkeypatch.setattr(RAG, "from_index", this_rag)
+    result = CliRunner().invoke(cli.app, ["batch", "some-index", str(questions), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "done 4, failed 1, skipped 0" in result.output and opened == ["some-index"]
+    assert [r["id"] for r in records(out) if "error" in r] == ["q2"]

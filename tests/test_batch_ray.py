@@ -1,0 +1,248 @@
+"""``ragserve batch --ray``: the questions answered by Ray Data actors on the session's local
+Ray cluster (``ray_cluster``), with the real XQuAD index and MiniLM, generation by the
+``openai`` backend against the fake OpenAI-compatible server in this process
+(``fake_openai.py``, which refuses prompts with one word). The same with the real vLLM
+engine in a generator deployment: ``test_real_engine_in_a_generator_deployment`` (markers
+``engine`` and ``ray``).
+
+The checks that need no cluster (the plan, refusals before any work) are unit tests here too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from ragserve.batch import BatchInputError, answered_ids, run_batch
+from ragserve.batch_ray import plan_actors, run_batch_ray
+from ragserve.config import RAGConfig
+from ragserve.errors import ClusterError, ConfigError, IndexNotFoundError
+
+from .fake_openai import Behaviour, FakeOpenAI
+from .http_server import running
+
+REFUSE = "REFUSE"
+REPLY = "an answer from the fake server"
+RECORD_KEYS = {"id", "question", "answer", "cache_tier", "sources", "usage", "finish_reason", "timings"}
+
+
+def config(url: str, **sections: dict) -> RAGConfig:
+    return RAGConfig().replace(generate={"backend": "openai", "max_tokens": 16},
+                               openai={"urls": [url], "tokenizer": "server"}, **sections)
+
+
+def write_questions(path: Path, questions: list[str], refuse_at: int | None = None) -> list[tuple[str, str]]:
+    items = [(f"q{i}", f"Please {REFUSE} to answer: {q}" if i == refuse_at else q)
+             for i, q in enumerate(questions)]
+    path.write_bytes(b"".join(orjson.dumps({"id": i, "question": q}) + b"\n" for i, q in items))
+    return items
+
+
+def records(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeOpenAI(Behaviour(refuse_word=REFUSE))
+    with running(server.app) as url:
+        server.url = url  # type: ignore[attr-defined]
+        yield server
+
+
+@pytest.fixture(scope="module")
+def asked(xquad_corpus) -> list[str]:
+    return [q["question"] for q in xquad_corpus[1][::17][:8]]
+
+
+# -- on the cluster ------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.http
+def test_every_question_answered_with_the_records_of_ragserve_batch(ray_cluster, xquad_index, embedder, fake,
+                                                                   asked, tmp_path):
+    from ragserve.rag import RAG
+
+    questions, out, local_out = tmp_path / "q.jsonl", tmp_path / "ray.jsonl", tmp_path / "local.jsonl"
+    items = write_questions(questions, asked, refuse_at=3)
+    cfg = config(fake.url)
+    seen, lines = [], []
+    summary = run_batch_ray(xquad_index, questions, out, cfg, actors=2, concurrency=4,
+                            on_start=lambda s: seen.append(("start", s.total, s.skipped)),
+                            on_record=lambda r, s: seen.append((r["id"], s.done + s.failed)),
+                            say=lines.append)
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (8, 7, 1, 0)
+    assert seen[0] == ("start", 8, 0) and [n for _, n in seen[1:]] == list(range(1, 9))
+    assert "2 actor(s) x 2 questions at once" in lines[0] and "openai backend in every actor" in lines[0]
+    got = {r["id"]: r for r in records(out)}
+    assert sorted(got) == sorted(i for i, _ in items) and len(records(out)) == 8  # each once
+    # the refused question is its error record; every other one is answered
+    failed = got.pop("q3")
+    assert set(failed) == {"id", "question", "error"} and failed["question"] == items[3][1]
+    assert failed["error"].startswith("GenerationError:") and "HTTP 400" in failed["error"]
+    assert answered_ids(out) == set(got)
+
+    # ragserve batch on the same file, in this process: the same records but for timings
+    with RAG.from_index(xquad_index, cfg, embedder=embedder) as rag:
+        import asyncio
+
+        asyncio.run(run_batch(rag, questions, local_out, concurrency=4))
+    local = {r["id"]: r for r in records(local_out)}
+    assert set(local.pop("q3")) == set(failed)
+    for qid, r in got.items():
+        want = local[qid]
+        assert set(r) == set(want) == RECORD_KEYS
+        assert r["answer"] == want["answer"] == REPLY and r["cache_tier"] == want["cache_tier"] == "miss"
+        assert [s["chunk_id"] for s in r["sources"]] == [s["chunk_id"] for s in want["sources"]]
+        scores = [s["score"] for s in want["sources"]]
+        # NOTE: not to the last digit: an actor embeds with one thread, this process with several
+        assert [s["score"] for s in r["sources"]] == pytest.approx(scores, abs=1e-3)
+        assert r["usage"] == want["usage"] and r["finish_reason"] == want["finish_reason"]
+        assert set(r["timings"]) == set(want["timings"]) and r["timings"]["generate"] > 0
+
+
+class Stop(Exception):
+    """Stands for Ctrl-C in the driver."""
+
+
+@pytest.mark.ray
+@pytest.mark.http
+def test_an_interrupted_run_resumes_without_asking_an_answered_question_again(ray_cluster, xquad_index, fake,
+                                                                            asked, tmp_path):
+    questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    items = write_questions(questions, asked[:6])
+    # an earlier `ragserve batch` answered q0 and failed q1, then crashed mid-write
+    out.write_bytes(orjson.dumps({"id": "q0", "question": items[0][1], "answer": "earlier"}) + b"\n"
+                    + orjson.dumps({"id": "q1", "question": items[1][1], "error": "TimeoutError: x"}) + b"\n"
+                    + b'{"id": "q2", "question": "ha')
+    cfg = config(fake.url)
+
+    def stop_after_one(record, summary):
+        if summary.done == 1:
+            raise Stop
+
+    asked_before = len(fake.bodies)
+    with pytest.raises(Stop):
+        run_batch_ray(xquad_index, questions, out, cfg, actors=1, concurrency=1, on_record=stop_after_one)
+    first = records(out)  # the half-written line was cut off; one new answer, then the stop
+    assert [r["id"] for r in first[:2]] == ["q0", "q1"] and len(first) == 3 and "answer" in first[2]
+
+    summary = run_batch_ray(xquad_index, questions, out, cfg, actors=1, concurrency=2)
+    assert (summary.total, summary.skipped, summary.done, summary.failed) == (6, 2, 4, 0)
+    final = records(out)
+    assert final[:3] == first and final[0]["answer"] == "earlier"
+    assert sorted(r["id"] for r in final[3:]) == sorted({"q1", "q2", "q3", "q4", "q5"} - {first[2]["id"]})
+    assert answered_ids(out) == {i for i, _ in items}
+    # the interrupted run's lost batch is asked again; q0 and the first run's answer never are
+    sent = [b["prompt"] for b in fake.bodies[asked_before:]]
+    assert not any(" ".join(items[0][1].split()) in fake.text(p) for p in sent)
+    assert sum(" ".join(first[2]["question"].split()) in fake.text(p) for p in sent) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.http
+def test_an_actor_that_cannot_start_fails_the_run_saying_why(ray_cluster, xquad_index, fake, asked, tmp_path):
+    questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    write_questions(questions, asked[:2])
+    cfg = config(fake.url).replace(openai={"model": "not-served"})
+    with pytest.raises(ClusterError) as e:
+        run_batch_ray(xquad_index, questions, out, cfg, actors=1)
+    assert re.fullmatch(r"\[cluster\] an answering actor could not start on \S+: ConfigError: \[config\] "
+                        rf"openai.model: {fake.url} serves 'fake-model', not 'not-served'", str(e.value))
+    assert not out.exists() or not records(out)
+
+
+@pytest.mark.ray
+@pytest.mark.http
+def test_cli_batch_ray(ray_cluster, xquad_index, fake, asked, tmp_path, monkeypatch):
+    from ragserve.cli import app
+
+    questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    write_questions(questions, asked[:4], refuse_at=1)
+    monkeypatch.setenv("RAGSERVE_GENERATE_BACKEND", "openai")
+    monkeypatch.setenv("RAGSERVE_OPENAI_URLS", fake.url)
+    monkeypatch.setenv("RAGSERVE_OPENAI_TOKENIZER", "server")
+    result = CliRunner().invoke(app, ["batch", str(xquad_index), str(questions), "--out", str(out),
+                                      "--ray", "--ray-actors", "1", "--concurrency", "2"])
+    assert result.exit_code == 2, result.output  # one question failed: its line says why
+    assert "done 3, failed 1, skipped 0 (already answered) of 4" in result.output
+    assert "1 actor(s) x 2 questions at once" in result.output
+    failed = {r["id"]: "error" in r for r in records(out)}
+    assert failed == {"q0": False, "q1": True, "q2": False, "q3": False}
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_real_engine_in_a_generator_deployment(ray_cluster, xquad_index, xquad_corpus, tmp_path):
+    """vLLM in the generator deployment the run deploys (one replica, 1 CPU) and one actor
+    (the other CPU); the application is gone after the run. Run it alone, with the lock:
+    ``flock /tmp/ragserve-engine.lock pytest -m "engine and ray" tests/test_batch_ray.py``."""
+    from ray import serve
+
+    questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    write_questions(questions, [q["question"] for q in xquad_corpus[1][::23][:5]])
+    cfg = RAGConfig().replace(generate={"max_tokens": 32}, vllm={"kv_cache_gib": 1},
+                              ray={"generator_num_cpus": 1, "app_name": "batch-engine"})
+    lines = []
+    summary = run_batch_ray(xquad_index, questions, out, cfg, concurrency=8, say=lines.append)
+    assert (summary.total, summary.done, summary.failed) == (5, 5, 0), records(out)
+    assert any("deploying the generator" in line for line in lines)
+    assert "1 actor(s) x 8 questions at once" in lines[-1]
+    assert "generator deployment 'batch-engine-batch-" in lines[-1]
+    for r in records(out):
+        assert set(r) == RECORD_KEYS and r["answer"].strip() and r["cache_tier"] == "miss"
+        assert 0 < r["usage"]["completion_tokens"] <= 32 and r["usage"]["prompt_tokens"] > 100
+        # vLLM's own stage split, carried back through the deployment
+        assert r["timings"]["generate_first_token"] > 0 and r["timings"]["generate_decode"] >= 0
+    assert not [a for a in serve.status().applications if a.startswith("batch-engine")]
+
+
+# -- without a cluster: what is refused or decided before any work -------------------------
+
+
+def test_the_plan_splits_the_concurrency_over_the_actors():
+    assert plan_actors(1000, 16, None, 2.0) == plan_actors(1000, 16, 2, 0.0)
+    p = plan_actors(1000, 16, None, 2.0)
+    assert (p.actors, p.per_actor, p.batch_size) == (2, 8, 32)
+    p = plan_actors(3, 16, 8, 8.0)  # never more actors than questions; each gets a batch
+    assert (p.actors, p.per_actor, p.batch_size) == (3, 6, 1)
+    assert plan_actors(10, 4, None, 0.5).actors == 1  # no free CPU yet (an autoscaler adds some)
+    with pytest.raises(ClusterError, match="--ray-actors must be >= 1"):
+        plan_actors(10, 4, 0, 2.0)
+
+
+def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
+    import ragserve.batch_ray as batch_ray
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(batch_ray, "ray_session", no_cluster)
+    questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    write_questions(questions, ["What is asked?", "And this?"])
+    cfg = config("http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="cache.redis_url.*embedded"):
+        run_batch_ray(xquad_index, questions, out, cfg.replace(cache={"redis_url": "embedded"}))
+    with pytest.raises(BatchInputError, match="concurrency must be >= 1"):
+        run_batch_ray(xquad_index, questions, out, cfg, concurrency=0)
+    with pytest.raises(IndexNotFoundError):
+        run_batch_ray(tmp_path / "no-index", questions, out, cfg)
+    # every question already answered: nothing to do, no cluster
+    answered = [orjson.dumps({"id": f"q{i}", "question": "x", "answer": "y"}) + b"\n" for i in range(2)]
+    out.write_bytes(b"".join(answered))
+    started = []
+    summary = run_batch_ray(xquad_index, questions, out, cfg, on_start=started.append)
+    assert (summary.total, summary.skipped, summary.done) == (2, 2, 0) and started == [summary]
+
+
+def test_cli_ray_options_need_ray(tmp_path):
+    from ragserve.cli import app
+
+    result = CliRunner().invoke(app, ["batch", str(tmp_path), str(tmp_path / "q.jsonl"), "--out",
+                                      str(tmp_path / "o.jsonl"), "--ray-actors", "2"])
+    assert result.exit_code == 2 and "need --ray" in result.output
