@@ -159,6 +159,20 @@ async def work_through(items: Sequence[T], work: Callable[[T], Awaitable[R]],
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(queue)))))
 
 
+def write_record(sink: Any, line: bytes, record: dict[str, Any], summary: BatchSummary, started: float,
+                 on_record: Callable[[dict[str, Any], BatchSummary], None] | None) -> None:
+    """Append one answer line and flush it (an interrupted run keeps it), then count it."""
+    sink.write(line + b"\n")
+    sink.flush()
+    if "error" in record:
+        summary.failed += 1
+    else:
+        summary.done += 1
+    summary.seconds = time.perf_counter() - started
+    if on_record:
+        on_record(record, summary)
+
+
 async def run_batch(
     rag: Any,
     questions: str | Path,
@@ -185,15 +199,7 @@ async def run_batch(
 
         def done(item: tuple[str, str], result: Any) -> None:
             record = _record(item[0], item[1], result)
-            sink.write(orjson.dumps(record) + b"\n")
-            sink.flush()  # written as it completes: an interrupted run keeps it
-            if "error" in record:
-                summary.failed += 1
-            else:
-                summary.done += 1
-            summary.seconds = time.perf_counter() - started
-            if on_record:
-                on_record(record, summary)
+            write_record(sink, orjson.dumps(record), record, summary, started, on_record)
 
         try:
             await work_through(todo, ask, done, concurrency)

@@ -61,6 +61,7 @@ from ragserve.batch import (
     answered_ids,
     check_questions,
     read_questions,
+    write_record,
 )
 from ragserve.cluster import INSTALL_HINT, import_ray, ray_session
 from ragserve.errors import ClusterError, ConfigError, RagserveError
@@ -161,16 +162,7 @@ def _write(dataset: Any, out: str | Path, summary: BatchSummary,
         try:
             for row in _rows(dataset):
                 line: str = row["line"]
-                sink.write(line.encode() + b"\n")
-                sink.flush()  # written as it comes back: an interrupted run keeps it
-                record = orjson.loads(line)
-                if "error" in record:
-                    summary.failed += 1
-                else:
-                    summary.done += 1
-                summary.seconds = time.perf_counter() - started
-                if on_record:
-                    on_record(record, summary)
+                write_record(sink, line.encode(), orjson.loads(line), summary, started, on_record)
         finally:
             sink.flush()
             os.fsync(sink.fileno())

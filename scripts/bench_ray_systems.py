@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 
 from bench_serving_report import Record
+from headline_systems import tree
 
 # name -> (what it is, the runs it takes part in)
 SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -38,12 +39,6 @@ SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def tree(pid: int) -> set[int]:
-    try:
-        root = psutil.Process(pid)
-        return {root.pid, *(c.pid for c in root.children(recursive=True))}
-    except psutil.Error:
-        return set()
 
 
 def title(pid: int) -> str:
