@@ -50,7 +50,10 @@ def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l
         if len(seen) == 2:
             break
     assert sorted(seen.values()) == ["l2", "miss"] and r.json()["answer"] == body["answer"]
-    gen = generator_status(url)
+    # the status is the answering replica's last probe of the deployment (every 0.5 s here)
+    deadline = time.monotonic() + 15
+    while (gen := generator_status(url))["prefix_cache"]["requests"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert gen["backend"] == "ray:vllm" and gen["alive"] and gen["prefix_cache"]["requests"] >= 1
     assert httpx.get(f"{url}/health").json()["engine"] == "alive"
 
