@@ -5,8 +5,9 @@ The corpus is ``bench_incremental.py``'s: XQuAD's English paragraphs, a few per 
 each file made unique. One embedding model is loaded in this process and given to both
 builds, so neither pays the driver's model load; the Ray build pays Ray's own start-up,
 which is reported apart: starting (or connecting to) the cluster, and Ray Data starting
-the embedding actors (each loading its model, in parallel) before the first slice. Both builds are full builds into new folders,
-and the script checks that they wrote the same index (fingerprint).
+the embedding actors (each loading its model, in parallel) before the first slice. Both
+builds are full builds into new folders, and the script checks that they wrote the same
+index (fingerprint).
 
 The projection takes the per-actor encoding rate measured here (chunks per second of
 encode time, one actor per ``embed.threads`` CPUs) and the read-and-chunk CPU time, and
