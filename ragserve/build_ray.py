@@ -5,21 +5,19 @@ Ray cluster (``ragserve build-index --ray``).
   reader and chunker (``incremental.read_source``) with the embedding model's tokenizer
   (put in the object store once). ``assemble`` then numbers the chunks in the plan's
   order, so the chunk ids are a local build's whatever order the tasks finish in.
-- New chunks are embedded by a pool of actors (Ray's ``ActorPool``), each holding
-  ragserve's own ``SentenceTransformerEmbedder``, one ``embed_slices`` slice per call. A
-  text's vector depends on the texts padded with it, so the slices are the local build's:
-  the vectors, the float16 index file and the fingerprint come out the same as a local
-  build's on the same kind of CPU.
-- The vectors come back to the driver, which builds the FAISS index and publishes the
+- New chunks are embedded with Ray Data: a dataset of the local build's ``embed_slices``
+  slices (one row each: its start and its texts) mapped by ``map_batches`` with a class
+  (``ChunkEmbedder``) on a fixed pool of actors, each holding ragserve's own
+  ``SentenceTransformerEmbedder``, one slice per call (``batch_size=1``). A text's vector
+  depends on the texts padded with it, so the slices are the local build's: the vectors,
+  the float16 index file and the fingerprint come out the same as a local build's on the
+  same kind of CPU. Each output row also says which actor embedded it and how long that
+  took, from which ``report.cluster`` gives each actor's share and rate.
+- The vectors stream back to the driver, which builds the FAISS index and publishes the
   folder with ``finish_build``, as a local build does.
 
 Incremental builds work as locally: unchanged files keep their chunks and vectors from the
 previous index (read on the driver); only new and changed files go to the cluster.
-
-NOTE: Ray Data (``map_batches`` with an actor class) is the usual tool for this, but it
-needs ``ray[data]`` (pyarrow), which the ``ragserve[ray]`` extra (``ray[serve]``) does not
-install. Ray core's tasks and ``ActorPool`` do the same job here without it, and keep the
-local build's embedding slices exactly.
 
 On more than one machine: install ragserve and its embedding model on every node (each
 actor checks the model's identity against the driver's), and make the source folder
@@ -32,9 +30,15 @@ they run.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
+import logging
 import os
 import socket
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +78,8 @@ def build_index_ray(
     ``address`` is as for ``cluster.ray_session`` (default: this process's connection, else
     a running cluster, else a local one started for this build); ``num_cpus`` sizes a
     local cluster started here. ``report.cluster`` says what ran where, and
-    ``report.seconds`` holds ``ray_start`` and ``actors`` (Ray's own start-up) apart.
+    ``report.seconds`` holds ``ray_start`` and ``actors`` (Ray's own start-up: Ray Data
+    starting the actors, each loading its model, before the first slice) apart.
     """
     ray = import_ray()  # a missing ray or a bad address fails before any work
     if address not in (None, "auto", "local"):
@@ -93,7 +98,7 @@ def build_index_ray(
             pool = _EmbedPool(ray, build, actors or max(1, int(info.cpus // _cpus_per_actor(build))),
                               progress)
             report = finish_build(build, g, progress=progress, embed=pool.embed)
-        except ray.exceptions.RayTaskError as e:
+        except ray.exceptions.RayError as e:
             raise _cause(e) from None
     report.cluster = {"address": info.address, "how": info.how, "nodes": info.nodes, "cpus": info.cpus,
                       "read_tasks": tasks, "files_read": len(files), **pool.summary()}
@@ -142,42 +147,50 @@ def _file_runs(files: list[SourceFile], n: int) -> list[list[SourceFile]]:
 
 
 class ChunkEmbedder:
-    """A Ray actor holding ragserve's own embedder: loaded once by ``ready()``, then one
-    slice of chunk texts per ``embed`` call.
+    """Ray Data's callable class for ``map_batches``: ragserve's own embedder, loaded and
+    checked against the driver's model once per actor, then one slice per call
+    (``batch_size=1``). A row in is ``start`` and ``texts``; a row out is ``start``, the
+    vectors as raw float32 bytes, the seconds spent encoding and ``actor`` (JSON: Ray's
+    actor id, node, pid, model load seconds, precision), so the driver can tell each
+    actor's share from the rows alone.
 
-    **Usage:** ``a = ray.remote(ChunkEmbedder).remote(config, identity, 0); ray.get(a.ready.remote())``
+    NOTE: the model loads in ``__init__``, not in a ``warm_up()``: Ray Data builds the
+    class once per actor and waits for every actor's ``__init__`` before it sends work.
+
+    **Usage:** ``ds.map_batches(ChunkEmbedder, fn_constructor_kwargs={"config": c,
+    "identity": i, "batch_size": 32}, compute=ray.data.ActorPoolStrategy(size=2), batch_size=1)``
     """
 
-    def __init__(self, config: EmbedConfig, identity: dict[str, Any], index: int) -> None:
-        self.config, self.identity, self.index = config, identity, index
-        self.embedder: Any = None
-
-    def ready(self) -> dict[str, Any]:
-        """Load the model (checking it is the driver's); where and how fast."""
+    def __init__(self, config: EmbedConfig, identity: dict[str, Any], batch_size: int) -> None:
         from ragserve.embed import SentenceTransformerEmbedder
 
         t = time.perf_counter()
-        embedder = SentenceTransformerEmbedder(self.config)
-        if embedder.identity.get("identity") != self.identity.get("identity"):
+        embedder = SentenceTransformerEmbedder(config)
+        if embedder.identity.get("identity") != identity.get("identity"):
             raise ModelError(f"the embedding model on node {socket.gethostname()} ({embedder.path}, "
                              f"{str(embedder.identity.get('identity'))[:12]}) is not the driver's "
-                             f"({self.identity.get('name')}, {str(self.identity.get('identity'))[:12]}): "
+                             f"({identity.get('name')}, {str(identity.get('identity'))[:12]}): "
                              "install the same model on every node", stage="embed")
         embedder.warm_up()
-        self.embedder = embedder
-        return {"actor": self.index, "node": socket.gethostname(), "pid": os.getpid(),
-                "load_s": round(time.perf_counter() - t, 3), "precision": embedder.precision}
+        self.embedder, self.batch_size = embedder, batch_size
+        self.actor = json.dumps({"id": _actor_id(), "node": socket.gethostname(), "pid": os.getpid(),
+                                 "load_s": round(time.perf_counter() - t, 3),
+                                 "precision": embedder.precision})
 
-    def embed(self, start: int, texts: list[str], batch_size: int) -> tuple[int, np.ndarray, float, int]:
-        """``(start, vectors, seconds spent encoding, actor index)`` for one slice."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (start,), (texts,) = batch["start"], batch["texts"]
         t = time.perf_counter()
-        vectors = self.embedder.encode(texts, batch_size=batch_size)
-        return start, vectors, time.perf_counter() - t, self.index
+        vectors = self.embedder.encode([str(text) for text in texts], batch_size=self.batch_size)
+        # NOTE: an object array: a numpy bytes array ("S") would drop the payload's trailing zero bytes.
+        payload = np.array([np.ascontiguousarray(vectors, np.float32).tobytes()], dtype=object)
+        return {"start": np.array([start]), "vectors": payload,
+                "seconds": np.array([time.perf_counter() - t]), "actor": np.array([self.actor])}
 
 
 class _EmbedPool:
-    """``finish_build``'s ``embed``: the actors start on the first call (a build with
-    nothing new to embed starts none) and are killed when it returns."""
+    """``finish_build``'s ``embed``: a Ray Data dataset of the local build's slices, mapped by
+    ``actors`` ``ChunkEmbedder`` actors. Ray Data starts the actors on the first call (a
+    build with nothing new to embed starts none) and stops them when the dataset is done."""
 
     def __init__(self, ray: Any, build: PlannedBuild, actors: int, progress: ProgressFn | None) -> None:
         self.ray, self.build, self.actors, self.progress = ray, build, actors, progress
@@ -187,55 +200,118 @@ class _EmbedPool:
         precision = getattr(build.embedder, "precision", config.precision)
         self.config = dataclasses.replace(config, precision=precision)
         self.cpus = _cpus_per_actor(build)
-        self.started: list[dict[str, Any]] = []
-        self.work: dict[int, list[float]] = {}
+        self.started = 0
+        self.work: dict[str, dict[str, Any]] = {}  # by Ray actor id, in the order they answered
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        ray, batch = self.ray, self.build.config.embed.batch_size
+        batch = self.build.config.embed.batch_size
         slices = embed_slices(len(texts), batch)
         out = np.empty((len(texts), self.build.embedder.dim), np.float32)
         if not slices:
             return out
-        n = min(self.actors, len(slices))
-        cls = ray.remote(ChunkEmbedder).options(num_cpus=self.cpus)
-        handles = [cls.remote(self.config, self.build.embedder.identity, i) for i in range(n)]
-        try:
-            t = time.perf_counter()
-            self.started = self._ready(handles)
-            self.build.timings["actors"] = time.perf_counter() - t
-            done = 0
-            pool = ray.util.ActorPool(handles)
-            for start, vectors, seconds, index in pool.map_unordered(
-                    lambda a, s: a.embed.remote(s[0], texts[s[0]:s[1]], batch), slices):
-                out[start:start + len(vectors)] = vectors
-                work = self.work.setdefault(index, [0, 0.0])
-                work[0] += len(vectors)
-                work[1] += seconds
-                done += len(vectors)
-                if self.progress:
-                    self.progress("embed", done, len(texts))
-        finally:
-            for h in handles:
-                ray.kill(h)
+        n, failure = min(self.actors, len(slices)), None
+        t = time.perf_counter()
+        with _ray_data_settings() as ray_data:
+            # One slice per block, so that each slice is a task of its own that any actor can take.
+            ds = ray_data.from_items([{"start": s, "texts": texts[s:e]} for s, e in slices],
+                                     override_num_blocks=len(slices))
+            with warnings.catch_warnings():
+                # NOTE: max_restarts=0 keeps ActorPool's behaviour (an actor that dies fails the
+                # build: no endless retries of a slice that kills it) and spares Ray core's
+                # warning about restartable actors. It goes through **ray_remote_args, which
+                # Ray 2.60 deprecates (removed in 2.64) with no named parameter to replace it.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy", num_cpus=self.cpus,
+                                    compute=ray_data.ActorPoolStrategy(size=n), max_restarts=0,
+                                    fn_constructor_kwargs={"config": self.config, "batch_size": batch,
+                                                           "identity": self.build.embedder.identity})
+            self.started = n
+            try:
+                self._stream(ds, out, t)
+            except self.ray.exceptions.GetTimeoutError:
+                total = self.ray.cluster_resources().get("CPU", 0)
+                failure = ClusterError(f"{n} embedding actors ({self.cpus} CPU each) did not start within "
+                                       f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {total:g} CPUs in all: "
+                                       "lower --ray-actors")
+            except self.ray.exceptions.RayError as e:
+                if not isinstance(_cause(e), RagserveError):
+                    raise
+                failure = _cause(e)
+        if failure is not None:
+            # NOTE: when an actor fails to start, Ray Data raises from its operator's start and
+            # leaves the actors that did start running, held only by the frames of its
+            # exception; collecting them (outside the except block, so that nothing keeps
+            # them) is what stops those actors and frees their CPUs.
+            gc.collect()
+            raise failure
         return out
 
-    def _ready(self, handles: list[Any]) -> list[dict[str, Any]]:
+    def _stream(self, ds: Any, out: np.ndarray, t: float) -> None:
+        """Put each row's vectors in place as it comes (in any order), with progress."""
+        done, dim = 0, out.shape[1]
+        rows = iter(ds.iter_rows())
         try:
-            return self.ray.get([h.ready.remote() for h in handles], timeout=ACTOR_START_TIMEOUT_S)
-        except self.ray.exceptions.GetTimeoutError:
-            free = self.ray.available_resources().get("CPU", 0)
-            raise ClusterError(f"{len(handles)} embedding actors ({self.cpus} CPU each) did not start within "
-                               f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {free:g} CPUs free: lower "
-                               "--ray-actors") from None
+            for row in rows:
+                vectors = np.frombuffer(row["vectors"], np.float32).reshape(-1, dim)
+                out[int(row["start"]):int(row["start"]) + len(vectors)] = vectors
+                if not self.work:  # Ray Data starts every actor before it sends the first slice
+                    self.build.timings["actors"] = time.perf_counter() - t - float(row["seconds"])
+                self._count(row, len(vectors))
+                done += len(vectors)
+                if self.progress:
+                    self.progress("embed", done, len(out))
+        finally:
+            getattr(rows, "close", lambda: None)()  # stops the actors also when this loop fails
+
+    def _count(self, row: dict[str, Any], chunks: int) -> None:
+        actor = json.loads(row["actor"])
+        work = self.work.setdefault(actor.pop("id"), {"actor": len(self.work), **actor, "chunks": 0,
+                                                      "seconds": 0.0})
+        work["chunks"] += chunks
+        work["seconds"] += float(row["seconds"])
 
     def summary(self) -> dict[str, Any]:
-        """Per actor: node, model load time, chunks embedded and the encoding rate."""
-        per_actor = []
-        for s in self.started:
-            chunks, seconds = self.work.get(s["actor"], [0, 0.0])
-            per_actor.append({**s, "chunks": int(chunks), "seconds": round(seconds, 3),
-                              "chunks_per_s": round(chunks / seconds, 1) if seconds else 0.0})
-        return {"actors": len(self.started), "cpus_per_actor": self.cpus, "per_actor": per_actor}
+        """Per actor that embedded a slice: node, model load time, chunks embedded and the
+        encoding rate (an actor that got no slice sends no row, so it is not listed)."""
+        per_actor = [{**w, "seconds": round(w["seconds"], 3),
+                      "chunks_per_s": round(w["chunks"] / w["seconds"], 1) if w["seconds"] else 0.0}
+                     for w in self.work.values()]
+        return {"actors": self.started, "cpus_per_actor": self.cpus, "per_actor": per_actor}
+
+
+@contextmanager
+def _ray_data_settings() -> Iterator[Any]:
+    """``ray.data``, set up for one build and put back after: no progress bars or start
+    banner (the build reports progress itself), a start timeout for the actors, and Ray
+    Data's console log muted (its file log, under the Ray session's ``logs/ray-data``,
+    keeps everything): its errors come back as ragserve's ModelError or ClusterError, or as
+    Ray's exception, which carries the remote traceback."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False,
+                "wait_for_min_actors_s": int(ACTOR_START_TIMEOUT_S)}
+    saved = {k: getattr(ctx, k) for k in settings}
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in console]
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    for h in console:
+        h.setLevel(logging.CRITICAL + 1)
+    try:
+        yield ray.data
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for h, level in zip(console, levels):
+            h.setLevel(level)
+
+
+def _actor_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"  # None outside an actor
 
 
 def _cpus_per_actor(build: PlannedBuild) -> int:
@@ -245,6 +321,17 @@ def _cpus_per_actor(build: PlannedBuild) -> int:
 
 def _cause(e: Exception) -> BaseException:
     """The error a task or actor raised, when it is one of ragserve's (it names the stage
-    and the file or model); else Ray's error, which carries the remote traceback."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, RagserveError) else e
+    and the file or model); else Ray's error, which carries the remote traceback. Ray and
+    Ray Data wrap it a level or two deep (an actor whose ``__init__`` failed is an
+    ActorDiedError around a RayTaskError around it), so the wrappers are searched."""
+    todo: list[BaseException] = [e]
+    seen: set[int] = set()
+    while todo:
+        x = todo.pop(0)
+        if isinstance(x, RagserveError):
+            return x
+        if id(x) not in seen:
+            seen.add(id(x))
+            todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__, *x.args)
+                     if isinstance(c, BaseException)]
+    return e

@@ -4,9 +4,10 @@ chunks), side by side in one run, with a projection to N machines on paper.
 The corpus is ``bench_incremental.py``'s: XQuAD's English paragraphs, a few per file,
 each file made unique. One embedding model is loaded in this process and given to both
 builds, so neither pays the driver's model load; the Ray build pays Ray's own start-up,
-which is reported apart: starting (or connecting to) the cluster, and the embedding
-actors loading their models in parallel. Both builds are full builds into new folders,
-and the script checks that they wrote the same index (fingerprint).
+which is reported apart: starting (or connecting to) the cluster, and Ray Data starting
+the embedding actors (each loading its model, in parallel) before the first slice. Both
+builds are full builds into new folders, and the script checks that they wrote the same
+index (fingerprint).
 
 The projection takes the per-actor encoding rate measured here (chunks per second of
 encode time, one actor per ``embed.threads`` CPUs) and the read-and-chunk CPU time, and
@@ -162,9 +163,10 @@ def main() -> None:
              f"- Local embedding rate (this process, {torch.get_num_threads()} torch threads): "
              f"{local.chunks / max(local.seconds.get('embed', 0), 1e-9):,.1f} chunks/s", "",
              "## Builds", "", *build_rows(local, local_s, ray, ray_s), "",
-             "Ray start: the cluster started (or connected to) for this build; actors start: the embedding "
-             "actors loading their models in parallel; read + chunk: Ray tasks, including each worker's "
-             "first imports (llama-index, the tokenizer).", "",
+             "Ray start: the cluster started (or connected to) for this build; actors start: Ray Data "
+             "starting the embedding actors, each loading its model in parallel, until the first slice came "
+             "back (less its encode time); read + chunk: Ray tasks, including each worker's first imports "
+             "(llama-index, the tokenizer).", "",
              "## Embedding actors", "", *actor_rows(c), "",
              "## Projection on paper to N machines like this one", "", *proj_lines, "",
              f"Load average at the end: {[round(x, 2) for x in os.getloadavg()]}"]

@@ -24,13 +24,23 @@ from ragserve.errors import ClusterError
 from .test_incremental import CountingEmbedder, _edit, _open, _same_ranking
 
 # Slices of 32 chunks (embed.batch_size * 8): the ~40 chunks of the slice go to two actors
-# in two slices, so the pool's out-of-order results are put back in order.
+# in two slices, so Ray Data's out-of-order rows are put back in order.
 SMALL_BATCHES = RAGConfig().replace(embed={"batch_size": 4})
+FINE_SLICES = RAGConfig().replace(embed={"batch_size": 1})  # slices of 8 chunks
 QUESTIONS = 6
 
 
 def _manifest_body(m):
     return {k: v for k, v in m.data.items() if k != "created_at"}
+
+
+def _cpus_free_again(ray, cpus=2, wait_s=10.0):
+    """Whether every CPU of the cluster is free again within ``wait_s`` (Ray's resource view
+    lags an actor's exit a little): the build's actors were stopped."""
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU", 0) >= cpus
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +94,11 @@ def test_ray_build_reports_the_cluster_and_each_actor(built):
     assert c["files_read"] == on_ray.files_read + len(on_ray.skipped) and c["read_tasks"] >= 2
     assert c["actors"] == 2 and sum(a["chunks"] for a in c["per_actor"]) == on_ray.embedded == on_ray.chunks
     assert all(a["chunks"] > 0 and a["chunks_per_s"] > 0 for a in c["per_actor"])
+    assert [a["actor"] for a in c["per_actor"]] == list(range(len(c["per_actor"])))
+    assert all(a["load_s"] > 0 and a["pid"] > 0 and a["node"] for a in c["per_actor"])
     assert {"ray_start", "read", "actors", "embed", "index", "write"} <= set(on_ray.seconds)
+    assert 0 < on_ray.seconds["actors"] < on_ray.seconds["embed"]
+    assert _cpus_free_again(sys.modules["ray"])  # Ray Data stopped the actors when the dataset was done
 
 
 @pytest.mark.ray
@@ -123,7 +137,8 @@ def test_ray_build_is_incremental_and_sends_only_changed_files(built, tmp_path, 
 
 
 @pytest.mark.ray
-def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xquad_index, ray_cluster):
+def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xquad_index, ray_cluster,
+                                                    capfd):
     from ragserve.manifest import verify
 
     out = tmp_path / "cli"
@@ -131,6 +146,10 @@ def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xqua
                                       "--ray-actors", "1"])
     assert result.exit_code == 0, result.output
     assert "ray: this process's connection" in result.output and "actor 0 on" in result.output
+    # Ray Data's progress bars, banners and warnings stay out of the CLI's output.
+    printed = result.output + "".join(capfd.readouterr())
+    for noise in ("Dataset", "execution finished", "Progress bars", "core_worker", "deprecated"):
+        assert noise not in printed, noise
     assert verify(out).fingerprint == verify(xquad_index).fingerprint  # the session's local build
 
 
@@ -181,3 +200,17 @@ def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, x
     with pytest.raises(ModelError, match="is not the driver's"):
         build_index_ray(xquad_corpus[0], tmp_path / "out", embedder=other, actors=1)
     assert not (tmp_path / "out").exists()
+    assert _cpus_free_again(sys.modules["ray"])
+
+
+@pytest.mark.ray
+def test_actors_that_cannot_start_fail_the_build_with_the_cpus_free(tmp_path, xquad_corpus, embedder,
+                                                                   ray_cluster, monkeypatch):
+    from ragserve import build_ray
+
+    # Three actors have slices to take (FINE_SLICES); the cluster has CPUs for two.
+    monkeypatch.setattr(build_ray, "ACTOR_START_TIMEOUT_S", 5.0)
+    with pytest.raises(ClusterError, match="3 embedding actors .* did not start within 5 s"):
+        build_ray.build_index_ray(xquad_corpus[0], tmp_path / "out", FINE_SLICES, embedder=embedder, actors=3)
+    assert not (tmp_path / "out").exists()
+    assert _cpus_free_again(sys.modules["ray"])  # the two actors that did start were stopped
