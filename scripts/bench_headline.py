@@ -57,7 +57,7 @@ import headline_days  # noqa: E402
 import headline_report as hr  # noqa: E402
 import headline_systems as hs  # noqa: E402
 import psutil  # noqa: E402
-from bench_serving_report import hardware, versions  # noqa: E402
+from bench_serving_report import CpuSampler, hardware, versions  # noqa: E402
 
 SYSTEMS = ("ragserve", "ragserve-nocache", "langchain", "llamaindex", "ragserve-distinct")
 ROLES = {"ours": "ragserve", "recipe": "langchain", "peer": "llamaindex"}
@@ -96,20 +96,24 @@ def log(msg: str) -> None:
     print(f"[headline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cpu_by_process(pids: set[int]) -> dict[str, float]:
-    """CPU-seconds so far of each process, by a label: this benchmark, the Redis server, and
-    the system's own processes by name (``VLLM::EngineCore``, the server's ``python``...)."""
-    me = os.getpid()
-    out: dict[str, float] = {}
-    for pid in pids:
+OTHER = "other"
+
+
+def system_labels(pids: set[int]) -> Any:
+    """``CpuSampler``'s labels for one system's run: this benchmark, the system's processes
+    by name (``VLLM::EngineCore``, the server's ``python``, ``redis-server``), and OTHER for
+    this benchmark's children that serve another system (left out of its CPU)."""
+    def label(pid: int) -> str:
+        if pid == os.getpid():
+            return "benchmark (clients)"
+        if pid not in pids:
+            return OTHER
         try:
-            p = psutil.Process(pid)
-            t = p.cpu_times()
-            label = "benchmark (clients)" if pid == me else p.name()
+            return psutil.Process(pid).name()
         except psutil.Error:
-            continue
-        out[label] = out.get(label, 0.0) + t.user + t.system
-    return out
+            return "exited"
+
+    return label
 
 
 async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tuple[list[hr.Req], float]:
@@ -264,12 +268,12 @@ class Bench:
         await system.ask("Which warm-up question does the headline benchmark ask first?")
         await system.prepare(namespace)
         redis = hs.tree(self.redis.proc.pid) if self.redis.proc is not None else set()
-        pids = {os.getpid(), *system.pids(), *redis}
-        g0, c0 = await system.generations(), cpu_by_process(pids)
+        sampler = CpuSampler(system_labels({*system.pids(), *redis}))
+        g0, c0 = await system.generations(), sampler.snapshot()
         log(f"{label}: {len(stream)} requests")
         reqs, wall = await drive(system, stream, self.args)
-        g1, c1 = await system.generations(), cpu_by_process(pids)
-        cpu = {k: round(v - c0.get(k, 0.0), 2) for k, v in c1.items()}
+        g1, c1 = await system.generations(), sampler.snapshot()
+        cpu = {k: round(v, 2) for k, v in sampler.delta(c0, c1)["procs"].items() if k != OTHER}
         row = hr.summarize(label, reqs, wall, g1 - g0, sum(cpu.values()), stored, cache=system.cache)
         row["cpu_s_by_process"] = cpu
         log(f"{label}: {row['requests_per_s']:.2f} req/s, p95 {row['p95_ms']:.0f} ms, hit rate "

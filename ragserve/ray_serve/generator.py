@@ -26,9 +26,10 @@ the engine was started on (``AsyncLLM`` binds to it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ragserve.errors import EngineDeadError
@@ -59,11 +60,12 @@ class GeneratorServer:
 
     # -- generation --------------------------------------------------------------------
 
-    async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None) -> Generation:
-        """The whole answer, as the backend's ``generate``."""
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """One request: counted, and counted again as aborted (cancelled) or failed."""
         self.requests += 1
         try:
-            return await self.generator.generate(prompt, request_id, token_ids=token_ids)
+            yield
         except asyncio.CancelledError:
             self.aborted += 1
             raise
@@ -71,22 +73,21 @@ class GeneratorServer:
             self.failed += 1
             raise
 
+    async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None) -> Generation:
+        """The whole answer, as the backend's ``generate``."""
+        with self._counted():
+            return await self.generator.generate(prompt, request_id, token_ids=token_ids)
+
     async def stream(self, prompt: str, request_id: str,
                      token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
         """Text deltas as the backend generates them, then the final ``Generation``."""
-        self.requests += 1
         pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True)
-        try:
-            async for piece in pieces:
-                yield piece
-        except asyncio.CancelledError:
-            self.aborted += 1
-            raise
-        except Exception:
-            self.failed += 1
-            raise
-        finally:
-            await pieces.aclose()  # a cancelled caller: the backend's request is aborted now
+        with self._counted():
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()  # a cancelled caller: the backend's request is aborted now
 
     # -- operations --------------------------------------------------------------------
 
