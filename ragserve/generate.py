@@ -139,6 +139,7 @@ class VllmGenerator:
                 enforce_eager=opts.enforce_eager,
                 gpu_memory_utilization=opts.gpu_memory_utilization,
                 max_num_seqs=opts.max_num_seqs,
+                stream_interval=opts.stream_interval,
                 seed=cfg.seed,
                 disable_log_stats=True,
             )

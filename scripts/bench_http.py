@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--questions-per-level", default="8,32,64,128")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--stream-interval", type=int, default=None,
+                    help="vllm.stream_interval for the server and in-process alike (default: the config's)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--systems", default=DEFAULT_SYSTEMS,
@@ -92,8 +94,9 @@ def parse_args() -> argparse.Namespace:
 
 def server_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
     """The server's settings: the in-process engine's, by env (``RAGSERVE_<SECTION>_<FIELD>``)."""
+    interval = {} if args.stream_interval is None else {"RAGSERVE_VLLM_STREAM_INTERVAL": str(args.stream_interval)}
     return {"RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens), "RAGSERVE_SERVER_ADMIN_KEY": ADMIN_KEY,
-            "RAGSERVE_QUERY_MAX_IN_FLIGHT": "64", **extra}
+            "RAGSERVE_QUERY_MAX_IN_FLIGHT": "64", **interval, **extra}
 
 
 class HttpSystems(Systems):
@@ -272,7 +275,8 @@ def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], e
     from ragserve.profiling.env import PEER_PACKAGES, PACKAGES, environment, header_markdown
 
     env = environment((*PACKAGES, "fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES))
-    settings = {"index": args.index, "max_tokens": args.max_tokens, "levels (C: questions)": args.per_level,
+    settings = {"index": args.index, "max_tokens": args.max_tokens, "stream_interval": sys_.cfg.vllm.stream_interval,
+                "levels (C: questions)": args.per_level,
                 "answer cache": "off for misses; on (L1 + embedded Redis) for the hit/overload server",
                 "start-up s": {k: round(v, 1) for k, v in sys_.start_s.items()}, "peer": sys_.peer_note}
     lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(env, settings), "",
@@ -316,6 +320,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = RAGConfig().replace(cache={"enabled": False}, generate={"max_tokens": args.max_tokens})
+    if args.stream_interval is not None:
+        cfg = cfg.replace(vllm={"stream_interval": args.stream_interval})
     await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, cfg)
     questions = wl.load_questions(args.xquad)
     workload = wl.split(questions, args.per_level, max(args.warmup, 1), args.seed)

@@ -122,3 +122,17 @@ def test_the_vllm_fingerprint_is_unchanged_by_the_move():
     assert cfg.fingerprint() == hashlib.sha256(orjson.dumps(old, option=orjson.OPT_SORT_KEYS)).hexdigest()
     assert cfg.replace(vllm={"dtype": "float16"}).fingerprint() != cfg.fingerprint()
     assert cfg.replace(vllm={"max_num_seqs": 8, "kv_cache_gib": 1}).fingerprint() == cfg.fingerprint()
+
+
+def test_stream_interval_is_vllms_own_knob_and_never_part_of_an_answer():
+    """It only groups tokens into pieces: the cache key must not change, and 0 is refused
+    with the field named (vLLM would refuse it later, deep in engine start-up)."""
+    cfg = RAGConfig()
+    assert cfg.vllm.stream_interval == 1
+    assert cfg.replace(vllm={"stream_interval": 8}).fingerprint() == cfg.fingerprint()
+    with pytest.raises(ConfigError, match="vllm.stream_interval"):
+        cfg.replace(vllm={"stream_interval": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a new key is no legacy [generate] key: no FutureWarning
+        with pytest.raises(ConfigError, match="generate.stream_interval"):
+            cfg.replace(generate={"stream_interval": 8})
