@@ -192,9 +192,9 @@ def _rows(dataset: Any) -> Iterator[dict[str, Any]]:
 
 def _start_failure(e: BaseException | None) -> str | None:
     """What ``Answerer.__init__`` raised, from the error Ray gives the driver. NOTE: from its
-    text: ``ActorDiedError`` keeps only the text of an actor's failed ``__init__``, and most
-    of ragserve's errors cannot be unpickled (their ``__init__`` takes more than the message),
-    so ``__init__`` raises every failure as a ClusterError whose message says ``START_FAILED``."""
+    text: ``ActorDiedError`` keeps only the text of an actor's failed ``__init__`` (not the
+    error, though ragserve's errors unpickle), so ``__init__`` raises every failure as a
+    ClusterError whose message says ``START_FAILED``."""
     for _ in range(10):
         if e is None:
             return None

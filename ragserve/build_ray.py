@@ -75,13 +75,19 @@ def build_index_ray(
     """``build_index`` with reading and chunking in Ray tasks and embedding in ``actors``
     Ray actors (default: one per CPU of the cluster, ``embed.threads`` CPUs each).
 
-    ``address`` is as for ``cluster.ray_session`` (default: this process's connection, else
-    a running cluster, else a local one started for this build); ``num_cpus`` sizes a
-    local cluster started here. ``report.cluster`` says what ran where, and
-    ``report.seconds`` holds ``ray_start`` and ``actors`` (Ray's own start-up: Ray Data
-    starting the actors, each loading its model, before the first slice) apart.
+    ``address`` is as for ``cluster.ray_session`` (default: ``ray.address``, else this
+    process's connection, a running cluster or a local one started for this build);
+    ``num_cpus`` sizes a local cluster started here (default: ``ray.local_num_cpus``).
+    ``report.cluster`` says what ran where, and ``report.seconds`` holds ``ray_start`` and
+    ``actors`` (Ray's own start-up: Ray Data starting the actors, each loading its model,
+    before the first slice) apart.
     """
     ray = import_ray()  # a missing ray or a bad address fails before any work
+    config = config or RAGConfig.load()
+    # NOTE: as run_batch_ray: the argument (--ray-address) wins over the config's [ray]
+    # section; "" in both leaves the choice to ray_session (RAY_ADDRESS, `ray start` here...).
+    address = address or config.ray.address or None
+    num_cpus = num_cpus or config.ray.local_num_cpus or None
     if address not in (None, "auto", "local"):
         probe(address)
     if actors is not None and actors < 1:

@@ -55,8 +55,8 @@ def build_index_cmd(
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (any "
                               "running cluster, else fail) or 'local' (a new one for this build). Default: "
-                              "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a local one "
-                              "started for this build and stopped after it.")] = None,
+                              "ray.address, else RAY_ADDRESS, else the cluster `ray start` runs on this "
+                              "machine, else a local one started for this build and stopped after it.")] = None,
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
                                     "cluster).")] = None,

@@ -92,8 +92,8 @@ def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
     except ConnectionError as e:
         raise ClusterError(f"no Ray cluster at {address}: {e}") from None
     except ValueError as e:
-        raise ClusterError(f"--ray-address {address!r}: {e} (give HOST:PORT, ray://HOST:PORT, auto or "
-                           "local)") from None
+        raise ClusterError(f"--ray-address or ray.address {address!r}: {e} (give HOST:PORT, "
+                           "ray://HOST:PORT, auto or local)") from None
     return "connected"
 
 
@@ -114,13 +114,15 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ClusterError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT, auto or local")
+        raise ClusterError(f"--ray-address or ray.address {address!r} is not HOST:PORT, ray://HOST:PORT, "
+                           "auto or local")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ClusterError(f"cannot reach a Ray cluster at {address} ({reason}); start one there with "
-                           "`ray start --head`, or leave --ray-address out to start a local one") from None
+                           "`ray start --head`, or leave --ray-address and ray.address out to start a "
+                           "local one") from None
 
 
 def _this_ragserve() -> dict[str, dict[str, str]]:

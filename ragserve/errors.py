@@ -43,6 +43,7 @@ exported as ``RagIndexError``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RagserveError(Exception):
@@ -57,6 +58,26 @@ class RagserveError(Exception):
 
     def __str__(self) -> str:
         return f"[{self.stage}] {super().__str__()}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle without calling the subclass's ``__init__`` again. Ray pickles what an
+        actor or task raises; the default (``cls(*args)``) fails for every subclass whose
+        ``__init__`` takes other arguments than its message (``OverloadedError(in_flight,
+        queued)``), and the caller then gets Ray's ``UnserializableException`` instead of
+        an error the HTTP layer maps to 429 or 504. Rebuilding from ``args`` and
+        ``__dict__`` works for every subclass, present and future."""
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[RagserveError], args: tuple[Any, ...], state: dict[str, Any]) -> RagserveError:
+    """The error ``RagserveError.__reduce__`` pickled: its class, message and attributes
+    (``stage``, ``path``, ``field``...), as they were when it was raised."""
+    error = cls.__new__(cls)
+    # NOTE: BaseException's own __init__ sets ``args`` and nothing else, whatever the bases
+    # (DeadlineExceededError is also an OSError, whose __init__ reads errno from its args).
+    BaseException.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(RagserveError, ValueError):

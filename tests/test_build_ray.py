@@ -190,6 +190,42 @@ def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_address_comes_from_the_ray_section_and_the_flag_overrides_it(tmp_path, monkeypatch):
+    """``build-index --ray`` as ``batch --ray``: ``[ray] address`` (and ``local_num_cpus``)
+    from the config, ``--ray-address`` over it. Recorded where the library meets the
+    cluster (the probe, ``ray_session``), so no cluster and no model is needed."""
+    pytest.importorskip("ray")
+    from ragserve import build_ray
+
+    seen: list[tuple] = []
+
+    def no_cluster(address, num_cpus=None):
+        seen.append(("session", address, num_cpus))
+        raise ClusterError("stopped before the cluster")
+
+    monkeypatch.setattr(build_ray, "probe", lambda address: seen.append(("probe", address)))
+    monkeypatch.setattr(build_ray, "start_build", lambda *a, **k: None)  # no model, no files
+    monkeypatch.setattr(build_ray, "ray_session", no_cluster)
+    monkeypatch.delenv("RAGSERVE_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAGSERVE_RAY_LOCAL_NUM_CPUS", raising=False)
+    toml = tmp_path / "ragserve.toml"
+    toml.write_text('[ray]\naddress = "10.1.2.3:6379"\nlocal_num_cpus = 1\n', encoding="utf-8")
+
+    def build(*flags):
+        seen.clear()
+        result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"),
+                                          "--ray", *flags])
+        assert result.exit_code == 1 and "stopped before the cluster" in result.output, result.output
+        return list(seen)
+
+    assert build("--config", str(toml)) == [("probe", "10.1.2.3:6379"), ("session", "10.1.2.3:6379", 1)]
+    assert build("--config", str(toml), "--ray-address", "local") == [("session", "local", 1)]
+    assert build("--config", str(toml), "--ray-address", "10.9.9.9:6379") == [
+        ("probe", "10.9.9.9:6379"), ("session", "10.9.9.9:6379", 1)]
+    assert build() == [("session", None, None)]  # neither: ray_session's own default (RAY_ADDRESS...)
+    monkeypatch.setenv("RAGSERVE_RAY_ADDRESS", "auto")  # the section from the env, as every field
+    assert build() == [("session", "auto", None)]
+
 @pytest.mark.ray
 def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder,
                                                                      ray_cluster):

@@ -11,7 +11,16 @@ import orjson
 import pytest
 
 from ragserve.config import RAGConfig
-from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError, OverloadedError
+from ragserve.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    EngineDeadError,
+    GenerationError,
+    GeneratorUnavailableError,
+    InvalidParameterError,
+    OverloadedError,
+    RagserveError,
+)
 from ragserve.types import Generation, TokenUsage
 
 pytest.importorskip("ray", reason="ray[serve] is in the CPU lock; run `make setup`")
@@ -194,6 +203,35 @@ async def test_errors_on_the_generator_side_map_to_ragserves_tree():
     await gen.probe()  # the next status probe that answers brings it back
     assert gen.alive()
 
+
+
+@pytest.mark.parametrize("raised, status", [
+    (OverloadedError(8, 16), 429), (DeadlineExceededError(2.5), 504),
+    (EngineDeadError("the engine of this replica is dead"), 503),
+    (InvalidParameterError("top_k", -1, "an int of at least 1"), 400)],
+    ids=["overloaded", "deadline", "engine-dead", "bad-parameter"])
+@pytest.mark.parametrize("call", ["generate", "stream"])
+async def test_an_error_of_the_generator_replica_crosses_rays_bytes_as_itself(raised, status, call):
+    """What the handle raises is Ray's bytes of the replica's RayTaskError, read back and made
+    an instance of its cause: the error must unpickle as its own class (RagserveError's
+    ``__reduce__``), else Ray gives UnserializableException and the answer is a 502."""
+    from ray.exceptions import RayError, RayTaskError
+
+    from ragserve.server.httperrors import describe
+
+    wire = RayError.from_bytes(RayTaskError(call, "tb", raised).to_bytes())
+    gen, handle = make()
+    handle.error = wire.as_instanceof_cause()
+    with pytest.raises(RagserveError) as caught:
+        if call == "generate":
+            await gen.generate("p", "r1")
+        else:
+            async for _ in gen.stream("p", "r1"):
+                pass
+    assert type(caught.value) is type(raised)  # unwrapped: not RayTaskError(OverloadedError)
+    assert (str(caught.value), caught.value.__dict__) == (str(raised), raised.__dict__)
+    http = describe(caught.value, "r1")
+    assert (http.status, http.type, http.message) == (status, type(raised).__name__, str(raised))
 
 # -- the proxy middleware ----------------------------------------------------------------------
 

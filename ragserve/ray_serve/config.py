@@ -27,7 +27,8 @@ class RayConfig:
     address: str = ""
     """The cluster to run on: "" starts a local one for this process (unless ``RAY_ADDRESS``
     is set: then that one); "auto" joins the cluster ``ray start`` runs on this machine;
-    or a ``host:6379`` / ``ray://host:10001`` address."""
+    or a ``host:6379`` / ``ray://host:10001`` address. ``build-index --ray`` and ``batch
+    --ray`` run there too, unless their ``--ray-address`` says otherwise."""
     local_num_cpus: int = 0
     """CPUs a local cluster (``address = ""``) may schedule; 0: all of this machine's."""
     app_name: str = "ragserve"
