@@ -17,6 +17,7 @@ A build is three steps: ``start_build`` (plan, load the model), reading and chun
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,10 +93,23 @@ def plan_build_index(source: Path | str, out: Path | str, config: RAGConfig | No
     **Usage:** ``print(plan_build_index("docs/", "indexes/docs").describe())``
     """
     config = config or RAGConfig.load()
+    check_encoding(encoding)
     identity = embedder.identity if embedder is not None else _embedder(config).identity
     files = scan_source(source, progress)
     return plan_build(files, Path(out), identity=identity, chunking=chunking_section(config.chunk),
                       encoding=encoding, full=full)
+
+
+def check_encoding(encoding: str | None) -> None:
+    """A forced encoding Python has no codec for is refused before any file is hashed or
+    read (it would otherwise fail inside the first file's decode, as a bare LookupError)."""
+    if encoding is None:
+        return
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise IngestError(f"--encoding {encoding!r} is not a text encoding Python knows "
+                          "(e.g. utf-8, latin-1, cp1252, shift_jis); leave it out to detect each file's") from None
 
 
 def build_index(
@@ -150,6 +164,7 @@ def start_build(source: Path | str, out: Path | str, config: RAGConfig | None = 
     """Plan the build (hash the source, compare with ``out``) and load the embedding model,
     checking the chunk size against it. Nothing is read or written yet."""
     config = config or RAGConfig.load()
+    check_encoding(encoding)  # before the model loads
     t0 = time.perf_counter()
     embedder = embedder or _embedder(config)
     plan = plan_build_index(source, out, config, embedder=embedder, encoding=encoding, full=full, progress=progress)

@@ -112,3 +112,14 @@ def test_notify_reload_results(reload_server):
     assert not notify_reload(url, index="indexes/x", fingerprint="f" * 64).ok
     bad = notify_reload("not a url", index="indexes/x", fingerprint="f" * 64)
     assert not bad.ok and bad.status is None
+
+
+def test_an_unknown_forced_encoding_is_refused_before_anything_is_read(tmp_path, xquad_corpus):
+    """Not a bare LookupError from the first file's decode: a typed error naming the value,
+    and no index folder written."""
+    src, _ = xquad_corpus
+    out = tmp_path / "idx"
+    code, text = _run(src, "--out", out, "--encoding", "bogus-8")
+    assert code != 0
+    assert "'bogus-8' is not a text encoding" in text and "Traceback" not in text
+    assert not out.exists()
