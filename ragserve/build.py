@@ -17,7 +17,6 @@ A build is three steps: ``start_build`` (plan, load the model), reading and chun
 
 from __future__ import annotations
 
-import codecs
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ragserve.index import INDEX_FILE, FaissIndex, quantizer_fit
 from ragserve.index_folder import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
 from ragserve.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
 from ragserve.ingest import Document, FileOutcome, chunk_documents
+from ragserve.textfile import check_encoding
 from ragserve.types import Chunk, Embedder
 
 ProgressFn = Callable[[str, int, int], None]
@@ -98,18 +98,6 @@ def plan_build_index(source: Path | str, out: Path | str, config: RAGConfig | No
     files = scan_source(source, progress)
     return plan_build(files, Path(out), identity=identity, chunking=chunking_section(config.chunk),
                       encoding=encoding, full=full)
-
-
-def check_encoding(encoding: str | None) -> None:
-    """A forced encoding Python has no codec for is refused before any file is hashed or
-    read (it would otherwise fail inside the first file's decode, as a bare LookupError)."""
-    if encoding is None:
-        return
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise IngestError(f"--encoding {encoding!r} is not a text encoding Python knows "
-                          "(e.g. utf-8, latin-1, cp1252, shift_jis); leave it out to detect each file's") from None
 
 
 def build_index(

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ragserve.errors import IngestError
+
 # NOTE: short legacy texts are ambiguous between the Western code pages; cp1252 is by far
 # the most common, so it wins when it decodes with nearly as little "chaos" as the best.
 _PREFERRED_LEGACY = "cp1252"
@@ -35,6 +37,18 @@ READ_SIZE = 1 << 16
 """Bytes a ``TextStream`` reads at a time: about two sections' worth, so that what is held
 while cutting sections is a few sections, not a large read (a 30 MB file: 0.4 MiB at
 64 KiB, 8.7 MiB at 1 MiB; equally fast)."""
+
+
+def check_encoding(encoding: str | None) -> None:
+    """A forced encoding Python has no codec for is refused before any file is hashed or
+    read (it would otherwise fail inside the first file's decode, as a bare LookupError)."""
+    if encoding is None:
+        return
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise IngestError(f"--encoding {encoding!r} is not a text encoding Python knows "
+                          "(e.g. utf-8, latin-1, cp1252, shift_jis); leave it out to detect each file's") from None
 
 
 class Skip(Exception):
