@@ -137,6 +137,40 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
 
 
+def test_every_replicas_requests_reach_rays_metrics_export_with_its_replica_tag(served):
+    """``/metrics`` behind the proxy is one replica's; Ray's metrics agent exports every
+    replica's series (``ray_ragserve_*``, tagged by replica) on the node's export port."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answered: dict[str, int] = {}
+    for i in range(40):  # L1 hits and misses alike are answered requests
+        r = query(served.url, f"Who won Super Bowl 50? ({i % 4})", top_k=1)
+        assert r.status_code == 200
+        answered[replica(r)] = answered.get(replica(r), 0) + 1
+        if len(answered) == 2 and i >= 9:
+            break
+    assert len(answered) == 2, answered
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    counted: dict[str, float] = {}
+    deadline = time.monotonic() + 60  # the agent exports what the replicas recorded every few seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        counted = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_ragserve_requests") and sample.labels.get("outcome") == "ok":
+                    rid = next((k for k in answered if k in sample.labels.get("replica", "")), None)
+                    if rid is not None:
+                        counted[rid] = counted.get(rid, 0) + sample.value
+        if all(counted.get(rid, 0) >= n for rid, n in answered.items()):
+            break
+        time.sleep(1)
+    assert all(counted.get(rid, 0) >= n for rid, n in answered.items()), (answered, counted)
+    assert "ray_ragserve_stage_duration_seconds" in text and 'stage="total"' in text
+    assert 'cache_tier="l1"' in text or 'cache_tier="l2"' in text
+
+
 def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_replica(served):
     url, fake = served.url, served.fake
     disconnects = fake.disconnects

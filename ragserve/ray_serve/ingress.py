@@ -12,7 +12,8 @@ front: ``X-Ragserve-Replica`` names the replica that answered (its Serve replica
 ``X-Request-Id`` is the proxy's, which it always appends to the response (it forwards the
 client's id, or makes one and hands it to the app, so the app's own copy of the same id
 is dropped here instead of being sent twice). ``/metrics`` and ``/v1/stats`` are the
-answering replica's own.
+answering replica's own; every replica's series also go to Ray's metrics export
+(``metrics.py``), which Prometheus scrapes per node.
 
 Hot reload: ``POST /admin/reload`` reaches the one replica the proxy routes it to, so every
 replica also follows the index path by itself (``ray.follow_index_s``): when a build flips
@@ -74,6 +75,7 @@ class IngressServer:
         from ragserve.config import RAGConfig
         from ragserve.rag import RAG
         from ragserve.ray_serve.client import RayGenerator
+        from ragserve.ray_serve.metrics import RayMetrics
         from ragserve.server.auth import ApiKeys
 
         cfg = RAGConfig().replace(**config)
@@ -89,6 +91,7 @@ class IngressServer:
         # NOTE: off the replica's loop: opening verifies the index (hashing) and loads the
         # embedding model, and Serve's own calls to this replica should not wait on it.
         self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen)
+        self.rag.observers.add(RayMetrics())  # every replica's series in Ray's metrics export
         log.info("ingress replica %s serves %s (fingerprint %s) with %s", self.replica, index,
                  self.rag.fingerprint[:16], gen.model_name)
         self._follower = None
