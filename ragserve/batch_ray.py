@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -63,8 +64,15 @@ from ragserve.batch import (
     read_questions,
     write_record,
 )
-from ragserve.cluster import INSTALL_HINT, import_ray, ray_session
-from ragserve.errors import ClusterError, ConfigError, RagserveError
+from ragserve.cluster import (
+    INSTALL_HINT,
+    cluster_target,
+    import_ray,
+    quiet_ray_data,
+    ray_session,
+    refuse_unshared_l2,
+)
+from ragserve.errors import ClusterError, RagserveError
 
 __all__ = ["Answerer", "plan_actors", "run_batch_ray"]
 
@@ -126,7 +134,7 @@ def run_batch_ray(
     config = config or RAGConfig.load()
     items = read_questions(questions)
     check_questions(items, config.query.max_question_chars, questions)
-    _check_l2(config)
+    refuse_unshared_l2(config, "ragserve batch --ray", "actor", l2_required=False)
     plan_actors(len(items), concurrency, actors, 0.0)  # refuses a bad --concurrency or --ray-actors now
     folder = read_manifest(index).folder  # a missing index fails before any cluster starts
     done_ids = answered_ids(out)
@@ -139,9 +147,10 @@ def run_batch_ray(
     ray = import_ray()
     _import_ray_data()
     say = say or (lambda line: None)
-    local_cpus = config.ray.local_num_cpus or None
-    with ray_session(address or config.ray.address or None, num_cpus=local_cpus) as info, \
-            _generator_deployment(config, say) as generator_app, _data_context():
+    address, local_cpus = cluster_target(address, None, config.ray)
+    # Ray Data's errors are still logged to the console; ragserve's come back as themselves.
+    with ray_session(address, num_cpus=local_cpus) as info, _generator_deployment(config, say) as generator_app, \
+            quiet_ray_data(ACTOR_START_TIMEOUT_S, logging.ERROR, raise_original_map_exception=True):
         plan = plan_actors(len(todo), concurrency, actors, ray.available_resources().get("CPU", 0.0))
         say(f"Ray cluster at {info.address} ({info.how}, {info.nodes} node(s), {info.cpus:g} CPUs): "
             f"{plan.actors} actor(s) x {plan.per_actor} questions at once, batches of {plan.batch_size}; "
@@ -318,46 +327,11 @@ def _serve_running() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _data_context() -> Iterator[None]:
-    """Ray Data settings for this run, put back after: no progress bars, start banner or
-    progress logs (the caller shows progress; errors are still logged), a bound on the
-    actors' start, ragserve's own errors."""
-    import logging
-
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    wanted = {"enable_progress_bars": False, "print_on_execution_start": False,
-              "wait_for_min_actors_s": ACTOR_START_TIMEOUT_S, "raise_original_map_exception": True}
-    before = {k: getattr(ctx, k) for k in wanted}
-    for k, v in wanted.items():
-        setattr(ctx, k, v)
-    data_log = logging.getLogger("ray.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        data_log.setLevel(level)
-        for k, v in before.items():
-            setattr(ctx, k, v)
-
-
 def _generation(config: Any, app: str | None) -> str:
     if app is None:
         return f"openai backend in every actor ({len(config.openai.urls)} server(s))"
     r = config.ray
     return f"generator deployment {app!r} ({config.generate.backend}, {r.generator_replicas} replica(s))"
-
-
-def _check_l2(config: Any) -> None:
-    c = config.cache
-    if c.enabled and c.redis_url == "embedded":
-        raise ConfigError("cache.redis_url",
-                          "ragserve batch --ray cannot use an embedded Redis: each actor would start its "
-                          "own, sharing nothing. Give a Redis every node reaches (redis://host:6379/0), or "
-                          "leave cache.redis_url empty for no L2")
 
 
 def _import_ray_data() -> None:

@@ -32,20 +32,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import logging
 import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ragserve.build import BuildReport, PlannedBuild, ProgressFn, embed_slices, finish_build, start_build
-from ragserve.cluster import ClusterInfo, import_ray, probe, ray_session
+from ragserve.cluster import ClusterInfo, cluster_target, import_ray, probe, quiet_ray_data, ray_session
 from ragserve.config import EmbedConfig, RAGConfig
 from ragserve.errors import ClusterError, ModelError, RagserveError
 from ragserve.incremental import FileRead, Gathered, SourceFile, assemble, files_to_read, read_source
@@ -84,10 +81,7 @@ def build_index_ray(
     """
     ray = import_ray()  # a missing ray or a bad address fails before any work
     config = config or RAGConfig.load()
-    # NOTE: as run_batch_ray: the argument (--ray-address) wins over the config's [ray]
-    # section; "" in both leaves the choice to ray_session (RAY_ADDRESS, `ray start` here...).
-    address = address or config.ray.address or None
-    num_cpus = num_cpus or config.ray.local_num_cpus or None
+    address, num_cpus = cluster_target(address, num_cpus, config.ray)
     if address not in (None, "auto", "local"):
         probe(address)
     if actors is not None and actors < 1:
@@ -217,7 +211,7 @@ class _EmbedPool:
             return out
         n, failure = min(self.actors, len(slices)), None
         t = time.perf_counter()
-        with _ray_data_settings() as ray_data:
+        with quiet_ray_data(ACTOR_START_TIMEOUT_S) as ray_data:
             # One slice per block, so that each slice is a task of its own that any actor can take.
             ds = ray_data.from_items([{"start": s, "texts": texts[s:e]} for s, e in slices],
                                      override_num_blocks=len(slices))
@@ -283,35 +277,6 @@ class _EmbedPool:
                       "chunks_per_s": round(w["chunks"] / w["seconds"], 1) if w["seconds"] else 0.0}
                      for w in self.work.values()]
         return {"actors": self.started, "cpus_per_actor": self.cpus, "per_actor": per_actor}
-
-
-@contextmanager
-def _ray_data_settings() -> Iterator[Any]:
-    """``ray.data``, set up for one build and put back after: no progress bars or start
-    banner (the build reports progress itself), a start timeout for the actors, and Ray
-    Data's console log muted (its file log, under the Ray session's ``logs/ray-data``,
-    keeps everything): its errors come back as ragserve's ModelError or ClusterError, or as
-    Ray's exception, which carries the remote traceback."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    settings = {"enable_progress_bars": False, "print_on_execution_start": False,
-                "wait_for_min_actors_s": int(ACTOR_START_TIMEOUT_S)}
-    saved = {k: getattr(ctx, k) for k in settings}
-    console = [h for h in logging.getLogger("ray.data").handlers
-               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    levels = [h.level for h in console]
-    for k, v in settings.items():
-        setattr(ctx, k, v)
-    for h in console:
-        h.setLevel(logging.CRITICAL + 1)
-    try:
-        yield ray.data
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-        for h, level in zip(console, levels):
-            h.setLevel(level)
 
 
 def _actor_id() -> str:

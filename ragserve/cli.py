@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragserve.cli_app import ConfigOpt, app, console, fails_cleanly, load_config, out
+from ragserve.cli_app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from rich.markup import escape
 
 from ragserve.console import print_eval, print_result, print_stats, progress_bars, stats_view
@@ -52,11 +52,7 @@ def build_index_cmd(
         "--ray", help="Read, chunk and embed on a Ray cluster (needs `pip install ragserve\\[ray]`): the "
                       "same index as a local build, incremental too. On several machines, SOURCE must be at "
                       "the same path on every node.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (any "
-                              "running cluster, else fail) or 'local' (a new one for this build). Default: "
-                              "ray.address, else RAY_ADDRESS, else the cluster `ray start` runs on this "
-                              "machine, else a local one started for this build and stopped after it.")] = None,
+    ray_address: RayAddressOpt = None,
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
                                     "cluster).")] = None,

@@ -20,6 +20,12 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML config file.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' (any running "
+                          "cluster, else fail) or 'local' (a new one for this run). Default: ray.address, else "
+                          "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a local one "
+                          "started for this run and stopped after it.")]
+"""``--ray-address`` of every command that runs on Ray (``cluster.cluster_target``)."""
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:

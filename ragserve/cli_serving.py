@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from ragserve.cli_app import ConfigOpt, app, console, fails_cleanly, load_config, out
+from ragserve.cli_app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from ragserve.console import question_progress
 
 
@@ -27,11 +27,7 @@ def batch_cmd(
                       "(vllm) or the openai backend's servers; same output and resume. --concurrency is "
                       "the total over all actors. On several machines, INDEX must be at the same path on "
                       "every node.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="With --ray: HOST:PORT of a cluster's head (or ray://HOST:PORT), 'auto' or "
-                              "'local', as for build-index --ray. Default: ray.address, else RAY_ADDRESS, "
-                              "else the cluster `ray start` runs on this machine, else a local one for this "
-                              "run.")] = None,
+    ray_address: RayAddressOpt = None,
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: answering actors, a CPU each (default: one per CPU left "
                                     "free on the cluster).")] = None,

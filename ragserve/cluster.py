@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from ragserve.errors import ClusterError
+from ragserve.errors import ClusterError, ConfigError
 
 INSTALL_HINT = "`pip install ragserve[ray]`"
 PROBE_TIMEOUT_S = 5.0
@@ -54,6 +55,64 @@ def import_ray() -> ModuleType:
     except ImportError as e:
         raise ClusterError(f"ray is not installed ({e}); install it with {INSTALL_HINT}") from None
     return ray
+
+
+def cluster_target(address: str | None, num_cpus: int | None, ray_config: Any) -> tuple[str | None, int | None]:
+    """``(address, num_cpus)`` for ``ray_session``: the caller's (``--ray-address``) win
+    over the config's ``[ray]`` section (``address``, ``local_num_cpus``); "" and 0 in both
+    leave the choice to ``ray_session`` (``RAY_ADDRESS``, ``ray start`` here, ...)."""
+    return address or ray_config.address or None, num_cpus or ray_config.local_num_cpus or None
+
+
+def refuse_unshared_l2(config: Any, command: str, who: str, *, l2_required: bool) -> None:
+    """Refuse an L2 that the processes of a Ray run (replicas, actors) would not share:
+    an embedded Redis is one per process, so an answer cached by one is a miss on all the
+    others. ``who``: what those processes are ("replica", "actor"). ``l2_required``: no
+    Redis URL at all is refused too (``serve --ray``: a service has an L2); otherwise it
+    means no L2 (``batch --ray``)."""
+    c = config.cache
+    if not c.enabled:
+        return
+    if c.redis_url == "embedded" or (l2_required and not c.redis_url):
+        off = ("To serve without any answer cache, set cache.enabled = false" if l2_required
+               else "Or leave cache.redis_url empty for no L2")
+        raise ConfigError("cache.redis_url",
+                          f"{command} needs a Redis that every {who} can reach, e.g. --redis-url "
+                          "redis://cache-host:6379/0 (or RAGSERVE_REDIS_URL): an embedded Redis would be one "
+                          f"per {who}, sharing no answers. {off}")
+    if c.redis_url.startswith("unix://"):
+        logging.getLogger("ragserve").warning("cache.redis_url is a unix socket: only this machine's processes "
+                                              "can reach it")
+
+
+@contextmanager
+def quiet_ray_data(wait_for_actors_s: float, console_level: int = logging.CRITICAL + 1,
+                   **settings: Any) -> Iterator[ModuleType]:
+    """``ray.data`` set up for one run and put back after: no progress bars or start banner
+    (the caller reports progress itself), ``wait_for_actors_s`` as the bound on starting the
+    actors, any other ``DataContext`` ``settings``, and its console log at ``console_level``
+    (muted by default; its file log, under the Ray session's ``logs/ray-data``, keeps
+    everything)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    wanted = {"enable_progress_bars": False, "print_on_execution_start": False,
+              "wait_for_min_actors_s": int(wait_for_actors_s), **settings}
+    saved = {k: getattr(ctx, k) for k in wanted}
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in console]
+    for k, v in wanted.items():
+        setattr(ctx, k, v)
+    for h in console:
+        h.setLevel(console_level)
+    try:
+        yield ray.data
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for h, level in zip(console, levels):
+            h.setLevel(level)
 
 
 @contextmanager

@@ -186,6 +186,10 @@ class CacheConfig:
     """How long an open breaker skips Redis before one background probe tries again."""
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Host names that reach only this machine (``server.host``, the ``openai`` backend's URLs)."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """``ragserve serve``: the HTTP service. None of it changes an answer.

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any
 
-from ragserve.config import EmbedConfig, RAGConfig
+from ragserve.config import LOOPBACK_HOSTS, EmbedConfig, RAGConfig
 from ragserve.errors import InputError
 from ragserve.manifest import Manifest
 from ragserve.pipeline import Pipeline
@@ -304,7 +304,7 @@ def serving_embed_config(config: RAGConfig, generator: Generator | None) -> Embe
     e = config.embed
     g = config.generate
     local = g.backend == "vllm" or (g.backend == "openai" and any(
-        urlsplit(u).hostname in ("127.0.0.1", "localhost", "::1") for u in config.openai.urls))
+        urlsplit(u).hostname in LOOPBACK_HOSTS for u in config.openai.urls))
     if e.threads == 0 and generator is None and local:
         return dataclasses.replace(e, threads=1)
     return e

@@ -27,27 +27,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ragserve.errors import ConfigError
-
 log = logging.getLogger("ragserve.server")
 
 REPLICA_HEADER = b"x-ragserve-replica"
 
 
 def require_shared_l2(config: Any) -> None:
-    """Refuse a config whose L2 the replicas would not share: every replica must reach one
-    Redis, or a question answered by one replica is a miss on all the others."""
-    c = config.cache
-    if not c.enabled:
-        return
-    if c.redis_url in ("", "embedded"):
-        raise ConfigError("cache.redis_url",
-                          "ragserve serve --ray needs a Redis that every replica can reach, e.g. "
-                          "--redis-url redis://cache-host:6379/0 (or RAGSERVE_REDIS_URL): an embedded Redis "
-                          "would be one per replica, so replicas would not share answers. To serve without "
-                          "any answer cache, set cache.enabled = false")
-    if c.redis_url.startswith("unix://"):
-        log.warning("cache.redis_url is a unix socket: only replicas on this machine can reach it")
+    """Refuse a config whose L2 the replicas would not share (``cluster.refuse_unshared_l2``):
+    a service has an L2, so no Redis URL at all is refused too."""
+    from ragserve.cluster import refuse_unshared_l2
+
+    refuse_unshared_l2(config, "ragserve serve --ray", "replica", l2_required=True)
 
 
 def ingress_tokenizer(config: Any) -> Any:

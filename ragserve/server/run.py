@@ -27,7 +27,7 @@ from typing import Any
 
 import uvicorn
 
-from ragserve.config import RAGConfig, data_home
+from ragserve.config import LOOPBACK_HOSTS, RAGConfig, data_home
 from ragserve.server.middleware import ServingState
 
 log = logging.getLogger("ragserve.server")
@@ -55,7 +55,7 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
     s = config.server
     keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
     if keys is None:
-        where = "only this machine can reach it" if s.host in ("127.0.0.1", "localhost", "::1") else \
+        where = "only this machine can reach it" if s.host in LOOPBACK_HOSTS else \
             f"ANYONE who can reach {s.host} can query it and read every cached answer"
         log.warning("no API keys (server.api_keys_file): bound to %s, %s", s.host, where)
     # Verify the index and warm the engine before accepting.
