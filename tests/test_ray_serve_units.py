@@ -287,3 +287,56 @@ async def test_the_apps_own_json_answers_pass_untouched():
     assert (status, body, headers[b"retry-after"]) == (429, ours, b"2")
     status, _, body = await call(proxy_app(200, b"plain ok"))
     assert (status, body) == (200, b"plain ok")
+
+
+# -- the generator deployment's class, without Serve ---------------------------------------
+
+
+class SlowBackend:
+    """A backend whose stream yields a few pieces slowly and records that it was closed."""
+
+    model_name = "m"
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def warm_up(self) -> None:
+        pass
+
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+        try:
+            for piece in ("an", " answer", " slowly"):
+                await asyncio.sleep(0.05)
+                yield piece
+            yield GEN
+        finally:
+            self.closed += 1
+
+
+async def generator_server():
+    from ragserve.ray_serve.generator import GeneratorServer
+
+    class Unserved(GeneratorServer):
+        def __del__(self) -> None:  # Serve awaits the async one when it stops a replica
+            pass
+
+    backend = SlowBackend()
+    server = Unserved.__new__(Unserved)
+    await GeneratorServer.__init__(server, {}, generator=backend)  # Serve awaits the async __init__
+    return server, backend
+
+
+async def test_the_generator_replica_counts_a_stream_closed_between_pieces_as_aborted():
+    server, backend = await generator_server()
+    assert [p async for p in server.stream("p", "r1")][-1] == GEN  # read to its end: not aborted
+    closed = server.stream("p", "r2")
+    assert await anext(closed) == "an"
+    await closed.aclose()  # the cancellation landed between two pieces: Serve closes the generator
+    cancelled = asyncio.ensure_future(anext(server.stream("p", "r3")))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()  # the cancellation landed inside the backend's await
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    status = (await server.status())["replica"]
+    assert (status["requests"], status["aborted"], status["failed"]) == (3, 2, 0)
+    assert backend.closed == 3  # every backend stream was closed, so its request was aborted

@@ -62,11 +62,16 @@ class GeneratorServer:
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
-        """One request: counted, and counted again as aborted (cancelled) or failed."""
+        """One request: counted, and counted again as aborted (cancelled) or failed.
+
+        A stream is aborted in one of two ways, depending on where the caller's cancellation
+        lands: inside the backend's await (``CancelledError`` here), or between two pieces,
+        when Serve closes the suspended generator (``GeneratorExit`` at its ``yield``). The
+        ingress always reads a stream to its end, so a close is always an abort."""
         self.requests += 1
         try:
             yield
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             self.aborted += 1
             raise
         except Exception:
