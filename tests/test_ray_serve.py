@@ -132,7 +132,14 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     assert events[-1][1]["request_id"] == "stream-1"
     health = httpx.get(f"{url}/health").json()
     assert health == {"status": "ok", "engine": "alive", "l2": "ok"}
-    gen = generator_status(url)  # the generator's stats as of the replica's last probe (every 0.5 s)
+    # The generator's stats as of the answering replica's last probe (every 0.5 s): the
+    # requests above may all have come after it, so wait for a probe that saw them.
+    deadline = time.monotonic() + 10
+    while True:
+        gen = generator_status(url)
+        if gen["backend_stats"]["endpoints"][0]["requests"] >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
 
@@ -185,10 +192,11 @@ def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_re
     while time.monotonic() < deadline and fake.disconnects == disconnects:
         time.sleep(0.1)
     assert fake.disconnects == disconnects + 1  # the openai backend closed its stream: the server aborts
-    while time.monotonic() < deadline and \
-            generator_status(url)["deployment"]["replica"]["aborted"] == aborted:
+    while True:  # each ingress replica sees the generator as of its own last probe: poll one that has seen it
+        status = generator_status(url)
+        if status["deployment"]["replica"]["aborted"] != aborted or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    status = generator_status(url)
     assert status["deployment"]["replica"]["aborted"] == aborted + 1
     assert status["deployment"]["unfinished"] == 0 and fake.in_flight == 0
 
