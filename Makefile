@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 export RAGSERVE_VENV := $(VENV)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The benchmarks' peers (LangChain, LlamaIndex's OpenAILike), outside the venv: see bench-deps.
+BENCH_PEER ?= build/bench-peer
 
 .PHONY: setup demo test test-fast lock bench bench-deps
 
@@ -15,7 +17,7 @@ setup:
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup $(BENCH_PEER)/.installed
 	@bash scripts/setup-test-system.sh
 	$(PY) -m pytest -q
 
@@ -28,13 +30,17 @@ test-fast: setup
 # The headline benchmark's LangChain peer (issue 14): requirements/bench-peer-langchain.txt,
 # into BENCH_PEER too, in the same pip run: `pip --target --upgrade` replaces a top-level folder
 # whole (bin/, a namespace package), so a second run would drop the first one's files there.
-BENCH_PEER ?= build/bench-peer
 BENCH_ARGS ?=
 
-bench-deps: setup
+bench-deps: setup $(BENCH_PEER)/.installed
 	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
+
+# The overlay, again only when its requirements change. `make test` needs it too: the tests of
+# the LangChain peer (tests/test_bench_langchain.py) run on it instead of being skipped.
+$(BENCH_PEER)/.installed: requirements/bench-peer.txt requirements/bench-peer-langchain.txt | setup
 	$(PY) -m pip install -q --no-deps --upgrade --target $(BENCH_PEER) -r requirements/bench-peer.txt \
 		-r requirements/bench-peer-langchain.txt
+	touch $@
 
 bench: bench-deps
 	$(PY) scripts/bench_serving.py --out reports/serving --peer-overlay $(BENCH_PEER) $(BENCH_ARGS)
