@@ -70,7 +70,7 @@ class Admission:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # the slot arrived just as we were cancelled: pass it on
-            else:
+            elif waiter in self._waiters:  # a release in the same loop turn may have popped it already
                 self._waiters.remove(waiter)
             raise
         finally:

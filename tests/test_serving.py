@@ -114,6 +114,32 @@ async def test_admission_rejects_at_once_past_both_bounds_and_serves_in_order():
     assert order == [0, 1, 3] and (adm.in_flight, adm.queued) == (0, 0)
 
 
+async def test_a_waiter_cancelled_in_the_loop_turn_its_slot_is_released_ends_cancelled():
+    adm = Admission(max_in_flight=1, max_queued=4)
+    waiting: asyncio.Future | None = None
+
+    async def hold():
+        async with adm.slot():
+            await asyncio.sleep(0.01)
+            waiting.cancel()  # e.g. the waiter's deadline fires in the turn this slot is released
+
+    async def wait():
+        async with adm.slot():
+            pass
+
+    holder = asyncio.ensure_future(hold())
+    await asyncio.sleep(0)
+    waiting = asyncio.ensure_future(wait())
+    await asyncio.sleep(0)
+    assert adm.queued == 1
+    await holder
+    with pytest.raises(asyncio.CancelledError):  # not a ValueError from the queue
+        await waiting
+    assert (adm.in_flight, adm.queued) == (0, 0)
+    async with adm.slot():  # the slot was not lost
+        assert adm.in_flight == 1
+
+
 # -- the pipeline under concurrency ---------------------------------------------------------
 
 
