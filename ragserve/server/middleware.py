@@ -7,11 +7,15 @@ streamed response, and the handler still sees the client's disconnect).
   ``Content-Length`` before it is read, or as soon as a chunked body passes the limit.
 - Draining: after SIGTERM, new requests get 503 (``/health``, ``/ready`` and ``/metrics``
   still answer, with 503 for the probes); requests already in flight are counted so the
-  drain knows when they are done.
+  drain knows when they are done. When the grace period ends (or a second signal comes),
+  uvicorn cancels what is left: a request whose answer has not begun gets a typed 503
+  (``ShutDown``; its engine work is cancelled with it, so nothing is cached), one already
+  streaming is cut off, without the ``done`` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -91,6 +95,14 @@ class RequestMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             pass
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise
+            # NOTE: not raised again: uvicorn would answer a plain-text 500 and log a traceback
+            # for each request its shutdown cancels.
+            log.warning("request %s aborted: the server shut down before it finished", request_id)
+            if not started:
+                await response(_shut_down())(scope, receive, send_with_id)
         except Exception as e:  # noqa: BLE001 - a bug: a typed 500 with the request id, logged once
             if not started:
                 await response(describe(e, request_id))(scope, receive, send_with_id)
@@ -105,6 +117,12 @@ class RequestMiddleware:
         if access.isEnabledFor(logging.INFO):
             access.info("%s %s %s %d %.1fms", request_id, scope["method"], scope["path"], status,
                         (time.perf_counter() - t0) * 1e3)
+
+
+def _shut_down() -> HTTPError:
+    return HTTPError(503, "ShutDown", "the server shut down before this request finished (the drain's "
+                     "grace period ended); nothing was cached; retry elsewhere", "server",
+                     {"Connection": "close", "Retry-After": "1"})
 
 
 def _too_large(limit: int) -> HTTPError:
