@@ -93,3 +93,22 @@ def test_embedding_is_single_threaded_beside_a_local_vllm_engine_only():
     same_machine = local.replace(generate={"backend": "openai"}, openai={"urls": ["http://127.0.0.1:8000"]})
     assert serving_embed_config(same_machine, None).threads == 1
     assert serving_embed_config(local.replace(embed={"threads": 2}), None).threads == 2  # said explicitly
+
+
+@pytest.mark.parametrize("content, names", [
+    ('{"tenant-a-key-0123456789": "a\\u0000b"}', "control character"),
+    ('{"tenant-a-key-0123456789": "' + "n" * 257 + '"}', "1 to 256 characters"),
+    ('{"short": "tenant-a"}', "16+ characters"),
+    ('["tenant-a-key-0123456789"]', "mapping key to namespace"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_keys_file_with_a_bad_entry_is_refused_at_load_naming_it(tmp_path, content, names):
+    from ragserve.server.auth import ApiKeys
+
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="server.api_keys_file") as refused:
+        ApiKeys.load(path)
+    assert names in str(refused.value)
+    path.write_text('{"tenant-a-key-0123456789": "tenant-a"}')
+    assert ApiKeys.load(path).namespace("Bearer tenant-a-key-0123456789") == "tenant-a"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import orjson
 
-from ragserve.errors import ConfigError
+from ragserve.errors import ConfigError, InputError
 from ragserve.server.httperrors import HTTPError
+from ragserve.validation import check_namespace
 
 
 class ApiKeys:
@@ -38,6 +39,10 @@ class ApiKeys:
             if not isinstance(ns, str) or not ns or len(key) < 16:
                 raise ConfigError("server.api_keys_file",
                                   f"{p}: every key needs 16+ characters and a non-empty namespace string")
+            try:
+                check_namespace(ns)  # refused here, not on every request of that tenant
+            except InputError as e:
+                raise ConfigError("server.api_keys_file", f"{p}: the namespace of key {key[:4]}…: {e}") from None
         return cls(data)
 
     def __len__(self) -> int:
