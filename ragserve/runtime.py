@@ -167,17 +167,22 @@ class _Mailbox:
     has not run since the last message."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # NOTE: weak, as the mailboxes' keys are: a strong reference here would keep every
+        # caller loop (each ``asyncio.run`` that streamed) alive, and its mailbox, for good.
+        self._loop = weakref.ref(loop)
         self._pending: deque[tuple[weakref.ref[Relay[Any]], tuple[str, Any]]] = deque()
         self._scheduled = False
 
     def post(self, relay: weakref.ref[Relay[Any]], message: tuple[str, Any]) -> None:
         """On the engine loop's thread. A weak reference: a relay its reader dropped is
         collected, and that cancels its producer (``Relay.__del__``)."""
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            return  # its reader's loop is gone: nobody is left to read it
         self._pending.append((relay, message))
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         # NOTE: cleared BEFORE draining: a message posted while the flag still read True

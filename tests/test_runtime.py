@@ -84,3 +84,23 @@ async def test_aiterate_relays_items_across_loops_and_ends() -> None:
         assert [x async for x in rt.aiterate(produce())] == [0, 1, 2]
     finally:
         rt.stop()
+
+
+def test_a_caller_loop_that_ended_leaves_no_mailbox_behind() -> None:
+    import gc
+
+    rt = LoopThread(name="test-loop")
+
+    async def produce():  # type: ignore[no-untyped-def]
+        yield 1
+
+    async def read() -> list[int]:
+        return [x async for x in rt.aiterate(produce())]
+
+    try:
+        for _ in range(5):  # a library user's asyncio.run per call: a new loop each time
+            assert asyncio.run(read()) == [1]
+        gc.collect()
+        assert len(rt._mailboxes) == 0
+    finally:
+        rt.stop()
