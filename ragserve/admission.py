@@ -116,12 +116,10 @@ class Requests:
         self.gauges.inc("in_flight")
         try:
             try:
-                async with asyncio.timeout(deadline_s or None) as scope:
+                async with deadline(deadline_s):
                     yield
-            except TimeoutError:
-                if scope.expired():  # ours, not a TimeoutError from inside the request
-                    self.counts["timeouts"] += 1
-                    raise DeadlineExceededError(deadline_s) from None
+            except DeadlineExceededError:
+                self.counts["timeouts"] += 1
                 raise
         except GeneratorExit:
             self.counts["cancelled"] += 1  # a stream left early: not a failure to report
@@ -136,3 +134,15 @@ class Requests:
             raise
         finally:
             self.gauges.dec("in_flight")
+
+
+@asynccontextmanager
+async def deadline(deadline_s: float) -> AsyncIterator[None]:
+    """The block, cancelled past ``deadline_s`` (0: none) with ``DeadlineExceededError``."""
+    try:
+        async with asyncio.timeout(deadline_s or None) as scope:
+            yield
+    except TimeoutError:
+        if scope.expired():  # ours, not a TimeoutError from inside the block
+            raise DeadlineExceededError(deadline_s) from None
+        raise

@@ -100,6 +100,10 @@ class Pipeline:
         self._reload_lock = threading.Lock()
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
+        self.retrievals = Admission(q.max_in_flight, q.max_queued)
+        """Retrieval-only requests (``retrieve``), bounded apart from the generation slots: a
+        flood of them is refused (429) instead of queueing without end for the embedder, and
+        none waits behind generations."""
         self._prompt_builder: Any = None
         self.requests = Requests(self.gauges, self.observers)
         self.flight = StreamFlight()

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any
 
+from ragserve.admission import deadline
 from ragserve.config import LOOPBACK_HOSTS, EmbedConfig, RAGConfig
 from ragserve.errors import InputError
 from ragserve.manifest import Manifest
@@ -200,11 +201,13 @@ class RAG(Pipeline):
         return await self._runtime.run_async(self._retrieve(question, top_k or self.config.query.top_k))
 
     async def _retrieve(self, question: str, top_k: int) -> list[Source]:
-        snap = self.served.acquire()
-        try:
-            return await snap.retriever.retrieve(question, top_k, StageClock())
-        finally:
-            self.served.release(snap)
+        """Within ``retrievals``' bounds (else ``OverloadedError``) and ``query.timeout_s``."""
+        async with self.retrievals.slot(), deadline(self.config.query.timeout_s):
+            snap = self.served.acquire()
+            try:
+                return await snap.retriever.retrieve(question, top_k, StageClock())
+            finally:
+                self.served.release(snap)
 
     def stats(self) -> dict[str, Any]:
         """Queries, errors, per-stage latency (count, mean, p50/p95/p99 in ms over the last
@@ -223,6 +226,7 @@ class RAG(Pipeline):
             "tiers": self.stage_stats.tiers(),
             "gauges": self.gauges.snapshot(),
             "admission": self.admission.as_dict(),
+            "retrievals": self.retrievals.as_dict(),
             "embed_batches": self.retriever.stats(),
             "engine_unfinished": self.engine_unfinished(),
             "generator": generator_stats() if generator_stats else None,

@@ -3,6 +3,7 @@
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -304,7 +305,6 @@ def test_requests_left_when_the_drain_grace_ends_get_a_typed_503_and_the_server_
     uvicorn cancels what is left; the middleware answers what had not begun with 503."""
     import signal
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import uvicorn
@@ -348,3 +348,31 @@ def test_requests_left_when_the_drain_grace_ends_get_a_typed_503_and_the_server_
         assert gen.running == 0  # the generations were aborted with their requests
         stats = rag.stats()
         assert stats["cache"]["l1"]["writes"] == 0 and stats["cancelled"] == 2  # nothing cached
+
+
+def test_retrieve_has_its_own_admission_bounds_and_the_query_deadline(tmp_path):
+    """A flood of ``/v1/retrieve`` is refused with 429 past its bounds (apart from the
+    generation slots), and a retrieval past ``query.timeout_s`` gets 504."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rag = make_rag(tmp_path, query={"max_in_flight": 1, "max_queued": 1, "timeout_s": 2.0})
+    encode = rag.embedder.encode
+
+    def slow_encode(texts, **kw):
+        time.sleep(3.0 if any("too slow" in t for t in texts) else 0.4)
+        return encode(texts, **kw)
+
+    rag.embedder.encode = slow_encode
+    with rag, running(create_app(rag, RAGConfig())) as url, ThreadPoolExecutor(4) as pool:
+        ask = lambda i: httpx.post(f"{url}/v1/retrieve", json={"question": f"retrieve {i}"}, timeout=30)  # noqa: E731
+        codes = sorted(r.status_code for r in pool.map(ask, range(4)))
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        refused = [r for r in pool.map(ask, range(4, 8)) if r.status_code == 429]
+        assert refused and all(r.headers["retry-after"] for r in refused)
+        assert refused[0].json()["error"]["type"] == "OverloadedError"
+        stats = httpx.get(f"{url}/v1/stats").json()
+        assert stats["retrievals"]["rejected"] >= 2 and stats["retrievals"]["in_flight"] == 0
+        assert stats["admission"]["admitted"] == 0  # no generation slot was taken
+        late = httpx.post(f"{url}/v1/retrieve", json={"question": "too slow"}, timeout=30)
+        assert late.status_code == 504 and late.json()["error"]["type"] == "DeadlineExceededError"
+        assert httpx.post(f"{url}/v1/retrieve", json={"question": "after"}, timeout=30).status_code == 200
