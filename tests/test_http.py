@@ -364,7 +364,9 @@ def test_retrieve_has_its_own_admission_bounds_and_the_query_deadline(tmp_path):
 
     rag.embedder.encode = slow_encode
     with rag, running(create_app(rag, RAGConfig())) as url, ThreadPoolExecutor(4) as pool:
-        ask = lambda i: httpx.post(f"{url}/v1/retrieve", json={"question": f"retrieve {i}"}, timeout=30)  # noqa: E731
+        def ask(i: int) -> httpx.Response:
+            return httpx.post(f"{url}/v1/retrieve", json={"question": f"retrieve {i}"}, timeout=30)
+
         codes = sorted(r.status_code for r in pool.map(ask, range(4)))
         assert codes[0] == 200 and codes[-1] == 429, codes
         refused = [r for r in pool.map(ask, range(4, 8)) if r.status_code == 429]
