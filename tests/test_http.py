@@ -375,6 +375,9 @@ def test_retrieve_has_its_own_admission_bounds_and_the_query_deadline(tmp_path):
         stats = httpx.get(f"{url}/v1/stats").json()
         assert stats["retrievals"]["rejected"] >= 2 and stats["retrievals"]["in_flight"] == 0
         assert stats["admission"]["admitted"] == 0  # no generation slot was taken
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f"ragserve_retrieval_rejections_total {float(stats['retrievals']['rejected'])}" in metrics
+        assert "ragserve_retrievals_in_flight 0.0" in metrics and "ragserve_retrievals_total " in metrics
         late = httpx.post(f"{url}/v1/retrieve", json={"question": "too slow"}, timeout=30)
         assert late.status_code == 504 and late.json()["error"]["type"] == "DeadlineExceededError"
         assert httpx.post(f"{url}/v1/retrieve", json={"question": "after"}, timeout=30).status_code == 200

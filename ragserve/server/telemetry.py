@@ -13,6 +13,8 @@ names are those of ``Timings``:
 | ``ragserve_admission_rejections_total`` | counter | |
 | ``ragserve_generated_tokens_total`` / ``ragserve_prompt_tokens_total`` | counter | (each generation once) |
 | ``ragserve_in_flight``, ``ragserve_queued`` | gauge | |
+| ``ragserve_retrievals_total``, ``ragserve_retrieval_rejections_total`` | counter | (``/v1/retrieve``, its own bounds) |
+| ``ragserve_retrievals_in_flight``, ``ragserve_retrievals_queued`` | gauge | |
 | ``ragserve_engine_unfinished_requests`` | gauge | |
 | ``ragserve_l2_breaker_state`` | gauge (1 for the current state) | ``state`` |
 
@@ -26,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ragserve.errors import DeadlineExceededError, InputError, OverloadedError
@@ -97,11 +99,20 @@ class _LiveGauges(Collector):
     def __init__(self, rag: Any) -> None:
         self.rag = rag
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         rag = self.rag
         for name, doc in (("in_flight", "Requests past L1 on the engine loop"),
                           ("queued", "Requests waiting for an admission slot")):
             yield GaugeMetricFamily(f"ragserve_{name}", doc, value=rag.gauges.value(name))
+        retrievals = rag.retrievals  # retrieval-only requests: bounded apart from the queries above
+        yield CounterMetricFamily("ragserve_retrievals", "Retrieval-only requests admitted",
+                                  value=retrievals.admitted)
+        yield CounterMetricFamily("ragserve_retrieval_rejections",
+                                  "Retrieval-only requests refused past their bounds (429)", value=retrievals.rejected)
+        yield GaugeMetricFamily("ragserve_retrievals_in_flight", "Retrieval-only requests running",
+                                value=retrievals.in_flight)
+        yield GaugeMetricFamily("ragserve_retrievals_queued", "Retrieval-only requests waiting for a slot",
+                                value=retrievals.queued)
         unfinished = rag.engine_unfinished()
         if unfinished is not None:
             yield GaugeMetricFamily("ragserve_engine_unfinished_requests",
