@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
@@ -13,11 +13,14 @@ from ragserve.redis_server import free_port
 
 
 @contextmanager
-def running(app, *, timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` until the block ends; yields its base URL (http://127.0.0.1:PORT)."""
+def running(app, *, timeout_s: float = 30.0,
+            server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server) -> Iterator[str]:
+    """Serve ``app`` until the block ends; yields its base URL (http://127.0.0.1:PORT).
+    ``server`` makes the uvicorn ``Server`` from its ``Config`` (``ragserve serve``'s own
+    ``DrainingServer``, say). The server must have stopped when the block ends."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=2))
+    server = server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                   access_log=False, timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -30,3 +33,5 @@ def running(app, *, timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+    if thread.is_alive():
+        raise RuntimeError("the test server did not stop")

@@ -304,44 +304,37 @@ def test_requests_left_when_the_drain_grace_ends_get_a_typed_503_and_the_server_
     """The drain of ``ragserve serve`` (``DrainingServer``), its grace shorter than the answers:
     uvicorn cancels what is left; the middleware answers what had not begun with 503."""
     import signal
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import uvicorn
-
-    from ragserve.redis_server import free_port
     from ragserve.server.run import DrainingServer
 
     gen = FakeGenerator(words=4, delay=10.0)  # far past the grace
     rag = make_rag(tmp_path, gen)
     app = create_app(rag, RAGConfig())
-    state, port = app.state.served.state, free_port()
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1, lifespan="on"), state, grace_s=0.5)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+    servers: list[DrainingServer] = []
 
-    def stream() -> str:
+    def draining(config):
+        servers.append(DrainingServer(config, app.state.served.state, grace_s=0.5))
+        return servers[0]
+
+    def stream(url: str) -> str:
         try:
             return httpx.post(f"{url}/v1/query", json={"question": "a slow stream", "stream": True}, timeout=30).text
         except httpx.RemoteProtocolError:
             return "cut off"
 
     with rag, ThreadPoolExecutor(2) as pool:
-        while not server.started:
-            time.sleep(0.01)
-        plain = pool.submit(httpx.post, f"{url}/v1/query", json={"question": "a slow one"}, timeout=30)
-        streamed = pool.submit(stream)
-        while gen.running < 2:
-            time.sleep(0.01)
-        server.handle_exit(signal.SIGTERM, None)
-        r = plain.result(timeout=20)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert r.json()["error"]["type"] == "ShutDown" and r.headers["x-request-id"]
-        assert "event: done" not in streamed.result(timeout=20)  # begun: cut off, never "done"
-        thread.join(timeout=20)
-        assert not thread.is_alive()
+        with running(app, server=draining) as url:  # the block ends only once the server has stopped
+            plain = pool.submit(httpx.post, f"{url}/v1/query", json={"question": "a slow one"}, timeout=30)
+            streamed = pool.submit(stream, url)
+            while gen.running < 2:
+                time.sleep(0.01)
+            servers[0].handle_exit(signal.SIGTERM, None)
+            r = plain.result(timeout=20)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "ShutDown" and r.headers["x-request-id"]
+            assert "event: done" not in streamed.result(timeout=20)  # begun: cut off, never "done"
+            assert servers[0].should_exit  # the drain ended it, not the end of this block
         deadline = time.monotonic() + 5
         while gen.running and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +97,16 @@ def generator_status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/v1/stats", timeout=30).json()["generator"]
 
 
+def generator_status_once(url: str, seen: Callable[[dict[str, Any]], bool], deadline: float) -> dict[str, Any]:
+    """The generator's status once the answering replica's probe (every 0.5 s; each ingress
+    replica has its own) has ``seen`` what the test did, or the last one at ``deadline``."""
+    while True:
+        status = generator_status(url)
+        if seen(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
 def ingress_replicas() -> dict[str, str]:
     """Serve replica id → its actor's name, for the ingress deployment's live replicas."""
     import ray
@@ -132,14 +142,8 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     assert events[-1][1]["request_id"] == "stream-1"
     health = httpx.get(f"{url}/health").json()
     assert health == {"status": "ok", "engine": "alive", "l2": "ok"}
-    # The generator's stats as of the answering replica's last probe (every 0.5 s): the
-    # requests above may all have come after it, so wait for a probe that saw them.
-    deadline = time.monotonic() + 10
-    while True:
-        gen = generator_status(url)
-        if gen["backend_stats"]["endpoints"][0]["requests"] >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    gen = generator_status_once(url, lambda g: g["backend_stats"]["endpoints"][0]["requests"] >= 1,
+                                time.monotonic() + 10)
     assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
 
@@ -192,11 +196,7 @@ def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_re
     while time.monotonic() < deadline and fake.disconnects == disconnects:
         time.sleep(0.1)
     assert fake.disconnects == disconnects + 1  # the openai backend closed its stream: the server aborts
-    while True:  # each ingress replica sees the generator as of its own last probe: poll one that has seen it
-        status = generator_status(url)
-        if status["deployment"]["replica"]["aborted"] != aborted or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    status = generator_status_once(url, lambda g: g["deployment"]["replica"]["aborted"] != aborted, deadline)
     assert status["deployment"]["replica"]["aborted"] == aborted + 1
     assert status["deployment"]["unfinished"] == 0 and fake.in_flight == 0
 

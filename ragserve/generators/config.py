@@ -20,7 +20,7 @@ place. Setting one in both places to different values is a ``ConfigError``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ragserve.errors import ConfigError
@@ -106,8 +106,10 @@ class OpenAIConfig:
     ``/detokenize`` (vLLM's server has both), for a model that exists only there."""
 
 
-LEGACY_GENERATE_KEYS = tuple(f.name for f in fields(VllmConfig) if f.name != "stream_interval")
-"""``[generate]`` keys that moved to ``[vllm]``."""
+LEGACY_GENERATE_KEYS = ("dtype", "enforce_eager", "gpu_memory_utilization", "kv_cache_gib", "uniproc_executor",
+                        "max_num_seqs")
+"""``[generate]`` keys that moved to ``[vllm]``: the ones ``[vllm]`` had then. A field added
+to ``[vllm]`` since was never a ``[generate]`` key, so it is not one of them."""
 
 
 def migrate_legacy(sections: dict[str, Any]) -> dict[str, Any]:

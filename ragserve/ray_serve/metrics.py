@@ -19,18 +19,16 @@ records the same series there. Ray prefixes them with ``ray_``:
 | ``ray_ragserve_generated_tokens_total``, ``ray_ragserve_prompt_tokens_total`` | counter | |
 
 The names and meanings are ``server/telemetry.py``'s; the outcome of an error is its
-``outcome_of``. Ray's agent exports what a process recorded every few seconds, so a
+``error_series``. Ray's agent exports what a process recorded every few seconds, so a
 scrape lags the requests by that much.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from ragserve.errors import OverloadedError
-from ragserve.server.telemetry import BUCKETS, outcome_of
+from ragserve.server.telemetry import BUCKETS, error_series
 
 
 class RayMetrics:
@@ -64,8 +62,9 @@ class RayMetrics:
             self.prompt_tokens.inc(usage.prompt_tokens)
 
     def on_error(self, error: BaseException) -> None:
-        self.requests.inc(tags={"outcome": outcome_of(error)})
-        if isinstance(error, OverloadedError):
+        outcome, rejected, error_type = error_series(error)
+        self.requests.inc(tags={"outcome": outcome})
+        if rejected:
             self.rejections.inc()
-        if not isinstance(error, asyncio.CancelledError):
-            self.errors.inc(tags={"type": type(error).__name__})
+        if error_type is not None:
+            self.errors.inc(tags={"type": error_type})

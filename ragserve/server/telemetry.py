@@ -71,14 +71,22 @@ class PrometheusExporter:
         self.prompt_tokens.inc(result.usage.prompt_tokens)
 
     def on_error(self, error: BaseException) -> None:
-        self.requests.labels(outcome_of(error)).inc()
-        if isinstance(error, OverloadedError):
+        outcome, rejected, error_type = error_series(error)
+        self.requests.labels(outcome).inc()
+        if rejected:
             self.rejections.inc()
-        if not isinstance(error, asyncio.CancelledError):
-            self.errors.labels(type(error).__name__).inc()
+        if error_type is not None:
+            self.errors.labels(error_type).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def error_series(error: BaseException) -> tuple[str, bool, str | None]:
+    """What a failed request adds to the series: its outcome, whether admission refused it,
+    and its error type (None for a cancellation, which is no error)."""
+    cancelled = isinstance(error, asyncio.CancelledError)
+    return outcome_of(error), isinstance(error, OverloadedError), None if cancelled else type(error).__name__
 
 
 def outcome_of(error: BaseException) -> str:
