@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from ragserve.timing import Gauges, StageClock, StageStats  # noqa: E402
+from ragserve.observe.timing import Gauges, StageClock, StageStats  # noqa: E402
 from ragserve.types import Timings  # noqa: E402
 
 

@@ -11,7 +11,7 @@ libraries (torch, faiss, vllm, httpx) load only when an index is built or opened
 """
 
 from ragserve._version import __version__
-from ragserve.build import BuildReport, build_index
+from ragserve.build.builder import BuildReport, build_index
 from ragserve.config import (
     ChunkConfig,
     EmbedConfig,
@@ -45,8 +45,8 @@ from ragserve.errors import (
     RagserveError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
-from ragserve.evaluate import EvalReport, evaluate
-from ragserve.manifest import verify as verify_index
+from ragserve.eval.evaluate import EvalReport, evaluate
+from ragserve.index.verify import verify as verify_index
 from ragserve.rag import RAG
 from ragserve.types import (
     Chunk,

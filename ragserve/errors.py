@@ -6,7 +6,7 @@ that is wrong and what to do about it::
     RagserveError
     ├── ConfigError                 a config field has a bad value (names the field)
     │   └── NoL2Error               `ragserve warm` has no L2 to write to: the cache is
-    │                               off or its Redis does not answer (warm.py)
+    │                               off or its Redis does not answer (jobs/warm.py)
     ├── InputError                  a request is refused before any work is done
     │   ├── EmptyQuestionError
     │   ├── QuestionTooLongError
@@ -14,7 +14,7 @@ that is wrong and what to do about it::
     │   ├── InvalidTextError        not valid Unicode text, or a control character
     │   │                           (names the code point and its position)
     │   ├── InvalidParameterError   a request parameter (top_k, namespace) has a bad value
-    │   └── BatchInputError         a questions file for `ragserve batch` (batch.py)
+    │   └── BatchInputError         a questions file for `ragserve batch` (jobs/batch.py)
     ├── IngestError                 a corpus cannot be read at all (per-file problems
     │                               are reported in the build summary, not raised)
     ├── DatasetError                an evaluation data set is missing or malformed (names
@@ -24,6 +24,7 @@ that is wrong and what to do about it::
     │   ├── IndexIntegrityError     a file is missing, truncated or altered
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
+├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
     ├── ClusterError                a Ray cluster cannot be used: ray is not installed
     │                               (names `pip install ragserve[ray]`), or the address is
     │                               malformed or unreachable (names the address)
@@ -88,6 +89,10 @@ class ConfigError(RagserveError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class NoL2Error(ConfigError):
+    """Nothing to warm into: the answer cache is off, or its Redis does not answer."""
+
+
 class InputError(RagserveError, ValueError):
     stage = "input"
 
@@ -139,6 +144,10 @@ class InvalidParameterError(InputError):
         super().__init__(f"{name} must be {expected}, got {shown}")
 
 
+class BatchInputError(InputError):
+    """The questions file cannot be used as it is (names the line and what is wrong)."""
+
+
 class IngestError(RagserveError):
     stage = "ingest"
 
@@ -179,6 +188,12 @@ class IndexMismatchError(IndexError_):
 
 class ModelError(RagserveError):
     stage = "model"
+
+
+class RedisServerError(RagserveError):
+    """The embedded Redis cannot start: no ``redis-server`` binary, or it did not come up."""
+
+    stage = "cache"
 
 
 class ClusterError(RagserveError):

@@ -1,4 +1,4 @@
-"""``RAG``: a served index and its engine, the public API over the pipeline.
+"""``RAG``: a served index and its engine, the public API.
 
 **Usage:**
 
@@ -8,31 +8,39 @@
         print(r.answer, r.sources[0].doc_id, r.timings)
 
 ``query()`` blocks; ``await aquery()`` works from any event loop; both run on one engine
-(see ``runtime.py``). The order of the stages is ``pipeline.py``'s.
+(``engine/core.py``), which ``RAG`` holds rather than is: what it exposes is the verbs
+below and the parts a tool reads (``config``, ``cache``, ``generator``, ``observers``, ...),
+nothing of the engine's inner state.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
-from typing import Any
 
-from ragserve.admission import deadline
 from ragserve.config import LOOPBACK_HOSTS, EmbedConfig, RAGConfig
-from ragserve.errors import InputError
-from ragserve.manifest import Manifest
-from ragserve.pipeline import Pipeline
-from ragserve.retrieval import Retriever
-from ragserve.served import describe, open_index, open_served
-from ragserve.timing import StageClock
+from ragserve.engine.core import Engine
+from ragserve.engine.served import open_index
+from ragserve.index.manifest import Manifest
+from ragserve.retrieval.retriever import Retriever
 from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, StreamEvent, VectorIndex
 
+T = TypeVar("T")
 
-class RAG(Pipeline):
+
+class RAG:
     """A served index: retrieval over it, and generation grounded in what it retrieves."""
+
+    def __init__(self, manifest: Manifest, index: VectorIndex, docstore: DocStore, embedder: Embedder,
+                 generator: Generator | None, config: RAGConfig, *, path: Path | None = None) -> None:
+        """Serve already opened parts (``from_index`` opens them from a folder and checks
+        them; tests and tools pass their own). ``generator=None``: the one
+        ``config.generate.backend`` names, started by ``warm_up`` or the first miss."""
+        self._engine = Engine(manifest, index, docstore, embedder, generator, config)
+        self._engine.path = path
 
     # -- construction -----------------------------------------------------------------
 
@@ -61,12 +69,11 @@ class RAG(Pipeline):
         """
         config = config or RAGConfig.load()
         if embedder is None:
-            from ragserve.embed import SentenceTransformerEmbedder
+            from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(serving_embed_config(config, generator))
         manifest, index, docstore = open_index(path, config, embedder)
-        rag = cls(manifest, index, docstore, embedder, generator, config)
-        rag._path = Path(path)
+        rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path))
         if start_engine:
             try:
                 rag.warm_up()
@@ -77,32 +84,27 @@ class RAG(Pipeline):
 
     def warm_up(self) -> None:
         """Start the generation engine on the engine loop (idempotent)."""
+        return self._engine.warm_up()
 
-        async def start() -> None:
-            self._ensure_generator()
-
-        self._runtime.run(start())
-
-    # The current snapshot's parts (a request in flight may still use an older one).
     @property
     def manifest(self) -> Manifest:
-        return self.served.current.manifest
+        return self._engine.manifest
 
     @property
     def index(self) -> VectorIndex:
-        return self.served.current.index
+        return self._engine.index
 
     @property
     def docstore(self) -> DocStore:
-        return self.served.current.docstore
+        return self._engine.docstore
 
     @property
     def retriever(self) -> Retriever:
-        return self.served.current.retriever
+        return self._engine.retriever
 
     @property
     def fingerprint(self) -> str:
-        return self.served.current.fingerprint
+        return self._engine.fingerprint
 
     def reload(self, path: str | Path | None = None) -> dict[str, Any]:
         """Open the index at ``path`` (default: the path this engine was opened from, which
@@ -115,20 +117,7 @@ class RAG(Pipeline):
         and the current one keeps serving. Returns ``{"changed", "fingerprint",
         "previous", "folder", ...}``; the same fingerprint again changes nothing.
         """
-        target = Path(path) if path is not None else self._path
-        if target is None:
-            raise InputError("reload needs a path: this engine was not opened with RAG.from_index")
-        with self._reload_lock:  # one reload at a time; requests are never blocked by it
-            new = open_served(target, self.config, self.embedder, self._cpu)
-            previous = self.served.current
-            if new.fingerprint == previous.fingerprint:
-                new.close()
-                return {"changed": False, "previous": previous.fingerprint, **describe(previous)}
-            self.served.swap(new)
-            self._path = target
-        return {"changed": True, "previous": previous.fingerprint, **describe(new)}
-
-    # -- public API ---------------------------------------------------------------------
+        return self._engine.reload(path)
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
@@ -144,27 +133,25 @@ class RAG(Pipeline):
         ``OverloadedError`` at once when the engine is full, ``DeadlineExceededError``
         past the deadline.
         """
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
-        return self._l1_hit(p) or self._runtime.run(self._answer(p))
+        return self._engine.query(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
                      request_id: str | None = None, top_k: int | None = None) -> QueryResult:
         """Answer one question from any event loop. Cancelling the awaiting task aborts the
         request in the engine and caches nothing."""
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
-        return self._l1_hit(p) or await self._runtime.run_async(self._answer(p))
+        return await self._engine.aquery(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                     timeout_s: float | None = None) -> list[QueryResult | Exception]:
         """Answer many questions concurrently; order is kept, a failure stays in its slot.
         At most ``query.max_in_flight`` of them run at once, so a large batch never
         overloads the engine by itself."""
-        return self._runtime.run(self._answer_many(questions, namespace, timeout_s))
+        return self._engine.query_batch(questions, namespace=namespace, timeout_s=timeout_s)
 
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                            timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s))
+        return await self._engine.aquery_batch(questions, namespace=namespace, timeout_s=timeout_s)
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
@@ -176,8 +163,7 @@ class RAG(Pipeline):
 
         **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
         """
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
-        return self._runtime.iterate(self._stream(p))
+        return self._engine.stream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
@@ -187,27 +173,15 @@ class RAG(Pipeline):
         The iterator (a ``runtime.Relay``) also reads as ``batches()``: the same events in
         lists of those that reached the caller's loop together, never waiting for more
         (a server writes each list at once)."""
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
-        return self._runtime.aiterate(self._stream(p))
+        return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
-        question = self._check(question)
-        return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k))
+        return self._engine.retrieve(question, top_k)
 
     async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """``retrieve`` from any event loop; concurrent calls share embedding batches."""
-        question = self._check(question)
-        return await self._runtime.run_async(self._retrieve(question, top_k or self.config.query.top_k))
-
-    async def _retrieve(self, question: str, top_k: int) -> list[Source]:
-        """Within ``retrievals``' bounds (else ``OverloadedError``) and ``query.timeout_s``."""
-        async with self.retrievals.slot(), deadline(self.config.query.timeout_s):
-            snap = self.served.acquire()
-            try:
-                return await snap.retriever.retrieve(question, top_k, StageClock())
-            finally:
-                self.served.release(snap)
+        return await self._engine.aretrieve(question, top_k)
 
     def stats(self) -> dict[str, Any]:
         """Queries, errors, per-stage latency (count, mean, p50/p95/p99 in ms over the last
@@ -218,78 +192,102 @@ class RAG(Pipeline):
         ["prefix_cache"]``, and the requests vLLM finished, ``["generator"]["engine"]``; per
         endpoint for the openai backend; None when it keeps none). Plain JSON-able values:
         ``orjson.dumps(rag.stats())``."""
-        generator_stats = getattr(self.generator, "stats", None)
-        return {
-            **self.requests.counts,
-            "window": self.stage_stats.window,
-            "stages": self.stage_stats.summary(),
-            "tiers": self.stage_stats.tiers(),
-            "gauges": self.gauges.snapshot(),
-            "admission": self.admission.as_dict(),
-            "retrievals": self.retrievals.as_dict(),
-            "embed_batches": self.retriever.stats(),
-            "engine_unfinished": self.engine_unfinished(),
-            "generator": generator_stats() if generator_stats else None,
-            "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
-            "cache": self.cache.stats() if self.cache else None,
-        }
+        return self._engine.stats()
 
     async def aflush_cache(self) -> None:
         """Wait for the L2 writes scheduled so far (they run in the background, off each
         query's path). After it, every answer generated so far is in L2 or its write is
         counted as failed (``stats()["cache"]["l2"]``); ``ragserve warm`` checks that."""
-        if self.cache is not None and self.cache.l2 is not None:
-            await self._runtime.run_async(self.cache.l2.drain())
+        return await self._engine.aflush_cache()
 
     def reset_prefix_cache(self, attempts: int = 50) -> bool:
         """Empty the generation engine's prefix cache (for benchmarks that must start every
         system cold). Retries while finishing requests still hold blocks; False if the
         engine cannot (a backend without a prefix cache) or never could."""
-        reset = getattr(self.generator, "reset_prefix_cache", None)
-        if reset is None:
-            return False
-
-        async def run() -> bool:
-            for _ in range(attempts):
-                if await reset():
-                    return True
-                await asyncio.sleep(0.1)
-            return False
-
-        return self._runtime.run(run())
+        return self._engine.reset_prefix_cache(attempts)
 
     def engine_alive(self) -> bool:
         """False once the generation engine has died (a backend that cannot tell: True)."""
-        alive = getattr(self.generator, "alive", None)
-        return self.generator is not None and (alive() if alive else True)
+        return self._engine.engine_alive()
 
     def engine_unfinished(self) -> int | None:
         """Requests the generation engine holds right now (None: the backend cannot say)."""
-        unfinished = getattr(self.generator, "unfinished", None)
-        return unfinished() if unfinished else None
+        return self._engine.engine_unfinished()
 
     def close(self) -> None:
         """Stop the engine, flush cache writes, release the index files. Idempotent."""
-        if self._runtime.running:
-            # Requests still running are cancelled (vLLM aborts them); cache writes finish.
-            writes = self.cache.l2.tasks if self.cache is not None and self.cache.l2 is not None else set()
-            self._runtime.cancel_tasks(keep=lambda t: t in writes)
+        return self._engine.close()
 
-            async def stop() -> None:
-                if self.cache is not None:
-                    await self.cache.close()
-                aclose = getattr(self.generator, "aclose", None)  # an async backend closes politely
-                if aclose is not None:
-                    await aclose()
-                elif self.generator is not None:
-                    self.generator.shutdown()
+    # -- the parts a tool reads ----------------------------------------------------------
 
-            self._runtime.run(stop())
-        self._runtime.stop()
-        if self.cache is not None:
-            self.cache.stop_server()
-        self.served.close()
-        self._cpu.shutdown(wait=True)
+    @property
+    def config(self) -> RAGConfig:
+        return self._engine.config
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._engine.embedder
+
+    @property
+    def generator(self) -> Generator | None:
+        """The generation backend (None until ``warm_up`` or the first miss starts it)."""
+        return self._engine.generator
+
+    @property
+    def cache(self) -> Any:
+        """The answer tiers (``cache.answers.AnswerCache``: ``l1``, ``l2``), None when off."""
+        return self._engine.cache
+
+    @property
+    def observers(self) -> Any:
+        """Told of every finished or failed request (``observe/observers.py``); ``add`` your own."""
+        return self._engine.observers
+
+    @property
+    def gauges(self) -> Any:
+        """``in_flight`` (requests past L1 on the engine loop) and ``queued`` (waiting for a slot)."""
+        return self._engine.gauges
+
+    @property
+    def admission(self) -> Any:
+        """The bounds of pipeline runs (``engine/admission.py``): ``max_in_flight``, ``max_queued``."""
+        return self._engine.admission
+
+    @property
+    def retrievals(self) -> Any:
+        """The bounds of retrieval-only requests, apart from the pipeline runs'."""
+        return self._engine.retrievals
+
+    @property
+    def served(self) -> Any:
+        """The index versions (``engine/served.py``): ``current``, and the one each request holds."""
+        return self._engine.served
+
+    # -- for tools: benchmarks, profilers, tests ---------------------------------------
+
+    def call(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the engine loop (where the generator and the cache tiers live) and
+        return its result: for tools that drive a stage directly, e.g.
+        ``rag.call(rag.generator.generate(text, "id"))``."""
+        return self._engine.call(work)
+
+    async def acall(self, work: Coroutine[Any, Any, T]) -> T:
+        """``call`` from any event loop."""
+        return await self._engine.acall(work)
+
+    def flush_cache(self) -> None:
+        """``aflush_cache`` for blocking callers."""
+        self._engine.flush_cache()
+
+    def prompt_builder(self) -> Any:
+        """The ``generators.prompt.PromptBuilder`` of the miss path (starts the generator,
+        whose tokenizer it counts with): ``rag.prompt_builder().build(question, sources)``."""
+        return self._engine.prompt_builder()
+
+    def run_in_threads(self, fn: Callable[[str], None], timeout_s: float = 30.0) -> None:
+        """Call ``fn(thread_name)`` once in each thread that runs stages (the engine loop,
+        the embedding worker), e.g. to enable a profiler there: cProfile sees one thread."""
+        self._engine.run_in_threads(fn, timeout_s)
 
     def __enter__(self) -> RAG:
         return self

@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 
 from ragserve import RAG, RAGConfig
+from ragserve.cache.redis_server import RedisServer, free_port
 from ragserve.profiling.env import environment, machine_line, versions_line
-from ragserve.redis_server import RedisServer, free_port
 
 QUESTIONS = [
     "How does the with statement work?", "What does a yield expression do?", "How are exceptions raised?",
@@ -91,7 +91,7 @@ def main() -> None:
                      "killed": lambda: (server.start(), back_up()), "hung": lambda: (server.resume(), back_up())}
             for q in qs:  # real generation fills both tiers
                 rag.query(q)
-            rag._runtime.run(rag.cache.l2.drain())
+            rag.flush_cache()
             l1 = timed_calls(rag, qs, args.calls, "l1")
             p50, p99 = pct(l1)
             rows.append(("L1 hit, whole rag.query()", len(l1), f"{p50 * 1000:.1f} µs", f"{p99 * 1000:.1f} µs",

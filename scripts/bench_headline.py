@@ -118,7 +118,7 @@ def system_labels(pids: set[int]) -> Any:
 
 async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tuple[list[hr.Req], float]:
     """Send the stream: closed loop with C clients, or open loop at ``--rate``."""
-    from ragserve.cache import normalize_question
+    from ragserve.cache.keys import normalize_question
     from ragserve.profiling.workload import poisson_arrivals
 
     reqs = [hr.Req(i, q.qid, normalize_question(q.text), 0.0) for i, q in enumerate(stream)]
@@ -167,9 +167,9 @@ class Bench:
     async def start(self) -> None:
         import httpx
 
+        from ragserve.cache.redis_server import RedisServer
         from ragserve.config import RAGConfig
-        from ragserve.datasets import load_dataset
-        from ragserve.redis_server import RedisServer
+        from ragserve.eval.datasets import load_dataset
         from ragserve.server.process import ServerProcess
 
         a = self.args
@@ -217,8 +217,8 @@ class Bench:
             return
         import bench_serving_peer as peer
 
-        from ragserve.docstore import LazyDocStore
-        from ragserve.models import resolve_embedding_model, resolve_generation_model
+        from ragserve.models.resolve import resolve_embedding_model, resolve_generation_model
+        from ragserve.retrieval.docstore import LazyDocStore
 
         embed_path = resolve_embedding_model(self.cfg.embed.model)
         store = LazyDocStore(a.index)

@@ -50,9 +50,10 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
 import bench_serving_workload as wl  # noqa: E402
+from bench_http_hits import hits_and_overload  # noqa: E402
+from bench_http_hits import pct as _pct
 from bench_serving_report import CpuSampler, Record, Run, cpu_table  # noqa: E402
 from bench_serving_systems import Systems  # noqa: E402
-from bench_http_hits import hits_and_overload, pct as _pct  # noqa: E402
 
 SYSTEMS = ("HTTP native", "HTTP OpenAI", "in-process", "LlamaIndex", "HTTP native JSON", "in-process plain")
 DEFAULT_SYSTEMS = "HTTP native,HTTP OpenAI,in-process,LlamaIndex"
@@ -272,7 +273,7 @@ def ratio_lines(runs: list[Run]) -> list[str]:
 
 
 def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], extra: dict[str, Any]) -> None:
-    from ragserve.profiling.env import PEER_PACKAGES, PACKAGES, environment, header_markdown
+    from ragserve.profiling.env import PACKAGES, PEER_PACKAGES, environment, header_markdown
 
     env = environment((*PACKAGES, "fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES))
     settings = {"index": args.index, "max_tokens": args.max_tokens, "stream_interval": sys_.cfg.vllm.stream_interval,

@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 from bench_serving import log
 
 

@@ -77,7 +77,7 @@ def write_corpus(folder: Path, n_files: int, paras: list[str], seed: int) -> Non
 
 def chunks_per_file(paras: list[str], embedder, config, seed: int) -> float:
     """The splitter's chunks per generated file, measured on a sample of files."""
-    from ragserve.ingest import Document, chunk_documents
+    from ragserve.build.ingest import Document, chunk_documents
 
     with tempfile.TemporaryDirectory() as tmp:
         write_corpus(Path(tmp), 50, paras, seed)
@@ -102,9 +102,9 @@ def top10_agreement(a: Path, b: Path, queries: np.ndarray, tie: float = 2e-3) ->
     """Share of queries with the same top-10 ids in the same order; and the same up to
     swaps among hits whose scores tie within ``tie`` (the corpus repeats paragraphs, so
     equal texts embedded in different batches differ by bf16 noise and swap places)."""
-    from ragserve.index import FaissIndex
-    from ragserve.index_spec import IndexSpec
-    from ragserve.manifest import verify
+    from ragserve.index.verify import verify
+    from ragserve.retrieval.faiss_index import FaissIndex
+    from ragserve.retrieval.index_spec import IndexSpec
 
     def load(p: Path) -> FaissIndex:
         m = verify(p)
@@ -229,7 +229,7 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
 def reload_figures(rag: Any, a: Path, b: Path, n: int) -> dict[str, Any]:
     """Reload times: the flipped path once, ``n`` alternating between the version folders
     ``a`` and ``b``, 3 of the version already served, 3 of ``verify`` alone."""
-    from ragserve.manifest import verify
+    from ragserve.index.verify import verify
 
     s, first = timed(rag.reload)
     if not first["changed"]:
@@ -377,10 +377,10 @@ def main() -> None:
 
     import torch
 
-    from ragserve.build import build_index, plan_build_index
-    from ragserve.config import RAGConfig
-    from ragserve.embed import SentenceTransformerEmbedder
     from ragserve import RAG
+    from ragserve.build.builder import build_index, plan_build_index
+    from ragserve.config import RAGConfig
+    from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     config = RAGConfig()
     top_k = args.top_k or config.query.top_k

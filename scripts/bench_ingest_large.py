@@ -61,7 +61,7 @@ def tokenizer_for(kind: str):  # noqa: ANN201 - a callable or None
     if kind == "words":
         return str.split
     from ragserve.config import RAGConfig
-    from ragserve.embed import SentenceTransformerEmbedder
+    from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder(RAGConfig().embed)
     embedder.warm_up()  # loads the model (nothing is embedded) for its tokenizer, as a build does
@@ -70,7 +70,7 @@ def tokenizer_for(kind: str):  # noqa: ANN201 - a callable or None
 
 def child(mode: str, path: Path, chunk_size: int, overlap: int, tokenizer: str) -> dict:
     """One path in this process: chunk the file, report RSS, seconds and a digest of the chunks."""
-    from ragserve.ingest import Chunker, Document, chunk_file, read_file
+    from ragserve.build.ingest import Chunker, Document, chunk_file, read_file
 
     chunker = Chunker(chunk_size, overlap, tokenizer_for(tokenizer))
     list(chunker.documents([Document("warm.txt", "Warm the splitter up. " * 200)]))
@@ -131,9 +131,9 @@ def main() -> None:
         print(json.dumps(child(args.child[0], Path(args.child[1]), args.chunk_size, args.overlap, args.tokenizer)))
         return
 
-    from ragserve.ingest import SECTION_CHARS
+    from ragserve.build.ingest import SECTION_CHARS
+    from ragserve.build.textfile import READ_SIZE
     from ragserve.profiling.env import environment, header_markdown
-    from ragserve.textfile import READ_SIZE
 
     env = environment(gpu=False)
     settings = {"file": f"{args.mb:g} MiB of generated UTF-8 paragraphs (seed {args.seed})",

@@ -37,13 +37,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragserve.answer_eval import answer_metrics, sample_questions, score  # noqa: E402
 from ragserve.config import RAGConfig  # noqa: E402
-from ragserve.datasets import load_dataset  # noqa: E402
-from ragserve.metrics import percentile  # noqa: E402
+from ragserve.engine.runtime import map_bounded  # noqa: E402
+from ragserve.eval.answers import answer_metrics, sample_questions, score  # noqa: E402
+from ragserve.eval.datasets import load_dataset  # noqa: E402
+from ragserve.eval.scoring import percentile  # noqa: E402
 from ragserve.profiling.env import environment, header_markdown  # noqa: E402
 from ragserve.profiling.workload import zipf_stream  # noqa: E402
-from ragserve.runtime import map_bounded  # noqa: E402
 
 XQUAD = ROOT.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
 
@@ -113,7 +113,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     args = parse_args()
-    from ragserve.embed import SentenceTransformerEmbedder
+    from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     env = environment()
     ds = load_dataset(args.dataset)

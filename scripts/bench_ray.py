@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
@@ -161,7 +160,7 @@ async def measure_system(system: System, args: argparse.Namespace, hot: list[str
 
 async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
-    from ragserve.redis_server import RedisServer, free_port
+    from ragserve.cache.redis_server import RedisServer, free_port
 
     args.out.mkdir(parents=True, exist_ok=True)
     index_note = await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, RAGConfig())

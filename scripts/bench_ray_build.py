@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,10 +119,10 @@ def main() -> None:
     import ray as ray_module
     import torch
 
-    from ragserve.build import build_index, embed_slices
-    from ragserve.build_ray import build_index_ray
+    from ragserve.build.builder import build_index, embed_slices
     from ragserve.config import RAGConfig
-    from ragserve.embed import SentenceTransformerEmbedder
+    from ragserve.ray.build import build_index_ray
+    from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     config = RAGConfig()
     embedder = SentenceTransformerEmbedder(config.embed)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from bench_serving_report import Record
 from headline_systems import tree
 
@@ -129,7 +128,7 @@ class System:
         from bench_serving_peer import PeerServer
 
         from ragserve import RAGConfig
-        from ragserve.models import resolve_generation_model
+        from ragserve.models.resolve import resolve_generation_model
 
         cfg = RAGConfig.load(env={**os.environ, **env})
         model = resolve_generation_model(cfg.generate.model)

@@ -33,8 +33,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
 from ragserve.config import IndexConfig  # noqa: E402
+from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
 
 SWEEP = {"ivf-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048], "hnsw-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 """Query-time settings tried per type; IVF also tries 3/4 of its lists and all of them."""
@@ -79,7 +79,7 @@ def hardware() -> list[str]:
 # -- building (parent process) -----------------------------------------------------------
 
 def write_shared_docstore(folder: Path, n: int, seed: int) -> None:
-    from ragserve.docstore import write_docstore
+    from ragserve.retrieval.docstore import write_docstore
     from ragserve.types import Chunk
 
     rng = np.random.default_rng(seed)
@@ -93,8 +93,8 @@ def write_bench_folder(folder: Path, index, docstore: Path, n: int, seed: int, k
     """An index folder as ``build_index`` writes one (through the same function), with the
     real embedder's identity so that ``RAG.from_index`` serves it (the vectors are
     synthetic, the path is real); the shared docstore is hard-linked, not copied."""
-    from ragserve.index_folder import embedding_section, publish_index_folder
-    from ragserve.models import model_identity, resolve_embedding_model
+    from ragserve.index.writer import embedding_section, publish_index_folder
+    from ragserve.models.resolve import model_identity, resolve_embedding_model
 
     model = resolve_embedding_model("default")
     manifest, _ = publish_index_folder(
@@ -118,9 +118,9 @@ def child(mode: str, *args: str) -> dict:
 
 def child_open(folder: str, work: str, sweep: str) -> dict:
     """Open mapped, then search: latency, recall, RSS. Nothing else is resident before."""
-    from ragserve.index import FaissIndex
-    from ragserve.index_spec import IndexSpec
-    from ragserve.manifest import read_manifest
+    from ragserve.index.manifest import read_manifest
+    from ragserve.retrieval.faiss_index import FaissIndex
+    from ragserve.retrieval.index_spec import IndexSpec
 
     spec = IndexSpec.from_manifest(read_manifest(folder).data["index"])
     queries, gt = np.load(Path(work) / "queries.npy"), np.load(Path(work) / "gt.npy")
@@ -178,9 +178,9 @@ def choose(sweep: list[dict], target: float) -> dict:
 def child_side(work: str, settings: str) -> dict:
     """All types open in one process; each query goes to every type in turn (rotating who
     goes first), then the same for batches of 32."""
-    from ragserve.index import FaissIndex
-    from ragserve.index_spec import IndexSpec
-    from ragserve.manifest import read_manifest
+    from ragserve.index.manifest import read_manifest
+    from ragserve.retrieval.faiss_index import FaissIndex
+    from ragserve.retrieval.index_spec import IndexSpec
 
     queries = np.load(Path(work) / "queries.npy")
     indexes = {}
@@ -267,7 +267,7 @@ def render(header: list[str], rows: list[dict], d: int) -> str:
 
 
 def build(x: np.ndarray, spec, work: Path, args: argparse.Namespace) -> tuple[float, dict]:
-    from ragserve.index import FaissIndex
+    from ragserve.retrieval.faiss_index import FaissIndex
 
     t = time.perf_counter()
     last = [t]
@@ -285,7 +285,7 @@ def build(x: np.ndarray, spec, work: Path, args: argparse.Namespace) -> tuple[fl
 def already_built(folder: Path, spec, n: int) -> dict | None:
     """The manifest of an earlier build with the same type, parameters and size, if any."""
     from ragserve.errors import IndexError_
-    from ragserve.manifest import read_manifest
+    from ragserve.index.manifest import read_manifest
 
     try:
         data = read_manifest(folder).data
@@ -318,7 +318,7 @@ def main() -> None:
 
     import faiss
 
-    from ragserve.index_spec import plan_index
+    from ragserve.retrieval.index_spec import plan_index
 
     header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "
                            f"{args.queries} queries drawn after them from the same distribution; "

@@ -66,7 +66,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import bench_serving_workload as wl  # noqa: E402
 from bench_serving_report import (  # noqa: E402
-    CpuSampler, Record, Run, chart, cpu_per_request, cpu_table, hardware, merge_runs, results_table, versions)
+    CpuSampler,
+    Record,
+    Run,
+    chart,
+    cpu_per_request,
+    cpu_table,
+    hardware,
+    merge_runs,
+    results_table,
+    versions,
+)
 from bench_serving_systems import Systems, embed_bench  # noqa: E402
 
 SYSTEMS = ("ragserve", "raw vLLM", "LlamaIndex")

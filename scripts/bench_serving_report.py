@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import psutil
-
 from bench_serving_workload import gold_hit, is_answer
+
 from ragserve.profiling.env import PACKAGES, PEER_PACKAGES, environment, machine_line, versions_line
 
 ENV = environment(PACKAGES + PEER_PACKAGES + ("psutil",))  # at import: the load average before the run

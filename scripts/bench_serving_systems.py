@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-
 from bench_serving_report import Record
 from bench_serving_workload import Question, Workload
 
@@ -46,7 +45,7 @@ class Systems:
 
     async def start(self) -> None:
         from ragserve import RAG
-        from ragserve.models import resolve_embedding_model, resolve_generation_model
+        from ragserve.models.resolve import resolve_embedding_model, resolve_generation_model
 
         self.embed_path = resolve_embedding_model(self.cfg.embed.model)
         self.gen_path = resolve_generation_model(self.cfg.generate.model)
@@ -71,7 +70,7 @@ class Systems:
     def _precompute_prompts(self) -> None:
         # Exactly ragserve's retrieval and prompt assembly, once per question, outside any
         # timed run: raw vLLM then receives the byte-identical prompt ragserve would send.
-        builder = self.rag._builder(self.rag.generator)
+        builder = self.rag.prompt_builder()
         for q in [*self.workload.warmup, *(q for qs in self.workload.levels.values() for q in qs)]:
             sources = self.rag.retrieve(q.text)
             prompt = builder.build(q.text, sources)
@@ -85,7 +84,6 @@ class Systems:
             sys.path.append(str(overlay))  # appended: the venv's own packages always win
         try:
             import bench_serving_peer as peer
-
             import llama_index.embeddings.huggingface  # noqa: F401
             import llama_index.llms.openai_like  # noqa: F401
             import llama_index.vector_stores.faiss  # noqa: F401
@@ -261,7 +259,10 @@ def _engine_loop(rag: Any, engine: Any) -> asyncio.AbstractEventLoop:
     handler = getattr(engine, "output_handler", None)
     if handler is not None:
         return handler.get_loop()
-    return rag._runtime.loop  # ragserve's engine thread, if vLLM's internals change
+    async def running() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    return rag.call(running())  # ragserve's engine loop, if vLLM's internals change
 
 
 async def embed_bench(index: Path, cfg: Any, questions: list[Question], n: int, drive: Any, log: Any,

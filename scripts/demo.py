@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from pydoc_corpus import write_corpus  # noqa: E402
 
 from ragserve import RAG, DoneEvent, RAGConfig, RagserveError, TokenEvent, build_index, verify_index  # noqa: E402
-from ragserve.console import print_result  # noqa: E402
+from ragserve.cli.console import print_result  # noqa: E402
 
 CORPUS = ROOT / "build" / "corpus" / "pydoc-topics"
 INDEX = ROOT / "indexes" / "pydoc"

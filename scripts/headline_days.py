@@ -27,7 +27,7 @@ from typing import Any
 async def warm_ragserve(bench: Any, yesterday: list[Any], namespace: str) -> tuple[float, dict[str, str], str]:
     """``ragserve warm`` (the CLI, its own process and engine) over yesterday's log; returns
     its seconds, key → stored answer, and its summary line."""
-    from ragserve.cache import normalize_question
+    from ragserve.cache.keys import normalize_question
 
     a = bench.args
     folder = a.out / f"warm-{namespace}"

@@ -118,7 +118,7 @@ def summarize(name: str, reqs: list[Req], wall_s: float, generations: float | No
 def quality(cached: list[Req], fresh: list[Req], golds: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     """Contains-gold of the answers a cache served (``cached``' cache-tier requests) and of
     ``fresh`` (a cache-off run of the same stream) on the same request positions."""
-    from ragserve.metrics import contains_answer
+    from ragserve.eval.scoring import contains_answer
 
     fresh_by_i = {r.i: r for r in fresh if r.error is None}
     pairs = [(r, fresh_by_i[r.i]) for r in cached if r.tier in CACHED_TIERS and r.i in fresh_by_i]

@@ -89,8 +89,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))  # its parts, also when tests load this file by path
 
 from soak_report import MB, Result, Sample, failures, report  # noqa: E402
-from soak_server import Sampler, engine_held, l1_size, settled, start_server, stop_server, tail, \
-    wait_ready  # noqa: E402
+from soak_server import (
+    Sampler,
+    engine_held,
+    l1_size,
+    settled,
+    start_server,
+    stop_server,
+    tail,
+    wait_ready,  # noqa: E402
+)
 from soak_traffic import DEFAULT_MIX, KINDS, SLOW, Record, Settings, Traffic, perform  # noqa: E402
 
 __all__ = ["KINDS", "SLOW", "Record", "Result", "Sample", "Settings", "failures", "main", "report", "run"]

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from soak_report import Sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +115,7 @@ def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subp
         command = [str(REPO / "scripts" / "fake_serve.py"), str(index), "--tokens", str(args.max_tokens),
                    "--step-ms", str(args.fake_step_ms), "--embedder", "stand-in" if args.fake_embedder else "real"]
     else:
-        from ragserve.models import resolve_generation_model
+        from ragserve.models.resolve import resolve_generation_model
 
         # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
         env["RAGSERVE_GENERATE_MODEL"] = str(resolve_generation_model("default"))

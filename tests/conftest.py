@@ -49,7 +49,7 @@ def xquad_corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
 @pytest.fixture(scope="session")
 def embedder():
     from ragserve.config import EmbedConfig
-    from ragserve.embed import SentenceTransformerEmbedder
+    from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     e = SentenceTransformerEmbedder(EmbedConfig())
     e.warm_up()
@@ -59,12 +59,23 @@ def embedder():
 @pytest.fixture(scope="session")
 def xquad_index(tmp_path_factory, xquad_corpus, embedder) -> Path:
     """A real fp16 index over 8 XQuAD articles (about 40 paragraphs)."""
-    from ragserve.build import build_index
+    from ragserve.build.builder import build_index
     from ragserve.config import RAGConfig
 
     out = tmp_path_factory.mktemp("indexes") / "xquad"
     build_index(xquad_corpus[0], out, RAGConfig(), embedder=embedder)
     return out
+
+
+@pytest.fixture
+def fake_rag(tmp_path):
+    """A ``RAG`` on fakes (``ragserve.testing.fakes``) that fails on prompts with "poison".
+    One-hot vectors: every source but the best scores 0, far below it; keep them all here."""
+    from ragserve.config import RAGConfig
+    from ragserve.testing.fakes import FakeGenerator, fake_rag
+
+    with fake_rag(tmp_path, FakeGenerator(fail_on="poison"), config=RAGConfig().replace(prompt={"max_score_gap": 0})) as rag:
+        yield rag
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import contextlib
 import orjson
 import pytest
 
-from ragserve.batch import BatchInputError, answered_ids, read_questions, run_batch
-
-from .test_pipeline import FakeGenerator, fake_rag  # noqa: F401 - fixture
+from ragserve.errors import BatchInputError
+from ragserve.jobs.batch import answered_ids, read_questions, run_batch
+from ragserve.testing.fakes import FakeGenerator, fake_rag
 
 
 def write_questions(path, n, poison_at=None):
@@ -38,10 +38,14 @@ def test_bad_questions_files_are_refused_with_the_line(tmp_path):
     assert read_questions(bad) == [("1", "a bare string"), ("3", "with default id")]
 
 
-def test_interrupted_run_resumes_without_repeating_or_losing_an_answer(fake_rag, tmp_path):  # noqa: F811
+def test_interrupted_run_resumes_without_repeating_or_losing_an_answer(tmp_path):
     questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
     write_questions(questions, 12, poison_at=5)
-    fake_rag.generator = FakeGenerator(fail_on="poison", delay=0.05)
+    with fake_rag(tmp_path / "index", FakeGenerator(fail_on="poison", delay=0.05)) as rag:
+        resume_after_interruption(rag, questions, out)
+
+
+def resume_after_interruption(fake_rag, questions, out):
 
     async def interrupted():
         task = asyncio.current_task()
@@ -74,7 +78,7 @@ def test_interrupted_run_resumes_without_repeating_or_losing_an_answer(fake_rag,
 def test_cli_batch_on_the_real_engine(rag, xquad_corpus, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from ragserve import cli
+    from ragserve.cli import main as cli
     from ragserve.rag import RAG
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
@@ -96,16 +100,15 @@ def test_cli_batch_on_the_real_engine(rag, xquad_corpus, tmp_path, monkeypatch):
     assert again.exit_code == 0 and "skipped 6" in again.output and len(records(out)) == 6
 
 
-def test_cli_batch_opens_the_engine_and_exits_2_when_a_question_failed(fake_rag, tmp_path,  # noqa: F811
+def test_cli_batch_opens_the_engine_and_exits_2_when_a_question_failed(fake_rag, tmp_path,
                                                                       monkeypatch):
     from typer.testing import CliRunner
 
-    from ragserve import cli
+    from ragserve.cli import main as cli
     from ragserve.rag import RAG
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
-    write_questions(questions, 5, poison_at=2)
-    fake_rag.generator = FakeGenerator(fail_on="poison")
+    write_questions(questions, 5, poison_at=2)  # the fixture's generator fails on "poison"
     opened = []
 
     @contextlib.contextmanager

@@ -17,13 +17,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.batch import BatchInputError, answered_ids, run_batch
-from ragserve.batch_ray import plan_actors, run_batch_ray
 from ragserve.config import RAGConfig
-from ragserve.errors import ClusterError, ConfigError, IndexNotFoundError
-
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
+from ragserve.errors import BatchInputError, ClusterError, ConfigError, IndexNotFoundError
+from ragserve.jobs.batch import answered_ids, run_batch
+from ragserve.ray.batch import plan_actors, run_batch_ray
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.http import running
 
 REFUSE = "REFUSE"
 REPLY = "an answer from the fake server"
@@ -160,7 +159,7 @@ def test_an_actor_that_cannot_start_fails_the_run_saying_why(ray_cluster, xquad_
 @pytest.mark.ray
 @pytest.mark.http
 def test_cli_batch_ray(ray_cluster, xquad_index, fake, asked, tmp_path, monkeypatch):
-    from ragserve.cli import app
+    from ragserve.cli.main import app
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
     write_questions(questions, asked[:4], refuse_at=1)
@@ -217,7 +216,7 @@ def test_the_plan_splits_the_concurrency_over_the_actors():
 
 
 def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
-    import ragserve.batch_ray as batch_ray
+    import ragserve.ray.batch as batch_ray
 
     def no_cluster(*a, **k):
         raise AssertionError("a cluster was started")
@@ -241,7 +240,7 @@ def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
 
 
 def test_cli_ray_options_need_ray(tmp_path):
-    from ragserve.cli import app
+    from ragserve.cli.main import app
 
     result = CliRunner().invoke(app, ["batch", str(tmp_path), str(tmp_path / "q.jsonl"), "--out",
                                       str(tmp_path / "o.jsonl"), "--ray-actors", "2"])

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ragserve.models import resolve_embedding_model
-from ragserve.redis_server import RedisServer
+from ragserve.cache.redis_server import RedisServer
+from ragserve.models.resolve import resolve_embedding_model
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.http import running
 from ragserve.types import Chunk
-
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 # NOTE: each test is one event loop: ChatOpenAI's pooled async HTTP connections belong to the

@@ -7,11 +7,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.build import build_index
-from ragserve.cli import app
+from ragserve.build.builder import build_index
+from ragserve.cli.main import app
 from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, IndexIntegrityError, IndexMismatchError, IngestError
-from ragserve.manifest import MANIFEST_FILE, fingerprint, verify
+from ragserve.index.manifest import MANIFEST_FILE, fingerprint
+from ragserve.index.verify import verify
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +128,7 @@ def test_long_documents_are_split_within_the_embedders_window(tmp_path, embedder
     (src / "long.txt").write_text(" ".join(f"Sentence number {i} is about the river Rhine." for i in range(400)))
     report = build_index(src, tmp_path / "idx", embedder=embedder)
     assert report.chunks >= 10
-    from ragserve.docstore import LazyDocStore
+    from ragserve.retrieval.docstore import LazyDocStore
 
     store = LazyDocStore(tmp_path / "idx")
     count = embedder.token_counter()

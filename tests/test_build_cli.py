@@ -12,9 +12,9 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.cli import app
-from ragserve.manifest import verify
-from ragserve.notify import notify_reload
+from ragserve.build.notify import notify_reload
+from ragserve.cli.main import app
+from ragserve.index.verify import verify
 
 from .test_incremental import _edit
 

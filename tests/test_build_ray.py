@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.build import build_index
-from ragserve.cli import app
+from ragserve.build.builder import build_index
+from ragserve.cli.main import app
 from ragserve.config import RAGConfig
 from ragserve.errors import ClusterError
+from ragserve.testing.fakes import CountingEmbedder
 
-from .test_incremental import CountingEmbedder, _edit, _open, _same_ranking
+from .test_incremental import _edit, _open, _same_ranking
 
 # Slices of 32 chunks (embed.batch_size * 8): the ~40 chunks of the slice go to two actors
 # in two slices, so Ray Data's out-of-order rows are put back in order.
@@ -46,7 +47,7 @@ def _cpus_free_again(ray, cpus=2, wait_s=10.0):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, xquad_corpus, embedder, ray_cluster):
     """The slice plus a binary file and an unsupported one, built locally and on Ray."""
-    from ragserve.build_ray import build_index_ray
+    from ragserve.ray.build import build_index_ray
 
     root = tmp_path_factory.mktemp("ray-build")
     src = root / "src"
@@ -103,7 +104,7 @@ def test_ray_build_reports_the_cluster_and_each_actor(built):
 
 @pytest.mark.ray
 def test_ray_build_is_incremental_and_sends_only_changed_files(built, tmp_path, embedder):
-    from ragserve.build_ray import build_index_ray
+    from ragserve.ray.build import build_index_ray
 
     _, src_built, *_ = built
     src = tmp_path / "src"
@@ -139,7 +140,7 @@ def test_ray_build_is_incremental_and_sends_only_changed_files(built, tmp_path, 
 @pytest.mark.ray
 def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xquad_index, ray_cluster,
                                                     capfd):
-    from ragserve.manifest import verify
+    from ragserve.index.verify import verify
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["build-index", str(xquad_corpus[0]), "--out", str(out), "--ray",
@@ -154,7 +155,7 @@ def test_cli_build_index_ray_writes_the_local_index(tmp_path, xquad_corpus, xqua
 
 
 def test_missing_ray_names_the_extra_before_any_work(tmp_path, monkeypatch):
-    from ragserve.build_ray import build_index_ray
+    from ragserve.ray.build import build_index_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ClusterError, match=r"pip install ragserve\[ray\]"):
@@ -166,7 +167,7 @@ def test_missing_ray_names_the_extra_before_any_work(tmp_path, monkeypatch):
 
 def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    from ragserve.build_ray import build_index_ray
+    from ragserve.ray.build import build_index_ray
 
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
@@ -178,7 +179,7 @@ def test_an_unreachable_or_malformed_address_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(ClusterError, match="not HOST:PORT"):
         build_index_ray(tmp_path, tmp_path / "out", address="nonsense")
     if not sys.modules["ray"].is_initialized():  # the default address honours RAY_ADDRESS
-        from ragserve.cluster import ray_session
+        from ragserve.ray.cluster import ray_session
 
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}"):
@@ -195,7 +196,7 @@ def test_the_address_comes_from_the_ray_section_and_the_flag_overrides_it(tmp_pa
     from the config, ``--ray-address`` over it. Recorded where the library meets the
     cluster (the probe, ``ray_session``), so no cluster and no model is needed."""
     pytest.importorskip("ray")
-    from ragserve import build_ray
+    from ragserve.ray import build as build_ray
 
     seen: list[tuple] = []
 
@@ -229,8 +230,8 @@ def test_the_address_comes_from_the_ray_section_and_the_flag_overrides_it(tmp_pa
 @pytest.mark.ray
 def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder,
                                                                      ray_cluster):
-    from ragserve.build_ray import build_index_ray
     from ragserve.errors import ModelError
+    from ragserve.ray.build import build_index_ray
 
     other = CountingEmbedder(embedder, identity={"name": "other-model", "identity": "0" * 64})
     with pytest.raises(ModelError, match="is not the driver's"):
@@ -242,7 +243,7 @@ def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, x
 @pytest.mark.ray
 def test_actors_that_cannot_start_fail_the_build_with_the_cpus_free(tmp_path, xquad_corpus, embedder,
                                                                    ray_cluster, monkeypatch):
-    from ragserve import build_ray
+    from ragserve.ray import build as build_ray
 
     # Three actors have slices to take (FINE_SLICES); the cluster has CPUs for two.
     monkeypatch.setattr(build_ray, "ACTOR_START_TIMEOUT_S", 5.0)

@@ -1,20 +1,14 @@
-"""Cache logic: keys, the L1 contract, single-flight, and the pipeline's use of them."""
+"""Cache logic: keys, the tier contract on L1, single-flight, and the pipeline's use of them."""
 
 import asyncio
 import time
 
 import pytest
 
-from ragserve.cache import CachedAnswer, CachedSource, L1Cache, cache_key, normalize_question
-
-from .test_pipeline import fake_rag  # noqa: F401 - fixture
-
-
-def answer(text="a", question="q", n_sources=1, pad=0):
-    return CachedAnswer(question=question, answer=text + "x" * pad,
-                        sources=[CachedSource("d.txt", i, 0.5, "t", {"k": i}) for i in range(n_sources)],
-                        model="m", index_fingerprint="f", prompt_tokens=1, completion_tokens=2,
-                        finish_reason="stop", dropped_sources=0, created_at=0.0)
+from ragserve.cache.keys import cache_key, normalize_question
+from ragserve.cache.l1 import L1Cache
+from ragserve.testing.contracts import CacheTierContract
+from ragserve.testing.contracts import cached_answer as answer
 
 
 def test_normalisation_and_keys():
@@ -27,31 +21,7 @@ def test_normalisation_and_keys():
     assert cache_key("q2", **base) != k
 
 
-class L1Contract:
-    """Behaviour every tier shares; run on L1 here and on a real Redis in test_cache_redis."""
-
-    async def get(self, tier, key):
-        raise NotImplementedError
-
-    async def put(self, tier, key, value):
-        raise NotImplementedError
-
-    async def test_miss_then_hit_roundtrip(self, tier):
-        assert await self.get(tier, "k1") is None
-        await self.put(tier, "k1", answer("hello", n_sources=3))
-        got = await self.get(tier, "k1")
-        assert got == answer("hello", n_sources=3)
-        assert tier.stats.hits == 1 and tier.stats.misses == 1
-
-    async def test_overwrite_and_independent_keys(self, tier):
-        await self.put(tier, "a", answer("one"))
-        await self.put(tier, "a", answer("two"))
-        await self.put(tier, "b", answer("three"))
-        assert (await self.get(tier, "a")).answer == "two"
-        assert (await self.get(tier, "b")).answer == "three"
-
-
-class TestL1Contract(L1Contract):
+class TestL1Contract(CacheTierContract):
     @pytest.fixture
     def tier(self):
         return L1Cache()
@@ -81,7 +51,7 @@ def test_l1_evicts_least_recently_used_at_entry_bound():
 
 
 def test_l1_evicts_at_byte_bound_and_skips_oversized_values():
-    one = len(__import__("ragserve.cache", fromlist=["x"]).encode_answer(answer(pad=1000)))
+    one = len(__import__("ragserve.cache.entries", fromlist=["x"]).encode_answer(answer(pad=1000)))
     c = L1Cache(max_entries=100, max_bytes=one * 2 + 10)
     for k in "abc":
         c.put(k, answer(pad=1000))

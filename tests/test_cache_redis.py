@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from ragserve.cache import encode_answer
-from ragserve.l2 import KEY_PREFIX, RedisL2
-from ragserve.redis_server import RedisServer, free_port
-
-from .test_cache import L1Contract, answer
-from .test_pipeline import FakeGenerator, fake_rag  # noqa: F401 - fixture
+from ragserve.cache.entries import encode_answer
+from ragserve.cache.l2 import KEY_PREFIX, RedisL2
+from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.testing.contracts import CacheTierContract
+from ragserve.testing.contracts import cached_answer as answer
+from ragserve.testing.fakes import FakeGenerator, fake_rag
 
 pytestmark = pytest.mark.redis
 
@@ -32,7 +32,7 @@ async def l2(server):
     await tier.close()
 
 
-class TestL2Contract(L1Contract):
+class TestL2Contract(CacheTierContract):
     @pytest.fixture
     async def tier(self, l2):
         return l2
@@ -157,20 +157,20 @@ async def test_a_query_never_waits_for_the_breakers_probe(server):
     await tier.close()
 
 
-def _rag_with_l2(fake_rag, url, namespace="default"):  # noqa: F811
-    from ragserve.answers import AnswerCache
-    from ragserve.config import CacheConfig
-
-    cfg = CacheConfig(redis_url=url, l2_cooldown_s=0.1, l2_timeout_ms=1000, namespace=namespace)
-    fake_rag.cache = AnswerCache(cfg, fake_rag.config.fingerprint())
-    return fake_rag
+def _rag_with_l2(folder, url, generator=None):
+    cache = {"redis_url": url, "l2_cooldown_s": 0.1, "l2_timeout_ms": 1000}
+    return fake_rag(folder, generator, prompt={"max_score_gap": 0}, cache=cache)
 
 
-def test_l2_hit_backfills_l1_and_namespaces_are_separate(fake_rag, server):  # noqa: F811
-    rag = _rag_with_l2(fake_rag, server.url)
+def test_l2_hit_backfills_l1_and_namespaces_are_separate(tmp_path, server):
+    with _rag_with_l2(tmp_path, server.url) as rag:
+        backfill_and_namespaces(rag)
+
+
+def backfill_and_namespaces(rag):
     miss = rag.query("Where is Basel?")
     assert miss.cache_tier == "miss" and miss.timings.cache_l2 > 0 and miss.timings.generate > 0
-    rag._runtime.run(rag.cache.l2.drain())
+    rag.flush_cache()
     rag.cache.l1.clear()
     r = rag.query("Where is Basel?")
     assert r.cache_tier == "l2" and r.timings.cache_l2 > 0
@@ -193,13 +193,17 @@ class KillingGenerator(FakeGenerator):
             yield piece
 
 
-def test_redis_killed_during_concurrent_queries_fails_no_query(fake_rag, server):  # noqa: F811
-    rag = _rag_with_l2(fake_rag, server.url)
+def test_redis_killed_during_concurrent_queries_fails_no_query(tmp_path, server):
     cached = [f"cached question {i}" for i in range(20)]
+    # Redis dies once 10 of the new questions have started generating (after the 20 above).
+    with _rag_with_l2(tmp_path, server.url, KillingGenerator(server, kill_at=len(cached) + 10)) as rag:
+        killed_under_load(rag, server, cached)
+
+
+def killed_under_load(rag, server, cached):
     rag.query_batch(cached)
-    rag._runtime.run(rag.cache.l2.drain())
+    rag.flush_cache()
     rag.cache.l1.clear()
-    rag.generator = KillingGenerator(server, kill_at=10)
     new = [f"new question {i}" for i in range(40)]
     batch = [q for pair in zip(new, cached + cached) for q in pair]  # L2 hits and misses interleaved
     results = rag.query_batch(batch)
@@ -212,16 +216,16 @@ def test_redis_killed_during_concurrent_queries_fails_no_query(fake_rag, server)
     time.sleep(0.15)
     rag.cache.l1.clear()
     rag.query("after restart")  # sees the cooldown over: starts the probe, which closes the breaker
-    rag._runtime.run(rag.cache.l2.drain())
+    rag.flush_cache()
     assert rag.cache.l2.breaker.state == "closed"
     rag.query("after restart", cache_read=False)  # this answer now reaches L2
-    rag._runtime.run(rag.cache.l2.drain())
+    rag.flush_cache()
     rag.cache.l1.clear()
     assert rag.query("after restart").cache_tier == "l2"
 
 
 def test_embedded_server_starts_and_stops(tmp_path):
-    from ragserve.answers import AnswerCache
+    from ragserve.cache.answers import AnswerCache
     from ragserve.config import CacheConfig
 
     cache = AnswerCache(CacheConfig(redis_url="embedded"), "a")
@@ -243,9 +247,8 @@ def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, se
     import shutil
 
     from ragserve import RAG, RAGConfig
-    from ragserve.build import build_index
-
-    from .test_pipeline import FakeGenerator
+    from ragserve.build.builder import build_index
+    from ragserve.testing.fakes import FakeGenerator
 
     src = tmp_path / "src"
     shutil.copytree(xquad_corpus[0], src)
@@ -254,10 +257,9 @@ def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, se
     questions = [q["question"] for q in xquad_corpus[1][:10]]
 
     def ask_all():
-        with RAG.from_index(tmp_path / "idx", cfg, start_engine=False) as rag:
-            rag.generator = FakeGenerator()
+        with RAG.from_index(tmp_path / "idx", cfg, start_engine=False, generator=FakeGenerator()) as rag:
             tiers = [rag.query(q).cache_tier for q in questions]
-            rag._runtime.run(rag.cache.l2.drain())
+            rag.flush_cache()
             return tiers, rag.fingerprint
 
     tiers, fp1 = ask_all()
@@ -276,7 +278,7 @@ def test_embedded_server_dies_with_a_killed_parent(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time; from ragserve.redis_server import RedisServer; s = RedisServer().start(); "
+    code = ("import sys, time; from ragserve.cache.redis_server import RedisServer; s = RedisServer().start(); "
             "print(s.proc.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())

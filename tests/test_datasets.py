@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ragserve.datasets import load_dataset
 from ragserve.errors import DatasetError
+from ragserve.eval.datasets import load_dataset
 
 from .conftest import write_beir_from_squad, write_squad_slice
 

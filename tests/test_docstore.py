@@ -1,7 +1,7 @@
 import pytest
 
-from ragserve.docstore import CHUNKS_FILE, LazyDocStore, write_docstore
 from ragserve.errors import IndexIntegrityError
+from ragserve.retrieval.docstore import CHUNKS_FILE, LazyDocStore, write_docstore
 from ragserve.types import Chunk
 
 

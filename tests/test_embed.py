@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ragserve.config import EmbedConfig
-from ragserve.embed import SentenceTransformerEmbedder, cpu_has_native_bf16, resolve_precision
+from ragserve.retrieval.embed import SentenceTransformerEmbedder, cpu_has_native_bf16, resolve_precision
 
 pytestmark = pytest.mark.integration
 

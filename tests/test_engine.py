@@ -66,8 +66,8 @@ def test_bad_input_is_refused_before_the_engine(rag):
 
 
 def test_budget_drops_sources_rather_than_failing(rag, xquad_corpus):
-    from ragserve.prompt import PromptBuilder
-    from ragserve.prompt_config import PromptConfig
+    from ragserve.config.prompt import PromptConfig
+    from ragserve.generators.prompt import PromptBuilder
 
     # A budget with room for about one paragraph: the answer must still come back.
     builder = PromptBuilder(rag.generator.tokenizer(), 380, 32, PromptConfig(max_score_gap=0))
@@ -142,9 +142,9 @@ async def test_the_prompt_reaches_vllm_as_our_token_ids(rag, xquad_corpus):
     """vLLM gets the ids the budget was counted on (no second tokenization) and answers as
     it does from the same text."""
     q = xquad_corpus[1][35]["question"]
-    prompt = rag._builder(rag.generator).build(q, rag.retrieve(q))
-    from_ids = await rag._runtime.run_async(rag.generator.generate(prompt.text, "ids", token_ids=prompt.token_ids))
-    from_text = await rag._runtime.run_async(rag.generator.generate(prompt.text, "text"))
+    prompt = rag.prompt_builder().build(q, rag.retrieve(q))
+    from_ids = await rag.acall(rag.generator.generate(prompt.text, "ids", token_ids=prompt.token_ids))
+    from_text = await rag.acall(rag.generator.generate(prompt.text, "text"))
     assert from_ids.usage.prompt_tokens == prompt.tokens == len(prompt.token_ids)
     assert from_ids.text and from_text.usage.prompt_tokens == prompt.tokens
     assert from_ids.text == from_text.text

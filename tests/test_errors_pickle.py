@@ -47,9 +47,9 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.GenerationError": (("vLLM refused it",), {"stage": "generate.remote"}),
     "ragserve.errors.EngineDeadError": (("the engine is gone",), {}),
     "ragserve.errors.GeneratorUnavailableError": (("every endpoint refused",), {}),
-    "ragserve.warm.NoL2Error": (("cache.redis_url", "does not answer"), {}),
-    "ragserve.batch.BatchInputError": (("questions.jsonl line 3: no question",), {}),
-    "ragserve.redis_server.RedisServerError": (("no redis-server binary",), {}),
+    "ragserve.errors.NoL2Error": (("cache.redis_url", "does not answer"), {}),
+    "ragserve.errors.BatchInputError": (("questions.jsonl line 3: no question",), {}),
+    "ragserve.errors.RedisServerError": (("no redis-server binary",), {}),
 }
 
 

@@ -5,12 +5,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.answer_eval import sample_questions
-from ragserve.cli import app
+from ragserve.cli.main import app
 from ragserve.config import RAGConfig
-from ragserve.datasets import load_dataset
 from ragserve.errors import DatasetError, IndexMismatchError
-from ragserve.evaluate import answer_metrics, evaluate
+from ragserve.eval.answers import sample_questions
+from ragserve.eval.datasets import load_dataset
+from ragserve.eval.evaluate import answer_metrics, evaluate
 
 from .conftest import write_beir_from_squad, write_squad_slice
 

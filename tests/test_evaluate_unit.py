@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from ragserve.datasets import EvalQuestion
-from ragserve.answer_eval import sample_questions
-from ragserve.evaluate import answer_metrics
+from ragserve.eval.answers import sample_questions
+from ragserve.eval.datasets import EvalQuestion
+from ragserve.eval.evaluate import answer_metrics
 
 
 class FakeRag:

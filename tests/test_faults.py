@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE, LazyDocStore, write_docstore
-from ragserve.embed import MicroBatcher
 from ragserve.errors import IndexIntegrityError
+from ragserve.retrieval.docstore import CHUNKS_FILE, OFFSETS_FILE, LazyDocStore, write_docstore
+from ragserve.retrieval.embed import MicroBatcher
 from ragserve.types import Chunk
 
 
@@ -125,10 +125,9 @@ async def test_an_l2_write_cut_off_by_a_timeout_still_lands_with_its_ttl():
     even when the client gives up on the reply."""
     import redis.asyncio as aioredis
 
-    from ragserve.l2 import KEY_PREFIX, RedisL2
-    from ragserve.redis_server import RedisServer, free_port
-
-    from .test_cache import answer
+    from ragserve.cache.l2 import KEY_PREFIX, RedisL2
+    from ragserve.cache.redis_server import RedisServer, free_port
+    from ragserve.testing.contracts import cached_answer as answer
 
     with RedisServer(port=free_port()) as server:
         raw = aioredis.from_url(server.url)

@@ -5,7 +5,7 @@ from contextlib import aclosing
 
 import pytest
 
-from ragserve.flight import StreamFlight
+from ragserve.engine.flight import StreamFlight
 
 
 async def collect(stream):

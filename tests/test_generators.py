@@ -10,16 +10,15 @@ from contextlib import ExitStack, aclosing
 
 import pytest
 
+from ragserve.cache.redis_server import free_port
 from ragserve.config import GenerateConfig, OpenAIConfig
 from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError
 from ragserve.generators import make_generator
 from ragserve.generators.openai import OpenAIGenerator
-from ragserve.redis_server import free_port
 from ragserve.server.httperrors import describe
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.http import running
 from ragserve.types import Generation
-
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
 
 pytestmark = pytest.mark.http
 
@@ -321,7 +320,7 @@ async def test_make_generator_builds_the_configured_backend(servers):
 
 def test_make_generator_defaults_to_vllm_without_starting_it(tmp_path):
     from ragserve.config import RAGConfig
-    from ragserve.generate import VllmGenerator
+    from ragserve.generators.vllm import VllmGenerator
 
     (tmp_path / "config.json").write_text("{}")
     gen = make_generator(RAGConfig().replace(generate={"model": str(tmp_path)}, vllm={"kv_cache_gib": 1}))
@@ -331,8 +330,8 @@ def test_make_generator_defaults_to_vllm_without_starting_it(tmp_path):
 @pytest.mark.integration
 async def test_the_local_tokenizer_sends_the_models_own_token_ids(servers):
     from ragserve.errors import ModelError
-    from ragserve.models import resolve_generation_model
-    from ragserve.prompt import PromptBuilder
+    from ragserve.generators.prompt import PromptBuilder
+    from ragserve.models.resolve import resolve_generation_model
 
     try:
         resolve_generation_model("default")

@@ -133,7 +133,7 @@ class _Sleepy:
 
 
 def _stream(n):
-    from ragserve.datasets import EvalQuestion
+    from ragserve.eval.datasets import EvalQuestion
 
     return [EvalQuestion(f"q{i}", "bad" if i == 3 else f"question {i % 5}", {}) for i in range(n)]
 

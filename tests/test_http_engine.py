@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from ragserve.server.app import create_app
-
-from .http_server import running
+from ragserve.testing.http import running
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
 

@@ -9,10 +9,9 @@ from hypothesis import HealthCheck, given, settings
 
 from ragserve.config import RAGConfig
 from ragserve.server.app import create_app
-
-from .http_server import running
-from .test_pipeline import FakeGenerator
-from .test_serving import make_rag
+from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.fakes import fake_rag as make_rag
+from ragserve.testing.http import running
 
 pytestmark = pytest.mark.http
 

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.http, pytest.mark.redis]
 
 
 def start(index: Path, home: Path) -> ServerProcess:
-    from ragserve.models import resolve_generation_model
+    from ragserve.models.resolve import resolve_generation_model
 
     # The prepared models live in the user's RAGSERVE_HOME; this one only holds the server's data.
     # Every top-k source in the prompt (no score gap): longer prefills keep the drained

@@ -7,13 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from ragserve.build import build_index, plan_build_index
+from ragserve.build.builder import build_index, plan_build_index
 from ragserve.config import RAGConfig
-from ragserve.docstore import LazyDocStore
-from ragserve.index import FaissIndex
-from ragserve.index_spec import IndexSpec, drift, plan_index, reuse_ivf_quantizer
-from ragserve.manifest import verify
-from ragserve.versions import complete_versions, versions_dir
+from ragserve.index.verify import verify
+from ragserve.index.versions import complete_versions, versions_dir
+from ragserve.retrieval.docstore import LazyDocStore
+from ragserve.retrieval.faiss_index import FaissIndex
+from ragserve.retrieval.index_spec import IndexSpec, drift, plan_index, reuse_ivf_quantizer
+
 from .conftest import write_xquad_corpus, xquad_articles
 
 pytestmark = pytest.mark.integration

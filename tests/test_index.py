@@ -7,9 +7,10 @@ import pytest
 
 from ragserve.config import IndexConfig
 from ragserve.errors import IndexIntegrityError
-from ragserve.index import INDEX_FILE, FaissIndex
-from ragserve.index_spec import INDEX_TYPES, IndexSpec, plan_index
-from ragserve.manifest import verify, write_manifest
+from ragserve.index.manifest import write_manifest
+from ragserve.index.verify import verify
+from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex
+from ragserve.retrieval.index_spec import INDEX_TYPES, IndexSpec, plan_index
 
 # Approximate types are held to what they reach on clustered data with their default
 # query-time settings (measured: >= 0.99 here); exhaustive float16 is exact up to rounding.

@@ -2,8 +2,15 @@ import pytest
 
 from ragserve.config import IndexConfig
 from ragserve.errors import ConfigError
-from ragserve.index_spec import (AUTO_FLAT_MAX, AUTO_HNSW_MAX, IndexSpec, choose_index_type, choose_nlist,
-                                 default_nprobe, plan_index)
+from ragserve.retrieval.index_spec import (
+    AUTO_FLAT_MAX,
+    AUTO_HNSW_MAX,
+    IndexSpec,
+    choose_index_type,
+    choose_nlist,
+    default_nprobe,
+    plan_index,
+)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
+from ragserve.build.ingest import chunk_documents, decode_text, read_corpus
 from ragserve.errors import IngestError
-from ragserve.ingest import chunk_documents, decode_text, read_corpus
 
 LATIN1 = "Café résumé naïve à la carte, déjà vu. Le garçon a mangé une crêpe à Zürich."
 
@@ -49,8 +49,8 @@ def test_pdf_pages_are_documents(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.backends.backend_pdf import PdfPages
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
 
     with PdfPages(tmp_path / "two.pdf") as pdf:
         for words in ("The Rhine flows through Basel.", "Cologne has a cathedral."):
@@ -66,7 +66,7 @@ def test_pdf_pages_are_documents(tmp_path):
 
 def test_decode_text_forced_encoding_and_failures():
     assert decode_text("ä".encode("latin-1"), "latin-1") == ("ä", "latin-1")
-    from ragserve.ingest import Skip
+    from ragserve.build.ingest import Skip
 
     with pytest.raises(Skip, match="not valid utf-8"):
         decode_text(b"\xff\xfe\xfa", "utf-8")
@@ -79,7 +79,7 @@ def test_missing_source_is_an_ingest_error(tmp_path):
 
 
 def test_chunks_have_consecutive_ids_and_respect_size():
-    from ragserve.ingest import Document
+    from ragserve.build.ingest import Document
 
     docs = [Document("a.txt", "One sentence here. " * 200), Document("b.txt", "Short.")]
     chunks = list(chunk_documents(docs, chunk_size=64, chunk_overlap=8, tokenizer=str.split))

@@ -5,9 +5,16 @@ import codecs
 
 import pytest
 
+from ragserve.build.ingest import (
+    SECTION_CHARS,
+    Document,
+    chunk_documents,
+    fallback_split,
+    read_corpus,
+    sections,
+)
 from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, IngestError
-from ragserve.ingest import SECTION_CHARS, Document, chunk_documents, fallback_split, read_corpus, sections
 
 TEXT = "The Rhine flows through Basel. Cologne has a cathedral. "
 
@@ -114,8 +121,8 @@ def test_a_document_that_cannot_be_chunked_is_reported_and_the_rest_kept():
 
 @pytest.mark.integration
 def test_build_keeps_going_past_files_it_cannot_take(tmp_path, embedder):
-    from ragserve.build import build_index
-    from ragserve.manifest import verify
+    from ragserve.build.builder import build_index
+    from ragserve.index.verify import verify
 
     class Picky:
         """The real embedder, whose tokenizer fails on one file's text."""

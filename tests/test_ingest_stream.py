@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ragserve.ingest import Chunker, Skip, chunk_file, read_file, sections, stream_sections
-from ragserve.textfile import READ_SIZE, TextStream, WholeFileNeeded, decode_text
+from ragserve.build.ingest import Chunker, Skip, chunk_file, read_file, sections, stream_sections
+from ragserve.build.textfile import READ_SIZE, TextStream, WholeFileNeeded, decode_text
 
 TEXT = "The Rhine flows through Basel. Cologne has a cathedral. "
 MULTI = "Zürich — naïve café ✓ 😀 日本語のテキスト。 "
@@ -222,8 +222,8 @@ def test_a_build_hashes_what_it_streams_and_flags_a_file_changed_since_the_scan(
     """``gather`` (the build's read step) records each file's SHA-256 from the scan only when
     the bytes it streamed and chunked have that hash; text files are not read again to
     hash them (the whole-file path read each file three times: scan, read, hash again)."""
-    import ragserve.incremental as incremental
-    from ragserve.manifest import sha256_file
+    import ragserve.build.incremental as incremental
+    from ragserve.index.manifest import sha256_file
 
     src = tmp_path / "src"
     src.mkdir()

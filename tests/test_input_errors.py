@@ -6,10 +6,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from ragserve.cli import app
+from ragserve.cli.main import app
 from ragserve.errors import InputError, InvalidParameterError, InvalidTextError, QuestionTypeError
-
-from .test_pipeline import fake_rag  # noqa: F401 - fixture
 
 any_text = st.text(alphabet=st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=60)
 non_strings = st.none() | st.integers() | st.binary(max_size=8) | st.floats() | st.lists(st.text(max_size=3), max_size=2)

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from ragserve.config import RAGConfig
-from ragserve.docstore import LazyDocStore, write_docstore
-from ragserve.embed import MicroBatcher
 from ragserve.errors import InvalidTextError
-from ragserve.index import FaissIndex
-from ragserve.manifest import Manifest
+from ragserve.index.manifest import Manifest
 from ragserve.rag import RAG
+from ragserve.retrieval.docstore import LazyDocStore, write_docstore
+from ragserve.retrieval.embed import MicroBatcher
+from ragserve.retrieval.faiss_index import FaissIndex
+from ragserve.testing.fakes import DIM, FakeEmbedder, FakeGenerator
 from ragserve.types import Chunk
-
-from .test_pipeline import DIM, FakeEmbedder, FakeGenerator
 
 BOMB = "tokenizer-bomb"
 
@@ -163,7 +162,7 @@ def test_a_failing_shared_faiss_search_fails_only_its_own_query(tmp_path):
 
 
 def test_real_tokenizer_failure_in_a_shared_batch_stays_with_its_question(xquad_index, embedder):
-    from ragserve.timing import StageClock
+    from ragserve.observe.timing import StageClock
 
     with RAG.from_index(xquad_index, start_engine=False, embedder=embedder) as rag:
         async def through_the_retriever():  # below validation: the batch itself must isolate
@@ -172,7 +171,7 @@ def test_real_tokenizer_failure_in_a_shared_batch_stays_with_its_question(xquad_
                 "What was the Apollo program?", "What was the \ud800 Apollo program?", "Who founded Warsaw?")),
                 return_exceptions=True)
 
-        good, bad, also_good = rag._runtime.run(through_the_retriever())
+        good, bad, also_good = rag.call(through_the_retriever())
         assert isinstance(bad, TypeError)
         assert len(good) == 3 and len(also_good) == 3 and rag.retriever.batcher.batches >= 1
 

@@ -2,7 +2,8 @@ import orjson
 import pytest
 
 from ragserve.errors import IndexIntegrityError, IndexMismatchError, IndexNotFoundError
-from ragserve.manifest import MANIFEST_FILE, check_embedding, fingerprint, read_manifest, verify, write_manifest
+from ragserve.index.manifest import MANIFEST_FILE, check_embedding, fingerprint, read_manifest, write_manifest
+from ragserve.index.verify import verify
 
 
 def _folder(tmp_path):

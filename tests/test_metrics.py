@@ -4,8 +4,19 @@ import math
 
 import pytest
 
-from ragserve.metrics import (contains_answer, dedupe, exact_match, hit_at, mrr_at, ndcg_at, normalize_answer,
-                              overlap_at, percentile, recall_at, token_f1)
+from ragserve.eval.scoring import (
+    contains_answer,
+    dedupe,
+    exact_match,
+    hit_at,
+    mrr_at,
+    ndcg_at,
+    normalize_answer,
+    overlap_at,
+    percentile,
+    recall_at,
+    token_f1,
+)
 
 RANKED = ["d4", "d2", "d9", "d1", "d7"]
 

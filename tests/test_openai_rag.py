@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from ragserve.build import build_index
+from ragserve.build.builder import build_index
+from ragserve.cache.redis_server import free_port
 from ragserve.config import RAGConfig
 from ragserve.errors import GeneratorUnavailableError
 from ragserve.generators.openai import OpenAIGenerator
 from ragserve.rag import RAG
-from ragserve.redis_server import free_port
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.fakes import FakeEmbedder
+from ragserve.testing.http import running
 from ragserve.types import DoneEvent, SourcesEvent, TokenEvent
-
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
-from .test_pipeline import FakeEmbedder
 
 pytestmark = pytest.mark.http
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ragserve.cache.redis_server import free_port
 from ragserve.config import RAGConfig
-from ragserve.models import resolve_generation_model
+from ragserve.models.resolve import resolve_generation_model
 from ragserve.rag import RAG
-from ragserve.redis_server import free_port
 from ragserve.types import TokenEvent
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]

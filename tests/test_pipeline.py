@@ -1,105 +1,16 @@
 """The pipeline's logic with small fakes for the models (the real ones: test_engine.py)."""
 
-import asyncio
 
-import numpy as np
 import pytest
 
 from ragserve.config import RAGConfig
-from ragserve.docstore import LazyDocStore, write_docstore
 from ragserve.errors import EmptyQuestionError, QuestionTooLongError
-from ragserve.index import FaissIndex
-from ragserve.manifest import Manifest
-from ragserve.rag import RAG
-from ragserve.types import Chunk, Generation, TokenUsage
-
-from .test_prompt import WordTokenizer
-
-DIM = 8
-
-
-class FakeEmbedder:
-    dim = DIM
-    identity = {"name": "fake", "identity": "fake"}
-
-    def __init__(self):
-        self.calls = 0
-
-    def warm_up(self):
-        pass
-
-    def encode(self, texts, *, batch_size=None):
-        self.calls += 1
-        out = np.zeros((len(texts), DIM), np.float32)
-        for i, t in enumerate(texts):
-            out[i, sum(map(ord, t)) % DIM] = 1.0  # the chunk whose id matches the hash wins
-        return out
-
-
-class FakeGenerator:
-    model_name = "fake-llm"
-
-    def __init__(self, fail_on=None, delay=0.01, words=2):
-        self.prompts = []
-        self.request_ids = []
-        self.fail_on = fail_on
-        self.delay = delay
-        self.words = words
-        self.running = 0
-
-    def warm_up(self):
-        pass
-
-    def tokenizer(self):
-        return WordTokenizer()
-
-    async def generate(self, prompt, request_id, token_ids=None):
-        gen = None
-        async for piece in self.stream(prompt, request_id):
-            gen = piece
-        return gen
-
-    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
-        """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``
-        (the pieces too when ``deltas`` is off: the pipeline must cope with either)."""
-        self.prompts.append(prompt)
-        self.request_ids.append(request_id)
-        self.running += 1
-        try:
-            pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]
-            for piece in pieces:
-                await asyncio.sleep(self.delay / len(pieces))
-                if self.fail_on and self.fail_on in prompt:
-                    raise RuntimeError("boom")
-                yield piece
-            yield Generation("".join(pieces), TokenUsage(len(prompt.split()), len(pieces)), "stop", 1.0, 2.0, 3.0)
-        finally:
-            self.running -= 1
-
-    def unfinished(self):
-        return self.running
-
-    def shutdown(self):
-        pass
-
-
-def _make_rag(tmp_path, cfg):
-    chunks = [Chunk(i, f"doc{i}.txt", f"chunk number {i}") for i in range(DIM)]
-    write_docstore(tmp_path, chunks)
-    index = FaissIndex.build(np.eye(DIM, dtype=np.float32), "flat-fp16")
-    manifest = Manifest(tmp_path, {"fingerprint": "f" * 64, "embedding": {"dim": DIM}})
-    return RAG(manifest, index, LazyDocStore(tmp_path), FakeEmbedder(), FakeGenerator(fail_on="poison"), cfg)
-
-
-@pytest.fixture
-def fake_rag(tmp_path):
-    # One-hot vectors: every source but the best scores 0, far below it; keep them all here.
-    with _make_rag(tmp_path, RAGConfig().replace(prompt={"max_score_gap": 0})) as rag:
-        yield rag
+from ragserve.testing.fakes import DIM, FakeGenerator
+from ragserve.testing.fakes import fake_rag as make_fake_rag
 
 
 def test_sources_far_below_the_best_are_left_out_of_the_prompt_and_the_result(tmp_path):
-    with _make_rag(tmp_path, RAGConfig()) as rag:
+    with make_fake_rag(tmp_path, FakeGenerator(fail_on="poison"), config=RAGConfig()) as rag:
         r = rag.query("which chunk?")
         assert [s.score for s in r.sources] == [1.0] and r.dropped_sources == 0
         assert rag.generator.prompts[-1].count("chunk number") == 1

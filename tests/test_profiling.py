@@ -6,10 +6,10 @@ import pstats
 import orjson
 import pytest
 
+from ragserve.observe.timing import stage_layout
 from ragserve.profiling import ReportSettings, run_report
 from ragserve.profiling.breakdown import per_query_coverage
 from ragserve.profiling.cprof import attribute
-from ragserve.timing import stage_layout
 
 pytestmark = pytest.mark.engine
 

@@ -19,8 +19,6 @@ from ragserve.profiling.workload import (
 )
 from ragserve.types import Chunk
 
-from .test_pipeline import fake_rag  # noqa: F401
-
 
 @pytest.mark.parametrize("n,share", [(48, 0.25), (10, 0.0), (7, 0.5), (1, 0.9)])
 def test_plan_has_exactly_the_repeats_asked_and_starts_new(n, share):
@@ -121,7 +119,7 @@ def test_thread_profiler_sees_the_embed_worker_and_attributes_stages(fake_rag, t
 def test_stats_cli_prints_a_saved_report(tmp_path, fake_rag):  # noqa: F811
     from typer.testing import CliRunner
 
-    from ragserve.cli import app
+    from ragserve.cli.main import app
 
     fake_rag.query("one")
     (tmp_path / "stats.json").write_bytes(orjson.dumps({"timed_pass": {"stages": fake_rag.stats()["stages"],

@@ -1,9 +1,9 @@
 import pytest
 
 from ragserve.config import RAGConfig
+from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig
 from ragserve.errors import QuestionTooLongError
-from ragserve.prompt import PromptBuilder, select_sources
-from ragserve.prompt_config import PROMPT_TEMPLATE_VERSION, PromptConfig
+from ragserve.generators.prompt import PromptBuilder, select_sources
 from ragserve.types import Source
 
 ALL = PromptConfig(max_score_gap=0)  # every retrieved source is a candidate
@@ -99,7 +99,7 @@ def test_two_questions_over_the_same_chunks_share_the_prefix_up_to_the_question(
 def test_the_prompt_layout_and_template_version_are_part_of_every_answer_key(monkeypatch):
     base = RAGConfig()
     before = base.fingerprint()
-    monkeypatch.setattr("ragserve.config.PROMPT_TEMPLATE_VERSION", "v-next")
+    monkeypatch.setattr("ragserve.config.rag.PROMPT_TEMPLATE_VERSION", "v-next")
     assert base.fingerprint() != before
     monkeypatch.undo()
     assert PROMPT_TEMPLATE_VERSION != "v1"  # v1 answers are never served for v2 prompts

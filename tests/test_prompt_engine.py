@@ -3,8 +3,8 @@ the shared sources again; score order does not when the scores differ."""
 
 import pytest
 
-from ragserve.prompt import PromptBuilder
-from ragserve.prompt_config import PromptConfig
+from ragserve.config.prompt import PromptConfig
+from ragserve.generators.prompt import PromptBuilder
 from ragserve.types import Source
 
 pytestmark = pytest.mark.engine
@@ -23,7 +23,7 @@ def _hits_of_second(rag, order: str, first: list[Source], second: list[Source]) 
         if n == 1:
             hits, queries = counter.hits, counter.queries
         p = builder.build(question, sources)
-        rag._runtime.run(rag.generator.generate(p.text, f"layout-{order}-{n}", token_ids=p.token_ids))
+        rag.call(rag.generator.generate(p.text, f"layout-{order}-{n}", token_ids=p.token_ids))
     return counter.hits - hits, counter.queries - queries
 
 

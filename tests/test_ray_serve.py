@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from ragserve.cache.redis_server import RedisServer, free_port
 from ragserve.config import RAGConfig
-from ragserve.redis_server import RedisServer, free_port
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.http import running
 
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
 from .test_http import sse_events
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
@@ -39,9 +39,9 @@ def deployed(index: Any, config: RAGConfig, app: str = APP) -> Iterator[str]:
     down at the end, so every module starts its own."""
     from ray import serve
 
-    from ragserve.ray_serve import proxy
-    from ragserve.ray_serve.app import application
-    from ragserve.ray_serve.run import _proxy_address
+    from ragserve.ray.serve import proxy
+    from ragserve.ray.serve.app import application
+    from ragserve.ray.serve.run import _proxy_address
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
@@ -66,7 +66,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Served]:
-    from ragserve.build import build_index
+    from ragserve.build.builder import build_index
 
     corpus = tmp_path_factory.mktemp("ray-corpus")
     for f in xquad_corpus[0].iterdir():
@@ -222,7 +222,7 @@ def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_
 
 
 def test_every_replica_follows_a_rebuilt_index_to_its_new_version(served, embedder):
-    from ragserve.build import build_index
+    from ragserve.build.builder import build_index
 
     url, q = served.url, "Which team won Super Bowl 50?"
     old = query(url, q).json()["index_fingerprint"]

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from ragserve.cache.redis_server import RedisServer, free_port
 from ragserve.config import RAGConfig
-from ragserve.redis_server import RedisServer, free_port
 
 from .test_http import sse_events
 from .test_ray_serve import deployed, generator_status, query, replica

@@ -11,10 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from ragserve.redis_server import RedisServer, free_port
-
-from .fake_openai import Behaviour, FakeOpenAI
-from .http_server import running
+from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
+from ragserve.testing.http import running
 
 MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "kuberay-rayservice.yaml"
 
@@ -46,7 +45,7 @@ def test_the_manifests_application_deploys_from_its_serve_config(ray_cluster, xq
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from ragserve.ray_serve import proxy
+    from ragserve.ray.serve import proxy
 
     raw = serve_config()
     app = raw["applications"][0]

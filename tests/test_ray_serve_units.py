@@ -47,7 +47,7 @@ def test_the_ray_section_loads_from_env_and_validates_with_field_names():
 
 
 def test_deployment_options_come_from_the_ray_section():
-    from ragserve.ray_serve.app import generator_options, ingress_options
+    from ragserve.ray.serve.app import generator_options, ingress_options
 
     cfg = RAGConfig().replace(ray={"replicas": 2, "num_cpus": 0.5, "max_queued_requests": 8},
                               server={"retry_after_s": 3})
@@ -62,8 +62,8 @@ def test_deployment_options_come_from_the_ray_section():
 
 
 def test_a_replica_local_l2_is_refused_before_anything_starts():
-    from ragserve.ray_serve.app import build_app
-    from ragserve.ray_serve.ingress import require_shared_l2
+    from ragserve.ray.serve.app import build_app
+    from ragserve.ray.serve.ingress import require_shared_l2
 
     for url in ("", "embedded"):
         with pytest.raises(ConfigError, match="cache.redis_url.*every replica"):
@@ -146,7 +146,7 @@ class FakeHandle:
 
 
 def make(handle=None):
-    from ragserve.ray_serve.client import RayGenerator
+    from ragserve.ray.serve.client import RayGenerator
 
     handle = handle or FakeHandle()
     info = {"model_name": "m", "backend": "vllm", "alive": True}
@@ -249,7 +249,7 @@ def proxy_app(status, body, content_type=b"text/plain; charset=utf-8", start=Tru
 
 
 async def call(app):
-    from ragserve.ray_serve.proxy import ServeErrorsAsJSON
+    from ragserve.ray.serve.proxy import ServeErrorsAsJSON
 
     sent = []
 
@@ -262,7 +262,7 @@ async def call(app):
 
 
 async def test_serves_own_refusals_get_ragserves_json_shape():
-    from ragserve.ray_serve.proxy import middlewares
+    from ragserve.ray.serve.proxy import middlewares
 
     assert middlewares()[0].cls.__name__ == "ServeErrorsAsJSON"
     text = b"Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."
@@ -314,7 +314,7 @@ class SlowBackend:
 
 
 async def generator_server():
-    from ragserve.ray_serve.generator import GeneratorServer
+    from ragserve.ray.serve.generator import GeneratorServer
 
     class Unserved(GeneratorServer):
         def __del__(self) -> None:  # Serve awaits the async one when it stops a replica

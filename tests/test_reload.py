@@ -9,16 +9,15 @@ import time
 import httpx
 import pytest
 
-from ragserve.build import build_index
+from ragserve.build.builder import build_index
 from ragserve.config import RAGConfig
-from ragserve.docstore import LazyDocStore
 from ragserve.errors import IndexIntegrityError
-from ragserve.manifest import verify
+from ragserve.index.verify import verify
 from ragserve.rag import RAG
+from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.server.app import create_app
-
-from .http_server import running
-from .test_pipeline import FakeGenerator
+from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.http import running
 
 pytestmark = pytest.mark.integration
 MARK = " The archive was moved to the zebra building in 2031."

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ragserve.runtime import LoopThread, map_bounded
+from ragserve.engine.runtime import LoopThread, map_bounded
 
 
 async def test_map_bounded_keeps_order_and_its_limit_and_reports_failures_in_their_slot() -> None:

@@ -5,30 +5,14 @@ import asyncio
 import threading
 import time
 
-import numpy as np
 import pytest
 
-from ragserve.admission import Admission
-from ragserve.config import RAGConfig
-from ragserve.docstore import LazyDocStore, write_docstore
-from ragserve.embed import MicroBatcher
+from ragserve.engine.admission import Admission
 from ragserve.errors import DeadlineExceededError, OverloadedError
-from ragserve.index import FaissIndex
-from ragserve.manifest import Manifest
-from ragserve.rag import RAG
-from ragserve.types import Chunk, DoneEvent, SourcesEvent, TokenEvent
-
-from .test_pipeline import DIM, FakeEmbedder, FakeGenerator
-
-
-def make_rag(tmp_path, generator=None, **sections):
-    chunks = [Chunk(i, f"doc{i}.txt", f"chunk number {i}") for i in range(DIM)]
-    write_docstore(tmp_path, chunks)
-    index = FaissIndex.build(np.eye(DIM, dtype=np.float32), "flat-fp16")
-    manifest = Manifest(tmp_path, {"fingerprint": "f" * 64, "embedding": {"dim": DIM}})
-    return RAG(manifest, index, LazyDocStore(tmp_path), FakeEmbedder(), generator or FakeGenerator(),
-               RAGConfig().replace(**sections))
-
+from ragserve.retrieval.embed import MicroBatcher
+from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.fakes import fake_rag as make_rag
+from ragserve.types import DoneEvent, SourcesEvent, TokenEvent
 
 # -- micro-batcher ---------------------------------------------------------------------
 
@@ -259,13 +243,13 @@ def test_embedding_and_search_never_block_the_event_loop(xquad_index, xquad_corp
 
         async def load():
             tick = asyncio.ensure_future(ticker())
-            out = await asyncio.gather(*(rag.retriever.retrieve(q, 3, __import__("ragserve.timing").timing.StageClock())
+            out = await asyncio.gather(*(rag.retriever.retrieve(q, 3, __import__("ragserve.observe.timing", fromlist=["x"]).StageClock())
                                          for q in questions))
             stop.set()
             await tick
             return out
 
-        out = rag._runtime.run(load())
+        out = rag.call(load())
         assert all(len(s) == 3 for s in out)
         assert rag.stats()["embed_batches"]["mean_batch"] > 1
     lags.sort()

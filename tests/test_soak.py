@@ -13,13 +13,12 @@ import os
 import sys
 import time
 
-import httpx
 import pytest
 
 from ragserve.server.app import create_app
+from ragserve.testing.http import running
 
 from .conftest import ROOT
-from .http_server import running
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
 

@@ -10,10 +10,10 @@ import pytest
 
 from ragserve.config import RAGConfig
 from ragserve.server.app import create_app
+from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.fakes import fake_rag as make_rag
+from ragserve.testing.http import running
 
-from .http_server import running
-from .test_pipeline import FakeGenerator
-from .test_serving import make_rag
 from .test_soak import load_soak
 
 pytestmark = pytest.mark.http

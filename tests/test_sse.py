@@ -13,16 +13,16 @@ import orjson
 import pytest
 
 from ragserve.config import RAGConfig
-from ragserve.runtime import LoopThread
+from ragserve.engine.runtime import LoopThread
 from ragserve.server import sse
 from ragserve.server.app import create_app
 from ragserve.server.openai_api import content_framer
+from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.fakes import fake_rag as make_rag
+from ragserve.testing.http import running
 from ragserve.types import DoneEvent, Generation, SourcesEvent, TokenEvent, TokenUsage
 
-from .http_server import running
 from .test_http import sse_events
-from .test_pipeline import FakeGenerator
-from .test_serving import make_rag
 
 PIECES = [f" w{i}" for i in range(50)]
 

@@ -6,10 +6,8 @@ import numpy as np
 import orjson
 import pytest
 
-from ragserve.timing import Gauges, StageStats, stage_layout
+from ragserve.observe.timing import Gauges, StageStats, stage_layout
 from ragserve.types import Timings
-
-from .test_pipeline import fake_rag  # noqa: F401
 
 
 def test_summary_percentiles_match_numpy_over_the_window():

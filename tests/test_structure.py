@@ -8,14 +8,15 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from ragserve.cli import app
-from ragserve.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
-from ragserve.errors import IndexIntegrityError
-from ragserve.index import INDEX_FILE, FaissIndex
-from ragserve.index_spec import plan_index
+from ragserve.cli.main import app
 from ragserve.config import IndexConfig
-from ragserve.manifest import MANIFEST_FILE, read_manifest, verify, write_manifest
-from ragserve.structure import check_structure
+from ragserve.errors import IndexIntegrityError
+from ragserve.index.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from ragserve.index.structure import check_structure
+from ragserve.index.verify import verify
+from ragserve.retrieval.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
+from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex
+from ragserve.retrieval.index_spec import plan_index
 from ragserve.types import Chunk
 
 N, DIM = 40, 8

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ragserve.cache import CachedAnswer, CachedSource, cache_key, decode_answer, encode_answer, normalize_question
+from ragserve.cache.entries import CachedAnswer, CachedSource, decode_answer, encode_answer
+from ragserve.cache.keys import cache_key, normalize_question
+from ragserve.engine.validation import check_question
 from ragserve.errors import (
     EmptyQuestionError,
     InputError,
@@ -18,7 +20,6 @@ from ragserve.errors import (
     QuestionTooLongError,
     QuestionTypeError,
 )
-from ragserve.validation import check_question
 
 LIMIT = 200
 KEY = dict(index_fingerprint="i" * 64, answer_fingerprint="a" * 64, namespace="default")

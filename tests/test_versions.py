@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ragserve.versions as versions
+import ragserve.index.versions as versions
 from ragserve.errors import IndexError_, IndexNotFoundError
-from ragserve.index import FaissIndex
-from ragserve.index_folder import embedding_section, publish_index_folder, write_index_folder
-from ragserve.manifest import read_manifest, verify
+from ragserve.index.manifest import read_manifest
+from ragserve.index.verify import verify
+from ragserve.index.versions import LOCK_FILE, clean_leftovers, complete_versions, versions_dir
+from ragserve.index.writer import embedding_section, publish_index_folder, write_index_folder
+from ragserve.retrieval.faiss_index import FaissIndex
 from ragserve.types import Chunk
-from ragserve.versions import LOCK_FILE, clean_leftovers, complete_versions, versions_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_layout_and_retention(tmp_path):
 
 
 def test_an_open_index_stays_on_its_version_when_the_link_flips(tmp_path):
-    from ragserve.docstore import LazyDocStore
+    from ragserve.retrieval.docstore import LazyDocStore
 
     out = tmp_path / "idx"
     _publish(out, 0)
@@ -172,9 +173,9 @@ KILL_CHILD = textwrap.dedent("""
     import os, shutil, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
-    import ragserve.index_folder
+    import ragserve.index.writer
     import test_versions
-    box = {{"os": os, "shutil": shutil, "index_folder": ragserve.index_folder}}[sys.argv[2]]
+    box = {{"os": os, "shutil": shutil, "index_folder": ragserve.index.writer}}[sys.argv[2]]
     name, at = sys.argv[3], int(sys.argv[4])
     real, calls = getattr(box, name), [0]
 

@@ -9,17 +9,15 @@ import contextlib
 import orjson
 import pytest
 
-from ragserve.batch import BatchInputError, work_through
-from ragserve.cache import normalize_question
-from ragserve.config import RAGConfig
-from ragserve.errors import InvalidParameterError
+from ragserve.cache.keys import normalize_question
+from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.config import RAGConfig, serve_config
+from ragserve.engine.validation import check_question
+from ragserve.errors import BatchInputError, InvalidParameterError, NoL2Error
+from ragserve.jobs.batch import work_through
+from ragserve.jobs.warm import WarmItem, plan_warm, run_warm, warm, warm_config
 from ragserve.rag import RAG
-from ragserve.redis_server import RedisServer, free_port
-from ragserve.server.run import serve_config
-from ragserve.validation import check_question
-from ragserve.warm import NoL2Error, WarmItem, plan_warm, run_warm, warm, warm_config
-
-from .test_pipeline import FakeGenerator
+from ragserve.testing.fakes import FakeGenerator
 
 
 def write_log(path, questions):
@@ -122,7 +120,7 @@ def test_refusals_come_before_anything_loads(nothing_loads, tmp_path):
 def test_cli_refuses_a_cache_that_is_off(nothing_loads, tmp_path):
     from typer.testing import CliRunner
 
-    from ragserve import cli
+    from ragserve.cli import main as cli
 
     toml = tmp_path / "off.toml"
     toml.write_text("[cache]\nenabled = false\n")
@@ -199,7 +197,7 @@ def test_a_tenant_is_warmed_into_a_running_servers_redis(home, tmp_path, xquad_i
 @pytest.mark.integration
 @pytest.mark.redis
 def test_an_interrupted_warm_resumes_where_it_stopped(home, tmp_path, xquad_corpus, xquad_index, embedder):
-    from ragserve.warm import load_plan
+    from ragserve.jobs.warm import load_plan
 
     questions = [q["question"] for q in xquad_corpus[1][210:218]]
     log = write_log(tmp_path / "log.jsonl", questions)
@@ -250,7 +248,7 @@ def test_cli_warm_reports_exits_2_on_a_failure_and_0_once_all_are_warm(home, tmp
                                                                        embedder, log_questions):
     from typer.testing import CliRunner
 
-    from ragserve import cli
+    from ragserve.cli import main as cli
 
     from_index = RAG.from_index.__func__
     gens = []

@@ -29,6 +29,6 @@ def make_generator(config: RAGConfig) -> Generator:
         from ragserve.generators.openai import OpenAIGenerator
 
         return OpenAIGenerator(config.generate, config.openai)
-    from ragserve.generate import VllmGenerator
+    from ragserve.generators.vllm import VllmGenerator
 
     return VllmGenerator(config.generate, config.vllm)

@@ -39,9 +39,9 @@ from typing import Any, NoReturn
 import httpx
 
 from ragserve.config import GenerateConfig, OpenAIConfig
+from ragserve.config.generators import normalise_url
 from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError
 from ragserve.generators.completions import Attempt, parse_chunk, request_body
-from ragserve.generators.config import normalise_url
 from ragserve.generators.endpoints import Endpoint, Endpoints, shown_url
 from ragserve.types import Generation
 

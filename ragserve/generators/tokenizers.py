@@ -28,7 +28,7 @@ from ragserve.generators.endpoints import Endpoint, shown_url
 
 def local_tokenizer(model: str) -> Any:
     """The tokenizer of the local model folder ``model`` names ("default" included)."""
-    from ragserve.models import resolve_generation_model
+    from ragserve.models.resolve import resolve_generation_model
 
     path = resolve_generation_model(model)
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ragserve.timing import TOTAL, stage_layout
+from ragserve.observe.timing import TOTAL, stage_layout
 
 OTHER = "other"
 REST = "rest"

@@ -24,8 +24,6 @@ import cProfile
 import io
 import os
 import pstats
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +32,22 @@ Func = tuple[str, int, str]
 
 # (path fragment, function name) → stage: the functions where a stage's work begins.
 ROOTS: list[tuple[str, str, str]] = [
-    ("ragserve/embed.py", "encode", "embed"),
-    ("ragserve/index.py", "search", "search"),
-    ("ragserve/docstore.py", "get_many", "docload"),
-    ("ragserve/prompt.py", "build", "prompt"),
-    ("ragserve/generate.py", "generate", "generate"),
-    ("ragserve/generate.py", "stream", "generate"),
-    ("ragserve/generate.py", "_run", "generate"),
+    ("ragserve/retrieval/embed.py", "encode", "embed"),
+    ("ragserve/retrieval/faiss_index.py", "search", "search"),
+    ("ragserve/retrieval/docstore.py", "get_many", "docload"),
+    ("ragserve/generators/prompt.py", "build", "prompt"),
+    ("ragserve/generators/vllm.py", "generate", "generate"),
+    ("ragserve/generators/vllm.py", "stream", "generate"),
+    ("ragserve/generators/vllm.py", "_run", "generate"),
     ("ragserve/generators/openai.py", "", "generate"),
-    ("ragserve/cache.py", "get", "cache_l1"),
-    ("ragserve/l2.py", "get", "cache_l2"),
-    ("ragserve/answers.py", "remember", "cache_write"),
-    ("ragserve/l2.py", "put", "cache_write"),
+    ("ragserve/cache/l1.py", "get", "cache_l1"),
+    ("ragserve/cache/l2.py", "get", "cache_l2"),
+    ("ragserve/cache/answers.py", "remember", "cache_write"),
+    ("ragserve/cache/l2.py", "put", "cache_write"),
     ("ragserve/profiling/", "", "client"),
 ]
 # The pipeline's own plumbing: time spent here, outside any stage, is pipeline overhead.
-PLUMBING = ("ragserve/pipeline.py", "ragserve/runtime.py", "ragserve/retrieval.py", "ragserve/admission.py")
+PLUMBING = ("ragserve/engine/", "ragserve/retrieval/retriever.py")
 # Fallback by module, for code no root reaches (vLLM's output handler task, Redis writes).
 MODULES: list[tuple[str, str]] = [
     ("/vllm/", "generate"), ("/zmq/", "generate"), ("/httpx/", "generate"), ("/httpcore/", "generate"),
@@ -66,64 +64,28 @@ NOT_STAGES = {"pipeline", "event loop", "idle", "client", "other"}
 
 
 class ThreadProfiler:
-    """One ``cProfile.Profile`` in the calling thread, the engine loop and each embed worker."""
+    """One ``cProfile.Profile`` in the calling thread and in each thread the engine runs
+    stages in (``RAG.run_in_threads``: the engine loop, the embedding worker)."""
 
     def __init__(self, rag: Any) -> None:
         self.rag = rag
         self.profiles: dict[str, cProfile.Profile] = {}
 
-    def _executors(self) -> list[tuple[str, ThreadPoolExecutor]]:
-        # Found by type, not by name: any executor the pipeline owns is one of its threads.
-        # One entry per executor: the pipeline and its retriever share the embedding thread.
-        owners = [self.rag, getattr(self.rag, "retriever", None)]
-        found: dict[int, tuple[str, ThreadPoolExecutor]] = {}
-        for o in owners:
-            for name, v in (vars(o).items() if o is not None else ()):
-                if isinstance(v, ThreadPoolExecutor):
-                    found.setdefault(id(v), (name, v))
-        return list(found.values())
+    def _enable(self, thread: str) -> None:
+        p = self.profiles[thread] = cProfile.Profile()
+        p.enable()
 
-    def _in_loop(self, fn: Any) -> None:
-        done = threading.Event()
-
-        def call() -> None:
-            fn()
-            done.set()
-
-        self.rag._runtime.loop.call_soon_threadsafe(call)
-        if not done.wait(30):
-            raise TimeoutError("the engine loop did not run the profiler switch within 30 s")
-
-    def _in_workers(self, name: str, pool: ThreadPoolExecutor, method: str) -> None:
-        n = pool._max_workers
-        barrier = threading.Barrier(n)  # every worker takes exactly one of the n calls
-
-        def call(i: int) -> None:
-            key = f"{name}-{i}" if method == "enable" else _thread_key(self.profiles, threading.get_ident())
-            if method == "enable":
-                p = self.profiles[key] = cProfile.Profile()
-                p._ragserve_thread = threading.get_ident()  # type: ignore[attr-defined]
-                p.enable()
-            else:
-                self.profiles[key].disable()
-            barrier.wait(30)
-
-        for f in [pool.submit(call, i) for i in range(n)]:
-            f.result(timeout=60)
+    def _disable(self, thread: str) -> None:
+        self.profiles[thread].disable()
 
     def start(self) -> None:
         caller = self.profiles["caller"] = cProfile.Profile()
-        loop_prof = self.profiles["engine-loop"] = cProfile.Profile()
-        self._in_loop(loop_prof.enable)
-        for name, pool in self._executors():
-            self._in_workers(pool._thread_name_prefix or name.strip("_"), pool, "enable")
+        self.rag.run_in_threads(self._enable)
         caller.enable()
 
     def stop(self) -> None:
         self.profiles["caller"].disable()
-        self._in_loop(self.profiles["engine-loop"].disable)
-        for name, pool in self._executors():
-            self._in_workers(pool._thread_name_prefix or name.strip("_"), pool, "disable")
+        self.rag.run_in_threads(self._disable)
 
     def dump(self, path: str | os.PathLike[str]) -> pstats.Stats:
         """Write each thread's profile beside ``path`` (``NAME.THREAD.prof``) and all of them
@@ -153,10 +115,6 @@ class ThreadProfiler:
             idle = sum(v[2] for f, v in st.items() if f[2] in IDLE)
             out[name] = {"own_s": round(total, 3), "idle_s": round(idle, 3), "busy_s": round(total - idle, 3)}
         return out
-
-
-def _thread_key(profiles: dict[str, cProfile.Profile], ident: int) -> str:
-    return next(k for k, p in profiles.items() if getattr(p, "_ragserve_thread", None) == ident)
 
 
 def _root(func: Func) -> str | None:

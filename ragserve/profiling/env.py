@@ -28,7 +28,7 @@ def _cpu_model() -> str:
 
 
 def _flags() -> list[str]:
-    from ragserve.embed import cpu_flags
+    from ragserve.retrieval.embed import cpu_flags
 
     flags = cpu_flags()
     return [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]

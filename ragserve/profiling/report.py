@@ -30,12 +30,12 @@ from typing import Any
 
 import orjson
 
+from ragserve.observe.timing import StageStats
 from ragserve.profiling.breakdown import Group, breakdown, markdown, stacked_bar
 from ragserve.profiling.cprof import StageGroup, ThreadProfiler, attribute, stage_text, top_text
 from ragserve.profiling.env import environment
 from ragserve.profiling.memory import LineMemory, MemoryTimeline, line_profile
 from ragserve.profiling.workload import WorkloadResult, load_questions, run_workload
-from ragserve.timing import StageStats
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,17 @@ def _open_and_ask(index: Path, config: Any, questions: list[str], start_engine: 
 
 def _memory_phases(rag: Any, index: Path, config: Any, settings: ReportSettings, first: list[str],
                    timeline: MemoryTimeline, out: Path) -> tuple[Any, dict[str, list[LineMemory]]]:
-    from ragserve.build import (_embed_all, _index_and_publish, _ready, build_index, finish_build,
-                                start_build)
-    from ragserve.incremental import gather
-    from ragserve.docstore import LazyDocStore
+    from ragserve.build.builder import (
+        _embed_all,
+        _index_and_publish,
+        _ready,
+        build_index,
+        finish_build,
+        start_build,
+    )
+    from ragserve.build.incremental import gather
     from ragserve.rag import RAG
+    from ragserve.retrieval.docstore import LazyDocStore
 
     lines: dict[str, list[LineMemory]] = {}
     with tempfile.TemporaryDirectory(prefix="ragserve-profile-") as tmp:
@@ -211,7 +217,7 @@ def run_report(target: Any, out: str | os.PathLike[str], settings: ReportSetting
     timeline = MemoryTimeline(s.memory_interval_s).start()
     owned = rag is None
     try:
-        from ragserve.docstore import LazyDocStore
+        from ragserve.retrieval.docstore import LazyDocStore
 
         store = rag.docstore if rag is not None else LazyDocStore(index)
         n_prof = s.profile_questions or s.questions

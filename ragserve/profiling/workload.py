@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ragserve.cache import normalize_question
+from ragserve.cache.keys import normalize_question
 
 T = TypeVar("T")
 _HEADING_RULE = re.compile(r"^([*=~^\-#])\1{3,}\s*$")
@@ -200,7 +200,7 @@ async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: i
                 return
             q = rng.choice(answered)
             if l2 is not None and rng.random() < l2_share:
-                await rag._runtime.run_async(l2.drain())  # its background L2 write has landed
+                await rag.aflush_cache()  # its background L2 write has landed
                 rag.cache.l1.delete(rag.cache.key(q, namespace, rag.fingerprint))
         else:
             q = next(fresh)

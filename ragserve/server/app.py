@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,43 +27,23 @@ from ragserve.config import RAGConfig
 from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
 from ragserve.server.auth import ApiKeys, check_admin
+from ragserve.server.common import (
+    Served,
+    first_event,
+    request_id,
+    result_json,
+    source_json,
+    until_disconnected,
+)
 from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
-from ragserve.server.middleware import RequestMiddleware, ServingState
+from ragserve.server.middleware import RequestMiddleware
+from ragserve.server.openai_api import add_openai_routes
+from ragserve.server.prometheus import CONTENT_TYPE, PrometheusExporter
 from ragserve.server.schemas import QueryRequest, RetrieveRequest
-from ragserve.server.telemetry import CONTENT_TYPE, PrometheusExporter
-from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
+from ragserve.types import DoneEvent, SourcesEvent, StreamEvent, TokenEvent
 
 log = logging.getLogger("ragserve.server")
-T = TypeVar("T")
 STATIC = Path(__file__).parent / "static"
-
-
-class Served:
-    """What the handlers share: the engine, the server's state, keys and exporter."""
-
-    def __init__(self, config: RAGConfig, keys: ApiKeys | None) -> None:
-        self.config = config
-        self.keys = keys
-        self.state = ServingState()
-        self.rag: Any = None
-        self.exporter: PrometheusExporter | None = None
-
-    def tenant(self, request: Request, namespace: str | None) -> str | None:
-        """With keys, the key's namespace (the body's is ignored); without, the body's."""
-        if self.keys is None:
-            return namespace
-        return self.keys.namespace(request.headers.get("authorization"))
-
-    def check_engine(self) -> None:
-        """A dead engine is 503 before anything starts (a stream would otherwise begin with
-        its sources and end in an error event)."""
-        if not self.rag.engine_alive():
-            raise HTTPError(503, "EngineDeadError", "the generation engine is not running; retry elsewhere",
-                            "generate")
-
-    def check_key(self, request: Request) -> None:
-        if self.keys is not None:
-            self.keys.namespace(request.headers.get("authorization"))
 
 
 def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> FastAPI:
@@ -95,15 +75,9 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     _native_routes(app, served)
     _ops_routes(app, served)
     _admin_routes(app, served)
-    from ragserve.server.openai_api import add_openai_routes
-
     add_openai_routes(app, served)
     app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)
     return app
-
-
-def request_id(request: Request) -> str:
-    return request.scope["state"]["request_id"]
 
 
 def _native_routes(app: FastAPI, served: Served) -> None:
@@ -206,47 +180,6 @@ def _errors(app: FastAPI, served: Served) -> None:
     # (no X-Request-Id, no access line, the trace logged twice). RequestMiddleware answers it.
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work`` until it ends or the client goes away; then it is cancelled, which
-    aborts its vLLM request and caches nothing (vLLM's server does the same)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                me = asyncio.current_task()
-                if me is not None and me.cancelling():
-                    raise  # the handler itself is being cancelled (shutdown): not the client's doing
-            except Exception:  # noqa: BLE001 - the work's own end no longer matters: the client left
-                pass
-    if task.cancelled():
-        raise HTTPError(499, "ClientClosedRequest", "the client closed the connection", "http")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def first_event(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
-    """The first event, awaited before the response starts: refusals (overload, bad
-    input) still get their own status code instead of a 200 that ends in an error."""
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
-        raise
-    assert isinstance(first, SourcesEvent)
-    return first
-
-
 async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served,
                       rid: str) -> AsyncIterator[bytes]:
     """``sources``, then ``token`` events (pieces that arrived together: one event, one
@@ -265,17 +198,6 @@ async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], s
         yield sse.frame(body(describe(e, rid, served.config.server.retry_after_s)), "error")
     finally:
         await events.aclose()  # type: ignore[attr-defined]  # a client gone: the run is cancelled
-
-
-def result_json(r: QueryResult) -> dict[str, Any]:
-    d = r.to_dict()
-    d["sources"] = [source_json(s) for s in r.sources]
-    return d
-
-
-def source_json(s: Any) -> dict[str, Any]:
-    return {"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(float(s.score), 6), "text": s.text,
-            "metadata": s.metadata}
 
 
 def _l2_state(rag: Any) -> str:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import orjson
 
+from ragserve.engine.validation import check_namespace
 from ragserve.errors import ConfigError, InputError
 from ragserve.server.httperrors import HTTPError
-from ragserve.validation import check_namespace
 
 
 class ApiKeys:

@@ -28,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ragserve.errors import InputError
 from ragserve.server import sse
-from ragserve.server.app import Served, first_event, request_id, source_json, until_disconnected
+from ragserve.server.common import Served, first_event, request_id, source_json, until_disconnected
 from ragserve.server.httperrors import HTTPError, body, describe, json_response
 from ragserve.server.schemas import ChatCompletionRequest
 from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
@@ -69,7 +69,7 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
 
 
 def model_id(served: Served) -> str:
-    from ragserve.models import resolve_generation_model
+    from ragserve.models.resolve import resolve_generation_model
 
     name = getattr(served.rag.generator, "model_name", None)
     return name or resolve_generation_model(served.config.generate.model).name

@@ -27,19 +27,10 @@ from typing import Any
 
 import uvicorn
 
-from ragserve.config import LOOPBACK_HOSTS, RAGConfig, data_home
+from ragserve.config import LOOPBACK_HOSTS, RAGConfig, serve_config
 from ragserve.server.middleware import ServingState
 
 log = logging.getLogger("ragserve.server")
-
-
-def serve_config(config: RAGConfig) -> RAGConfig:
-    """A service has an L2 by default: with no Redis URL, an embedded Redis that keeps its
-    data in ``$RAGSERVE_HOME/redis``, so answers survive a restart."""
-    c = config.cache
-    if c.enabled and not c.redis_url:
-        return config.replace(cache={"redis_url": "embedded", "redis_dir": c.redis_dir or str(data_home() / "redis")})
-    return config
 
 
 def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None = None,

@@ -1,0 +1,131 @@
+"""The served index as a snapshot: what a request reads, captured once when it starts.
+
+A ``ServedIndex`` is one verified version of an index folder: its manifest, the mapped
+FAISS index, the lazy docstore and the retriever over them, and the fingerprint that goes
+into every cache key. ``Snapshots`` holds the current one. A request takes the current
+snapshot when it is prepared and keeps it to the end, so its chunk ids resolve against the
+docstore it searched and its cache key carries the fingerprint of the index it used.
+``swap`` (a reload) replaces one reference: requests already running finish on the old
+snapshot, new ones get the new one, and the old one's files are released when the last
+request using it ends.
+
+**Usage:** ``snap = snapshots.acquire(); try: ... snap.retriever ... finally: snapshots.release(snap)``
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragserve.config import RAGConfig
+from ragserve.index.manifest import Manifest, check_embedding
+from ragserve.index.verify import verify
+from ragserve.retrieval.retriever import Retriever
+from ragserve.types import DocStore, Embedder, VectorIndex
+
+
+@dataclass(eq=False)
+class ServedIndex:
+    manifest: Manifest
+    index: VectorIndex
+    docstore: DocStore
+    retriever: Retriever
+    users: int = 0
+    """Requests holding this snapshot right now."""
+    retired: bool = False
+    """Replaced by a newer one: closed once ``users`` reaches 0."""
+    closed: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.retriever.close()
+
+
+def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
+                executor: Executor | None = None) -> ServedIndex:
+    """``open_index`` and a retriever over it (on ``executor``, shared by every version)."""
+    manifest, index, docstore = open_index(path, config, embedder)
+    return ServedIndex(manifest, index, docstore, Retriever(embedder, index, docstore, config.embed, executor))
+
+
+def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple[Manifest, VectorIndex, DocStore]:
+    """Verify an index folder (hashes, then structure), check it was built with this
+    embedding model, and map its files. Raises ``IndexNotFoundError``,
+    ``IndexIntegrityError`` or ``IndexMismatchError`` before anything is served from it.
+    A symlinked (versioned) index is resolved once: a later flip changes nothing here."""
+    from ragserve.retrieval.docstore import LazyDocStore
+    from ragserve.retrieval.faiss_index import FaissIndex
+    from ragserve.retrieval.index_spec import IndexSpec
+
+    manifest = verify(path)
+    check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
+    index = FaissIndex.load(manifest.folder, IndexSpec.from_manifest(manifest.data["index"]),
+                            nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
+    embedder.warm_up()
+    check_embedding(manifest, embedder.identity, embedder.dim)
+    return manifest, index, LazyDocStore(manifest.folder)
+
+
+class Snapshots:
+    """The current ``ServedIndex`` and the counts of who holds which (thread-safe)."""
+
+    def __init__(self, first: ServedIndex) -> None:
+        self.current = first
+        self._lock = threading.Lock()
+
+    def acquire(self) -> ServedIndex:
+        with self._lock:
+            snap = self.current
+            snap.users += 1
+            return snap
+
+    @asynccontextmanager
+    async def holding(self, snap: ServedIndex) -> AsyncIterator[None]:
+        """Hold ``snap`` (already held by the caller, so still open) for a block, e.g. a
+        shared run whose followers may outlive the request that started it."""
+        with self._lock:
+            assert not snap.closed, "hold a snapshot only while someone holds it already"
+            snap.users += 1
+        try:
+            yield
+        finally:
+            self.release(snap)
+
+    def release(self, snap: ServedIndex) -> None:
+        with self._lock:
+            snap.users -= 1
+            done = snap.retired and snap.users == 0
+        if done:
+            snap.close()
+
+    def swap(self, new: ServedIndex) -> ServedIndex:
+        """Make ``new`` current; returns the old one (closed now if nobody holds it)."""
+        with self._lock:
+            old, self.current = self.current, new
+            old.retired = True
+            done = old.users == 0
+        if done:
+            old.close()
+        return old
+
+    def close(self) -> None:
+        with self._lock:
+            snap = self.current
+            snap.retired = True
+        snap.close()
+
+
+def describe(snap: ServedIndex) -> dict[str, Any]:
+    m = snap.manifest
+    return {"fingerprint": m.fingerprint, "folder": str(m.folder), "chunks": m.data["counts"]["chunks"],
+            "index_type": m.data["index"]["type"]}

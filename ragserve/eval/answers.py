@@ -1,0 +1,108 @@
+"""Answer quality: generate an answer per question and score it against the gold answers.
+
+The protocol ``ragserve eval --answers --sample 200 --seed 1`` runs is fixed so that two
+runs (or two prompts) are compared on the same questions: ``sample_questions`` draws
+``random.Random(seed).sample(questions in file order, n)``. Scores use SQuAD's answer
+normalisation (``eval/scoring.py``):
+
+- ``contains``: the answer contains a gold answer as whole words (the main figure: a
+  generative model answers in its own words around the span);
+- ``exact_match`` and ``f1``: SQuAD's EM and token F1;
+- ``mean_words``, ``cut_share`` (stopped at ``max_tokens``: finish reason "length") and
+  ``empty_share``: how the answers are shaped.
+
+**Usage:** ``metrics, rows = answer_metrics(rag, sample_questions(ds.questions, 200, 1))``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ragserve.engine.runtime import map_bounded
+from ragserve.eval.datasets import EvalQuestion
+from ragserve.eval.scoring import contains_answer, exact_match, token_f1
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class AnswerMetrics:
+    questions: int
+    contains: float
+    exact_match: float
+    f1: float
+    errors: int
+    seconds: float
+    mean_words: float = 0.0
+    cut_share: float = 0.0
+    """Share of answers stopped by ``generate.max_tokens`` rather than ended by the model."""
+    empty_share: float = 0.0
+    """Share of answers that are empty (a failed question counts as empty)."""
+
+
+def sample_questions(questions: Sequence[EvalQuestion], n: int | None, seed: int = 1) -> list[EvalQuestion]:
+    """``n`` questions drawn with ``random.Random(seed).sample`` from the file's order (all
+    of them, in file order, when ``n`` is None or covers the set)."""
+    if n is None or n >= len(questions):
+        return list(questions)
+    return random.Random(seed).sample(list(questions), n)
+
+
+def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: int = 16,
+                   progress: ProgressFn | None = None) -> tuple[AnswerMetrics, list[dict[str, Any]]]:
+    """Generate an answer per question and score it against the gold answers. A failed
+    question counts as an error and scores 0.
+
+    ``concurrency`` requests stay in flight the whole time (a new one starts as soon as one
+    finishes, rather than batch after batch) so that vLLM's continuous batching stays full.
+    """
+    t = time.perf_counter()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        results = asyncio.run(_answer_all(rag, questions, concurrency, progress))
+    else:  # called from inside an event loop (a notebook): run ours on a helper thread
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            results = pool.submit(asyncio.run, _answer_all(rag, questions, concurrency, progress)).result()
+    rows = [score(q, r) for q, r in zip(questions, results)]
+    n = max(1, len(rows))
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in rows) / n
+
+    return AnswerMetrics(
+        questions=len(rows), contains=mean("contains"), exact_match=mean("em"), f1=mean("f1"),
+        errors=sum(r["error"] is not None for r in rows), seconds=round(time.perf_counter() - t, 3),
+        mean_words=sum(len(r["answer"].split()) for r in rows) / n, cut_share=mean("cut"),
+        empty_share=sum(not r["answer"].strip() for r in rows) / n,
+    ), rows
+
+
+def score(question: EvalQuestion, result: Any) -> dict[str, Any]:
+    """One question's row: its answer (or error) and its scores."""
+    failed = isinstance(result, Exception)
+    answer = "" if failed else result.answer
+    return {"answer": answer, "error": repr(result) if failed else None,
+            "cut": (not failed) and getattr(result, "finish_reason", None) == "length",
+            "contains": contains_answer(answer, question.answers), "em": exact_match(answer, question.answers),
+            "f1": token_f1(answer, question.answers)}
+
+
+async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
+                      progress: ProgressFn | None) -> list[Any]:
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress("answers", done, len(questions))
+
+    # One failed question is scored, not fatal: it stays in its slot.
+    return await map_bounded(lambda q: rag.aquery(q.text), questions, concurrency, on_done=tick)

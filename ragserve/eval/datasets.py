@@ -1,0 +1,176 @@
+"""Evaluation data sets: SQuAD-style JSON and BEIR-style folders, read into one shape.
+
+- **SQuAD** (also XQuAD): a ``.json`` file ``{"data": [{"title", "paragraphs": [{"context",
+  "qas": [{"id", "question", "answers": [{"text"}]}]}]}]}``. Every paragraph is a document
+  (``Title#i``; a paragraph text that occurs twice is one document); a question's one
+  relevant document is its own paragraph, and its gold answers are kept for ``--answers``.
+- **BEIR**: a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
+  (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``,
+  with a header line). Questions are the queries with at least one judgment > 0; there are
+  no gold answers.
+
+**Usage:**
+
+    ds = load_dataset("../shared/data/xquad-en/xquad.en.json")
+    len(ds.documents), len(ds.questions), ds.questions[0].relevant
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from ragserve.build.ingest import Document
+from ragserve.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class EvalQuestion:
+    qid: str
+    text: str
+    relevant: dict[str, int]
+    """Document id → graded relevance (> 0)."""
+    answers: tuple[str, ...] = ()
+    """Gold answer texts (SQuAD); empty for BEIR."""
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    name: str
+    kind: Literal["squad", "beir"]
+    path: Path
+    documents: list[Document]
+    questions: list[EvalQuestion]
+    notes: list[str] = field(default_factory=list)
+    """What was left out while reading, and why (e.g. judgments naming unknown documents)."""
+
+    @property
+    def has_answers(self) -> bool:
+        return any(q.answers for q in self.questions)
+
+    def digest(self) -> str:
+        """SHA-256 over the documents (ids, texts, metadata): what an index is built from."""
+        h = hashlib.sha256()
+        for d in self.documents:
+            h.update(orjson.dumps([d.doc_id, d.text, d.metadata], option=orjson.OPT_SORT_KEYS))
+        return h.hexdigest()
+
+
+def load_dataset(path: Path | str, split: str = "test") -> EvalDataset:
+    """Read a SQuAD ``.json`` file or a BEIR folder (``split`` picks ``qrels/<split>.tsv``).
+
+    **Usage:** ``load_dataset("data/scifact", split="test")``
+    """
+    path = Path(path)
+    if path.is_file():
+        return load_squad(path)
+    if path.is_dir() and (path / "corpus.jsonl").is_file():
+        return load_beir(path, split)
+    if path.is_dir():
+        raise DatasetError(path, "a folder without corpus.jsonl: a BEIR data set needs corpus.jsonl, "
+                                 "queries.jsonl and qrels/<split>.tsv")
+    raise DatasetError(path, "no such file or folder (expected a SQuAD .json file or a BEIR folder)")
+
+
+def load_squad(path: Path) -> EvalDataset:
+    data = _json(path, path.read_bytes())
+    articles = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(articles, list):
+        raise DatasetError(path, 'not SQuAD-style: expected {"data": [articles]}')
+    docs: list[Document] = []
+    questions: list[EvalQuestion] = []
+    by_text: dict[str, str] = {}
+    used: set[str] = set()
+    for a, article in enumerate(articles):
+        title = str(_get(path, article, "title", f"data[{a}]", default=f"article{a}"))
+        for p, para in enumerate(_get(path, article, "paragraphs", f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = str(_get(path, para, "context", where))
+            doc_id = by_text.get(context)
+            if doc_id is None:
+                doc_id = f"{title}#{p}"
+                if doc_id in used:  # two articles with one title: keep the ids apart
+                    doc_id = f"{title}#{p}@{a}"
+                by_text[context] = doc_id
+                used.add(doc_id)
+                docs.append(Document(doc_id, context, {"title": title}))
+            for q, qa in enumerate(_get(path, para, "qas", where)):
+                text = str(_get(path, qa, "question", f"{where}.qas[{q}]"))
+                answers = tuple(str(x["text"]) for x in qa.get("answers", []) if isinstance(x, dict) and "text" in x)
+                questions.append(EvalQuestion(str(qa.get("id", f"{doc_id}/{q}")), text, {doc_id: 1}, answers))
+    if not docs or not questions:
+        raise DatasetError(path, "no paragraphs with questions")
+    return EvalDataset(path.stem, "squad", path, docs, questions)
+
+
+def load_beir(folder: Path, split: str = "test") -> EvalDataset:
+    docs = []
+    for n, row in _jsonl(folder / "corpus.jsonl", ("_id",)):
+        title, text = str(row.get("title") or ""), str(row.get("text") or "")
+        if not (title or text).strip():
+            raise DatasetError(folder / "corpus.jsonl", f"line {n}: document {row['_id']!r} has no text")
+        docs.append(Document(str(row["_id"]), f"{title}\n{text}" if title else text, {"title": title}))
+    queries = {str(row["_id"]): str(row["text"]) for _, row in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise DatasetError(qrels_path, f"missing: the judgments of split {split!r}")
+    known = {d.doc_id for d in docs}
+    relevant: dict[str, dict[str, int]] = {}
+    unknown = 0
+    for n, line in enumerate(qrels_path.read_text("utf-8").splitlines(), start=1):
+        parts = line.split("\t")
+        if not line.strip() or (n == 1 and parts[0] == "query-id"):
+            continue
+        if len(parts) != 3:
+            raise DatasetError(qrels_path, f"line {n}: expected query-id<TAB>corpus-id<TAB>score, got {line!r}")
+        try:
+            score = int(float(parts[2]))
+        except ValueError:
+            raise DatasetError(qrels_path, f"line {n}: score {parts[2]!r} is not a number") from None
+        if parts[1] not in known or parts[0] not in queries:
+            unknown += 1
+        elif score > 0:
+            relevant.setdefault(parts[0], {})[parts[1]] = score
+    questions = [EvalQuestion(qid, queries[qid], rel) for qid, rel in relevant.items()]
+    if not questions:
+        raise DatasetError(qrels_path, "no query has a relevant document in the corpus")
+    notes = [f"{unknown} judgments name a query or document that is not in the data set; left out"] if unknown else []
+    return EvalDataset(folder.name, "beir", folder, docs, questions, notes)
+
+
+def _json(path: Path, data: bytes) -> Any:
+    """Parse a whole JSON file; a syntax error names the file."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise DatasetError(path, f"not valid JSON: {e}") from None
+
+
+def _jsonl(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise DatasetError(path, "missing")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise DatasetError(path, f"line {n}: not valid JSON: {e}") from None
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise DatasetError(path, f"line {n}: missing {', '.join(map(repr, missing))}")
+            yield n, row
+
+
+def _get(path: Path, obj: Any, key: str, where: str, default: Any = ...) -> Any:
+    if isinstance(obj, dict) and key in obj:
+        return obj[key]
+    if default is not ...:
+        return default
+    raise DatasetError(path, f"{where}: missing {key!r}")

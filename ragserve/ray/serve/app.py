@@ -1,0 +1,101 @@
+"""The Ray Serve application: the ingress deployment bound to the generator deployment.
+
+Two ways in, one builder:
+
+- ``ragserve serve INDEX --ray`` (``run.py``) calls ``application(index, config)``.
+- A Serve config file, e.g. KubeRay's ``RayService`` ``serveConfigV2``, names
+  ``import_path: ragserve.ray.serve.app:build_app`` with ``args``: Serve calls
+  ``build_app(args)`` on the cluster. ``args``: ``index`` (required), ``config`` (a TOML
+  file on the cluster), and any sections to override, as in ``RAGConfig.replace``::
+
+      args:
+        index: /data/indexes/docs
+        cache: {redis_url: "redis://redis:6379/0"}
+        ray: {replicas: 2}
+
+The config is resolved once, here (defaults, then the TOML file, then the ``RAGSERVE_*``
+env of the process that builds the application, then ``args``), and handed to every
+replica as a dict: all replicas serve the same config whatever their node's env says.
+NOTE: that dict includes keys (``openai.api_key``, ``server.admin_key``) and is kept by
+Serve's controller; prefer ``server.api_keys_file`` paths and mounted secrets.
+
+**Usage:** ``serve.run(application("indexes/docs", RAGConfig.load()), name="ragserve")``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ragserve.errors import ConfigError
+
+INGRESS = "RagserveIngress"
+GENERATOR = "RagserveGenerator"
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve's application builder (``import_path: ragserve.ray.serve.app:build_app``)."""
+    from ragserve.config import RAGConfig
+
+    args = dict(args or {})
+    index = args.pop("index", None)
+    if not index:
+        raise ConfigError("args.index",
+                          "the Serve application needs `index: /path/to/indexes/NAME` in its args")
+    path = args.pop("config", None)
+    config = RAGConfig.load(path)
+    if args:
+        config = config.replace(**args)
+    return application(index, config)
+
+
+def ingress_options(config: Any) -> dict[str, Any]:
+    """``serve.deployment`` options of the ingress, from ``[ray]``: replicas or autoscaling,
+    CPUs, Serve's request bounds, and its refusals as 429 + ``Retry-After``."""
+    from ray.serve.config import BackpressureConfig
+
+    r = config.ray
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": r.num_cpus},
+        "max_ongoing_requests": r.max_ongoing_requests,
+        "max_queued_requests": r.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=config.server.retry_after_s),
+        # NOTE: Serve drains a stopping replica for this long before __del__ closes it: the
+        # same grace as the single-process server's SIGTERM drain.
+        "graceful_shutdown_timeout_s": config.server.drain_grace_s,
+    }
+    if r.max_replicas:
+        options["autoscaling_config"] = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
+                                         "initial_replicas": r.replicas,
+                                         "target_ongoing_requests": r.target_ongoing_requests}
+    else:
+        options["num_replicas"] = r.replicas
+    return options
+
+
+def generator_options(config: Any) -> dict[str, Any]:
+    """``serve.deployment`` options of the generator, from ``[ray]``."""
+    r = config.ray
+    return {
+        "num_replicas": r.generator_replicas,
+        "ray_actor_options": {"num_cpus": r.generator_num_cpus, "num_gpus": r.generator_num_gpus},
+        "max_ongoing_requests": r.generator_max_ongoing_requests,
+        "max_queued_requests": r.generator_max_queued_requests,
+        "graceful_shutdown_timeout_s": config.server.drain_grace_s,
+    }
+
+
+def application(index: str | Path, config: Any, *, generator: Any = None) -> Any:
+    """The application, not yet running (``serve.run`` starts it). ``generator``: an object
+    the generator deployment serves instead of the configured backend (tests)."""
+    from ray import serve
+
+    from ragserve.ray.serve.generator import GeneratorServer
+    from ragserve.ray.serve.ingress import IngressServer, require_shared_l2
+
+    require_shared_l2(config)
+    settings = config.to_dict()
+    gen = serve.deployment(GeneratorServer, name=GENERATOR, **generator_options(config))
+    ingress = serve.deployment(serve.ingress()(IngressServer), name=INGRESS, **ingress_options(config))
+    args = (settings,) if generator is None else (settings, generator)
+    return ingress.bind(str(Path(index).absolute()), settings, gen.bind(*args))

@@ -1,0 +1,104 @@
+"""What the native and the OpenAI-compatible routes share: the served engine and its
+state (``Served``), the request id, running a request until its client leaves, the first
+stream event, and the JSON of a result and of a source."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from ragserve.config import RAGConfig
+from ragserve.server.auth import ApiKeys
+from ragserve.server.httperrors import HTTPError
+from ragserve.server.middleware import ServingState
+from ragserve.server.prometheus import PrometheusExporter
+from ragserve.types import QueryResult, SourcesEvent, StreamEvent
+
+T = TypeVar("T")
+
+
+class Served:
+    """What the handlers share: the engine, the server's state, keys and exporter."""
+
+    def __init__(self, config: RAGConfig, keys: ApiKeys | None) -> None:
+        self.config = config
+        self.keys = keys
+        self.state = ServingState()
+        self.rag: Any = None
+        self.exporter: PrometheusExporter | None = None
+
+    def tenant(self, request: Request, namespace: str | None) -> str | None:
+        """With keys, the key's namespace (the body's is ignored); without, the body's."""
+        if self.keys is None:
+            return namespace
+        return self.keys.namespace(request.headers.get("authorization"))
+
+    def check_engine(self) -> None:
+        """A dead engine is 503 before anything starts (a stream would otherwise begin with
+        its sources and end in an error event)."""
+        if not self.rag.engine_alive():
+            raise HTTPError(503, "EngineDeadError", "the generation engine is not running; retry elsewhere",
+                            "generate")
+
+    def check_key(self, request: Request) -> None:
+        if self.keys is not None:
+            self.keys.namespace(request.headers.get("authorization"))
+
+
+def request_id(request: Request) -> str:
+    return request.scope["state"]["request_id"]
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` until it ends or the client goes away; then it is cancelled, which
+    aborts its vLLM request and caches nothing (vLLM's server does the same)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the handler itself is being cancelled (shutdown): not the client's doing
+            except Exception:  # noqa: BLE001 - the work's own end no longer matters: the client left
+                pass
+    if task.cancelled():
+        raise HTTPError(499, "ClientClosedRequest", "the client closed the connection", "http")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def first_event(events: AsyncIterator[StreamEvent]) -> SourcesEvent:
+    """The first event, awaited before the response starts: refusals (overload, bad
+    input) still get their own status code instead of a 200 that ends in an error."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    assert isinstance(first, SourcesEvent)
+    return first
+
+
+def result_json(r: QueryResult) -> dict[str, Any]:
+    d = r.to_dict()
+    d["sources"] = [source_json(s) for s in r.sources]
+    return d
+
+
+def source_json(s: Any) -> dict[str, Any]:
+    return {"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(float(s.score), 6), "text": s.text,
+            "metadata": s.metadata}
