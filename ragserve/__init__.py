@@ -23,6 +23,7 @@ from ragserve.config import (
     VllmConfig,
 )
 from ragserve.errors import (
+    BatchInputError,
     ClusterError,
     ConfigError,
     DatasetError,
@@ -39,16 +40,22 @@ from ragserve.errors import (
     InvalidParameterError,
     InvalidTextError,
     ModelError,
+    NoL2Error,
     OverloadedError,
     QuestionTooLongError,
     QuestionTypeError,
     RagserveError,
+    RedisServerError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.eval.evaluate import EvalReport, evaluate
+from ragserve.generators import make_generator
 from ragserve.index.verify import verify as verify_index
+from ragserve.observe.observers import RequestObserver
 from ragserve.rag import RAG
 from ragserve.types import (
+    Embedder,
+    Generator,
     Chunk,
     DoneEvent,
     QueryResult,
@@ -61,6 +68,7 @@ from ragserve.types import (
 )
 
 __all__ = [
+    "BatchInputError",
     "BuildReport",
     "Chunk",
     "ChunkConfig",
@@ -70,11 +78,13 @@ __all__ = [
     "DeadlineExceededError",
     "DoneEvent",
     "EmbedConfig",
+    "Embedder",
     "EmptyQuestionError",
     "EngineDeadError",
     "EvalReport",
     "GenerateConfig",
     "GenerationError",
+    "Generator",
     "GeneratorUnavailableError",
     "IndexConfig",
     "IndexIntegrityError",
@@ -85,6 +95,7 @@ __all__ = [
     "InvalidParameterError",
     "InvalidTextError",
     "ModelError",
+    "NoL2Error",
     "OpenAIConfig",
     "OverloadedError",
     "QueryConfig",
@@ -95,6 +106,8 @@ __all__ = [
     "RAGConfig",
     "RagIndexError",
     "RagserveError",
+    "RedisServerError",
+    "RequestObserver",
     "Source",
     "SourcesEvent",
     "StreamEvent",
@@ -105,5 +118,6 @@ __all__ = [
     "__version__",
     "build_index",
     "evaluate",
+    "make_generator",
     "verify_index",
 ]
