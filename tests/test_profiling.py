@@ -83,8 +83,8 @@ def test_pngs_are_valid_images(report):
 def test_profile_loads_with_pstats_and_names_real_stages(report):
     stats = pstats.Stats(str(report.folder / "profile.prof"))
     funcs = {(f[0], f[2]) for f in stats.stats}  # type: ignore[attr-defined]
-    assert any(name == "encode" and path.endswith("ragserve/embed.py") for path, name in funcs)
-    assert any(name == "search" and path.endswith("ragserve/index.py") for path, name in funcs)
+    assert any(name == "encode" and path.endswith("ragserve/retrieval/embed.py") for path, name in funcs)
+    assert any(name == "search" and path.endswith("ragserve/retrieval/faiss_index.py") for path, name in funcs)
     groups = attribute(stats)
     for stage in ("embed", "search", "generate", "prompt", "docload"):
         assert stage in groups and groups[stage].own_s > 0, stage

@@ -7,11 +7,11 @@ out (``incremental.py`` has the plan and the chunk-id order that makes the resul
 to a full build). ``full=True``, another model or other chunking build everything.
 
 Every build writes a new version folder and flips ``out`` to it atomically
-(``versions.py``): a crash or Ctrl-C at any point leaves the previous index or the new
+(``index/versions.py``): a crash or Ctrl-C at any point leaves the previous index or the new
 one at ``out``, never neither, and a server that has the previous one open keeps it.
 
 A build is three steps: ``start_build`` (plan, load the model), reading and chunking
-(``gather`` in this process, or Ray tasks in ``build_ray.py``) and ``finish_build``
+(``gather`` in this process, or Ray tasks in ``ray/build.py``) and ``finish_build``
 (embed the new chunks, take the rest from the previous index, index, publish).
 """
 
@@ -73,7 +73,7 @@ class BuildReport:
     version: Path | None = None
     """The real folder ``out`` now names."""
     cluster: dict[str, Any] = field(default_factory=dict)
-    """Ray builds (``build_ray.py``): the cluster, read tasks and per-actor work; else empty."""
+    """Ray builds (``ray/build.py``): the cluster, read tasks and per-actor work; else empty."""
 
     @property
     def files_read(self) -> int:
@@ -125,7 +125,7 @@ def build_index(
 @dataclass
 class PlannedBuild:
     """A build between planning and reading (``start_build``): the plan, the loaded model
-    and the chunking settings. ``build_index`` reads with ``gather``; ``build_ray.py`` reads
+    and the chunking settings. ``build_index`` reads with ``gather``; ``ray/build.py`` reads
     in Ray tasks; both then call ``finish_build``."""
 
     source: Path | str

@@ -14,7 +14,7 @@ and the same search results.
 
 Reading is split from the ordering: ``read_source`` reads and chunks one file on its own,
 and ``assemble`` numbers the chunks in that order whatever order the reads finished in,
-so a local build (``gather``) and a Ray build (``build_ray.py``) give the same chunks.
+so a local build (``gather``) and a Ray build (``ray/build.py``) give the same chunks.
 
 The previous index is only reused when it was built with the same embedding model (its
 identity), the same chunking and the same forced text encoding; otherwise the plan is a
@@ -205,7 +205,7 @@ def read_source(f: SourceFile, chunker: Chunker, encoding: str | None, max_bytes
                 read_size: int = READ_SIZE) -> FileRead:
     """Read and chunk one file (``chunk_file``); a Skip becomes the outcome's reason. Depends
     only on its arguments, so the files of a build may be read anywhere, in any order
-    (``build_ray.py`` reads them in Ray tasks), and ``assemble`` still gives one result."""
+    (``ray/build.py`` reads them in Ray tasks), and ``assemble`` still gives one result."""
     try:
         got = chunk_file(f.path, f.doc_id, chunker, encoding, max_bytes, read_size)
     except Skip as e:

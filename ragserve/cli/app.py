@@ -1,5 +1,5 @@
 """The ``ragserve`` command line's shared parts: the Typer app, the consoles, the config
-option and the error handling every command uses (``cli.py`` and ``cli_serving.py`` add
+option and the error handling every command uses (``cli/main.py`` and ``cli/serving.py`` add
 the commands).
 """
 

@@ -1,6 +1,6 @@
 """What the ``ragserve`` commands print: progress bars, an answer, an evaluation, stats.
 
-Kept apart from ``cli.py`` (the commands and their options) so that scripts print the
+Kept apart from ``cli/main.py`` (the commands and their options) so that scripts print the
 same way (``scripts/demo.py`` uses ``print_result``).
 """
 

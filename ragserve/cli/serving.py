@@ -1,5 +1,5 @@
 """``ragserve serve``, ``batch`` and ``warm``: the commands that answer questions with the
-engine (registered on ``cli_app.app``; ``cli.py`` imports this module)."""
+engine (registered on ``cli_app.app``; ``cli/main.py`` imports this module)."""
 
 from __future__ import annotations
 

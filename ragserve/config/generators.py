@@ -1,6 +1,6 @@
 """Config sections of the generator backends: ``[vllm]`` and ``[openai]``.
 
-``[generate]`` (``GenerateConfig`` in ``config.py``) keeps what every backend shares: the
+``[generate]`` (``GenerateConfig`` in ``generate.py``) keeps what every backend shares: the
 model, the context length, the sampling. ``generate.backend`` picks the backend; the
 options only one backend reads live in its own section here.
 

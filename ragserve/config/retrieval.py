@@ -66,7 +66,7 @@ class IndexConfig:
     """FAISS index to build, all with float16 codes but the reference: "flat-fp16"
     (exhaustive, IndexScalarQuantizer QT_fp16), "ivf-fp16" (IVF{nlist},SQfp16),
     "hnsw-fp16" (HNSW{m},SQfp16), "flat-fp32" (exact IndexFlatIP, for comparisons), or
-    "auto": chosen by corpus size (thresholds and reasons in ``index_spec.py``)."""
+    "auto": chosen by corpus size (thresholds and reasons in ``retrieval/index_spec.py``)."""
     ivf_nlist: int = 0
     """Build: inverted lists of ivf-fp16; 0 picks about 4·sqrt(chunks)."""
     ivf_nprobe: int = 0

@@ -90,7 +90,7 @@ class Pipeline:
         self.config = config
         self.stage_stats = StageStats()
         self.observers = Observers(self.stage_stats)
-        """Told of every finished or failed request (``observe.py``); ``add`` your own."""
+        """Told of every finished or failed request (``observe/observers.py``); ``add`` your own."""
         # in_flight: requests past L1 on the engine loop; queued: waiting for an admission slot.
         self.gauges = Gauges("in_flight", "queued")
         self._runtime = LoopThread()

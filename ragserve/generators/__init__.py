@@ -1,6 +1,6 @@
 """Generator backends, chosen by ``generate.backend``; the pipeline asks ``make_generator``.
 
-- ``vllm`` (the default): ``ragserve.generate.VllmGenerator``, vLLM's ``AsyncLLM`` in this
+- ``vllm`` (the default): ``ragserve.generators.vllm.VllmGenerator``, vLLM's ``AsyncLLM`` in this
   process; options in ``[vllm]``.
 - ``openai``: ``ragserve.generators.openai.OpenAIGenerator``, remote OpenAI-compatible
   servers (vLLM's own); options in ``[openai]``.

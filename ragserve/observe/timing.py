@@ -111,7 +111,7 @@ class StageStats:
                             "total": _percentiles(v)} for tier, v in totals.items()}
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
-        """As a request observer (``observe.py``): every answered request is a row."""
+        """As a request observer (``observe/observers.py``): every answered request is a row."""
         self.record(stages, result.cache_tier)
 
     def on_error(self, error: BaseException) -> None:

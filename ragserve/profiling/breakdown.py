@@ -2,7 +2,7 @@
 
 Shares are aggregate: a stage's milliseconds summed over the group's queries, divided by
 their summed totals. The disjoint stages (read from ``Timings``, see
-``ragserve.timing.stage_layout``) plus an explicit ``other`` (total minus their sum: the
+``ragserve.observe.timing.stage_layout``) plus an explicit ``other`` (total minus their sum: the
 pipeline's own overhead and hops between threads) make 100% by construction, so what
 matters is how small ``other`` is; ``coverage`` (stages / total, per query) shows it.
 Parts of a stage (generation's queue / first token / decode, from vLLM's own metrics) are

@@ -1,7 +1,7 @@
 """``run_batch_ray``: ``ragserve batch`` on a Ray cluster (``ragserve batch --ray``).
 
 The same file in, the same file out, the same resume and per-question errors as
-``run_batch`` (``batch.py``); the answering runs in a pool of Ray Data actors:
+``run_batch`` (``jobs/batch.py``); the answering runs in a pool of Ray Data actors:
 
 - The driver (this process) reads and checks the questions file and skips the ids that
   already have an answer in the output, exactly as ``run_batch`` does. It resolves the

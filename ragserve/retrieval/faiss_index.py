@@ -8,7 +8,7 @@ NOTE: a loaded index is read-only. Flat, SQ and HNSW storage is mapped from disk
 ``IO_FLAG_MMAP_IFC``; IVF lists are mapped with ``IO_FLAG_MMAP`` (FAISS reads them through
 read-only ``OnDiskInvertedLists`` over the same file). Adding to a mapped index aborted the
 process in a test, so this class has no ``add``: to change an index, build a new version
-folder (``versions.py`` flips the index path to it atomically; an incremental build reads
+folder (``index/versions.py`` flips the index path to it atomically; an incremental build reads
 the old vectors back with ``vectors()``). A process that still maps the old files keeps a
 valid view: an old version is unlinked, never overwritten.
 

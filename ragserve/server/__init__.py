@@ -5,7 +5,7 @@
 - ``openai_api.py``: ``/v1/chat/completions`` and ``/v1/models`` for standard clients;
 - ``schemas.py``: request bodies; ``sse.py``: Server-Sent Events framing;
 - ``httperrors.py``: ragserve's error tree mapped to HTTP statuses and JSON bodies;
-- ``auth.py``: API keys → tenant namespaces; ``telemetry.py``: the Prometheus exporter
+- ``auth.py``: API keys → tenant namespaces; ``prometheus.py``: the Prometheus exporter
   (a request observer); ``middleware.py``: request ids, body limits, draining;
 - ``run.py``: uvicorn with a SIGTERM drain.
 

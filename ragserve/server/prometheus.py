@@ -1,4 +1,4 @@
-"""The Prometheus exporter of ``ragserve serve``: a request observer (``observe.py``).
+"""The Prometheus exporter of ``ragserve serve``: a request observer (``observe/observers.py``).
 
 It subscribes to the engine's observers, so it sees exactly what ``stats()`` sees and
 never parses it. Names follow Prometheus conventions with a ``ragserve_`` prefix; stage

@@ -10,7 +10,7 @@ Two deployments in one application (``app.py`` builds it):
   through a ``DeploymentHandle`` (``client.py``: ``RayGenerator``, a ``types.Generator``).
 
 ``proxy.py`` gives Serve's own refusals (its queue bound, an unavailable replica) the JSON
-shape of ragserve's errors; ``run.py`` is the CLI's runner; ``config.py`` the ``[ray]``
+shape of ragserve's errors; ``run.py`` is the CLI's runner; ``config/ray.py`` the ``[ray]``
 section. Nothing here imports Ray at module level: ``import ragserve`` stays light.
 
 **Usage:** ``ragserve serve indexes/docs --ray --redis-url redis://cache:6379/0``, or in a

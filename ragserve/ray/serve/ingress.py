@@ -109,7 +109,7 @@ class IngressServer:
 
 async def follow_index(rag: Any, index: str, every_s: float) -> None:
     """Reload ``rag`` when ``index`` names another version than the one served (a build
-    flips the path to its new version in one rename: ``versions.py``). Reading the link is
+    flips the path to its new version in one rename: ``index/versions.py``). Reading the link is
     all a look costs; a version refused by ``rag.reload`` (corrupt, another embedding
     model) is logged once and not tried again, and the current one keeps serving."""
     from ragserve.index.versions import resolve_index

@@ -6,7 +6,7 @@ already solves this for Serve's own metrics: every node's metrics agent exports 
 processes on that node record (``ray.serve.metrics``, tagged with ``deployment``,
 ``replica`` and ``application``) on the node's metrics export port, which Prometheus
 scrapes per node (Ray's service-discovery file lists them). ``RayMetrics`` is a request
-observer (``observe.py``), like the Prometheus exporter of ``ragserve serve``, that
+observer (``observe/observers.py``), like the Prometheus exporter of ``ragserve serve``, that
 records the same series there. Ray prefixes them with ``ray_``:
 
 | metric (as exported) | type | tags (plus deployment, replica, application) |
