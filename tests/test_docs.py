@@ -245,7 +245,8 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
 def test_the_checks_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checks find a broken link, a bad anchor, a missing path and a stale module."""
     page = ROOT / "docs" / "_probe.md"  # never written: only its path is used
-    text = ("[gone](nowhere.md) [bad anchor](../README.md#no-such-heading) [ok](../README.md#on-a-fresh-machine-two-commands)\n"
+    text = ("[gone](nowhere.md) [bad anchor](../README.md#no-such-heading)\n"
+            "[ok](../README.md#on-a-fresh-machine-two-commands) [ok too](serving.md#endpoints)\n"
             "`ragserve/no_such_module.py` `ragserve.warm.warm` `ragserve.jobs.warm.warm`\n"
             "`benchmarks/bench_http.py` `benchmarks/bench_serving*.py` `benchmarks/no_bench*.py`\n")
     real = _text
