@@ -71,7 +71,8 @@ def _in_forked_child() -> None:
         sys.stdout = _active[-1][0]
 
 
-os.register_at_fork(before=_flush_terminal, after_in_child=_in_forked_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to follow
+    os.register_at_fork(before=_flush_terminal, after_in_child=_in_forked_child)
 
 
 def _flush(*streams: TextIO | None) -> None:
