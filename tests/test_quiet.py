@@ -73,8 +73,8 @@ def test_a_crash_reaches_the_terminal_with_a_pointer_to_the_log(tmp_path):
     r, log = run(tmp_path, end="crash")
     assert r.returncode == 1
     assert "OWN-INSIDE not-a-tty" in r.stdout and "OWN-AFTER" not in r.stdout
-    assert f"prog failed (RuntimeError); what the libraries and the engine wrote until then is in {log.resolve()}\n" \
-        in r.stderr
+    assert (f"prog failed (RuntimeError); what its libraries and child processes wrote until then is in "
+            f"{log.resolve()}\n") in r.stderr
     assert "Traceback (most recent call last)" in r.stderr and r.stderr.rstrip().endswith("RuntimeError: CRASH-INSIDE")
     assert not any(noise in r.stdout + r.stderr for noise in NOISE)
     text = log.read_text()

@@ -132,7 +132,7 @@ def quiet(log_path: str | os.PathLike[str], *, verbose: bool = False, name: str 
             with open(log_fd, "a", encoding="utf-8", errors="replace", closefd=False) as f:
                 f.write(f"== {name} failed:\n")
                 traceback.print_exception(failed, file=f)
-            print(f"{name} failed ({type(failed).__name__}); what the libraries and the engine wrote "
+            print(f"{name} failed ({type(failed).__name__}); what its libraries and child processes wrote "
                   f"until then is in {log}", file=err)
         else:
             os.write(log_fd, f"== {name}: done at {time.strftime('%H:%M:%S')}\n".encode())
