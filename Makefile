@@ -14,8 +14,12 @@ BENCH_PEER ?= build/bench-peer
 setup:
 	@bash scripts/setup.sh
 
+# The demo prints its answers and timings; the libraries' and the engine's messages go to
+# build/demo.log (DEMO_ARGS=--verbose prints them too).
+DEMO_ARGS ?=
+
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: setup $(BENCH_PEER)/.installed
 	@bash scripts/setup-test-system.sh

@@ -2,10 +2,15 @@
 
 Run with ``make demo`` (which installs what is needed first). A second run reuses the
 corpus folder and the verified index, and says so.
+
+The answers, their sources and timings are what it prints; what vLLM, torch, Triton and the
+model loaders write (warnings, progress bars, the engine core's messages) goes to
+``build/demo.log``. ``--verbose`` shows all of that here instead, as it comes.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,9 +22,11 @@ from pydoc_corpus import write_corpus  # noqa: E402
 
 from ragserve import RAG, DoneEvent, RAGConfig, RagserveError, TokenEvent, build_index, verify_index  # noqa: E402
 from ragserve.cli.console import print_result  # noqa: E402
+from ragserve.cli.quiet import quiet  # noqa: E402
 
 CORPUS = ROOT / "build" / "corpus" / "pydoc-topics"
 INDEX = ROOT / "indexes" / "pydoc"
+LOG = ROOT / "build" / "demo.log"
 QUESTIONS = [
     "How does the with statement work?",
     "What does a yield expression do in a function?",
@@ -51,6 +58,17 @@ def ensure_index() -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the libraries' and the engine's messages here instead of to build/demo.log")
+    args = parser.parse_args()
+    with quiet(LOG, verbose=args.verbose, name="demo") as q:
+        if q.log:
+            print(f"logs: {q.log} (vLLM, torch and model-loading messages; --verbose shows them here)")
+        demo()
+
+
+def demo() -> None:
     ensure_index()
     t = time.perf_counter()
     config = RAGConfig.load()
