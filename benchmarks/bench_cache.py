@@ -9,7 +9,7 @@ The miss rows ask the same questions under a namespace of their own with
 vLLM's prefix cache keeps the generation part short and steady, so the cache layer's share
 is visible. ``--max-tokens`` sets the generation length for the whole run.
 
-Usage: python scripts/bench_cache.py indexes/pydoc [--calls 10000] [--misses 500]
+Usage: python benchmarks/bench_cache.py indexes/pydoc [--calls 10000] [--misses 500]
 """
 
 from __future__ import annotations

@@ -23,12 +23,12 @@ Then, on a second server with the answer cache on (L1, embedded Redis in a temp 
 and tight admission bounds: L1 hits over HTTP at ``--hit-clients`` (64) clients; and a
 burst of misses past the bounds, where every refused request must get 429 at once.
 
-Memory over a long mixed run (RSS growth): ``scripts/soak.py``.
+Memory over a long mixed run (RSS growth): ``benchmarks/soak.py``.
 
 Run (from the repo root, on an otherwise idle machine; ``make bench-deps`` first for (d)):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python scripts/bench_http.py --out reports/http
-    python scripts/bench_http.py --concurrency 1,8 --questions-per-level 4,16 --skip-peer   # a quick look
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python benchmarks/bench_http.py --out reports/http
+    python benchmarks/bench_http.py --concurrency 1,8 --questions-per-level 4,16 --skip-peer   # a quick look
 
 A benchmark, not a test: it asserts nothing, it reports.
 """

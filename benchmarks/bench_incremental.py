@@ -26,8 +26,8 @@ Prints markdown tables with hardware and versions at the top. A benchmark, not a
 on a shared machine read times as rough and compare the rows of one run.
 
 Usage:
-    python scripts/bench_incremental.py --chunks 2000            # quick check
-    python scripts/bench_incremental.py --out reports/bench_incremental.md \
+    python benchmarks/bench_incremental.py --chunks 2000            # quick check
+    python benchmarks/bench_incremental.py --out reports/bench_incremental.md \
         --json reports/bench_incremental.json
 """
 

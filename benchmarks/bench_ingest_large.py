@@ -11,8 +11,8 @@ Tokens are words by default (``str.split``, as the unit tests count); ``--tokeni
 model`` loads the embedding model to count in its tokens, as a build does (slower).
 
 Usage:
-    python scripts/bench_ingest_large.py                     # a 50 MB file, both paths
-    python scripts/bench_ingest_large.py --mb 10 --out reports/bench_ingest_large.md
+    python benchmarks/bench_ingest_large.py                     # a 50 MB file, both paths
+    python benchmarks/bench_ingest_large.py --mb 10 --out reports/bench_ingest_large.md
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ A, B. Prints markdown with hardware and versions at the top; ``--json`` keeps th
 A benchmark, not a test: run it alone on the machine.
 
 Usage:
-    python scripts/bench_prefix_layout.py --requests 256 --out reports/bench_prefix_layout.md
+    python benchmarks/bench_prefix_layout.py --requests 256 --out reports/bench_prefix_layout.md
 """
 
 from __future__ import annotations

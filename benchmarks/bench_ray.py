@@ -33,9 +33,9 @@ CPU-seconds from psutil over every process of the run (cumulative counters, befo
 
 Run (repo root; on an otherwise idle machine; about 15 min at the defaults):
 
-    python scripts/bench_ray.py --out reports/ray
-    python scripts/bench_ray.py --quick --out reports/ray-quick                 # a few dozen requests
-    python scripts/bench_ray.py --systems serve,ray --requests 2000 --out reports/ray-a
+    python benchmarks/bench_ray.py --out reports/ray
+    python benchmarks/bench_ray.py --quick --out reports/ray-quick                 # a few dozen requests
+    python benchmarks/bench_ray.py --systems serve,ray --requests 2000 --out reports/ray-a
 
 A benchmark, not a test: it asserts nothing, it reports.
 """

@@ -19,8 +19,8 @@ Prints markdown with hardware and versions at the top. A benchmark, not a test: 
 shared machine read times as rough and compare the rows of one run.
 
 Usage:
-    python scripts/bench_ray_build.py --chunks 1500           # quick check
-    python scripts/bench_ray_build.py --out reports/bench_ray_build.md --json reports/bench_ray_build.json
+    python benchmarks/bench_ray_build.py --chunks 1500           # quick check
+    python benchmarks/bench_ray_build.py --out reports/bench_ray_build.md --json reports/bench_ray_build.json
 """
 
 from __future__ import annotations

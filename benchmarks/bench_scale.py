@@ -14,8 +14,8 @@ much of the corpus. ``--kind clustered`` draws points around 4096 centres instea
 synthetic; real embeddings have far more structure than uniform noise).
 
 Usage:
-    python scripts/bench_scale.py --n 100000                      # quick check
-    python scripts/bench_scale.py --n 1000000 --out reports/bench_scale.md
+    python benchmarks/bench_scale.py --n 100000                      # quick check
+    python benchmarks/bench_scale.py --n 1000000 --out reports/bench_scale.md
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ CPU table shows how much).
 
 Run (from the repo root; ``make bench`` installs the peer first):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python scripts/bench_serving.py --out reports/serving
-    python scripts/bench_serving.py --max-tokens 16 --questions-per-level 4,8,16 --skip-peer  # a quick look
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python benchmarks/bench_serving.py --out reports/serving
+    python benchmarks/bench_serving.py --max-tokens 16 --questions-per-level 4,8,16 --skip-peer  # a quick look
 
 A benchmark, not a test: it asserts nothing, it reports. Expect 10-20 minutes.
 """

@@ -24,8 +24,8 @@ A small ``--step-ms`` (1–2) makes the per-token cost the limit; 20 is nearer v
 
 Run (an index folder is needed for its chunks; keep a run within a minute):
 
-    python scripts/bench_sse.py --index indexes/xquad --concurrency 32 --tokens 64 --step-ms 20
-    python scripts/bench_sse.py --index indexes/xquad --step-ms 1 --seconds 6 --rounds 2
+    python benchmarks/bench_sse.py --index indexes/xquad --concurrency 32 --tokens 64 --step-ms 20
+    python benchmarks/bench_sse.py --index indexes/xquad --step-ms 1 --seconds 6 --rounds 2
 
 A benchmark, not a test: it asserts only that the streams are well formed.
 """
@@ -46,13 +46,14 @@ from typing import Any
 
 import numpy as np
 
-SCRIPTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"  # fake_serve.py
 SYSTEMS = ("in-process", "HTTP native", "HTTP OpenAI")
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--index", type=Path, default=SCRIPTS.parent / "indexes" / "xquad")
+    ap.add_argument("--index", type=Path, default=REPO / "indexes" / "xquad")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--step-ms", type=float, default=20.0)
@@ -198,7 +199,7 @@ async def drive(client: Client, system: str, c: int, seconds: float, server_pid:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(SCRIPTS.parent))
+    sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(SCRIPTS))
     import fake_serve
 

@@ -60,9 +60,9 @@ response, request left in flight or in vLLM, server exit other than 0 or, with
 
 Run (from the repo root; the index is built from XQuAD into ``indexes/xquad`` if missing):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false .venv/bin/python scripts/soak.py \\
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false .venv/bin/python benchmarks/soak.py \\
         --minutes 10 --concurrency 16 --max-rss-growth-mb 50 --out reports/soak.md
-    .venv/bin/python scripts/soak.py --minutes 1 --concurrency 8   # a quick look
+    .venv/bin/python benchmarks/soak.py --minutes 1 --concurrency 8   # a quick look
 
 The driver (``run``, ``report``) is what ``tests/test_soak.py`` runs for ~40 s in CI. What
 it sends and how it checks each response is ``soak_traffic.py``; what it measured and the
@@ -86,7 +86,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))  # its parts, also when tests load this file by path
+sys.path.insert(0, str(REPO / "benchmarks"))  # its parts, also when tests load this file by path
 
 from soak_report import MB, Result, Sample, failures, report  # noqa: E402
 from soak_server import (
@@ -256,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(REPO))  # this checkout's ragserve, and the scripts folder (below) for the workload
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO))  # this checkout's ragserve, and the benchmarks folder (below) for the workload
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_serving_workload as wl
 
     from ragserve.config import RAGConfig

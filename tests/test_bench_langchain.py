@@ -1,4 +1,4 @@
-"""System (c) of the headline benchmark, ``scripts/bench_headline_langchain.py``: the LangChain
+"""System (c) of the headline benchmark, ``benchmarks/bench_headline_langchain.py``: the LangChain
 recipe over the real MiniLM model and FAISS, answering through the fake OpenAI server's
 ``/v1/chat/completions``, with LangChain's ``RedisCache`` on a real Redis that also holds a
 ragserve key. Its packages live outside the lock, in the overlay ``make bench-deps`` fills
@@ -47,11 +47,11 @@ def peer():
         import langchain_openai  # noqa: F401
     except ImportError as e:
         pytest.skip(f"LangChain peer not installed: make bench-deps ({e})")
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_headline_langchain
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "benchmarks"))
     return bench_headline_langchain
 
 

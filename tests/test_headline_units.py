@@ -11,7 +11,7 @@ import pytest
 
 from ragserve.profiling.workload import poisson_arrivals, zipf_days, zipf_stream
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load_report():

@@ -22,11 +22,11 @@ from ragserve.rag import RAG
 from ragserve.types import TokenEvent
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _peer_module():
-    """``scripts/bench_serving_peer.py``: one launcher of vLLM's server for benchmarks and tests."""
+    """``benchmarks/bench_serving_peer.py``: one launcher of vLLM's server for benchmarks and tests."""
     if "bench_serving_peer" not in sys.modules:
         spec = importlib.util.spec_from_file_location("bench_serving_peer", SCRIPTS / "bench_serving_peer.py")
         module = importlib.util.module_from_spec(spec)

@@ -1,10 +1,10 @@
-"""The soak's short form (issue 16): the driver of ``scripts/soak.py`` for ~40 s against the
+"""The soak's short form (issue 16): the driver of ``benchmarks/soak.py`` for ~40 s against the
 session's real engine, served by a real uvicorn on loopback. Hits, misses, streams (native
 and chat), cancellations, deadlines, bad inputs and retrievals, all at once; no 500, every
 response the one its request must get, no fd leak, nothing left running in vLLM.
 
 RSS is printed, not asserted: in CI it is noise (other tests share the process and the
-machine). The long form, with its RSS growth, is ``python scripts/soak.py --minutes 10``.
+machine). The long form, with its RSS growth, is ``python benchmarks/soak.py --minutes 10``.
 """
 
 import asyncio
@@ -24,9 +24,9 @@ pytestmark = [pytest.mark.engine, pytest.mark.http]
 
 
 def load_soak():
-    """``scripts/soak.py`` as a module: one copy of the driver for the script and this test."""
+    """``benchmarks/soak.py`` as a module: one copy of the driver for the script and this test."""
     if "ragserve_soak" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ragserve_soak", ROOT / "scripts" / "soak.py")
+        spec = importlib.util.spec_from_file_location("ragserve_soak", ROOT / "benchmarks" / "soak.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # before exec: dataclasses look their module up there
         spec.loader.exec_module(module)
