@@ -20,6 +20,8 @@ from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
 from ragserve.types import Chunk
 
+from .conftest import load_benchmark
+
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 # NOTE: each test is one event loop: ChatOpenAI's pooled async HTTP connections belong to the
 # loop that opened them (asyncio.run per ask fails on the second request with "Event loop is closed").
@@ -47,12 +49,7 @@ def peer():
         import langchain_openai  # noqa: F401
     except ImportError as e:
         pytest.skip(f"LangChain peer not installed: make bench-deps ({e})")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_headline_langchain
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_headline_langchain
+    return load_benchmark("bench_headline_langchain")
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ machine). The long form, with its RSS growth, is ``python benchmarks/soak.py --m
 """
 
 import asyncio
-import importlib.util
 import os
-import sys
 import time
 
 import pytest
@@ -18,19 +16,14 @@ import pytest
 from ragserve.server.app import create_app
 from ragserve.testing.http import running
 
-from .conftest import ROOT
+from .conftest import load_benchmark
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
 
 
 def load_soak():
     """``benchmarks/soak.py`` as a module: one copy of the driver for the script and this test."""
-    if "ragserve_soak" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ragserve_soak", ROOT / "benchmarks" / "soak.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # before exec: dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["ragserve_soak"]
+    return load_benchmark("soak")
 
 
 @pytest.fixture(scope="module")
