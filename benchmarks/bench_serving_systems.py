@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from bench_serving_report import Record
 from bench_serving_workload import Question, Workload
+from harness import pct, process_name
 
 
 class Systems:
@@ -224,10 +224,7 @@ class Systems:
     def label_pid(self, pid: int) -> str:
         if pid not in self._labels:
             peer = self.server.pids() if self.server is not None else set()
-            try:
-                name = psutil.Process(pid).name()
-            except psutil.Error:
-                name = "exited"
+            name = process_name(pid)
             if pid == os.getpid():
                 label = "bench process (clients, ragserve pipeline, vLLM client)"
             elif self.server is not None and pid == self.server.proc.pid:
@@ -305,8 +302,8 @@ async def embed_bench(index: Path, cfg: Any, questions: list[Question], n: int, 
     finally:
         for rag in rags.values():
             await asyncio.to_thread(rag.close)
-    out = {label: {"n": len(lat), "rate": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)),
-                   "p95_ms": float(np.percentile(lat, 95))} for label, (lat, wall) in got.items()}
+    out = {label: {"n": len(lat), "rate": len(lat) / wall, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+           for label, (lat, wall) in got.items()}
     on, off = (out[label]["rate"] for label in settings)
     log(f"embedding: {on:.1f} vs {off:.1f} retrievals/s ({on / off:.2f}x)")
     return {"concurrency": concurrency, "settings": out, "ratio": on / off}
