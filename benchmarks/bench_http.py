@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -138,37 +137,18 @@ class HttpSystems(Systems):
 
     async def _native_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
-        from ragserve.server.sse import read_events
-
-        ttft, done = None, None
-        async with self.client.stream("POST", "/v1/query", json={"question": q.text, "stream": True}) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for event, data in read_events(r.aiter_lines()):
-                if event == "token" and ttft is None:
-                    ttft = time.perf_counter() - t0
-                elif event == "done":
-                    done = json.loads(data)
-                elif event == "error":
-                    raise RuntimeError(data[:194])
-        if done is None:
-            raise RuntimeError("the stream ended without a done event")
-        return _record(i, done["answer"], done["usage"], done["timings"], ttft, time.perf_counter() - t0)
+        ttft, _, done = await harness.stream_query(self.client, {"question": q.text})
+        return _timed(Record.of_json(i, done), time.perf_counter() - t0, ttft)
 
     async def _native_json_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
         d = await harness.post_ok(self.client, "/v1/query", {"question": q.text})
-        rec = _record(i, d["answer"], d["usage"], d["timings"], None, time.perf_counter() - t0)
-        del rec.stages["ttft_ms"]  # not streamed: no first token to time
-        return rec
+        return _timed(Record.of_json(i, d), time.perf_counter() - t0, streamed=False)
 
     async def _inprocess_plain_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
         r = await self.rag.aquery(q.text)
-        usage = {"completion_tokens": r.usage.completion_tokens, "prompt_tokens": r.usage.prompt_tokens}
-        rec = _record(i, r.answer, usage, r.timings.as_dict(), None, time.perf_counter() - t0)
-        del rec.stages["ttft_ms"]
-        return rec
+        return _timed(Record.of_result(i, r), time.perf_counter() - t0, streamed=False)
 
     async def _openai_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
@@ -186,21 +166,13 @@ class HttpSystems(Systems):
                 usage = {"completion_tokens": chunk.usage.completion_tokens, "prompt_tokens": chunk.usage.prompt_tokens}
         if extra is None:
             raise RuntimeError("the stream ended without a finish chunk")
-        return _record(i, "".join(parts).strip(), usage or {}, extra["timings"], ttft, time.perf_counter() - t0)
+        answer = {"answer": "".join(parts).strip(), "usage": usage, "timings": extra["timings"]}
+        return _timed(Record.of_json(i, answer), time.perf_counter() - t0, ttft)
 
     async def _inprocess_one(self, i: int, q: Any) -> Record:
-        from ragserve.types import DoneEvent, TokenEvent
-
         t0 = time.perf_counter()
-        ttft, result = None, None
-        async for ev in self.rag.astream(q.text):
-            if isinstance(ev, TokenEvent) and ttft is None:
-                ttft = time.perf_counter() - t0
-            elif isinstance(ev, DoneEvent):
-                result = ev.result
-        assert result is not None
-        usage = {"completion_tokens": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens}
-        return _record(i, result.answer, usage, result.timings.as_dict(), ttft, time.perf_counter() - t0)
+        ttft, _, result = await harness.stream_inprocess(self.rag, q.text)
+        return _timed(Record.of_result(i, result), time.perf_counter() - t0, ttft)
 
     def label_pid(self, pid: int) -> str:
         srv = getattr(self, "srv", None)
@@ -212,13 +184,13 @@ class HttpSystems(Systems):
         return super().label_pid(pid)
 
 
-def _record(i: int, answer: str, usage: dict[str, Any], timings: dict[str, float], ttft: float | None,
-            latency_s: float) -> Record:
-    stages = dict(timings)
-    stages["ttft_ms"] = (ttft if ttft is not None else latency_s) * 1e3
-    stages["outside_server_ms"] = latency_s * 1e3 - float(timings.get("total", 0.0))
-    return Record(i, answer=answer, completion_tokens=usage.get("completion_tokens"),
-                  prompt_tokens=usage.get("prompt_tokens"), stages=stages)
+def _timed(rec: Record, latency_s: float, ttft_s: float | None = None, *, streamed: bool = True) -> Record:
+    """``rec`` with the client's view in its stages: ``ttft_ms`` for a streamed request (its
+    latency if no token came) and ``outside_server_ms``, the latency less the server's ``total``."""
+    if streamed:
+        rec.stages["ttft_ms"] = (ttft_s if ttft_s is not None else latency_s) * 1e3
+    rec.stages["outside_server_ms"] = latency_s * 1e3 - float(rec.stages.get("total", 0.0))
+    return rec
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -190,14 +190,10 @@ class System:
 
     async def _http_one(self, i: int, q: Any) -> Record:
         body = {"question": q.text, "cache": {"read": False, "write": False}}
-        d = await harness.post_ok(self.client, "/v1/query", body)
-        return Record(i, answer=d["answer"], completion_tokens=d["usage"]["completion_tokens"],
-                      prompt_tokens=d["usage"]["prompt_tokens"], stages=d["timings"])
+        return Record.of_json(i, await harness.post_ok(self.client, "/v1/query", body))
 
     async def _inprocess_one(self, i: int, q: Any) -> Record:
-        r = await self.rag.aquery(q.text, cache_read=False, cache_write=False)
-        return Record(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
-                      prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict())
+        return Record.of_result(i, await self.rag.aquery(q.text, cache_read=False, cache_write=False))
 
 
 async def warm_l1(client: Any, bodies: list[dict[str, Any]], replicas: int, concurrency: int,

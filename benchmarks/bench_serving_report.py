@@ -28,6 +28,19 @@ class Record:
     chunk_ids: list[int] = field(default_factory=list)
     error: str = ""
 
+    @classmethod
+    def of_result(cls, i: int, r: Any, **extra: Any) -> Record:
+        """From ragserve's ``QueryResult``: its answer, token counts and stage times."""
+        return cls(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
+                   prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict(), **extra)
+
+    @classmethod
+    def of_json(cls, i: int, d: dict[str, Any]) -> Record:
+        """From the JSON of an answer over HTTP (``/v1/query``, a stream's ``done`` event)."""
+        usage = d.get("usage") or {}
+        return cls(i, answer=d["answer"], completion_tokens=usage.get("completion_tokens"),
+                   prompt_tokens=usage.get("prompt_tokens"), stages=dict(d["timings"]))
+
 
 @dataclass
 class Run:

@@ -142,8 +142,7 @@ class Systems:
         self.identity["requests"] += 1
         self.identity["same_question"] += r.question == q.text
         self.identity["same_chunks"] += ids == self.used_ids.get(q.text)
-        return Record(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
-                      prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict(), chunk_ids=ids)
+        return Record.of_result(i, r, chunk_ids=ids)
 
     async def _ragserve_one(self, i: int, q: Question) -> Record:
         return self._ragserve_record(i, q, await self.rag.aquery(q.text))

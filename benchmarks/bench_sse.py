@@ -82,10 +82,7 @@ class Client:
     def connections(self) -> Any:
         """A new pool per run of a system: uvicorn closes connections idle for 5 s, and one
         closed while the client reuses it fails the request (httpx.ReadError)."""
-        import httpx
-
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits)
+        self.http = harness.http_client(self.url, timeout=120)
         return self.http
 
     async def one(self, system: str, question: str) -> tuple[float, int]:
@@ -93,34 +90,14 @@ class Client:
                       "HTTP OpenAI": self.openai}[system](question)
 
     async def inprocess(self, question: str) -> tuple[float, int]:
-        from ragserve.types import DoneEvent, TokenEvent
-
-        t0, ttft, parts, answer = time.perf_counter(), None, [], None
-        async for ev in self.rag.astream(question):
-            if isinstance(ev, TokenEvent):
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                parts.append(ev.text)
-            elif isinstance(ev, DoneEvent):
-                answer = ev.result.answer
-        _check("".join(parts), answer)
+        ttft, parts, result = await harness.stream_inprocess(self.rag, question)
+        _check("".join(parts), result.answer)
         return ttft or 0.0, len(parts)
 
     async def native(self, question: str) -> tuple[float, int]:
-        from ragserve.server.sse import read_events
-
-        t0, ttft, parts, answer = time.perf_counter(), None, [], None
-        async with self.http.stream("POST", "/v1/query", json={"question": question, "stream": True}) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for event, data in read_events(r.aiter_lines()):
-                if event == "token":
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    parts.append(json.loads(data)["text"])
-                elif event == "done":
-                    answer = json.loads(data)["answer"]
-                elif event == "error":
-                    raise RuntimeError(data[:194])
-        _check("".join(parts), answer)
+        ttft, tokens, done = await harness.stream_query(self.http, {"question": question})
+        parts = [json.loads(data)["text"] for data in tokens]
+        _check("".join(parts), done["answer"])
         return ttft or 0.0, len(parts)
 
     async def openai(self, question: str) -> tuple[float, int]:

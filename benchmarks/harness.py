@@ -196,6 +196,46 @@ async def post_ok(client: Any, path: str, body: Any) -> Any:
     return r.json()
 
 
+async def stream_query(client: Any, body: dict[str, Any]) -> tuple[float | None, list[str], dict[str, Any]]:
+    """``POST /v1/query`` with ``body`` and ``"stream": true``, its Server-Sent Events read to the
+    end: (seconds to the first ``token`` event, those events' data as sent, the ``done`` event's
+    JSON). A non-200, an ``error`` event or a stream without ``done`` raises RuntimeError."""
+    from ragserve.server.sse import read_events
+
+    t0, ttft, tokens, done = time.perf_counter(), None, [], None
+    async with client.stream("POST", "/v1/query", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for event, data in read_events(r.aiter_lines()):
+            if event == "token":
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                tokens.append(data)
+            elif event == "done":
+                done = json.loads(data)
+            elif event == "error":
+                raise RuntimeError(data[:194])
+    if done is None:
+        raise RuntimeError("the stream ended without a done event")
+    return ttft, tokens, done
+
+
+async def stream_inprocess(rag: Any, question: str) -> tuple[float | None, list[str], Any]:
+    """``rag.astream(question)`` read to the end: (seconds to the first token, the token texts,
+    the ``QueryResult``); RuntimeError if it ends without one."""
+    from ragserve.types import DoneEvent, TokenEvent
+
+    t0, ttft, parts, result = time.perf_counter(), None, [], None
+    async for ev in rag.astream(question):
+        if isinstance(ev, TokenEvent):
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            parts.append(ev.text)
+        elif isinstance(ev, DoneEvent):
+            result = ev.result
+    if result is None:
+        raise RuntimeError("the stream ended without a done event")
+    return ttft, parts, result
+
+
 async def reset_prefix_cache(client: Any, url: str = "/admin/reset_prefix_cache", *,
                              admin_key: str | None = None, field: str = "reset", attempts: int = 50,
                              what: str = "the server") -> None:

@@ -1,6 +1,7 @@
 """``benchmarks/harness.py``, what the benchmarks share: the one percentile rule (with "not
-measured" for no data), closed loops that keep C in flight, servers started on loopback and
-stopped with SIGTERM, CPU-seconds by process, and report files."""
+measured" for no data), closed loops that keep C in flight, streamed answers read over HTTP
+and in process, servers started on loopback and stopped with SIGTERM, CPU-seconds by
+process, and report files."""
 
 import asyncio
 import json
@@ -10,7 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from ragserve.config import RAGConfig
 from ragserve.eval.scoring import percentile
+from ragserve.server.app import create_app
+from ragserve.testing.fakes import FakeGenerator, fake_rag
+from ragserve.testing.http import running
 
 from .conftest import load_benchmark
 
@@ -40,6 +45,25 @@ async def test_run_clients_keeps_c_in_flight_and_takes_every_item_once():
 
     wall = await harness.run_clients(range(20), 4, one)
     assert sorted(seen) == list(range(20)) and flight["peak"] == 4 and wall > 0.04
+
+
+@pytest.mark.http
+def test_streamed_answers_over_http_and_in_process_add_up(tmp_path):
+    rag = fake_rag(tmp_path, FakeGenerator(words=4))
+
+    async def ask(url):
+        async with harness.http_client(url, timeout=30) as client:
+            ttft, tokens, done = await harness.stream_query(client, {"question": "what does chunk 1 say?"})
+            assert ttft is not None and "".join(json.loads(t)["text"] for t in tokens) == done["answer"]
+            assert done["timings"]["total"] > 0 and "completion_tokens" in done["usage"]
+            assert (await harness.post_ok(client, "/v1/query", {"question": "again?"}))["answer"]
+            with pytest.raises(RuntimeError, match="HTTP 4"):
+                await harness.post_ok(client, "/v1/query", {"question": ""})
+        ttft, parts, result = await harness.stream_inprocess(rag, "what does chunk 2 say?")
+        assert ttft is not None and "".join(parts) == result.answer
+
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        asyncio.run(ask(url))
 
 
 def test_launch_waits_for_the_ready_file_and_stop_drains_with_sigterm(tmp_path):
