@@ -227,13 +227,13 @@ def ratio_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def write_report(args: argparse.Namespace, env: dict[str, Any], sys_: HttpSystems, runs: list[Run],
+def write_report(args: argparse.Namespace, machine: dict[str, Any], sys_: HttpSystems, runs: list[Run],
                  extra: dict[str, Any]) -> None:
     settings = {"index": args.index, "max_tokens": args.max_tokens, "stream_interval": sys_.cfg.vllm.stream_interval,
                 "levels (C: questions)": args.per_level,
                 "answer cache": "off for misses; on (L1 + embedded Redis) for the hit/overload server",
                 "start-up s": {k: round(v, 1) for k, v in sys_.start_s.items()}, "peer": sys_.peer_note}
-    lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(env, settings), "",
+    lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(machine, settings), "",
              "## Misses: distinct questions, every request reaches vLLM", "", *miss_table(runs), "",
              *ratio_lines(runs), "",
              "TTFT: from sending the request to the first token at the client (streaming). *Outside the server*: "
@@ -269,7 +269,7 @@ def write_report(args: argparse.Namespace, env: dict[str, Any], sys_: HttpSystem
 async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
 
-    env = harness.environment("fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES)  # before the run
+    machine = harness.environment("fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES)  # before the run
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = RAGConfig().replace(cache={"enabled": False}, generate={"max_tokens": args.max_tokens})
     if args.stream_interval is not None:
@@ -288,7 +288,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await sys_.stop()
     env = server_env(args, RAGSERVE_QUERY_MAX_IN_FLIGHT="4", RAGSERVE_QUERY_MAX_QUEUED="4")
     extra = {} if args.skip_hits else await hits_and_overload(args, workload.spare, env)
-    write_report(args, env, sys_, runs, extra)
+    write_report(args, machine, sys_, runs, extra)
 
 
 def main() -> None:

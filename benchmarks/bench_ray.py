@@ -154,7 +154,7 @@ async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
     from ragserve.cache.redis_server import RedisServer, free_port
 
-    env = harness.environment(*PEER_PACKAGES, "psutil", "ray", "fastapi", "uvicorn", "httpx")  # before the run
+    machine = harness.environment(*PEER_PACKAGES, "psutil", "ray", "fastapi", "uvicorn", "httpx")  # before the run
     args.out.mkdir(parents=True, exist_ok=True)
     index_note = await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, RAGConfig())
     workload = wl.split(wl.load_questions(args.xquad), {args.miss_concurrency: args.miss_requests},
@@ -188,7 +188,7 @@ async def main_async(args: argparse.Namespace) -> None:
                                                 threads=system.threads)
     finally:
         redis.stop()
-    write_report(args, env, index_note, systems, loops, runs)
+    write_report(args, machine, index_note, systems, loops, runs)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -250,10 +250,10 @@ def miss_ratios(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(args: argparse.Namespace, env: dict[str, Any], index_note: str, systems: dict[str, Any],
+def write_report(args: argparse.Namespace, machine: dict[str, Any], index_note: str, systems: dict[str, Any],
                  loops: list[dict[str, Any]], runs: list[Run]) -> None:
     summaries = [r.summary() for r in runs]
-    page = ["# Ray serving benchmark (issue 12, (a)-(d))", "", *harness.run_lines(env),
+    page = ["# Ray serving benchmark (issue 12, (a)-(d))", "", *harness.run_lines(machine),
             f"- index: {index_note}; generation: max_tokens {args.max_tokens}, greedy; embed.threads "
             f"{args.embed_threads or 'auto'}; Ray: 3 logical CPUs, generator 2, ingress replicas 0.5 each",
             f"- hit / retrieval runs: {args.requests} requests from {args.concurrency} keep-alive clients "
