@@ -2,7 +2,7 @@
 percentiles, starting and stopping servers on loopback, CPU-seconds of processes, closed
 loops of clients, and writing reports with the machine and versions at the top.
 
-Every module here imports it (``import harness``) before anything of ragserve's: Python puts
+Every script here imports it (``import harness``) before anything of ragserve's: Python puts
 a script's own folder first on ``sys.path``, so that works from any working directory; a
 test that loads a module of this folder puts the folder on ``sys.path`` itself
 (``tests/conftest.py``'s ``load_benchmark``). Importing it puts this checkout first on
