@@ -47,7 +47,7 @@ $(BENCH_PEER)/.installed: requirements/bench-peer.txt requirements/bench-peer-la
 	touch $@
 
 bench: bench-deps
-	$(PY) scripts/bench_serving.py --out reports/serving --peer-overlay $(BENCH_PEER) $(BENCH_ARGS)
+	$(PY) benchmarks/bench_serving.py --out reports/serving --peer-overlay $(BENCH_PEER) $(BENCH_ARGS)
 
 # Regenerate requirements/cpu.lock from the top-level requirements (needs a network).
 lock:

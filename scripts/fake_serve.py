@@ -1,5 +1,5 @@
 """``ragserve serve`` over STAND-IN models, to study the HTTP layer alone: its per-token cost
-(``bench_sse.py``) and its memory in a soak (``soak.py --fake-generator``), without a vLLM
+(``benchmarks/bench_sse.py``) and its memory in a soak (``benchmarks/soak.py --fake-generator``), without a vLLM
 engine (on a 2-core machine, vLLM benchmarks need the cores to themselves).
 
 NOT an answer server. The generator emits ``--tokens`` word pieces per answer, one per
@@ -16,7 +16,7 @@ seconds in (the end of a warm-up) and write the top growth since then to
 ``--tracemalloc-out`` every ``--tracemalloc-every`` seconds and at exit (tracing slows the
 server: use it to find where memory goes, not to time anything).
 
-Run (what ``soak.py --fake-generator`` starts):
+Run (what ``benchmarks/soak.py --fake-generator`` starts):
 
     python scripts/fake_serve.py indexes/xquad --port 0 --tokens 32 --step-ms 20
 """

@@ -7,8 +7,10 @@ session, shared through the ``rag`` fixture).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 XQUAD = ROOT.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, imported by name with ``benchmarks/`` on
+    ``sys.path`` as when the script runs (its modules import ``harness`` and each other by
+    name). Appended: an installed package of the same name would win, never the reverse."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def xquad_articles(n_articles: int) -> list[dict]:

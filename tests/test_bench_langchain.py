@@ -1,4 +1,4 @@
-"""System (c) of the headline benchmark, ``scripts/bench_headline_langchain.py``: the LangChain
+"""System (c) of the headline benchmark, ``benchmarks/bench_headline_langchain.py``: the LangChain
 recipe over the real MiniLM model and FAISS, answering through the fake OpenAI server's
 ``/v1/chat/completions``, with LangChain's ``RedisCache`` on a real Redis that also holds a
 ragserve key. Its packages live outside the lock, in the overlay ``make bench-deps`` fills
@@ -19,6 +19,8 @@ from ragserve.models.resolve import resolve_embedding_model
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
 from ragserve.types import Chunk
+
+from .conftest import load_benchmark
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 # NOTE: each test is one event loop: ChatOpenAI's pooled async HTTP connections belong to the
@@ -47,12 +49,7 @@ def peer():
         import langchain_openai  # noqa: F401
     except ImportError as e:
         pytest.skip(f"LangChain peer not installed: make bench-deps ({e})")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_headline_langchain
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return bench_headline_langchain
+    return load_benchmark("bench_headline_langchain")
 
 
 @pytest.fixture

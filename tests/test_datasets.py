@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ragserve.errors import DatasetError
-from ragserve.eval.datasets import load_dataset
+from ragserve.eval.datasets import load_dataset, squad_paragraphs
 
 from .conftest import write_beir_from_squad, write_squad_slice
 
@@ -27,6 +27,21 @@ def test_squad_duplicate_paragraph_is_one_document(tmp_path):
     ds = load_dataset(tmp_path / "d.json")
     assert [d.doc_id for d in ds.documents] == ["A#0"]
     assert [q.relevant for q in ds.questions] == [{"A#0": 1}, {"A#0": 1}]
+
+
+def test_squad_paragraphs_keep_the_files_layout(tmp_path):
+    para = {"context": "Basel lies on the Rhine.", "qas": [{"id": "q1", "question": "Where is Basel?",
+                                                             "answers": [{"text": "on the Rhine"}, "junk"]}]}
+    data = {"data": [{"title": "A", "paragraphs": [para, {"context": "Bern.", "qas": [{"question": "Capital?"}]}]},
+                     {"paragraphs": [para]}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    paras = squad_paragraphs(tmp_path / "d.json")
+    assert [(p.article, p.title, p.position, p.context) for p in paras] == [
+        (0, "A", 0, "Basel lies on the Rhine."), (0, "A", 1, "Bern."), (1, "article1", 0, "Basel lies on the Rhine.")]
+    assert paras[0].qas == (("q1", "Where is Basel?", ("on the Rhine",)),) and paras[1].qas == ((None, "Capital?", ()),)
+    # load_squad's view of the same file: one document per text, ids from the first paragraph
+    ds = load_dataset(tmp_path / "d.json")
+    assert [d.doc_id for d in ds.documents] == ["A#0", "A#1"] and ds.questions[1].qid == "A#1/0"
 
 
 def test_beir_folder_matches_the_squad_view(tmp_path):

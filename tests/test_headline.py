@@ -1,4 +1,4 @@
-"""CI's size of the headline benchmark (``scripts/bench_headline.py``): a Zipf stream of a few
+"""CI's size of the headline benchmark (``benchmarks/bench_headline.py``): a Zipf stream of a few
 dozen questions through a real ``ragserve serve`` (real vLLM, real Redis started by the
 benchmark), with the answer cache on and off, and the report's own checks read back.
 
@@ -17,7 +17,7 @@ import pytest
 from .conftest import write_squad_slice
 
 pytestmark = [pytest.mark.engine, pytest.mark.http, pytest.mark.redis]
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_headline.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_headline.py"
 
 
 def test_small_headline_run_reports_fidelity_and_generations(xquad_index, tmp_path):

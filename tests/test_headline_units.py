@@ -2,25 +2,17 @@
 yesterday and today, open-loop arrivals) and the fidelity checks it reports (cached answers
 against the generation that stored them, regenerations after an answer completed)."""
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from ragserve.profiling.workload import poisson_arrivals, zipf_days, zipf_stream
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from .conftest import load_benchmark
 
 
 def load_report():
-    if "headline_report" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("headline_report", SCRIPTS / "headline_report.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # before exec: dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["headline_report"]
+    return load_benchmark("headline_report")
 
 
 def test_days_share_one_popularity_law_but_not_their_draws():
@@ -103,13 +95,7 @@ def test_a_cache_without_single_flight_may_serve_any_of_its_generations_but_not_
 
 
 def load_driver():
-    if "bench_headline" not in sys.modules:
-        sys.path.insert(0, str(SCRIPTS))
-        spec = importlib.util.spec_from_file_location("bench_headline", SCRIPTS / "bench_headline.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_headline"]
+    return load_benchmark("bench_headline")
 
 
 class _Sleepy:

@@ -7,10 +7,7 @@ and the request never finishes there)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,18 +18,14 @@ from ragserve.models.resolve import resolve_generation_model
 from ragserve.rag import RAG
 from ragserve.types import TokenEvent
 
+from .conftest import load_benchmark
+
 pytestmark = [pytest.mark.engine, pytest.mark.http]
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def _peer_module():
-    """``scripts/bench_serving_peer.py``: one launcher of vLLM's server for benchmarks and tests."""
-    if "bench_serving_peer" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_serving_peer", SCRIPTS / "bench_serving_peer.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_serving_peer"]
+    """``benchmarks/bench_serving_peer.py``: one launcher of vLLM's server for benchmarks and tests."""
+    return load_benchmark("bench_serving_peer")
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
-"""The soak's short form (issue 16): the driver of ``scripts/soak.py`` for ~40 s against the
+"""The soak's short form (issue 16): the driver of ``benchmarks/soak.py`` for ~40 s against the
 session's real engine, served by a real uvicorn on loopback. Hits, misses, streams (native
 and chat), cancellations, deadlines, bad inputs and retrievals, all at once; no 500, every
 response the one its request must get, no fd leak, nothing left running in vLLM.
 
 RSS is printed, not asserted: in CI it is noise (other tests share the process and the
-machine). The long form, with its RSS growth, is ``python scripts/soak.py --minutes 10``.
+machine). The long form, with its RSS growth, is ``python benchmarks/soak.py --minutes 10``.
 """
 
 import asyncio
-import importlib.util
 import os
-import sys
 import time
 
 import pytest
@@ -18,19 +16,14 @@ import pytest
 from ragserve.server.app import create_app
 from ragserve.testing.http import running
 
-from .conftest import ROOT
+from .conftest import load_benchmark
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
 
 
 def load_soak():
-    """``scripts/soak.py`` as a module: one copy of the driver for the script and this test."""
-    if "ragserve_soak" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ragserve_soak", ROOT / "scripts" / "soak.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # before exec: dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["ragserve_soak"]
+    """``benchmarks/soak.py`` as a module: one copy of the driver for the script and this test."""
+    return load_benchmark("soak")
 
 
 @pytest.fixture(scope="module")

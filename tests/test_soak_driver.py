@@ -1,4 +1,4 @@
-"""The soak's driver (``scripts/soak.py`` and its parts) for a few seconds against a server
+"""The soak's driver (``benchmarks/soak.py`` and its parts) for a few seconds against a server
 over fakes: every kind sent and checked, the L1 answer cache sampled from ``/v1/stats``, the
 RSS growth reported as it is, net of L1, and by pace. (Against the real engine, for ~40 s:
 test_soak.py.)"""

@@ -4,6 +4,7 @@
   "qas": [{"id", "question", "answers": [{"text"}]}]}]}]}``. Every paragraph is a document
   (``Title#i``; a paragraph text that occurs twice is one document); a question's one
   relevant document is its own paragraph, and its gold answers are kept for ``--answers``.
+  ``squad_paragraphs`` gives the paragraphs as the file lays them out (title, position).
 - **BEIR**: a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
   (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``,
   with a header line). Questions are the queries with at least one judgment > 0; there are
@@ -77,32 +78,62 @@ def load_dataset(path: Path | str, split: str = "test") -> EvalDataset:
     raise DatasetError(path, "no such file or folder (expected a SQuAD .json file or a BEIR folder)")
 
 
-def load_squad(path: Path) -> EvalDataset:
+@dataclass(frozen=True)
+class SquadParagraph:
+    """One paragraph of a SQuAD-style file as the file has it (``load_squad`` then makes one
+    document of paragraphs with the same text): its article (index and title), its position
+    among the article's paragraphs, its text, and its questions as (id or None, question,
+    gold answers)."""
+
+    article: int
+    title: str
+    position: int
+    context: str
+    qas: tuple[tuple[str | None, str, tuple[str, ...]], ...]
+
+
+def squad_paragraphs(path: Path | str) -> list[SquadParagraph]:
+    """Every paragraph of a SQuAD ``.json`` file, in file order; a missing title is
+    ``article<i>``. For what needs the file's own layout (a corpus of one file per paragraph).
+
+    **Usage:** ``[f"{p.title}_{p.position}.txt" for p in squad_paragraphs("xquad.en.json")]``
+    """
+    path = Path(path)
     data = _json(path, path.read_bytes())
     articles = data.get("data") if isinstance(data, dict) else None
     if not isinstance(articles, list):
         raise DatasetError(path, 'not SQuAD-style: expected {"data": [articles]}')
-    docs: list[Document] = []
-    questions: list[EvalQuestion] = []
-    by_text: dict[str, str] = {}
-    used: set[str] = set()
+    out = []
     for a, article in enumerate(articles):
         title = str(_get(path, article, "title", f"data[{a}]", default=f"article{a}"))
         for p, para in enumerate(_get(path, article, "paragraphs", f"data[{a}]")):
             where = f"data[{a}].paragraphs[{p}]"
             context = str(_get(path, para, "context", where))
-            doc_id = by_text.get(context)
-            if doc_id is None:
-                doc_id = f"{title}#{p}"
-                if doc_id in used:  # two articles with one title: keep the ids apart
-                    doc_id = f"{title}#{p}@{a}"
-                by_text[context] = doc_id
-                used.add(doc_id)
-                docs.append(Document(doc_id, context, {"title": title}))
+            qas = []
             for q, qa in enumerate(_get(path, para, "qas", where)):
                 text = str(_get(path, qa, "question", f"{where}.qas[{q}]"))
                 answers = tuple(str(x["text"]) for x in qa.get("answers", []) if isinstance(x, dict) and "text" in x)
-                questions.append(EvalQuestion(str(qa.get("id", f"{doc_id}/{q}")), text, {doc_id: 1}, answers))
+                qas.append((str(qa["id"]) if "id" in qa else None, text, answers))
+            out.append(SquadParagraph(a, title, p, context, tuple(qas)))
+    return out
+
+
+def load_squad(path: Path) -> EvalDataset:
+    docs: list[Document] = []
+    questions: list[EvalQuestion] = []
+    by_text: dict[str, str] = {}
+    used: set[str] = set()
+    for para in squad_paragraphs(path):
+        doc_id = by_text.get(para.context)
+        if doc_id is None:
+            doc_id = f"{para.title}#{para.position}"
+            if doc_id in used:  # two articles with one title: keep the ids apart
+                doc_id = f"{para.title}#{para.position}@{para.article}"
+            by_text[para.context] = doc_id
+            used.add(doc_id)
+            docs.append(Document(doc_id, para.context, {"title": para.title}))
+        for q, (qid, text, answers) in enumerate(para.qas):
+            questions.append(EvalQuestion(qid if qid is not None else f"{doc_id}/{q}", text, {doc_id: 1}, answers))
     if not docs or not questions:
         raise DatasetError(path, "no paragraphs with questions")
     return EvalDataset(path.stem, "squad", path, docs, questions)

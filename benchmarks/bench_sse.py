@@ -24,8 +24,8 @@ A small ``--step-ms`` (1–2) makes the per-token cost the limit; 20 is nearer v
 
 Run (an index folder is needed for its chunks; keep a run within a minute):
 
-    python scripts/bench_sse.py --index indexes/xquad --concurrency 32 --tokens 64 --step-ms 20
-    python scripts/bench_sse.py --index indexes/xquad --step-ms 1 --seconds 6 --rounds 2
+    python benchmarks/bench_sse.py --index indexes/xquad --concurrency 32 --tokens 64 --step-ms 20
+    python benchmarks/bench_sse.py --index indexes/xquad --step-ms 1 --seconds 6 --rounds 2
 
 A benchmark, not a test: it asserts only that the streams are well formed.
 """
@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,15 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
+from harness import pct
 
-SCRIPTS = Path(__file__).resolve().parent
 SYSTEMS = ("in-process", "HTTP native", "HTTP OpenAI")
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--index", type=Path, default=SCRIPTS.parent / "indexes" / "xquad")
+    ap = harness.parser(__doc__, raw=False)
+    ap.add_argument("--index", type=Path, default=harness.XQUAD_INDEX)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--step-ms", type=float, default=20.0)
@@ -66,17 +66,9 @@ def start_server(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[
     ready = tmp / "port"
     env = {**os.environ, "RAGSERVE_HOME": str(tmp / "home"), "RAGSERVE_CACHE_ENABLED": "false",
            "RAGSERVE_QUERY_MAX_IN_FLIGHT": str(max(64, args.concurrency))}
-    with open(tmp / "server.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "fake_serve.py"), str(args.index), "--ready-file",
-                                 str(ready), "--tokens", str(args.tokens), "--step-ms", str(args.step_ms)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    from ragserve.server.process import wait_until_ready
-
-    url = wait_until_ready(proc, ready, 60)
-    if url is None:
-        proc.kill()
-        raise SystemExit(f"fake_serve did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-    return proc, url
+    argv = [sys.executable, str(harness.SCRIPTS / "fake_serve.py"), str(args.index), "--ready-file", str(ready),
+            "--tokens", str(args.tokens), "--step-ms", str(args.step_ms)]
+    return harness.launch(argv, env=env, log=tmp / "server.log", ready=ready, timeout_s=60, what="fake_serve")
 
 
 class Client:
@@ -90,10 +82,7 @@ class Client:
     def connections(self) -> Any:
         """A new pool per run of a system: uvicorn closes connections idle for 5 s, and one
         closed while the client reuses it fails the request (httpx.ReadError)."""
-        import httpx
-
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits)
+        self.http = harness.http_client(self.url, timeout=120)
         return self.http
 
     async def one(self, system: str, question: str) -> tuple[float, int]:
@@ -101,34 +90,14 @@ class Client:
                       "HTTP OpenAI": self.openai}[system](question)
 
     async def inprocess(self, question: str) -> tuple[float, int]:
-        from ragserve.types import DoneEvent, TokenEvent
-
-        t0, ttft, parts, answer = time.perf_counter(), None, [], None
-        async for ev in self.rag.astream(question):
-            if isinstance(ev, TokenEvent):
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                parts.append(ev.text)
-            elif isinstance(ev, DoneEvent):
-                answer = ev.result.answer
-        _check("".join(parts), answer)
+        ttft, parts, result = await harness.stream_inprocess(self.rag, question)
+        _check("".join(parts), result.answer)
         return ttft or 0.0, len(parts)
 
     async def native(self, question: str) -> tuple[float, int]:
-        from ragserve.server.sse import read_events
-
-        t0, ttft, parts, answer = time.perf_counter(), None, [], None
-        async with self.http.stream("POST", "/v1/query", json={"question": question, "stream": True}) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for event, data in read_events(r.aiter_lines()):
-                if event == "token":
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    parts.append(json.loads(data)["text"])
-                elif event == "done":
-                    answer = json.loads(data)["answer"]
-                elif event == "error":
-                    raise RuntimeError(data[:194])
-        _check("".join(parts), answer)
+        ttft, tokens, done = await harness.stream_query(self.http, {"question": question})
+        parts = [json.loads(data)["text"] for data in tokens]
+        _check("".join(parts), done["answer"])
         return ttft or 0.0, len(parts)
 
     async def openai(self, question: str) -> tuple[float, int]:
@@ -191,15 +160,14 @@ async def drive(client: Client, system: str, c: int, seconds: float, server_pid:
             ("ttft_p50_ms", "ttft_p95_ms", "frames", "server_http_cpu_ms", "server_engine_cpu_ms", "self_cpu_ms"),
             float("nan"))}
     return {"system": system, "requests": done, "req_s": done / wall,
-            "ttft_p50_ms": float(np.percentile(ttfts, 50)) * 1e3, "ttft_p95_ms": float(np.percentile(ttfts, 95)) * 1e3,
+            "ttft_p50_ms": pct(ttfts, 50) * 1e3, "ttft_p95_ms": pct(ttfts, 95) * 1e3,
             "frames": float(np.mean(frames)),
             "server_http_cpu_ms": (http1 - http0) / done * 1e3, "server_engine_cpu_ms": (engine1 - engine0) / done * 1e3,
             "self_cpu_ms": (time.process_time() - cpu_self) / done * 1e3}
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(SCRIPTS.parent))
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(harness.SCRIPTS))
     import fake_serve
 
     from ragserve import RAG, RAGConfig
@@ -208,6 +176,7 @@ async def main_async(args: argparse.Namespace) -> None:
     cfg = RAGConfig.load().replace(cache={"enabled": False}, query={"max_in_flight": max(64, args.concurrency)})
     rag = RAG.from_index(args.index, cfg, embedder=fake_serve.StandInEmbedder(args.index),
                          generator=fake_serve.PacedGenerator(args.tokens, args.step_ms / 1e3))
+    env = harness.environment(gpu=False)  # before the run: the machine's load average
     with tempfile.TemporaryDirectory(prefix="bench-sse-") as tmp:
         proc, url = start_server(args, Path(tmp))
         client = Client(url, rag)
@@ -221,17 +190,16 @@ async def main_async(args: argparse.Namespace) -> None:
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                           flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            harness.stop(proc, 60)
             rag.close()
-    report(args, rows)
+    report(args, env, rows)
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+def report(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     import ragserve
 
-    print(f"\n# SSE overhead over stand-in models\n\n- {platform.processor() or platform.machine()}, {os.cpu_count()} "
-          f"cores, load {os.getloadavg()[0]:.2f}; Python {platform.python_version()}; ragserve from "
+    machine, versions = harness.machine_lines(env)
+    print(f"\n# SSE overhead over stand-in models\n\n- {machine}\n- {versions}; ragserve from "
           f"{Path(ragserve.__file__).parent.parent}\n- C={args.concurrency}, {args.tokens} pieces per answer, one per "
           f"{args.step_ms:g} ms step, {args.rounds} rounds × {args.seconds:g} s per system, cache off\n")
     print("| system | requests | req/s | × in-process | TTFT p50 / p95 ms | token frames per request | server CPU ms "

@@ -9,7 +9,7 @@ The miss rows ask the same questions under a namespace of their own with
 vLLM's prefix cache keeps the generation part short and steady, so the cache layer's share
 is visible. ``--max-tokens`` sets the generation length for the whole run.
 
-Usage: python scripts/bench_cache.py indexes/pydoc [--calls 10000] [--misses 500]
+Usage: python benchmarks/bench_cache.py indexes/pydoc [--calls 10000] [--misses 500]
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
+import harness
 import orjson
+from harness import pct, pcts
 
 from ragserve import RAG, RAGConfig
 from ragserve.cache.redis_server import RedisServer, free_port
-from ragserve.profiling.env import environment, machine_line, versions_line
 
 QUESTIONS = [
     "How does the with statement work?", "What does a yield expression do?", "How are exceptions raised?",
@@ -34,11 +34,6 @@ QUESTIONS = [
     "How do comparisons chain?", "What is an f-string?", "What does del do?",
     "How does the try statement work?", "What is the return statement?",
 ]
-
-
-def pct(xs: list[float]) -> tuple[float, float]:
-    a = np.asarray(xs)
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def timed_calls(rag: RAG, questions: list[str], calls: int, expect: str) -> list[float]:
@@ -78,7 +73,7 @@ def main() -> None:
     rows: list[tuple[str, int, str, str, str]] = []
     blocks: dict[str, list[list[dict[str, float]]]] = {"alive": [], "killed": [], "hung": []}
     breaker_after_alive: list[str] = []
-    env = environment()  # before the run: its load average is the machine's, not ours
+    env = harness.environment()  # before the run: its load average is the machine's, not ours
     with RedisServer(port=free_port()) as server:
         cfg = RAGConfig.load().replace(cache={"redis_url": server.url}, generate={"max_tokens": args.max_tokens})
         with RAG.from_index(args.index, cfg) as rag:
@@ -93,14 +88,14 @@ def main() -> None:
                 rag.query(q)
             rag.flush_cache()
             l1 = timed_calls(rag, qs, args.calls, "l1")
-            p50, p99 = pct(l1)
+            p50, p99 = pcts(l1, 50, 99)
             rows.append(("L1 hit, whole rag.query()", len(l1), f"{p50 * 1000:.1f} µs", f"{p99 * 1000:.1f} µs",
                          "p50 ≤ 50 µs"))
             max_entries = rag.cache.l1.max_entries
             rag.cache.l1.max_entries = 0  # every call now goes to Redis
             rag.cache.l1.clear()
             l2_hits = timed_calls(rag, qs, args.calls, "l2")
-            p50, p99 = pct(l2_hits)
+            p50, p99 = pcts(l2_hits, 50, 99)
             rows.append(("L2 hit over loopback, whole rag.query()", len(l2_hits), f"{p50:.3f} ms", f"{p99:.3f} ms",
                          "p50 ≤ 1 ms"))
             rag.cache.l1.max_entries = max_entries
@@ -120,8 +115,9 @@ def main() -> None:
             stats = rag.stats()["cache"]
     if args.raw:
         args.raw.write_bytes(orjson.dumps(blocks))
-    print(f"# cache benchmark — {machine_line(env)}")
-    print(f"# {versions_line(env)}")
+    machine, versions = harness.machine_lines(env)
+    print(f"# cache benchmark — {machine}")
+    print(f"# {versions}")
     print(f"# index {args.index}; {len(qs)} distinct questions; {args.calls} calls per hit row, {args.misses} misses per "
           f"Redis state; max_tokens {args.max_tokens}; Redis on 127.0.0.1; L2 timeout {cfg.cache.l2_timeout_ms} ms, "
           f"breaker opens after {cfg.cache.l2_failures_to_open} failures, probes every {cfg.cache.l2_cooldown_s} s")
@@ -131,7 +127,7 @@ def main() -> None:
         print("| " + " | ".join(str(c) for c in row) + " |")
     misses = {state: [r for b in bs for r in b] for state, bs in blocks.items()}
     lookups = {state: [r.get("cache_l1", 0.0) + r.get("cache_l2", 0.0) for r in xs] for state, xs in misses.items()}
-    p50, p99 = pct(lookups["alive"])
+    p50, p99 = pcts(lookups["alive"], 50, 99)
     print(f"| cache lookups on a miss (L1 + L2 GET), Redis alive | {len(lookups['alive'])} | {p50:.3f} ms "
           f"| {p99:.3f} ms | p50 ≤ 1 ms |")
     print(f"\nMisses by Redis state ({args.cycles} outage(s) of each kind, {args.misses // args.cycles} misses per "
@@ -139,15 +135,15 @@ def main() -> None:
     print("| Redis | misses | query p50 | query p99 | p99 − alive p99 (target ≤ +20) | cache lookups p99 | "
           "lookups max | query − generate p99 |")
     print("|---|---|---|---|---|---|---|---|")
-    alive99 = pct([r["client_ms"] for r in misses["alive"]])[1]
+    alive99 = pct([r["client_ms"] for r in misses["alive"]], 99)
     for state, label in (("alive", "alive"), ("killed", "killed (SIGKILL), then restarted"),
                          ("hung", "hung (SIGSTOP), then resumed")):
         xs, look = misses[state], lookups[state]
-        q50, q99 = pct([r["client_ms"] for r in xs])
+        q50, q99 = pcts([r["client_ms"] for r in xs], 50, 99)
         rest = [r["client_ms"] - r.get("generate", 0.0) for r in xs]
         delta = "" if state == "alive" else f"{q99 - alive99:+.1f}"
-        print(f"| {label} | {len(xs)} | {q50:.1f} | {q99:.1f} | {delta} | {pct(look)[1]:.2f} | {max(look):.2f} "
-              f"| {pct(rest)[1]:.1f} |")
+        print(f"| {label} | {len(xs)} | {q50:.1f} | {q99:.1f} | {delta} | {pct(look, 99):.2f} | {max(look):.2f} "
+              f"| {pct(rest, 99):.1f} |")
     l2 = stats["l2"]
     print(f"\nBreaker after each alive block: {', '.join(breaker_after_alive)}. "
           f"L1 {stats['l1']['hits']} hits; L2 {l2['hits']} hits, {l2['errors']} errors, {l2['skipped']} skipped "

@@ -20,16 +20,8 @@ import asyncio
 import uuid
 from typing import Any
 
+import harness
 import httpx
-import psutil
-
-
-def tree(pid: int) -> set[int]:
-    try:
-        root = psutil.Process(pid)
-        return {root.pid, *(c.pid for c in root.children(recursive=True))}
-    except psutil.Error:
-        return set()
 
 
 class RagserveHttp:
@@ -43,22 +35,12 @@ class RagserveHttp:
         """A new cache namespace (cold L1 and L2: the key includes it), or ``namespace`` to
         reuse answers stored under it (day mode); then an emptied prefix cache."""
         self.namespace = namespace or f"headline-{uuid.uuid4().hex[:8]}"
-        for _ in range(50):  # refused while a just-finished request still holds blocks
-            r = await self.client.post("/admin/reset_prefix_cache",
-                                       headers={"Authorization": f"Bearer {self.admin_key}"})
-            r.raise_for_status()
-            if r.json().get("reset"):
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError("ragserve refused to reset vLLM's prefix cache 50 times")
+        await harness.reset_prefix_cache(self.client, admin_key=self.admin_key, what="ragserve")
 
     async def ask(self, question: str) -> tuple[str, str]:
         body = {"question": question, "namespace": self.namespace,
                 "cache": {"read": self.cache, "write": self.cache}}
-        r = await self.client.post("/v1/query", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        d = r.json()
+        d = await harness.post_ok(self.client, "/v1/query", body)
         return d["answer"], "shared" if d.get("shared") else d["cache_tier"]
 
     async def generations(self) -> float:
@@ -67,7 +49,7 @@ class RagserveHttp:
         return float(r.json()["generator"]["engine"]["finished"])
 
     def pids(self) -> set[int]:
-        return tree(self.server.pid)
+        return harness.process_tree(self.server.pid)
 
 
 class _OnPeerServer:

@@ -26,42 +26,38 @@ Prints markdown tables with hardware and versions at the top. A benchmark, not a
 on a shared machine read times as rough and compare the rows of one run.
 
 Usage:
-    python scripts/bench_incremental.py --chunks 2000            # quick check
-    python scripts/bench_incremental.py --out reports/bench_incremental.md \
+    python benchmarks/bench_incremental.py --chunks 2000            # quick check
+    python benchmarks/bench_incremental.py --out reports/bench_incremental.md \
         --json reports/bench_incremental.json
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
+import contextlib
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
+from harness import pct, pcts, timed
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from ragserve.eval.datasets import squad_paragraphs
 
-from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
-
-XQUAD = ROOT.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
 PARAGRAPHS_PER_FILE = 4
 
 
 def paragraphs() -> tuple[list[str], list[str]]:
-    data = json.loads(XQUAD.read_text("utf-8"))["data"]
-    paras = [p["context"] for a in data for p in a["paragraphs"]]
-    questions = [qa["question"] for a in data for p in a["paragraphs"] for qa in p["qas"]]
-    return paras, questions
+    """XQuAD's paragraph texts and all its questions, in file order."""
+    paras = squad_paragraphs(harness.XQUAD)
+    return [p.context for p in paras], [text for p in paras for _, text, _ in p.qas]
 
 
 def write_corpus(folder: Path, n_files: int, paras: list[str], seed: int) -> None:
@@ -85,6 +81,27 @@ def chunks_per_file(paras: list[str], embedder, config, seed: int) -> float:
         n = sum(1 for _ in chunk_documents(docs, config.chunk.chunk_size, config.chunk.chunk_overlap,
                                            embedder.token_counter()))
     return n / 50
+
+
+def plan_files(chunks: int, paras: list[str], embedder, config, seed: int) -> tuple[float, int]:
+    """(chunks per generated file, files for about ``chunks`` chunks: at least 10)."""
+    per_file = chunks_per_file(paras, embedder, config, seed)
+    return per_file, max(10, round(chunks / per_file))
+
+
+def describe_corpus(n_files: int, per_file: float, config) -> str:
+    return (f"{n_files:,} files of {PARAGRAPHS_PER_FILE} XQuAD paragraphs (~{per_file:.1f} chunks each; "
+            f"chunk_size {config.chunk.chunk_size}, overlap {config.chunk.chunk_overlap})")
+
+
+@contextlib.contextmanager
+def corpus_folder(work: Path | None, prefix: str, n_files: int, paras: list[str], seed: int) -> Iterator[Path]:
+    """``work`` (else a temporary folder, removed afterwards) with the generated corpus written
+    to its ``corpus`` folder."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = work or Path(tmp)
+        write_corpus(folder / "corpus", n_files, paras, seed)
+        yield folder
 
 
 def change_files(folder: Path, share: float, seed: int) -> int:
@@ -173,25 +190,22 @@ def count_snapshots(rag: Any) -> Counter:
 async def drive(rag: Any, queries: list[str], concurrency: int, top_k: int) -> dict[str, Any]:
     """Send ``queries`` through ``rag.aretrieve`` with ``concurrency`` in flight; each
     request's latency in ms, the failures (exceptions, or fewer than ``top_k`` sources)."""
-    it = iter(queries)
     latencies: list[float] = []
     failures: list[str] = []
 
-    async def worker() -> None:
-        for q in it:
-            t = time.perf_counter()
-            try:
-                sources = await rag.aretrieve(q, top_k)
-            except Exception as e:  # a failed request is a result of the benchmark: counted, shown
-                failures.append(f"{type(e).__name__}: {e}")
-                continue
-            latencies.append((time.perf_counter() - t) * 1e3)
-            if len(sources) != top_k or not all(s.text for s in sources):
-                failures.append(f"{len(sources)} sources (or an empty text) for {q!r}")
+    async def one(q: str) -> None:
+        t = time.perf_counter()
+        try:
+            sources = await rag.aretrieve(q, top_k)
+        except Exception as e:  # a failed request is a result of the benchmark: counted, shown
+            failures.append(f"{type(e).__name__}: {e}")
+            return
+        latencies.append((time.perf_counter() - t) * 1e3)
+        if len(sources) != top_k or not all(s.text for s in sources):
+            failures.append(f"{len(sources)} sources (or an empty text) for {q!r}")
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"seconds": time.perf_counter() - t0, "latencies_ms": latencies, "failures": failures}
+    seconds = await harness.run_clients(queries, concurrency, one)
+    return {"seconds": seconds, "latencies_ms": latencies, "failures": failures}
 
 
 class ReloadLoop(threading.Thread):
@@ -218,12 +232,6 @@ class ReloadLoop(threading.Thread):
                 continue
             self.seconds.append(time.perf_counter() - t)
             self.unchanged += not result["changed"]
-
-
-def timed(fn: Any, *args: Any) -> tuple[float, Any]:
-    t = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t, out
 
 
 def reload_figures(rag: Any, a: Path, b: Path, n: int) -> dict[str, Any]:
@@ -284,7 +292,7 @@ def latency_phases(rag: Any, counts: Counter, pool: list[str], targets: list[Pat
                              reloads_unchanged=loop.unchanged)
             phases.append(phase)
             print(f"round {r + 1} {kind}: {len(run['latencies_ms'])} served, {len(run['failures'])} failed, "
-                  f"p99 {np.percentile(run['latencies_ms'], 99):.1f} ms"
+                  f"p99 {pct(run['latencies_ms'], 99):.1f} ms"
                   + (f", {len(loop.seconds)} reloads" if loop is not None else ""), flush=True)
     return phases, {"requests": len(warm["latencies_ms"]), "failures": warm["failures"]}
 
@@ -294,7 +302,7 @@ def ms(values: list[float], scale: float = 1.0) -> str:
     if not values:
         return "– | – | –"
     v = np.asarray(values) * scale
-    return f"{v.min():.1f} | {np.median(v):.1f} | {v.max():.1f}"
+    return f"{v.min():.1f} | {pct(v, 50):.1f} | {v.max():.1f}"
 
 
 def latency_row(name: str, phases: list[dict[str, Any]], short: dict[str, str]) -> str:
@@ -309,7 +317,7 @@ def latency_row(name: str, phases: list[dict[str, Any]], short: dict[str, str]) 
         fps.update(p["fingerprints"])
     names = {fp: short.get(fp, f"`{fp[:8]}`") for fp in fps}
     served = ", ".join(f"{names[k]}: {v:,}" for k, v in sorted(fps.items(), key=lambda x: names[x[0]]))
-    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    p50, p95, p99 = pcts(lat, 50, 95, 99)
     return (f"| {name} | {sent:,} | {failed} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {lat.max():.1f} "
             f"| {lat.mean():.1f} | {rate:.0f} | {reloads} | {served} |")
 
@@ -355,7 +363,7 @@ def latency_section(phases: list[dict[str, Any]], warm: dict[str, Any], short: d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__, raw=False)
     ap.add_argument("--chunks", type=int, default=20_000, help="About this many chunks in the corpus.")
     ap.add_argument("--changed", type=float, default=0.01, help="Share of files changed before the rebuild.")
     ap.add_argument("--seed", type=int, default=0)
@@ -388,14 +396,11 @@ def main() -> None:
     embedder.warm_up()
     paras, questions = paragraphs()
     pool = question_pool(paras, questions, args.seed)
-    per_file = chunks_per_file(paras, embedder, config, args.seed)
-    n_files = max(10, round(args.chunks / per_file))
-    env = environment(gpu=False)
-    header = [machine_line(env), versions_line(env),
-              f"{n_files:,} files of {PARAGRAPHS_PER_FILE} XQuAD paragraphs (~{per_file:.1f} chunks each; "
-              f"chunk_size {config.chunk.chunk_size}, overlap {config.chunk.chunk_overlap}); "
-              f"{args.changed:.0%} of the files changed; embedding {embedder.precision}, "
-              f"torch threads {torch.get_num_threads()}, batch {config.embed.batch_size}; seed {args.seed}",
+    per_file, n_files = plan_files(args.chunks, paras, embedder, config, args.seed)
+    env = harness.environment(gpu=False)
+    header = [*harness.machine_lines(env),
+              f"{describe_corpus(n_files, per_file, config)}; {args.changed:.0%} of the files changed; "
+              f"embedding {embedder.precision}, torch threads {torch.get_num_threads()}, batch {config.embed.batch_size}; seed {args.seed}",
               f"queries: `rag.aretrieve(q, top_k={top_k})`, {args.concurrency} in flight, {args.requests:,} "
               f"distinct questions per phase (XQuAD questions and sentences of its paragraphs, "
               f"{len(pool):,} before variants), {args.rounds} rounds of baseline then reloading; "
@@ -403,11 +408,8 @@ def main() -> None:
               f"no generation engine (`start_engine=False`)"]
     print("\n".join(header), flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-incremental-") as tmp:
-        work = args.work or Path(tmp)
+    with corpus_folder(args.work, "bench-incremental-", n_files, paras, args.seed) as work:
         src = work / "corpus"
-        write_corpus(src, n_files, paras, args.seed)
-
         t = time.perf_counter()
         first = build_index(src, work / "idx", config, embedder=embedder)
         first_s = time.perf_counter() - t
@@ -434,7 +436,7 @@ def main() -> None:
                      inc.fingerprint: f"B `{inc.fingerprint[:8]}`"}
             reloads = reload_figures(rag, version_a, version_b, args.reloads)
             print(f"reload after the flip: {reloads['after_flip'][0] * 1e3:.1f} ms; alternating: median "
-                  f"{np.median(reloads['alternating']) * 1e3:.1f} ms", flush=True)
+                  f"{pct(reloads['alternating'], 50) * 1e3:.1f} ms", flush=True)
 
             phases, warm = latency_phases(rag, counts, pool, [version_a, version_b], rounds=args.rounds,
                                           requests=args.requests, concurrency=args.concurrency, top_k=top_k)
@@ -475,25 +477,18 @@ def main() -> None:
     lines += ["", *measured,
               "Times are wall-clock on a machine shared with other jobs; the model is loaded once before; "
               f"load average at end {load_end}."]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report, encoding="utf-8")
-    if args.json:
-        def build(r: Any, s: float | None) -> dict[str, Any] | None:
-            return None if r is None else {"mode": r.mode, "files_read": r.files_read, "chunks": r.chunks,
-                                           "embedded": r.embedded, "wall_s": s, "seconds": r.seconds,
-                                           "fingerprint": r.fingerprint, "index_type": r.index_type}
 
-        raw = {"env": env, "load_avg_at_end": load_end, "args": {k: str(v) for k, v in vars(args).items()},
-               "files": n_files, "changed_files": changed, "plan_s": plan_s,
-               "builds": {"first": build(first, first_s), "incremental": build(inc, inc_s),
-                          "reference": build(ref, ref_s)},
-               "top10_agreement": agreement, "reloads": {k: v for k, v in reloads.items() if k != "first"},
-               "warm_up": warm, "phases": phases}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    def build(r: Any, s: float | None) -> dict[str, Any] | None:
+        return None if r is None else {"mode": r.mode, "files_read": r.files_read, "chunks": r.chunks,
+                                       "embedded": r.embedded, "wall_s": s, "seconds": r.seconds,
+                                       "fingerprint": r.fingerprint, "index_type": r.index_type}
+
+    raw = {"env": env, "load_avg_at_end": load_end, "args": vars(args), "files": n_files, "changed_files": changed,
+           "plan_s": plan_s, "builds": {"first": build(first, first_s), "incremental": build(inc, inc_s),
+                                        "reference": build(ref, ref_s)},
+           "top10_agreement": agreement, "reloads": {k: v for k, v in reloads.items() if k != "first"},
+           "warm_up": warm, "phases": phases}
+    harness.write_report("\n".join(lines) + "\n", args.out, args.json, raw)
 
 
 if __name__ == "__main__":

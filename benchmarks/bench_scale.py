@@ -14,8 +14,8 @@ much of the corpus. ``--kind clustered`` draws points around 4096 centres instea
 synthetic; real embeddings have far more structure than uniform noise).
 
 Usage:
-    python scripts/bench_scale.py --n 100000                      # quick check
-    python scripts/bench_scale.py --n 1000000 --out reports/bench_scale.md
+    python benchmarks/bench_scale.py --n 100000                      # quick check
+    python benchmarks/bench_scale.py --n 1000000 --out reports/bench_scale.md
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import orjson
+from harness import pct, pcts
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ragserve.config import IndexConfig  # noqa: E402
-from ragserve.profiling.env import environment, machine_line, versions_line  # noqa: E402
+from ragserve.config import IndexConfig
 
 SWEEP = {"ivf-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048], "hnsw-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 """Query-time settings tried per type; IVF also tries 3/4 of its lists and all of them."""
@@ -53,10 +51,6 @@ def rss_mb() -> dict[str, float]:
     return out
 
 
-def pct(values: list[float]) -> tuple[float, float]:
-    return float(np.percentile(values, 50)), float(np.percentile(values, 95))
-
-
 def unit_vectors(n: int, d: int, seed: int, kind: str) -> np.ndarray:
     """Seeded unit vectors, generated in slices to bound peak memory."""
     rng = np.random.default_rng(seed)
@@ -69,11 +63,6 @@ def unit_vectors(n: int, d: int, seed: int, kind: str) -> np.ndarray:
             x = centres[rng.integers(0, len(centres), m)] + 0.5 * x
         out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
-
-
-def hardware() -> list[str]:
-    env = environment(gpu=False)  # FAISS on the CPU; torch is not imported for this
-    return [machine_line(env), versions_line(env)]
 
 
 # -- building (parent process) -----------------------------------------------------------
@@ -152,8 +141,8 @@ def child_open(folder: str, work: str, sweep: str) -> dict:
             hits.append(index.search(q[None], 10)[0])
             times.append((time.perf_counter() - t) * 1e3)
         recall = float(np.mean([len({h.chunk_id for h in row} & set(g)) / 10 for row, g in zip(hits, gt)]))
-        out["sweep"].append({"value": value, "recall": recall, "single": pct(times)})
-        print(f"  {spec.index_type} {value}: recall {recall:.4f} p50 {pct(times)[0]:.2f} ms", file=sys.stderr)
+        out["sweep"].append({"value": value, "recall": recall, "single": pcts(times, 50, 95)})
+        print(f"  {spec.index_type} {value}: recall {recall:.4f} p50 {pct(times, 50):.2f} ms", file=sys.stderr)
     tuned = choose(out["sweep"], TARGET_RECALL[spec.index_type])
     if spec.index_type == "ivf-fp16":
         index.nprobe = tuned["value"]
@@ -165,7 +154,7 @@ def child_open(folder: str, work: str, sweep: str) -> dict:
             t = time.perf_counter()
             index.search(queries[start:start + 32], 10)
             batches.append((time.perf_counter() - t) * 1e3)
-    out.update(tuned=tuned, batch32=pct(batches), rss_after_search=rss_mb())
+    out.update(tuned=tuned, batch32=pcts(batches, 50, 95), rss_after_search=rss_mb())
     return out
 
 
@@ -197,7 +186,7 @@ def child_side(work: str, settings: str) -> dict:
                 t = time.perf_counter()
                 indexes[name].search(queries[start:start + step], 10)
                 times[name][kind].append((time.perf_counter() - t) * 1e3)
-    return {n: {k: pct(v) for k, v in t.items()} for n, t in times.items()}
+    return {n: {k: pcts(v, 50, 95) for k, v in t.items()} for n, t in times.items()}
 
 
 def child_serve(folder: str, setting: str) -> dict:
@@ -222,7 +211,7 @@ def child_serve(folder: str, setting: str) -> dict:
         assert len(sources) == 10 and all(s.text.startswith("Chunk ") for s in sources)
     served = rss_mb()
     rag.close()
-    return {"from_index_s": load_s, "rss_loaded": loaded, "rss_served": served, "retrieve": pct(times)}
+    return {"from_index_s": load_s, "rss_loaded": loaded, "rss_served": served, "retrieve": pcts(times, 50, 95)}
 
 
 # -- report --------------------------------------------------------------------------------
@@ -296,7 +285,7 @@ def already_built(folder: Path, spec, n: int) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__, raw=False)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--queries", type=int, default=200)
@@ -305,7 +294,7 @@ def main() -> None:
     ap.add_argument("--types", default="flat-fp16,ivf-fp16,hnsw-fp16,flat-fp32")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=IndexConfig.hnsw_ef_construction)
-    ap.add_argument("--work", type=Path, default=ROOT / "indexes" / "bench-scale")
+    ap.add_argument("--work", type=Path, default=harness.REPO / "indexes" / "bench-scale")
     ap.add_argument("--out", type=Path, default=None, help="Also write the markdown report here.")
     ap.add_argument("--reuse-built", action="store_true",
                     help="Keep index folders (and data) an earlier run built with the same parameters.")
@@ -320,7 +309,8 @@ def main() -> None:
 
     from ragserve.retrieval.index_spec import plan_index
 
-    header = hardware() + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "
+    env = harness.environment(gpu=False)  # FAISS on the CPU: torch is not imported for this
+    header = harness.machine_lines(env) + [f"n {args.n:,}, d {args.dim}, {args.kind} unit vectors (seed {args.seed}), "
                            f"{args.queries} queries drawn after them from the same distribution; "
                            f"faiss OpenMP threads {faiss.omp_get_max_threads()}; page cache: "
                            + ("open measured with whatever earlier runs left (--reuse-built)" if args.reuse_built
@@ -369,11 +359,7 @@ def main() -> None:
     for r in rows:
         r["side"] = side[r["type"]]
     report = render(header, rows, args.dim)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report, encoding="utf-8")
-        (args.out.with_suffix(".json")).write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    harness.write_report(report, args.out, args.out.with_suffix(".json") if args.out else None, rows)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Tokens are words by default (``str.split``, as the unit tests count); ``--tokeni
 model`` loads the embedding model to count in its tokens, as a build does (slower).
 
 Usage:
-    python scripts/bench_ingest_large.py                     # a 50 MB file, both paths
-    python scripts/bench_ingest_large.py --mb 10 --out reports/bench_ingest_large.md
+    python benchmarks/bench_ingest_large.py                     # a 50 MB file, both paths
+    python benchmarks/bench_ingest_large.py --mb 10 --out reports/bench_ingest_large.md
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
 
 WORDS = ("river city bridge music school market station garden winter harbour museum forest valley "
          "engine library castle island theory signal protein Zürich café naïve résumé ✓").split()
@@ -117,7 +116,7 @@ def table(results: dict[str, dict], size: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__, raw=False)
     ap.add_argument("--mb", type=float, default=50.0, help="size of the generated .txt file, in MiB")
     ap.add_argument("--paths", default="whole,stream", help="which paths to run: whole, stream or both")
     ap.add_argument("--chunk-size", type=int, default=256)
@@ -133,9 +132,9 @@ def main() -> None:
 
     from ragserve.build.ingest import SECTION_CHARS
     from ragserve.build.textfile import READ_SIZE
-    from ragserve.profiling.env import environment, header_markdown
+    from ragserve.profiling.env import header_markdown
 
-    env = environment(gpu=False)
+    env = harness.environment(gpu=False)
     settings = {"file": f"{args.mb:g} MiB of generated UTF-8 paragraphs (seed {args.seed})",
                 "chunk_size / overlap": f"{args.chunk_size} / {args.overlap} tokens ({args.tokenizer})",
                 "section": f"{SECTION_CHARS:,} characters", "stream read": f"{READ_SIZE // 1024} KiB",
@@ -154,9 +153,7 @@ def main() -> None:
                   flush=True)
     report = table(results, size)
     print(f"\n{report}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"{header}\n{report}\n", encoding="utf-8")
+    harness.write_report(f"{header}\n{report}\n", args.out, echo=False)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from harness import pct
 from soak_traffic import KINDS, Record, Settings
 
 MB = 2**20
@@ -94,14 +94,6 @@ class Result:
 
 
 # -- the report ----------------------------------------------------------------------------
-
-
-def pct(xs: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (0 for no data)."""
-    if not xs:
-        return 0.0
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, max(0, math.ceil(q / 100 * len(ys)) - 1))]
 
 
 def _ms(x: float) -> str:

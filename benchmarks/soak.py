@@ -60,9 +60,9 @@ response, request left in flight or in vLLM, server exit other than 0 or, with
 
 Run (from the repo root; the index is built from XQuAD into ``indexes/xquad`` if missing):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false .venv/bin/python scripts/soak.py \\
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false .venv/bin/python benchmarks/soak.py \\
         --minutes 10 --concurrency 16 --max-rss-growth-mb 50 --out reports/soak.md
-    .venv/bin/python scripts/soak.py --minutes 1 --concurrency 8   # a quick look
+    .venv/bin/python benchmarks/soak.py --minutes 1 --concurrency 8   # a quick look
 
 The driver (``run``, ``report``) is what ``tests/test_soak.py`` runs for ~40 s in CI. What
 it sends and how it checks each response is ``soak_traffic.py``; what it measured and the
@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import random
 import sys
 import tempfile
@@ -83,23 +82,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import harness
 import httpx
+from soak_report import MB, Result, Sample, failures, report
+from soak_server import Sampler, engine_held, l1_size, settled, start_server, stop_server, wait_ready
+from soak_traffic import DEFAULT_MIX, KINDS, SLOW, Record, Settings, Traffic, perform
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))  # its parts, also when tests load this file by path
-
-from soak_report import MB, Result, Sample, failures, report  # noqa: E402
-from soak_server import (
-    Sampler,
-    engine_held,
-    l1_size,
-    settled,
-    start_server,
-    stop_server,
-    tail,
-    wait_ready,  # noqa: E402
-)
-from soak_traffic import DEFAULT_MIX, KINDS, SLOW, Record, Settings, Traffic, perform  # noqa: E402
+from ragserve.profiling.env import header_markdown
 
 __all__ = ["KINDS", "SLOW", "Record", "Result", "Sample", "Settings", "failures", "main", "report", "run"]
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -115,10 +104,9 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
         s = dataclasses.replace(s, namespace=f"soak-{uuid.uuid4().hex[:12]}")
     traffic = Traffic(questions, s)
     sampler = Sampler(pid)
-    limits = httpx.Limits(max_connections=2 * s.concurrency, max_keepalive_connections=2 * s.concurrency)
     records: list[Record] = []
     samples: list[Sample] = []
-    async with httpx.AsyncClient(base_url=url, timeout=s.request_timeout_s, limits=limits) as client:
+    async with harness.http_client(url, timeout=s.request_timeout_s, connections=2 * s.concurrency) as client:
         await wait_ready(client)
         t = time.perf_counter()
         primed = await asyncio.gather(*(client.post("/v1/query", json=traffic.query(q)) for q in traffic.hot))
@@ -185,7 +173,7 @@ async def run(url: str, questions: Sequence[str], s: Settings, pid: int | None =
 
     background = [asyncio.ensure_future(sample_loop()), asyncio.ensure_future(progress())]
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=s.request_timeout_s, limits=limits) as client:
+        async with harness.http_client(url, timeout=s.request_timeout_s, connections=2 * s.concurrency) as client:
             await asyncio.gather(*(worker(client) for _ in range(s.concurrency)))
             last = sampler.sample(time.perf_counter() - t0)  # the end of the run, still under its last load
             if last is not None:
@@ -214,13 +202,12 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--url", help="drive this running server (loopback only) instead of starting one")
     ap.add_argument("--pid", type=int, help="with --url: the server's process id, to sample its RSS and fds")
-    ap.add_argument("--index", type=Path, default=REPO / "indexes" / "xquad",
+    ap.add_argument("--index", type=Path, default=harness.XQUAD_INDEX,
                     help="index to serve (built from all XQuAD paragraphs if missing)")
-    ap.add_argument("--xquad", type=Path, default=REPO.parent / "shared" / "data" / "xquad-en" / "xquad.en.json")
+    ap.add_argument("--xquad", type=Path, default=harness.XQUAD)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-generating", type=int, default=0,
@@ -254,16 +241,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(REPO))  # this checkout's ragserve, and the scripts folder (below) for the workload
-    sys.path.insert(0, str(REPO / "scripts"))
     import bench_serving_workload as wl
 
     from ragserve.config import RAGConfig
-    from ragserve.profiling.env import environment, header_markdown
 
-    env = environment()  # before the run: its load average is the machine's, not ours
+    env = harness.environment()  # before the run: its load average is the machine's, not ours
     questions = [q.text for q in wl.load_questions(args.xquad)]
     random.Random(args.seed).shuffle(questions)
     s = Settings(duration_s=args.minutes * 60, concurrency=args.concurrency, max_generating=args.max_generating,
@@ -308,10 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += f"\n\n**{'FAILED: ' + '; '.join(why) if why else 'PASSED'}**\n"
         print("\n" + text, flush=True)
         if log_path is not None and why:
-            print(f"\nLast lines of the server's log:\n```\n{tail(log_path)}\n```", flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(f"# Soak\n\n{header_markdown(env, settings)}\n{text}", encoding="utf-8")
+            print(f"\nLast lines of the server's log:\n```\n{harness.tail(log_path)}\n```", flush=True)
+        harness.write_report(f"# Soak\n\n{header_markdown(env, settings)}\n{text}", args.out, echo=False)
     return 1 if why else 0
 
 

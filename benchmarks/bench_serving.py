@@ -40,8 +40,8 @@ CPU table shows how much).
 
 Run (from the repo root; ``make bench`` installs the peer first):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python scripts/bench_serving.py --out reports/serving
-    python scripts/bench_serving.py --max-tokens 16 --questions-per-level 4,8,16 --skip-peer  # a quick look
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python benchmarks/bench_serving.py --out reports/serving
+    python benchmarks/bench_serving.py --max-tokens 16 --questions-per-level 4,8,16 --skip-peer  # a quick look
 
 A benchmark, not a test: it asserts nothing, it reports. Expect 10-20 minutes.
 """
@@ -50,45 +50,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-# Benchmark the checkout this script is in, not whatever the venv's editable install points at.
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import bench_serving_workload as wl
+import harness
+from bench_serving_report import Record, Run, chart, cpu_per_request, cpu_table, merge_runs, results_table
+from bench_serving_systems import Systems, embed_bench
+from harness import CpuSampler
 
-import bench_serving_workload as wl  # noqa: E402
-from bench_serving_report import (  # noqa: E402
-    CpuSampler,
-    Record,
-    Run,
-    chart,
-    cpu_per_request,
-    cpu_table,
-    hardware,
-    merge_runs,
-    results_table,
-    versions,
-)
-from bench_serving_systems import Systems, embed_bench  # noqa: E402
+from ragserve.profiling.env import PEER_PACKAGES
 
 SYSTEMS = ("ragserve", "raw vLLM", "LlamaIndex")
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=REPO / "indexes" / "xquad",
-                    help="ragserve index folder (built from all 240 XQuAD paragraphs if missing)")
-    ap.add_argument("--xquad", type=Path, default=wl.XQUAD)
-    ap.add_argument("--out", type=Path, default=REPO / "reports" / "serving")
+    ap = harness.parser(__doc__)
+    harness.xquad_arguments(ap, "serving", "ragserve index folder (built from all 240 XQuAD paragraphs if missing)")
     ap.add_argument("--concurrency", default="1,8,32", help="levels, comma-separated")
     ap.add_argument("--questions-per-level", default="16,32,64", help="one count per level, or one for all")
     ap.add_argument("--sequential-questions", type=int, default=0,
@@ -98,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-peer", action="store_true", help="leave out (d), the LlamaIndex setup")
     ap.add_argument("--peer-vllm-defaults", action="store_true",
                     help="run the peer's vLLM server with vLLM's default process layout, not ragserve's")
-    ap.add_argument("--peer-overlay", type=Path, default=REPO / "build" / "bench-peer",
+    ap.add_argument("--peer-overlay", type=Path, default=harness.REPO / "build" / "bench-peer",
                     help="folder holding OpenAILike (see requirements/bench-peer.txt; `make bench-deps`)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of every system per level (same questions, cache reset each time), pooled; "
@@ -123,8 +103,7 @@ def per_level(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[int
     return dict(zip(levels, counts))
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = harness.logger("bench")
 
 
 async def drive(items: list[Any], concurrency: int, one: Callable[[int, Any], Awaitable[Record]],
@@ -132,21 +111,19 @@ async def drive(items: list[Any], concurrency: int, one: Callable[[int, Any], Aw
     """C workers take the next item as soon as they finish one: C requests stay in flight
     (a closed loop, the load a batch job or a busy server puts on the engine)."""
     records: list[Record | None] = [None] * len(items)
-    todo = iter(enumerate(items))
 
-    async def worker() -> None:
-        for i, item in todo:  # one shared iterator: asyncio runs one worker at a time
-            t = time.perf_counter()
-            try:
-                rec = await asyncio.wait_for(one(i, item), timeout_s)
-            except Exception as e:  # noqa: BLE001 - a failed request is a result to report
-                rec = Record(i, error=f"{type(e).__name__}: {e}"[:200])
-            rec.latency_s = time.perf_counter() - t
-            records[i] = rec
+    async def timed_one(i_item: tuple[int, Any]) -> None:
+        i, item = i_item
+        t = time.perf_counter()
+        try:
+            rec = await asyncio.wait_for(one(i, item), timeout_s)
+        except Exception as e:  # noqa: BLE001 - a failed request is a result to report
+            rec = Record(i, error=f"{type(e).__name__}: {e}"[:200])
+        rec.latency_s = time.perf_counter() - t
+        records[i] = rec
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
-    return [r for r in records if r is not None], time.perf_counter() - t0
+    wall = await harness.run_clients(enumerate(items), min(concurrency, len(items)), timed_one)
+    return [r for r in records if r is not None], wall
 
 
 async def measure(sys_: Systems, name: str, c: int, qs: list[wl.Question], args: argparse.Namespace,
@@ -188,6 +165,7 @@ async def run_levels(sys_: Systems, names: list[str], args: argparse.Namespace, 
 async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
 
+    env = harness.environment(*PEER_PACKAGES, "psutil")  # before the run: the machine's load average
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = RAGConfig().replace(cache={"enabled": False}, generate={"max_tokens": args.max_tokens})
     index_note = await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, cfg)
@@ -207,7 +185,7 @@ async def main_async(args: argparse.Namespace) -> None:
         runs += await run_levels(sys_, [n for n in SYSTEMS if n in sys_.available], args, sampler)
     finally:
         await sys_.stop()
-    write_report(args, cfg, sys_, runs, embed, index_note)
+    write_report(args, env, cfg, sys_, runs, embed, index_note)
 
 
 def ratio_lines(summaries: list[dict[str, Any]], embed: dict[str, Any], peer_skipped: str | None) -> list[str]:
@@ -247,16 +225,12 @@ def ratio_lines(summaries: list[dict[str, Any]], embed: dict[str, Any], peer_ski
     return lines
 
 
-def write_report(args, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any], index_note: str) -> None:
+def write_report(args, env, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any], index_note: str) -> None:
     summaries = [r.summary() for r in runs]
     seq = next((s for s in summaries if s["system"] == "sequential"), None)
     g, v = cfg.generate, cfg.vllm
     page = [
-        "# ragserve serving benchmark (issue 4)", "",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- hardware: {hardware()}",
-        f"- versions: {versions()}",
+        "# ragserve serving benchmark (issue 4)", "", *harness.run_lines(env),
         f"- index: {index_note}; {sys_.n_chunks} chunks (chunk_size {cfg.chunk.chunk_size}, overlap "
         f"{cfg.chunk.chunk_overlap}), {cfg.index.index_type}, top_k {cfg.query.top_k}",
         f"- models: embedding `{sys_.embed_path}`; generation `{sys_.gen_path}` (dtype {v.dtype}, "
@@ -285,12 +259,10 @@ def write_report(args, cfg, sys_: Systems, runs: list[Run], embed: dict[str, Any
         "## Method and fairness", "", fairness_text(), "",
         "## Sample answers", "", *sample_answers(runs), "",
     ]
-    (args.out / "serving_benchmark.md").write_text("\n".join(page) + "\n", encoding="utf-8")
     chart([s for s in summaries if s["system"] != "sequential"], args.out / "serving_benchmark.png", seq)
     raw = {"summaries": summaries, "embedding": embed, "answers": {
         f"{r.system} C={r.concurrency}": [[rec.answer, rec.error] for rec in r.records] for r in runs}}
-    (args.out / "serving_benchmark.json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-    print("\n".join(page))
+    harness.write_report("\n".join(page), args.out / "serving_benchmark.md", args.out / "serving_benchmark.json", raw)
     log(f"wrote {args.out / 'serving_benchmark.md'}, .png and .json")
 
 

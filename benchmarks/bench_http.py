@@ -23,12 +23,12 @@ Then, on a second server with the answer cache on (L1, embedded Redis in a temp 
 and tight admission bounds: L1 hits over HTTP at ``--hit-clients`` (64) clients; and a
 burst of misses past the bounds, where every refused request must get 429 at once.
 
-Memory over a long mixed run (RSS growth): ``scripts/soak.py``.
+Memory over a long mixed run (RSS growth): ``benchmarks/soak.py``.
 
 Run (from the repo root, on an otherwise idle machine; ``make bench-deps`` first for (d)):
 
-    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python scripts/bench_http.py --out reports/http
-    python scripts/bench_http.py --concurrency 1,8 --questions-per-level 4,16 --skip-peer   # a quick look
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python benchmarks/bench_http.py --out reports/http
+    python benchmarks/bench_http.py --concurrency 1,8 --questions-per-level 4,16 --skip-peer   # a quick look
 
 A benchmark, not a test: it asserts nothing, it reports.
 """
@@ -37,23 +37,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import bench_serving as bs
+import bench_serving_workload as wl
+import harness
 import numpy as np
+from bench_http_hits import hits_and_overload
+from bench_serving_report import Record, Run, cpu_table
+from bench_serving_systems import Systems
+from harness import CpuSampler, pct
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-
-import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
-import bench_serving_workload as wl  # noqa: E402
-from bench_http_hits import hits_and_overload  # noqa: E402
-from bench_http_hits import pct as _pct
-from bench_serving_report import CpuSampler, Record, Run, cpu_table  # noqa: E402
-from bench_serving_systems import Systems  # noqa: E402
+from ragserve.profiling.env import PEER_PACKAGES, header_markdown
 
 SYSTEMS = ("HTTP native", "HTTP OpenAI", "in-process", "LlamaIndex", "HTTP native JSON", "in-process plain")
 DEFAULT_SYSTEMS = "HTTP native,HTTP OpenAI,in-process,LlamaIndex"
@@ -61,11 +58,8 @@ ADMIN_KEY = "bench-admin-key-0123456789"
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=bs.REPO / "indexes" / "xquad")
-    ap.add_argument("--xquad", type=Path, default=wl.XQUAD)
-    ap.add_argument("--out", type=Path, default=bs.REPO / "reports" / "http")
+    ap = harness.parser(__doc__)
+    harness.xquad_arguments(ap, "http")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--questions-per-level", default="8,32,64,128")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -78,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-hits", action="store_true", help="leave out the cache-hit and overload server")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--peer-vllm-defaults", action="store_true")
-    ap.add_argument("--peer-overlay", type=Path, default=bs.REPO / "build" / "bench-peer")
+    ap.add_argument("--peer-overlay", type=Path, default=harness.REPO / "build" / "bench-peer")
     ap.add_argument("--hit-clients", type=int, default=64)
     ap.add_argument("--hit-requests", type=int, default=20_000)
     ap.add_argument("--burst", type=int, default=64, help="concurrent misses sent past the admission bounds")
@@ -104,7 +98,6 @@ class HttpSystems(Systems):
     """``bench_serving``'s systems plus ``ragserve serve`` over HTTP (native and OpenAI)."""
 
     async def start(self) -> None:
-        import httpx
         import openai
 
         from ragserve.server.process import ServerProcess
@@ -115,10 +108,9 @@ class HttpSystems(Systems):
         t = time.perf_counter()
         await asyncio.to_thread(self.srv.start)
         self.start_s["ragserve serve"] = time.perf_counter() - t
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        self.client = httpx.AsyncClient(base_url=self.srv.url, timeout=self.args.request_timeout, limits=limits)
+        self.client = harness.http_client(self.srv.url, timeout=self.args.request_timeout)
         self.oa = openai.AsyncOpenAI(base_url=f"{self.srv.url}/v1", api_key="unused", max_retries=0,
-                                     http_client=httpx.AsyncClient(timeout=self.args.request_timeout, limits=limits))
+                                     http_client=harness.http_client(timeout=self.args.request_timeout))
         self.available = [n for n in self.args.systems if n != "LlamaIndex" or n in self.available]
         self.log(f"ragserve serve up at {self.srv.url} in {self.start_s['ragserve serve']:.0f} s")
 
@@ -139,48 +131,24 @@ class HttpSystems(Systems):
 
     async def reset_prefix_cache(self, name: str) -> None:
         if name.startswith("HTTP"):
-            r = await self.client.post("/admin/reset_prefix_cache", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-            if r.status_code != 200 or not r.json()["reset"]:
-                raise RuntimeError(f"the server did not reset its prefix cache: {r.status_code} {r.text[:200]}")
+            await harness.reset_prefix_cache(self.client, admin_key=ADMIN_KEY)
             return
         await super().reset_prefix_cache("ragserve" if name.startswith("in-process") else name)
 
     async def _native_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
-        from ragserve.server.sse import read_events
-
-        ttft, done = None, None
-        async with self.client.stream("POST", "/v1/query", json={"question": q.text, "stream": True}) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for event, data in read_events(r.aiter_lines()):
-                if event == "token" and ttft is None:
-                    ttft = time.perf_counter() - t0
-                elif event == "done":
-                    done = json.loads(data)
-                elif event == "error":
-                    raise RuntimeError(data[:194])
-        if done is None:
-            raise RuntimeError("the stream ended without a done event")
-        return _record(i, done["answer"], done["usage"], done["timings"], ttft, time.perf_counter() - t0)
+        ttft, _, done = await harness.stream_query(self.client, {"question": q.text})
+        return _timed(Record.of_json(i, done), time.perf_counter() - t0, ttft)
 
     async def _native_json_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
-        r = await self.client.post("/v1/query", json={"question": q.text})
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        d = r.json()
-        rec = _record(i, d["answer"], d["usage"], d["timings"], None, time.perf_counter() - t0)
-        del rec.stages["ttft_ms"]  # not streamed: no first token to time
-        return rec
+        d = await harness.post_ok(self.client, "/v1/query", {"question": q.text})
+        return _timed(Record.of_json(i, d), time.perf_counter() - t0, streamed=False)
 
     async def _inprocess_plain_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
         r = await self.rag.aquery(q.text)
-        usage = {"completion_tokens": r.usage.completion_tokens, "prompt_tokens": r.usage.prompt_tokens}
-        rec = _record(i, r.answer, usage, r.timings.as_dict(), None, time.perf_counter() - t0)
-        del rec.stages["ttft_ms"]
-        return rec
+        return _timed(Record.of_result(i, r), time.perf_counter() - t0, streamed=False)
 
     async def _openai_one(self, i: int, q: Any) -> Record:
         t0 = time.perf_counter()
@@ -198,44 +166,31 @@ class HttpSystems(Systems):
                 usage = {"completion_tokens": chunk.usage.completion_tokens, "prompt_tokens": chunk.usage.prompt_tokens}
         if extra is None:
             raise RuntimeError("the stream ended without a finish chunk")
-        return _record(i, "".join(parts).strip(), usage or {}, extra["timings"], ttft, time.perf_counter() - t0)
+        answer = {"answer": "".join(parts).strip(), "usage": usage, "timings": extra["timings"]}
+        return _timed(Record.of_json(i, answer), time.perf_counter() - t0, ttft)
 
     async def _inprocess_one(self, i: int, q: Any) -> Record:
-        from ragserve.types import DoneEvent, TokenEvent
-
         t0 = time.perf_counter()
-        ttft, result = None, None
-        async for ev in self.rag.astream(q.text):
-            if isinstance(ev, TokenEvent) and ttft is None:
-                ttft = time.perf_counter() - t0
-            elif isinstance(ev, DoneEvent):
-                result = ev.result
-        assert result is not None
-        usage = {"completion_tokens": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens}
-        return _record(i, result.answer, usage, result.timings.as_dict(), ttft, time.perf_counter() - t0)
+        ttft, _, result = await harness.stream_inprocess(self.rag, q.text)
+        return _timed(Record.of_result(i, result), time.perf_counter() - t0, ttft)
 
     def label_pid(self, pid: int) -> str:
         srv = getattr(self, "srv", None)
         if srv is not None and srv.proc is not None:
-            import psutil
-
             if pid == srv.pid:
                 return "ragserve serve (HTTP + pipeline)"
-            try:
-                if pid in {p.pid for p in psutil.Process(srv.pid).children(recursive=True)}:
-                    return "ragserve serve: vLLM engine"
-            except psutil.Error:
-                pass
+            if pid in harness.process_tree(srv.pid):
+                return "ragserve serve: vLLM engine"
         return super().label_pid(pid)
 
 
-def _record(i: int, answer: str, usage: dict[str, Any], timings: dict[str, float], ttft: float | None,
-            latency_s: float) -> Record:
-    stages = dict(timings)
-    stages["ttft_ms"] = (ttft if ttft is not None else latency_s) * 1e3
-    stages["outside_server_ms"] = latency_s * 1e3 - float(timings.get("total", 0.0))
-    return Record(i, answer=answer, completion_tokens=usage.get("completion_tokens"),
-                  prompt_tokens=usage.get("prompt_tokens"), stages=stages)
+def _timed(rec: Record, latency_s: float, ttft_s: float | None = None, *, streamed: bool = True) -> Record:
+    """``rec`` with the client's view in its stages: ``ttft_ms`` for a streamed request (its
+    latency if no token came) and ``outside_server_ms``, the latency less the server's ``total``."""
+    if streamed:
+        rec.stages["ttft_ms"] = (ttft_s if ttft_s is not None else latency_s) * 1e3
+    rec.stages["outside_server_ms"] = latency_s * 1e3 - float(rec.stages.get("total", 0.0))
+    return rec
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -252,8 +207,8 @@ def miss_table(runs: list[Run]) -> list[str]:
         lines.append(
             f"| {run.system} | {run.concurrency} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | "
             f"{s['p50_s']:.2f} | {s['p95_s']:.2f} | "
-            + (f"{_pct(ttft, 50):.2f} | {_pct(ttft, 95):.2f} | " if ttft else "— | — | ")
-            + (f"{np.mean(outside):.2f} / {_pct(outside, 50):.2f} | " if outside else "— | ")
+            + (f"{pct(ttft, 50):.2f} | {pct(ttft, 95):.2f} | " if ttft else "— | — | ")
+            + (f"{np.mean(outside):.2f} / {pct(outside, 50):.2f} | " if outside else "— | ")
             + f"{s['gold_hits']}/{n} |")
     return lines
 
@@ -272,15 +227,13 @@ def ratio_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], extra: dict[str, Any]) -> None:
-    from ragserve.profiling.env import PACKAGES, PEER_PACKAGES, environment, header_markdown
-
-    env = environment((*PACKAGES, "fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES))
+def write_report(args: argparse.Namespace, machine: dict[str, Any], sys_: HttpSystems, runs: list[Run],
+                 extra: dict[str, Any]) -> None:
     settings = {"index": args.index, "max_tokens": args.max_tokens, "stream_interval": sys_.cfg.vllm.stream_interval,
                 "levels (C: questions)": args.per_level,
                 "answer cache": "off for misses; on (L1 + embedded Redis) for the hit/overload server",
                 "start-up s": {k: round(v, 1) for k, v in sys_.start_s.items()}, "peer": sys_.peer_note}
-    lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(env, settings), "",
+    lines = ["# HTTP serving benchmark (issue 11)", "", header_markdown(machine, settings), "",
              "## Misses: distinct questions, every request reaches vLLM", "", *miss_table(runs), "",
              *ratio_lines(runs), "",
              "TTFT: from sending the request to the first token at the client (streaming). *Outside the server*: "
@@ -309,16 +262,14 @@ def write_report(args: argparse.Namespace, sys_: HttpSystems, runs: list[Run], e
                   "server (its access log: from the request reaching the app to the response); the client's figure "
                   "adds the time this one Python client takes to send a burst of 64 and read the answers.", ""]
     lines += ["## CPU", "", *cpu_table([r.summary() for r in runs]), ""]
-    text = "\n".join(lines)
-    (args.out / "report.md").write_text(text, encoding="utf-8")
-    (args.out / "report.json").write_text(json.dumps({"runs": [r.summary() for r in runs], **extra}, default=str,
-                                                     indent=1), encoding="utf-8")
-    print(text)
+    harness.write_report("\n".join(lines), args.out / "report.md", args.out / "report.json",
+                         {"runs": [r.summary() for r in runs], **extra})
 
 
 async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
 
+    machine = harness.environment("fastapi", "uvicorn", "httpx", "openai", *PEER_PACKAGES)  # before the run
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = RAGConfig().replace(cache={"enabled": False}, generate={"max_tokens": args.max_tokens})
     if args.stream_interval is not None:
@@ -337,7 +288,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await sys_.stop()
     env = server_env(args, RAGSERVE_QUERY_MAX_IN_FLIGHT="4", RAGSERVE_QUERY_MAX_QUEUED="4")
     extra = {} if args.skip_hits else await hits_and_overload(args, workload.spare, env)
-    write_report(args, sys_, runs, extra)
+    write_report(args, machine, sys_, runs, extra)
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ CPU-seconds from psutil over every process of the run (cumulative counters, befo
 
 Run (repo root; on an otherwise idle machine; about 15 min at the defaults):
 
-    python scripts/bench_ray.py --out reports/ray
-    python scripts/bench_ray.py --quick --out reports/ray-quick                 # a few dozen requests
-    python scripts/bench_ray.py --systems serve,ray --requests 2000 --out reports/ray-a
+    python benchmarks/bench_ray.py --out reports/ray
+    python benchmarks/bench_ray.py --quick --out reports/ray-quick                 # a few dozen requests
+    python benchmarks/bench_ray.py --systems serve,ray --requests 2000 --out reports/ray-a
 
 A benchmark, not a test: it asserts nothing, it reports.
 """
@@ -44,22 +44,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
-import time
 import uuid
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+import bench_serving as bs
+import bench_serving_workload as wl
+import harness
+from bench_http_hits import closed_loop
+from bench_ray_systems import SYSTEMS, System, warm_l1
+from bench_serving_report import Run, cpu_table, results_table
+from harness import CpuSampler
 
-import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
-import bench_serving_workload as wl  # noqa: E402
-from bench_http_hits import closed_loop  # noqa: E402
-from bench_ray_systems import SYSTEMS, System, warm_l1  # noqa: E402
-from bench_serving_report import CpuSampler, Run, cpu_table, hardware, results_table, versions  # noqa: E402
+from ragserve.profiling.env import PEER_PACKAGES
 
 ADMIN_KEY = "bench-ray-admin-key-0123456789"
 QUICK = {"requests": 48, "miss_requests": 32, "hot": 8}
@@ -71,11 +67,8 @@ AROUND = {"ray": "the handle call to the generator replica and back, and its loo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=bs.REPO / "indexes" / "xquad")
-    ap.add_argument("--xquad", type=Path, default=wl.XQUAD)
-    ap.add_argument("--out", type=Path, default=bs.REPO / "reports" / "ray")
+    ap = harness.parser(__doc__)
+    harness.xquad_arguments(ap, "ray")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     ap.add_argument("--concurrency", type=int, default=16, help="clients of the hit and retrieval runs")
@@ -119,8 +112,7 @@ def settings(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
     return env
 
 
-def log(msg: str) -> None:
-    print(f"[bench-ray {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = harness.logger("bench-ray")
 
 
 async def loop_run(system: System, workload: str, path: str, bodies: list[dict[str, Any]],
@@ -162,6 +154,7 @@ async def main_async(args: argparse.Namespace) -> None:
     from ragserve import RAGConfig
     from ragserve.cache.redis_server import RedisServer, free_port
 
+    machine = harness.environment(*PEER_PACKAGES, "psutil", "ray", "fastapi", "uvicorn", "httpx")  # before the run
     args.out.mkdir(parents=True, exist_ok=True)
     index_note = await asyncio.to_thread(wl.ensure_index, args.index, args.xquad, RAGConfig())
     workload = wl.split(wl.load_questions(args.xquad), {args.miss_concurrency: args.miss_requests},
@@ -195,7 +188,7 @@ async def main_async(args: argparse.Namespace) -> None:
                                                 threads=system.threads)
     finally:
         redis.stop()
-    write_report(args, index_note, systems, loops, runs)
+    write_report(args, machine, index_note, systems, loops, runs)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -257,14 +250,10 @@ def miss_ratios(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(args: argparse.Namespace, index_note: str, systems: dict[str, Any],
+def write_report(args: argparse.Namespace, machine: dict[str, Any], index_note: str, systems: dict[str, Any],
                  loops: list[dict[str, Any]], runs: list[Run]) -> None:
     summaries = [r.summary() for r in runs]
-    extra = ", ".join(f"{p} {_version(p)}" for p in ("ray", "fastapi", "uvicorn", "httpx"))
-    page = ["# Ray serving benchmark (issue 12, (a)-(d))", "",
-            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-            f"- hardware: {hardware()}", f"- versions: {versions()}; {extra}",
+    page = ["# Ray serving benchmark (issue 12, (a)-(d))", "", *harness.run_lines(machine),
             f"- index: {index_note}; generation: max_tokens {args.max_tokens}, greedy; embed.threads "
             f"{args.embed_threads or 'auto'}; Ray: 3 logical CPUs, generator 2, ingress replicas 0.5 each",
             f"- hit / retrieval runs: {args.requests} requests from {args.concurrency} keep-alive clients "
@@ -285,20 +274,9 @@ def write_report(args: argparse.Namespace, index_note: str, systems: dict[str, A
              "its share of the queries (smaller batches).", "",
              "## (c), (d): misses", "", *results_table(summaries), "", *miss_ratios(summaries), "",
              "## CPU of the miss runs", "", *cpu_table(summaries), ""]
-    text = "\n".join(page)
-    (args.out / "report.md").write_text(text, encoding="utf-8")
-    raw = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "systems": systems, "loops": loops, "misses": summaries}
-    (args.out / "report.json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-    print(text)
+    raw = {"args": vars(args), "systems": systems, "loops": loops, "misses": summaries}
+    harness.write_report("\n".join(page), args.out / "report.md", args.out / "report.json", raw)
     log(f"wrote {args.out / 'report.md'} and report.json")
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ A, B. Prints markdown with hardware and versions at the top; ``--json`` keeps th
 A benchmark, not a test: run it alone on the machine.
 
 Usage:
-    python scripts/bench_prefix_layout.py --requests 256 --out reports/bench_prefix_layout.md
+    python benchmarks/bench_prefix_layout.py --requests 256 --out reports/bench_prefix_layout.md
 """
 
 from __future__ import annotations
@@ -34,23 +34,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
 
-from ragserve.config import RAGConfig  # noqa: E402
-from ragserve.engine.runtime import map_bounded  # noqa: E402
-from ragserve.eval.answers import answer_metrics, sample_questions, score  # noqa: E402
-from ragserve.eval.datasets import load_dataset  # noqa: E402
-from ragserve.eval.scoring import percentile  # noqa: E402
-from ragserve.profiling.env import environment, header_markdown  # noqa: E402
-from ragserve.profiling.workload import zipf_stream  # noqa: E402
-
-XQUAD = ROOT.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
+from ragserve.config import RAGConfig
+from ragserve.engine.runtime import map_bounded
+from ragserve.eval.answers import answer_metrics, sample_questions, score
+from ragserve.eval.datasets import load_dataset
+from ragserve.eval.scoring import percentile
+from ragserve.profiling.env import header_markdown
+from ragserve.profiling.workload import zipf_stream
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", default=str(XQUAD))
+    ap = harness.parser(__doc__, raw=False)
+    ap.add_argument("--dataset", default=str(harness.XQUAD))
     ap.add_argument("--index", default="indexes/eval-xquad.en-auto",
                     help="An index over the data set's paragraphs (built as `ragserve eval` builds it).")
     ap.add_argument("--orders", default="score,chunk_id")
@@ -115,7 +112,7 @@ def main() -> None:
     args = parse_args()
     from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
-    env = environment()
+    env = harness.environment()
     ds = load_dataset(args.dataset)
     stream = zipf_stream(ds.questions, args.requests, s=args.s, seed=args.seed)
     protocol = sample_questions(ds.questions, args.quality_sample, 1) if args.quality_sample else []
@@ -141,12 +138,7 @@ def main() -> None:
     report = (f"# Prompt layout vs vLLM's prefix cache\n\n{header_markdown(env, settings)}\n{table(rows)}\n\n"
               "TTFT = request start to first token (total - decode); prefill = vLLM's scheduled -> first "
               "token. Hit rate = hit tokens / looked-up prompt tokens over the timed pass (vLLM's counters).\n")
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    if args.json:
-        args.json.write_text(json.dumps({"env": env, "settings": settings, "rows": rows}, indent=2))
+    harness.write_report(report, args.out, args.json, {"env": env, "settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from bench_serving_report import Record
 from bench_serving_workload import Question, Workload
+from harness import pct, process_name
 
 
 class Systems:
@@ -142,8 +142,7 @@ class Systems:
         self.identity["requests"] += 1
         self.identity["same_question"] += r.question == q.text
         self.identity["same_chunks"] += ids == self.used_ids.get(q.text)
-        return Record(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
-                      prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict(), chunk_ids=ids)
+        return Record.of_result(i, r, chunk_ids=ids)
 
     async def _ragserve_one(self, i: int, q: Question) -> Record:
         return self._ragserve_record(i, q, await self.rag.aquery(q.text))
@@ -224,10 +223,7 @@ class Systems:
     def label_pid(self, pid: int) -> str:
         if pid not in self._labels:
             peer = self.server.pids() if self.server is not None else set()
-            try:
-                name = psutil.Process(pid).name()
-            except psutil.Error:
-                name = "exited"
+            name = process_name(pid)
             if pid == os.getpid():
                 label = "bench process (clients, ragserve pipeline, vLLM client)"
             elif self.server is not None and pid == self.server.proc.pid:
@@ -305,8 +301,8 @@ async def embed_bench(index: Path, cfg: Any, questions: list[Question], n: int, 
     finally:
         for rag in rags.values():
             await asyncio.to_thread(rag.close)
-    out = {label: {"n": len(lat), "rate": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)),
-                   "p95_ms": float(np.percentile(lat, 95))} for label, (lat, wall) in got.items()}
+    out = {label: {"n": len(lat), "rate": len(lat) / wall, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+           for label, (lat, wall) in got.items()}
     on, off = (out[label]["rate"] for label in settings)
     log(f"embedding: {on:.1f} vs {off:.1f} retrievals/s ({on / off:.2f}x)")
     return {"concurrency": concurrency, "settings": out, "ratio": on / off}

@@ -6,7 +6,7 @@ the ranking ragserve's index keeps), the canonical LCEL chain ``{"context": retr
 format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()`` with the
 LangChain hub's "rlm/rag-prompt" text (written out: the hub is not reachable here), and
 ``ChatOpenAI`` pointed at vLLM's OpenAI server, with LangChain's Redis LLM cache set globally
-(``set_llm_cache(RedisCache(redis.Redis.from_url(url)))``). ``scripts/bench_headline.py``
+(``set_llm_cache(RedisCache(redis.Redis.from_url(url)))``). ``benchmarks/bench_headline.py``
 drives it; ``LangChainRecipe.ask`` runs one ``ainvoke`` and says whether the cache answered.
 
 **Install:** ``make bench-deps`` puts requirements/bench-peer-langchain.txt into
@@ -95,7 +95,7 @@ def _counting_cache(redis_client: Any, stats: dict[str, int], lock: threading.Lo
     # be counted twice or never: count where this version actually looks up.
     if RedisCache.alookup is not BaseCache.alookup or RedisCache.aupdate is not BaseCache.aupdate:
         raise RuntimeError("this langchain-community's RedisCache has its own async path; "
-                           "scripts/bench_headline_langchain.py counts only lookup()/update()")
+                           "benchmarks/bench_headline_langchain.py counts only lookup()/update()")
 
     class CountingRedisCache(RedisCache):
         def lookup(self, prompt: str, llm_string: str) -> Any:

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 import psutil
+
+from ragserve.cache.redis_server import free_port
 
 # vLLM's request histograms (seconds) and counters, read before and after each run.
 _HISTOGRAMS = {"generate_queue": "vllm:request_queue_time_seconds",
@@ -29,12 +31,6 @@ _HISTOGRAMS = {"generate_queue": "vllm:request_queue_time_seconds",
                "generate_decode": "vllm:request_decode_time_seconds",
                "prompt_tokens_mean": "vllm:request_prompt_tokens"}
 _COUNTERS = {"generation_tokens": "vllm:generation_tokens_total", "prompt_tokens": "vllm:prompt_tokens_total"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PeerServer:
@@ -101,19 +97,10 @@ class PeerServer:
         raise RuntimeError(f"the vLLM OpenAI server was not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 25) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        return harness.tail(self.log, n) or "(no log)"
 
     def pids(self) -> set[int]:
-        if self.proc is None:
-            return set()
-        try:
-            root = psutil.Process(self.proc.pid)
-            return {root.pid, *(c.pid for c in root.children(recursive=True))}
-        except psutil.Error:
-            return set()
+        return harness.process_tree(self.proc.pid) if self.proc is not None else set()
 
     def stop(self) -> None:
         """SIGTERM the server (it stops its engine), then SIGKILL what is left of the
@@ -134,26 +121,13 @@ class PeerServer:
                 pass
 
     async def reset_prefix_cache(self, client: httpx.AsyncClient) -> None:
-        # The reset fails while blocks are held (a request that just finished may still
-        # be freeing them): retry briefly, and never measure on a cache we could not clear.
-        for _ in range(50):
-            r = await client.post(f"{self.base}/reset_prefix_cache")
-            r.raise_for_status()
-            if r.json().get("success"):
-                return
-            await _sleep(0.1)
-        raise RuntimeError("the peer server refused to reset its prefix cache 50 times")
+        await harness.reset_prefix_cache(client, f"{self.base}/reset_prefix_cache", field="success",
+                                         what="the peer server")
 
     async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
         r = await client.get(f"{self.base}/metrics")
         r.raise_for_status()
         return parse_metrics(r.text)
-
-
-async def _sleep(s: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(s)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -32,9 +32,9 @@ latency CDFs.
 
 Run (repo root, an otherwise idle machine; ``make bench-deps`` first for (c) and (d)):
 
-    python scripts/bench_headline.py --out reports/headline                   # 2,000 requests, C=32
-    python scripts/bench_headline.py --n 60 --concurrency 8 --systems ragserve,ragserve-nocache  # CI's size
-    python scripts/bench_headline.py --days --systems ragserve,langchain --out reports/headline-days
+    python benchmarks/bench_headline.py --out reports/headline                   # 2,000 requests, C=32
+    python benchmarks/bench_headline.py --n 60 --concurrency 8 --systems ragserve,ragserve-nocache  # CI's size
+    python benchmarks/bench_headline.py --days --systems ragserve,langchain --out reports/headline-days
 
 A benchmark, not a test: it asserts nothing, it reports.
 """
@@ -49,15 +49,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+import bench_serving_workload as wl
+import harness
+import headline_days
+import headline_report as hr
+import headline_systems as hs
+from harness import CpuSampler
 
-import bench_serving as bs  # noqa: E402  (puts the checkout first on sys.path, sets HF_HUB_OFFLINE)
-import headline_days  # noqa: E402
-import headline_report as hr  # noqa: E402
-import headline_systems as hs  # noqa: E402
-import psutil  # noqa: E402
-from bench_serving_report import CpuSampler, hardware, versions  # noqa: E402
+from ragserve.profiling.env import PEER_PACKAGES
 
 SYSTEMS = ("ragserve", "ragserve-nocache", "langchain", "llamaindex", "ragserve-distinct")
 ROLES = {"ours": "ragserve", "recipe": "langchain", "peer": "llamaindex"}
@@ -65,10 +64,9 @@ ADMIN_KEY = "headline-admin-key-0123456789"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=bs.REPO / "indexes" / "xquad")
-    ap.add_argument("--questions", type=Path, default=bs.wl.XQUAD, help="SQuAD/XQuAD .json or a BEIR folder")
+    ap = harness.parser(__doc__)
+    ap.add_argument("--index", type=Path, default=harness.XQUAD_INDEX)
+    ap.add_argument("--questions", type=Path, default=harness.XQUAD, help="SQuAD/XQuAD .json or a BEIR folder")
     ap.add_argument("--n", type=int, default=2000, help="requests per stream")
     ap.add_argument("--s", default="1.1", help="Zipf exponent(s), comma-separated for a sweep")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "warming with yesterday's (ragserve warm; LangChain: yesterday's traffic)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=bs.REPO / "reports" / "headline")
-    ap.add_argument("--peer-overlay", type=Path, default=bs.REPO / "build" / "bench-peer")
+    ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "headline")
+    ap.add_argument("--peer-overlay", type=Path, default=harness.REPO / "build" / "bench-peer")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
     args.s = [float(x) for x in args.s.split(",")]
@@ -92,8 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def log(msg: str) -> None:
-    print(f"[headline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = harness.logger("headline", sys.stdout)
 
 
 OTHER = "other"
@@ -108,10 +105,7 @@ def system_labels(pids: set[int]) -> Any:
             return "benchmark (clients)"
         if pid not in pids:
             return OTHER
-        try:
-            return psutil.Process(pid).name()
-        except psutil.Error:
-            return "exited"
+        return harness.process_name(pid)
 
     return label
 
@@ -134,13 +128,7 @@ async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tup
         r.done_s = time.perf_counter() - t0
 
     if args.rate is None:
-        todo = iter(zip(reqs, stream))
-
-        async def client() -> None:
-            for r, q in todo:
-                await one(r, q.text)
-
-        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        await harness.run_clients(zip(reqs, stream), args.concurrency, lambda rq: one(rq[0], rq[1].text))
     else:
         gate = asyncio.Semaphore(args.max_open)
 
@@ -165,17 +153,16 @@ class Bench:
         self._closers: list[Any] = []
 
     async def start(self) -> None:
-        import httpx
-
         from ragserve.cache.redis_server import RedisServer
         from ragserve.config import RAGConfig
         from ragserve.eval.datasets import load_dataset
         from ragserve.server.process import ServerProcess
 
         a = self.args
+        self.env = harness.environment(*PEER_PACKAGES, "psutil")  # before the run: the machine's load average
         a.out.mkdir(parents=True, exist_ok=True)
         self.cfg = RAGConfig.load().replace(generate={"max_tokens": a.max_tokens})
-        self.notes.append(f"index: {bs.wl.ensure_index(a.index, bs.wl.XQUAD, self.cfg)}")
+        self.notes.append(f"index: {wl.ensure_index(a.index, harness.XQUAD, self.cfg)}")
         self.dataset = load_dataset(a.questions)
         self.golds = {q.qid: q.answers for q in self.dataset.questions}
         self.redis = RedisServer(maxmemory="1gb")
@@ -189,8 +176,7 @@ class Bench:
         self.server = await asyncio.to_thread(ServerProcess(a.index, env=env, log=a.out / "server.log").start)
         self._closers.append(self.server.stop)
         log(f"ragserve serve up at {self.server.url} in {time.perf_counter() - t:.0f} s (Redis {self.redis.url})")
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-        self.client = httpx.AsyncClient(base_url=self.server.url, timeout=a.request_timeout, limits=limits)
+        self.client = harness.http_client(self.server.url, timeout=a.request_timeout, connections=1024)
         for name, cache in (("ragserve", True), ("ragserve-nocache", False), ("ragserve-distinct", False)):
             if name in a.systems:
                 self.systems[name] = hs.RagserveHttp(name, self.server, self.client, ADMIN_KEY, cache=cache)
@@ -267,7 +253,7 @@ class Bench:
         # first-request costs (connections, lazy imports) outside the run, on a question no stream asks
         await system.ask("Which warm-up question does the headline benchmark ask first?")
         await system.prepare(namespace)
-        redis = hs.tree(self.redis.proc.pid) if self.redis.proc is not None else set()
+        redis = harness.process_tree(self.redis.proc.pid) if self.redis.proc is not None else set()
         sampler = CpuSampler(system_labels({*system.pids(), *redis}))
         g0, c0 = await system.generations(), sampler.snapshot()
         log(f"{label}: {len(stream)} requests")
@@ -313,7 +299,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await bench.stop()
     header = header_lines(args, bench)
     hr.write(args.out, header, rows, extra, {"title": f"{args.n} requests, Zipf s={args.s}, "
-             f"{'open loop' if args.rate else f'C={args.concurrency}'}", "args": _plain(vars(args)),
+             f"{'open loop' if args.rate else f'C={args.concurrency}'}", "args": vars(args),
              "skipped": bench.skipped, "notes": bench.notes, "requests": requests})
     print("\n".join([*header, "", *hr.table(rows), "", *hr.miss_table(rows), "", *hr.cpu_table(rows), "", *extra]))
     log(f"report: {args.out / 'report.md'}")
@@ -337,7 +323,7 @@ def header_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
     loop = f"open loop at {args.rate:g} req/s (at most {args.max_open} in flight)" if args.rate else \
         f"closed loop, {args.concurrency} clients"
     lines = ["# Headline benchmark: a Zipf question stream through HTTP, ragserve and the recipes users copy", "",
-             f"- hardware: {hardware()}", f"- versions: {versions()}",
+             *harness.run_lines(bench.env),
              f"- stream: {args.n} requests, Zipf s={', '.join(f'{s:g}' for s in args.s)} over "
              f"{len(bench.dataset.questions)} questions of {args.questions.name} (ranking seed {args.seed}), {loop}",
              f"- generation: greedy, max_tokens {args.max_tokens}, the same model and engine settings everywhere; "
@@ -345,10 +331,6 @@ def header_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
              *[f"- {n}" for n in bench.notes]]
     lines += [f"- {name}: skipped: {why}" for name, why in bench.skipped.items()]
     return lines
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import psutil
 from bench_serving_report import Record
-from headline_systems import tree
+from harness import process_tree
 
 # name -> (what it is, the runs it takes part in)
 SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -36,8 +37,6 @@ SYSTEMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "openai": ("`ragserve serve`, `openai` backend → vLLM's OpenAI server on loopback", ("misses",)),
     "in-process": ("`rag.aquery` in the benchmark process (vLLM AsyncLLM, no HTTP)", ("misses",)),
 }
-
-
 
 
 def title(pid: int) -> str:
@@ -96,8 +95,6 @@ class System:
     # -- up and down ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        import httpx
-
         from ragserve.server.process import ServerProcess
 
         a, t = self.args, time.perf_counter()
@@ -118,8 +115,7 @@ class System:
             self.srv = ServerProcess(a.index, env=env, args=argv, log=a.out / f"server-{self.name}.log",
                                      start_timeout_s=a.start_timeout)
             await asyncio.to_thread(self.srv.start)
-            limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-            self.client = httpx.AsyncClient(base_url=self.srv.url, timeout=a.request_timeout, limits=limits)
+            self.client = harness.http_client(self.srv.url, timeout=a.request_timeout, connections=512)
         self.start_s = time.perf_counter() - t
         self.threads = thread_notes(self.pids())
         self.log(f"{self.name} up in {self.start_s:.0f} s; {self.threads}")
@@ -144,7 +140,7 @@ class System:
             await asyncio.to_thread(self.srv.stop, 180.0)
             # vLLM's engine core and Ray's processes are in the server's process group and exit
             # a moment after it: wait for them, so that no engine outlives its system
-            if not await _until(lambda: not self.srv.group_alive(), 30.0):
+            if not await harness.until(lambda: not self.srv.group_alive(), 30.0):
                 self.log(f"{self.name}: processes left 30 s after the server stopped; killing its group")
                 await asyncio.to_thread(self.srv.kill)
         if self.peer is not None:
@@ -156,13 +152,13 @@ class System:
                 kids = psutil.Process().children(recursive=True)
                 return [c.pid for c in kids if "EngineCore" in title(c.pid)]
 
-            if not await _until(lambda: not engines(), 30.0):
+            if not await harness.until(lambda: not engines(), 30.0):
                 self.log(f"in-process: vLLM engine still running 30 s after rag.close(): {engines()}")
 
     def pids(self) -> set[int]:
         if self.rag is not None:
-            return tree(os.getpid()) - {os.getpid()}  # the engine core; this process is counted apart
-        return (tree(self.srv.pid) if self.srv is not None and self.srv.proc is not None else set()) | \
+            return process_tree(os.getpid()) - {os.getpid()}  # the engine core; this process is counted apart
+        return (process_tree(self.srv.pid) if self.srv is not None and self.srv.proc is not None else set()) | \
             (self.peer.pids() if self.peer is not None else set())
 
     def label(self, pid: int) -> str:
@@ -180,14 +176,10 @@ class System:
         return await drive(qs, c, self._inprocess_one if self.rag is not None else self._http_one, timeout_s)
 
     async def reset_prefix_cache(self, name: str) -> None:
-        if self.rag is not None:
-            ok = await asyncio.to_thread(self.rag.reset_prefix_cache)
-        else:
-            key = self.env["RAGSERVE_SERVER_ADMIN_KEY"]
-            r = await self.client.post("/admin/reset_prefix_cache",
-                                       headers={"Authorization": f"Bearer {key}"})
-            ok = r.status_code == 200 and r.json().get("reset")
-        if not ok:
+        if self.rag is None:
+            await harness.reset_prefix_cache(self.client, admin_key=self.env["RAGSERVE_SERVER_ADMIN_KEY"],
+                                             what=self.name)
+        elif not await asyncio.to_thread(self.rag.reset_prefix_cache):
             raise RuntimeError(f"{self.name}: vLLM's prefix cache was not reset")
 
     async def server_metrics(self, name: str) -> None:
@@ -198,26 +190,10 @@ class System:
 
     async def _http_one(self, i: int, q: Any) -> Record:
         body = {"question": q.text, "cache": {"read": False, "write": False}}
-        r = await self.client.post("/v1/query", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        d = r.json()
-        return Record(i, answer=d["answer"], completion_tokens=d["usage"]["completion_tokens"],
-                      prompt_tokens=d["usage"]["prompt_tokens"], stages=d["timings"])
+        return Record.of_json(i, await harness.post_ok(self.client, "/v1/query", body))
 
     async def _inprocess_one(self, i: int, q: Any) -> Record:
-        r = await self.rag.aquery(q.text, cache_read=False, cache_write=False)
-        return Record(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
-                      prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict())
-
-
-async def _until(done: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.2)
-    return True
+        return Record.of_result(i, await self.rag.aquery(q.text, cache_read=False, cache_write=False))
 
 
 async def warm_l1(client: Any, bodies: list[dict[str, Any]], replicas: int, concurrency: int,

@@ -1,25 +1,23 @@
 """The serving benchmark's workload: XQuAD questions with gold answers, the corpus and
-index they are asked against, and the answer check (see ``bench_serving.py``)."""
+index they are asked against (see ``bench_serving.py``). The answer check is
+``ragserve.eval.scoring.contains_answer`` (SQuAD normalisation, whole words)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import random
-import re
-import string
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-XQUAD = REPO.parent / "shared" / "data" / "xquad-en" / "xquad.en.json"
+import harness
 
+from ragserve.cache.keys import normalize_question
+from ragserve.eval.datasets import EvalQuestion, load_squad, squad_paragraphs
 
-@dataclass(frozen=True)
-class Question:
-    text: str
-    answers: tuple[str, ...]
-    doc_id: str
+XQUAD = harness.XQUAD
+Question = EvalQuestion
+"""A question as the serving benchmarks ask it: ``text`` (normalised as ragserve normalises
+it), gold ``answers``."""
 
 
 @dataclass
@@ -30,26 +28,20 @@ class Workload:
     """Questions used by no serving run (the embedding benchmark takes its questions here)."""
 
 
-def normalize_like_ragserve(question: str) -> str:
-    # ragserve answers the NFKC, whitespace-collapsed question. Asking that form everywhere
-    # makes the raw-vLLM prompts (built here) byte-identical to the ones ragserve builds.
-    return " ".join(unicodedata.normalize("NFKC", question).split())
-
-
 def load_questions(path: Path = XQUAD) -> list[Question]:
-    """Every distinct XQuAD question (first occurrence kept), in file order."""
+    """Every distinct XQuAD question (first occurrence kept, case aside), in file order.
+
+    The text is ragserve's normalised question (NFKC, whitespace collapsed): asking that form
+    everywhere makes the raw-vLLM prompts (built from it) byte-identical to ragserve's."""
     if not path.is_file():
         raise SystemExit(f"XQuAD data not found at {path} (pass --xquad)")
     seen: set[str] = set()
     out = []
-    for article in json.loads(path.read_text("utf-8"))["data"]:
-        for i, para in enumerate(article["paragraphs"]):
-            for qa in para["qas"]:
-                text = normalize_like_ragserve(qa["question"])
-                if text and text.lower() not in seen:
-                    seen.add(text.lower())
-                    out.append(Question(text, tuple(a["text"] for a in qa["answers"]),
-                                        f"{article['title']}_{i}.txt"))
+    for q in load_squad(path).questions:
+        text = normalize_question(q.text)
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            out.append(dataclasses.replace(q, text=text))
     return out
 
 
@@ -74,12 +66,10 @@ def split(questions: list[Question], per_level: dict[int, int], warmup: int, see
 def write_corpus(folder: Path, path: Path = XQUAD) -> int:
     """One .txt per XQuAD paragraph (``Title_N.txt``), as the test suite's corpus does."""
     folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for article in json.loads(path.read_text("utf-8"))["data"]:
-        for i, para in enumerate(article["paragraphs"]):
-            (folder / f"{article['title']}_{i}.txt").write_text(para["context"], encoding="utf-8")
-            n += 1
-    return n
+    paragraphs = squad_paragraphs(path)
+    for p in paragraphs:
+        (folder / f"{p.title}_{p.position}.txt").write_text(p.context, encoding="utf-8")
+    return len(paragraphs)
 
 
 def ensure_index(index: Path, xquad: Path, config) -> str:
@@ -88,29 +78,10 @@ def ensure_index(index: Path, xquad: Path, config) -> str:
         return f"{index} (existing)"
     from ragserve import build_index
 
-    corpus = REPO / "build" / "xquad-corpus"
+    corpus = harness.REPO / "build" / "xquad-corpus"
     n = write_corpus(corpus, xquad)
     report = build_index(corpus, index, config)
     return f"{index} (built now: {n} paragraphs, {report.chunks} chunks, {report.seconds['total']:.0f} s)"
-
-
-# -- answer check (SQuAD's normalisation) --------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def squad_normalize(text: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD v1.1 eval)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def gold_hit(answer: str, golds: tuple[str, ...]) -> bool:
-    """The normalised answer contains a normalised gold answer as whole words (so that a
-    gold "1" does not match "1990")."""
-    a = f" {squad_normalize(answer)} "
-    return any(g and f" {g} " in a for g in map(squad_normalize, golds))
 
 
 EMPTY_ANSWERS = {"", "empty response"}

@@ -20,13 +20,14 @@ against the cache-off system's answers to the same requests.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
+from harness import fmt, pct
 
 CACHED_TIERS = ("l1", "l2", "cache", "shared")
 """Tiers whose answer was not generated for this request: ragserve's L1/L2, a peer's LLM
@@ -52,10 +53,6 @@ class Req:
     @property
     def latency_s(self) -> float:
         return self.done_s - self.sent_s
-
-
-def pct(values: list[float] | np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def fidelity(reqs: list[Req], stored: dict[str, str] | None = None) -> dict[str, Any]:
@@ -132,9 +129,6 @@ def quality(cached: list[Req], fresh: list[Req], golds: dict[str, tuple[str, ...
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    def f(x: Any, fmt: str) -> str:
-        return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
-
     out = ["| system | req/s | p50 ms | p95 ms | p99 ms | hit rate (tiers) | distinct | generations at vLLM "
            "| regenerated | cached = stored | questions given ≠ answers | CPU-s/req | errors |",
            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -142,10 +136,10 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         fid = r["fidelity"]
         tiers = ", ".join(f"{t} {n}" for t, n in r["tiers"].items())
         same = f"{fid['identical']}/{fid['compared']}" if fid["compared"] and r["cache"] else "—"
-        out.append(f"| {r['system']} | {f(r['requests_per_s'], '.2f')} | {f(r['p50_ms'], '.1f')} "
-                   f"| {f(r['p95_ms'], '.0f')} | {f(r['p99_ms'], '.0f')} | {f(r['hit_rate'], '.1%')} ({tiers}) "
-                   f"| {r['distinct_questions']} | {f(r['generations'], '.0f')} | {fid['regenerated_after_answer']} "
-                   f"| {same} | {fid['inconsistent_questions']} | {f(r['cpu_s_per_request'], '.3f')} | {r['errors']} |")
+        out.append(f"| {r['system']} | {fmt(r['requests_per_s'], '.2f')} | {fmt(r['p50_ms'], '.1f')} "
+                   f"| {fmt(r['p95_ms'], '.0f')} | {fmt(r['p99_ms'], '.0f')} | {fmt(r['hit_rate'], '.1%')} ({tiers}) "
+                   f"| {r['distinct_questions']} | {fmt(r['generations'], '.0f')} | {fid['regenerated_after_answer']} "
+                   f"| {same} | {fid['inconsistent_questions']} | {fmt(r['cpu_s_per_request'], '.3f')} | {r['errors']} |")
     return out
 
 
@@ -226,15 +220,5 @@ def write(out: Path, header: list[str], rows: list[dict[str, Any]], extra_lines:
     cdf_png(rows, out / "latency_cdf.png", data.get("title", "latency CDF per system"))
     md = [*header, "", *table(rows), "", *miss_table(rows), "", *cpu_table(rows), "", *extra_lines, "",
           "Latency CDFs: `latency_cdf.png`."]
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     slim = [{k: v for k, v in r.items() if k != "latencies_ms"} for r in rows]
-    (out / "report.json").write_text(json.dumps({**data, "rows": slim}, indent=1, default=_json_default),
-                                     encoding="utf-8")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Req):
-        return asdict(o)
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
+    harness.write_report("\n".join(md), out / "report.md", out / "report.json", {**data, "rows": slim}, echo=False)

@@ -10,24 +10,23 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
-from bench_serving import log
+import harness
+from harness import pct
+
+log = harness.logger("bench")
 
 
 async def hits_and_overload(args: argparse.Namespace, questions: list[Any],
                             env: dict[str, str]) -> dict[str, Any]:
     """A server with the cache on (L1 + an embedded Redis in a temp folder) and ``env``'s tight
     admission bounds: L1 hits alone and from ``--hit-clients``, then bursts of misses past the bounds."""
-    import httpx
-
     from ragserve.server.process import ServerProcess
 
     redis_dir = tempfile.mkdtemp(prefix="bench-http-redis-")
     env = {**env, "RAGSERVE_CACHE_REDIS_DIR": redis_dir}
     out: dict[str, Any] = {}
     with ServerProcess(args.index, env=env, log=args.out / "server-cache.log") as srv:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=limits) as client:
+        async with harness.http_client(srv.url, timeout=300, connections=256) as client:
             hot = [q.text for q in questions[:32]]
             for q in hot:  # one at a time: stays inside the admission bounds
                 (await client.post("/v1/query", json={"question": q})).raise_for_status()
@@ -78,29 +77,21 @@ async def closed_loop(client: Any, path: str, bodies: list[dict[str, Any]], clie
     tiers: dict[str, int] = {}
     replicas: dict[str, int] = {}
     errors: dict[int, int] = {}
-    todo = iter(range(n))
 
-    async def worker() -> None:
-        for i in todo:  # one shared iterator: the loop hands each request to one worker
-            t = time.perf_counter()
-            r = await client.post(path, json=bodies[i % len(bodies)])
-            if r.status_code != 200:
-                errors[r.status_code] = errors.get(r.status_code, 0) + 1
-                continue
-            lat.append(time.perf_counter() - t)
-            for seen, header in ((tiers, "x-cache"), (replicas, "x-ragserve-replica")):
-                if (value := r.headers.get(header)) is not None:
-                    seen[value] = seen.get(value, 0) + 1
-            if (total := r.json().get("timings", {}).get("total")) is not None:
-                server_ms.append(total)
+    async def one(i: int) -> None:
+        t = time.perf_counter()
+        r = await client.post(path, json=bodies[i % len(bodies)])
+        if r.status_code != 200:
+            errors[r.status_code] = errors.get(r.status_code, 0) + 1
+            return
+        lat.append(time.perf_counter() - t)
+        for seen, header in ((tiers, "x-cache"), (replicas, "x-ragserve-replica")):
+            if (value := r.headers.get(header)) is not None:
+                seen[value] = seen.get(value, 0) + 1
+        if (total := r.json().get("timings", {}).get("total")) is not None:
+            server_ms.append(total)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - t0
+    wall = await harness.run_clients(range(n), clients, one)
     return {"requests": n, "clients": clients, "errors": errors, "wall_s": wall, "req_s": len(lat) / wall,
             "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "server_p50_ms": pct(server_ms, 50),
             "tiers": tiers, "replicas": replicas}
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")

@@ -1,22 +1,18 @@
 """Measurements and their report for ``bench_serving.py``: per-request records, run
-summaries, CPU accounting by process and thread, the markdown page and the PNG chart."""
+summaries, the markdown tables of results and CPU, and the PNG chart. (CPU accounting is
+``harness.CpuSampler``.)"""
 
 from __future__ import annotations
 
-import re
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
-from bench_serving_workload import gold_hit, is_answer
+from bench_serving_workload import is_answer
+from harness import fmt, pct
 
-from ragserve.profiling.env import PACKAGES, PEER_PACKAGES, environment, machine_line, versions_line
-
-ENV = environment(PACKAGES + PEER_PACKAGES + ("psutil",))  # at import: the load average before the run
+from ragserve.eval.scoring import contains_answer
 
 
 @dataclass
@@ -31,6 +27,19 @@ class Record:
     stages: dict[str, float] = field(default_factory=dict)
     chunk_ids: list[int] = field(default_factory=list)
     error: str = ""
+
+    @classmethod
+    def of_result(cls, i: int, r: Any, **extra: Any) -> Record:
+        """From ragserve's ``QueryResult``: its answer, token counts and stage times."""
+        return cls(i, answer=r.answer, completion_tokens=r.usage.completion_tokens,
+                   prompt_tokens=r.usage.prompt_tokens, stages=r.timings.as_dict(), **extra)
+
+    @classmethod
+    def of_json(cls, i: int, d: dict[str, Any]) -> Record:
+        """From the JSON of an answer over HTTP (``/v1/query``, a stream's ``done`` event)."""
+        usage = d.get("usage") or {}
+        return cls(i, answer=d["answer"], completion_tokens=usage.get("completion_tokens"),
+                   prompt_tokens=usage.get("prompt_tokens"), stages=dict(d["timings"]))
 
 
 @dataclass
@@ -48,7 +57,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         ok = [r for r in self.records if not r.error]
-        lat = np.array([r.latency_s for r in ok]) if ok else np.array([np.nan])
+        lat = [r.latency_s for r in ok]
         tokens = [r.completion_tokens for r in ok if r.completion_tokens is not None]
         out_tokens = sum(tokens) if len(tokens) == len(ok) else self.server_stats.get("generation_tokens")
         prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
@@ -65,10 +74,11 @@ class Run:
             "req_s": len(ok) / self.wall_s if self.wall_s else 0.0,
             "out_tok_s": (out_tokens / self.wall_s) if out_tokens is not None and self.wall_s else None,
             "out_tokens": out_tokens, "prompt_tokens_mean": prompt_mean,
-            "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
+            "p50_s": pct(lat, 50), "p95_s": pct(lat, 95),
             "stages_ms": stages,
             "answered": sum(is_answer(r.answer) for r in ok),
-            "gold_hits": sum(gold_hit(r.answer, self.golds[i]) for i, r in enumerate(self.records) if not r.error),
+            "gold_hits": sum(contains_answer(r.answer, self.golds[i]) > 0 for i, r in enumerate(self.records)
+                             if not r.error),
             "retrieval_overlap": self.retrieval_overlap,
             "cpu": self.cpu,
             "errors_seen": sorted({r.error for r in self.records if r.error})[:3],
@@ -103,63 +113,6 @@ def merge_runs(runs: list[Run]) -> Run:
                float(np.mean(overlaps)) if overlaps else None, [q for r in runs for q in r.questions])
 
 
-# -- CPU: where the two cores go ------------------------------------------------------------
-
-def _busy(t: Any) -> float:
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-class CpuSampler:
-    """CPU-seconds of this process (by thread), of each child process, and of the whole
-    machine over one run. Counters are cumulative, so two snapshots give exact deltas;
-    a thread sampler in the middle would only add noise of its own."""
-
-    def __init__(self, label_of: Any) -> None:
-        self.label_of = label_of  # pid -> label, for processes this benchmark started
-
-    def snapshot(self) -> dict[str, Any]:
-        me = psutil.Process()
-        procs: dict[int, float] = {}
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                procs[p.pid] = t.user + t.system
-            except psutil.Error:
-                continue
-        threads = {t.id: t.user_time + t.system_time for t in me.threads()}
-        return {"t": time.perf_counter(), "procs": procs, "threads": threads, "machine": _busy(psutil.cpu_times())}
-
-    def delta(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        wall = b["t"] - a["t"]
-        procs: dict[str, float] = {}
-        for pid, sec in b["procs"].items():
-            used = sec - a["procs"].get(pid, 0.0)
-            if used > 0.005:
-                label = self.label_of(pid)
-                procs[label] = procs.get(label, 0.0) + used
-        names = {t.native_id: re.sub(r"[_-]?\d+$", "", t.name) for t in threading.enumerate()}
-        threads: dict[str, float] = {}
-        for tid, sec in b["threads"].items():
-            used = sec - a["threads"].get(tid, 0.0)
-            if used > 0.05:
-                name = names.get(tid, "native threads (torch/OpenMP, zmq, tokenizers)")
-                threads[name] = threads.get(name, 0.0) + used
-        ours = sum(procs.values())
-        machine = b["machine"] - a["machine"]
-        return {"wall_s": wall, "procs": procs, "threads": threads, "ours_s": ours,
-                "others_s": max(machine - ours, 0.0), "machine_s": machine}
-
-
-# -- header: hardware, versions ------------------------------------------------------------
-
-def hardware() -> str:
-    return machine_line(ENV)
-
-
-def versions() -> str:
-    return versions_line(ENV)
-
-
 # -- markdown --------------------------------------------------------------------------------
 
 STAGE_SHORT = {"generate_queue": "queue", "generate_first_token": "prefill", "generate_decode": "decode",
@@ -179,10 +132,6 @@ def stage_text(stages: dict[str, float]) -> str:
     return " · ".join(parts) or "—"
 
 
-def _f(x: Any, fmt: str) -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
-
-
 def results_table(summaries: list[dict[str, Any]]) -> list[str]:
     lines = ["| system | C | requests | errors | req/s | out tok/s | p50 s | p95 s | prompt tok | "
              "stage means (ms) | answered | gold hit |",
@@ -192,8 +141,8 @@ def results_table(summaries: list[dict[str, Any]]) -> list[str]:
         hit = f"{s['gold_hits']}/{ok} ({s['gold_hits'] / ok:.0%})" if ok else "—"
         lines.append(
             f"| {s['system']} | {s['concurrency']} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | "
-            f"{_f(s['out_tok_s'], '.1f')} | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
-            f"{_f(s['prompt_tokens_mean'], '.0f')} | "
+            f"{fmt(s['out_tok_s'], '.1f')} | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
+            f"{fmt(s['prompt_tokens_mean'], '.0f')} | "
             f"{stage_text(s['stages_ms'])} | {s['answered']}/{ok} | {hit} |")
     return lines
 

@@ -19,32 +19,22 @@ Prints markdown with hardware and versions at the top. A benchmark, not a test: 
 shared machine read times as rough and compare the rows of one run.
 
 Usage:
-    python scripts/bench_ray_build.py --chunks 1500           # quick check
-    python scripts/bench_ray_build.py --out reports/bench_ray_build.md --json reports/bench_ray_build.json
+    python benchmarks/bench_ray_build.py --chunks 1500           # quick check
+    python benchmarks/bench_ray_build.py --out reports/bench_ray_build.md --json reports/bench_ray_build.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import bench_incremental as bi  # noqa: E402  (puts the checkout first on sys.path)
-
-from ragserve.profiling.env import PACKAGES, environment, machine_line, versions_line  # noqa: E402
+import bench_incremental as bi
+import harness
+from harness import timed
 
 MACHINES = (1, 2, 4, 8, 16, 32)
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    t = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - t, result
 
 
 def build_rows(local: Any, local_s: float, ray: Any, ray_s: float) -> list[str]:
@@ -102,7 +92,7 @@ def projection(ray: Any, cpus_here: float, cores: int, chunks: int, slice_size: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__, raw=False)
     ap.add_argument("--chunks", type=int, default=20_000, help="Approximate chunks in the generated corpus.")
     ap.add_argument("--actors", type=int, default=None, help="Embedding actors (default: one per CPU).")
     ap.add_argument("--ray-address", default="local",
@@ -128,21 +118,17 @@ def main() -> None:
     embedder = SentenceTransformerEmbedder(config.embed)
     embedder.warm_up()
     paras, _ = bi.paragraphs()
-    per_file = bi.chunks_per_file(paras, embedder, config, args.seed)
-    n_files = max(10, round(args.chunks / per_file))
-    env = environment(packages=PACKAGES + ("ray",), gpu=False)
-    header = [machine_line(env), versions_line(env),
-              f"{n_files:,} files of {bi.PARAGRAPHS_PER_FILE} XQuAD paragraphs (~{per_file:.1f} chunks each; "
-              f"chunk_size {config.chunk.chunk_size}, overlap {config.chunk.chunk_overlap}); embedding "
+    per_file, n_files = bi.plan_files(args.chunks, paras, embedder, config, args.seed)
+    env = harness.environment("ray", gpu=False)
+    header = [*harness.machine_lines(env),
+              f"{bi.describe_corpus(n_files, per_file, config)}; embedding "
               f"{embedder.precision}, batch {config.embed.batch_size}; local build: torch threads "
               f"{torch.get_num_threads()} in this process; Ray {ray_module.__version__}: --ray-address "
               f"{args.ray_address}, actors {args.actors or 'one per CPU'}; seed {args.seed}"]
     print("\n".join(header), flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-ray-build-") as tmp:
-        work = args.work or Path(tmp)
+    with bi.corpus_folder(args.work, "bench-ray-build-", n_files, paras, args.seed) as work:
         src = work / "corpus"
-        bi.write_corpus(src, n_files, paras, args.seed)
         local_s, local = timed(build_index, src, work / "local", config, embedder=embedder, full=True)
         print(f"local build: {local.chunks:,} chunks in {local_s:.1f} s {local.seconds}", flush=True)
         ray_s, ray = timed(build_index_ray, src, work / "ray", config, embedder=embedder, full=True,
@@ -169,17 +155,11 @@ def main() -> None:
              "## Embedding actors", "", *actor_rows(c), "",
              "## Projection on paper to N machines like this one", "", *proj_lines, "",
              f"Load average at the end: {[round(x, 2) for x in os.getloadavg()]}"]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        raw = {"environment": env, "chunks": ray.chunks, "files": n_files,
-               "local": {"wall_s": local_s, **local.seconds}, "ray": {"wall_s": ray_s, **ray.seconds},
-               "cluster": c, "same_index": ray.fingerprint == local.fingerprint, "projection": proj}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    raw = {"environment": env, "chunks": ray.chunks, "files": n_files,
+           "local": {"wall_s": local_s, **local.seconds}, "ray": {"wall_s": ray_s, **ray.seconds},
+           "cluster": c, "same_index": ray.fingerprint == local.fingerprint, "projection": proj}
+    print()
+    harness.write_report("\n".join(lines), args.out, args.json, raw)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
 """The server under a soak: started and stopped (``ragserve serve``, or ``fake_serve.py``
-with ``--fake-generator``), its process sampled (RSS, fds, its children's RSS), and what it
-says about itself (``/ready``, ``/metrics``, ``/v1/stats``)."""
+with ``--fake-generator``; ``harness.launch`` and ``harness.stop``), its process sampled
+(RSS, fds, its children's RSS), and what it says about itself (``/ready``, ``/metrics``,
+``/v1/stats``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness
 import httpx
 from soak_report import Sample
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Sampler:
@@ -48,7 +47,6 @@ class Sampler:
             except ps.Error:  # a child that ended between the listing and the read
                 continue
         return Sample(t_s, rss, engine, redis, fds, len(children))
-
 
 
 async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 120.0) -> None:
@@ -112,7 +110,7 @@ def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subp
            "TOKENIZERS_PARALLELISM": "false", "RAGSERVE_GENERATE_MAX_TOKENS": str(args.max_tokens),
            "RAGSERVE_VLLM_KV_CACHE_GIB": str(args.kv_cache_gib)}
     if args.fake_generator:
-        command = [str(REPO / "scripts" / "fake_serve.py"), str(index), "--tokens", str(args.max_tokens),
+        command = [str(harness.SCRIPTS / "fake_serve.py"), str(index), "--tokens", str(args.max_tokens),
                    "--step-ms", str(args.fake_step_ms), "--embedder", "stand-in" if args.fake_embedder else "real"]
     else:
         from ragserve.models.resolve import resolve_generation_model
@@ -120,31 +118,12 @@ def start_server(index: Path, tmp: Path, args: argparse.Namespace) -> tuple[subp
         # The prepared models live in the user's RAGSERVE_HOME; this one holds only the server's data.
         env["RAGSERVE_GENERATE_MODEL"] = str(resolve_generation_model("default"))
         command = ["-m", "ragserve.cli", "serve", str(index)]
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, *command, "--host", "127.0.0.1", "--port", "0", "--grace",
-                                 str(args.grace), "--ready-file", str(ready)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    from ragserve.server.process import wait_until_ready  # this checkout's (main() puts it on the path)
-
-    url = wait_until_ready(proc, ready, 300, poll_s=0.2)
-    if url is None:
-        proc.kill()
-        raise SystemExit(f"the server did not start:\n{tail(log_path)}")
+    argv = [sys.executable, *command, "--host", "127.0.0.1", "--port", "0", "--grace", str(args.grace),
+            "--ready-file", str(ready)]
+    proc, url = harness.launch(argv, env=env, log=log_path, ready=ready, timeout_s=300, poll_s=0.2, cwd=harness.REPO)
     return proc, url, log_path
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float) -> tuple[int | None, float]:
     """SIGTERM, then wait for the drain; (exit status or None if it had to be killed, seconds)."""
-    t = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=grace_s + 60), time.perf_counter() - t
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None, time.perf_counter() - t
-
-
-def tail(path: Path, n: int = 60) -> str:
-    lines = path.read_text("utf-8", "replace").splitlines() if path.is_file() else []
-    return "\n".join(lines[-n:])
+    return harness.stop(proc, grace_s + 60)
