@@ -300,7 +300,7 @@ def serving_embed_config(config: RAGConfig, generator: Generator | None) -> Embe
     """``embed.threads = 0`` (auto) is 1 in a process whose vLLM engine runs on the same
     machine (the vllm backend, or the openai backend on a loopback URL): the engine's OpenMP
     threads hold the cores, and a multi-threaded query embedding beside them spin-waits
-    against them. Measured here (``scripts/bench_headline.py``, 1,000 requests, 32 clients):
+    against them. Measured here (``benchmarks/bench_headline.py``, 1,000 requests, 32 clients):
     26.7 req/s with one thread against 20.1 with torch's default, and the serving process's
     CPU 4.7 s against 19.6 s. Index builds keep torch's default."""
     e = config.embed

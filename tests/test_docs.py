@@ -64,25 +64,12 @@ def _prose(text: str) -> str:
 
 
 def _exists(path: Path) -> bool:
-    if path.exists():
-        return True
-    # benchmarks/ is made by the helper that moves scripts/bench_*.py, headline_*.py and
-    # soak*.py there under the same names, on another branch. Until that folder is here, a
-    # benchmark path counts as existing when the script is still in scripts/; once it is
-    # here, benchmarks/X must exist itself.
-    bench = ROOT / "benchmarks"
-    if not bench.exists() and path.is_relative_to(bench):
-        return (ROOT / "scripts" / path.relative_to(bench)).exists()
-    return False
+    return path.exists()
 
 
 def _matches(pattern: str) -> bool:
-    """A glob such as ``benchmarks/bench_serving*.py`` matches something (same rule for
-    benchmarks/ as ``_exists``)."""
-    if any(ROOT.glob(pattern)):
-        return True
-    return (not (ROOT / "benchmarks").exists() and pattern.startswith("benchmarks/")
-            and any(ROOT.glob("scripts/" + pattern.removeprefix("benchmarks/"))))
+    """A glob such as ``benchmarks/bench_serving*.py`` matches something."""
+    return any(ROOT.glob(pattern))
 
 
 def _slug(heading: str) -> str:

@@ -32,7 +32,7 @@ class PromptConfig:
     "chunk_id": index order, so that two questions reading the same chunks send the same
     prefix and vLLM's prefix cache serves it again. Measured on the CPU backend (128-token
     KV blocks) with the default selection, both orders reused the same share of prompt
-    tokens and "score" answered better; see ``scripts/bench_prefix_layout.py``."""
+    tokens and "score" answered better; see ``benchmarks/bench_prefix_layout.py``."""
 
 
 def validate_prompt(p: PromptConfig) -> None:

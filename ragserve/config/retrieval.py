@@ -77,7 +77,7 @@ class IndexConfig:
     hnsw_ef_construction: int = 200
     """Build: candidate list size while inserting into the graph. FAISS's default of 40
     builds 6x faster but a poorer graph: at 1M clustered 384-d vectors, recall@10 0.79
-    at efSearch 64 against 0.9985 with 200 (``scripts/bench_scale.py``)."""
+    at efSearch 64 against 0.9985 with 200 (``benchmarks/bench_scale.py``)."""
     hnsw_ef_search: int = 0
     """Query time: candidate list size per question (no rebuild needed); 0 uses the
     manifest's default (128, or this field's value when the index was built)."""

@@ -1,5 +1,5 @@
 """The one way an index folder is written: full builds, incremental builds, ``ragserve
-eval`` and ``scripts/bench_scale.py`` all call ``publish_index_folder`` (which writes the
+eval`` and ``benchmarks/bench_scale.py`` all call ``publish_index_folder`` (which writes the
 folder with ``write_index_folder`` and publishes it as the new version, ``versions.py``).
 
 A folder holds ``index.faiss``, the docstore (``chunks.jsonl`` + ``chunks.offsets.npy``),

@@ -33,7 +33,7 @@ from ragserve.errors import ConfigError
 INDEX_TYPES = ("flat-fp16", "ivf-fp16", "hnsw-fp16", "flat-fp32")
 
 # NOTE on the ``auto`` thresholds, measured on this machine kind (2 cores, 384-d, FAISS 1.15,
-# scripts/bench_scale.py): exhaustive SQfp16 scans every code for a query, ~2.3 ms per 100k
+# benchmarks/bench_scale.py): exhaustive SQfp16 scans every code for a query, ~2.3 ms per 100k
 # vectors (p50 at 1M: 22.8 ms on an idle machine), growing linearly. Up to 100k chunks
 # that stays within a few milliseconds and is exact up to fp16 rounding, so nothing
 # approximate is worth it. Above that HNSW gives the best latency for a given recall: at 1M
