@@ -54,10 +54,10 @@ from ragserve.index.verify import verify as verify_index
 from ragserve.observe.observers import RequestObserver
 from ragserve.rag import RAG
 from ragserve.types import (
-    Embedder,
-    Generator,
     Chunk,
     DoneEvent,
+    Embedder,
+    Generator,
     QueryResult,
     Source,
     SourcesEvent,

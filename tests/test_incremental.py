@@ -14,26 +14,11 @@ from ragserve.index.versions import complete_versions, versions_dir
 from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.retrieval.faiss_index import FaissIndex
 from ragserve.retrieval.index_spec import IndexSpec, drift, plan_index, reuse_ivf_quantizer
+from ragserve.testing.fakes import CountingEmbedder
 
 from .conftest import write_xquad_corpus, xquad_articles
 
 pytestmark = pytest.mark.integration
-
-
-class CountingEmbedder:
-    """The real embedder, recording every text it is asked to embed (``identity`` can be
-    overridden to stand for another model)."""
-
-    def __init__(self, inner, identity=None):
-        self.inner, self.texts = inner, []
-        self.identity = identity or inner.identity
-
-    def encode(self, texts, *, batch_size=None):
-        self.texts.extend(texts)
-        return self.inner.encode(texts, batch_size=batch_size)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _open(path):

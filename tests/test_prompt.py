@@ -4,22 +4,10 @@ from ragserve.config import RAGConfig
 from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig
 from ragserve.errors import QuestionTooLongError
 from ragserve.generators.prompt import PromptBuilder, select_sources
+from ragserve.testing.fakes import WordTokenizer
 from ragserve.types import Source
 
 ALL = PromptConfig(max_score_gap=0)  # every retrieved source is a candidate
-
-
-class WordTokenizer:
-    """A stand-in tokenizer: one token per whitespace-separated word."""
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "".join(f"<{m['role']}> {m['content']} </{m['role']}> " for m in messages) + "<assistant>"
-
-    def encode(self, text, add_special_tokens=False):
-        return text.split()
-
-    def decode(self, ids):
-        return " ".join(ids)
 
 
 def _sources(n, words=50, step=0.01):

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ragserve.config import RAGConfig
-from ragserve.errors import ConfigError, IngestError
 from ragserve.build.incremental import BuildPlan, Gathered, gather, plan_build, scan_source
-from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex, quantizer_fit
-from ragserve.index.writer import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
-from ragserve.retrieval.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
 from ragserve.build.ingest import Document, FileOutcome, chunk_documents
 from ragserve.build.textfile import check_encoding
+from ragserve.config import RAGConfig
+from ragserve.errors import ConfigError, IngestError
+from ragserve.index.writer import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
+from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex, quantizer_fit
+from ragserve.retrieval.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
 from ragserve.types import Chunk, Embedder
 
 ProgressFn = Callable[[str, int, int], None]

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ragserve.retrieval.docstore import LazyDocStore
-from ragserve.errors import IndexError_
 from ragserve.build.ingest import SUPPORTED, Chunker, FileChunks, FileOutcome, Skip, chunk_file, iter_files
+from ragserve.build.textfile import READ_SIZE
+from ragserve.errors import IndexError_
 from ragserve.index.manifest import Manifest, sha256_file
 from ragserve.index.verify import verify
-from ragserve.build.textfile import READ_SIZE
+from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.types import Chunk
 
 Action = Literal["unchanged", "changed", "added", "retried"]

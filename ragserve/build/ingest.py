@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ragserve.errors import IngestError
 from ragserve.build.textfile import READ_SIZE, Skip, TextStream, WholeFileNeeded, decode_text
+from ragserve.errors import IngestError
 from ragserve.types import Chunk
 
 __all__ = ["SECTION_CHARS", "SUPPORTED", "Chunker", "Document", "FileChunks", "FileOutcome", "Skip", "chunk_documents",

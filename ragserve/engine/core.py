@@ -190,31 +190,22 @@ class Engine(Pipeline):
     # -- for tools: benchmarks, profilers, tests ---------------------------------------
 
     def call(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` on the engine loop (where the generator and the cache tiers live) and
-        return its result: for tools that drive a stage directly, e.g.
-        ``rag.call(rag.generator.generate(text, "id"))``."""
         return self._runtime.run(work)
 
     async def acall(self, work: Coroutine[Any, Any, T]) -> T:
-        """``call`` from any event loop."""
         return await self._runtime.run_async(work)
 
     def flush_cache(self) -> None:
-        """``aflush_cache`` for blocking callers."""
         if self.cache is not None and self.cache.l2 is not None:
             self._runtime.run(self.cache.l2.drain())
 
     def prompt_builder(self) -> Any:
-        """The ``generators.prompt.PromptBuilder`` the miss path uses (starts the generator,
-        whose tokenizer it counts with): ``rag.prompt_builder().build(question, sources)``."""
         return self._builder(self._runtime.run(self._started()))
 
     async def _started(self) -> Generator:
         return self._ensure_generator()
 
     def run_in_threads(self, fn: Callable[[str], None], timeout_s: float = 30.0) -> None:
-        """Call ``fn(thread_name)`` once in each thread that runs stages: the engine loop, then
-        the embedding worker. A profiler enables itself there (cProfile sees one thread)."""
         done = threading.Event()
         failed: list[BaseException] = []
 
