@@ -39,7 +39,9 @@ def eventually(condition: Callable[[], T], timeout_s: float = WAIT_S, interval_s
                what: str = "", *, ignore: tuple[type[BaseException], ...] = ()) -> T:
     """``condition()``'s first truthy value, polled every ``interval_s`` (at once first).
     Past ``timeout_s`` an AssertionError says what was awaited (``what``) and the last value.
-    ``ignore``: exceptions of ``condition`` that mean "not yet" (a server still starting)."""
+    ``ignore``: exceptions of ``condition`` that mean "not yet" (a server still starting);
+    with ``(AssertionError,)`` the condition can be a function that asserts and returns what
+    it checked, and its last failed assert is the message."""
     deadline = time.monotonic() + timeout_s
     while True:
         last = _check(condition, ignore)
