@@ -12,14 +12,19 @@ long a real failure takes to be reported.
                what="the build's actors to free their CPUs")
     await aeventually(lambda: gen.running == 0, what="the aborted generation to end")
     httpx.post(url, json=body, timeout=HTTP_TIMEOUT_S)
+    assert at_once(tier.get(key)) is None  # answered without waiting for anything
+
+``at_once`` is the other side: "refused at once", "never waits for the probe", asserted as
+"finished without suspending", not as a duration a loaded machine may exceed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -52,13 +57,19 @@ def eventually(condition: Callable[[], T], timeout_s: float = WAIT_S, interval_s
         time.sleep(interval_s)
 
 
-async def aeventually(condition: Callable[[], T], timeout_s: float = WAIT_S, interval_s: float = 0.02,
-                      what: str = "", *, ignore: tuple[type[BaseException], ...] = ()) -> T:
+async def aeventually(condition: Callable[[], Any], timeout_s: float = WAIT_S, interval_s: float = 0.02,
+                      what: str = "", *, ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """``eventually`` on a running event loop: it awaits between polls, so the loop's other
-    tasks (often what the condition waits for) keep running."""
+    tasks (often what the condition waits for) keep running. ``condition`` may also return
+    an awaitable (a coroutine function, a Redis call): its result is what counts."""
     deadline = time.monotonic() + timeout_s
     while True:
         last = _check(condition, ignore)
+        if inspect.isawaitable(last):
+            try:
+                last = await last
+            except ignore as e:
+                last = e
         if not isinstance(last, BaseException) and last:
             return last
         if time.monotonic() >= deadline:
@@ -76,3 +87,15 @@ def _check(condition: Callable[[], T], ignore: tuple[type[BaseException], ...]) 
 def _timed_out(condition: Callable[[], object], timeout_s: float, what: str, last: object) -> str:
     name = what or getattr(condition, "__qualname__", repr(condition))
     return f"waited {timeout_s:g} s for {name}; last: {last!r}"
+
+
+def at_once(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``coroutine``'s result (or its exception), asserting that it finished without ever
+    suspending: it waited for nothing (no lock, no queue, no timer, no I/O). Call it from
+    the event loop the coroutine belongs to (an async test)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise AssertionError(f"{coroutine.__qualname__} suspended: it waited instead of finishing at once")
