@@ -49,7 +49,8 @@ async def test_a_late_subscriber_is_replayed_the_events_it_missed():
     late = flight.subscribe("k", counting(runs))
     assert await anext(late) == "a"  # replayed: it was out before this subscriber came
     gate.set()
-    assert ["a"] + await collect(late) == ["a", "b", "c"] and await first == ["a", "b", "c"] and len(runs) == 1
+    assert ["a"] + await collect(late) == ["a", "b", "c"]
+    assert await first == ["a", "b", "c"] and len(runs) == 1
 
 
 async def test_a_failure_reaches_every_subscriber_and_the_next_request_starts_afresh():
