@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from ragserve.server.process import ServerProcess
+from ragserve.testing.http import get, post
 
 pytestmark = [pytest.mark.engine, pytest.mark.http, pytest.mark.redis]
 
@@ -33,31 +34,31 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
     srv = start(xquad_index, home)
     url = srv.url
     try:
-        first = httpx.post(f"{url}/v1/query", json={"question": questions[0]}, timeout=60)
+        first = post(f"{url}/v1/query", json={"question": questions[0]}, timeout=60)
         assert first.status_code == 200 and first.headers["x-cache"] == "miss"
-        assert httpx.get(f"{url}/ready").status_code == 200
+        assert get(f"{url}/ready").status_code == 200
 
         results: dict[int, httpx.Response] = {}
 
         def ask(i: int) -> None:
-            results[i] = httpx.post(f"{url}/v1/query", json={"question": questions[i], "cache": {"read": False}},
+            results[i] = post(f"{url}/v1/query", json={"question": questions[i], "cache": {"read": False}},
                                     timeout=120)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/v1/stats").json()["gauges"]["in_flight"]["current"] < 3:
+        while get(f"{url}/v1/stats").json()["gauges"]["in_flight"]["current"] < 3:
             assert time.monotonic() < deadline, "the requests never got in flight"
             time.sleep(0.02)
         srv.signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/ready").status_code != 503:  # the signal is handled on the server's loop
+        while get(f"{url}/ready").status_code != 503:  # the signal is handled on the server's loop
             assert time.monotonic() < deadline, "SIGTERM never started the drain"
             time.sleep(0.01)
-        refused = httpx.post(f"{url}/v1/query", json={"question": "arriving late"}, timeout=10)
+        refused = post(f"{url}/v1/query", json={"question": "arriving late"}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "Draining"
-        assert httpx.get(f"{url}/ready").status_code == 503 and httpx.get(f"{url}/health").status_code == 503
+        assert get(f"{url}/ready").status_code == 503 and get(f"{url}/health").status_code == 503
         for t in threads:
             t.join(timeout=120)
         assert [results[i].status_code for i in (1, 2, 3)] == [200, 200, 200]
@@ -71,7 +72,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
         srv.kill()
 
     with start(xquad_index, home) as srv:  # a new process: empty L1, the same Redis data
-        again = httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=60)
+        again = post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=60)
         assert again.headers["x-cache"] == "l2" and again.json()["answer"] == first.json()["answer"]
         srv.signal(signal.SIGHUP)  # reload: the same version, so nothing changes, and nothing breaks
         deadline = time.monotonic() + 30
@@ -79,5 +80,5 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
             assert time.monotonic() < deadline, srv.tail()
             time.sleep(0.1)
         assert "'changed': False" in srv.tail(20_000)
-        assert httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
+        assert post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
     assert srv.returncode == 0, srv.tail()

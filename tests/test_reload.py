@@ -6,7 +6,6 @@ import shutil
 import threading
 import time
 
-import httpx
 import pytest
 
 from ragserve.build.builder import build_index
@@ -17,7 +16,7 @@ from ragserve.rag import RAG
 from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.server.app import create_app
 from ragserve.testing.fakes import FakeGenerator
-from ragserve.testing.http import running
+from ragserve.testing.http import post, running
 
 pytestmark = pytest.mark.integration
 MARK = " The archive was moved to the zebra building in 2031."
@@ -120,19 +119,19 @@ def test_admin_reload_over_http_needs_the_admin_key(versions, embedder):
     cfg = RAGConfig().replace(server={"admin_key": "admin-secret-0123456789"})
     with RAG.from_index(out, cfg, embedder=embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, cfg)) as url:
-            assert httpx.post(f"{url}/admin/reload").status_code == 401
-            assert httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert post(f"{url}/admin/reload").status_code == 401
+            assert post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
             for f in sorted(src.glob("*.txt"))[:1]:
                 f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
             v2 = build_index(src, out, embedder=embedder)
-            r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
+            r = post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
                            timeout=60)
             assert r.status_code == 200 and r.json()["changed"] and r.json()["fingerprint"] == v2.fingerprint
-            q = httpx.post(f"{url}/v1/query", json={"question": "which version?"}).json()
+            q = post(f"{url}/v1/query", json={"question": "which version?"}).json()
             assert q["index_fingerprint"] == v2.fingerprint
     with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, RAGConfig())) as url:
-            assert httpx.post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
+            assert post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
 
 
 def test_a_stream_never_iterated_holds_no_index_version(versions, embedder):

@@ -1,15 +1,29 @@
-"""A real uvicorn server on a free loopback port, in a thread of the test process."""
+"""A real uvicorn server on a free loopback port, in a thread of the test process; and
+``get``/``post``, httpx's with a deadline a loaded machine meets."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import httpx
 import uvicorn
 
 from ragserve.cache.redis_server import free_port
-from ragserve.testing.waits import CLUSTER_WAIT_S, WAIT_S, eventually
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
+
+
+def get(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.get`` with ``timeout=HTTP_TIMEOUT_S`` unless one is given: httpx's default of
+    5 s is no deadline for a loaded machine."""
+    return httpx.get(url, **{"timeout": HTTP_TIMEOUT_S, **kwargs})
+
+
+def post(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.post`` with ``timeout=HTTP_TIMEOUT_S`` unless one is given."""
+    return httpx.post(url, **{"timeout": HTTP_TIMEOUT_S, **kwargs})
 
 
 @contextmanager
