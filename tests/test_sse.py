@@ -7,7 +7,6 @@ import asyncio
 import gc
 import json
 import threading
-import time
 
 import httpx
 import orjson
@@ -21,7 +20,7 @@ from ragserve.server.openai_api import content_framer
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
 from ragserve.testing.http import running
-from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, aeventually
+from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, aeventually, eventually
 from ragserve.types import DoneEvent, Generation, SourcesEvent, TokenEvent, TokenUsage
 
 from .test_http import sse_events
@@ -102,10 +101,8 @@ async def test_one_wake_up_of_the_readers_loop_for_many_streams_fed_in_one_turn(
         rt.loop.call_soon_threadsafe(engine_go.set)  # all 32 items in one turn of the engine loop
         # Hold this loop (a blocking wait, not an await) until all 32 are posted, so the count
         # does not depend on when the machine lets this loop run in between.
-        pending, deadline = rt.mailbox(loop)._pending, time.monotonic() + WAIT_S
-        while len(pending) < 32:
-            assert time.monotonic() < deadline, len(pending)
-            time.sleep(0.001)
+        pending = rt.mailbox(loop)._pending
+        eventually(lambda: len(pending) >= 32, WAIT_S, 0.001, "the 32 items to be posted")  # blocks this loop
         assert sorted(await asyncio.gather(*readers)) == list(range(32))
         assert wakes == 1, wakes  # one wake-up for the turn, not 32
         for r in relays:
