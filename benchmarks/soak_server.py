@@ -84,11 +84,13 @@ async def engine_held(client: httpx.AsyncClient) -> int | None:
     return None
 
 
-async def settled(url: str, timeout_s: float = 15.0) -> tuple[int | None, int | None]:
+async def settled(url: str, timeout_s: float = 60.0) -> tuple[int | None, int | None]:
     """(requests the server counts in flight, requests vLLM holds) after the run, once both
-    are 0 or ``timeout_s`` has passed: what is left then has leaked."""
+    are 0 or ``timeout_s`` has passed: what is left then has leaked. (A minute: the aborts of
+    the run's last abandoned requests reach a busy engine in their own time; the poll returns
+    as soon as both are 0.)"""
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         while True:
             r = await client.get("/v1/stats")
             n = r.json().get("gauges", {}).get("in_flight", {}).get("current") if r.status_code == 200 else None

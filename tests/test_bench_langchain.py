@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ragserve.cache.redis_server import RedisServer
 from ragserve.models.resolve import resolve_embedding_model
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
+from ragserve.testing.redis import redis_server
 from ragserve.types import Chunk
 
 from .conftest import load_benchmark
@@ -55,9 +55,9 @@ def peer():
 @pytest.fixture
 def setup(peer):
     fake = FakeOpenAI(Behaviour(reply=REPLY))
-    with running(fake.app) as url, RedisServer() as redis_server:  # a unix:// URL, as ragserve's own
+    with running(fake.app) as url, redis_server(port=None) as redis:  # a unix:// URL, as ragserve's own
         recipe = peer.LangChainRecipe(CHUNKS, resolve_embedding_model("default"), f"{url}/v1", "fake-model",
-                                      redis_server.url, top_k=2, max_tokens=16)
+                                      redis.url, top_k=2, max_tokens=16)
         recipe.build()
         yield recipe, fake
 

@@ -8,6 +8,7 @@ import string
 import pytest
 
 from ragserve.errors import DeadlineExceededError, EmptyQuestionError, QuestionTooLongError
+from ragserve.testing.waits import aeventually
 from ragserve.types import DoneEvent, SourcesEvent, TokenEvent
 
 pytestmark = pytest.mark.engine
@@ -98,14 +99,6 @@ def test_the_engine_counts_each_generation_it_ran(rag, xquad_corpus):
     assert sum(after["finished_by_reason"].values()) == after["finished"]
 
 
-async def _until(condition, timeout_s=10.0):
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
-
-
 async def test_a_deadline_aborts_its_vllm_request_while_the_others_complete(rag, xquad_corpus):
     qs = [q["question"] for q in xquad_corpus[1][20:24]]
     slow = asyncio.ensure_future(rag.aquery(qs[0], cache_read=False, timeout_s=0.3))
@@ -114,17 +107,17 @@ async def test_a_deadline_aborts_its_vllm_request_while_the_others_complete(rag,
         await slow
     done = await asyncio.gather(*others)
     assert [r.question for r in done] == qs[1:] and all(r.answer for r in done)
-    assert await _until(lambda: rag.generator.unfinished() == 0), "a timed-out request is still in vLLM"
+    await aeventually(lambda: rag.generator.unfinished() == 0, what="the timed-out request to leave vLLM")
 
 
 async def test_cancelling_a_caller_leaves_no_request_in_the_engine(rag, xquad_corpus):
     q = xquad_corpus[1][25]["question"]
     task = asyncio.ensure_future(rag.aquery(q, cache_read=False))
-    assert await _until(lambda: rag.generator.unfinished() == 1), "the request never reached vLLM"
+    await aeventually(lambda: rag.generator.unfinished() == 1, what="the request to reach vLLM")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await _until(lambda: rag.generator.unfinished() == 0), "the cancelled request kept running"
+    await aeventually(lambda: rag.generator.unfinished() == 0, what="the cancelled request to leave vLLM")
     assert rag.query(q).cache_tier == "miss"  # the cancelled run cached nothing
 
 

@@ -3,7 +3,7 @@
 
 import asyncio
 import json
-import time
+import threading
 
 import httpx
 import openai
@@ -14,7 +14,8 @@ from ragserve.server.app import create_app
 from ragserve.server.auth import ApiKeys
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
-from ragserve.testing.http import running
+from ragserve.testing.http import get, post, running
+from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, aeventually, eventually
 
 pytestmark = pytest.mark.http
 
@@ -45,21 +46,21 @@ def sse_events(text):
 
 def test_query_returns_the_whole_result_with_request_id_and_cache_header(served):
     url, _ = served
-    r = httpx.post(f"{url}/v1/query", json={"question": "which chunk?"}, headers={"X-Request-Id": "client-id-1"})
+    r = post(f"{url}/v1/query", json={"question": "which chunk?"}, headers={"X-Request-Id": "client-id-1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-1" and r.headers["x-cache"] == "miss"
     body = r.json()
     assert body["answer"] == "an answer more more" and body["request_id"] == "client-id-1"
     assert {"doc_id", "chunk_id", "score", "text", "metadata"} <= set(body["sources"][0])
     assert body["timings"]["generate"] > 0 and body["usage"]["total_tokens"] > 0
     assert body["cache_tier"] == "miss" and body["model"] == "fake-llm" and body["index_fingerprint"]
-    again = httpx.post(f"{url}/v1/query", json={"question": "which chunk?"})
+    again = post(f"{url}/v1/query", json={"question": "which chunk?"})
     assert again.headers["x-cache"] == "l1" and len(again.headers["x-request-id"]) == 32
 
 
 def test_stream_sends_sources_then_tokens_then_done_and_a_hit_streams_too(served):
     url, _ = served
     for tier in ("miss", "l1"):
-        r = httpx.post(f"{url}/v1/query", json={"question": "stream me", "stream": True})
+        r = post(f"{url}/v1/query", json={"question": "stream me", "stream": True})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.text)
         names = [e for e, _ in events]
@@ -71,10 +72,10 @@ def test_stream_sends_sources_then_tokens_then_done_and_a_hit_streams_too(served
 
 def test_retrieve_and_stats(served):
     url, _ = served
-    r = httpx.post(f"{url}/v1/retrieve", json={"question": "anything", "top_k": 2})
+    r = post(f"{url}/v1/retrieve", json={"question": "anything", "top_k": 2})
     assert r.status_code == 200 and len(r.json()["sources"]) == 2
-    httpx.post(f"{url}/v1/query", json={"question": "counted"})
-    stats = httpx.get(f"{url}/v1/stats").json()
+    post(f"{url}/v1/query", json={"question": "counted"})
+    stats = get(f"{url}/v1/stats").json()
     assert stats["queries"] == 1 and stats["stages"]["generate"]["count"] == 1
 
 
@@ -88,23 +89,23 @@ def test_retrieve_and_stats(served):
 ])
 def test_bad_bodies_get_typed_errors_and_never_a_trace(served, body, status, kind):
     url, _ = served
-    r = httpx.post(f"{url}/v1/query", json=body)
+    r = post(f"{url}/v1/query", json=body)
     assert r.status_code == status and r.json()["error"]["type"] == kind
     assert set(r.json()["error"]) == {"type", "message", "stage"} and "Traceback" not in r.text
 
 
 def test_malformed_and_oversized_bodies(served):
     url, _ = served
-    r = httpx.post(f"{url}/v1/query", content=b"{not json", headers={"content-type": "application/json"})
+    r = post(f"{url}/v1/query", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["type"] == "InvalidRequest"
-    r = httpx.post(f"{url}/v1/query", json={"question": "q" * 70_000})
+    r = post(f"{url}/v1/query", json={"question": "q" * 70_000})
     assert r.status_code == 413 and r.json()["error"]["type"] == "PayloadTooLarge"
 
     def chunked():
         for _ in range(100):
             yield b"x" * 1024
 
-    r = httpx.post(f"{url}/v1/query", content=chunked(), headers={"content-type": "application/json"})
+    r = post(f"{url}/v1/query", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
 
@@ -112,7 +113,7 @@ def test_overload_is_429_with_retry_after_at_once(tmp_path):
     rag = make_rag(tmp_path, FakeGenerator(delay=1.0), query={"max_in_flight": 1, "max_queued": 0})
     with rag, running(create_app(rag, RAGConfig())) as url:
         async def burst():
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
                 return await asyncio.gather(*(client.post("/v1/query", json={"question": f"q{i}"}) for i in range(6)))
 
         responses = asyncio.run(burst())
@@ -120,15 +121,19 @@ def test_overload_is_429_with_retry_after_at_once(tmp_path):
         assert statuses[0] == 200 and statuses.count(429) >= 4
         refused = [r for r in responses if r.status_code == 429]
         assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "OverloadedError" for r in refused)
-        assert max(r.elapsed.total_seconds() for r in refused) < 0.5  # at once, not after the 1 s run
+        # At once: each refusal came back faster than any answer (the generator's 1 s), not
+        # after it; a load that slows the one slows the other.
+        answered = [r.elapsed.total_seconds() for r in responses if r.status_code == 200]
+        assert max(r.elapsed.total_seconds() for r in refused) < min(answered)
 
 
 def test_deadline_is_504(tmp_path):
-    rag = make_rag(tmp_path, FakeGenerator(delay=2.0))
+    rag = make_rag(tmp_path, FakeGenerator(delay=60.0))  # a minute: only an abort ends it sooner
     with rag, running(create_app(rag, RAGConfig())) as url:
-        r = httpx.post(f"{url}/v1/query", json={"question": "slow", "timeout_s": 0.2}, timeout=10)
+        r = post(f"{url}/v1/query", json={"question": "slow", "timeout_s": 0.2})
         assert r.status_code == 504 and r.json()["error"]["type"] == "DeadlineExceededError"
-        assert rag.generator.running == 0 and len(rag.cache.l1) == 0
+        eventually(lambda: rag.generator.running == 0, WAIT_S, what="the generation to be aborted")
+        assert len(rag.cache.l1) == 0
 
 
 def test_keys_decide_the_tenant_and_the_body_namespace_is_ignored(tmp_path):
@@ -136,18 +141,18 @@ def test_keys_decide_the_tenant_and_the_body_namespace_is_ignored(tmp_path):
     keys = ApiKeys({KEY_A: "tenant-a", KEY_B: "tenant-b"})
     with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
         q = {"question": "tenant secret?"}
-        assert httpx.post(f"{url}/v1/query", json=q).status_code == 401
-        bad = httpx.post(f"{url}/v1/query", json=q, headers={"Authorization": "Bearer wrong-key-0123456789"})
+        assert post(f"{url}/v1/query", json=q).status_code == 401
+        bad = post(f"{url}/v1/query", json=q, headers={"Authorization": "Bearer wrong-key-0123456789"})
         assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
         a = {"Authorization": f"Bearer {KEY_A}"}
         b = {"Authorization": f"Bearer {KEY_B}"}
-        assert httpx.post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "miss"
-        assert httpx.post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "l1"
+        assert post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "miss"
+        assert post(f"{url}/v1/query", json=q, headers=a).headers["x-cache"] == "l1"
         # B asks for A's namespace in the body: the key decides, so it is a miss in B's own
-        r = httpx.post(f"{url}/v1/query", json={**q, "namespace": "tenant-a"}, headers=b)
+        r = post(f"{url}/v1/query", json={**q, "namespace": "tenant-a"}, headers=b)
         assert r.status_code == 200 and r.headers["x-cache"] == "miss"
-        assert httpx.get(f"{url}/v1/stats").status_code == 401
-        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        assert get(f"{url}/v1/stats").status_code == 401
+        assert get(f"{url}/health").status_code == 200  # probes need no key
 
 
 def test_openai_sdk_against_the_chat_endpoint(served):
@@ -172,7 +177,7 @@ def test_openai_sdk_against_the_chat_endpoint(served):
 
 def test_openai_stream_ends_with_done(served):
     url, _ = served
-    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "stream": True,
+    r = post(f"{url}/v1/chat/completions", json={"model": "ragserve", "stream": True,
                                                        "messages": [{"role": "user", "content": "raw frames"}]})
     events = sse_events(r.text)
     assert events[-1] == (None, "[DONE]") and events[0][1]["sources"] and events[0][1]["choices"] == []
@@ -181,12 +186,12 @@ def test_openai_stream_ends_with_done(served):
 
 def test_health_ready_metrics(served):
     url, rag = served
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    assert httpx.get(f"{url}/ready").status_code == 200
-    httpx.post(f"{url}/v1/query", json={"question": "metrics"})
-    httpx.post(f"{url}/v1/query", json={"question": "metrics"})
-    httpx.post(f"{url}/v1/query", json={"question": ""})
-    m = httpx.get(f"{url}/metrics").text
+    assert get(f"{url}/health").json()["status"] == "ok"
+    assert get(f"{url}/ready").status_code == 200
+    post(f"{url}/v1/query", json={"question": "metrics"})
+    post(f"{url}/v1/query", json={"question": "metrics"})
+    post(f"{url}/v1/query", json={"question": ""})
+    m = get(f"{url}/metrics").text
     assert 'ragserve_stage_duration_seconds_count{stage="generate"} 1.0' in m
     assert 'ragserve_answers_total{cache_tier="l1"} 1.0' in m
     assert 'ragserve_requests_total{outcome="invalid"} 1.0' in m
@@ -196,7 +201,7 @@ def test_health_ready_metrics(served):
 
 def test_the_page_is_served(served):
     url, _ = served
-    r = httpx.get(url)
+    r = get(url)
     assert r.status_code == 200 and "<title>ragserve</title>" in r.text
 
 
@@ -213,14 +218,14 @@ def test_a_dead_engine_is_503_on_probes_and_requests(tmp_path):
 
     rag = make_rag(tmp_path, Dead())
     with rag, running(create_app(rag, RAGConfig())) as url:
-        assert httpx.get(f"{url}/health").status_code == 503 and httpx.get(f"{url}/ready").status_code == 503
-        assert httpx.get(f"{url}/health").json()["engine"] == "dead"
-        r = httpx.post(f"{url}/v1/query", json={"question": "anyone there?"})
+        assert get(f"{url}/health").status_code == 503 and get(f"{url}/ready").status_code == 503
+        assert get(f"{url}/health").json()["engine"] == "dead"
+        r = post(f"{url}/v1/query", json={"question": "anyone there?"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "EngineDeadError"
-        s = httpx.post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
+        s = post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
         assert s.status_code == 503  # known before the first event: a status, not a broken stream
         Dead.alive = lambda self: True  # dies only once the stream has begun: its last event says so
-        s = httpx.post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
+        s = post(f"{url}/v1/query", json={"question": "anyone there?", "stream": True})
         events = sse_events(s.text)
         assert s.status_code == 200 and [e for e, _ in events] == ["sources", "error"]
         assert events[-1][1]["error"]["type"] == "EngineDeadError"
@@ -231,8 +236,8 @@ def test_every_request_is_one_access_log_line_with_its_request_id(served, caplog
 
     url, _ = served
     with caplog.at_level(logging.INFO, logger="ragserve.access"):
-        httpx.post(f"{url}/v1/query", json={"question": "logged?"}, headers={"X-Request-Id": "trace-me-42"})
-        httpx.post(f"{url}/v1/query", json={"question": ""}, headers={"X-Request-Id": "trace-me-43"})
+        post(f"{url}/v1/query", json={"question": "logged?"}, headers={"X-Request-Id": "trace-me-42"})
+        post(f"{url}/v1/query", json={"question": ""}, headers={"X-Request-Id": "trace-me-43"})
     lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
     assert any(m.startswith("trace-me-42 POST /v1/query 200 ") for m in lines), lines
     assert any(m.startswith("trace-me-43 POST /v1/query 400 ") for m in lines), lines
@@ -240,17 +245,17 @@ def test_every_request_is_one_access_log_line_with_its_request_id(served, caplog
 
 def test_unknown_paths_wrong_methods_and_odd_content_parts_get_typed_errors(served):
     url, _ = served
-    r = httpx.get(f"{url}/v1/nowhere")
+    r = get(f"{url}/v1/nowhere")
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFound"
-    r = httpx.get(f"{url}/v1/query")
+    r = get(f"{url}/v1/query")
     assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowed" and "allow" in r.headers
-    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
+    r = post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
         {"role": "user", "content": [{"type": "text", "text": 5}]}]})
     assert r.status_code == 422 and r.json()["error"]["type"] == "InvalidRequest"
-    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
+    r = post(f"{url}/v1/chat/completions", json={"model": "ragserve", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "q?"}]}]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-    r = httpx.post(f"{url}/v1/query", json={"question": "q", "namespace": "a\u0000b"})
+    r = post(f"{url}/v1/query", json={"question": "q", "namespace": "a\u0000b"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidTextError"
 
 
@@ -260,7 +265,7 @@ def test_a_bug_is_a_typed_500_with_the_request_id_and_one_access_line(served, ca
     url, rag = served
     monkeypatch.setattr(rag, "stats", lambda: 1 / 0)
     with caplog.at_level(logging.INFO, logger="ragserve"):
-        r = httpx.get(f"{url}/v1/stats", headers={"X-Request-Id": "bug-1"})
+        r = get(f"{url}/v1/stats", headers={"X-Request-Id": "bug-1"})
     assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
     assert r.json()["error"] == {"type": "InternalError", "stage": "server",
                                  "message": "internal error (request bug-1); see the server log"}
@@ -273,10 +278,18 @@ def test_a_stream_joining_a_plain_querys_run_still_streams(tmp_path):
     rag = make_rag(tmp_path, gen)
 
     async def both():
+        gen.hold = True  # the plain query's run stays in flight until the stream has chosen
         plain = asyncio.ensure_future(rag.aquery("shared question"))
-        await asyncio.sleep(0.05)
-        events = [e async for e in rag.astream("shared question")]
-        return await plain, events
+        await aeventually(lambda: gen.running == 1, what="the plain query's run to start")
+
+        async def streamed():
+            return [e async for e in rag.astream("shared question")]
+
+        stream = asyncio.ensure_future(streamed())
+        await aeventually(lambda: gen.running == 2 or rag.stats()["single_flight"]["shared"],
+                          what="the stream to start a run or join one")
+        gen.hold = False
+        return await plain, await stream
 
     with rag:
         plain, events = asyncio.run(both())
@@ -290,12 +303,12 @@ def test_tenants_are_isolated_on_the_openai_endpoint_too(tmp_path):
     keys = ApiKeys({KEY_A: "tenant-a", KEY_B: "tenant-b"})
     with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
         body = {"model": "ragserve", "messages": [{"role": "user", "content": "chat secret?"}]}
-        assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 401
+        assert post(f"{url}/v1/chat/completions", json=body).status_code == 401
         a = {"Authorization": f"Bearer {KEY_A}"}
         b = {"Authorization": f"Bearer {KEY_B}"}
-        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "miss"
-        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "l1"
-        assert httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True},
+        assert post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "miss"
+        assert post(f"{url}/v1/chat/completions", json=body, headers=a).headers["x-cache"] == "l1"
+        assert post(f"{url}/v1/chat/completions", json={**body, "stream": True},
                           headers=b).headers["x-cache"] == "miss"
 
 
@@ -307,7 +320,7 @@ def test_requests_left_when_the_drain_grace_ends_get_a_typed_503_and_the_server_
 
     from ragserve.server.run import DrainingServer
 
-    gen = FakeGenerator(words=4, delay=10.0)  # far past the grace
+    gen = FakeGenerator(words=4, delay=120.0)  # far past the grace, and past any wait below
     rag = make_rag(tmp_path, gen)
     app = create_app(rag, RAGConfig())
     servers: list[DrainingServer] = []
@@ -318,58 +331,77 @@ def test_requests_left_when_the_drain_grace_ends_get_a_typed_503_and_the_server_
 
     def stream(url: str) -> str:
         try:
-            return httpx.post(f"{url}/v1/query", json={"question": "a slow stream", "stream": True}, timeout=30).text
+            return post(f"{url}/v1/query", json={"question": "a slow stream", "stream": True}).text
         except httpx.RemoteProtocolError:
             return "cut off"
 
     with rag, ThreadPoolExecutor(2) as pool:
         with running(app, server=draining) as url:  # the block ends only once the server has stopped
-            plain = pool.submit(httpx.post, f"{url}/v1/query", json={"question": "a slow one"}, timeout=30)
+            plain = pool.submit(post, f"{url}/v1/query", json={"question": "a slow one"})
             streamed = pool.submit(stream, url)
-            while gen.running < 2:
-                time.sleep(0.01)
+            eventually(lambda: gen.running == 2, WAIT_S, 0.01, "both requests to be generating")
             servers[0].handle_exit(signal.SIGTERM, None)
-            r = plain.result(timeout=20)
+            r = plain.result(timeout=HTTP_TIMEOUT_S)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "ShutDown" and r.headers["x-request-id"]
-            assert "event: done" not in streamed.result(timeout=20)  # begun: cut off, never "done"
+            # begun: cut off, never "done"
+            assert "event: done" not in streamed.result(timeout=HTTP_TIMEOUT_S)
             assert servers[0].should_exit  # the drain ended it, not the end of this block
-        deadline = time.monotonic() + 5
-        while gen.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert gen.running == 0  # the generations were aborted with their requests
+        # the generations were aborted with their requests
+        eventually(lambda: gen.running == 0, WAIT_S, 0.05, "the generations to be aborted")
         stats = rag.stats()
         assert stats["cache"]["l1"]["writes"] == 0 and stats["cancelled"] == 2  # nothing cached
 
 
 def test_retrieve_has_its_own_admission_bounds_and_the_query_deadline(tmp_path):
     """A flood of ``/v1/retrieve`` is refused with 429 past its bounds (apart from the
-    generation slots), and a retrieval past ``query.timeout_s`` gets 504."""
+    generation slots), and a retrieval past ``query.timeout_s`` gets 504. The slow embedding
+    calls are held on events until the test has seen what it needs, not given durations to
+    outlast."""
     from concurrent.futures import ThreadPoolExecutor
 
-    rag = make_rag(tmp_path, query={"max_in_flight": 1, "max_queued": 1, "timeout_s": 2.0})
-    encode = rag.embedder.encode
+    def held_embedder(rag, held_when):
+        encode, go = rag.embedder.encode, threading.Event()
 
-    def slow_encode(texts, **kw):
-        time.sleep(3.0 if any("too slow" in t for t in texts) else 0.4)
-        return encode(texts, **kw)
+        def encode_when_let_go(texts, **kw):
+            if held_when(texts):
+                assert go.wait(WAIT_S), "a held embedding call was never let go"
+            return encode(texts, **kw)
 
-    rag.embedder.encode = slow_encode
-    with rag, running(create_app(rag, RAGConfig())) as url, ThreadPoolExecutor(4) as pool:
+        rag.embedder.encode = encode_when_let_go
+        return go
+
+    rag = make_rag(tmp_path / "bounds", query={"max_in_flight": 1, "max_queued": 1})
+    go = held_embedder(rag, lambda texts: True)
+    with rag, running(create_app(rag, RAGConfig())) as url, ThreadPoolExecutor(2) as pool:
         def ask(i: int) -> httpx.Response:
-            return httpx.post(f"{url}/v1/retrieve", json={"question": f"retrieve {i}"}, timeout=30)
+            return post(f"{url}/v1/retrieve", json={"question": f"retrieve {i}"})
 
-        codes = sorted(r.status_code for r in pool.map(ask, range(4)))
+        try:
+            held = [pool.submit(ask, i) for i in range(2)]  # one embedding (held), one waiting for its slot
+            eventually(lambda: (rag.stats()["retrievals"]["in_flight"], rag.stats()["retrievals"]["queued"])
+                       == (1, 1), WAIT_S, 0.01, "one retrieval in flight and one queued")
+            refused = [ask(i) for i in range(2, 8)]  # past both bounds while they are held
+        finally:
+            go.set()
+        codes = sorted([f.result().status_code for f in held] + [r.status_code for r in refused])
         assert codes[0] == 200 and codes[-1] == 429, codes
-        refused = [r for r in pool.map(ask, range(4, 8)) if r.status_code == 429]
-        assert refused and all(r.headers["retry-after"] for r in refused)
+        assert [f.result().status_code for f in held] == [200, 200]
+        assert all(r.status_code == 429 and r.headers["retry-after"] for r in refused)
         assert refused[0].json()["error"]["type"] == "OverloadedError"
-        stats = httpx.get(f"{url}/v1/stats").json()
+        stats = get(f"{url}/v1/stats").json()
         assert stats["retrievals"]["rejected"] >= 2 and stats["retrievals"]["in_flight"] == 0
         assert stats["admission"]["admitted"] == 0  # no generation slot was taken
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = get(f"{url}/metrics").text
         assert f"ragserve_retrieval_rejections_total {float(stats['retrievals']['rejected'])}" in metrics
         assert "ragserve_retrievals_in_flight 0.0" in metrics and "ragserve_retrievals_total " in metrics
-        late = httpx.post(f"{url}/v1/retrieve", json={"question": "too slow"}, timeout=30)
+
+    rag = make_rag(tmp_path / "deadline", query={"max_in_flight": 1, "max_queued": 1, "timeout_s": 2.0})
+    go = held_embedder(rag, lambda texts: any("too slow" in t for t in texts))
+    with rag, running(create_app(rag, RAGConfig())) as url:
+        try:  # held past its 2 s deadline: only the deadline can answer it
+            late = post(f"{url}/v1/retrieve", json={"question": "too slow"})
+        finally:
+            go.set()
         assert late.status_code == 504 and late.json()["error"]["type"] == "DeadlineExceededError"
-        assert httpx.post(f"{url}/v1/retrieve", json={"question": "after"}, timeout=30).status_code == 200
+        assert post(f"{url}/v1/retrieve", json={"question": "after"}).status_code == 200

@@ -4,7 +4,6 @@ headless Chromium."""
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from ragserve.server.app import create_app
 from ragserve.testing.http import running
+from ragserve.testing.waits import WAIT_S, eventually
 
 pytestmark = [pytest.mark.engine, pytest.mark.http]
 
@@ -23,15 +23,6 @@ ARTIFACTS = Path(os.environ.get("RAGSERVE_ARTIFACTS", Path(__file__).resolve().p
 def url(rag):
     with running(create_app(rag, rag.config)) as base:
         yield base
-
-
-def until(check, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_openai_sdk_answers_with_sources_streaming_and_not(url, xquad_corpus):
@@ -63,21 +54,21 @@ def test_a_client_leaving_mid_stream_aborts_its_vllm_request_and_caches_nothing(
         for line in r.iter_lines():
             if line.startswith("event: token"):
                 break  # leave after the first token: the connection closes
-    assert until(lambda: rag.generator.unfinished() == 0), "the abandoned request is still in vLLM"
+    eventually(lambda: rag.generator.unfinished() == 0, what="the abandoned request to leave vLLM")
     assert rag.stats()["cache"]["l1"]["writes"] == writes
 
 
 def test_a_client_timing_out_on_a_plain_query_aborts_it_too(url, rag, xquad_corpus):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/query", json={"question": xquad_corpus[1][44]["question"]}, timeout=0.5)
-    assert until(lambda: rag.generator.unfinished() == 0), "the abandoned request is still in vLLM"
+    eventually(lambda: rag.generator.unfinished() == 0, what="the abandoned request to leave vLLM")
 
 
 def test_a_short_deadline_is_504_and_its_vllm_request_is_aborted(url, rag, xquad_corpus):
     r = httpx.post(f"{url}/v1/query", timeout=30,
                    json={"question": xquad_corpus[1][45]["question"], "timeout_s": 0.1, "cache": {"read": False}})
     assert r.status_code == 504 and r.json()["error"]["type"] == "DeadlineExceededError"
-    assert until(lambda: rag.generator.unfinished() == 0)
+    eventually(lambda: rag.generator.unfinished() == 0, what="the request past its deadline to leave vLLM")
 
 
 def test_a_burst_past_the_admission_bounds_gets_429_at_once(url, rag, xquad_corpus, monkeypatch):
@@ -97,7 +88,9 @@ def test_a_burst_past_the_admission_bounds_gets_429_at_once(url, rag, xquad_corp
     assert all(r.headers["retry-after"] for r in refused)
     slowest = max(r.elapsed.total_seconds() for r in refused)
     print(f"429 answered in at most {slowest * 1e3:.1f} ms")
-    assert slowest < 1.0  # refused at admission, long before any generation ends
+    # refused at admission, before any generation ends: faster than every answer (a load that
+    # slows the one slows the other), not under a fixed second
+    assert slowest < min(r.elapsed.total_seconds() for r in responses if r.status_code == 200)
 
 
 def test_the_page_in_a_real_browser_shows_answer_sources_and_waterfall(url, xquad_corpus):
@@ -122,7 +115,7 @@ def test_the_page_in_a_real_browser_shows_answer_sources_and_waterfall(url, xqua
         assert len(sources) >= 1 and "score" in sources[0].text
         stages = [e.get_attribute("data-stage") for e in driver.find_elements(By.CSS_SELECTOR, "#waterfall .wf-row")]
         assert {"embed", "search", "generate", "total"} <= set(stages)
-        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stats-table tbody tr"))
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stats-table tbody tr"))
         assert driver.find_elements(By.CSS_SELECTOR, "#tiers tbody tr")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "page.png"))

@@ -2,7 +2,6 @@
 hypothesis), against a real server on loopback with fake models behind it: whatever the
 body, no 500, never a stack trace, every error in the typed shape, and the server stays up."""
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +10,7 @@ from ragserve.config import RAGConfig
 from ragserve.server.app import create_app
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
-from ragserve.testing.http import running
+from ragserve.testing.http import get, running
 
 pytestmark = pytest.mark.http
 
@@ -40,4 +39,4 @@ def test_no_input_makes_the_server_fail(api):
                 assert set(response.json()["error"]) == {"type", "message", "stage"}, response.text[:300]
 
         check()
-        assert httpx.get(f"{url}/health").status_code == 200, f"the server went down after {op.path}"
+        assert get(f"{url}/health").status_code == 200, f"the server went down after {op.path}"

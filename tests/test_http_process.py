@@ -3,13 +3,14 @@ answers in the embedded Redis survive a restart (each start is a real vLLM engin
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ragserve.server.process import ServerProcess
+from ragserve.testing.http import get, post
+from ragserve.testing.waits import CLUSTER_WAIT_S, WAIT_S, eventually
 
 pytestmark = [pytest.mark.engine, pytest.mark.http, pytest.mark.redis]
 
@@ -33,51 +34,48 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
     srv = start(xquad_index, home)
     url = srv.url
     try:
-        first = httpx.post(f"{url}/v1/query", json={"question": questions[0]}, timeout=60)
+        first = post(f"{url}/v1/query", json={"question": questions[0]}, timeout=120)
         assert first.status_code == 200 and first.headers["x-cache"] == "miss"
-        assert httpx.get(f"{url}/ready").status_code == 200
+        assert get(f"{url}/ready").status_code == 200
 
         results: dict[int, httpx.Response] = {}
 
         def ask(i: int) -> None:
-            results[i] = httpx.post(f"{url}/v1/query", json={"question": questions[i], "cache": {"read": False}},
-                                    timeout=120)
+            results[i] = post(f"{url}/v1/query", json={"question": questions[i], "cache": {"read": False}},
+                              timeout=120)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/v1/stats").json()["gauges"]["in_flight"]["current"] < 3:
-            assert time.monotonic() < deadline, "the requests never got in flight"
-            time.sleep(0.02)
+        eventually(lambda: get(f"{url}/v1/stats").json()["gauges"]["in_flight"]["current"] >= 3, WAIT_S, 0.02,
+                   "the 3 requests to be in flight")
         srv.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/ready").status_code != 503:  # the signal is handled on the server's loop
-            assert time.monotonic() < deadline, "SIGTERM never started the drain"
-            time.sleep(0.01)
-        refused = httpx.post(f"{url}/v1/query", json={"question": "arriving late"}, timeout=10)
+        # the signal is handled on the server's loop
+        eventually(lambda: get(f"{url}/ready").status_code == 503, WAIT_S, 0.01, "SIGTERM to start the drain")
+        refused = post(f"{url}/v1/query", json={"question": "arriving late"})
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "Draining"
-        assert httpx.get(f"{url}/ready").status_code == 503 and httpx.get(f"{url}/health").status_code == 503
+        assert get(f"{url}/ready").status_code == 503 and get(f"{url}/health").status_code == 503
         for t in threads:
             t.join(timeout=120)
         assert [results[i].status_code for i in (1, 2, 3)] == [200, 200, 200]
         assert all(results[i].json()["answer"] for i in (1, 2, 3))
         assert srv.stop(timeout_s=60) == 0, srv.tail()
-        deadline = time.monotonic() + 30
-        while srv.group_alive():  # the engine core ends with its server, never left running
-            assert time.monotonic() < deadline, "a process of the stopped server is still running"
-            time.sleep(0.1)
+        # the engine core ends with its server, never left running
+        eventually(lambda: not srv.group_alive(), CLUSTER_WAIT_S, 0.1,
+                   "every process of the stopped server to end")
     finally:
         srv.kill()
 
     with start(xquad_index, home) as srv:  # a new process: empty L1, the same Redis data
-        again = httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=60)
+        again = post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=120)
         assert again.headers["x-cache"] == "l2" and again.json()["answer"] == first.json()["answer"]
         srv.signal(signal.SIGHUP)  # reload: the same version, so nothing changes, and nothing breaks
-        deadline = time.monotonic() + 30
-        while "SIGHUP reload" not in srv.tail(20_000):
-            assert time.monotonic() < deadline, srv.tail()
-            time.sleep(0.1)
+
+        def reloaded() -> bool:
+            assert "SIGHUP reload" in (log := srv.tail(20_000)), log
+            return True
+
+        eventually(reloaded, CLUSTER_WAIT_S, 0.1, ignore=(AssertionError,))  # the log, if it never comes
         assert "'changed': False" in srv.tail(20_000)
-        assert httpx.post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
+        assert post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
     assert srv.returncode == 0, srv.tail()

@@ -19,10 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
-from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.cache.redis_server import free_port
 from ragserve.config import RAGConfig
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
+from ragserve.testing.redis import redis_server
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
 from .test_http import sse_events
 
@@ -35,8 +37,8 @@ REPLY = "an answer from the fake server"
 @contextlib.contextmanager
 def deployed(index: Any, config: RAGConfig, app: str = APP) -> Iterator[str]:
     """Serve ``index`` as the application ``app`` on the running Ray cluster, as ``ragserve
-    serve --ray`` does (its proxy middleware included); yields the base URL. Serve is shut
-    down at the end, so every module starts its own."""
+    serve --ray`` does (its proxy middleware included); yields the base URL once the proxy
+    routes to it. Serve is shut down at the end, so every module starts its own."""
     from ray import serve
 
     from ragserve.ray.serve import proxy
@@ -49,7 +51,12 @@ def deployed(index: Any, config: RAGConfig, app: str = APP) -> Iterator[str]:
     host, port = _proxy_address("127.0.0.1", port)
     try:
         serve.run(application(index, config), name=app, route_prefix="/")
-        yield f"http://{host}:{port}"
+        url = f"http://{host}:{port}"
+        # serve.run returns once the replicas run; the proxy learns the route in its own time
+        eventually(lambda: httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).status_code == 200,
+                   CLUSTER_WAIT_S, 0.2, "Serve's proxy to route /health to the application",
+                   ignore=(httpx.HTTPError,))
+        yield url
     finally:
         serve.delete(app)
         serve.shutdown()
@@ -74,7 +81,7 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
     index = tmp_path_factory.mktemp("ray-indexes") / "xquad"  # this module's own: one test rebuilds it
     build_index(corpus, index, RAGConfig(), embedder=embedder)
     fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
-    with RedisServer(port=free_port()) as redis, running(fake.app) as fake_url:
+    with redis_server() as redis, running(fake.app) as fake_url:
         cfg = RAGConfig().replace(
             generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
             openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
@@ -94,17 +101,18 @@ def replica(r: httpx.Response) -> str:
 
 
 def generator_status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/stats", timeout=30).json()["generator"]
+    return httpx.get(f"{url}/v1/stats", timeout=HTTP_TIMEOUT_S).json()["generator"]
 
 
-def generator_status_once(url: str, seen: Callable[[dict[str, Any]], bool], deadline: float) -> dict[str, Any]:
+def generator_status_once(url: str, seen: Callable[[dict[str, Any]], bool],
+                          timeout_s: float = CLUSTER_WAIT_S) -> dict[str, Any]:
     """The generator's status once the answering replica's probe (every 0.5 s; each ingress
-    replica has its own) has ``seen`` what the test did, or the last one at ``deadline``."""
-    while True:
-        status = generator_status(url)
-        if seen(status) or time.monotonic() > deadline:
-            return status
+    replica has its own, and a busy machine delays them) has ``seen`` what the test did, or
+    the last one after ``timeout_s``: the caller's asserts then say what was off."""
+    deadline = time.monotonic() + timeout_s
+    while not seen(status := generator_status(url)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return status
 
 
 def ingress_replicas() -> dict[str, str]:
@@ -140,10 +148,10 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     assert [e for e, _ in events][0] == "sources" and events[-1][0] == "done"
     assert "".join(d["text"] for e, d in events if e == "token") == REPLY
     assert events[-1][1]["request_id"] == "stream-1"
-    health = httpx.get(f"{url}/health").json()
+    health = httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).json()
     assert health == {"status": "ok", "engine": "alive", "l2": "ok"}
-    gen = generator_status_once(url, lambda g: g["backend_stats"]["endpoints"][0]["requests"] >= 1,
-                                time.monotonic() + 10)
+    gen = generator_status_once(url, lambda g: g["backend_stats"]["endpoints"][0]["requests"] >= 1
+                                and g["status_age_s"] < 5)
     assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
 
@@ -164,9 +172,15 @@ def test_every_replicas_requests_reach_rays_metrics_export_with_its_replica_tag(
     assert len(answered) == 2, answered
     port = ray._private.worker.global_worker.node.metrics_export_port
     counted: dict[str, float] = {}
-    deadline = time.monotonic() + 60  # the agent exports what the replicas recorded every few seconds
+    text = ""
+    # the agent exports what the replicas recorded every few seconds
+    deadline = time.monotonic() + CLUSTER_WAIT_S
     while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S).text
+        except httpx.HTTPError:  # the agent busy or still starting: not yet
+            time.sleep(1)
+            continue
         counted = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -192,11 +206,12 @@ def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_re
         for line in lines:
             if line.startswith("event: token"):
                 break  # one token came; now the client goes away mid-answer
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and fake.disconnects == disconnects:
-        time.sleep(0.1)
+    # The leaving client's cancellation crosses the proxy, the ingress and the generator replica.
+    eventually(lambda: fake.disconnects != disconnects, CLUSTER_WAIT_S, 0.1,
+               "the fake server to see the disconnect")
     assert fake.disconnects == disconnects + 1  # the openai backend closed its stream: the server aborts
-    status = generator_status_once(url, lambda g: g["deployment"]["replica"]["aborted"] != aborted, deadline)
+    status = generator_status_once(url, lambda g: g["deployment"]["replica"]["aborted"] != aborted
+                                   and g["deployment"]["unfinished"] == 0)
     assert status["deployment"]["replica"]["aborted"] == aborted + 1
     assert status["deployment"]["unfinished"] == 0 and fake.in_flight == 0
 
@@ -207,8 +222,21 @@ def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_
     def ask(i: int) -> httpx.Response:
         return query(url, f"a slow question number {i} about the halftime show?", cache={"read": False})
 
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(ask, range(16)))
+    # The admitted requests are held at the fake server until 6 refusals are in: the burst does
+    # not depend on all 16 arriving before the first answers end.
+    fake = served.fake
+    fake.b.hold = True
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(ask, i) for i in range(16)]
+            try:
+                eventually(lambda: sum(f.done() for f in futures) >= 6, CLUSTER_WAIT_S, 0.05,
+                           "6 of the burst to be answered while the admitted ones are held")
+            finally:
+                fake.b.hold = False
+            responses = [f.result() for f in futures]
+    finally:
+        fake.b.hold = False
     statuses = sorted(r.status_code for r in responses)
     refused = [r for r in responses if r.status_code == 429]
     # 2 replicas x max_ongoing_requests 2 run, max_queued_requests 2 wait in the proxy: the rest are refused
@@ -231,10 +259,11 @@ def test_every_replica_follows_a_rebuilt_index_to_its_new_version(served, embedd
     new = build_index(served.corpus, served.index, RAGConfig(), embedder=embedder).fingerprint
     assert new != old
     serving: dict[str, str] = {}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + CLUSTER_WAIT_S  # each replica looks every 0.5 s, then loads the new version
     while time.monotonic() < deadline and not (len(serving) == 2 and set(serving.values()) == {new}):
         r = query(url, q)
         serving[replica(r)] = r.json()["index_fingerprint"]
+        time.sleep(0.05)
     assert len(serving) == 2 and set(serving.values()) == {new}, serving  # both, without an admin call
 
 
@@ -245,21 +274,29 @@ def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
     url, fake = served.url, served.fake
     before = ingress_replicas()
     assert len(before) == 2
-    # 4 slow requests fill both replicas (max_ongoing_requests 2 each): 2 of them are on the victim.
-    # Sent 0.3 s apart: Serve's proxy counts a request still being routed against
+    # 4 requests fill both replicas (max_ongoing_requests 2 each): 2 of them are on the victim.
+    # Held at the fake server until the victim's 2 have failed, so none ends before the kill.
+    # Sent one at a time: Serve's proxy counts a request still being routed against
     # max_queued_requests, so 4 sent at the same instant could be refused (the burst test).
-    fake.b.slow_delay_s = 1.0
-    with ThreadPoolExecutor(4) as pool:
-        inflight = []
-        for i in range(4):
-            inflight.append(pool.submit(query, url, f"a slow question {i} on the killed replica?"))
-            time.sleep(0.3)
-        time.sleep(1.0)
-        victim = sorted(before)[0]
-        ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
-        killed = time.monotonic()
-        results = [f.result() for f in inflight]
-    fake.b.slow_delay_s = 0.3
+    fake.b.hold = True
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            inflight = []
+            for i in range(4):
+                inflight.append(pool.submit(query, url, f"a slow question {i} on the killed replica?"))
+                eventually(lambda: fake.in_flight == len(inflight), CLUSTER_WAIT_S, 0.02,
+                           f"request {i} to reach the fake server")
+            victim = sorted(before)[0]
+            ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
+            killed = time.monotonic()
+            try:
+                eventually(lambda: sum(f.done() for f in inflight) >= 2, CLUSTER_WAIT_S, 0.05,
+                           "the killed replica's 2 requests to be answered")
+            finally:
+                fake.b.hold = False
+            results = [f.result() for f in inflight]
+    finally:
+        fake.b.hold = False
     failed = [r for r in results if r.status_code != 200]
     # What the requests running on the killed replica get: a JSON 503 with Retry-After (the
     # proxy's own answer would be an empty 500; proxy.py gives it ragserve's shape).
@@ -280,16 +317,22 @@ def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
 
     asker = threading.Thread(target=keep_asking, daemon=True)
     asker.start()
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 180 and not any(rid not in before for _, rid, _ in during):
-        time.sleep(0.2)  # until the replacement has answered a request
-    stop.set()
-    asker.join()
+    try:  # until the replacement has answered a request (Serve replaces it in its own time)
+        eventually(lambda: any(rid not in before for _, rid, _ in during), 3 * CLUSTER_WAIT_S, 0.2,
+                   "a replacement replica to answer")
+    finally:
+        stop.set()
+        asker.join()
     statuses = [status for status, _, _ in during]
     print(f"replacement answering {time.monotonic() - killed:.1f} s after the kill; {len(during)} requests "
           f"meanwhile: { {c: statuses.count(c) for c in set(statuses)} }")
-    now = ingress_replicas()
-    assert victim not in now and len(now) == 2, now
+
+    def replaced() -> dict[str, str]:
+        now = ingress_replicas()  # the GCS forgets the killed actor's name in its own time
+        assert victim not in now and len(now) == 2, now
+        return now
+
+    now = eventually(replaced, CLUSTER_WAIT_S, 0.2, ignore=(AssertionError,))
     assert statuses == [200] * len(during), during
     new = (set(now) - set(before)).pop()
     answers = [(rid, tier) for _, rid, tier in during]
@@ -299,4 +342,5 @@ def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
         answers.append((replica(r), r.headers["x-cache"]))
     assert {rid for rid, _ in answers[-30:]} == set(now)  # both replicas serve again
     assert [tier for rid, tier in answers if rid == new][0] == "l2"  # its L1 was empty; the shared L2 is not
-    assert serve.status().applications[APP].deployments["RagserveIngress"].status == "HEALTHY"
+    eventually(lambda: serve.status().applications[APP].deployments["RagserveIngress"].status == "HEALTHY",
+               CLUSTER_WAIT_S, 0.2, "Serve's controller to report the ingress deployment HEALTHY")

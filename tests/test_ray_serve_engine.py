@@ -7,24 +7,24 @@ test_ray_serve.py). Run it alone with the engine lock:
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from ragserve.cache.redis_server import RedisServer, free_port
 from ragserve.config import RAGConfig
+from ragserve.testing.redis import redis_server
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S
 
 from .test_http import sse_events
-from .test_ray_serve import deployed, generator_status, query, replica
+from .test_ray_serve import deployed, generator_status, generator_status_once, query, replica
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
 
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, xquad_index) -> Iterator[str]:
-    with RedisServer(port=free_port()) as redis:
+    with redis_server() as redis:
         cfg = RAGConfig().replace(
             generate={"max_tokens": 96}, vllm={"kv_cache_gib": 1}, cache={"redis_url": redis.url},
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 1, "probe_interval_s": 0.5})
@@ -51,11 +51,9 @@ def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l
             break
     assert sorted(seen.values()) == ["l2", "miss"] and r.json()["answer"] == body["answer"]
     # the status is the answering replica's last probe of the deployment (every 0.5 s here)
-    deadline = time.monotonic() + 15
-    while (gen := generator_status(url))["prefix_cache"]["requests"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.25)
+    gen = generator_status_once(url, lambda g: g["prefix_cache"]["requests"] >= 1)
     assert gen["backend"] == "ray:vllm" and gen["alive"] and gen["prefix_cache"]["requests"] >= 1
-    assert httpx.get(f"{url}/health").json()["engine"] == "alive"
+    assert httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).json()["engine"] == "alive"
 
 
 def test_a_client_that_leaves_a_stream_aborts_the_vllm_request(served):
@@ -70,13 +68,10 @@ def test_a_client_that_leaves_a_stream_aborts_the_vllm_request(served):
             events.append(line)
             if line.startswith("event: token"):
                 break  # the first piece came; the client goes away mid-answer
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = generator_status(url)
-        d = status["deployment"]
-        if d["replica"]["requests"] > before["requests"] and d["unfinished"] == 0:
-            break
-        time.sleep(0.2)
+    # the abort crosses the proxy, the ingress and the generator replica; then that replica's probe
+    status = generator_status_once(url, lambda g: g["deployment"]["replica"]["requests"] > before["requests"]
+                                   and g["deployment"]["replica"]["aborted"] != before["aborted"]
+                                   and g["deployment"]["unfinished"] == 0, CLUSTER_WAIT_S)
     after = status["deployment"]["replica"]
     assert status["deployment"]["unfinished"] == 0  # nothing left running in vLLM
     assert after["aborted"] == before["aborted"] + 1, (before, after)  # cancelled, not finished

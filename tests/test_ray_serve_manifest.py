@@ -11,9 +11,11 @@ import httpx
 import pytest
 import yaml
 
-from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.cache.redis_server import free_port
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
+from ragserve.testing.redis import redis_server
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, eventually
 
 MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "kuberay-rayservice.yaml"
 
@@ -50,7 +52,7 @@ def test_the_manifests_application_deploys_from_its_serve_config(ray_cluster, xq
     raw = serve_config()
     app = raw["applications"][0]
     fake = FakeOpenAI(Behaviour())
-    with RedisServer(port=free_port()) as redis, running(fake.app) as fake_url:
+    with redis_server() as redis, running(fake.app) as fake_url:
         # this machine instead of the cluster's: the index, 2 CPUs, no GPU, the fake generator
         app["args"]["index"] = str(xquad_index)
         app["args"]["ray"].update(replicas=1, num_cpus=0.5, generator_num_cpus=0.5, generator_num_gpus=0)
@@ -63,10 +65,15 @@ def test_the_manifests_application_deploys_from_its_serve_config(ray_cluster, xq
                     controller_options={"runtime_env": {"env_vars": {proxy.ENV: proxy.CALLBACK}}})
         try:
             _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/query", json={"question": "Who won Super Bowl 50?"},
-                           timeout=60)
+            url = f"http://127.0.0.1:{port}"
+            # deployed: the replicas run; the proxy learns the route in its own time
+            eventually(lambda: httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).status_code == 200,
+                       CLUSTER_WAIT_S, 0.2, "Serve's proxy to route /health to the application",
+                       ignore=(httpx.HTTPError,))
+            r = httpx.post(f"{url}/v1/query", json={"question": "Who won Super Bowl 50?"},
+                           timeout=HTTP_TIMEOUT_S)
             assert r.status_code == 200 and r.json()["answer"] == fake.b.reply, r.text
-            assert httpx.get(f"http://127.0.0.1:{port}/health").json()["l2"] == "ok"  # the env's Redis
+            assert httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).json()["l2"] == "ok"  # the env's Redis
         finally:
             serve.delete(app["name"])
             serve.shutdown()

@@ -21,6 +21,7 @@ from ragserve.errors import (
     OverloadedError,
     RagserveError,
 )
+from ragserve.testing.waits import aeventually
 from ragserve.types import Generation, TokenUsage
 
 pytest.importorskip("ray", reason="ray[serve] is in the CPU lock; run `make setup`")
@@ -165,9 +166,9 @@ async def test_generate_and_stream_carry_the_backends_result_and_count_calls():
 
 async def test_cancelling_a_call_cancels_it_on_the_generator_replica():
     gen, handle = make()
-    handle.delay = 5.0
+    handle.delay = 60.0  # only the cancellation ends it within this test
     task = asyncio.ensure_future(gen.generate("p", "r1"))
-    await asyncio.sleep(0.05)
+    await aeventually(lambda: handle.responses, what="the call to reach the handle")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -298,15 +299,17 @@ class SlowBackend:
     model_name = "m"
 
     def __init__(self) -> None:
-        self.closed = 0
+        self.closed = self.started = 0
+        self.delay = 0.05
 
     def warm_up(self) -> None:
         pass
 
     async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+        self.started += 1
         try:
             for piece in ("an", " answer", " slowly"):
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(self.delay)
                 yield piece
             yield GEN
         finally:
@@ -332,8 +335,9 @@ async def test_the_generator_replica_counts_a_stream_closed_between_pieces_as_ab
     closed = server.stream("p", "r2")
     assert await anext(closed) == "an"
     await closed.aclose()  # the cancellation landed between two pieces: Serve closes the generator
+    backend.delay = 60.0  # its first piece never comes before the cancellation
     cancelled = asyncio.ensure_future(anext(server.stream("p", "r3")))
-    await asyncio.sleep(0.01)
+    await aeventually(lambda: backend.started == 3, what="the third backend stream to start")
     cancelled.cancel()  # the cancellation landed inside the backend's await
     with pytest.raises(asyncio.CancelledError):
         await cancelled

@@ -4,9 +4,7 @@ generator: the engine is not what is under test, the swap of the served index is
 import asyncio
 import shutil
 import threading
-import time
 
-import httpx
 import pytest
 
 from ragserve.build.builder import build_index
@@ -17,7 +15,8 @@ from ragserve.rag import RAG
 from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.server.app import create_app
 from ragserve.testing.fakes import FakeGenerator
-from ragserve.testing.http import running
+from ragserve.testing.http import post, running
+from ragserve.testing.waits import aeventually, eventually
 
 pytestmark = pytest.mark.integration
 MARK = " The archive was moved to the zebra building in 2031."
@@ -58,7 +57,10 @@ def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xq
 
         async def load():
             tasks = [asyncio.ensure_future(rag.aquery(q, cache_read=False)) for q in questions]
-            await asyncio.sleep(0.1)  # all 64 are in flight on v1
+            # all 64 have searched v1 and are generating (0.3 s each; two of them ask the same,
+            # and share a run) when the reload comes
+            await aeventually(lambda: len(gen.prompts) >= 1 + len(set(questions)),
+                              what="the 64 to reach the generator")
             result = await asyncio.to_thread(rag.reload)
             late = [asyncio.ensure_future(rag.aquery(q, cache_read=False)) for q in questions[32:48]]
             return result, await asyncio.gather(*tasks, *late, return_exceptions=True)
@@ -88,13 +90,17 @@ def test_the_old_version_is_released_when_its_last_request_ends(versions, embedd
         for f in sorted(src.glob("*.txt"))[:1]:
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
         build_index(src, out, embedder=embedder)
+        gen.hold = True  # the request holds the old version until the reload is checked, however long
         holder = threading.Thread(target=rag.query, args=("Who held the old version?",))
         holder.start()
-        while first.users == 0:
-            time.sleep(0.001)
-        rag.reload()
-        assert first.retired and first.users >= 1 and not first.closed  # still held (the request, its run)
-        holder.join()
+        try:
+            eventually(lambda: gen.running, what="the request to be generating on the old version")
+            rag.reload()
+            # still held (the request, its run)
+            assert first.retired and first.users >= 1 and not first.closed
+        finally:
+            gen.hold = False
+            holder.join()
         assert first.users == 0 and first.closed and rag.served.current is not first
 
 
@@ -120,19 +126,19 @@ def test_admin_reload_over_http_needs_the_admin_key(versions, embedder):
     cfg = RAGConfig().replace(server={"admin_key": "admin-secret-0123456789"})
     with RAG.from_index(out, cfg, embedder=embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, cfg)) as url:
-            assert httpx.post(f"{url}/admin/reload").status_code == 401
-            assert httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert post(f"{url}/admin/reload").status_code == 401
+            assert post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
             for f in sorted(src.glob("*.txt"))[:1]:
                 f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
             v2 = build_index(src, out, embedder=embedder)
-            r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
+            r = post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
                            timeout=60)
             assert r.status_code == 200 and r.json()["changed"] and r.json()["fingerprint"] == v2.fingerprint
-            q = httpx.post(f"{url}/v1/query", json={"question": "which version?"}).json()
+            q = post(f"{url}/v1/query", json={"question": "which version?"}).json()
             assert q["index_fingerprint"] == v2.fingerprint
     with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, RAGConfig())) as url:
-            assert httpx.post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
+            assert post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
 
 
 def test_a_stream_never_iterated_holds_no_index_version(versions, embedder):
@@ -161,13 +167,17 @@ def test_a_shared_run_keeps_its_version_open_after_its_leader_leaves(versions, e
         build_index(src, out, embedder=embedder)
 
         async def scenario():
+            gen.hold = True  # the leader's run is generating until the follower has it alone
             leader = asyncio.ensure_future(rag.aquery("Which year?"))
-            await asyncio.sleep(0.1)
+            await aeventually(lambda: gen.running == 1, what="the leader's run to start")
             follower = asyncio.ensure_future(rag.aquery("Which year?"))
-            await asyncio.sleep(0.05)
+            await aeventually(lambda: rag.stats()["single_flight"]["shared"] == 1,
+                              what="the follower to join it")
             await asyncio.to_thread(rag.reload)            # to B
             await asyncio.to_thread(rag.reload, a_folder)  # back to A: a new snapshot, same fingerprint
             leader.cancel()
+            await asyncio.gather(leader, return_exceptions=True)  # the leader has left
+            gen.hold = False
             return await follower
 
         result = asyncio.run(scenario())

@@ -12,6 +12,7 @@ from ragserve.errors import DeadlineExceededError, OverloadedError
 from ragserve.retrieval.embed import MicroBatcher
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
+from ragserve.testing.waits import WAIT_S, aeventually, at_once, eventually
 from ragserve.types import DoneEvent, SourcesEvent, TokenEvent
 
 # -- micro-batcher ---------------------------------------------------------------------
@@ -85,11 +86,9 @@ async def test_admission_rejects_at_once_past_both_bounds_and_serves_in_order():
     tasks = [asyncio.ensure_future(run(i)) for i in range(4)]
     await asyncio.sleep(0.01)
     assert (adm.in_flight, adm.queued) == (2, 2) and order == [0, 1]
-    t = time.perf_counter()
     with pytest.raises(OverloadedError, match="2 requests running and 2 waiting"):
-        async with adm.slot():
-            pass
-    assert time.perf_counter() - t < 0.01 and adm.rejected == 1
+        at_once(adm.slot().__aenter__())  # refused in its first step: it waited for nothing
+    assert adm.rejected == 1
     tasks[2].cancel()  # a waiter that gives up frees its place in the queue
     await asyncio.sleep(0)
     assert adm.queued == 1
@@ -140,13 +139,16 @@ def test_concurrent_queries_each_get_their_own_answer_in_few_embedding_calls(tmp
 async def test_overload_is_refused_at_once_before_any_work(tmp_path):
     gen = FakeGenerator(delay=0.5)
     with make_rag(tmp_path, gen, query={"max_in_flight": 1, "max_queued": 1}) as rag:
+        gen.hold = True  # the first stays in flight and the second queued for as long as this takes
         tasks = [asyncio.ensure_future(rag.aquery(f"q{i}")) for i in range(2)]
-        await asyncio.sleep(0.1)
-        t = time.perf_counter()
+        await aeventually(lambda: (rag.stats()["admission"]["in_flight"], rag.stats()["admission"]["queued"],
+                                   len(gen.prompts)) == (1, 1, 1), what="one query generating, one queued")
+        # Refused while the slot is held, with no slot ever freeing: it did not wait for one.
+        # (Not a duration: the refusal crosses to the engine's loop and back.)
         with pytest.raises(OverloadedError):
-            await rag.aquery("one too many")
-        assert time.perf_counter() - t < 0.1
+            await asyncio.wait_for(rag.aquery("one too many"), WAIT_S)
         assert rag.stats()["admission"]["rejected"] == 1 and len(gen.prompts) == 1
+        gen.hold = False
         await asyncio.gather(*tasks)
         assert rag.stats()["admission"]["in_flight"] == 0
 
@@ -170,20 +172,14 @@ async def test_a_deadline_aborts_one_request_while_the_others_complete(tmp_path)
 
 
 async def test_cancelling_the_caller_aborts_its_generation_and_caches_nothing(tmp_path):
-    gen = FakeGenerator(delay=1.0)
+    gen = FakeGenerator(delay=60.0)  # a minute: only an abort ends it within the waits below
     with make_rag(tmp_path, gen) as rag:
         task = asyncio.ensure_future(rag.aquery("cancel me"))
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if gen.running:
-                break
+        await aeventually(lambda: gen.running, what="the generation to start")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if not gen.running:
-                break
-            await asyncio.sleep(0.01)
+        await aeventually(lambda: gen.running == 0, what="the generation to be aborted")
         assert gen.running == 0 and len(rag.cache.l1) == 0
         assert rag.stats()["cancelled"] == 1 and rag.stats()["admission"]["in_flight"] == 0
 
@@ -205,15 +201,13 @@ def test_stream_gives_sources_then_tokens_then_the_result_and_a_hit_streams_too(
 
 
 def test_leaving_a_stream_early_aborts_it_and_caches_nothing(tmp_path):
-    gen = FakeGenerator(delay=1.0, words=10)
+    # a piece every 0.1 s for a minute: only an abort ends it within the wait below
+    gen = FakeGenerator(delay=60.0, words=600)
     with make_rag(tmp_path, gen) as rag:
         for event in rag.stream("stop early"):
             if isinstance(event, TokenEvent):
                 break
-        for _ in range(100):
-            if not gen.running:
-                break
-            time.sleep(0.01)
+        eventually(lambda: gen.running == 0, WAIT_S, 0.01, "the stream's generation to be aborted")
         assert gen.running == 0 and len(rag.cache.l1) == 0
         assert rag.stats()["admission"]["in_flight"] == 0
 
@@ -262,19 +256,17 @@ def test_embedding_and_search_never_block_the_event_loop(xquad_index, xquad_corp
 def test_close_cancels_requests_still_running_instead_of_dropping_them(tmp_path):
     import concurrent.futures
 
-    gen = FakeGenerator(delay=30)
+    gen = FakeGenerator(delay=120)
     rag = make_rag(tmp_path, gen)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(rag.query, "still generating")
-        for _ in range(200):
-            if gen.running:
-                break
-            time.sleep(0.01)
+        eventually(lambda: gen.running, WAIT_S, 0.01, "the generation to start")
         t = time.perf_counter()
         rag.close()
-        assert time.perf_counter() - t < 5
+        # it cancels instead of waiting out the 120 s generation (30 s: a loaded machine's bound)
+        assert time.perf_counter() - t < WAIT_S
         with pytest.raises(concurrent.futures.CancelledError):
-            pending.result(timeout=5)
+            pending.result(timeout=WAIT_S)
     assert gen.running == 0  # its generation was cancelled (vLLM would abort it)
 
 
@@ -354,10 +346,14 @@ async def test_a_plain_query_joins_a_streaming_run(tmp_path):
         async def streamed():
             return [e async for e in rag.astream("joined")]
 
+        gen.hold = True  # the streaming run stays in flight until the plain query has chosen
         stream = asyncio.ensure_future(streamed())
-        await asyncio.sleep(0.05)
-        plain = await rag.aquery("joined")
-        events = await stream
+        await aeventually(lambda: gen.running == 1, what="the streaming run to start")
+        plain = asyncio.ensure_future(rag.aquery("joined"))
+        await aeventually(lambda: gen.running == 2 or rag.stats()["single_flight"]["shared"],
+                          what="the plain query to join the run or start one")
+        gen.hold = False
+        plain, events = await plain, await stream
         assert len(gen.prompts) == 1 and plain.shared and not events[-1].result.shared
         assert plain.answer == events[-1].result.answer
 
@@ -371,13 +367,15 @@ async def test_a_lookup_that_outlasts_the_run_it_missed_is_an_l1_hit_not_a_secon
         async def slow_after_the_first(key, clock, *, l1=True):
             calls.append(key)
             found = await lookup(key, clock, l1=l1)
-            if len(calls) > 1:
-                await asyncio.sleep(0.5)  # an L2 (Redis) lookup still out when the first run ends
+            if len(calls) == 2:  # an L2 (Redis) lookup still out when the first run ends
+                gen.hold = False
+                await aeventually(lambda: len(cache.l1) == 1, what="the first run's answer in L1")
             return found
 
         cache.lookup = slow_after_the_first
+        gen.hold = True  # the first run is generating until the second has missed L1
         first = asyncio.ensure_future(rag.aquery("asked twice"))
-        await asyncio.sleep(0.03)  # the first run is generating: the second misses L1, then waits on "L2"
+        await aeventually(lambda: gen.running == 1, what="the first run to start")
         second = await rag.aquery("asked twice")
         assert (await first).cache_tier == "miss"
         assert len(gen.prompts) == 1, "generated again after its answer was cached"

@@ -9,12 +9,12 @@ machine). The long form, with its RSS growth, is ``python benchmarks/soak.py --m
 
 import asyncio
 import os
-import time
 
 import pytest
 
 from ragserve.server.app import create_app
 from ragserve.testing.http import running
+from ragserve.testing.waits import WAIT_S, eventually
 
 from .conftest import load_benchmark
 
@@ -52,8 +52,6 @@ def test_a_short_mixed_soak_has_no_500_no_unexpected_response_and_no_fd_leak(url
     outcomes = {r.outcome for r in result.records}
     assert "abandoned after the first token" in outcomes and "504 DeadlineExceededError" in outcomes
     assert result.in_flight_after == 0 and result.held_after == 0
-    deadline = time.monotonic() + 15
-    while rag.generator.unfinished() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert rag.generator.unfinished() == 0, "abandoned or timed-out requests are still in vLLM"
+    eventually(lambda: rag.generator.unfinished() == 0, WAIT_S, 0.05,
+               "abandoned or timed-out requests to leave vLLM")
     assert result.fd_growth() is not None and result.fd_growth() <= 16

@@ -6,7 +6,7 @@ loop, however many streams it fed) and the per-token encodings."""
 import asyncio
 import gc
 import json
-import time
+import threading
 
 import httpx
 import orjson
@@ -20,6 +20,7 @@ from ragserve.server.openai_api import content_framer
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
 from ragserve.testing.http import running
+from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, aeventually, eventually
 from ragserve.types import DoneEvent, Generation, SourcesEvent, TokenEvent, TokenUsage
 
 from .test_http import sse_events
@@ -28,16 +29,18 @@ PIECES = [f" w{i}" for i in range(50)]
 
 
 class Burst(FakeGenerator):
-    """The first piece, then ``pause_s``, then the other 49 with no await between them."""
+    """The first piece; then, once ``go`` is set (the client has that piece), the other 49
+    with no await between them. A first piece held back to be batched never reaches the
+    client alone: the wait for ``go`` fails the stream."""
 
-    def __init__(self, pause_s=0.0):
+    def __init__(self):
         super().__init__()
-        self.pause_s = pause_s
+        self.go = threading.Event()
 
     async def stream(self, prompt, request_id, token_ids=None, deltas=True):
         self.prompts.append(prompt)
         yield PIECES[0]
-        await asyncio.sleep(self.pause_s)
+        await aeventually(self.go.is_set, WAIT_S, 0.005, "the client to have the first piece")
         for piece in PIECES[1:]:
             yield piece
         yield Generation("".join(PIECES), TokenUsage(3, len(PIECES)), "stop", 1.0, 2.0, 3.0)
@@ -48,20 +51,21 @@ class Burst(FakeGenerator):
 
 async def test_batches_hold_what_arrived_together_and_the_first_item_comes_alone():
     rt = LoopThread(name="test-relay")
+    taken = threading.Event()  # set by the reader once item 0 has reached it
 
     async def produce():
         yield 0
-        await asyncio.sleep(0.3)  # the reader has long taken item 0 by now
+        # not held back to be batched: the reader has it before the others exist
+        await aeventually(taken.is_set, WAIT_S, 0.005, "the reader to have item 0")
         for i in range(1, 50):
             yield i  # no await between them: they cross in one turn of the engine loop
 
     try:
-        t0 = time.perf_counter()
-        got, first_at = [], None
+        got = []
         async for batch in rt.aiterate(produce()).batches():
-            first_at = first_at or time.perf_counter() - t0
             got.append(batch)
-        assert got[0] == [0] and first_at < 0.2  # not held back to be batched
+            taken.set()
+        assert got[0] == [0]
         assert [x for b in got for x in b] == list(range(50)) and len(got) < 10
     finally:
         rt.stop()
@@ -72,7 +76,10 @@ async def test_one_wake_up_of_the_readers_loop_for_many_streams_fed_in_one_turn(
     loop = asyncio.get_running_loop()
     engine_go = asyncio.Event()  # waited on (so bound to) the engine loop
 
+    started = []
+
     async def produce(i):
+        started.append(i)
         await engine_go.wait()
         yield i
 
@@ -88,15 +95,14 @@ async def test_one_wake_up_of_the_readers_loop_for_many_streams_fed_in_one_turn(
     try:
         relays = [rt.aiterate(produce(i)) for i in range(32)]
         readers = [asyncio.ensure_future(anext(r)) for r in relays]
-        await asyncio.sleep(0.1)  # every reader has started its producer, which waits on the engine loop
+        # every reader has started its producer, which waits on the engine loop
+        await aeventually(lambda: len(started) == 32, what="the 32 producers to start")
         wakes = 0
         rt.loop.call_soon_threadsafe(engine_go.set)  # all 32 items in one turn of the engine loop
         # Hold this loop (a blocking wait, not an await) until all 32 are posted, so the count
         # does not depend on when the machine lets this loop run in between.
-        pending, deadline = rt.mailbox(loop)._pending, time.monotonic() + 10
-        while len(pending) < 32:
-            assert time.monotonic() < deadline, len(pending)
-            time.sleep(0.001)
+        pending = rt.mailbox(loop)._pending
+        eventually(lambda: len(pending) >= 32, WAIT_S, 0.001, "the 32 items to be posted")  # blocks this loop
         assert sorted(await asyncio.gather(*readers)) == list(range(32))
         assert wakes == 1, wakes  # one wake-up for the turn, not 32
         for r in relays:
@@ -126,10 +132,7 @@ async def test_closing_or_dropping_a_relay_cancels_its_producer():
         assert await anext(dropped) == "dropped"
         del dropped
         gc.collect()
-        for _ in range(100):
-            if len(ended) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await aeventually(lambda: len(ended) == 2, what="both producers to be cancelled")
         assert sorted(ended) == ["closed", "dropped"]
     finally:
         rt.stop()
@@ -181,40 +184,51 @@ def test_per_token_frames_are_the_generic_frames_byte_for_byte(text):
 
 @pytest.fixture
 def burst_server(tmp_path):
-    rag = make_rag(tmp_path, Burst(pause_s=0.3), cache={"enabled": False})
+    """(url, the ``Burst`` generator behind it)."""
+    burst = Burst()
+    rag = make_rag(tmp_path, burst, cache={"enabled": False})
     with rag, running(create_app(rag, RAGConfig())) as url:
-        yield url
+        yield url, burst
 
 
-def timed_lines(url, path, body):
-    """[(seconds since the request, line)] of a streamed response."""
-    with httpx.Client(base_url=url, timeout=30) as client:
-        t0 = time.perf_counter()
+def streamed_lines(url, path, body, go, first):
+    """The lines of a streamed response; ``go`` is set once the ``first(line)`` one came."""
+    lines = []
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT_S) as client:
         with client.stream("POST", path, json=body) as r:
             assert r.status_code == 200
-            return [(time.perf_counter() - t0, line) for line in r.iter_lines()]
+            for line in r.iter_lines():
+                lines.append(line)
+                if first(line):
+                    go.set()
+    return lines
 
 
 @pytest.mark.http
 def test_native_stream_coalesces_pieces_that_arrive_together_and_sends_the_first_at_once(burst_server):
-    lines = timed_lines(burst_server, "/v1/query", {"question": "burst?", "stream": True})
-    events = sse_events("\n".join(line for _, line in lines) + "\n")
+    url, burst = burst_server
+    # The others are made only once the client has the first token: it was sent at once.
+    lines = streamed_lines(url, "/v1/query", {"question": "burst?", "stream": True}, burst.go,
+                           lambda line: line.startswith("event: token"))
+    events = sse_events("\n".join(lines) + "\n")
     names = [e for e, _ in events]
     assert names[0] == "sources" and names[-1] == "done" and set(names[1:-1]) == {"token"}
     tokens = [d["text"] for e, d in events if e == "token"]
     assert "".join(tokens) == events[-1][1]["answer"] == "".join(PIECES)
     assert tokens[0] == PIECES[0] and len(tokens) < len(PIECES) // 2
-    first_token_at = next(t for t, line in lines if line.startswith("event: token"))
-    last_token_at = [t for t, line in lines if line.startswith("event: token")][-1]
-    assert last_token_at - first_token_at > 0.25  # the first piece did not wait for the others
 
 
 @pytest.mark.http
 def test_openai_stream_coalesces_into_valid_chunks_ending_with_done(burst_server):
     body = {"model": "ragserve", "stream": True, "messages": [{"role": "user", "content": "burst?"}],
             "stream_options": {"include_usage": True}}
-    lines = timed_lines(burst_server, "/v1/chat/completions", body)
-    events = sse_events("\n".join(line for _, line in lines) + "\n")
+    url, burst = burst_server
+    def has_content(line):
+        choices = json.loads(line[6:])["choices"] if line.startswith("data: {") else []
+        return any(c["delta"].get("content") for c in choices)
+
+    lines = streamed_lines(url, "/v1/chat/completions", body, burst.go, has_content)
+    events = sse_events("\n".join(lines) + "\n")
     assert events[-1] == (None, "[DONE]") and events[0][1]["sources"]
     chunks = [d for _, d in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)

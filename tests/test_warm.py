@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from ragserve.cache.keys import normalize_question
-from ragserve.cache.redis_server import RedisServer, free_port
+from ragserve.cache.redis_server import free_port
 from ragserve.config import RAGConfig, serve_config
 from ragserve.engine.validation import check_question
 from ragserve.errors import BatchInputError, InvalidParameterError, NoL2Error
@@ -18,6 +18,7 @@ from ragserve.jobs.batch import work_through
 from ragserve.jobs.warm import WarmItem, plan_warm, run_warm, warm, warm_config
 from ragserve.rag import RAG
 from ragserve.testing.fakes import FakeGenerator
+from ragserve.testing.redis import redis_server
 
 
 def write_log(path, questions):
@@ -230,7 +231,7 @@ def test_answers_redis_refuses_to_store_are_reported_not_counted_warm(tmp_path, 
                                                                      log_questions):
     import redis
 
-    with RedisServer(port=free_port()) as srv:
+    with redis_server() as srv:
         raw = redis.Redis.from_url(srv.url)
         raw.config_set("maxmemory-policy", "noeviction")
         raw.config_set("maxmemory", 1)  # every SET is refused with an OOM reply; GET still works

@@ -5,7 +5,7 @@ answers without streaming, for clients such as LangChain's ``ChatOpenAI``.
 
 The reply to any prompt is ``reply``, one word per chunk. Knobs (attributes of
 ``FakeOpenAI.b``, changeable while it runs) make it slow, failing, dying mid-stream,
-stalling or unhealthy; counters say what it saw (bodies, disconnects, probes).
+stalling, held or unhealthy; counters say what it saw (bodies, disconnects, probes).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class Behaviour:
     """Chunks sent before the connection is cut (the handler raises mid-stream)."""
     stall_after: int | None = None
     """Chunks sent before the stream goes silent for an hour."""
+    hold: bool = False
+    """While True, every stream waits before its next chunk (``in_flight`` counts it): a
+    test keeps requests in flight for as long as it needs, then clears it."""
     healthy: bool = True
     """``GET /health``: 200 or 503."""
     metrics: dict[str, float] | None = None
@@ -175,6 +178,8 @@ class FakeOpenAI:
                     raise RuntimeError("the fake server dies mid-stream")
                 if self.b.stall_after is not None and i == self.b.stall_after:
                     await asyncio.sleep(3600)
+                while self.b.hold:
+                    await asyncio.sleep(0.005)
                 await asyncio.sleep(delay)
                 last = i == len(words) - 1
                 finish = ("length" if len(words) == body["max_tokens"] else "stop") if last else None

@@ -79,7 +79,9 @@ class CountingEmbedder:
 
 class FakeGenerator:
     """A ``types.Generator`` that answers ``words`` pieces ``delay`` seconds apart, and
-    fails for a prompt that contains ``fail_on``."""
+    fails for a prompt that contains ``fail_on``. While ``hold`` is True, every stream waits
+    before its next piece: a test keeps generations in flight for as long as it needs (no
+    delay to outlast), then clears it."""
 
     model_name = "fake-llm"
 
@@ -90,6 +92,7 @@ class FakeGenerator:
         self.delay = delay
         self.words = words
         self.running = 0
+        self.hold = False
 
     def warm_up(self):
         pass
@@ -112,6 +115,8 @@ class FakeGenerator:
         try:
             pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]
             for piece in pieces:
+                while self.hold:
+                    await asyncio.sleep(0.005)
                 await asyncio.sleep(self.delay / len(pieces))
                 if self.fail_on and self.fail_on in prompt:
                     raise RuntimeError("boom")
