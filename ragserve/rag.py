@@ -39,8 +39,7 @@ class RAG:
         """Serve already opened parts (``from_index`` opens them from a folder and checks
         them; tests and tools pass their own). ``generator=None``: the one
         ``config.generate.backend`` names, started by ``warm_up`` or the first miss."""
-        self._engine = Engine(manifest, index, docstore, embedder, generator, config)
-        self._engine.path = path
+        self._engine = Engine(manifest, index, docstore, embedder, generator, config, path)
 
     # -- construction -----------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Pipeline:
         embedder: Embedder,
         generator: Generator | None,
         config: RAGConfig,
+        path: Path | None = None,
     ) -> None:
         self.embedder = embedder
         self.generator = generator
@@ -99,7 +100,7 @@ class Pipeline:
         self.served = Snapshots(ServedIndex(manifest, index, docstore,
                                             Retriever(embedder, index, docstore, config.embed, self._cpu)))
         """The current index version; each request keeps the one it started with (``served.py``)."""
-        self.path: Path | None = None
+        self.path = path
         """Where ``RAG.from_index`` opened the index: what ``reload()`` opens again."""
         self._reload_lock = threading.Lock()
         q = config.query
