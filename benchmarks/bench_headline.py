@@ -33,7 +33,7 @@ latency CDFs.
 Run (repo root, an otherwise idle machine; ``make bench-deps`` first for (c) and (d)):
 
     python benchmarks/bench_headline.py --out reports/headline                   # 2,000 requests, C=32
-    python benchmarks/bench_headline.py --n 60 --concurrency 8 --systems ragserve,ragserve-nocache  # CI's size
+    python benchmarks/bench_headline.py --n 24 --concurrency 8 --systems ragserve,ragserve-nocache  # the test's size
     python benchmarks/bench_headline.py --days --systems ragserve,langchain --out reports/headline-days
 
 A benchmark, not a test: it asserts nothing, it reports.

@@ -24,14 +24,14 @@ def test_small_headline_run_reports_fidelity_and_generations(xquad_index, tmp_pa
     out = tmp_path / "headline"
     env = {**os.environ, "RAGSERVE_VLLM_KV_CACHE_GIB": "1"}
     cmd = [sys.executable, str(SCRIPT), "--index", str(xquad_index), "--questions",
-           str(write_squad_slice(tmp_path / "slice.json", 8)), "--n", "40", "--concurrency", "8",
+           str(write_squad_slice(tmp_path / "slice.json", 8)), "--n", "24", "--concurrency", "8",
            "--max-tokens", "16", "--systems", "ragserve,ragserve-nocache", "--out", str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = {r["system"]: r for r in report["rows"]}
     on, off = rows["ragserve"], rows["ragserve-nocache"]
-    assert on["requests"] == off["requests"] == 40 and on["errors"] == off["errors"] == 0
+    assert on["requests"] == off["requests"] == 24 and on["errors"] == off["errors"] == 0
     # The cache: each distinct question generated exactly once (counted by vLLM), never again
     # after its answer came back, and every cached answer is the one that was stored.
     assert on["generations"] == on["distinct_questions"], on

@@ -217,8 +217,8 @@ def test_an_open_rag_keeps_serving_its_version_while_builds_flip_the_path(tmp_pa
 def test_a_file_skipped_last_time_is_read_again_once_its_reason_is_gone(tmp_path, src, embedder):
     out = tmp_path / "idx"
     big = src / "Zz_big.txt"
-    big.write_text("Warsaw grew along the Vistula. " * 40_000, encoding="utf-8")  # about 1.2 MB
-    small = RAGConfig().replace(chunk={"max_file_mb": 1})
+    big.write_text("Warsaw grew along the Vistula. " * 1_000, encoding="utf-8")  # about 31 KB
+    small = RAGConfig().replace(chunk={"max_file_mb": 0.02})  # about 21 KB
     first = build_index(src, out, small, embedder=embedder)
     assert [f.path for f in first.skipped] == [big.name]
     again = build_index(src, out, small, embedder=(counter := CountingEmbedder(embedder)))

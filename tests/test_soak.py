@@ -37,7 +37,7 @@ def test_a_short_mixed_soak_has_no_500_no_unexpected_response_and_no_fd_leak(url
     # Native requests use the soak's own namespace; chat requests cannot, so they take
     # the questions no other engine test asks (test_batch's 100:106 are left alone).
     questions = [q["question"] for q in xquad_corpus[1][110:]]
-    settings = soak.Settings(duration_s=40, concurrency=8, warmup_s=10, period_s=10, sample_s=2, hot=6,
+    settings = soak.Settings(duration_s=24, concurrency=8, warmup_s=6, period_s=6, sample_s=2, hot=6,
                              request_timeout_s=300)  # a generation on a busy 2-core machine: up to a minute
     # One process: "server" RSS and fds are this test process's (client included); the
     # engine column is vLLM's engine core.
