@@ -114,3 +114,45 @@ def test_the_programs_stdout_is_still_a_terminal_inside_the_block(tmp_path):
         os.close(leader)
     assert r.returncode == 0, r.stderr
     assert b"OWN-INSIDE tty" in seen and b"NOISE" not in seen
+
+
+DATA_PROGRAM = textwrap.dedent("""
+    import multiprocessing, os, subprocess, sys, warnings
+    from ragserve.cli.quiet import data_stdout
+
+    def forked():
+        print("NOISE-FORK-PRINT", flush=True)
+        os.write(1, b"NOISE-FORK-FD1\\n")
+
+    with data_stdout(sys.argv[1] == "on") as data:
+        print("NOISE-OWN-PRINT")  # a command's human lines: stderr under --json
+        subprocess.run([sys.executable, "-c", "import os; os.write(1, b'NOISE-CHILD-FD1\\\\n')"], check=True)
+        p = multiprocessing.get_context("fork").Process(target=forked)
+        p.start()
+        p.join()
+        os.write(1, b"NOISE-PARENT-FD1\\n")  # what torch or vLLM's engine core write from C
+        print("child saw", os.environ.get("VLLM_LOGGING_STREAM"), file=sys.stderr)
+        data.buffer.write(b'{"data": 1}\\n')
+    print("AFTER", sys.stdout is sys.__stdout__, os.environ.get("VLLM_LOGGING_STREAM"))
+""")
+
+
+def test_data_stdout_leaves_only_the_data_on_stdout_and_the_rest_on_stderr(tmp_path):
+    script = tmp_path / "data.py"
+    script.write_text(DATA_PROGRAM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("VLLM_LOGGING_STREAM", None)
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
+                              timeout=60, cwd=tmp_path)
+
+    on = run("on")
+    assert on.returncode == 0, on.stderr
+    assert on.stdout == '{"data": 1}\nAFTER True None\n'  # the block restores fd 1, sys.stdout and the env
+    for noise in ("NOISE-OWN-PRINT", "NOISE-CHILD-FD1", "NOISE-FORK-PRINT", "NOISE-FORK-FD1",
+                  "NOISE-PARENT-FD1"):
+        assert noise in on.stderr, noise
+    assert "child saw ext://sys.stderr" in on.stderr  # vLLM's handler, bound at its import, writes to stderr
+    off = run("off")  # without --json nothing moves
+    assert off.returncode == 0 and "NOISE-PARENT-FD1" in off.stdout and '{"data": 1}' in off.stdout

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ragserve.cli.app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from ragserve.cli.console import print_eval, print_result, print_stats, progress_bars, stats_view
+from ragserve.cli.quiet import data_stdout
 
 __all__ = ["app"]
 
@@ -98,7 +99,7 @@ def build_index_cmd(
 def query_cmd(
     index: Annotated[Path, typer.Argument(help="An index folder.")],
     question: Annotated[str, typer.Argument(help="The question.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON, alone on stdout (logs on stderr).")] = False,
     top_k: Annotated[Optional[int], typer.Option(help="Chunks retrieved.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens generated.")] = None,
     nprobe: NprobeOpt = None,
@@ -112,13 +113,14 @@ def query_cmd(
     cfg = load_config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
                   index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     check_question(question, cfg.query.max_question_chars)  # before ~20 s of model and engine start-up
-    with RAG.from_index(index, cfg) as rag:
-        result = rag.query(question)
-    if json_out:
-        import orjson
+    with data_stdout(json_out) as data:  # --json: the JSON alone on stdout, the engine's lines on stderr
+        with RAG.from_index(index, cfg) as rag:
+            result = rag.query(question)
+        if json_out:
+            import orjson
 
-        sys.stdout.buffer.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-    else:
+            data.buffer.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+    if not json_out:
         print_result(result)
 
 
@@ -202,7 +204,7 @@ def stats_cmd(
         from ragserve.rag import RAG
 
         cfg = load_config(config, generate={"max_tokens": max_tokens})
-        with RAG.from_index(target, cfg) as rag:
+        with data_stdout(json_out), RAG.from_index(target, cfg) as rag:  # --json: the engine's lines on stderr
             pool = load_questions(question_source, rag.docstore, questions, 0)
             run_workload(rag, pool, n=questions, concurrency=concurrency, repeat_share=repeat_share)
             stats = rag.stats()

@@ -1,4 +1,6 @@
-"""Keep a script's own output on the terminal and everything else in a log file.
+"""Keep a script's own output on the terminal and everything else in a log file
+(``quiet``), or a command's data alone on stdout and everything else on stderr
+(``data_stdout``, for ``--json``).
 
 **Usage:**
 
@@ -142,6 +144,52 @@ def quiet(log_path: str | os.PathLike[str], *, verbose: bool = False, name: str 
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, log_fd):
             os.close(fd)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _is_fd1(stream: TextIO) -> bool:
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
+@contextmanager
+def data_stdout(enabled: bool = True) -> Iterator[TextIO]:
+    """For a command whose stdout is data (``--json``): the block's data stream is the only
+    writer to stdout. Fd 1 points at fd 2 for the block, and ``sys.stdout`` is
+    ``sys.stderr``, so the process, its children (vLLM's engine core, forked or exec'd) and
+    every library, from Python or C, write their lines to stderr; the stream it yields is
+    on a duplicate of the original fd 1. Restored on exit, normal or not.
+
+    Off (``enabled=False``), or when ``sys.stdout`` is not fd 1 (a test runner's capture),
+    nothing moves and the block gets ``sys.stdout``."""
+    if not enabled or not _is_fd1(sys.stdout):
+        yield sys.stdout
+        return
+    _flush(sys.stdout, sys.stderr)
+    saved_out = os.dup(1)  # not inheritable: exec'd children never see it
+    old_stdout = sys.stdout
+    old_env = {k: os.environ.get(k) for k in _ENV}
+    data = _terminal_stream(saved_out, sys.__stdout__)
+    try:
+        os.dup2(2, 1)
+        os.environ.update(_ENV)
+        sys.stdout = sys.stderr
+        _active.append((old_stdout, data, sys.stderr))
+        yield data
+    finally:
+        if _active and _active[-1][1] is data:
+            _active.pop()
+        sys.stdout = old_stdout
+        _flush(data, sys.stderr)
+        data.close()
+        os.dup2(saved_out, 1)
+        os.close(saved_out)
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -3,7 +3,6 @@ engine (registered on ``cli_app.app``; ``cli/main.py`` imports this module)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 
 from ragserve.cli.app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from ragserve.cli.console import question_progress
+from ragserve.cli.quiet import data_stdout
 
 
 @app.command("batch")
@@ -95,7 +95,8 @@ def warm_cmd(
     concurrency: Annotated[int, typer.Option(min=1, help="Questions in the engine at once.")] = 16,
     timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="As for serve (cache.redis_url).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Also print the summary as a JSON line.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as one JSON line, alone on stdout (the rest on stderr).")] = False,
     answers: Annotated[Optional[Path], typer.Option(help="Also write each question's stored answer here (JSONL: "
                                                     "question, answer, cache_tier).")] = None,
     config: ConfigOpt = None,
@@ -111,50 +112,50 @@ def warm_cmd(
 
     cfg = load_config(config, cache={"redis_url": redis_url})
     last: list[Any] = []
-    try:
-        with question_progress(console, "warming") as update:
+    # --json: the JSON line alone on stdout; the summary, progress and engine lines on stderr
+    with data_stdout(json_out) as data:
+        try:
+            with question_progress(console, "warming") as update:
 
-            def on_start(s: Any) -> None:
-                last.append(s)
-                update(total=s.total)
-                console.print(f"{s.lines} questions, {s.distinct} distinct; warming {s.total} into {s.l2} "
-                              f"(namespace {s.namespace!r})", highlight=False)
+                def on_start(s: Any) -> None:
+                    last.append(s)
+                    update(total=s.total)
+                    console.print(f"{s.lines} questions, {s.distinct} distinct; warming {s.total} into {s.l2} "
+                                  f"(namespace {s.namespace!r})", highlight=False)
 
-            def on_done(s: Any) -> None:
-                failed = f", [red]{s.failed} failed[/]" if s.failed else ""
-                update(completed=s.done, rate=f"{s.per_second:.2f} q/s",
-                       note=f"{s.already_warm} already warm{failed}")
+                def on_done(s: Any) -> None:
+                    failed = f", [red]{s.failed} failed[/]" if s.failed else ""
+                    update(completed=s.done, rate=f"{s.per_second:.2f} q/s",
+                           note=f"{s.already_warm} already warm{failed}")
 
-            with contextlib.ExitStack() as stack:
-                sink = stack.enter_context(open(answers, "ab")) if answers else None
+                with contextlib.ExitStack() as stack:
+                    sink = stack.enter_context(open(answers, "ab")) if answers else None
 
-                def on_answer(item: Any, r: Any) -> None:
-                    assert sink is not None
-                    sink.write(orjson.dumps({"question": item.question, "answer": r.answer,
-                                             "cache_tier": r.cache_tier}) + b"\n")
+                    def on_answer(item: Any, r: Any) -> None:
+                        assert sink is not None
+                        sink.write(orjson.dumps({"question": item.question, "answer": r.answer,
+                                                 "cache_tier": r.cache_tier}) + b"\n")
 
-                s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
-                         timeout_s=timeout, on_start=on_start, on_done=on_done,
-                         on_answer=on_answer if sink else None)
-    except KeyboardInterrupt:
-        done = f" ({last[0].warmed} warmed now)" if last else ""
-        console.print(f"[yellow]interrupted[/]: the answers stored so far stay in L2{done}; "
-                      "run the same command again to resume")
-        raise typer.Exit(130) from None
-    of = f" of {s.distinct}" if s.total < s.distinct else ""  # --limit
-    out.print(f"{s.total}{of} distinct questions: warmed {s.warmed}, already warm {s.already_warm}, "
-              f"failed {s.failed}; {s.seconds:.1f} s, {s.per_second:.2f} questions/s", highlight=False)
-    for question, error in s.failures[:10]:
-        console.print(f"  [red]failed[/] {escape(repr(question[:80]))}: {escape(error)}", highlight=False)
-    if len(s.failures) > 10:
-        console.print(f"  and {len(s.failures) - 10} more failed")
-    if s.not_stored:
-        console.print(f"[red]{s.not_stored} answers were generated but not stored in L2[/] "
-                      f"({escape(s.l2_error)}); run again to warm them")
-    if json_out:
-        import orjson
-
-        sys.stdout.buffer.write(orjson.dumps(s.as_dict()) + b"\n")
+                    s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
+                             timeout_s=timeout, on_start=on_start, on_done=on_done,
+                             on_answer=on_answer if sink else None)
+        except KeyboardInterrupt:
+            done = f" ({last[0].warmed} warmed now)" if last else ""
+            console.print(f"[yellow]interrupted[/]: the answers stored so far stay in L2{done}; "
+                          "run the same command again to resume")
+            raise typer.Exit(130) from None
+        of = f" of {s.distinct}" if s.total < s.distinct else ""  # --limit
+        out.print(f"{s.total}{of} distinct questions: warmed {s.warmed}, already warm {s.already_warm}, "
+                  f"failed {s.failed}; {s.seconds:.1f} s, {s.per_second:.2f} questions/s", highlight=False)
+        for question, error in s.failures[:10]:
+            console.print(f"  [red]failed[/] {escape(repr(question[:80]))}: {escape(error)}", highlight=False)
+        if len(s.failures) > 10:
+            console.print(f"  and {len(s.failures) - 10} more failed")
+        if s.not_stored:
+            console.print(f"[red]{s.not_stored} answers were generated but not stored in L2[/] "
+                          f"({escape(s.l2_error)}); run again to warm them")
+        if json_out:
+            data.buffer.write(orjson.dumps(s.as_dict()) + b"\n")
     if not s.ok:
         raise typer.Exit(2)
 
