@@ -1,6 +1,8 @@
 """``ragserve serve`` as a process, as an operator runs it: SIGTERM drains and exits 0, and
-answers in the embedded Redis survive a restart (each start is a real vLLM engine)."""
+answers in the embedded Redis survive a restart, and a SIGKILLed server leaves no vLLM engine
+core behind (each start is a real vLLM engine)."""
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ragserve.server.process import ServerProcess
+from ragserve.server.process import ServerProcess, group_members
 from ragserve.testing.http import get, post
 from ragserve.testing.waits import CLUSTER_WAIT_S, WAIT_S, eventually
 
@@ -27,7 +29,7 @@ def start(index: Path, home: Path) -> ServerProcess:
     return ServerProcess(index, env=env, args=["--grace", "60"], start_timeout_s=240).start()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a_restart(
+def test_sigterm_drains_then_exits_0_l2_answers_survive_a_restart_and_sigkill_leaves_no_engine(
         xquad_index, xquad_corpus, tmp_path):
     home = tmp_path / "home"
     questions = [q["question"] for q in xquad_corpus[1][60:64]]
@@ -66,7 +68,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
     finally:
         srv.kill()
 
-    with start(xquad_index, home) as srv:  # a new process: empty L1, the same Redis data
+    srv = start(xquad_index, home)  # a new process: empty L1, the same Redis data
+    try:
         again = post(f"{srv.url}/v1/query", json={"question": questions[0]}, timeout=120)
         assert again.headers["x-cache"] == "l2" and again.json()["answer"] == first.json()["answer"]
         srv.signal(signal.SIGHUP)  # reload: the same version, so nothing changes, and nothing breaks
@@ -78,4 +81,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0_and_l2_answers_survive_a
         eventually(reloaded, CLUSTER_WAIT_S, 0.1, ignore=(AssertionError,))  # the log, if it never comes
         assert "'changed': False" in srv.tail(20_000)
         assert post(f"{srv.url}/v1/query", json={"question": questions[0]}).headers["x-cache"] == "l1"
-    assert srv.returncode == 0, srv.tail()
+        # SIGKILL to the server alone (the OOM killer, kill -9): no handler runs, and its vLLM
+        # engine core, another process of its group, must still end with it (generators/lifeline.py)
+        assert len(group_members(srv.pid)) >= 2, "the engine core is a process of the server's group"
+        os.kill(srv.pid, signal.SIGKILL)
+        eventually(lambda: not group_members(srv.pid), CLUSTER_WAIT_S, 0.1,
+                   "the engine core of the SIGKILLed server to end")
+    finally:
+        srv.kill()

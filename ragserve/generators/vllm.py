@@ -23,6 +23,7 @@ from typing import Any
 
 from ragserve.config import GenerateConfig, VllmConfig
 from ragserve.errors import EngineDeadError, GenerationError, ModelError
+from ragserve.generators.lifeline import bind_engine_cores
 from ragserve.models.resolve import resolve_generation_model
 from ragserve.types import Generation, TokenUsage
 
@@ -143,6 +144,7 @@ class VllmGenerator:
                 seed=cfg.seed,
                 disable_log_stats=True,
             )
+            bind_engine_cores()  # the engine core dies with this process, SIGKILL included
             try:
                 loggers = [_silent_stat_logger(self.prefix_cache, self.requests)]
                 self._engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)

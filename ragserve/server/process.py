@@ -96,13 +96,7 @@ class ServerProcess:
 
     def group_alive(self) -> bool:
         """Whether any process the server started is still running (its engine core, say)."""
-        if self.proc is None:
-            return False
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return self.proc is not None and bool(group_members(self.proc.pid))
 
     def tail(self, n: int = 3000) -> str:
         return self.log.read_bytes()[-n:].decode(errors="replace") if self.log and self.log.exists() else ""
@@ -112,3 +106,19 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``, from ``/proc``. Zombies do not count:
+    an orphan that has ended stays one until init reaps it, and holds nothing by then."""
+    members = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(p.name))
+    return members
