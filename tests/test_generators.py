@@ -125,19 +125,17 @@ async def test_least_outstanding_routing_across_two_endpoints(servers):
     b, url_b = servers()
     gen = make(url_a, url_b)
     try:
-        a.b.hold = True  # A's request stays in flight until the fast ones are answered, however long
-        held = asyncio.create_task(collect(gen, "a slow question"))  # then 6 chunks, 0.3 s apart
-        await aeventually(lambda: a.in_flight == 1, what="the slow request to reach A")
-        assert [e["outstanding"] for e in gen.stats()["endpoints"]] == [1, 0]
-        for i in range(4):  # A holds one request: each of these goes to B
-            await collect(gen, f"fast {i}")
-        assert (len(a.bodies), len(b.bodies)) == (1, 4)
-        a.b.hold = False
+        with a.held():  # A's request stays in flight until the fast ones are answered, however long
+            held = asyncio.create_task(collect(gen, "a slow question"))  # then 6 chunks, 0.3 s apart
+            await aeventually(lambda: a.in_flight == 1, what="the slow request to reach A")
+            assert [e["outstanding"] for e in gen.stats()["endpoints"]] == [1, 0]
+            for i in range(4):  # A holds one request: each of these goes to B
+                await collect(gen, f"fast {i}")
+            assert (len(a.bodies), len(b.bodies)) == (1, 4)
         await held
         await collect(gen, "after")  # both idle: the one picked longest ago
         assert (len(a.bodies), len(b.bodies)) == (2, 4)
     finally:
-        a.b.hold = False
         await gen.aclose()
 
 

@@ -224,19 +224,12 @@ def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_
 
     # The admitted requests are held at the fake server until 6 refusals are in: the burst does
     # not depend on all 16 arriving before the first answers end.
-    fake = served.fake
-    fake.b.hold = True
-    try:
-        with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(16) as pool:
+        with served.fake.held():
             futures = [pool.submit(ask, i) for i in range(16)]
-            try:
-                eventually(lambda: sum(f.done() for f in futures) >= 6, CLUSTER_WAIT_S, 0.05,
-                           "6 of the burst to be answered while the admitted ones are held")
-            finally:
-                fake.b.hold = False
-            responses = [f.result() for f in futures]
-    finally:
-        fake.b.hold = False
+            eventually(lambda: sum(f.done() for f in futures) >= 6, CLUSTER_WAIT_S, 0.05,
+                       "6 of the burst to be answered while the admitted ones are held")
+        responses = [f.result() for f in futures]
     statuses = sorted(r.status_code for r in responses)
     refused = [r for r in responses if r.status_code == 429]
     # 2 replicas x max_ongoing_requests 2 run, max_queued_requests 2 wait in the proxy: the rest are refused
@@ -278,9 +271,8 @@ def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
     # Held at the fake server until the victim's 2 have failed, so none ends before the kill.
     # Sent one at a time: Serve's proxy counts a request still being routed against
     # max_queued_requests, so 4 sent at the same instant could be refused (the burst test).
-    fake.b.hold = True
-    try:
-        with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(4) as pool:
+        with fake.held():
             inflight = []
             for i in range(4):
                 inflight.append(pool.submit(query, url, f"a slow question {i} on the killed replica?"))
@@ -289,14 +281,9 @@ def test_a_killed_replica_is_replaced_and_after_that_no_request_fails(served):
             victim = sorted(before)[0]
             ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
             killed = time.monotonic()
-            try:
-                eventually(lambda: sum(f.done() for f in inflight) >= 2, CLUSTER_WAIT_S, 0.05,
-                           "the killed replica's 2 requests to be answered")
-            finally:
-                fake.b.hold = False
-            results = [f.result() for f in inflight]
-    finally:
-        fake.b.hold = False
+            eventually(lambda: sum(f.done() for f in inflight) >= 2, CLUSTER_WAIT_S, 0.05,
+                       "the killed replica's 2 requests to be answered")
+        results = [f.result() for f in inflight]
     failed = [r for r in results if r.status_code != 200]
     # What the requests running on the killed replica get: a JSON 503 with Retry-After (the
     # proxy's own answer would be an empty 500; proxy.py gives it ragserve's shape).

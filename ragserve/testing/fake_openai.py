@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,24 @@ class FakeOpenAI:
     def __post_init__(self) -> None:
         self.vocab: dict[str, int] = {}
         self.app = self._app()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Streams wait (``b.hold``) for the block and go on when it ends, however it ends.
+        Put it inside the pool that sends the requests, so a failed wait inside it lets
+        them go before the pool waits for them:
+
+            with ThreadPoolExecutor(4) as pool:
+                with fake.held():
+                    futures = [pool.submit(ask, q) for q in questions]
+                    eventually(...)  # what the hold is for
+                results = [f.result() for f in futures]
+        """
+        self.b.hold = True
+        try:
+            yield
+        finally:
+            self.b.hold = False
 
     # -- the word-level tokenizer ------------------------------------------------------
 
