@@ -197,6 +197,21 @@ def test_the_untampered_index_opens_verifies_and_builds_on(tmp_path, built, embe
     assert report.embedded == 0
 
 
+def test_a_docstore_written_with_another_key_order_is_judged_by_its_doc_ids(tmp_path, built):
+    folder = tmp_path / "idx"
+    shutil.copytree(built[1], folder)
+    lines = [orjson.dumps(dict(reversed(orjson.loads(x).items()))) + b"\n" for x in _lines(folder)]
+    assert not lines[0].startswith(b'{"doc_id"')
+    _write_lines(folder, lines)
+    _reseal(folder)
+    assert verify(folder, vectors="all")
+    lines[1], lines[-1] = lines[-1], lines[1]
+    _write_lines(folder, lines)
+    _reseal(folder)
+    with pytest.raises(IndexIntegrityError, match="chunk 1 is a record of"):
+        verify(folder)
+
+
 def test_vectors_read_back_for_reuse_are_checked_row_by_row(tmp_path):
     from ragserve.index.contents import check_reused
 
