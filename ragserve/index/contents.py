@@ -253,8 +253,11 @@ def check_vectors(manifest: Manifest, index: FaissIndex, *, every: bool = False)
     stats = _VectorStats(manifest.folder / INDEX_FILE, normalized)
     what = "read" if every else "sampled"
     if every:
-        for start in range(0, index.ntotal, _BLOCK):
-            count = min(_BLOCK, index.ntotal - start)
+        # NOTE: blocks of up to 256 MiB of float32: each IVF block scans every list's ids
+        # (reconstruct_n), so fewer, larger blocks (100k IVF vectors: 4.7 s in 32k-row blocks, 2.8 s in one).
+        block = max(_BLOCK, (1 << 28) // (4 * max(index.dim, 1)))
+        for start in range(0, index.ntotal, block):
+            count = min(block, index.ntotal - start)
             stats.add(np.arange(start, start + count), index.vectors(start, count), what)
     else:
         stats.add(*index.sample(SAMPLE), what)
