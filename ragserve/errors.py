@@ -21,7 +21,9 @@ that is wrong and what to do about it::
     │                               the file, the record and what is wrong)
     ├── IndexError_                 an index cannot be served
     │   ├── IndexNotFoundError      no index at the path (suggests build-index)
-    │   ├── IndexIntegrityError     a file is missing, truncated or altered
+    │   ├── IndexIntegrityError     a file is missing, truncated or altered, or the files
+    │   │                           disagree with each other or the manifest (names the
+    │   │                           file and the inconsistency)
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
 ├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
@@ -167,6 +169,8 @@ class IndexError_(RagserveError):
 
     def __init__(self, path: Path | str, message: str) -> None:
         self.path = Path(path)
+        self.detail = message
+        """What is wrong, without the path (a caller that adds context re-raises with it)."""
         super().__init__(f"{self.path}: {message}")
 
 
@@ -179,7 +183,8 @@ class IndexNotFoundError(IndexError_):
 
 
 class IndexIntegrityError(IndexError_):
-    """A file of the index does not match its manifest (missing, truncated, altered)."""
+    """A file of the index does not match its manifest (missing, truncated, altered), or
+    the files do not agree with each other (structure.py, contents.py)."""
 
 
 class IndexMismatchError(IndexError_):

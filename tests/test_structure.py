@@ -16,7 +16,7 @@ from ragserve.index.structure import check_structure
 from ragserve.index.verify import verify
 from ragserve.retrieval.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
 from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex
-from ragserve.retrieval.index_spec import plan_index
+from ragserve.retrieval.index_spec import IndexSpec, plan_index
 from ragserve.types import Chunk
 
 N, DIM = 40, 8
@@ -39,13 +39,16 @@ def _reseal(folder, **changes):
     write_manifest(folder, body, files)
 
 
-def make_index(folder, index_type="flat-fp16", n=N, dim=DIM):
+def make_index(folder, index_type="flat-fp16", n=N, dim=DIM, vectors=None, normalized=None):
     folder.mkdir(parents=True, exist_ok=True)
     spec = plan_index(n, IndexConfig(index_type=index_type))
-    index = FaissIndex.build(_vectors(n, dim), spec)
+    index = FaissIndex.build(_vectors(n, dim) if vectors is None else vectors, spec)
     index.save(folder)
     write_docstore(folder, (Chunk(i, f"d{i}.txt", f"chunk {i}\nsecond line") for i in range(n)))
-    body = {"embedding": {"name": "m", "identity": "x", "dim": dim}, "chunking": {},
+    embedding = {"name": "m", "identity": "x", "dim": dim}
+    if normalized is not None:
+        embedding["normalized"] = normalized
+    body = {"embedding": embedding, "chunking": {},
             "index": {**spec.to_manifest(), "ntotal": n}, "counts": {"chunks": n}}
     write_manifest(folder, body, [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE])
     return folder
@@ -134,9 +137,61 @@ def test_verify_index_reports_the_structure_and_fails_on_a_mismatch(tmp_path):
     r = CliRunner().invoke(app, ["verify-index", str(folder)])
     assert r.exit_code == 0, r.output
     assert f"structure agrees: flat-fp16 (IxSQ), {DIM}-d, inner product, {N} vectors = {N} docstore lines" in r.output
+    assert "contents agree: no record twice" in r.output  # no corpus recorded: no ranges to check
+    assert f"vectors checked: all {N}: finite, not all zero" in r.output
     _swap_index(folder, dim=DIM * 2)
     r = CliRunner().invoke(app, ["verify-index", str(folder)])
     assert r.exit_code == 1 and "[index]" in r.output and "holds 16-d vectors" in r.output
+
+
+@pytest.mark.parametrize("index_type", ["flat-fp16", "flat-fp32", "hnsw-fp16", "ivf-fp16"])
+def test_vectors_are_sampled_in_place_at_open_and_all_read_by_verify_index(tmp_path, index_type):
+    from ragserve.index.contents import SAMPLE
+    from ragserve.index.verify import check_index
+
+    n = 2000
+    x = _vectors(n, DIM)
+    good = make_index(tmp_path / "good", index_type, n=n, vectors=x, normalized=True)
+    index = FaissIndex.load(good, IndexSpec.from_manifest(read_manifest(good).data["index"]))
+    ids, sample = index.sample(SAMPLE)
+    assert len(ids) == SAMPLE and len(set(ids.tolist())) == SAMPLE and ids.max() > n // 2  # spread over the index
+    assert np.allclose(sample, x[ids], atol=2e-3)  # float16 codes decoded in place (IVF: residual + centroid)
+    assert check_index(good).vectors.checked == SAMPLE
+    assert check_index(good, vectors="all").vectors.checked == n
+
+    half = make_index(tmp_path / "half", index_type, n=n, vectors=x * 0.5, normalized=True)
+    with pytest.raises(IndexIntegrityError, match=r"has norm 0.500 .* sampled are not of unit norm"):
+        verify(half)
+    make_index(tmp_path / "raw", index_type, n=n, vectors=x * 0.5)  # not said to be normalized: served
+    assert verify(tmp_path / "raw", vectors="all")
+
+    # One vector the sample does not read: opening reads a sample, verify-index every vector.
+    # (IVF: the same centroids, so that every other vector keeps its place in its list.)
+    missed = next(i for i in range(n) if i not in set(ids.tolist()))
+    x[missed] *= 3
+    one = tmp_path / "one"
+    shutil.copytree(good, one)
+    FaissIndex.build(x, index.spec, centroids=index.centroids()).save(one)
+    _reseal(one)
+    assert verify(one)
+    with pytest.raises(IndexIntegrityError, match=f"the vector of chunk {missed} has norm 3.00\\d .1 of {n} read"):
+        verify(one, vectors="all")
+
+
+def test_a_docstore_record_twice_is_refused_but_equal_texts_of_two_files_are_not(tmp_path):
+    folder = make_index(tmp_path / "i")
+    lines = (folder / CHUNKS_FILE).read_bytes().splitlines(keepends=True)
+    same_text = [orjson.dumps({**orjson.loads(x), "text": "the same text"}) + b"\n" for x in lines]
+    (folder / CHUNKS_FILE).write_bytes(b"".join(same_text))
+    np.save(folder / OFFSETS_FILE, np.cumsum([0] + [len(x) for x in same_text]).astype(np.uint64))
+    _reseal(folder)
+    assert verify(folder)  # every record names its own doc
+    same_text[7] = same_text[6]
+    (folder / CHUNKS_FILE).write_bytes(b"".join(same_text))
+    np.save(folder / OFFSETS_FILE, np.cumsum([0] + [len(x) for x in same_text]).astype(np.uint64))
+    _reseal(folder)
+    with pytest.raises(IndexIntegrityError, match="chunks 6 and 7 are the same record .doc 'd6.txt'."):
+        verify(folder)
 
 
 @pytest.mark.integration

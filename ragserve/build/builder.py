@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ragserve.build.incremental import BuildPlan, Gathered, gather, plan_build, scan_source
 from ragserve.build.ingest import Document, FileOutcome, chunk_documents
 from ragserve.build.textfile import check_encoding
 from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, IngestError
+from ragserve.index.contents import check_reused
 from ragserve.index.writer import VECTORS_FILE, chunking_section, embedding_section, publish_index_folder
 from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex, quantizer_fit
 from ragserve.retrieval.index_spec import IndexSpec, drift, plan_index, requested_build, reuse_ivf_quantizer
@@ -178,8 +180,7 @@ def finish_build(build: PlannedBuild, g: Gathered, *, progress: ProgressFn | Non
     previous = _open_previous(plan) if plan.previous is not None else None
     t = time.perf_counter()
     vectors = np.empty((len(g.chunks), build.embedder.dim), np.float32)
-    for new, old, count in _runs(g.kept):
-        vectors[new:new + count] = previous.vectors(old, count)  # type: ignore[union-attr]
+    _reuse(plan, previous, g.kept, vectors)
     texts = [g.chunks[i].text for i in g.new_ids]
     vectors[g.new_ids] = (embed(texts) if embed is not None
                           else _embed_all(build.embedder, texts, config.embed.batch_size, progress))
@@ -219,6 +220,9 @@ def build_from_documents(
     config = config or RAGConfig.load()
     out = Path(out)
     t0 = time.perf_counter()
+    # One document given twice (same id, text and metadata) is indexed once: its chunks would
+    # be the same records twice, which opening refuses (a chunk served twice).
+    docs = list({(d.doc_id, d.text, orjson.dumps(d.metadata, option=orjson.OPT_SORT_KEYS)): d for d in docs}.values())
     outcomes = outcomes or [FileOutcome(d, "ok", documents=1) for d in dict.fromkeys(doc.doc_id for doc in docs)]
     embedder = embedder or _embedder(config)
     tokenizer = _ready(embedder, config)
@@ -345,6 +349,19 @@ def _unchanged_report(plan: BuildPlan, out: Path, outcomes: list[FileOutcome], t
 def _open_previous(plan: BuildPlan) -> FaissIndex:
     assert plan.previous is not None
     return FaissIndex.load(plan.previous.folder, IndexSpec.from_manifest(plan.previous.data["index"]))
+
+
+def _reuse(plan: BuildPlan, previous: FaissIndex | None, kept: list[tuple[int, int, int]],
+           vectors: np.ndarray) -> None:
+    """Read the kept vectors back from the previous index into ``vectors``, and check
+    every one of them (finite, of unit norm as its manifest says) before any is used."""
+    runs = _runs(kept)
+    if previous is None or plan.previous is None or not runs:
+        return
+    for new, old, count in runs:
+        vectors[new:new + count] = previous.vectors(old, count)
+    check_reused(plan.previous.folder, [(old, vectors[new:new + count]) for new, old, count in runs],
+                 plan.previous.embedding.get("normalized") is True)
 
 
 def _runs(kept: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -18,7 +18,10 @@ so a local build (``gather``) and a Ray build (``ray/build.py``) give the same c
 
 The previous index is only reused when it was built with the same embedding model (its
 identity), the same chunking and the same forced text encoding; otherwise the plan is a
-full build and says why.
+full build and says why. It is verified first like an index being opened (hashes,
+structure, chunk ranges, docstore records, a sample of vectors; ``finish_build`` checks
+every vector it reads back): one that fails is refused with its ``IndexIntegrityError``
+and left untouched, never dropped or half reused (``--full`` rebuilds without reading it).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Literal
 
 from ragserve.build.ingest import SUPPORTED, Chunker, FileChunks, FileOutcome, Skip, chunk_file, iter_files
 from ragserve.build.textfile import READ_SIZE
-from ragserve.errors import IndexError_
+from ragserve.errors import IndexError_, IndexIntegrityError
 from ragserve.index.manifest import Manifest, sha256_file
 from ragserve.index.verify import verify
 from ragserve.retrieval.docstore import LazyDocStore
@@ -151,7 +154,12 @@ def _reusable(out: Path, identity: dict[str, Any], chunking: dict[str, Any], enc
     if not out.exists() and not out.is_symlink():
         return None, "no index at this path yet"
     try:
-        previous = verify(out)  # every file hashed: vectors are never reused from a damaged index
+        previous = verify(out)  # every file hashed, the files checked against each other
+    except IndexIntegrityError as e:
+        # A damaged or inconsistent index is refused, not silently replaced: nothing of it is
+        # read or changed, and the user decides (its chunk ranges are what the build reuses).
+        raise IndexIntegrityError(e.path, f"{e.detail}; the previous index at {out} is left as it is and "
+                                  "nothing is reused from it: repair or move it, or rebuild with --full") from None
     except IndexError_ as e:
         return None, f"the previous index cannot be reused: {e}"
     data = previous.data

@@ -165,17 +165,21 @@ def eval_cmd(
 @fails_cleanly
 def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder.")]) -> None:
     """Check every file of an index against its manifest, and the files against each other
-    (dimension, counts, index type and metric, docstore offsets); exit 1 on any mismatch."""
-    from ragserve.index.structure import check_structure
-    from ragserve.index.verify import verify
+    (dimension, counts, index type and metric, docstore offsets, the source files' chunk
+    ranges and records, every vector); exit 1 on any mismatch."""
+    from ragserve.index.verify import check_index
 
-    m = verify(index)  # hashes, then structure
-    counts, structure = m.data["counts"], check_structure(m)
+    checked = check_index(index, vectors="all")  # hashes, structure, contents, every vector
+    m, structure = checked.manifest, checked.structure
+    counts = m.data["counts"]
     version = f" (version {m.folder.name})" if m.folder.name != index.name else ""
     out.print(f"[green]ok[/] {index}{version}: {len(m.data['files'])} files match the manifest; "
               f"{counts['chunks']} chunks, {m.dim}-d, {m.data['index']['type']}, fingerprint {m.fingerprint[:16]}")
     if structure is not None:
         out.print(f"  structure agrees: {structure.summary()}", highlight=False)
+        out.print(f"  contents agree: {structure.contents()}", highlight=False)
+    if checked.vectors is not None:
+        out.print(f"  {checked.vectors.summary()}", highlight=False)
 
 
 @app.command("stats")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ragserve.config import RAGConfig
+from ragserve.index.contents import load_checked
 from ragserve.index.manifest import Manifest, check_embedding
 from ragserve.index.verify import verify
 from ragserve.retrieval.retriever import Retriever
@@ -59,18 +60,16 @@ def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
 
 
 def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple[Manifest, VectorIndex, DocStore]:
-    """Verify an index folder (hashes, then structure), check it was built with this
-    embedding model, and map its files. Raises ``IndexNotFoundError``,
-    ``IndexIntegrityError`` or ``IndexMismatchError`` before anything is served from it.
-    A symlinked (versioned) index is resolved once: a later flip changes nothing here."""
+    """Verify an index folder (hashes, structure, contents), check it was built with this
+    embedding model, map its files and check a sample of its vectors. Raises
+    ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError`` before
+    anything is served from it. A symlinked (versioned) index is resolved once: a later
+    flip changes nothing here."""
     from ragserve.retrieval.docstore import LazyDocStore
-    from ragserve.retrieval.faiss_index import FaissIndex
-    from ragserve.retrieval.index_spec import IndexSpec
 
-    manifest = verify(path)
+    manifest = verify(path, vectors="none")  # the sample is read from the index mapped below
     check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
-    index = FaissIndex.load(manifest.folder, IndexSpec.from_manifest(manifest.data["index"]),
-                            nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
+    index, _ = load_checked(manifest, nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
     embedder.warm_up()
     check_embedding(manifest, embedder.identity, embedder.dim)
     return manifest, index, LazyDocStore(manifest.folder)

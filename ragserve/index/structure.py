@@ -4,8 +4,8 @@ manifest, not only with their hashes.
 Hashes prove that the files are the ones the manifest lists; they say nothing when the
 manifest itself was rewritten to match other files (a valid FAISS file of another
 dimension, one holding twice the docstore's vectors). Such a folder used to open without
-error and fail at the first query. ``check_structure`` reads only headers and the offsets
-array, so it costs milliseconds beside the hashing:
+error and fail at the first query. ``check_structure`` reads headers, the offsets array and
+(vectorised) the docstore's lines, so it costs about as much as hashing the docstore:
 
 - ``index.faiss``: the FAISS header, parsed here without importing FAISS (a crafted file
   never reaches FAISS's reader): the type tag matches the manifest's index type, the
@@ -17,8 +17,12 @@ array, so it costs milliseconds beside the hashing:
   the first points just past a newline (each chunk is one whole line).
 - a manifest that describes an index (an index type, or any index file present or listed)
   must list all three files, so nothing that is opened escapes the hash check.
+- then what the docstore holds (``contents.py``): the corpus's per-file chunk ranges tile
+  the chunk ids exactly once, each record belongs to the file whose range holds it, and
+  no record appears twice. The vectors themselves are checked where FAISS maps the
+  index (``contents.check_vectors``), after all of this.
 
-``verify()`` (manifest.py) runs it after the hashes, so ``RAG.from_index`` and ``ragserve
+``verify()`` (verify.py) runs it after the hashes, so ``RAG.from_index`` and ``ragserve
 verify-index`` both refuse such a folder with an ``IndexIntegrityError`` naming the file.
 
 **Usage:** ``report = check_structure(read_manifest(folder)); print(report.summary())``
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ragserve.errors import IndexIntegrityError
+from ragserve.index.contents import check_corpus, check_records
 from ragserve.retrieval.docstore import CHUNKS_FILE, OFFSETS_FILE
 from ragserve.retrieval.faiss_index import INDEX_FILE
 
@@ -58,12 +63,22 @@ class StructureReport:
     vectors: int
     chunks: int
     nlist: int = 0
+    files: int = -1
+    """Source files whose chunk ranges were checked (-1: the manifest records no corpus)."""
 
     def summary(self) -> str:
         ivf = f", {self.nlist} lists" if self.nlist else ""
         lines = f" = {self.chunks} docstore lines" if self.chunks >= 0 else " (no docstore)"
         vectors = f"{self.vectors} vectors" if self.vectors >= 0 else "vectors (no count recorded)"
         return f"{self.index_type} ({FOURCC[self.index_type].decode()}{ivf}), {self.dim}-d, inner product, {vectors}{lines}"
+
+    def contents(self) -> str:
+        """What ``contents.py`` checked of the docstore."""
+        if self.chunks < 0:
+            return "no docstore"
+        ranges = (f"the chunk ranges of {self.files} source files cover chunks 0–{self.chunks - 1} once, "
+                  "each record in its file's range; " if self.files >= 0 else "")
+        return f"{ranges}no record twice"
 
 
 def check_structure(manifest: Manifest) -> StructureReport | None:
@@ -87,7 +102,7 @@ def check_structure(manifest: Manifest) -> StructureReport | None:
     if chunks is not None and "ntotal" in section and section["ntotal"] != chunks:
         raise IndexIntegrityError(folder / "manifest.json",
                                   f"index.ntotal {section['ntotal']} differs from counts.chunks {chunks}")
-    lines = None
+    lines, files = None, -1
     if CHUNKS_FILE in listed or OFFSETS_FILE in listed:
         if CHUNKS_FILE not in listed or OFFSETS_FILE not in listed:
             raise IndexIntegrityError(folder / "manifest.json", f"lists only half of the docstore "
@@ -95,6 +110,9 @@ def check_structure(manifest: Manifest) -> StructureReport | None:
         if chunks is None:
             raise IndexIntegrityError(folder / "manifest.json", "counts.chunks is missing")
         lines = check_offsets(folder, chunks)
+        ranges = check_corpus(manifest, lines)
+        check_records(folder, ranges)
+        files = len(ranges) if "corpus" in data else -1
     index_type = section.get("type")
     if index_type not in FOURCC:
         raise IndexIntegrityError(folder / "manifest.json", f"unknown index type {index_type!r}; "
@@ -107,7 +125,7 @@ def check_structure(manifest: Manifest) -> StructureReport | None:
     nlist = check_faiss_header(folder / INDEX_FILE, index_type, dim, count,
                                int((section.get("params") or {}).get("nlist", 0)))
     return StructureReport(index_type, dim, count if count is not None else -1,
-                           lines if lines is not None else -1, nlist)
+                           lines if lines is not None else -1, nlist, files)
 
 
 def check_faiss_header(path: Path, index_type: str, dim: int, count: int | None, nlist: int = 0) -> int:

@@ -141,6 +141,36 @@ class FaissIndex:
             raise ValueError(f"rows {start}..{start + count - 1} are outside 0..{self.ntotal - 1}")
         return np.ascontiguousarray(self._index.reconstruct_n(start, count), dtype=np.float32)
 
+    def sample(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``count`` stored vectors spread evenly over the index, with their chunk
+        ids: ``(ids, vectors)``, float32. Reads only those vectors, whatever the index size.
+
+        NOTE: an IVF index cannot look an id up without a direct map (building one reads
+        every id), so its sample is taken by position in the inverted lists, each vector
+        decoded in place (``reconstruct_from_offset``: residual plus centroid) and its id
+        read from the list.
+        """
+        n, count = self.ntotal, min(count, self.ntotal)
+        if count <= 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        if self.index_type != "ivf-fp16":
+            ids = np.unique(np.linspace(0, n - 1, count).astype(np.int64))
+            return ids, np.ascontiguousarray(self._index.reconstruct_batch(ids), dtype=np.float32)
+        faiss = _faiss()
+        ivf = faiss.extract_index_ivf(self._index)
+        lists = ivf.invlists
+        sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        positions = np.unique(np.linspace(0, ends[-1] - 1, count).astype(np.int64))
+        list_nos = np.searchsorted(ends, positions, side="right")
+        ids = np.empty(len(positions), np.int64)
+        out = np.empty((len(positions), self.dim), np.float32)
+        for row, (list_no, pos) in enumerate(zip(list_nos, positions)):
+            offset = int(pos - (ends[list_no] - sizes[list_no]))
+            ivf.reconstruct_from_offset(int(list_no), offset, faiss.swig_ptr(out[row]))
+            ids[row] = lists.get_single_id(int(list_no), offset)
+        return ids, out
+
     def centroids(self) -> np.ndarray | None:
         """The IVF coarse quantizer's centroids (nlist, dim); None for other types."""
         if self.index_type != "ivf-fp16":
