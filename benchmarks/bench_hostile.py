@@ -61,8 +61,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tricklers", type=int, default=200)
     ap.add_argument("--sse", type=int, default=50)
     ap.add_argument("--hold", type=float, default=60.0, help="seconds each attack lasts")
-    ap.add_argument("--tokens", type=int, default=6000, help="pieces per streamed answer (SSE phase)")
-    ap.add_argument("--step-ms", type=float, default=10.0)
+    ap.add_argument("--tokens", type=int, default=12000, help="pieces per streamed answer (SSE phase)")
+    ap.add_argument("--step-ms", type=float, default=5.0, help="one piece per stream every step")
     ap.add_argument("--probe-every", type=float, default=0.25, help="seconds between probes of each kind")
     ap.add_argument("--probe-timeout", type=float, default=10.0)
     ap.add_argument("--parsers", action=argparse.BooleanOptionalAction, default=True)
@@ -342,8 +342,13 @@ async def main_async(args: argparse.Namespace, port: int, watch: ServerWatch) ->
         body = b'{"question": "Tell me everything about the university.", "stream": true}'
         socks = [s for s in await asyncio.gather(*(asyncio.to_thread(sse_reader_never, port, streams, body)
                                                     for _ in range(args.sse))) if s is not None]
-        await asyncio.sleep(args.hold)
-        sse_ended = sse_closed(socks)
+        t0, ended_at = time.perf_counter(), {}
+        while time.monotonic() < until:  # when each stream was ended by the server
+            for s in socks:
+                if s not in ended_at and sse_closed([s]):
+                    ended_at[s] = time.perf_counter() - t0
+            await asyncio.sleep(0.5)
+        ended = sorted(ended_at.values())
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -351,7 +356,8 @@ async def main_async(args: argparse.Namespace, port: int, watch: ServerWatch) ->
         detail = {"tricklers": attack.opened, "trickle_closed_by_server": len(closed),
                   "trickle_closed_p50_s": pct(closed, 50) if closed else None,
                   "trickle_closed_max_s": closed[-1] if closed else None,
-                  "sse_clients": len(socks), "sse_ended_by_server": sse_ended}
+                  "sse_clients": len(socks), "sse_ended_by_server": len(ended),
+                  "sse_ended_p50_s": pct(ended, 50) if ended else None, "sse_ended_max_s": ended[-1] if ended else None}
         attack.close()
         for s in socks:
             s.close()
