@@ -168,7 +168,11 @@ def serve_cmd(
     port: Annotated[Optional[int], typer.Option(help="Port (server.port; default 8000; 0 picks a free one).")] = None,
     api_keys: Annotated[Optional[Path], typer.Option(
         "--api-keys", help="JSON file mapping API key to namespace (server.api_keys_file).")] = None,
-    admin_key: Annotated[Optional[str], typer.Option(help="Key for /admin endpoints (server.admin_key).")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(
+        help="Key for /admin endpoints (server.admin_key). Visible to every user in the process list: prefer "
+             "RAGSERVE_SERVER_ADMIN_KEY or --admin-key-file.")] = None,
+    admin_key_file: Annotated[Path | None, typer.Option(
+        "--admin-key-file", help="A file holding the /admin key (server.admin_key_file).")] = None,
     grace: Annotated[Optional[float], typer.Option(
         help="Seconds requests in flight may take to finish after SIGTERM (server.drain_grace_s).")] = None,
     redis_url: Annotated[Optional[str], typer.Option(
@@ -192,8 +196,12 @@ def serve_cmd(
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if admin_key is not None:
+        console.print("[yellow]warning[/]: --admin-key is visible to every user of this machine in the process "
+                      "list; set RAGSERVE_SERVER_ADMIN_KEY or use --admin-key-file instead")
     cfg = load_config(config, server={"host": host, "port": port, "api_keys_file": str(api_keys) if api_keys else None,
-                                  "admin_key": admin_key, "drain_grace_s": grace},
+                                  "admin_key": admin_key, "drain_grace_s": grace,
+                                  "admin_key_file": str(admin_key_file) if admin_key_file else None},
                   cache={"redis_url": redis_url}, ray={"address": ray_address, "replicas": replicas})
     if ray:
         from ragserve.ray.serve.run import serve_on_ray

@@ -231,6 +231,15 @@ def _validate(cfg: RAGConfig) -> None:
     _check(sv.max_body_bytes >= 1024, "server.max_body_bytes", f"must be >= 1024, got {sv.max_body_bytes}")
     _check(sv.drain_grace_s >= 0, "server.drain_grace_s", f"must be >= 0, got {sv.drain_grace_s}")
     _check(sv.retry_after_s >= 0, "server.retry_after_s", f"must be >= 0, got {sv.retry_after_s}")
+    _check(not sv.admin_key or len(sv.admin_key) >= 16, "server.admin_key",
+           f"must have 16+ characters (as API keys do), got {len(sv.admin_key)}")
+    _check(sv.max_header_bytes >= 1024, "server.max_header_bytes", f"must be >= 1024, got {sv.max_header_bytes}")
+    _check(sv.max_headers >= 8, "server.max_headers", f"must be >= 8, got {sv.max_headers}")
+    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "send_timeout_s"):
+        _check(getattr(sv, name) > 0, f"server.{name}", f"must be > 0, got {getattr(sv, name)}")
+    _check(sv.max_connections >= 2, "server.max_connections", f"must be >= 2, got {sv.max_connections}")
+    _check(0 <= sv.ops_connections < sv.max_connections, "server.ops_connections",
+           f"must be in 0..max_connections-1 ({sv.max_connections - 1}), got {sv.ops_connections}")
     _check(k.redis_url in ("", "embedded") or k.redis_url.split("://")[0] in ("redis", "rediss", "unix"),
            "cache.redis_url", f"must be '', 'embedded' or a redis://, rediss:// or unix:// URL, got {k.redis_url!r}")
 

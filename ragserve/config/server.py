@@ -20,10 +20,38 @@ class ServerConfig:
     """A JSON file mapping API key → namespace (tenant). With it, every /v1 request needs
     ``Authorization: Bearer KEY`` and its namespace comes from the key, never the body."""
     admin_key: str = ""
-    """Key for /admin endpoints ("" turns them off)."""
+    """Key for /admin endpoints ("" turns them off; else 16+ characters). Give it as
+    ``RAGSERVE_SERVER_ADMIN_KEY`` or in ``admin_key_file``: a command line is visible to
+    every user of the machine (``ps``)."""
+    admin_key_file: str = ""
+    """A file whose content (stripped) is the admin key, e.g. a mounted secret; used when
+    ``admin_key`` is empty."""
     max_body_bytes: int = 64 * 1024
     """Larger request bodies are refused with 413 before they are read."""
     drain_grace_s: float = 30.0
     """On SIGTERM: how long requests in flight may take to finish before they are aborted."""
     retry_after_s: int = 1
     """The Retry-After header of a 429 (seconds)."""
+
+    # Bounds on what clients hold of the server (ragserve/server/limits.py; docs/serving.md).
+    max_header_bytes: int = 32 * 1024
+    """Request line and headers together; past it: 431 and the connection closed."""
+    max_headers: int = 100
+    """Header fields per request; past it: 431 and the connection closed."""
+    header_timeout_s: float = 10.0
+    """From the connection (or a keep-alive request's first byte) to the end of the
+    headers; past it: 408 and closed (closed silently if nothing was sent)."""
+    body_timeout_s: float = 30.0
+    """From the end of the headers to the end of the body; past it: 408 and closed."""
+    keepalive_timeout_s: float = 5.0
+    """An idle keep-alive connection is closed after this long."""
+    max_connections: int = 4096
+    """Open connections. Past it, the oldest one with no request in progress is closed to
+    make room; if every one is busy, a new one gets 503 at once. Lowered, with a warning, to
+    what the descriptor limit allows (which is raised to fit when it can be)."""
+    ops_connections: int = 16
+    """Of ``max_connections``, kept for /health, /ready and /metrics: other requests get 503
+    when only these are left."""
+    send_timeout_s: float = 30.0
+    """A response the client does not read: the connection is aborted once its write
+    buffer (64 KiB) has stayed full this long (a stalled SSE stream ends)."""

@@ -7,7 +7,9 @@
 - ``httperrors.py``: ragserve's error tree mapped to HTTP statuses and JSON bodies;
 - ``auth.py``: API keys → tenant namespaces; ``prometheus.py``: the Prometheus exporter
   (a request observer); ``middleware.py``: request ids, body limits, draining;
-- ``run.py``: uvicorn with a SIGTERM drain.
+- ``limits.py``: what one client and all of them may hold (header size and count,
+  header / body / keep-alive / send timeouts, a connection cap with room for probes);
+- ``run.py``: uvicorn with those limits and a SIGTERM drain.
 
 **Usage:** ``ragserve serve indexes/docs --port 8000``, or from Python:
 ``serve_index("indexes/docs", RAGConfig.load())``.

@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from ragserve.config import RAGConfig
 from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
-from ragserve.server.auth import ApiKeys, check_admin
+from ragserve.server.auth import ApiKeys, KeyCheck, check_admin, load_admin_key
 from ragserve.server.common import (
     Served,
     first_event,
@@ -50,6 +50,7 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     """``rag``: a ``RAG`` the app serves and leaves open, or a function that opens one at
     start-up (the app then closes it at shutdown: engine stopped, cache writes flushed)."""
     served = Served(config, keys)
+    served.admin_key = load_admin_key(config.server)
     owned = callable(rag) and not hasattr(rag, "aquery")
 
     @contextlib.asynccontextmanager
@@ -68,7 +69,9 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
             if owned:
                 served.rag.close()
 
-    app = FastAPI(title="ragserve", version=_version(), lifespan=lifespan,
+    # NOTE: redirect_slashes off: "/v1/query/" would be redirected to a Location built from
+    # the request's Host header (a cache-poisoning vector); it is a 404 instead.
+    app = FastAPI(title="ragserve", version=_version(), lifespan=lifespan, redirect_slashes=False,
                   description="A multi-tier RAG serving engine: answers with sources, timings and cache tier.")
     app.state.served = served
     _errors(app, served)
@@ -76,6 +79,8 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     _ops_routes(app, served)
     _admin_routes(app, served)
     add_openai_routes(app, served)
+    if keys is not None:
+        app.add_middleware(KeyCheck, keys=keys)  # inside RequestMiddleware: a 401 has its request id too
     app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)
     return app
 
@@ -138,7 +143,7 @@ def _ops_routes(app: FastAPI, served: Served) -> None:
 def _admin_routes(app: FastAPI, served: Served) -> None:
     @app.post("/admin/reload", summary="Open the index path again and swap the new version in (admin key)")
     async def reload(request: Request) -> Response:
-        check_admin(served.config.server.admin_key, request.headers.get("authorization"))
+        check_admin(served.admin_key, request.headers.get("authorization"))
         try:
             # Verifying hashes the files: off the event loop, so requests keep flowing.
             result = await asyncio.to_thread(served.rag.reload)
@@ -150,7 +155,7 @@ def _admin_routes(app: FastAPI, served: Served) -> None:
 
     @app.post("/admin/reset_prefix_cache", summary="Empty vLLM's prefix cache (benchmarks; admin key)")
     async def reset_prefix_cache(request: Request) -> Response:
-        check_admin(served.config.server.admin_key, request.headers.get("authorization"))
+        check_admin(served.admin_key, request.headers.get("authorization"))
         return json_response({"reset": await asyncio.to_thread(served.rag.reset_prefix_cache)})
 
 

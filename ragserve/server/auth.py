@@ -5,6 +5,13 @@ the one its key maps to, never the one in its body, so tenant A can never read t
 cached answers. Keys are compared in constant time, and every key is compared, so the
 time taken says nothing about which key (or how much of one) matched.
 
+With keys, ``KeyCheck`` refuses a ``/v1`` request without a valid key (401) before
+anything else looks at it: its body is neither read nor validated, so an unauthenticated
+client learns nothing of the schemas.
+
+The admin key (``server.admin_key``, or the file ``server.admin_key_file``) needs 16+
+characters, as API keys do.
+
 **Usage:** ``keys = ApiKeys.load("keys.json"); namespace = keys.namespace(authorization_header)``
 """
 
@@ -12,12 +19,16 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from ragserve.config import ServerConfig
 from ragserve.engine.validation import check_namespace
 from ragserve.errors import ConfigError, InputError
-from ragserve.server.httperrors import HTTPError
+from ragserve.server.httperrors import HTTPError, response
+
+MIN_KEY_CHARS = 16
 
 
 class ApiKeys:
@@ -36,7 +47,7 @@ class ApiKeys:
         if not isinstance(data, dict) or not data:
             raise ConfigError("server.api_keys_file", f"{p} must be a JSON object mapping key to namespace")
         for key, ns in data.items():
-            if not isinstance(ns, str) or not ns or len(key) < 16:
+            if not isinstance(ns, str) or not ns or len(key) < MIN_KEY_CHARS:
                 raise ConfigError("server.api_keys_file",
                                   f"{p}: every key needs 16+ characters and a non-empty namespace string")
             try:
@@ -61,6 +72,38 @@ class ApiKeys:
         if found is None:
             raise unauthorized("the API key is not valid")
         return found
+
+
+class KeyCheck:
+    """ASGI middleware: with keys, a ``/v1`` request needs a valid key before its body is
+    read or validated (401 first, never the schema's 422 to a client without a key)."""
+
+    def __init__(self, app: Any, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), b"")
+            try:
+                self.keys.namespace(header.decode("latin-1"))
+            except HTTPError as e:
+                return await response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def load_admin_key(s: ServerConfig) -> str:
+    """``server.admin_key``, or the content of ``server.admin_key_file`` (stripped)."""
+    if s.admin_key or not s.admin_key_file:
+        return s.admin_key
+    p = Path(s.admin_key_file)
+    try:
+        key = p.read_text("utf-8").strip()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError("server.admin_key_file", f"{p} does not exist or is not a file") from None
+    if len(key) < MIN_KEY_CHARS:
+        raise ConfigError("server.admin_key_file", f"{p}: the key needs {MIN_KEY_CHARS}+ characters")
+    return key
 
 
 def check_admin(admin_key: str, authorization: str | None) -> None:

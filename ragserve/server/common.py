@@ -26,6 +26,7 @@ class Served:
     def __init__(self, config: RAGConfig, keys: ApiKeys | None) -> None:
         self.config = config
         self.keys = keys
+        self.admin_key = config.server.admin_key
         self.state = ServingState()
         self.rag: Any = None
         self.exporter: PrometheusExporter | None = None

@@ -4,6 +4,9 @@
 |---|---|
 | ``InputError`` (empty, too long, not text, bad option), a body that does not validate | 400 / 422 |
 | body over ``server.max_body_bytes`` | 413 |
+| headers over ``server.max_header_bytes`` / ``max_headers`` (``limits.py``) | 431 |
+| headers or body slower than ``server.header_timeout_s`` / ``body_timeout_s`` | 408 |
+| every connection busy (``server.max_connections``, ``ops_connections``) | 503 |
 | missing or wrong API key | 401 |
 | ``OverloadedError`` | 429 + ``Retry-After`` |
 | ``DeadlineExceededError`` | 504 |

@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 
 from ragserve.config import LOOPBACK_HOSTS, RAGConfig, serve_config
+from ragserve.server.limits import uvicorn_options
 from ragserve.server.middleware import ServingState
 
 log = logging.getLogger("ragserve.server")
@@ -40,11 +41,12 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
     ``scripts/fake_serve.py`` passes stand-ins to study the HTTP layer without vLLM)."""
     from ragserve.rag import RAG
     from ragserve.server.app import create_app
-    from ragserve.server.auth import ApiKeys
+    from ragserve.server.auth import ApiKeys, load_admin_key
 
     config = serve_config(config)
     s = config.server
     keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
+    load_admin_key(s)  # a bad key file is refused before the engine is warmed
     if keys is None:
         where = "only this machine can reach it" if s.host in LOOPBACK_HOSTS else \
             f"ANYONE who can reach {s.host} can query it and read every cached answer"
@@ -54,7 +56,7 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
     try:
         app = create_app(rag, config, keys=keys)
         uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=1, lifespan="on")
+                            timeout_graceful_shutdown=1, lifespan="on", **uvicorn_options(s))
         server = DrainingServer(uv, app.state.served.state, s.drain_grace_s, ready_file, on_hangup=rag.reload)
         server.run()
     finally:

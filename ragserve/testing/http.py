@@ -12,6 +12,7 @@ import httpx
 import uvicorn
 
 from ragserve.cache.redis_server import free_port
+from ragserve.config import ServerConfig
 from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
 
@@ -28,14 +29,20 @@ def post(url: str, **kwargs: Any) -> httpx.Response:
 
 @contextmanager
 def running(app, *, timeout_s: float = WAIT_S, stop_timeout_s: float = CLUSTER_WAIT_S,
-            server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server) -> Iterator[str]:
+            server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
+            limits: ServerConfig | None = None) -> Iterator[str]:
     """Serve ``app`` until the block ends; yields its base URL (http://127.0.0.1:PORT).
     ``server`` makes the uvicorn ``Server`` from its ``Config`` (``ragserve serve``'s own
     ``DrainingServer``, say). The server must have started within ``timeout_s`` and have
-    stopped within ``stop_timeout_s`` of the block's end (its 2 s grace included)."""
+    stopped within ``stop_timeout_s`` of the block's end (its 2 s grace included).
+    ``limits``: the connection bounds (``ragserve.server.limits``) of ``ragserve serve``,
+    its defaults unless given."""
+    from ragserve.server.limits import uvicorn_options
+
     port = free_port()
     server = server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                   access_log=False, timeout_graceful_shutdown=2))
+                                   access_log=False, timeout_graceful_shutdown=2,
+                                   **uvicorn_options(limits or ServerConfig())))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     eventually(lambda: server.started or not thread.is_alive(), timeout_s, 0.01, "the test server to start")

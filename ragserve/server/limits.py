@@ -1,0 +1,374 @@
+"""What one HTTP client, and all of them together, may hold of the server.
+
+uvicorn's default parser (httptools) has no limit on a request's headers (100,000 headers
+or one 16 MB value were answered 200; a header section that never ended was buffered
+whole), and no connection ever timed out before its first request (idle and 1-byte/s
+connections stayed open until the descriptors ran out). ``LimitedProtocol`` is uvicorn's
+httptools protocol with these bounds, all in ``[server]``:
+
+| bound | knob | default | past it |
+|---|---|---|---|
+| request line + headers, bytes | ``max_header_bytes`` | 32 KiB | 431, connection closed |
+| header fields | ``max_headers`` | 100 | 431, connection closed |
+| connect (or a keep-alive request's first byte) to the end of the headers | ``header_timeout_s`` | 10 s | 408 and closed (closed silently if nothing came) |
+| end of headers to the end of the body | ``body_timeout_s`` | 30 s | 408 and closed |
+| idle keep-alive between requests | ``keepalive_timeout_s`` | 5 s | closed |
+| open connections | ``max_connections`` | 4096 | the oldest connection without a request in progress is closed to make room; if every one is busy, 503 at once |
+| of those, kept for ``/health``, ``/ready``, ``/metrics`` | ``ops_connections`` | 16 | other requests get 503 when only these are left |
+| a response the client does not read | ``send_timeout_s`` | 30 s | aborted after the write buffer (asyncio's 64 KiB) stayed full that long |
+
+Why httptools with a subclass rather than h11: h11 refuses a header section over its
+``max_incomplete_event_size`` (400, not 431), but has no timeouts either, parses in Python
+(slower per request; ``benchmarks/bench_hostile.py`` measures both), and nothing else here
+needs it. Every limit here is wall-clock, so a client cannot stretch it one byte at a time.
+
+A refusal is answered, then the connection lingers for at most ``LINGER_S`` reading and
+discarding what the client still sends (nginx's lingering close): closing a socket with
+unread data sends a reset, which can destroy the 431 before the client reads it.
+
+**Usage:** ``uvicorn.Config(app, **uvicorn_options(config.server))`` (``run.py`` and
+``ragserve.testing.http.running`` do this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections import Counter
+from typing import Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ragserve.config import ServerConfig
+from ragserve.server.httperrors import HTTPError, body, response
+from ragserve.server.middleware import OPS_PATHS
+
+log = logging.getLogger("ragserve.server")
+LOG_EVERY_S = 60.0
+"""Refusals are logged as counts, at most once a minute: an attack must not flood the log."""
+LINGER_S = 2.0
+"""How long a refused connection is read and discarded before it is closed."""
+SPARE_DESCRIPTORS = 256
+"""Descriptors kept beside ``max_connections`` for files, Redis, the engine, logs."""
+_OPS = frozenset(p.encode() for p in OPS_PATHS)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request that is over a limit."""
+
+
+def _raw(status: int, reason: str, type_: str, message: str) -> bytes:
+    """A complete HTTP/1.1 response, written straight to the transport (no app runs)."""
+    data = orjson.dumps(body(HTTPError(status, type_, message, "http")))
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n"
+            f"connection: close\r\n\r\n")
+    return head.encode("ascii") + data
+
+
+class ConnectionGuard:
+    """The connections of one server: how many are open, which have no request in
+    progress (``idle``, oldest first: the ones closed to make room), and what was refused
+    (``counts``, by reason)."""
+
+    def __init__(self, s: ServerConfig, max_connections: int) -> None:
+        self.s = s
+        self.max_connections = max_connections
+        self.live: set[LimitedProtocol] = set()
+        self.idle: dict[LimitedProtocol, None] = {}  # insertion-ordered: the oldest first
+        self.counts: Counter[str] = Counter()
+        self._window: Counter[str] = Counter()
+        self._logged = 0.0
+
+    def admit(self, conn: LimitedProtocol) -> bool:
+        if len(self.live) >= self.max_connections:
+            victim = next(iter(self.idle), None)
+            if victim is None:
+                self.note("refused_full")
+                return False
+            self.note("evicted")
+            victim.close_now()
+        self.live.add(conn)
+        self.idle[conn] = None
+        return True
+
+    def busy(self, conn: LimitedProtocol) -> bool:
+        """``conn`` starts a request: False if only the probes' reserve is left."""
+        self.idle.pop(conn, None)
+        return len(self.live) - len(self.idle) <= self.max_connections - self.s.ops_connections
+
+    def rest(self, conn: LimitedProtocol) -> None:
+        if conn in self.live:
+            self.idle[conn] = None
+
+    def forget(self, conn: LimitedProtocol) -> None:
+        self.live.discard(conn)
+        self.idle.pop(conn, None)
+
+    def note(self, reason: str) -> None:
+        """Count a refusal; at most once a minute, a warning with the counts since the last."""
+        self.counts[reason] += 1
+        self._window[reason] += 1
+        now = time.monotonic()
+        if now - self._logged >= LOG_EVERY_S:
+            summary = ", ".join(f"{n} {r}" for r, n in sorted(self._window.items()))
+            log.warning("connection limits (server.*) since the last report: %s", summary)
+            self._window.clear()
+            self._logged = now
+
+
+class LimitedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of the module docstring. One subclass
+    per server (``limited_protocol``) carries that server's ``guard``."""
+
+    guard: ConnectionGuard
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
+        self._in_head = True  # between a request's first byte (or the connection) and its headers' end
+        self._head_bytes = 0  # bytes read while in the head: bounds a head that never ends
+        self._head_size = 0  # the parsed request line and headers of this request
+        self._header_count = 0
+        self._begun = False  # a byte of the current request has arrived
+        self._refusal: bytes | None = None
+        self._done = False  # refused or closed by a limit: whatever comes is discarded
+
+    # -- connection ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.guard.admit(self):
+            self._answer(_raw(503, "Service Unavailable", "TooManyConnections",
+                              "the server is at server.max_connections with every connection busy; retry"))
+            return
+        self._arm(self.guard.s.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        self._cancel_stall()
+        self.guard.forget(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return  # lingering after a refusal: read and dropped
+        if self._in_head:
+            self._head_bytes += len(data)
+        # NOTE: uvicorn's data_received, but a request refused by a limit is answered here,
+        # without its "Invalid HTTP request" warning (one log line per attacker's request).
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refusal is not None:
+                self._answer(self._refusal)
+            else:
+                self.logger.warning("Invalid HTTP request received.")
+                self._done = True
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()  # no WebSocket route here (ws="none")
+            return
+        if self._in_head and self._head_bytes > self.guard.s.max_header_bytes and not self._done:
+            self._too_large(f"the request line and headers are over {self.guard.s.max_header_bytes} bytes "
+                            "(server.max_header_bytes)")
+
+    def close_now(self) -> None:
+        """Close at once: a full write buffer (a client that does not read) is dropped."""
+        self._done = True
+        self.guard.forget(self)
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.close_now()
+
+    # -- the head: size, count, time -------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_size, self._header_count = True, 0, 0
+        if not self._begun and self._timer is None:  # a keep-alive request: its own deadline
+            self._arm(self.guard.s.header_timeout_s, self._head_timed_out)
+        self._begun = True
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        if self._head_size > self.guard.s.max_header_bytes:
+            self._refuse(f"the request line is over {self.guard.s.max_header_bytes} bytes (server.max_header_bytes)")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        s = self.guard.s
+        self._header_count += 1
+        self._head_size += len(name) + len(value) + 4
+        if self._header_count > s.max_headers:
+            self._refuse(f"more than {s.max_headers} header fields (server.max_headers)")
+        if self._head_size > s.max_header_bytes:
+            self._refuse(f"the request line and headers are over {s.max_header_bytes} bytes (server.max_header_bytes)")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel()
+        self._in_head, self._head_bytes, self._begun = False, 0, False
+        ops = self.url.partition(b"?")[0] in _OPS
+        if not self.guard.busy(self) and not ops:
+            self.guard.note("refused_busy")
+            app, self.app = self.app, _busy  # NOTE: uvicorn reads self.app in this call only
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
+        self._arm(self.guard.s.body_timeout_s, self._body_timed_out)
+
+    def on_message_complete(self) -> None:
+        self._cancel()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            if self.transport.get_write_buffer_size():  # closing waits for a flush that may never come
+                self._arm_stall()
+            return
+        if not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+            self.guard.rest(self)
+
+    # -- writes the client does not read -----------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_stall()
+
+    def resume_writing(self) -> None:
+        self._cancel_stall()
+        super().resume_writing()
+
+    def _arm_stall(self) -> None:
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.guard.s.send_timeout_s, self._send_timed_out)
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _send_timed_out(self) -> None:
+        self._stall = None
+        self.guard.note("send_timeout")
+        self._done = True
+        self.transport.abort()  # connection_lost tells the app: its stream ends as if the client left
+
+    # -- timers and refusals ---------------------------------------------------------------
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self._done or self.transport.is_closing():
+            return
+        if not self._begun and not self._head_bytes:
+            self.guard.note("idle_closed")
+            self.close_now()  # nothing was asked: nothing to answer
+            return
+        self.guard.note("header_timeout")
+        self._answer(_raw(408, "Request Timeout", "RequestTimeout", "the request line and headers did not arrive "
+                          f"within {self.guard.s.header_timeout_s:g} s (server.header_timeout_s)"))
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        if self._done or self.transport.is_closing():
+            return
+        self.guard.note("body_timeout")
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.disconnected = True  # the app's receive() now says the client is gone
+            cycle.message_event.set()
+            self._answer(_raw(408, "Request Timeout", "RequestTimeout", "the request body did not arrive within "
+                              f"{self.guard.s.body_timeout_s:g} s of its headers (server.body_timeout_s)"))
+        else:
+            self.close_now()
+
+    def _refuse(self, message: str) -> None:
+        self._refusal = _raw(431, "Request Header Fields Too Large", "HeadersTooLarge", message)
+        raise _Refused(message)  # httptools stops parsing; data_received answers
+
+    def _too_large(self, message: str) -> None:
+        self._refusal = _raw(431, "Request Header Fields Too Large", "HeadersTooLarge", message)
+        self._answer(self._refusal)
+
+    def _answer(self, raw: bytes) -> None:
+        """Write a whole response and end the connection: shut down the sending side and
+        discard what the client still sends for up to ``LINGER_S``."""
+        if self._refusal is not None and raw is self._refusal:
+            self.guard.note("headers_too_large")
+        self._done = True
+        self.guard.forget(self)
+        self._cancel()
+        if self.transport.is_closing():
+            return
+        self.transport.write(raw)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(LINGER_S, self.transport.abort)
+            self.flow.resume_reading()
+        else:
+            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._arm_stall()  # a client that reads nothing must not keep the socket
+
+
+async def _busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    refusal = HTTPError(503, "Busy", "every connection but those kept for probes is busy "
+                        "(server.max_connections, server.ops_connections); retry", "server",
+                        {"Connection": "close", "Retry-After": "1"})
+    await response(refusal)(scope, receive, send)
+
+
+def limited_protocol(s: ServerConfig) -> type[LimitedProtocol]:
+    """A ``LimitedProtocol`` class of its own for one server (its connections are counted
+    together)."""
+    guard = ConnectionGuard(s, fit_descriptors(s.max_connections))
+    return type("LimitedProtocol", (LimitedProtocol,), {"guard": guard})
+
+
+def uvicorn_options(s: ServerConfig) -> dict[str, Any]:
+    """The ``uvicorn.Config`` arguments that bound the server's resources."""
+    return {"http": limited_protocol(s), "ws": "none", "timeout_keep_alive": s.keepalive_timeout_s}
+
+
+def fit_descriptors(wanted: int) -> int:
+    """``wanted`` connections, the process's descriptor limit raised to fit them (up to its
+    hard limit); if it cannot be, as many as fit, with a warning."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fit = max(2, soft - SPARE_DESCRIPTORS)
+        log.warning("server.max_connections=%d does not fit the descriptor limit (%d; hard %d): using %d",
+                    wanted, soft, hard, fit)
+        return fit
+    return wanted
+
+
+__all__ = ["ConnectionGuard", "LimitedProtocol", "limited_protocol", "uvicorn_options"]
