@@ -5,6 +5,8 @@ errors back as the same typed errors."""
 
 import asyncio
 import pickle
+import subprocess
+import sys
 import time
 
 import orjson
@@ -438,3 +440,11 @@ def test_the_raw_server_answer_and_the_client_agree(url):
         r = client.query("raw")
     assert r.to_dict()["sources"] == raw["sources"] and r.answer == raw["answer"]
     assert r.usage.total_tokens == raw["usage"]["total_tokens"] and r.model == raw["model"]
+
+
+def test_a_client_loads_none_of_the_engines_or_servers_dependencies():
+    code = ("import sys; from ragserve import AsyncClient, Client; Client('http://127.0.0.1:1'); "
+            "AsyncClient('http://127.0.0.1:1'); print(sorted(m for m in ('torch', 'faiss', 'vllm', "
+            "'sentence_transformers', 'fastapi', 'uvicorn') if m in sys.modules), 'httpx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True"]
