@@ -183,8 +183,9 @@ def test_retrieve_and_stats(url, rag):
 
 
 def test_a_question_that_is_not_text_is_refused_before_sending(url):
-    with Client(url) as client, pytest.raises(QuestionTypeError):
+    with Client(url) as client, pytest.raises(QuestionTypeError) as caught:
         client.query(b"bytes")  # type: ignore[arg-type]
+    assert caught.value.status is None and caught.value.attempts == 0  # the same attributes, nothing sent
 
 
 # --- retries ---------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ def check_question(question: object) -> None:
     """Refused here as the in-process API refuses it (JSON would carry no ``bytes``); the
     rest of the validation is the server's, so it is the same for every client."""
     if not isinstance(question, str):
-        raise QuestionTypeError(question)
+        error = QuestionTypeError(question)
+        error.__dict__.update(status=None, request_id="", error_type="", retry_after_s=None, attempts=0)
+        raise error
 
 
 def new_request_id() -> str:
