@@ -7,11 +7,14 @@
         print(rag.query("How does the with statement work?"))
 
 The public names are listed in ``__all__`` (pinned by ``tests/test_exports.py``). Heavy
-libraries (torch, faiss, vllm, httpx) load only when an index is built or opened.
+libraries (torch, faiss, vllm, httpx) load only when an index is built or opened, or a
+``Client`` made. A server in another process: ``Client(url, api_key=...)`` has the same
+verbs and types as ``RAG``.
 """
 
 from ragserve._version import __version__
 from ragserve.build.builder import BuildReport, build_index
+from ragserve.client import AsyncClient, Client
 from ragserve.config import (
     ChunkConfig,
     EmbedConfig,
@@ -23,6 +26,7 @@ from ragserve.config import (
     VllmConfig,
 )
 from ragserve.errors import (
+    AuthError,
     BatchInputError,
     ClusterError,
     ConfigError,
@@ -46,6 +50,8 @@ from ragserve.errors import (
     QuestionTypeError,
     RagserveError,
     RedisServerError,
+    RemoteError,
+    ServerUnreachableError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.eval.evaluate import EvalReport, evaluate
@@ -68,10 +74,13 @@ from ragserve.types import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AuthError",
     "BatchInputError",
     "BuildReport",
     "Chunk",
     "ChunkConfig",
+    "Client",
     "ClusterError",
     "ConfigError",
     "DatasetError",
@@ -107,7 +116,9 @@ __all__ = [
     "RagIndexError",
     "RagserveError",
     "RedisServerError",
+    "RemoteError",
     "RequestObserver",
+    "ServerUnreachableError",
     "Source",
     "SourcesEvent",
     "StreamEvent",

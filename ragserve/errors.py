@@ -34,6 +34,11 @@ that is wrong and what to do about it::
     │                               (ragserve's admission, or Ray Serve's queue bounds)
     ├── DeadlineExceededError       a request ran past its deadline; its engine request
     │                               was aborted (also a TimeoutError)
+    ├── AuthError                   the server refused the API key: missing or not valid
+    │                               (HTTP 401; raised by ``ragserve.client``)
+    ├── RemoteError                 a ragserve server failed a request and no closer class
+    │   │                           names the failure (404, 500, draining; ``ragserve.client``)
+    │   └── ServerUnreachableError  no HTTP answer at all: refused, reset or cut connection
     └── GenerationError             the generation stage failed for one request
         ├── EngineDeadError         the engine is gone; every later request fails too
         └── GeneratorUnavailableError  no generator endpoint can take a request now
@@ -41,12 +46,16 @@ that is wrong and what to do about it::
 
 ``IndexError_`` carries a trailing underscore so it never shadows the builtin; it is
 exported as ``RagIndexError``.
+
+``ragserve.client`` raises the same classes as the in-process API, rebuilt from the
+server's error body (``restore``), with the HTTP facts as attributes: ``status``,
+``request_id``, ``error_type`` (the server's name for it), ``retry_after_s``, ``attempts``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 
 class RagserveError(Exception):
@@ -70,6 +79,18 @@ class RagserveError(Exception):
         an error the HTTP layer maps to 429 or 504. Rebuilding from ``args`` and
         ``__dict__`` works for every subclass, present and future."""
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+E = TypeVar("E", bound=RagserveError)
+
+
+def restore(cls: type[E], message: str, **attributes: Any) -> E:
+    """An error of class ``cls`` with ``message`` (without its ``[stage]`` prefix) and
+    ``attributes`` (``stage`` among them), made without calling ``cls.__init__``: its
+    arguments belong to the place that raises it (``OverloadedError(in_flight, queued)``),
+    and a copy made elsewhere, as ``ragserve.client`` makes one from an HTTP error body,
+    has only the message and what it is told."""
+    return _rebuild(cls, (message,), attributes)  # type: ignore[return-value]
 
 
 def _rebuild(cls: type[RagserveError], args: tuple[Any, ...], state: dict[str, Any]) -> RagserveError:
@@ -242,3 +263,23 @@ class GeneratorUnavailableError(GenerationError):
     """No endpoint of a remote generator (the ``openai`` backend) could take the request:
     every one refused it, timed out or is ejected until a probe finds it healthy again.
     Nothing was generated; the caller may retry later (HTTP 503)."""
+
+
+class AuthError(RagserveError):
+    """The server refused the request's API key (HTTP 401): none was sent, or it is not
+    one of the server's (``server.api_keys_file``). Retrying does not help."""
+
+    stage = "auth"
+
+
+class RemoteError(RagserveError):
+    """A ragserve server failed a request in a way no closer class names: a wrong URL
+    (404), a server bug (500), a server draining or shut down (503), an answer that is not
+    ragserve's (a proxy's HTML page). ``status`` is the HTTP status (None without one)."""
+
+    stage = "http"
+
+
+class ServerUnreachableError(RemoteError):
+    """No HTTP answer at all: the connection was refused, reset or cut before the answer
+    was complete (a server down, restarting, or behind a wrong address)."""

@@ -7,7 +7,7 @@ generator that has the same methods plugs in (tests use small fakes for logic).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -34,6 +34,13 @@ class Source:
     score: float
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Source:
+        """A source from its JSON form (the server's ``sources`` items); keys it does not
+        know are ignored, so an older client reads a newer server's answers."""
+        return cls(str(d["doc_id"]), int(d["chunk_id"]), float(d["score"]), str(d["text"]),
+                   dict(d.get("metadata") or {}))
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,11 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Timings:
+        """The inverse of ``as_dict`` (stages it does not know are ignored)."""
+        return cls(**{f.name: float(d[f.name]) for f in fields(cls) if f.name in d})
 
     def __str__(self) -> str:
         return "  ".join(f"{k}={v:.1f}ms" for k, v in self.as_dict().items())
@@ -137,6 +149,21 @@ class QueryResult:
         d["timings"] = self.timings.as_dict()
         d["usage"]["total_tokens"] = self.usage.total_tokens
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QueryResult:
+        """The inverse of ``to_dict`` (the body of ``POST /v1/query``, the ``done`` event of
+        its stream): what ``ragserve.client`` returns. Keys it does not know are ignored."""
+        usage = d.get("usage") or {}
+        return cls(
+            question=d["question"], answer=d["answer"],
+            sources=[Source.from_dict(s) for s in d.get("sources") or []],
+            timings=Timings.from_dict(d.get("timings") or {}), cache_tier=d["cache_tier"],
+            model=d.get("model", ""), index_fingerprint=d.get("index_fingerprint", ""),
+            usage=TokenUsage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+            finish_reason=d.get("finish_reason"), dropped_sources=int(d.get("dropped_sources", 0)),
+            request_id=d.get("request_id", ""), shared=bool(d.get("shared", False)),
+        )
 
 
 @dataclass(frozen=True)

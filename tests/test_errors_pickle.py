@@ -50,6 +50,9 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.NoL2Error": (("cache.redis_url", "does not answer"), {}),
     "ragserve.errors.BatchInputError": (("questions.jsonl line 3: no question",), {}),
     "ragserve.errors.RedisServerError": (("no redis-server binary",), {}),
+    "ragserve.errors.AuthError": (("the API key is not valid",), {}),
+    "ragserve.errors.RemoteError": (("HTTP 500: internal error",), {}),
+    "ragserve.errors.ServerUnreachableError": (("http://127.0.0.1:1: connection refused",), {}),
 }
 
 

@@ -16,6 +16,8 @@ EXPECTED = [
 # Added with the wings: the seams a plug-in author needs, and the errors that moved into errors.py.
 EXPECTED = sorted(EXPECTED + ["BatchInputError", "Embedder", "Generator", "NoL2Error", "RedisServerError",
                               "RequestObserver", "make_generator"])
+# Added with the client wing: the HTTP clients and the errors only they raise.
+EXPECTED = sorted(EXPECTED + ["AsyncClient", "AuthError", "Client", "RemoteError", "ServerUnreachableError"])
 
 
 def test_public_names_are_pinned_and_sorted():
