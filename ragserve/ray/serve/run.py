@@ -9,6 +9,13 @@
    generator's engine warm, every ingress replica's index verified and model loaded).
 4. On SIGTERM or Ctrl-C: delete the application (Serve drains each replica for
    ``server.drain_grace_s``, then stops it); a cluster started here is shut down too.
+
+A stop by SIGTERM or SIGINT is graceful whenever it comes: during the deployment (the
+replicas are taken down at once), while serving (a drain), or a second one during the
+drain (which stops waiting for it). Each ends the same way, with the application deleted
+and a cluster started here shut down, and returns normally, so the command exits 0 and a
+supervisor (systemd, Kubernetes) sees a clean stop. Signals that arrive during that
+teardown are noted and ignored: it runs to its end.
 """
 
 from __future__ import annotations
@@ -34,45 +41,74 @@ def serve_on_ray(index: str | Path, config: Any, *, ready_file: Path | None = No
     import ray
     from ray import serve
 
-    from ragserve.ray.serve import proxy
-    from ragserve.ray.serve.app import application
     from ragserve.ray.serve.ingress import require_shared_l2
 
     say = printer or log.warning
     require_shared_l2(config)  # before minutes of cluster and engine start-up
-    r, s = config.ray, config.server
+    r = config.ray
     started = False
     if not ray.is_initialized():
         started = _connect(r)
-    stop = _stop_on_signals()
+    stop = _Stop()
     try:
-        port = s.port or _free_port()
-        env = {proxy.ENV: proxy.CALLBACK, proxy.RETRY_AFTER_ENV: str(s.retry_after_s)}
-        serve.start(http_options={"host": s.host, "port": port},
-                    controller_options={"runtime_env": {"env_vars": env}})
-        host, port = _proxy_address(s.host, port)
-        say(f"deploying {index} as Serve application {r.app_name!r} "
-            f"({_replicas(r)} ingress replica(s), {r.generator_replicas} generator replica(s)); "
-            "waiting for every replica to be up")
-        serve.run(application(index, config), name=r.app_name, route_prefix="/",
-                  logging_config={"enable_access_log": False})
-        url = f"http://{host}:{port}"
-        say(f"serving {index} on {url} (Ray Serve application {r.app_name!r}); SIGTERM or Ctrl-C stops it")
-        if ready_file is not None:
-            ready_file.write_text(str(port))
-        stop.deployed = True
-        while not stop.wait(1.0):
-            pass
-        say(f"stopping: deleting application {r.app_name!r} (requests in flight get up to "
-            f"{s.drain_grace_s:g} s)")
+        _stop_on_signals(stop)
+        _deploy_and_serve(index, config, stop, ready_file, say)
+    except _Interrupted as e:
+        say(f"{e}: taking the application {r.app_name!r} down")
     finally:
+        stop.phase = "draining"
         try:
-            serve.delete(r.app_name)
-        finally:
-            if started:
-                serve.shutdown()
-                ray.shutdown()
+            try:
+                _quietly(serve.delete, r.app_name)
+            finally:
+                stop.phase = "closing"
+        except _Interrupted:  # a second signal during the drain: stop waiting for it
+            say("stopping without waiting for the drain")
+            _quietly(serve.delete, r.app_name, _blocking=False)
+        if started:
+            _quietly(serve.shutdown)
+            ray.shutdown()
     log.info("ragserve (Ray) stopped")
+
+
+def _quietly(step: Any, *args: Any, **kwargs: Any) -> None:
+    """A teardown step that must not stop the rest: Serve may never have started (a stop
+    while connecting), or a signal sent to the whole process group may have ended the local
+    cluster's processes already."""
+    try:
+        step(*args, **kwargs)
+    except Exception as e:
+        name = getattr(step, "__name__", step)
+        log.warning("stopping: %s failed (%s: %s); going on", name, type(e).__name__, e)
+
+
+def _deploy_and_serve(index: str | Path, config: Any, stop: _Stop, ready_file: Path | None, say: Any) -> None:
+    """Steps 2 and 3 of the module docstring, then wait for a stop signal."""
+    from ray import serve
+
+    from ragserve.ray.serve import proxy
+    from ragserve.ray.serve.app import application
+
+    r, s = config.ray, config.server
+    port = s.port or _free_port()
+    env = {proxy.ENV: proxy.CALLBACK, proxy.RETRY_AFTER_ENV: str(s.retry_after_s)}
+    serve.start(http_options={"host": s.host, "port": port},
+                controller_options={"runtime_env": {"env_vars": env}})
+    host, port = _proxy_address(s.host, port)
+    say(f"deploying {index} as Serve application {r.app_name!r} "
+        f"({_replicas(r)} ingress replica(s), {r.generator_replicas} generator replica(s)); "
+        "waiting for every replica to be up")
+    serve.run(application(index, config), name=r.app_name, route_prefix="/",
+              logging_config={"enable_access_log": False})
+    url = f"http://{host}:{port}"
+    say(f"serving {index} on {url} (Ray Serve application {r.app_name!r}); SIGTERM or Ctrl-C stops it")
+    if ready_file is not None:
+        ready_file.write_text(str(port))
+    stop.phase = "serving"
+    while not stop.wait(1.0):
+        pass
+    say(f"stopping: deleting application {r.app_name!r} (requests in flight get up to "
+        f"{s.drain_grace_s:g} s)")
 
 
 def _connect(r: Any) -> bool:
@@ -105,24 +141,37 @@ def _token_auth_if_available() -> None:
 
 
 class _Stop(threading.Event):
-    deployed = False
+    phase = "deploying"
+    """deploying → serving → draining (``serve.delete``) → closing (the cluster's shutdown)."""
 
 
-def _stop_on_signals() -> _Stop:
-    """SIGTERM and SIGINT: while deploying, stop at once (``KeyboardInterrupt``; the
-    application is deleted on the way out); once serving, ask for a drain; a second
-    signal during the drain stops waiting for it."""
-    stop = _Stop()
+class _Interrupted(BaseException):
+    """A stop signal that ends what the main thread waits on (the deployment, or the drain).
+    Not ``KeyboardInterrupt``: a stop asked for is not a failure, and the command exits 0
+    once the teardown is done. A ``BaseException``, as ``KeyboardInterrupt`` is, so that no
+    ``except Exception`` in the libraries it passes through takes it for their own error."""
+
+
+def _stop_on_signals(stop: _Stop) -> None:
+    """SIGTERM and SIGINT: while deploying, stop at once (``_Interrupted``; the application
+    is deleted on the way out); once serving, ask for a drain; during the drain, stop
+    waiting for it; while closing, nothing (the teardown finishes)."""
 
     def handle(sig: int, frame: FrameType | None) -> None:
-        if not stop.deployed or stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
+        name = signal.Signals(sig).name
+        if stop.phase == "serving":
+            stop.set()
+        elif stop.phase == "deploying":
+            raise _Interrupted(f"{name} while deploying")
+        elif stop.phase == "draining":
+            stop.phase = "closing"
+            raise _Interrupted(name)
+        else:
+            log.warning("%s while closing: the teardown finishes first", name)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
-    return stop
 
 
 def _proxy_address(host: str, port: int) -> tuple[str, int]:
