@@ -86,6 +86,14 @@ def _flush(*streams: TextIO | None) -> None:
                 pass
 
 
+def _restore_env(old: dict[str, str | None]) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _terminal_stream(fd: int, like: TextIO | None) -> TextIO:
     encoding = getattr(like, "encoding", None) or "utf-8"
     errors = getattr(like, "errors", None) or "strict"
@@ -144,11 +152,7 @@ def quiet(log_path: str | os.PathLike[str], *, verbose: bool = False, name: str 
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, log_fd):
             os.close(fd)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(old_env)
 
 
 def _is_fd1(stream: TextIO) -> bool:
@@ -190,8 +194,4 @@ def data_stdout(enabled: bool = True) -> Iterator[TextIO]:
         data.close()
         os.dup2(saved_out, 1)
         os.close(saved_out)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(old_env)

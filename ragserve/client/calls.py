@@ -34,6 +34,18 @@ class Call:
     stream: bool = False
 
 
+def connection(url: str, api_key: str | None, headers: Any, timeout_s: float,
+               connect_timeout_s: float) -> dict[str, Any]:
+    """What ``httpx.Client`` and ``httpx.AsyncClient`` open with: the base URL, the key as a
+    Bearer token beside the caller's headers, and the timeouts."""
+    import httpx
+
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if api_key:
+        sent["Authorization"] = f"Bearer {api_key}"
+    return {"base_url": url, "headers": sent, "timeout": httpx.Timeout(timeout_s, connect=connect_timeout_s)}
+
+
 def query_call(question: str, *, namespace: str | None, cache_read: bool, cache_write: bool,
                timeout_s: float | None, request_id: str | None, top_k: int | None, stream: bool,
                client_timeout_s: float) -> Call:

@@ -50,11 +50,8 @@ class Client:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.retries = retries or Retries()
-        sent = {"Content-Type": "application/json", **(headers or {})}
-        if api_key:
-            sent["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(base_url=self.url, headers=sent,
-                                  timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        opened = calls.connection(self.url, api_key, headers, timeout_s, connect_timeout_s)
+        self._http = httpx.Client(**opened)
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
