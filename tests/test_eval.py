@@ -103,6 +103,8 @@ def test_answer_metrics_on_a_few_questions(rag, squad8):
     for value in (metrics.contains, metrics.exact_match, metrics.f1):
         assert 0.0 <= value <= 1.0
     assert metrics.exact_match <= metrics.contains  # an exact answer also contains itself
+    assert all(len(r["baseline"].split()) == len(r["answer"].split()) for r in rows)
+    assert 0.0 < metrics.grounded <= 1.0 and 0.0 <= metrics.ungrounded_share <= 1.0
 
 
 def test_cli_errors_are_one_clean_line(tmp_path):
@@ -130,7 +132,8 @@ def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, mon
                                        "--sample", "6", "--seed", "3", "--json", str(out)])
     assert run.exit_code == 0, run.output
     text = " ".join(run.output.split())
-    assert "contains a gold answer" in text and "cut at max_tokens" in text
+    assert "contains a gold answer" in text and "cut at max_tokens" in text and "extractive baseline" in text
+    assert "answers with an ungrounded number or name" in text
     report = orjson.loads(out.read_bytes())
     assert report["schema"] == "ragserve.eval/1"
     assert report["dataset"]["questions"] == 6 and report["dataset"]["sample"] == 6 and report["dataset"]["seed"] == 3
@@ -138,7 +141,10 @@ def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, mon
     assert [r["qid"] for r in report["per_question"]] == [q.qid for q in drawn]
     a = report["answers"]
     assert a["questions"] == 6 and a["errors"] == 0 and a["empty_share"] == 0.0
-    for key in ("contains", "exact_match", "f1", "cut_share"):
+    for key in ("contains", "exact_match", "f1", "cut_share", "baseline_contains", "baseline_exact_match",
+                "baseline_f1", "grounded", "ungrounded_share"):
         assert 0.0 <= a[key] <= 1.0, key
     assert a["mean_words"] > 0
     assert all(isinstance(r["cut"], bool) for r in report["per_question"])
+    for r in report["per_question"]:  # the baseline has each answer's length, from its top source
+        assert len(r["baseline"].split()) == len(r["answer"].split()) and isinstance(r["ungrounded"], list)

@@ -35,6 +35,7 @@ from ragserve.server.common import (
     source_json,
     until_disconnected,
 )
+from ragserve.server.eval_api import add_eval_routes
 from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
 from ragserve.server.middleware import RequestMiddleware
 from ragserve.server.openai_api import add_openai_routes
@@ -78,6 +79,7 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     _native_routes(app, served)
     _ops_routes(app, served)
     _admin_routes(app, served)
+    add_eval_routes(app, served)
     add_openai_routes(app, served)
     if keys is not None:
         app.add_middleware(KeyCheck, keys=keys)  # inside RequestMiddleware: a 401 has its request id too
