@@ -75,13 +75,14 @@ RequestIdOf = Callable[[Context], "str | None"]
 
 
 def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
-              request_id_of: RequestIdOf | None = None, version: str = "") -> MCPServer:
+              request_id_of: RequestIdOf | None = None, version: str = "", lifespan: Any = None) -> MCPServer:
     """An ``MCPServer`` with the two tools over the ``RAG`` that ``rag_of()`` returns when a
     call comes (a server opens it in its lifespan). ``tenant_of(ctx)``: the namespace of
     the caller (None: ``cache.namespace``); ``request_id_of(ctx)``: the request id to give
-    the engine (None: a new one)."""
-    server: MCPServer = MCPServer("ragserve", version=version, instructions=INSTRUCTIONS,
-                                  website_url="https://github.com/ragserve/ragserve", log_level="WARNING")
+    the engine (None: a new one); ``lifespan``: the SDK's (``ragserve mcp`` opens the
+    engine in it)."""
+    server: MCPServer = MCPServer("ragserve", version=version, instructions=INSTRUCTIONS, lifespan=lifespan,
+                                  log_level="WARNING")
     read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
     @server.tool(title="Retrieve passages", annotations=read_only, structured_output=True)
