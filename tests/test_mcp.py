@@ -75,7 +75,8 @@ def test_both_tools_are_listed_and_answer_what_v1_answers(served, mode):
     for tool in tools.values():
         schema = tool.input_schema
         assert schema["required"] == ["question"] and tool.annotations.read_only_hint
-        assert schema["properties"]["top_k"]["minimum"] == 1 and schema["properties"]["top_k"]["maximum"] == 100
+        top_k = schema["properties"]["top_k"]
+        assert top_k["minimum"] == 1 and top_k["maximum"] == 100
     assert set(tools["retrieve"].output_schema["properties"]) == {"sources"}
     assert {"answer", "sources", "cache_tier", "model"} <= set(tools["answer"].output_schema["properties"])
     # retrieve: the sources /v1/retrieve gives, with scores and doc ids
@@ -134,7 +135,8 @@ def test_an_overloaded_engine_is_a_tool_error_and_the_call_in_flight_finishes(tm
                 return refused, await first
 
         refused, first = asyncio.run(session())
-    assert refused.is_error and refused.content[0].text.startswith("Error executing tool answer: OverloadedError")
+    assert refused.is_error
+    assert refused.content[0].text.startswith("Error executing tool answer: OverloadedError")
     assert "retry" in refused.content[0].text
     assert not first.is_error and first.structured_content["answer"]
 
@@ -164,12 +166,13 @@ def test_keys_no_key_wrong_key_and_tenants_that_never_share_an_answer(tmp_path):
         assert rag.stats()["queries"] == 5 and rag.stats()["cache"]["l1"]["writes"] == 2
 
         # a session opened with A's key is not B's to use (the SDK answers as if it did not exist)
-        opened = post(f"{url}/mcp", json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {KEY_A}"})
+        a, b = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+        opened = post(f"{url}/mcp", json=INITIALIZE, headers={**MCP_HEADERS, **a})
         sid = opened.headers["mcp-session-id"]
         ask = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
         session = {**MCP_HEADERS, "Mcp-Session-Id": sid, "Mcp-Protocol-Version": "2025-11-25"}
-        assert post(f"{url}/mcp", json=ask, headers={**session, "Authorization": f"Bearer {KEY_B}"}).status_code == 404
-        assert post(f"{url}/mcp", json=ask, headers={**session, "Authorization": f"Bearer {KEY_A}"}).status_code == 200
+        assert post(f"{url}/mcp", json=ask, headers={**session, **b}).status_code == 404
+        assert post(f"{url}/mcp", json=ask, headers={**session, **a}).status_code == 200
 
 
 async def _list_tools(url, key):
@@ -202,7 +205,7 @@ def test_the_drain_does_not_wait_for_idle_sessions_and_lets_a_call_finish(tmp_pa
         async def session():
             async with mcp(url, mode="legacy") as idle, mcp(url, mode="legacy") as c:
                 await idle.list_tools()
-                await c.list_tools()  # the client checks a result against its schema: asked now, not in the drain
+                await c.list_tools()  # the client checks results against the schema: asked now, not later
                 gen.hold = True
                 call = asyncio.ensure_future(c.call_tool("answer", {"question": "chunk number 6"}))
                 await aeventually(lambda: gen.running == 1, what="the call to reach the generator")
@@ -254,7 +257,8 @@ def test_stdio_carries_only_json_rpc_and_answers_through_an_openai_server(tmp_pa
     src = tmp_path / "docs"
     src.mkdir()
     for i in range(8):
-        (src / f"doc{i}.txt").write_text(f"Paragraph {i} says that the number of the day is {i * 7}.", "utf-8")
+        text = f"Paragraph {i} says that the number of the day is {i * 7}."
+        (src / f"doc{i}.txt").write_text(text, "utf-8")
     build_index(src, tmp_path / "index", RAGConfig(), embedder=FakeEmbedder())
     fake = FakeOpenAI(Behaviour(token_delay_s=0.001))
     stray, errlog = [], tmp_path / "stderr.log"
@@ -267,21 +271,22 @@ def test_stdio_carries_only_json_rpc_and_answers_through_an_openai_server(tmp_pa
         env = {**os.environ, "RAGSERVE_GENERATE_BACKEND": "openai", "RAGSERVE_OPENAI_URLS": url,
                "RAGSERVE_OPENAI_TOKENIZER": "server", "RAGSERVE_GENERATE_MAX_TOKENS": "16",
                "RAGSERVE_HOME": str(tmp_path / "home")}
-        params = StdioServerParameters(command=sys.executable, args=["-c", LAUNCH, "mcp", str(tmp_path / "index")],
-                                       env=env)
+        args = ["-c", LAUNCH, "mcp", str(tmp_path / "index")]
+        params = StdioServerParameters(command=sys.executable, args=args, env=env)
         with open(errlog, "w") as err:
             async with Client(stdio_client(params, errlog=err), message_handler=stray_lines) as c:
                 tools = [t.name for t in (await c.list_tools()).tools]
                 answered = await c.call_tool("answer", {"question": "What is the number of the day?"})
                 bad = await c.call_tool("retrieve", {"question": "", "top_k": 2})
-                retrieved = await c.call_tool("retrieve", {"question": "Which paragraph says 21?", "top_k": 3})
+                retrieved = await c.call_tool("retrieve", {"question": "Which one says 21?", "top_k": 3})
                 return tools, answered, bad, retrieved
 
     with running(fake.app) as url:
         tools, answered, bad, retrieved = asyncio.run(asyncio.wait_for(session(url), 120))
     assert sorted(tools) == ["answer", "retrieve"]
     a = answered.structured_content
-    assert not answered.is_error and a["answer"] == "an answer from the fake server" and a["model"] == "fake-model"
+    assert not answered.is_error and a["answer"] == "an answer from the fake server"
+    assert a["model"] == "fake-model"
     assert fake.bodies and a["cache_tier"] == "miss"
     assert bad.is_error and "EmptyQuestionError" in bad.content[0].text
     assert not retrieved.is_error and len(retrieved.structured_content["sources"]) == 3

@@ -41,7 +41,8 @@ def mcp_cmd(
 
     from ragserve.engine.validation import check_namespace
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     cfg = load_config(config, cache={"redis_url": redis_url, "namespace": namespace})
     if namespace is not None:
@@ -52,10 +53,13 @@ def mcp_cmd(
         raise IndexNotFoundError(Path(index))
     try:
         anyio.run(serve_stdio, index, cfg)
-    except BaseExceptionGroup as group:  # the SDK's task groups wrap what the lifespan raised
-        raise _first_ragserve_error(group) or group from None
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # noqa: BLE001 - the SDK's task groups wrap what the lifespan raised
+        found = _first_ragserve_error(e)
+        if found is None:
+            raise
+        raise found from None
     console.print("ragserve mcp: stdin closed, stopped", highlight=False)
 
 
@@ -83,10 +87,11 @@ async def serve_stdio(index: Path, cfg: Any, **open_kwargs: Any) -> None:
     await server.run_stdio_async()
 
 
-def _first_ragserve_error(group: BaseExceptionGroup) -> RagserveError | None:
-    for e in group.exceptions:
-        if isinstance(e, RagserveError):
-            return e
-        if isinstance(e, BaseExceptionGroup) and (found := _first_ragserve_error(e)) is not None:
+def _first_ragserve_error(e: BaseException) -> RagserveError | None:
+    """``e`` or the first ``RagserveError`` in it (an exception group, at any depth)."""
+    if isinstance(e, RagserveError):
+        return e
+    for inner in getattr(e, "exceptions", ()):
+        if (found := _first_ragserve_error(inner)) is not None:
             return found
     return None

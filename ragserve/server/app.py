@@ -36,7 +36,7 @@ from ragserve.server.common import (
     until_disconnected,
 )
 from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
-from ragserve.server.mcp_http import add_mcp_route
+from ragserve.server.mcp_http import add_mcp_route, key_user
 from ragserve.server.middleware import RequestMiddleware
 from ragserve.server.openai_api import add_openai_routes
 from ragserve.server.prometheus import CONTENT_TYPE, PrometheusExporter
@@ -85,7 +85,8 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     add_openai_routes(app, served)
     mcp = add_mcp_route(app, served, _version()) if config.server.mcp else None
     if keys is not None:
-        app.add_middleware(KeyCheck, keys=keys)  # inside RequestMiddleware: a 401 has its request id too
+        # inside RequestMiddleware: a 401 has its request id too
+        app.add_middleware(KeyCheck, keys=keys, user=key_user if mcp is not None else None)
     app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)
     return app
 

@@ -77,12 +77,14 @@ class ApiKeys:
 class KeyCheck:
     """ASGI middleware: with keys, a ``/v1`` or ``/mcp`` request needs a valid key before
     its body is read or validated (401 first, never the schema's 422 to a client without a
-    key; no MCP session for it). A ``/mcp`` request's ``scope["user"]`` is then the key's
-    user (``mcp_http.key_user``), to which the MCP SDK binds the sessions it opens."""
+    key; no MCP session for it). A ``/mcp`` request's ``scope["user"]`` is then
+    ``user(key, namespace)`` (``mcp_http.key_user``), to which the MCP SDK binds the
+    sessions it opens."""
 
-    def __init__(self, app: Any, keys: ApiKeys) -> None:
+    def __init__(self, app: Any, keys: ApiKeys, user: Any = None) -> None:
         self.app = app
         self.keys = keys
+        self.user = user
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
@@ -92,10 +94,8 @@ class KeyCheck:
                 namespace = self.keys.namespace(header)
             except HTTPError as e:
                 return await response(e)(scope, receive, send)
-            if path == "/mcp":
-                from ragserve.server.mcp_http import key_user
-
-                scope["user"] = key_user(header.partition(" ")[2].strip(), namespace)
+            if path == "/mcp" and self.user is not None:
+                scope["user"] = self.user(header.partition(" ")[2].strip(), namespace)
         await self.app(scope, receive, send)
 
 

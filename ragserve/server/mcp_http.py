@@ -37,6 +37,7 @@ from ragserve.server.httperrors import HTTPError, response
 from ragserve.server.mcp_tools import build_mcp
 
 PATH = "/mcp"
+ALLOW = "POST, DELETE"
 
 
 def add_mcp_route(app: Any, served: Any, version: str = "") -> MCPServer:
@@ -72,8 +73,8 @@ class _NoStandaloneStream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] == "GET":
-            refusal = HTTPError(405, "MethodNotAllowed", "GET /mcp: this server sends no messages of its own; "
-                                "POST requests to /mcp (Streamable HTTP)", "http", {"Allow": "POST, DELETE"})
+            refusal = HTTPError(405, "MethodNotAllowed", "GET /mcp: this server sends no message of its own; "
+                                "POST requests to /mcp (Streamable HTTP)", "http", {"Allow": ALLOW})
             return await response(refusal)(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -59,17 +59,20 @@ class Answer(BaseModel):
 
     answer: str = Field(description="The generated answer.")
     sources: list[ToolSource] = Field(description="The chunks the answer was generated from, best first.")
-    cache_tier: str = Field(description="Where the answer came from: miss (generated now), l1 or l2 (cached).")
+    cache_tier: str = Field(description="Where the answer came from: miss (generated now), l1 or l2 "
+                                        "(cached).")
     model: str = Field(description="The generation model.")
     request_id: str
-    timings_ms: dict[str, float] = Field(description="Milliseconds per stage (embed, search, generate, total...).")
+    timings_ms: dict[str, float] = Field(description="Milliseconds per stage (embed, search, generate, "
+                                                     "total...).")
 
 
 Question = Annotated[str, Field(description="The question, in natural language.")]
 # NOTE: the bounds are in the schema for the model to read, and checked by the engine (the
 # same InvalidParameterError as the Python API), not by pydantic, whose message is longer.
 TopK = Annotated[int | None, Field(json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K},
-                                   description=f"How many chunks to use, 1..{MAX_TOP_K} (default: the server's).")]
+                                   description=f"How many chunks to use, 1..{MAX_TOP_K} (default: the "
+                                               "server's).")]
 TenantOf = Callable[[Context], "str | None"]
 RequestIdOf = Callable[[Context], "str | None"]
 
@@ -98,7 +101,8 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
         indexed collection, with those passages as its sources."""
         namespace = tenant_of(ctx) if tenant_of is not None else None
         rid = request_id_of(ctx) if request_id_of is not None else None
-        r = await _call(ctx, "answer", rag_of().aquery(question, namespace=namespace, request_id=rid, top_k=top_k))
+        r = await _call(ctx, "answer",
+                        rag_of().aquery(question, namespace=namespace, request_id=rid, top_k=top_k))
         return Answer(answer=r.answer, sources=[ToolSource(**source_json(s)) for s in r.sources],
                       cache_tier=r.cache_tier, model=r.model, request_id=r.request_id,
                       timings_ms=r.timings.as_dict())
