@@ -52,15 +52,22 @@ async def mcp(url, key=None, mode="auto"):
 
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, request):
+    """(url, rag) of a server over fakes; ``request.param``: the ``[server]`` settings."""
     rag = make_rag(tmp_path, FakeGenerator(words=4, delay=0.05))
-    with rag, running(create_app(rag, RAGConfig())) as url:
+    config = RAGConfig().replace(server=getattr(request, "param", {}))
+    with rag, running(create_app(rag, config)) as url:
         yield url, rag
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_both_tools_are_listed_and_answer_what_v1_answers(served, mode):
+@pytest.mark.parametrize("served", [{}, {"mcp_stateless": True}], ids=["sessions", "stateless"],
+                         indirect=True)
+def test_both_tools_are_listed_and_answer_what_v1_answers(served, mode, request):
     url, rag = served
+    opened = post(f"{url}/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+    stateless = request.node.callspec.params["served"].get("mcp_stateless", False)
+    assert opened.status_code == 200 and ("mcp-session-id" in opened.headers) is not stateless
 
     async def session():
         async with mcp(url, mode=mode) as c:

@@ -60,6 +60,9 @@ class ServerConfig:
     mcp: bool = True
     """Serve the MCP tools (``retrieve``, ``answer``) at /mcp, Streamable HTTP, with the same
     API keys as /v1."""
+    mcp_stateless: bool = False
+    """Serve MCP without sessions: every request stands alone, so any replica can answer
+    it (``serve --ray`` sets it: its proxy spreads a client's requests over replicas)."""
     mcp_max_sessions: int = 1000
     """Open MCP sessions (clients of protocol versions before 2026-07-28); a new one past it
     gets 503 until one ends."""

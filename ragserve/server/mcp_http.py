@@ -15,6 +15,8 @@ own app, beside ``/v1``.
 - **Lifecycle**: the session manager runs inside the app's lifespan (``create_app``):
   started before the first request, and at shutdown its sessions end before the engine
   closes.
+- **Replicas**: with ``server.mcp_stateless`` (``serve --ray`` sets it) there are no
+  sessions: any replica answers any request, and an ``initialize`` opens nothing.
 - **Limits**: request bodies over ``server.max_body_bytes`` are refused (413) by the
   server's middleware as on ``/v1``; ``server.mcp_max_sessions`` open sessions at most (503
   past it), each closed after ``server.mcp_session_idle_s`` without a request.
@@ -48,7 +50,7 @@ def add_mcp_route(app: Any, served: Any, version: str = "") -> MCPServer:
                        request_id_of=_request_id, version=version)
     # NOTE: the SDK's own app is not mounted (its lifespan would never run, and a Mount
     # answers "/mcp" only with a redirect to "/mcp/"): its one route is taken instead.
-    sdk_app = server.streamable_http_app(streamable_http_path=PATH, stateless_http=False,
+    sdk_app = server.streamable_http_app(streamable_http_path=PATH, stateless_http=s.mcp_stateless,
                                          max_request_body_size=s.max_body_bytes,
                                          session_idle_timeout=s.mcp_session_idle_s,
                                          max_sessions=s.mcp_max_sessions,
