@@ -160,17 +160,18 @@ def test_keys_no_key_wrong_key_and_tenants_that_never_share_an_answer(tmp_path):
         with pytest.raises(Exception):  # noqa: B017 - whatever the SDK raises, it gets no tools
             asyncio.run(_list_tools(url, None))
 
-        async def tenant(key, question):
-            async with mcp(url, key) as c:
+        async def tenant(key, question, mode):
+            async with mcp(url, key, mode) as c:
                 return [(await c.call_tool("answer", {"question": question})).structured_content["cache_tier"]
                         for _ in range(2)]
 
-        assert asyncio.run(tenant(KEY_A, "chunk number 4")) == ["miss", "l1"]
-        assert asyncio.run(tenant(KEY_B, "chunk number 4")) == ["miss", "l1"]  # A's answer is not B's
+        for mode, question in zip(MODES, ("chunk number 4", "chunk number 5"), strict=True):
+            assert asyncio.run(tenant(KEY_A, question, mode)) == ["miss", "l1"]
+            assert asyncio.run(tenant(KEY_B, question, mode)) == ["miss", "l1"]  # A's answer is not B's
         # and through /v1, the same namespaces: B's key reads B's answer, never A's
         assert post(f"{url}/v1/query", json={"question": "chunk number 4", "namespace": "tenant-a"},
                     headers={"Authorization": f"Bearer {KEY_B}"}).json()["cache_tier"] == "l1"
-        assert rag.stats()["queries"] == 5 and rag.stats()["cache"]["l1"]["writes"] == 2
+        assert rag.stats()["queries"] == 9 and rag.stats()["cache"]["l1"]["writes"] == 4
 
         # a session opened with A's key is not B's to use (the SDK answers as if it did not exist)
         a, b = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
