@@ -84,8 +84,13 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
     the caller (None: ``cache.namespace``); ``request_id_of(ctx)``: the request id to give
     the engine (None: a new one); ``lifespan``: the SDK's (``ragserve mcp`` opens the
     engine in it)."""
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
     server: MCPServer = MCPServer("ragserve", version=version, instructions=INSTRUCTIONS, lifespan=lifespan,
                                   log_level="WARNING")
+    # NOTE: MCPServer() calls logging.basicConfig (a rich handler on the root logger) when
+    # the root has none: logging is the application's to configure, not a library's.
+    root.handlers[:], root.level = kept
     read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
     @server.tool(title="Retrieve passages", annotations=read_only, structured_output=True)
