@@ -239,3 +239,4 @@ def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again e
 
 # serve, batch and warm, after the commands above in `ragserve --help`
 from ragserve.cli import serving as cli_serving  # noqa: E402,F401
+from ragserve.cli import mcp as cli_mcp  # noqa: E402,F401
