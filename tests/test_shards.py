@@ -103,13 +103,15 @@ def _top10(rag, question):
 
 def test_flat_shards_give_the_single_indexs_top10_exactly(built, xquad_corpus, memo):
     questions = [q["question"] for q in xquad_corpus[1]][:60]
-    opened = {k: RAG.from_index(v, RAGConfig(), embedder=memo, generator=FakeGenerator()) for k, v in built.items()}
+    opened = {
+        k: RAG.from_index(v, RAGConfig(), embedder=memo, generator=FakeGenerator()) for k, v in built.items()
+    }
     try:
         vectors = memo.inner.encode(questions)
         single = opened["single"].index.search(vectors, 10)
         for n in (2, 4):
             sharded = opened[n].index.search(vectors, 10)
-            for q, a, b in zip(questions, single, sharded):
+            for q, a, b in zip(questions, single, sharded, strict=True):
                 docs_a = [opened["single"].docstore.get_many([h.chunk_id])[0].text for h in a]
                 docs_b = [opened[n].docstore.get_many([h.chunk_id])[0].text for h in b]
                 assert docs_a == docs_b, q
@@ -134,14 +136,16 @@ def test_ivf_shards_share_one_quantizer_and_recall_the_single_ivf_index(tmp_path
     report = build_sharded(xquad_corpus[0], sharded, cfg, shards=2, embedder=memo)
     assert report.quantizer["action"] == "trained"
     top = check_index(sharded, vectors="all")
-    centroids = [FaissIndex.load(s.manifest.folder, IndexSpec.from_manifest(s.manifest.data["index"])).centroids()
-                 for s in top.shards]
+    centroids = [
+        FaissIndex.load(s.manifest.folder, IndexSpec.from_manifest(s.manifest.data["index"])).centroids()
+        for s in top.shards
+    ]
     assert np.array_equal(centroids[0], centroids[1])
     _, a, store_a = open_index(single, cfg, memo)
     _, b, store_b = open_index(sharded, cfg, memo)
     vectors = memo.inner.encode([q["question"] for q in xquad_corpus[1]][:60])
     found = total = 0
-    for ra, rb in zip(a.search(vectors, 10), b.search(vectors, 10)):
+    for ra, rb in zip(a.search(vectors, 10), b.search(vectors, 10), strict=True):
         want = {store_a.get(h.chunk_id).text for h in ra}
         found += len(want & {store_b.get(h.chunk_id).text for h in rb})
         total += len(want)
@@ -196,13 +200,16 @@ def _rewrite(manifest_path, change):
 
 def _relist(top_folder, shard, shard_fp):
     """Make the top manifest vouch for a rewritten shard manifest (hash and fingerprint)."""
+
     def change(data):
         data["files"][f"{shard}/manifest.json"] = {
             "sha256": sha256_file(top_folder / shard / "manifest.json"),
-            "bytes": (top_folder / shard / "manifest.json").stat().st_size}
+            "bytes": (top_folder / shard / "manifest.json").stat().st_size,
+        }
         for s in data["shards"]:
             if s["name"] == shard:
                 s["fingerprint"] = shard_fp
+
     _rewrite(top_folder / "manifest.json", change)
 
 
@@ -249,7 +256,9 @@ def test_reload_flips_every_shard_together(tmp_path, small, memo):
     v1 = build_sharded(small, out, RAGConfig(), shards=3, embedder=memo)
     with RAG.from_index(out, RAGConfig(), embedder=memo, generator=FakeGenerator()) as rag:
         held = rag.served.acquire()
-        (small / "zebra.txt").write_text("The zebra archive of the shard museum opened in 2031.", encoding="utf-8")
+        (small / "zebra.txt").write_text(
+            "The zebra archive of the shard museum opened in 2031.", encoding="utf-8"
+        )
         v2 = build_sharded(small, out, RAGConfig(), shards=3, embedder=memo)
         rag.reload()
         assert rag.fingerprint == v2.fingerprint != v1.fingerprint
@@ -263,15 +272,20 @@ def test_reload_flips_every_shard_together(tmp_path, small, memo):
         assert rag.query("When did the zebra archive open?").index_fingerprint == v2.fingerprint
 
 
-def test_cli_builds_and_verifies_a_sharded_index(tmp_path, small, monkeypatch):
+def test_index_shards_config_builds_in_shards_and_the_cli_verifies_them(tmp_path, small, memo):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["build-index", str(small), "--out", str(out), "--shards", "2"])
-    assert result.exit_code == 0, result.output
-    assert "shard-001" in result.output
+    cfg = RAGConfig().replace(index={"shards": 2})
+    with pytest.raises(ConfigError, match="build_sharded"):
+        build_index(small, out, cfg, embedder=memo)  # never silently unsharded
+    report = build_sharded(small, out, cfg, embedder=memo)
+    assert [s["name"] for s in report.shards] == ["shard-000", "shard-001"]
+    assert os.path.islink(out)
     verified = CliRunner().invoke(app, ["verify-index", str(out)])
     assert verified.exit_code == 0 and "shard-000: chunks 0–" in verified.output, verified.output
-    bad = CliRunner().invoke(app, ["build-index", str(small), "--out", str(out), "--shards", "2", "--dry-run"])
-    assert bad.exit_code != 0
+    assert "vectors checked: all" in verified.output
+    bad = CliRunner().invoke(
+        app, ["build-index", str(small), "--out", str(out), "--shards", "2", "--dry-run"]
+    )
+    assert bad.exit_code != 0 and "sharded" in bad.output
     with pytest.raises(ConfigError, match="index.shards"):
         RAGConfig().replace(index={"shards": -1})
-    assert os.path.islink(out)

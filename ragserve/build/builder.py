@@ -119,12 +119,12 @@ def build_index(
     """Build or update the index at ``out`` from a file or folder of documents.
 
     **Usage:** ``build_index("docs/", "indexes/docs")``; ``full=True`` re-embeds everything.
-    With ``index.shards`` set, the index is written in shards (``sharded.build_sharded``).
+    An index in shards (``index.shards``) is built by ``sharded.build_sharded``, which builds
+    on this module; given such a config, this refuses rather than drop the setting.
     """
     if config is not None and config.index.shards:
-        from ragserve.build.sharded import build_sharded  # it builds on this module
-
-        return build_sharded(source, out, config, embedder=embedder, encoding=encoding, progress=progress, full=full)
+        raise ConfigError("index.shards", f"is {config.index.shards}: build a sharded index with "
+                          "ragserve.build.sharded.build_sharded (or `build-index --shards`)")
     build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
                         full=full)
     t = time.perf_counter()

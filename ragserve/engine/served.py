@@ -94,7 +94,7 @@ def _open_shards(top: Manifest, shards: list[Manifest], load: dict[str, int]) ->
 
     indexes, stores = [], []
     try:
-        for entry, shard in zip(shard_entries(top), shards):
+        for entry, shard in zip(shard_entries(top), shards, strict=True):
             index = load_checked(shard, **load)[0]
             check_quantizer(top, entry, index.centroids())
             indexes.append(index)

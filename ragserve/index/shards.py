@@ -99,23 +99,36 @@ def shard_entries(manifest: Manifest) -> list[ShardEntry]:
         if name != shard_name(i):
             raise IndexIntegrityError(path, f"shards[{i}] is named {name!r}, expected {shard_name(i)!r}")
         if not isinstance(fp, str) or len(fp) != 64:
-            raise ShardError(manifest.folder / name, name, f"the top manifest records no fingerprint ({fp!r})")
+            raise ShardError(
+                manifest.folder / name, name, f"the top manifest records no fingerprint ({fp!r})"
+            )
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, count)) or count < 1:
-            raise ShardError(manifest.folder / name, name, f"chunk range first_chunk {first!r}, chunks {count!r} "
-                             "is not a range of at least one chunk")
+            raise ShardError(
+                manifest.folder / name,
+                name,
+                f"chunk range first_chunk {first!r}, chunks {count!r} is not a range of at least one chunk",
+            )
         if first != covered:
-            raise ShardError(manifest.folder / name, name, f"its chunks start at {first}; the shards before it end "
-                             f"at {covered - 1}: the ranges must tile the chunk ids in order")
+            raise ShardError(
+                manifest.folder / name,
+                name,
+                f"its chunks start at {first}; the shards before it end "
+                f"at {covered - 1}: the ranges must tile the chunk ids in order",
+            )
         if f"{name}/{MANIFEST_FILE}" not in (data.get("files") or {}):
-            raise ShardError(manifest.folder / name, name, "its manifest is not listed (hashed) in the top manifest")
+            raise ShardError(
+                manifest.folder / name, name, "its manifest is not listed (hashed) in the top manifest"
+            )
         entries.append(ShardEntry(name, fp, first, count))
         covered += count
     total = (data.get("counts") or {}).get("chunks")
     if total != covered:
         raise IndexIntegrityError(path, f"the shards hold {covered} chunks; counts.chunks says {total}")
     if (data.get("counts") or {}).get("shards") != len(entries):
-        raise IndexIntegrityError(path, f"lists {len(entries)} shards; counts.shards says "
-                                  f"{(data.get('counts') or {}).get('shards')}")
+        raise IndexIntegrityError(
+            path,
+            f"lists {len(entries)} shards; counts.shards says {(data.get('counts') or {}).get('shards')}",
+        )
     return entries
 
 
@@ -123,19 +136,24 @@ def check_shard(top: Manifest, entry: ShardEntry, shard: Manifest) -> None:
     """One shard's own (verified) manifest agrees with the top manifest: the fingerprint the
     top lists, its chunk count, the same embedding model and dimension, chunking, index
     type and parameters, and (IVF) the shared quantizer. A shard may not be sharded."""
+
     def refuse(message: str) -> ShardError:
         return ShardError(shard.folder, entry.name, message)
 
     if is_sharded(shard.data):
         raise refuse("is itself a sharded index; shards must be plain index folders")
     if shard.fingerprint != entry.fingerprint:
-        raise refuse(f"fingerprint {shard.fingerprint[:12]}, the top manifest lists {entry.fingerprint[:12]}: "
-                     "it is another build's shard (mixed versions are never served together)")
+        raise refuse(
+            f"fingerprint {shard.fingerprint[:12]}, the top manifest lists {entry.fingerprint[:12]}: "
+            "it is another build's shard (mixed versions are never served together)"
+        )
     t_emb, s_emb = top.data["embedding"], shard.data["embedding"]
     if int(s_emb.get("dim", -1)) != int(t_emb["dim"]):
         raise refuse(f"holds {s_emb.get('dim')}-d embeddings; the index is {t_emb['dim']}-d")
     if s_emb.get("identity") != t_emb.get("identity"):
-        raise refuse(f"built with embedding model {s_emb.get('name')!r}; the index with {t_emb.get('name')!r}")
+        raise refuse(
+            f"built with embedding model {s_emb.get('name')!r}; the index with {t_emb.get('name')!r}"
+        )
     for key in _SAME:
         if shard.data.get(key) != top.data.get(key):
             raise refuse(f"its {key} differs from the top manifest's")
@@ -144,14 +162,18 @@ def check_shard(top: Manifest, entry: ShardEntry, shard: Manifest) -> None:
         raise refuse(f"holds {chunks} chunks; the top manifest gives it {entry.chunks}")
     t_idx, s_idx = top.data["index"], shard.data["index"]
     if s_idx.get("type") != t_idx.get("type") or s_idx.get("params") != t_idx.get("params"):
-        raise refuse(f"is a {s_idx.get('type')} index {s_idx.get('params')}; the index is {t_idx.get('type')} "
-                     f"{t_idx.get('params')}")
+        raise refuse(
+            f"is a {s_idx.get('type')} index {s_idx.get('params')}; the index is {t_idx.get('type')} "
+            f"{t_idx.get('params')}"
+        )
     if t_idx.get("type") == "ivf-fp16":
         want = (t_idx.get("quantizer") or {}).get("sha256")
         got = (s_idx.get("quantizer") or {}).get("sha256")
         if not want or got != want:
-            raise refuse(f"IVF coarse quantizer {str(got)[:12]}, the index's shared one is {str(want)[:12]}: "
-                         "scores across shards would not be comparable")
+            raise refuse(
+                f"IVF coarse quantizer {str(got)[:12]}, the index's shared one is {str(want)[:12]}: "
+                "scores across shards would not be comparable"
+            )
 
 
 def check_quantizer(top: Manifest, entry: ShardEntry, centroids: np.ndarray | None) -> None:
@@ -162,5 +184,9 @@ def check_quantizer(top: Manifest, entry: ShardEntry, centroids: np.ndarray | No
         return
     got = centroids_sha256(centroids)
     if got != want:
-        raise ShardError(top.folder / entry.name, entry.name, f"index.faiss holds coarse quantizer {got[:12]}, "
-                         f"not the shared {str(want)[:12]} the manifests record")
+        raise ShardError(
+            top.folder / entry.name,
+            entry.name,
+            f"index.faiss holds coarse quantizer {got[:12]}, "
+            f"not the shared {str(want)[:12]} the manifests record",
+        )

@@ -158,7 +158,8 @@ def write_shard_set(folder: Path, shards: list[tuple[str, dict[str, Any]]], *, e
     entries, first = [], 0
     for name, manifest in shards:
         n = int(manifest["counts"]["chunks"])
-        entries.append({"name": name, "fingerprint": manifest["fingerprint"], "first_chunk": first, "chunks": n})
+        entries.append({"name": name, "fingerprint": manifest["fingerprint"], "first_chunk": first,
+                        "chunks": n})
         first += n
     body: dict[str, Any] = {
         **_common(),

@@ -47,8 +47,11 @@ class ShardedIndex:
         self.shards = list(shards)
         self.offsets = np.cumsum([0] + [s.ntotal for s in self.shards]).astype(np.int64)
         workers = threads or min(len(self.shards), os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ragserve-shard") if (
-            workers > 1 and len(self.shards) > 1) else None
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="ragserve-shard")
+            if (workers > 1 and len(self.shards) > 1)
+            else None
+        )
 
     @property
     def ntotal(self) -> int:
