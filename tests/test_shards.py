@@ -215,18 +215,16 @@ def _relist(top_folder, shard, shard_fp):
 
 def test_a_broken_shard_set_is_refused_naming_the_shard(tmp_path, small, memo):
     out = tmp_path / "idx"
-    build_sharded(small, out, RAGConfig(), shards=3, embedder=memo)
-    other = tmp_path / "other"
+    old = read_manifest(build_sharded(small, out, RAGConfig(), shards=3, embedder=memo).version)
     (small / "extra.txt").write_text("An extra paragraph for another build of the index.", encoding="utf-8")
-    build_sharded(small, other, RAGConfig(), shards=3, embedder=memo)
+    build_sharded(small, out, RAGConfig(), shards=3, embedder=memo)  # incremental: one shard rebuilt
     folder = read_manifest(out).folder
-    moved = shard_of("extra.txt", 3)
-    victim = shard_name(moved)
+    victim = shard_name(shard_of("extra.txt", 3))
 
-    # a shard of another build (mixed fingerprints)
+    # a shard of another build (mixed fingerprints): the previous version's, kept beside it
     keep = tmp_path / "keep"
     shutil.move(folder / victim, keep)
-    shutil.copytree(read_manifest(other).folder / victim, folder / victim)
+    shutil.copytree(old.folder / victim, folder / victim)
     with pytest.raises(ShardError, match=f"shard {victim}: fingerprint .* another build") as e:
         verify(out)
     assert e.value.shard == victim
