@@ -201,6 +201,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check_choice("index.index_type", i.index_type, IndexType)
     for name in ("ivf_nlist", "ivf_nprobe", "hnsw_ef_search"):
         _check(getattr(i, name) >= 0, f"index.{name}", f"must be >= 0 (0 chooses), got {getattr(i, name)}")
+    _check(0 <= i.shards <= 4096, "index.shards", f"must be in 0..4096 (0: not sharded), got {i.shards}")
     _check(2 <= i.hnsw_m <= 256, "index.hnsw_m", f"must be in 2..256, got {i.hnsw_m}")
     _check(i.hnsw_ef_construction >= 1, "index.hnsw_ef_construction",
            f"must be >= 1, got {i.hnsw_ef_construction}")
