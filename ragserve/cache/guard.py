@@ -6,8 +6,11 @@ Sentence embeddings score "What did Tesla not invent?" / "What did Tesla invent?
 name or negation changes the right answer while moving the vector very little. The guard
 refuses such a pair whatever its similarity, by cheap text rules (a few µs per pair):
 
-- **negation**: one side has a negation word ("not", "never", "no", "n't", "without", ...)
-  that the other lacks;
+- **negation**: the sides have a different number of negation words ("not", "never", "no",
+  "n't", "without", ...): "not" against "not not" counts too;
+- **question type**: the question words differ in kind (who / when / where / why / how
+  many / how / what-which; "what year" counts as when): "Who founded X?" and "When was X
+  founded?" share every content word;
 - **numbers**: the sets of numbers (digits, number words, ordinals) differ;
 - **entities**: the sets of capitalised words past the first word (names, places, titles)
   differ, compared case-insensitively;
@@ -45,20 +48,31 @@ having will would shall should can could may might must it its it's they them th
 she her we us our you your i me my and or but if so also too very just any some each every
 other another such much many more most less least own same s tell please know like want wish
 curious wondering let kindly question answer explain name give say said do does find out
-really actually exactly one whether quick something anything called""".split())
+really actually exactly one whether quick something anything called i'd i'm what's who's where's
+when's how's that's there's""".split())
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*")
 
 
+_WH = (("how many", "how-many"), ("how much", "how-many"), ("what number", "how-many"),
+       ("what year", "when"), ("which year", "when"), ("what date", "when"), ("what time", "when"),
+       ("who", "who"), ("whom", "who"), ("whose", "who"), ("when", "when"), ("where", "where"),
+       ("why", "why"), ("how", "how"), ("what", "what"), ("which", "what"))
+_WH_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w, _ in _WH) + r")\b")
+_WH_KIND = dict(_WH)
+
+
 @lru_cache(maxsize=65_536)
-def features(text: str) -> tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]:
-    """(negations, numbers, entities, content words) of one question; cached per text."""
+def features(text: str) -> tuple[int, frozenset[str], frozenset[str], frozenset[str], frozenset[str]]:
+    """(negations, numbers, entities, content words, question types) of one question;
+    cached per text."""
     raw = _TOKEN.findall(text)
-    negs, nums, ents, content = set(), set(), set(), set()
+    negs, nums, ents, content = 0, set(), set(), set()
+    kinds = frozenset(_WH_KIND[m.group(1)] for m in _WH_RE.finditer(text.lower()))
     for i, tok in enumerate(raw):
         low = tok.lower()
         if low in NEGATIONS or low.endswith("n't"):
-            negs.add("not")
+            negs += 1
             continue
         if tok[0].isdigit():
             nums.add(tok.replace(",", ""))
@@ -66,11 +80,13 @@ def features(text: str) -> tuple[frozenset[str], frozenset[str], frozenset[str],
         if low in NUMBER_WORDS:
             nums.add(NUMBER_WORDS[low])
             continue
-        if i > 0 and tok[0].isupper() and not tok.isupper() or (len(tok) > 1 and tok.isupper()):
+        # A capitalised word past the first is a name, unless it is a function word (a
+        # question after a frame: "Quick question: When ...").
+        if low not in STOPWORDS and (i > 0 and tok[0].isupper() or len(tok) > 1 and tok.isupper()):
             ents.add(low)
         if low not in STOPWORDS and len(low) > 1:
             content.add(stem(low))
-    return frozenset(negs), frozenset(nums), frozenset(ents), frozenset(content)
+    return negs, frozenset(nums), frozenset(ents), frozenset(content), kinds
 
 
 def stem(word: str) -> str:
@@ -83,17 +99,25 @@ def stem(word: str) -> str:
     return word
 
 
+def _cased(text: str) -> bool:
+    return any(ch.isupper() for ch in text)
+
+
 def guard_reason(question: str, cached: str, mode: str) -> str | None:
-    """Why ``cached``'s answer must not be served for ``question`` ("negation", "number",
-    "entity", "content"), or None. ``mode``: "off", "entities" or "strict"."""
+    """Why ``cached``'s answer must not be served for ``question`` ("negation", "question",
+    "number", "entity", "content"), or None. ``mode``: "off", "entities" or "strict"."""
     if mode == "off":
         return None
     a, b = features(question), features(cached)
     if a[0] != b[0]:
         return "negation"
+    if a[4] != b[4]:
+        return "question"
     if a[1] != b[1]:
         return "number"
-    if a[2] != b[2]:
+    # A question typed all in lower case has no capitals to find names by: its names are
+    # compared as content words ("strict") only.
+    if a[2] != b[2] and _cased(question) and _cased(cached):
         return "entity"
     if mode == "strict" and a[3] != b[3]:
         return "content"

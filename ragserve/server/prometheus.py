@@ -18,7 +18,7 @@ names are those of ``Timings``:
 | ``ragserve_engine_unfinished_requests`` | gauge | |
 | ``ragserve_l2_breaker_state`` | gauge (1 for the current state) | ``state`` |
 | ``ragserve_semantic_lookups_total``, ``ragserve_semantic_hits_total`` | counter | (the semantic tier, when on) |
-| ``ragserve_semantic_guarded_total`` | counter | ``reason`` (``negation``, ``number``, ``entity``, ``content``) |
+| ``ragserve_semantic_guarded_total`` | counter | ``reason`` (``negation``, ``question``, ``number``, ``entity``, ``content``) |
 | ``ragserve_semantic_similarity`` | histogram | (cosine similarity of each served semantic hit) |
 
 Each app has its own ``CollectorRegistry``: two servers in one process never collide.
@@ -149,6 +149,6 @@ class _LiveGauges(Collector):
             guarded = CounterMetricFamily("ragserve_semantic_guarded",
                                           "Semantic candidates above the threshold the guard refused",
                                           labels=["reason"])
-            for reason in ("negation", "number", "entity", "content"):
+            for reason in ("negation", "question", "number", "entity", "content"):
                 guarded.add_metric([reason], s.guarded.get(reason, 0))
             yield guarded
