@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--lookup-sizes", default="10000,100000")
     ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "semantic.md")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--vectors", type=Path, default=None,
+                    help="an .npz of texts and their vectors to reuse (written back with the new ones)")
     args = ap.parse_args()
     env = harness.environment(gpu=False)
     log = harness.logger("semantic")
@@ -68,11 +70,15 @@ def main() -> int:
                 asked.append((i, text))
             plans[(n, p)] = (asked, len(seen))
     texts = sorted({normalize_question(t) for asked, _ in plans.values() for _, t in asked})
-    log(f"embedding {len(texts)} distinct texts")
     embedder = SentenceTransformerEmbedder(RAGConfig().embed)
     embedder.warm_up()
+    vectors = load_vectors(args.vectors)
+    todo = [t for t in texts if t not in vectors]
+    log(f"embedding {len(todo)} of {len(texts)} distinct texts")
     t0 = time.perf_counter()
-    vectors = dict(zip(texts, embedder.encode(texts, batch_size=64), strict=True))
+    if todo:
+        vectors.update(zip(todo, embedder.encode(todo, batch_size=64), strict=True))
+        save_vectors(args.vectors, vectors)
     log(f"embedded in {time.perf_counter() - t0:.0f} s")
 
     def shares(a: frozenset[str], b: frozenset[str]) -> bool:
@@ -130,6 +136,22 @@ def main() -> int:
         lines.append(f"| {size} | {p50:.3f} | {p99:.3f} |")
     harness.write_report("\n".join(lines), md=args.out, json_path=args.json, data={"rows": rows, "lookup": lookup})
     return 0
+
+
+def load_vectors(path: Path | None) -> dict:
+    import numpy as np
+
+    if path is None or not path.is_file():
+        return {}
+    data = np.load(path)
+    return dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
+
+
+def save_vectors(path: Path | None, vectors: dict) -> None:
+    import numpy as np
+
+    if path is not None:
+        np.savez(path, texts=np.array(list(vectors)), vectors=np.stack(list(vectors.values())))
 
 
 def lookup_cost(sizes: list[int], dim: int) -> dict[int, tuple[float, float]]:

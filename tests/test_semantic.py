@@ -194,3 +194,27 @@ def test_prometheus_reports_the_tier(tmp_path):
         assert 'ragserve_answers_total{cache_tier="semantic"} 1.0' in text
         assert "ragserve_semantic_lookups_total 2.0" in text and "ragserve_semantic_hits_total 1.0" in text
         assert "ragserve_semantic_similarity_count 1.0" in text
+
+
+@pytest.mark.http
+def test_over_http_tenants_never_share_and_the_client_reads_the_match(tmp_path):
+    from ragserve.client import Client
+    from ragserve.server.app import create_app
+    from ragserve.server.auth import ApiKeys
+    from ragserve.testing.http import post, running
+
+    key_a, key_b = "tenant-a-key-0123456789", "tenant-b-key-0123456789"
+    rag = semantic_rag(tmp_path)
+    with rag, running(create_app(rag, rag.config, keys=ApiKeys({key_a: "a", key_b: "b"}))) as url:
+        a, b = ({"Authorization": f"Bearer {k}"} for k in (key_a, key_b))
+        assert post(f"{url}/v1/query", json={"question": "who founded the company?"}, headers=a).headers["x-cache"] == "miss"
+        paraphrase = {"question": "please tell me who founded the company?"}
+        r = post(f"{url}/v1/query", json={**paraphrase, "namespace": "a"}, headers=b)
+        assert r.headers["x-cache"] == "miss"  # B's key decides: B's partition has nothing of A's
+        r = post(f"{url}/v1/query", json=paraphrase, headers=a)
+        body = r.json()
+        assert r.headers["x-cache"] == "semantic" and body["semantic_match"] == "who founded the company?"
+        with Client(url, api_key=key_a) as client:
+            result = client.query("who founded that company?")
+        assert result.cache_tier == "semantic" and result.semantic_match == "who founded the company?"
+        assert 0.75 <= result.semantic_similarity < 1

@@ -106,7 +106,10 @@ class Partition:
         v = np.asarray(vector, np.float32).reshape(-1)
         if v.shape[0] != self.vectors.shape[1]:
             return None
-        sims = self.vectors[: self.n] @ v
+        # NOTE: einsum, not ``@``: a matrix-vector product through BLAS woke OpenBLAS's thread
+        # team on every lookup and measured 16 ms p50 at 10k entries on a busy 2-core machine,
+        # against 1.7 ms single-threaded (docs/semantic.md).
+        sims = np.einsum("ij,j->i", self.vectors[: self.n], v)
         row = int(np.argmax(sims))
         return row, float(sims[row])
 
