@@ -50,7 +50,7 @@ def calibrate_semantic_cmd(
                                "threshold): the semantic tier stays off")
     if write is not None:
         write_semantic_config(write, report)
-        out.print(f"[semantic] written to {write}")
+        out.print(f"[semantic] written to {write}", markup=False)
 
 
 def print_calibration(r: Any) -> None:
