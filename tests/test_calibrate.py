@@ -115,6 +115,7 @@ def test_calibrate_semantic_on_a_small_real_set(tmp_path, embedder, monkeypatch)
     r = runner.invoke(app, ["calibrate-semantic", str(path), "--alpha", "0.2", "--write", str(cfg),
                             "--json", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
+    assert "[semantic] written to" in r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["certified"] and report["threshold"] in GRID
     assert report["calibration"]["p_value"] <= 0.05 and report["test"]["served_hits"] > 0
