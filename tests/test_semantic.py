@@ -218,3 +218,23 @@ def test_over_http_tenants_never_share_and_the_client_reads_the_match(tmp_path):
             result = client.query("who founded that company?")
         assert result.cache_tier == "semantic" and result.semantic_match == "who founded the company?"
         assert 0.75 <= result.semantic_similarity < 1
+
+
+def test_a_reload_never_serves_the_old_versions_entries(tmp_path):
+    from ragserve.build.builder import build_index
+    from ragserve.rag import RAG
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"The company number {i} was founded by person {i}.")
+    embedder = WordsEmbedder(dim=32)
+    build_index(src, tmp_path / "idx", embedder=embedder)
+    cfg = RAGConfig().replace(semantic=ON, prompt={"max_score_gap": 0})
+    with RAG.from_index(tmp_path / "idx", cfg, embedder=embedder, generator=FakeGenerator()) as rag:
+        rag.query("who founded the company?")
+        assert rag.query("who founded the company then?", cache_write=False).cache_tier == "semantic"
+        (src / "doc0.txt").write_text("The company was founded by someone else entirely.")
+        build_index(src, tmp_path / "idx", embedder=embedder)
+        assert rag.reload()["changed"]
+        assert rag.query("who founded the company then?").cache_tier == "miss"
