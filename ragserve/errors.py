@@ -19,6 +19,8 @@ that is wrong and what to do about it::
     │                               are reported in the build summary, not raised)
     ├── DatasetError                an evaluation data set is missing or malformed (names
     │                               the file, the record and what is wrong)
+    ├── CalibrationError            `ragserve calibrate-semantic`: the pairs cannot certify
+    │                               the false-hit rate asked for (the tier stays off)
     ├── IndexError_                 an index cannot be served
     │   ├── IndexNotFoundError      no index at the path (suggests build-index)
     │   ├── IndexIntegrityError     a file is missing, truncated or altered, or the files
@@ -186,6 +188,13 @@ class DatasetError(RagserveError):
     def __init__(self, path: Path | str, message: str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path}: {message}")
+
+
+class CalibrationError(RagserveError):
+    """The labelled pairs cannot certify the semantic tier's false-hit rate ≤ alpha with
+    confidence 1 - delta at any threshold: the tier is not turned on."""
+
+    stage = "calibrate"
 
 
 class IndexError_(RagserveError):

@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-CacheTier = Literal["l1", "l2", "miss"]
+CacheTier = Literal["l1", "l2", "semantic", "miss"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ class Hit:
 class Timings:
     """Milliseconds spent in each stage of one query.
 
-    ``cache_l1`` / ``cache_l2`` are the lookups in each cache tier (0 when skipped).
+    ``cache_l1`` / ``cache_l2`` are the lookups in each cache tier (0 when skipped);
+    ``cache_semantic`` the semantic tier's lookup and the fetch of its answer (the query's
+    embedding before it is under ``embed``).
     ``admission`` is the wait for a slot under ``query.max_in_flight``; ``embed_wait`` the
     wait for a micro-batch to start, and ``embed`` / ``search`` the time of the batch the
     query rode in (shared with the other queries of that batch).
@@ -70,6 +72,7 @@ class Timings:
 
     cache_l1: float = 0.0
     cache_l2: float = 0.0
+    cache_semantic: float = 0.0
     admission: float = 0.0
     embed_wait: float = 0.0
     embed: float = 0.0
@@ -140,6 +143,10 @@ class QueryResult:
     shared: bool = False
     """A miss answered by a run that an identical concurrent request started (single-flight):
     its tokens were generated once, for that request."""
+    semantic_match: str | None = None
+    """A ``semantic`` hit: the cached question whose answer was served (else None)."""
+    semantic_similarity: float | None = None
+    """A ``semantic`` hit: the cosine similarity of the question to ``semantic_match``."""
 
     def __str__(self) -> str:
         return self.answer
@@ -163,6 +170,8 @@ class QueryResult:
             usage=TokenUsage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
             finish_reason=d.get("finish_reason"), dropped_sources=int(d.get("dropped_sources", 0)),
             request_id=d.get("request_id", ""), shared=bool(d.get("shared", False)),
+            semantic_match=d.get("semantic_match"),
+            semantic_similarity=None if d.get("semantic_similarity") is None else float(d["semantic_similarity"]),
         )
 
 

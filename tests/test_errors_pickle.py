@@ -36,6 +36,7 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.InvalidParameterError": (("top_k", -1, "an int of at least 1"), {}),
     "ragserve.errors.IngestError": (("no such folder: /corpus",), {}),
     "ragserve.errors.DatasetError": (("/data/squad.json", "record 3 has no answers"), {}),
+    "ragserve.errors.CalibrationError": (("no threshold certifies a false-hit rate <= 0.01",), {}),
     "ragserve.errors.IndexError_": (("/idx", "cannot be served"), {}),
     "ragserve.errors.IndexNotFoundError": (("/idx",), {}),
     "ragserve.errors.IndexIntegrityError": (("/idx", "vectors.npy is truncated"), {}),

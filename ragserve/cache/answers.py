@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from ragserve.cache.entries import CachedAnswer, CachedSource, encode_answer
-from ragserve.cache.keys import cache_key
+from ragserve.cache.keys import cache_key, partition_key
 from ragserve.cache.l1 import L1Cache
 from ragserve.cache.l2 import RedisL2
 from ragserve.cache.redis_server import RedisServer
-from ragserve.config import CacheConfig
+from ragserve.cache.semantic import SemanticCache, SemanticMatch
+from ragserve.config import CacheConfig, SemanticConfig
 from ragserve.observe.timing import StageClock
 from ragserve.types import CacheTier, Generation, QueryResult, Source, Timings, TokenUsage
 
 
 class AnswerCache:
-    def __init__(self, config: CacheConfig, answer_fingerprint: str) -> None:
+    def __init__(self, config: CacheConfig, answer_fingerprint: str, semantic: SemanticConfig | None = None) -> None:
         self.config = config
         self.answer_fingerprint = answer_fingerprint
         self.l1 = L1Cache(config.l1_max_entries, config.l1_max_bytes, config.l1_ttl_s)
@@ -36,15 +37,55 @@ class AnswerCache:
                     failures_to_open=config.l2_failures_to_open, cooldown_s=config.l2_cooldown_s)
             if url else None
         )
+        self.semantic = (SemanticCache(semantic, self.l2, config.l2_ttl_s)
+                         if semantic is not None and semantic.enabled else None)
+        """The semantic tier (``semantic.py``), or None when ``[semantic]`` is off."""
 
     def key(self, normalized_question: str, namespace: str | None, index_fingerprint: str,
             top_k: int | None = None) -> str:
         """``index_fingerprint``: of the index version the request reads (a reload changes
         it, so no answer from the old index is ever served); ``top_k``: a request's own,
         when it differs from the config's."""
-        answer = self.answer_fingerprint if top_k is None else f"{self.answer_fingerprint}:top_k={top_k}"
-        return cache_key(normalized_question, index_fingerprint=index_fingerprint, answer_fingerprint=answer,
-                         namespace=self.config.namespace if namespace is None else namespace)
+        return cache_key(normalized_question, index_fingerprint=index_fingerprint,
+                         answer_fingerprint=self._answer(top_k), namespace=self._namespace(namespace))
+
+    def partition(self, namespace: str | None, index_fingerprint: str, top_k: int | None = None) -> str:
+        """The semantic tier's partition for the same factors as ``key``, but the question."""
+        return partition_key(index_fingerprint=index_fingerprint, answer_fingerprint=self._answer(top_k),
+                             namespace=self._namespace(namespace))
+
+    def _answer(self, top_k: int | None) -> str:
+        return self.answer_fingerprint if top_k is None else f"{self.answer_fingerprint}:top_k={top_k}"
+
+    def _namespace(self, namespace: str | None) -> str:
+        return self.config.namespace if namespace is None else namespace
+
+    async def lookup_semantic(self, partition: str, vector: Any, question: str,
+                              clock: StageClock) -> tuple[CachedAnswer, SemanticMatch] | None:
+        """The semantic tier's match and its answer (from L1, else L2), or None. A match
+        whose answer has left both tiers is dropped and is a miss."""
+        if self.semantic is None:
+            return None
+        with clock.span("cache_semantic"):
+            match = await self.semantic.lookup(partition, vector, question)
+            if match is None:
+                return None
+            value = self.l1.peek(match.key)
+            if value is None and self.l2 is not None:
+                value = await self.l2.get(match.key, count=False)
+                if value is not None:
+                    self.l1.put(match.key, value)
+        if value is None:
+            self.semantic.answer_gone(partition, match)
+            return None
+        self.semantic.served(match)
+        return value, match
+
+    def remember_vector(self, partition: str, key: str, question: str, vector: Any) -> None:
+        """After ``remember``: the question's vector, so later questions that mean the same
+        can find its answer (a no-op when the semantic tier is off)."""
+        if self.semantic is not None and vector is not None:
+            self.semantic.remember(partition, key, question, vector)
 
     async def lookup(self, key: str, clock: StageClock, *, l1: bool = True) -> tuple[CachedAnswer | None, CacheTier]:
         """L1, then L2 (an L2 hit is copied into L1). ``l1=False`` when the caller has
@@ -71,7 +112,8 @@ class AnswerCache:
 
     def stats(self) -> dict[str, Any]:
         return {"l1": {**self.l1.stats.as_dict(), "entries": len(self.l1), "bytes": self.l1.bytes},
-                "l2": self.l2.as_dict() if self.l2 else None}
+                "l2": self.l2.as_dict() if self.l2 else None,
+                "semantic": self.semantic.as_dict() if self.semantic else None}
 
     async def close(self) -> None:
         if self.l2 is not None:

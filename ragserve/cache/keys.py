@@ -43,6 +43,17 @@ def cache_key(question: str, *, index_fingerprint: str, answer_fingerprint: str,
     return hashlib.sha256(canonical).hexdigest()
 
 
+def partition_key(*, index_fingerprint: str, answer_fingerprint: str, namespace: str) -> str:
+    """The semantic tier's partition: SHA-256 of what ``cache_key`` hashes, but the
+    question. Entries of two partitions are never compared (a hard partition, never a
+    distance)."""
+    if not isinstance(namespace, str):
+        raise InvalidParameterError("namespace", namespace, "a str")
+    check_unicode(namespace, "namespace")
+    canonical = msgspec.json.encode([KEY_VERSION, "semantic", index_fingerprint, answer_fingerprint, namespace])
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def check_unicode(text: str, what: str) -> None:
     """Refuse text that is not Unicode (a lone surrogate): what no UTF-8 encoder takes."""
     try:

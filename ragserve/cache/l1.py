@@ -51,6 +51,16 @@ class L1Cache:
             self.stats.hits += 1
             return value
 
+    def peek(self, key: str) -> CachedAnswer | None:
+        """The value under ``key`` if live, not counted as a hit or miss of L1 (the semantic
+        tier fetching the answer of the question it matched); a served value is recent use."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is None or item[1] <= time.monotonic():
+                return None
+            self._data.move_to_end(key)
+            return item[0]
+
     def put(self, key: str, value: CachedAnswer, size: int | None = None) -> None:
         if self.max_entries <= 0:
             return

@@ -118,30 +118,50 @@ class RedisL2:
         else:
             self.breaker.success()
 
-    async def get(self, key: str) -> CachedAnswer | None:
+    async def get(self, key: str, *, count: bool = True) -> CachedAnswer | None:
+        """``count=False``: a look for another tier (the semantic tier fetching the answer
+        of the question it matched), not counted as an L2 hit or miss."""
         if not self._available():
-            self.stats.misses += 1
+            self.stats.misses += count
             return None
         try:
             data = await self._call("get", KEY_PREFIX + key)
         except Exception as e:  # noqa: BLE001 - every Redis failure is a counted miss
             self._failed(e)
-            self.stats.misses += 1
+            self.stats.misses += count
             return None
         self.breaker.success()
         if data is None:
-            self.stats.misses += 1
+            self.stats.misses += count
             return None
         try:
             value = decode_answer(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.stats.errors += 1
-            self.stats.misses += 1
+            self.stats.misses += count
             self.last_error = f"undecodable value under {key[:12]}: {e}"
             self._background(self._delete(key))
             return None
-        self.stats.hits += 1
+        self.stats.hits += count
         return value
+
+    async def command(self, method: str, *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+        """One Redis command for a tier that shares this connection, timeout and breaker
+        (the semantic tier's streams): ``(True, reply)``, or ``(False, None)`` when Redis
+        is skipped or failed (counted here like L2's own calls)."""
+        if not self._available():
+            return False, None
+        try:
+            reply = await self._call(method, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - as for get: a failure is never raised
+            self._failed(e)
+            return False, None
+        self.breaker.success()
+        return True, reply
+
+    def command_later(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """``command`` as a background task, off the caller's path."""
+        self._background(self.command(method, *args, **kwargs))
 
     def put_later(self, key: str, value: CachedAnswer) -> None:
         """Schedule a write on the running loop; the caller does not wait for it."""

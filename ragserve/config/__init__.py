@@ -7,7 +7,7 @@
 
 ``rag.py`` holds ``RAGConfig`` (loading, validation, the answer fingerprint); the sections
 are ``retrieval.py`` (``[chunk]``, ``[embed]``, ``[index]``), ``query.py``, ``prompt.py``,
-``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``cache.py``, ``server.py``
+``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``cache.py``, ``semantic.py``, ``server.py``
 and ``ray.py``; ``home.py`` says where ragserve keeps its files. This folder imports no
 other wing of ragserve (an import contract in ``pyproject.toml`` checks it).
 """
@@ -21,6 +21,7 @@ from ragserve.config.query import QueryConfig
 from ragserve.config.rag import RAGConfig, serve_config
 from ragserve.config.ray import RayConfig
 from ragserve.config.retrieval import ChunkConfig, EmbedConfig, IndexConfig
+from ragserve.config.semantic import SemanticConfig
 from ragserve.config.server import ServerConfig
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "QueryConfig",
     "RAGConfig",
     "RayConfig",
+    "SemanticConfig",
     "ServerConfig",
     "VllmConfig",
     "data_home",

@@ -39,6 +39,7 @@ from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig, valida
 from ragserve.config.query import QueryConfig
 from ragserve.config.ray import RayConfig, validate_ray
 from ragserve.config.retrieval import ChunkConfig, Device, EmbedConfig, IndexConfig, IndexType, Precision
+from ragserve.config.semantic import SemanticConfig, validate_semantic
 from ragserve.config.server import ServerConfig
 from ragserve.errors import ConfigError
 
@@ -54,6 +55,7 @@ class RAGConfig:
     vllm: VllmConfig = field(default_factory=VllmConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -221,6 +223,7 @@ def _validate(cfg: RAGConfig) -> None:
     validate_backends(g.backend, cfg.vllm, cfg.openai)
     validate_prompt(cfg.prompt)
     validate_ray(cfg.ray)
+    validate_semantic(cfg.semantic)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")

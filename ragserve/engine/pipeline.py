@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ragserve.cache.answers import AnswerCache, from_cached, from_generation
-from ragserve.config import RAGConfig
+from ragserve.config import RAGConfig, SemanticConfig
 from ragserve.engine.admission import Admission, Requests
 from ragserve.engine.flight import StreamFlight
 from ragserve.engine.runtime import LoopThread, map_bounded
 from ragserve.engine.served import ServedIndex, Snapshots
 from ragserve.engine.validation import check_options, check_question
-from ragserve.errors import GenerationError, InputError
+from ragserve.errors import ConfigError, GenerationError, InputError
 from ragserve.index.manifest import Manifest
 from ragserve.observe.observers import Observers
 from ragserve.observe.timing import Gauges, StageClock, StageStats
@@ -71,6 +71,8 @@ class _Prepared:
     loop to its end (``_holding``)."""
     l1_done: bool = False
     """Set once the caller's thread asked L1, so a miss is counted there once."""
+    vector: Any = None
+    """The question's vector once the semantic tier embedded it: retrieval reuses it."""
 
 
 class Pipeline:
@@ -114,7 +116,8 @@ class Pipeline:
         self.flight = StreamFlight()
         self.cache: AnswerCache | None = None
         if config.cache.enabled:
-            self.cache = AnswerCache(config.cache, config.fingerprint())
+            self.cache = AnswerCache(config.cache, config.fingerprint(), config.semantic)
+            check_semantic_model(config.semantic, embedder)
 
     def _ensure_generator(self) -> Generator:
         # Runs on the engine loop: a generator may bind to the loop it starts on (vLLM's
@@ -201,6 +204,13 @@ class Pipeline:
         hit, tier = None, "miss"
         if self.cache is not None and p.read:
             hit, tier = await self.cache.lookup(p.key, clock, l1=not p.l1_done)
+            if hit is None and self.cache.semantic is not None and self._flight_key(p, deltas) not in self.flight:
+                result = await self._semantic_hit(p)
+                if result is not None:
+                    for event in (SourcesEvent(result.sources, "semantic"), TokenEvent(result.answer),
+                                  DoneEvent(result)):
+                        yield event
+                    return
             if hit is None and self._flight_key(p, deltas) not in self.flight:
                 # The lookup awaited (the hop to this loop, Redis): a run of this question may
                 # have ended meanwhile, its answer now in L1 and its flight gone. Look again with
@@ -226,6 +236,26 @@ class Pipeline:
                     event = DoneEvent(self._finish(_own_copy(event.result, clock, shared=not led), p))
                 yield event
 
+    async def _semantic_hit(self, p: _Prepared) -> QueryResult | None:
+        """The semantic tier, after the exact tiers missed: embed the question (the vector is
+        kept for the retrieval of a miss: one embedding either way), look for the nearest
+        cached question of the request's partition and serve its answer."""
+        assert self.cache is not None
+        p.vector = await p.snapshot.retriever.embed(p.question, p.clock)
+        found = await self.cache.lookup_semantic(self._partition(p), p.vector, p.question, p.clock)
+        if found is None:
+            return None
+        value, match = found
+        result = from_cached(value, "semantic", p.clock)
+        result.question = p.question
+        result.semantic_match, result.semantic_similarity = match.question, round(match.similarity, 6)
+        return self._finish(result, p)
+
+    def _partition(self, p: _Prepared) -> str:
+        assert self.cache is not None
+        default_k = self.config.query.top_k
+        return self.cache.partition(p.namespace, p.snapshot.fingerprint, None if p.top_k == default_k else p.top_k)
+
     def _flight_key(self, p: _Prepared, deltas: bool) -> str:
         """Which requests may share a run: a run that must not write only with callers that
         don't write either (a writer joining it would lose its write); a stream only a run
@@ -242,7 +272,7 @@ class Pipeline:
         # The run holds its index version itself: followers may outlive the leader.
         async with self.served.holding(snap), self.admission.slot() as waited:
             clock.add("admission", waited())
-            sources = await snap.retriever.retrieve(question, leader.top_k, clock)
+            sources, vector = await snap.retriever.retrieve_with_vector(question, leader.top_k, clock, leader.vector)
             generator = self._ensure_generator()
             with clock.span("prompt"):
                 prompt = await self._prompt(generator, question, sources)
@@ -264,6 +294,7 @@ class Pipeline:
             self.observers.generation(result)  # counted once per run, whoever still waits for it
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
+            self.cache.remember_vector(self._partition(leader), leader.key, question, vector)
         yield DoneEvent(result)
 
     def _finish(self, result: QueryResult, p: _Prepared) -> QueryResult:
@@ -299,6 +330,16 @@ class Pipeline:
             self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens,
                                                  self.config.prompt)
         return self._prompt_builder
+
+
+def check_semantic_model(config: SemanticConfig, embedder: Embedder) -> None:
+    """A threshold calibrated for one embedding model means nothing for another."""
+    if config.enabled and config.calibrated_model:
+        name = str(embedder.identity.get("name", ""))
+        if name != config.calibrated_model:
+            raise ConfigError("semantic.calibrated_model",
+                              f"the threshold was calibrated for {config.calibrated_model!r}, the index's "
+                              f"embedding model is {name!r}: run `ragserve calibrate-semantic` for it")
 
 
 def _own_copy(run: QueryResult, clock: StageClock, shared: bool) -> QueryResult:

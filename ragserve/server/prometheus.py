@@ -17,6 +17,9 @@ names are those of ``Timings``:
 | ``ragserve_retrievals_in_flight``, ``ragserve_retrievals_queued`` | gauge | |
 | ``ragserve_engine_unfinished_requests`` | gauge | |
 | ``ragserve_l2_breaker_state`` | gauge (1 for the current state) | ``state`` |
+| ``ragserve_semantic_lookups_total``, ``ragserve_semantic_hits_total`` | counter | (the semantic tier, when on) |
+| ``ragserve_semantic_guarded_total`` | counter | ``reason`` (``negation``, ``question``, ``number``, ``entity``, ``content``) |
+| ``ragserve_semantic_similarity`` | histogram | (cosine similarity of each served semantic hit) |
 
 Each app has its own ``CollectorRegistry``: two servers in one process never collide.
 """
@@ -31,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ragserve.cache.semantic import SIMILARITY_BUCKETS
 from ragserve.errors import DeadlineExceededError, InputError, OverloadedError
 
 # From 0.1 ms (an L1 hit) to 2 minutes (a long generation under load).
@@ -58,6 +62,9 @@ class PrometheusExporter:
                                          registry=r)
         self.prompt_tokens = Counter("ragserve_prompt_tokens", "Prompt tokens sent to the engine (each run once)",
                                      registry=r)
+        self.semantic_similarity = Histogram(
+            "ragserve_semantic_similarity", "Cosine similarity of the questions whose semantic hits were served",
+            buckets=SIMILARITY_BUCKETS, registry=r)
         r.register(_LiveGauges(rag))
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
@@ -65,6 +72,8 @@ class PrometheusExporter:
             self.stages.labels(stage).observe(ms / 1e3)
         self.requests.labels("ok").inc()
         self.answers.labels(result.cache_tier).inc()
+        if result.cache_tier == "semantic" and result.semantic_similarity is not None:
+            self.semantic_similarity.observe(result.semantic_similarity)
 
     def on_generation(self, result: Any) -> None:
         self.completion_tokens.inc(result.usage.completion_tokens)
@@ -132,3 +141,14 @@ class _LiveGauges(Collector):
             for state in ("closed", "open", "half-open"):
                 g.add_metric([state], 1.0 if l2.breaker.state == state else 0.0)
             yield g
+        semantic = rag.cache.semantic if rag.cache is not None else None
+        if semantic is not None:
+            s = semantic.stats
+            yield CounterMetricFamily("ragserve_semantic_lookups", "Semantic tier lookups", value=s.lookups)
+            yield CounterMetricFamily("ragserve_semantic_hits", "Semantic tier hits served", value=s.hits)
+            guarded = CounterMetricFamily("ragserve_semantic_guarded",
+                                          "Semantic candidates above the threshold the guard refused",
+                                          labels=["reason"])
+            for reason in ("negation", "question", "number", "entity", "content"):
+                guarded.add_metric([reason], s.guarded.get(reason, 0))
+            yield guarded

@@ -61,6 +61,31 @@ class FakeEmbedder:
         return out
 
 
+class WordsEmbedder:
+    """A bag of words hashed onto ``dim`` dimensions, unit length: questions that share most
+    words are close, as with a real model (the semantic tier's unit tests)."""
+
+    identity = {"name": "words", "identity": "words"}
+
+    def __init__(self, dim=DIM):
+        self.dim = dim
+        self.texts = []
+
+    def warm_up(self):
+        pass
+
+    def encode(self, texts, *, batch_size=None):
+        import hashlib
+
+        self.texts.extend(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().replace("?", " ").split():
+                out[i, int.from_bytes(hashlib.sha256(w.encode()).digest()[:4], "little") % self.dim] += 1
+            out[i] /= np.linalg.norm(out[i]) or 1.0
+        return out
+
+
 class CountingEmbedder:
     """A real embedder, recording every text it is asked to embed (``identity`` can be
     overridden to stand for another model)."""
