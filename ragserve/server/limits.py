@@ -186,17 +186,15 @@ class LimitedProtocol(HttpToolsProtocol):
             return  # lingering after a refusal: read and dropped
         if self._in_head:
             self._head_bytes += len(data)
-        # NOTE: uvicorn's data_received, but a request refused by a limit is answered here,
-        # without its "Invalid HTTP request" warning (one log line per attacker's request).
+        # NOTE: uvicorn's data_received, but a request refused by a limit, or not HTTP at all,
+        # is answered here without uvicorn's warning (one log line per attacker's request).
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             if self._refusal is not None:
                 self._answer(self._refusal)
-            else:
-                self.logger.warning("Invalid HTTP request received.")
-                self._done = True
+            else:  # counted, and logged with the refusals at most once a minute: not a line each
                 self.send_400_response("Invalid HTTP request received.")
             return
         except httptools.HttpParserUpgrade:
@@ -412,6 +410,16 @@ class LimitedProtocol(HttpToolsProtocol):
         self._cancel()
         if self.transport.is_closing():
             return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # NOTE: a request still being answered (the bytes refused came after it: a
+            # Content-Length that was short, a pipelined request): its app's writes are dropped
+            # from now on; one already under way cannot have the refusal written into it.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self._reset()
+                return
         self.transport.write(raw)
         if self.transport.can_write_eof():
             self.transport.write_eof()
