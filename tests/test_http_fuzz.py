@@ -4,7 +4,9 @@ that no schema would draw (``ragserve/testing/fuzz.py``). Whatever comes, no 500
 stack trace, every error in the typed shape, and the server stays up."""
 
 import asyncio
+import contextlib
 import logging
+import socket
 
 import pytest
 import schemathesis
@@ -17,7 +19,7 @@ from ragserve.testing import fuzz
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
 from ragserve.testing.http import get, running
-from ragserve.testing.waits import WAIT_S
+from ragserve.testing.waits import WAIT_S, eventually
 
 pytestmark = pytest.mark.http
 
@@ -94,3 +96,39 @@ def test_hostile_requests_get_typed_answers_and_the_server_stays_up(tmp_path):
     statuses = {a.status for _, a, _ in results}
     assert {200, 400, 401, 422} <= statuses  # answered, refused by the engine, the key, the schema
     assert not [e.getMessage() for e in errors.records][:3]
+
+
+def test_bytes_that_are_not_http_after_a_request_wait_for_its_answer(tmp_path):
+    """A stream under way, then bytes that are not HTTP on the same connection (what a
+    Content-Length that lies short leaves): the stream ends whole, then the 400 follows.
+    Found by the fuzz: the 400 was written into the stream and ended the connection, and
+    the stream's next write failed (a traceback in the server's log)."""
+    gen = FakeGenerator(words=3, delay=0.0)
+    gen.hold = True
+    rag = make_rag(tmp_path, gen)
+    errors = Errors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    try:
+        app = create_app(rag, RAGConfig())
+        with rag, running(app) as url:
+            s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=WAIT_S)
+            body = b'{"question": "what is this?", "stream": true}'
+            s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            data = s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200 ")  # the stream began; its tokens are held
+            s.sendall(b"\x00 not http\r\n\r\n")
+            counts = app.state.served.connections.counts
+            eventually(lambda: counts["invalid_request"] == 1, WAIT_S, 0.02, "the server to refuse the bytes")
+            gen.hold = False
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(65536):
+                    data += chunk
+            s.close()
+            assert get(f"{url}/health").status_code == 200
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+    stream, _, refusal = data.partition(b"\r\n0\r\n\r\n")  # the stream's last chunk
+    assert b"event: done" in stream
+    assert refusal.startswith(b"HTTP/1.1 400 ") and b'"InvalidHTTP"' in refusal
+    assert not [e.getMessage() for e in errors.records]

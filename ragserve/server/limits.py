@@ -165,6 +165,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._acked = -1  # the client's acknowledged bytes when the send watch last looked
         self._progress_at = 0.0  # when they last grew (or nothing was waiting)
         self._linger_idle = False  # keep-alive's time ran out while the client still had bytes to take
+        self._deferred: bytes | None = None  # a refusal to write once the answer under way is complete
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -284,6 +285,10 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._deferred is not None:
+            raw, self._deferred = self._deferred, None
+            self._answer(raw)  # a refusal that waited for this answer (see _answer)
+            return
         if self.transport.is_closing():
             if self.transport.get_write_buffer_size():  # closing waits for a flush that may never come
                 self._arm_stall()
@@ -411,15 +416,12 @@ class LimitedProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            # NOTE: a request still being answered (the bytes refused came after it: a
-            # Content-Length that was short, a pipelined request): its app's writes are dropped
-            # from now on; one already under way cannot have the refusal written into it.
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if cycle.response_started:
-                self._reset()
-                return
+        if cycle is not None and not cycle.response_complete and not cycle.disconnected:
+            # NOTE: the bytes refused came after a request still being answered (a pipelined
+            # request, a Content-Length that was short): that answer goes out whole first, then
+            # this one (on_response_complete); written now, the app's next write would fail.
+            self._deferred = raw
+            return
         self.transport.write(raw)
         if self.transport.can_write_eof():
             self.transport.write_eof()
