@@ -272,11 +272,12 @@ def test_a_bug_is_a_typed_500_with_the_request_id_and_one_access_line(served, ca
     monkeypatch.setattr(rag, "stats", lambda: 1 / 0)
     with caplog.at_level(logging.INFO, logger="ragserve"):
         r = get(f"{url}/v1/stats", headers={"X-Request-Id": "bug-1"})
+        eventually(lambda: any(m.getMessage().startswith("bug-1 GET /v1/stats 500") for m in caplog.records),
+                   WAIT_S, 0.02, "the access line (written once the response has gone out)")
     assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
     assert r.json()["error"] == {"type": "InternalError", "stage": "server",
                                  "message": "internal error (request bug-1); see the server log"}
     assert "ZeroDivisionError" not in r.text
-    assert any(m.getMessage().startswith("bug-1 GET /v1/stats 500") for m in caplog.records)
 
 
 def test_a_stream_joining_a_plain_querys_run_still_streams(tmp_path):
