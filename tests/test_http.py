@@ -238,9 +238,15 @@ def test_every_request_is_one_access_log_line_with_its_request_id(served, caplog
     with caplog.at_level(logging.INFO, logger="ragserve.access"):
         post(f"{url}/v1/query", json={"question": "logged?"}, headers={"X-Request-Id": "trace-me-42"})
         post(f"{url}/v1/query", json={"question": ""}, headers={"X-Request-Id": "trace-me-43"})
-    lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
-    assert any(m.startswith("trace-me-42 POST /v1/query 200 ") for m in lines), lines
-    assert any(m.startswith("trace-me-43 POST /v1/query 400 ") for m in lines), lines
+        # NOTE: the access line is written once the response has gone out: the client can
+        # have it first, so the lines are awaited, not read at once.
+
+        def logged():
+            lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
+            return (any(m.startswith("trace-me-42 POST /v1/query 200 ") for m in lines)
+                    and any(m.startswith("trace-me-43 POST /v1/query 400 ") for m in lines))
+
+        eventually(logged, WAIT_S, 0.02, "both access lines")
 
 
 def test_unknown_paths_wrong_methods_and_odd_content_parts_get_typed_errors(served):
@@ -266,11 +272,12 @@ def test_a_bug_is_a_typed_500_with_the_request_id_and_one_access_line(served, ca
     monkeypatch.setattr(rag, "stats", lambda: 1 / 0)
     with caplog.at_level(logging.INFO, logger="ragserve"):
         r = get(f"{url}/v1/stats", headers={"X-Request-Id": "bug-1"})
+        eventually(lambda: any(m.getMessage().startswith("bug-1 GET /v1/stats 500") for m in caplog.records),
+                   WAIT_S, 0.02, "the access line (written once the response has gone out)")
     assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
     assert r.json()["error"] == {"type": "InternalError", "stage": "server",
                                  "message": "internal error (request bug-1); see the server log"}
     assert "ZeroDivisionError" not in r.text
-    assert any(m.getMessage().startswith("bug-1 GET /v1/stats 500") for m in caplog.records)
 
 
 def test_a_stream_joining_a_plain_querys_run_still_streams(tmp_path):

@@ -53,8 +53,8 @@ class ServerConfig:
     """Of ``max_connections``, kept for /health, /ready and /metrics: other requests get 503
     when only these are left."""
     send_timeout_s: float = 30.0
-    """A response the client does not read: the connection is aborted once its write
-    buffer (64 KiB) has stayed full this long (a stalled SSE stream ends)."""
+    """A response the client does not read: the connection is reset once the client has
+    acknowledged none of its bytes for this long (a stalled SSE stream ends)."""
 
     # MCP at /mcp (ragserve/server/mcp_http.py; docs/mcp.md).
     mcp: bool = True

@@ -60,7 +60,7 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
         # NOTE: opened on the server's own thread, not a worker: an embedded Redis dies
         # with the thread that started it (PR_SET_PDEATHSIG), and nothing is served yet.
         served.rag = rag() if owned else rag
-        served.exporter = PrometheusExporter(served.rag)
+        served.exporter = PrometheusExporter(served.rag, connections=lambda: served.connections)
         served.rag.observers.add(served.exporter)
         served.state.ready = True
         try:

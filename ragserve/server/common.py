@@ -30,6 +30,8 @@ class Served:
         self.state = ServingState()
         self.rag: Any = None
         self.exporter: PrometheusExporter | None = None
+        self.connections: Any = None
+        """The ``limits.ConnectionGuard`` of the server this app runs in (``uvicorn_options``)."""
 
     def tenant(self, request: Request, namespace: str | None) -> str | None:
         """With keys, the key's namespace (the body's is ignored); without, the body's."""

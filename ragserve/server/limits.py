@@ -15,7 +15,20 @@ httptools protocol with these bounds, all in ``[server]``:
 | idle keep-alive between requests | ``keepalive_timeout_s`` | 5 s | closed |
 | open connections | ``max_connections`` | 4096 | the oldest connection without a request in progress is closed to make room; if every one is busy, 503 at once |
 | of those, kept for ``/health``, ``/ready``, ``/metrics`` | ``ops_connections`` | 16 | other requests get 503 when only these are left |
-| a response the client does not read | ``send_timeout_s`` | 30 s | aborted after the write buffer (asyncio's 64 KiB) stayed full that long |
+| a response the client does not read | ``send_timeout_s`` | 30 s | aborted once the client has taken no byte of it for that long |
+
+A client that does not read is seen by what it acknowledges, not by the server's own
+buffer: an answer of a few hundred KB fits whole in the kernel's send buffer (loopback
+grows it to ``net.ipv4.tcp_wmem``'s 4 MB), so asyncio's buffer never fills and the stream
+would end (or sit there after its last event) without a refusal. While a response is under
+way, or the kernel still holds part of it, the connection's TCP_INFO (``tcpi_bytes_acked``)
+is read every ``send_timeout_s / 4`` (1 s at most); no byte acknowledged for
+``send_timeout_s`` while some wait, and the connection is aborted (a reset frees the kernel's
+buffer at once). A client reading slowly keeps it. Where TCP_INFO is not available (not
+Linux, a unix socket), asyncio's buffer staying full that long is the sign, as before.
+
+Every refusal is counted by a reason from ``REASONS`` (``ConnectionGuard.counts``), exported
+in ``/metrics`` as ``ragserve_http_refusals_total{reason}``.
 
 Why httptools with a subclass rather than h11: h11 refuses a header section over its
 ``max_incomplete_event_size`` (400, not 431), but has no timeouts either, parses in Python
@@ -33,8 +46,13 @@ unread data sends a reset, which can destroy the 431 before the client reads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import resource
+import socket
+import struct
+import termios
 import time
 from collections import Counter
 from typing import Any
@@ -55,6 +73,12 @@ LINGER_S = 2.0
 SPARE_DESCRIPTORS = 256
 """Descriptors kept beside ``max_connections`` for files, Redis, the engine, logs."""
 _OPS = frozenset(p.encode() for p in OPS_PATHS)
+REASONS = ("headers_too_large", "header_timeout", "body_timeout", "invalid_request", "idle_closed", "evicted",
+           "refused_full", "refused_busy", "send_timeout")
+"""Why a limit refused or ended a connection: the ``reason`` label of
+``ragserve_http_refusals_total``, never anything the client sent."""
+_TCPI_BYTES_ACKED = 120
+"""Offset of ``tcpi_bytes_acked`` (u64) in Linux's ``struct tcp_info`` (since 4.1)."""
 
 
 class _Refused(Exception):
@@ -110,6 +134,7 @@ class ConnectionGuard:
 
     def note(self, reason: str) -> None:
         """Count a refusal; at most once a minute, a warning with the counts since the last."""
+        assert reason in REASONS, reason
         self.counts[reason] += 1
         self._window[reason] += 1
         now = time.monotonic()
@@ -137,6 +162,10 @@ class LimitedProtocol(HttpToolsProtocol):
         self._begun = False  # a byte of the current request has arrived
         self._refusal: bytes | None = None
         self._done = False  # refused or closed by a limit: whatever comes is discarded
+        self._acked = -1  # the client's acknowledged bytes when the send watch last looked
+        self._progress_at = 0.0  # when they last grew (or nothing was waiting)
+        self._linger_idle = False  # keep-alive's time ran out while the client still had bytes to take
+        self._deferred: bytes | None = None  # a refusal to write once the answer under way is complete
 
     # -- connection ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -158,17 +187,15 @@ class LimitedProtocol(HttpToolsProtocol):
             return  # lingering after a refusal: read and dropped
         if self._in_head:
             self._head_bytes += len(data)
-        # NOTE: uvicorn's data_received, but a request refused by a limit is answered here,
-        # without its "Invalid HTTP request" warning (one log line per attacker's request).
+        # NOTE: uvicorn's data_received, but a request refused by a limit, or not HTTP at all,
+        # is answered here without uvicorn's warning (one log line per attacker's request).
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             if self._refusal is not None:
                 self._answer(self._refusal)
-            else:
-                self.logger.warning("Invalid HTTP request received.")
-                self._done = True
+            else:  # counted, and logged with the refusals at most once a minute: not a line each
                 self.send_400_response("Invalid HTTP request received.")
             return
         except httptools.HttpParserUpgrade:
@@ -178,23 +205,44 @@ class LimitedProtocol(HttpToolsProtocol):
             self._too_large(f"the request line and headers are over {self.guard.s.max_header_bytes} bytes "
                             "(server.max_header_bytes)")
 
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse: the typed error body, as every other refusal
+        (uvicorn's own is plain text)."""
+        self.guard.note("invalid_request")
+        self._answer(_raw(400, "Bad Request", "InvalidHTTP", "the request is not valid HTTP/1.1: " + msg))
+
     def close_now(self) -> None:
-        """Close at once: a full write buffer (a client that does not read) is dropped."""
+        """Close at once: what the client has not taken yet (a client that does not read)
+        is dropped."""
         self._done = True
         self.guard.forget(self)
-        if self.transport.get_write_buffer_size():
-            self.transport.abort()
+        if self._unsent():
+            self._reset()
         else:
             self.transport.close()
 
+    def _reset(self) -> None:
+        """Abort with a TCP reset: a plain close would leave what the client has not taken
+        to the kernel, which keeps sending it (an orphan socket) for minutes."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def timeout_keep_alive_handler(self) -> None:
-        if not self.transport.is_closing():
-            self.close_now()
+        if self.transport.is_closing():
+            return
+        if self._stall is not None and self._unsent():
+            self._linger_idle = True  # still delivering the last answer: the send watch decides
+            return
+        self.close_now()
 
     # -- the head: size, count, time -------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_size, self._header_count = True, 0, 0
+        self._linger_idle = False
         if not self._begun and self._timer is None:  # a keep-alive request: its own deadline
             self._arm(self.guard.s.header_timeout_s, self._head_timed_out)
         self._begun = True
@@ -233,13 +281,20 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel()
         super().on_message_complete()
+        self._arm_stall()  # the response begins: watch that the client takes it
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._deferred is not None:
+            raw, self._deferred = self._deferred, None
+            self._answer(raw)  # a refusal that waited for this answer (see _answer)
+            return
         if self.transport.is_closing():
             if self.transport.get_write_buffer_size():  # closing waits for a flush that may never come
                 self._arm_stall()
             return
+        if not self._unsent():
+            self._cancel_stall()  # all taken: nothing to watch until the next request
         if not self.pipeline and (self.cycle is None or self.cycle.response_complete):
             self.guard.rest(self)
 
@@ -248,24 +303,63 @@ class LimitedProtocol(HttpToolsProtocol):
         super().pause_writing()
         self._arm_stall()
 
-    def resume_writing(self) -> None:
-        self._cancel_stall()
-        super().resume_writing()
-
     def _arm_stall(self) -> None:
+        """Start the send watch (see the module docstring), unless it runs already."""
         if self._stall is None:
-            self._stall = self.loop.call_later(self.guard.s.send_timeout_s, self._send_timed_out)
+            self._acked, self._progress_at = -2, time.monotonic()  # -2: the first look counts as progress
+            self._stall = self.loop.call_later(self._watch_every(), self._watch_send)
 
     def _cancel_stall(self) -> None:
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
 
-    def _send_timed_out(self) -> None:
+    def _watch_every(self) -> float:
+        return min(1.0, self.guard.s.send_timeout_s / 4)
+
+    def _watch_send(self) -> None:
         self._stall = None
+        if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+            return  # closed, or closing with everything handed to the kernel
+        now = time.monotonic()
+        unsent, acked = self._unsent(), self._delivered()
+        if not unsent or acked != self._acked:
+            self._acked, self._progress_at = acked, now
+        if not unsent and self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            if self._linger_idle:
+                self.close_now()  # its keep-alive time is long over
+            return  # delivered: the watch ends until the next response
+        if now - self._progress_at >= self.guard.s.send_timeout_s:
+            self._send_timed_out()
+            return
+        self._stall = self.loop.call_later(self._watch_every(), self._watch_send)
+
+    def _send_timed_out(self) -> None:
         self.guard.note("send_timeout")
         self._done = True
-        self.transport.abort()  # connection_lost tells the app: its stream ends as if the client left
+        self.guard.forget(self)
+        self._reset()  # connection_lost tells the app: its stream ends as if the client left
+
+    def _unsent(self) -> int:
+        """Bytes written but not yet acknowledged by the client: asyncio's buffer and the
+        kernel's send queue (``SIOCOUTQ``)."""
+        pending = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError, ValueError):
+                pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return pending
+
+    def _delivered(self) -> int:
+        """A number that grows whenever the client takes bytes: TCP's acknowledged bytes;
+        where TCP_INFO cannot say, -1 while asyncio's buffer is full (no progress) and a new
+        value each time it is not."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError, ValueError, struct.error):
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED + 8)
+                return struct.unpack_from("<Q", info, _TCPI_BYTES_ACKED)[0]
+        return -1 if self.flow.write_paused else time.monotonic_ns()
 
     # -- timers and refusals ---------------------------------------------------------------
     def _arm(self, delay: float, callback: Any) -> None:
@@ -321,6 +415,13 @@ class LimitedProtocol(HttpToolsProtocol):
         self._cancel()
         if self.transport.is_closing():
             return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.disconnected:
+            # NOTE: the bytes refused came after a request still being answered (a pipelined
+            # request, a Content-Length that was short): that answer goes out whole first, then
+            # this one (on_response_complete); written now, the app's next write would fail.
+            self._deferred = raw
+            return
         self.transport.write(raw)
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -346,9 +447,14 @@ def limited_protocol(s: ServerConfig) -> type[LimitedProtocol]:
     return type("LimitedProtocol", (LimitedProtocol,), {"guard": guard})
 
 
-def uvicorn_options(s: ServerConfig) -> dict[str, Any]:
-    """The ``uvicorn.Config`` arguments that bound the server's resources."""
-    return {"http": limited_protocol(s), "ws": "none", "timeout_keep_alive": s.keepalive_timeout_s}
+def uvicorn_options(s: ServerConfig, app: Any = None) -> dict[str, Any]:
+    """The ``uvicorn.Config`` arguments that bound the server's resources. ``app``: the
+    ``create_app`` app they serve; its ``/metrics`` then counts their refusals."""
+    protocol = limited_protocol(s)
+    served = getattr(getattr(app, "state", None), "served", None)
+    if served is not None:
+        served.connections = protocol.guard
+    return {"http": protocol, "ws": "none", "timeout_keep_alive": s.keepalive_timeout_s}
 
 
 def fit_descriptors(wanted: int) -> int:
@@ -371,4 +477,4 @@ def fit_descriptors(wanted: int) -> int:
     return wanted
 
 
-__all__ = ["ConnectionGuard", "LimitedProtocol", "limited_protocol", "uvicorn_options"]
+__all__ = ["REASONS", "ConnectionGuard", "LimitedProtocol", "limited_protocol", "uvicorn_options"]

@@ -20,6 +20,12 @@ names are those of ``Timings``:
 | ``ragserve_semantic_lookups_total``, ``ragserve_semantic_hits_total`` | counter | (the semantic tier, when on) |
 | ``ragserve_semantic_guarded_total`` | counter | ``reason`` (``negation``, ``question``, ``number``, ``entity``, ``content``) |
 | ``ragserve_semantic_similarity`` | histogram | (cosine similarity of each served semantic hit) |
+| ``ragserve_http_refusals_total`` | counter | ``reason`` (``limits.REASONS``: ``headers_too_large``, ``header_timeout``, ``body_timeout``, ``invalid_request``, ``idle_closed``, ``evicted``, ``refused_full``, ``refused_busy``, ``send_timeout``) |
+| ``ragserve_http_connections_open``, ``ragserve_http_connections_busy`` | gauge | |
+
+The connection series come from the server's ``[server]`` limits (``limits.py``), and are
+absent where the app runs without them (an ingress replica behind Ray Serve's proxy). Every
+label value is one of a fixed set named here: none is taken from a request.
 
 Each app has its own ``CollectorRegistry``: two servers in one process never collide.
 """
@@ -27,7 +33,7 @@ Each app has its own ``CollectorRegistry``: two servers in one process never col
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -36,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from ragserve.cache.semantic import SIMILARITY_BUCKETS
 from ragserve.errors import DeadlineExceededError, InputError, OverloadedError
+from ragserve.server.limits import REASONS
 
 # From 0.1 ms (an L1 hit) to 2 minutes (a long generation under load).
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -47,7 +54,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class PrometheusExporter:
     """**Usage:** ``exp = PrometheusExporter(rag); rag.observers.add(exp); exp.render()``"""
 
-    def __init__(self, rag: Any) -> None:
+    def __init__(self, rag: Any, connections: Callable[[], Any] | None = None) -> None:
+        """``connections``: returns the server's ``limits.ConnectionGuard`` (or None)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.stages = Histogram("ragserve_stage_duration_seconds", "Time spent in each stage of a request",
@@ -66,6 +74,8 @@ class PrometheusExporter:
             "ragserve_semantic_similarity", "Cosine similarity of the questions whose semantic hits were served",
             buckets=SIMILARITY_BUCKETS, registry=r)
         r.register(_LiveGauges(rag))
+        if connections is not None:
+            r.register(_ConnectionSeries(connections))
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
         for stage, ms in stages.items():
@@ -152,3 +162,25 @@ class _LiveGauges(Collector):
             for reason in ("negation", "question", "number", "entity", "content"):
                 guarded.add_metric([reason], s.guarded.get(reason, 0))
             yield guarded
+
+
+class _ConnectionSeries(Collector):
+    """What the connection limits refused or ended, read at scrape time from the guard."""
+
+    def __init__(self, connections: Callable[[], Any]) -> None:
+        self.connections = connections
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        guard = self.connections()
+        if guard is None:
+            return
+        refusals = CounterMetricFamily("ragserve_http_refusals", "Connections refused or ended by a [server] "
+                                       "limit (431, 408, 400, 503, closed, aborted), by reason", labels=["reason"])
+        for reason in REASONS:
+            refusals.add_metric([reason], guard.counts[reason])
+        yield refusals
+        live, idle = len(guard.live), len(guard.idle)
+        yield GaugeMetricFamily("ragserve_http_connections_open", "Client connections open (server.max_connections)",
+                                value=live)
+        yield GaugeMetricFamily("ragserve_http_connections_busy", "Client connections with a request in progress",
+                                value=live - idle)

@@ -56,7 +56,7 @@ def serve_index(index: str | Path, config: RAGConfig, *, ready_file: Path | None
     try:
         app = create_app(rag, config, keys=keys)
         uv = uvicorn.Config(app, host=s.host, port=s.port, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=1, lifespan="on", **uvicorn_options(s))
+                            timeout_graceful_shutdown=1, lifespan="on", **uvicorn_options(s, app))
         server = DrainingServer(uv, app.state.served.state, s.drain_grace_s, ready_file, on_hangup=rag.reload)
         server.run()
     finally:

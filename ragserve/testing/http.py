@@ -42,7 +42,7 @@ def running(app, *, timeout_s: float = WAIT_S, stop_timeout_s: float = CLUSTER_W
     port = free_port()
     server = server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                    access_log=False, timeout_graceful_shutdown=2,
-                                   **uvicorn_options(limits or ServerConfig())))
+                                   **uvicorn_options(limits or ServerConfig(), app)))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     eventually(lambda: server.started or not thread.is_alive(), timeout_s, 0.01, "the test server to start")
