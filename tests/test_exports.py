@@ -18,6 +18,8 @@ EXPECTED = sorted(EXPECTED + ["BatchInputError", "Embedder", "Generator", "NoL2E
                               "RequestObserver", "make_generator"])
 # Added with the client wing: the HTTP clients and the errors only they raise.
 EXPECTED = sorted(EXPECTED + ["AsyncClient", "AuthError", "Client", "RemoteError", "ServerUnreachableError"])
+# Added with per-tenant quotas: the 429 of an API key over its own bucket.
+EXPECTED = sorted(EXPECTED + ["QuotaExceeded"])
 
 
 def test_public_names_are_pinned_and_sorted():
