@@ -243,3 +243,19 @@ def test_two_servers_enforce_one_bucket_through_redis(tmp_path):
                      for u in (u1, u2, u1, u2, u1, u2)]
             assert sorted(codes) == [200, 200, 200, 429, 429, 429]
             assert (refusals(u1, "alpha") or 0) + (refusals(u2, "alpha") or 0) == 3
+
+
+def test_the_client_raises_quota_exceeded_and_honours_its_retry_after(tmp_path):
+    from ragserve import Client
+    from ragserve.client.retries import Retries
+
+    rag = fake_rag(tmp_path / "index")
+    keys = keys_file(tmp_path, {KEY_A: {"namespace": "a", "requests_per_s": 1, "burst": 1}})
+    with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
+        with Client(url, api_key=KEY_A, retries=Retries(max_attempts=1)) as once:
+            assert once.query("chunk number 1").answer
+            with pytest.raises(QuotaExceeded) as caught:
+                once.query("chunk number 1")
+            assert caught.value.status == 429 and caught.value.retry_after_s == 1
+        with Client(url, api_key=KEY_A, retries=Retries(max_attempts=4, backoff_s=0.01)) as patient:
+            assert patient.query("chunk number 1").cache_tier == "l1"  # after waiting its Retry-After
