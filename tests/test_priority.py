@@ -162,3 +162,19 @@ async def test_on_the_real_engine_an_urgent_query_overtakes_30_queued_batch_quer
         await asyncio.gather(*batch, return_exceptions=True)
         admission.max_in_flight = saved
     await aeventually(lambda: rag.engine_unfinished() == 0, what="no request left in vLLM")
+
+
+def test_the_openai_backend_sends_priority_only_with_the_priority_scheduler():
+    from ragserve.config import GenerateConfig
+    from ragserve.generators.completions import request_body
+
+    assert "priority" not in request_body(GenerateConfig(), "m", "a prompt", None, 3)
+    assert request_body(GenerateConfig(scheduling="priority"), "m", "a prompt", None, 3)["priority"] == 3
+
+
+def test_an_unknown_scheduling_is_a_config_error():
+    from ragserve.config import RAGConfig
+    from ragserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generate.scheduling"):
+        RAGConfig().replace(generate={"scheduling": "lifo"})

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from ragserve.cache.l2 import CircuitBreaker
 from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, QuotaExceeded
 from ragserve.server.app import create_app
@@ -18,7 +19,7 @@ from ragserve.server.tenants import Quota, Tenant, parse_entry
 from ragserve.testing.fakes import FakeGenerator, fake_rag
 from ragserve.testing.http import get, post, running
 from ragserve.testing.redis import redis_server
-from ragserve.testing.waits import WAIT_S
+from ragserve.testing.waits import WAIT_S, aeventually
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -107,10 +108,11 @@ async def test_tokens_are_charged_after_generation_and_cache_hits_cost_none():
 
 
 @pytest.mark.redis
-async def test_two_replicas_draw_on_one_redis_bucket_and_fail_open_while_it_is_down():
+async def test_two_replicas_draw_on_one_redis_bucket_fail_open_while_it_is_down_and_recover():
     tenant = Tenant("shared", "ns", quota=Quota(requests_per_s=0.01, burst=4))
     with redis_server() as srv:
-        one = Quotas([tenant], RedisBuckets(srv.url, timeout_s=WAIT_S))
+        # ``one``'s timeout is short for the outage below, long enough for a loaded machine otherwise.
+        one = Quotas([tenant], RedisBuckets(srv.url, timeout_s=2.0), CircuitBreaker(1, cooldown_s=0.2))
         two = Quotas([tenant], RedisBuckets(srv.url, timeout_s=WAIT_S))
         try:
             calls = (q.admit(tenant) for q in (one, two) * 5)
@@ -118,9 +120,17 @@ async def test_two_replicas_draw_on_one_redis_bucket_and_fail_open_while_it_is_d
             refused = [o for o in outcomes if isinstance(o, QuotaExceeded)]
             assert len(refused) == 6 and one.admitted + two.admitted == 4  # one bucket, not two
             assert 0 < refused[0].retry_after_s <= 100
-            srv.stop()
-            await one.admit(tenant)  # Redis down: admitted, counted, never an error
-            assert one.fail_open == 1
+            srv.pause()  # hung: each call gives up at its timeout
+            try:
+                await one.admit(tenant)  # admitted, counted, never an error
+                await one.admit(tenant)  # the breaker is open: not even asked
+                assert one.fail_open == 2 and one.breaker.state != "closed"
+            finally:
+                srv.resume()
+            await aeventually(lambda: one.breaker.state == "half-open", what="the breaker's cooldown")
+            with pytest.raises(QuotaExceeded):  # asked again: the shared bucket is still empty
+                await one.admit(tenant)
+            assert one.breaker.state == "closed" and one.fail_open == 2
         finally:
             await one.close()
             await two.close()
