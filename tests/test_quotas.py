@@ -255,13 +255,20 @@ def test_two_servers_enforce_one_bucket_through_redis(tmp_path):
             assert (refusals(u1, "alpha") or 0) + (refusals(u2, "alpha") or 0) == 3
 
 
-def test_the_client_raises_quota_exceeded_and_honours_its_retry_after(tmp_path):
-    from ragserve import Client
+def test_the_client_sends_priority_raises_quota_exceeded_and_honours_its_retry_after(tmp_path):
+    from ragserve import Client, InvalidParameterError
     from ragserve.client.retries import Retries
 
-    rag = fake_rag(tmp_path / "index")
-    keys = keys_file(tmp_path, {KEY_A: {"namespace": "a", "requests_per_s": 1, "burst": 1}})
+    gen = FakeGenerator()
+    rag = fake_rag(tmp_path / "index", gen, generate={"scheduling": "priority"})
+    keys = keys_file(tmp_path, {KEY_A: {"namespace": "a", "requests_per_s": 1, "burst": 1},
+                                KEY_P: {"namespace": "p", "priority": 10, "max_priority": 5}})
     with rag, running(create_app(rag, RAGConfig(), keys=keys)) as url:
+        with Client(url, api_key=KEY_P) as client:
+            client.query("chunk number 5", priority=6)
+            with pytest.raises(InvalidParameterError, match="max_priority"):
+                client.query("chunk number 6", priority=0)
+        assert gen.priorities == [6]
         with Client(url, api_key=KEY_A, retries=Retries(max_attempts=1)) as once:
             assert once.query("chunk number 1").answer
             with pytest.raises(QuotaExceeded) as caught:
