@@ -37,6 +37,8 @@ that is wrong and what to do about it::
     │                               malformed or unreachable (names the address)
     ├── OverloadedError             too many requests running and waiting: retry later
     │                               (ragserve's admission, or Ray Serve's queue bounds)
+    ├── QuotaExceeded               an API key is over its own rate (requests/s or
+    │                               generated tokens/min): retry after ``retry_after_s``
     ├── DeadlineExceededError       a request ran past its deadline; its engine request
     │                               was aborted (also a TimeoutError)
     ├── AuthError                   the server refused the API key: missing or not valid
@@ -261,6 +263,23 @@ class OverloadedError(RagserveError):
         self.queued = queued
         super().__init__(message or f"overloaded: {in_flight} requests running and {queued} waiting "
                          "(query.max_in_flight, query.max_queued); retry later")
+
+
+class QuotaExceeded(RagserveError):
+    """Refused at the server's edge: the API key's token bucket (``requests_per_s`` with
+    ``burst``, or ``tokens_per_min``, in the keys file) is empty. Unlike
+    ``OverloadedError`` it says nothing about the engine, only about this tenant: its
+    other requests wait ``retry_after_s`` (computed from the bucket), others are not
+    affected. Nothing was started (HTTP 429 with ``Retry-After``)."""
+
+    stage = "quota"
+
+    def __init__(self, tenant: str, bucket: str, retry_after_s: float) -> None:
+        self.tenant = tenant
+        self.bucket = bucket
+        self.retry_after_s = retry_after_s
+        what = "requests per second" if bucket == "requests" else "generated tokens per minute"
+        super().__init__(f"API key {tenant!r} is over its quota of {what}; retry after {retry_after_s:.2f} s")
 
 
 class DeadlineExceededError(RagserveError, TimeoutError):

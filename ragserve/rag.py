@@ -120,7 +120,8 @@ class RAG:
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
-              request_id: str | None = None, top_k: int | None = None) -> QueryResult:
+              request_id: str | None = None, top_k: int | None = None,
+              priority: int = 0) -> QueryResult:
         """Answer one question (blocking). Safe from threads and from inside an event loop.
 
         An L1 hit is answered in the calling thread, without a hop to the engine loop.
@@ -128,33 +129,39 @@ class RAG:
         bypass the answer cache for this request; ``timeout_s`` overrides
         ``query.timeout_s`` (0: no deadline); ``request_id`` names the request in the
         result and, when it runs generation, in vLLM (a new one by default); ``top_k``
-        overrides ``query.top_k`` (answers are cached per top_k). Raises
-        ``OverloadedError`` at once when the engine is full, ``DeadlineExceededError``
-        past the deadline.
+        overrides ``query.top_k`` (answers are cached per top_k); ``priority`` (an int,
+        lower runs sooner, default 0) orders the request in ragserve's admission queue and,
+        with ``generate.scheduling = "priority"``, in vLLM's scheduler; it is not part of
+        the cache key. Raises ``OverloadedError`` at once when the engine is full,
+        ``DeadlineExceededError`` past the deadline.
         """
-        return self._engine.query(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
+        return self._engine.query(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
-                     request_id: str | None = None, top_k: int | None = None) -> QueryResult:
+                     request_id: str | None = None, top_k: int | None = None,
+                     priority: int = 0) -> QueryResult:
         """Answer one question from any event loop. Cancelling the awaiting task aborts the
         request in the engine and caches nothing."""
-        return await self._engine.aquery(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
+        return await self._engine.aquery(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                    timeout_s: float | None = None) -> list[QueryResult | Exception]:
+                    timeout_s: float | None = None, priority: int = 0) -> list[QueryResult | Exception]:
         """Answer many questions concurrently; order is kept, a failure stays in its slot.
         At most ``query.max_in_flight`` of them run at once, so a large batch never
         overloads the engine by itself."""
-        return self._engine.query_batch(questions, namespace=namespace, timeout_s=timeout_s)
+        return self._engine.query_batch(questions, namespace=namespace, timeout_s=timeout_s, priority=priority)
 
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                           timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        return await self._engine.aquery_batch(questions, namespace=namespace, timeout_s=timeout_s)
+                           timeout_s: float | None = None,
+                           priority: int = 0) -> list[QueryResult | Exception]:
+        return await self._engine.aquery_batch(questions, namespace=namespace, timeout_s=timeout_s,
+                                               priority=priority)
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
-               request_id: str | None = None, top_k: int | None = None) -> Iterator[StreamEvent]:
+               request_id: str | None = None, top_k: int | None = None,
+               priority: int = 0) -> Iterator[StreamEvent]:
         """Answer one question as a stream (blocking iterator): a ``SourcesEvent`` first,
         then ``TokenEvent`` pieces as they are generated, then a ``DoneEvent`` with the
         result and its timings. Leaving the loop early aborts the generation (unless
@@ -162,17 +169,18 @@ class RAG:
 
         **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
         """
-        return self._engine.stream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
+        return self._engine.stream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
-                request_id: str | None = None, top_k: int | None = None) -> AsyncIterator[StreamEvent]:
+                request_id: str | None = None, top_k: int | None = None,
+                priority: int = 0) -> AsyncIterator[StreamEvent]:
         """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``
 
         The iterator (a ``runtime.Relay``) also reads as ``batches()``: the same events in
         lists of those that reached the caller's loop together, never waiting for more
         (a server writes each list at once)."""
-        return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k)
+        return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""

@@ -252,7 +252,9 @@ class Generator(Protocol):
                deltas: bool = True) -> AsyncIterator[str | Generation]:
         """Text deltas as they are generated, then the final ``Generation``. With
         ``deltas=False`` the caller reads only the ``Generation`` (a backend may then skip
-        the pieces). The pipeline answers every request through this one method."""
+        the pieces). The pipeline answers every request through this one method. With
+        ``generate.scheduling = "priority"`` it is also given ``priority=`` (an int, lower
+        runs earlier): a backend that schedules by priority must then take it."""
         ...
 
     def shutdown(self) -> None: ...

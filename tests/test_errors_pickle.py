@@ -45,6 +45,7 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.ModelError": (("no model folder at /models/x",), {}),
     "ragserve.errors.ClusterError": (("ray://nowhere:10001 does not answer",), {}),
     "ragserve.errors.OverloadedError": ((8, 16), {}),
+    "ragserve.errors.QuotaExceeded": (("tenant-a", "requests", 1.5), {}),
     "ragserve.errors.DeadlineExceededError": ((2.5,), {}),
     "ragserve.errors.GenerationError": (("vLLM refused it",), {"stage": "generate.remote"}),
     "ragserve.errors.EngineDeadError": (("the engine is gone",), {}),

@@ -20,6 +20,8 @@ EXPECTED = sorted(EXPECTED + ["BatchInputError", "Embedder", "Generator", "NoL2E
 EXPECTED = sorted(EXPECTED + ["AsyncClient", "AuthError", "Client", "RemoteError", "ServerUnreachableError"])
 # Added with sharded indexes: the refusal that names the shard.
 EXPECTED = sorted(EXPECTED + ["ShardError"])
+# Added with per-tenant quotas: the 429 of an API key over its own bucket.
+EXPECTED = sorted(EXPECTED + ["QuotaExceeded"])
 
 
 def test_public_names_are_pinned_and_sorted():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ragserve.config.generators import Backend
+
+Scheduling = Literal["fcfs", "priority"]
 
 
 @dataclass(frozen=True)
@@ -29,3 +32,10 @@ class GenerateConfig:
     """0 is greedy decoding: the same prompt gives the same answer."""
     top_p: float = 1.0
     seed: int = 0
+    scheduling: Scheduling = "fcfs"
+    """"priority": vLLM runs with its priority scheduler (``scheduling_policy="priority"``)
+    and each request's ``priority`` is passed to it (lower runs earlier); with the openai
+    backend it is sent as the request's ``priority`` field (vLLM's server must run with
+    ``--scheduling-policy priority``). "fcfs": the engine keeps arrival order. Either way
+    ragserve's own admission queue orders waiting runs by (priority, arrival). Not part
+    of the answer's fingerprint."""

@@ -32,7 +32,7 @@ import orjson
 import tomllib
 
 from ragserve.config.cache import CacheConfig
-from ragserve.config.generate import GenerateConfig
+from ragserve.config.generate import GenerateConfig, Scheduling
 from ragserve.config.generators import OpenAIConfig, VllmConfig, migrate_legacy, validate_backends
 from ragserve.config.home import data_home
 from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig, validate_prompt
@@ -201,6 +201,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check_choice("embed.precision", e.precision, Precision)
     i = cfg.index
     _check_choice("index.index_type", i.index_type, IndexType)
+    _check_choice("generate.scheduling", cfg.generate.scheduling, Scheduling)
     for name in ("ivf_nlist", "ivf_nprobe", "hnsw_ef_search"):
         _check(getattr(i, name) >= 0, f"index.{name}", f"must be >= 0 (0 chooses), got {getattr(i, name)}")
     _check(0 <= i.shards <= 4096, "index.shards", f"must be in 0..4096 (0: not sharded), got {i.shards}")

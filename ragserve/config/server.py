@@ -32,6 +32,11 @@ class ServerConfig:
     """On SIGTERM: how long requests in flight may take to finish before they are aborted."""
     retry_after_s: int = 1
     """The Retry-After header of a 429 (seconds)."""
+    quota_redis_url: str = ""
+    """Where the API keys' quota buckets live (``server/quotas.py``): "" in this process;
+    a redis:// URL to share them between processes (``serve --ray`` uses
+    ``cache.redis_url`` when this is empty). While it does not answer, requests are
+    admitted and counted (fail open)."""
 
     # Bounds on what clients hold of the server (ragserve/server/limits.py; docs/serving.md).
     max_header_bytes: int = 32 * 1024

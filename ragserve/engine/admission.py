@@ -2,28 +2,45 @@
 and every request's deadline and outcome (``Requests``).
 
 Past both bounds a request fails at once with ``OverloadedError``: no unbounded queue,
-no memory growth under a burst. Waiters are served first come, first served; a slot
-freed by a finished run passes straight to the oldest waiter.
+no memory growth under a burst. Waiters are served by (priority, arrival): the lowest
+priority number first (as vLLM's priority scheduler: lower runs earlier), first come,
+first served within one priority; a slot freed by a finished run passes straight to the
+first of them. A waiter's ``Ticket`` can be promoted while it waits (``promote``): a
+single-flight follower with a lower number raises the run it joined.
 
 **Usage:**
 
     admission = Admission(max_in_flight=64, max_queued=256)
-    async with admission.slot() as waited:
+    async with admission.slot(Ticket(priority=0)) as waited:
         ...  # waited() is the ms spent waiting for the slot
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from ragserve.errors import DeadlineExceededError, OverloadedError
 from ragserve.observe.observers import Observers
 from ragserve.observe.timing import Gauges
+
+
+class Ticket:
+    """A run's place in the admission queue: its priority (lower = sooner), which
+    ``Admission.promote`` may lower while it waits, and what it is read for afterwards
+    (the priority handed to the generator)."""
+
+    __slots__ = ("priority", "entry")
+
+    def __init__(self, priority: int = 0) -> None:
+        self.priority = priority
+        self.entry: list[object] | None = None
+        """Admission's own: [priority, arrival, future] while the ticket waits in its queue."""
 
 
 class Admission:
@@ -37,16 +54,22 @@ class Admission:
         self.in_flight = 0
         self.admitted = 0
         self.rejected = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.promoted = 0
+        # A heap of [priority, arrival, future]; an entry whose future is None was removed
+        # (cancelled or promoted: re-pushed) and is skipped when it comes up.
+        self._heap: list[list[object]] = []
+        self._queued = 0
+        self._arrivals = itertools.count()
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return self._queued
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Callable[[], float]]:
+    async def slot(self, ticket: Ticket | None = None) -> AsyncIterator[Callable[[], float]]:
+        """A run slot, waited for in ``ticket``'s priority (default: priority 0)."""
         t0 = time.perf_counter()
-        await self._acquire()
+        await self._acquire(ticket or Ticket())
         waited_ms = (time.perf_counter() - t0) * 1e3
         self.admitted += 1
         try:
@@ -54,15 +77,33 @@ class Admission:
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
-        if self.in_flight < self.max_in_flight and not self._waiters:
+    def promote(self, ticket: Ticket, priority: int) -> bool:
+        """Lower ``ticket``'s priority number to ``priority`` (never raise it). A ticket
+        still waiting moves up the queue, keeping its arrival among equals; True if it
+        changed."""
+        if priority >= ticket.priority:
+            return False
+        ticket.priority = priority
+        self.promoted += 1
+        entry = ticket.entry
+        if entry is not None and entry[2] is not None:
+            moved = [priority, entry[1], entry[2]]
+            entry[2] = None  # the old place is skipped when it comes up
+            ticket.entry = moved
+            heapq.heappush(self._heap, moved)
+        return True
+
+    async def _acquire(self, ticket: Ticket) -> None:
+        if self.in_flight < self.max_in_flight and not self._queued:
             self.in_flight += 1
             return
-        if len(self._waiters) >= self.max_queued:
+        if self._queued >= self.max_queued:
             self.rejected += 1
-            raise OverloadedError(self.in_flight, len(self._waiters))
+            raise OverloadedError(self.in_flight, self._queued)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        ticket.entry = [ticket.priority, next(self._arrivals), waiter]
+        heapq.heappush(self._heap, ticket.entry)
+        self._queued += 1
         if self.gauges is not None:
             self.gauges.inc("queued")
         try:
@@ -70,24 +111,32 @@ class Admission:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # the slot arrived just as we were cancelled: pass it on
-            elif waiter in self._waiters:  # a release in the same loop turn may have popped it already
-                self._waiters.remove(waiter)
+            elif ticket.entry is not None and ticket.entry[2] is waiter:  # still queued: leave
+                ticket.entry[2] = None
+                self._queued -= 1
             raise
         finally:
+            ticket.entry = None
             if self.gauges is not None:
                 self.gauges.dec("queued")
 
     def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            waiter = entry[2]
+            if waiter is None:
+                continue  # cancelled or promoted: its live entry is elsewhere or gone
+            entry[2] = None  # off the queue: a cancellation landing now must not count it again
+            self._queued -= 1
+            if not waiter.done():  # type: ignore[attr-defined]
+                waiter.set_result(None)  # type: ignore[attr-defined]
                 return
         self.in_flight -= 1
 
     def as_dict(self) -> dict[str, int]:
         return {"in_flight": self.in_flight, "queued": self.queued, "max_in_flight": self.max_in_flight,
-                "max_queued": self.max_queued, "admitted": self.admitted, "rejected": self.rejected}
+                "max_queued": self.max_queued, "admitted": self.admitted, "rejected": self.rejected,
+                "promoted": self.promoted}
 
 
 class Requests:

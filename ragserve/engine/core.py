@@ -76,34 +76,43 @@ class Engine(Pipeline):
 
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
-              request_id: str | None = None, top_k: int | None = None) -> QueryResult:
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
+              request_id: str | None = None, top_k: int | None = None,
+              priority: int = 0) -> QueryResult:
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
+                          priority)
         return self._l1_hit(p) or self._runtime.run(self._answer(p))
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
-                     request_id: str | None = None, top_k: int | None = None) -> QueryResult:
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
+                     request_id: str | None = None, top_k: int | None = None,
+                     priority: int = 0) -> QueryResult:
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
+                          priority)
         return self._l1_hit(p) or await self._runtime.run_async(self._answer(p))
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                    timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        return self._runtime.run(self._answer_many(questions, namespace, timeout_s))
+                    timeout_s: float | None = None, priority: int = 0) -> list[QueryResult | Exception]:
+        return self._runtime.run(self._answer_many(questions, namespace, timeout_s, priority))
 
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                           timeout_s: float | None = None) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s))
+                           timeout_s: float | None = None,
+                           priority: int = 0) -> list[QueryResult | Exception]:
+        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s, priority))
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
-               request_id: str | None = None, top_k: int | None = None) -> Iterator[StreamEvent]:
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
+               request_id: str | None = None, top_k: int | None = None,
+               priority: int = 0) -> Iterator[StreamEvent]:
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
+                          priority)
         return self._runtime.iterate(self._stream(p))
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
-                request_id: str | None = None, top_k: int | None = None) -> AsyncIterator[StreamEvent]:
-        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k)
+                request_id: str | None = None, top_k: int | None = None,
+                priority: int = 0) -> AsyncIterator[StreamEvent]:
+        p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
+                          priority)
         return self._runtime.aiterate(self._stream(p))
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:

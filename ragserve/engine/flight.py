@@ -35,6 +35,7 @@ class _Run(Generic[T]):
         self.error: BaseException | None = None
         self.finished = False
         self.subscribers = 0
+        self.context: object = None
         self._wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._pump(stream))
 
@@ -90,10 +91,19 @@ class StreamFlight:
         run = self._runs.get(key)
         return run is not None and run.error is None
 
-    async def subscribe(self, key: str, factory: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+    def context(self, key: str) -> object:
+        """What the running run for ``key`` was started with (``subscribe(context=...)``), if
+        one is going and may be joined; else None."""
+        return self._runs[key].context if key in self else None
+
+    async def subscribe(self, key: str, factory: Callable[[], AsyncIterator[T]],
+                        context: object = None) -> AsyncIterator[T]:
+        """``context``: kept with a run this call starts (the pipeline keeps its admission
+        ticket there, for followers to raise)."""
         run = self._runs.get(key)
         if run is None or run.error is not None:  # a failed run is not joined: start afresh
             run = self._start(key, factory())
+            run.context = context
         else:
             self.shared += 1
         run.subscribers += 1

@@ -24,11 +24,11 @@ from typing import Any
 
 from ragserve.cache.answers import AnswerCache, from_cached, from_generation
 from ragserve.config import RAGConfig, SemanticConfig
-from ragserve.engine.admission import Admission, Requests
+from ragserve.engine.admission import Admission, Requests, Ticket
 from ragserve.engine.flight import StreamFlight
 from ragserve.engine.runtime import LoopThread, map_bounded
 from ragserve.engine.served import ServedIndex, Snapshots
-from ragserve.engine.validation import check_options, check_question
+from ragserve.engine.validation import check_options, check_priority, check_question
 from ragserve.errors import ConfigError, GenerationError, InputError
 from ragserve.index.manifest import Manifest
 from ragserve.observe.observers import Observers
@@ -73,6 +73,9 @@ class _Prepared:
     """Set once the caller's thread asked L1, so a miss is counted there once."""
     vector: Any = None
     """The question's vector once the semantic tier embedded it: retrieval reuses it."""
+    priority: int = 0
+    """Lower runs sooner: in ragserve's admission queue and (``generate.scheduling =
+    "priority"``) in vLLM's. Not part of the key: every priority reads the same answers."""
 
 
 class Pipeline:
@@ -135,7 +138,8 @@ class Pipeline:
         return check_question(question, self.config.query.max_question_chars)
 
     def _prepare(self, question: str, namespace: str | None, read: bool, write: bool,
-                 timeout_s: float | None, request_id: str | None, top_k: int | None = None) -> _Prepared:
+                 timeout_s: float | None, request_id: str | None, top_k: int | None = None,
+                 priority: int = 0) -> _Prepared:
         """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
         default_k = self.config.query.top_k
@@ -143,6 +147,7 @@ class Pipeline:
         try:
             q = self._check(question)
             check_options(namespace=namespace, top_k=top_k, timeout_s=timeout_s)
+            check_priority(priority)
             k = default_k if top_k is None else top_k
             key = (self.cache.key(q, namespace, snap.fingerprint, None if k == default_k else k)
                    if self.cache is not None else "")
@@ -150,7 +155,8 @@ class Pipeline:
             self.requests.refused(e)
             raise
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
-        return _Prepared(q, key, clock, request_id or uuid.uuid4().hex, read, write, deadline, k, namespace, snap)
+        rid = request_id or uuid.uuid4().hex
+        return _Prepared(q, key, clock, rid, read, write, deadline, k, namespace, snap, priority=priority)
 
     def _key(self, p: _Prepared, snap: ServedIndex) -> str:
         if self.cache is None:
@@ -224,12 +230,22 @@ class Pipeline:
                 yield event
             return
         led: list[bool] = []  # filled by the factory, which only the run's leader calls
+        flight_key = self._flight_key(p, deltas) if self.cache is not None else ""
+        ticket = self.flight.context(flight_key) if self.cache is not None else None
+        if isinstance(ticket, Ticket):
+            # NOTE: a follower with a lower number raises the run it joins: in ragserve's
+            # queue while the run waits there, and in vLLM if the run has not reached it yet.
+            # vLLM has no call to change a request's priority once it is submitted: from
+            # then on the follower waits with the run at the priority it was submitted with.
+            self.admission.promote(ticket, p.priority)
+        else:
+            ticket = Ticket(p.priority)
 
         def start() -> AsyncIterator[StreamEvent]:
             led.append(True)
-            return self._run(p, p.write and self.cache is not None, deltas)
+            return self._run(p, p.write and self.cache is not None, deltas, ticket)
 
-        run = start() if self.cache is None else self.flight.subscribe(self._flight_key(p, deltas), start)
+        run = start() if self.cache is None else self.flight.subscribe(flight_key, start, context=ticket)
         async with aclosing(run) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
@@ -264,13 +280,14 @@ class Pipeline:
         streaming = key + ":deltas"
         return streaming if deltas or streaming in self.flight else key
 
-    async def _run(self, leader: _Prepared, write: bool, deltas: bool) -> AsyncIterator[StreamEvent]:
+    async def _run(self, leader: _Prepared, write: bool, deltas: bool,
+                   ticket: Ticket) -> AsyncIterator[StreamEvent]:
         """The miss path, run once for every request that shares it: admission →
         retrieve → prompt → generate → remember. ``deltas``: yield the answer as vLLM
         produces it; else vLLM sends only the final output and it comes as one piece."""
         clock, question, snap = StageClock(), leader.question, leader.snapshot
         # The run holds its index version itself: followers may outlive the leader.
-        async with self.served.holding(snap), self.admission.slot() as waited:
+        async with self.served.holding(snap), self.admission.slot(ticket) as waited:
             clock.add("admission", waited())
             sources, vector = await snap.retriever.retrieve_with_vector(question, leader.top_k, clock, leader.vector)
             generator = self._ensure_generator()
@@ -280,7 +297,7 @@ class Pipeline:
             gen = None
             with clock.span("generate"):
                 async for piece in generator.stream(prompt.text, leader.request_id, token_ids=prompt.token_ids,
-                                                    deltas=deltas):
+                                                    deltas=deltas, **self._priority(ticket)):
                     if not isinstance(piece, str):
                         gen = piece
                     elif deltas:
@@ -297,6 +314,12 @@ class Pipeline:
             self.cache.remember_vector(self._partition(leader), leader.key, question, vector)
         yield DoneEvent(result)
 
+    def _priority(self, ticket: Ticket) -> dict[str, int]:
+        """The generator's ``priority=`` argument, given only with ``generate.scheduling =
+        "priority"`` (vLLM refuses a non-zero priority without its priority scheduler, and a
+        ``Generator`` written before priorities takes no such argument)."""
+        return {"priority": ticket.priority} if self.config.generate.scheduling == "priority" else {}
+
     def _finish(self, result: QueryResult, p: _Prepared) -> QueryResult:
         """Stamp the caller's own total and request id, count the query, tell the observers."""
         clock = p.clock
@@ -308,9 +331,11 @@ class Pipeline:
         return result
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,
-                           timeout_s: float | None = None) -> list[QueryResult | Exception]:
+                           timeout_s: float | None = None,
+                           priority: int = 0) -> list[QueryResult | Exception]:
         async def one(question: str) -> QueryResult:
-            return await self._answer(self._prepare(question, namespace, True, True, timeout_s, None))
+            p = self._prepare(question, namespace, True, True, timeout_s, None, None, priority)
+            return await self._answer(p)
 
         return await map_bounded(one, questions, self.config.query.max_in_flight)
 

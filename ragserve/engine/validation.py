@@ -72,15 +72,32 @@ def check_question(question: object, max_chars: int) -> str:
     return normalised
 
 
-def check_options(*, namespace: object = None, top_k: object = None, timeout_s: object = None) -> None:
+PRIORITY_LIMIT = 1_000_000
+"""A priority is an int in -PRIORITY_LIMIT..PRIORITY_LIMIT (lower runs sooner)."""
+
+
+def check_options(*, namespace: object = None, top_k: object = None, timeout_s: object = None,
+                  priority: object = None) -> None:
     """A request's options other than the question (None: the config's)."""
     if namespace is not None:
         check_namespace(namespace)
+    if priority is not None:
+        check_priority(priority)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100):
         raise InvalidParameterError("top_k", top_k, "an int in 1..100")
     if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
                                   or not 0 <= timeout_s < float("inf")):
         raise InvalidParameterError("timeout_s", timeout_s, "a number of seconds >= 0 (0: no deadline)")
+
+
+def check_priority(priority: object) -> int:
+    """A request's priority class: an int (not a bool, not a string) within
+    ±``PRIORITY_LIMIT``; lower runs sooner."""
+    if (not isinstance(priority, int) or isinstance(priority, bool)
+            or not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT):
+        expected = f"an int in {-PRIORITY_LIMIT}..{PRIORITY_LIMIT} (lower runs sooner; default 0)"
+        raise InvalidParameterError("priority", priority, expected)
+    return priority
 
 
 def check_namespace(namespace: object) -> None:

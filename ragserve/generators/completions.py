@@ -23,9 +23,11 @@ from ragserve.errors import GenerationError
 from ragserve.types import Generation, TokenUsage
 
 
-def request_body(config: GenerateConfig, model: str, prompt: str, token_ids: Sequence[Any] | None) -> dict[str, Any]:
+def request_body(config: GenerateConfig, model: str, prompt: str, token_ids: Sequence[Any] | None,
+                 priority: int = 0) -> dict[str, Any]:
     """The rendered prompt as token ids when the tokenizer gave integers (vLLM tokenizes
-    nothing again), else as text; the shared sampling of ``[generate]``."""
+    nothing again), else as text; the shared sampling of ``[generate]``; with
+    ``generate.scheduling = "priority"``, vLLM's ``priority`` field."""
     ids = list(token_ids) if token_ids and all(type(t) is int for t in token_ids) else None
     body: dict[str, Any] = {
         "model": model, "prompt": ids if ids is not None else prompt, "max_tokens": config.max_tokens,
@@ -34,6 +36,8 @@ def request_body(config: GenerateConfig, model: str, prompt: str, token_ids: Seq
     }
     if config.temperature > 0:  # as the vllm backend: a seed means nothing to greedy decoding
         body["seed"] = config.seed
+    if config.scheduling == "priority":
+        body["priority"] = priority
     return body
 
 

@@ -215,10 +215,11 @@ class OpenAIGenerator:
     # -- generation --------------------------------------------------------------------
 
     async def generate(self, prompt: str, request_id: str, *,
-                       token_ids: list[int] | None = None) -> Generation:
+                       token_ids: list[int] | None = None, priority: int = 0) -> Generation:
         """The whole answer (the stream, consumed)."""
         final = None
-        async with aclosing(self.stream(prompt, request_id, token_ids=token_ids, deltas=False)) as pieces:
+        async with aclosing(self.stream(prompt, request_id, token_ids=token_ids, deltas=False,
+                                        priority=priority)) as pieces:
             async for piece in pieces:
                 final = piece
         if not isinstance(final, Generation):
@@ -226,13 +227,14 @@ class OpenAIGenerator:
         return final
 
     async def stream(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
-                     deltas: bool = True) -> AsyncIterator[str | Generation]:
-        """Yield text deltas as they arrive (unless ``deltas=False``), then the ``Generation``."""
+                     deltas: bool = True, priority: int = 0) -> AsyncIterator[str | Generation]:
+        """Yield text deltas as they arrive (unless ``deltas=False``), then the ``Generation``.
+        ``priority`` goes to the server with ``generate.scheduling = "priority"``."""
         if not self._clients:
             self.warm_up()
         if not self.model_name:
             await self._ask_model()
-        body = request_body(self.config, self.model_name, prompt, token_ids)
+        body = request_body(self.config, self.model_name, prompt, token_ids, priority)
         tried: list[Endpoint] = []
         problems: list[str] = []
         while len(tried) <= self.options.retries:

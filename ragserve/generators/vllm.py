@@ -143,6 +143,7 @@ class VllmGenerator:
                 stream_interval=opts.stream_interval,
                 seed=cfg.seed,
                 disable_log_stats=True,
+                scheduling_policy=cfg.scheduling,
             )
             bind_engine_cores()  # the engine core dies with this process, SIGKILL included
             try:
@@ -185,18 +186,21 @@ class VllmGenerator:
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None) -> Generation:
+    async def generate(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
+                       priority: int = 0) -> Generation:
         """The whole answer. ``token_ids``: the prompt already tokenized by the model's own
-        tokenizer (vLLM then skips tokenizing it again in this process)."""
+        tokenizer (vLLM then skips tokenizing it again in this process). ``priority``: lower
+        runs earlier; non-zero needs ``generate.scheduling = "priority"`` (vLLM refuses it
+        under FCFS)."""
         final = None
-        async for out in self._run(prompt, request_id, delta=False, token_ids=token_ids):
+        async for out in self._run(prompt, request_id, delta=False, token_ids=token_ids, priority=priority):
             final = out
         if final is None or not final.outputs:
             raise GenerationError(f"request {request_id}: the engine returned no output")
         return _to_generation(final, final.outputs[0].text)
 
     async def stream(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
-                     deltas: bool = True) -> AsyncIterator[str | Generation]:
+                     deltas: bool = True, priority: int = 0) -> AsyncIterator[str | Generation]:
         """Yield text deltas as they are generated, then the final ``Generation``.
 
         ``deltas=False`` asks vLLM for the final output only (``FINAL_ONLY``), as its own
@@ -204,11 +208,11 @@ class VllmGenerator:
         loops when nobody reads the pieces. Then only the ``Generation`` is yielded.
         """
         if not deltas:
-            yield await self.generate(prompt, request_id, token_ids=token_ids)
+            yield await self.generate(prompt, request_id, token_ids=token_ids, priority=priority)
             return
         text: list[str] = []
         last = None
-        async for out in self._run(prompt, request_id, delta=True, token_ids=token_ids):
+        async for out in self._run(prompt, request_id, delta=True, token_ids=token_ids, priority=priority):
             last = out
             if out.outputs and out.outputs[0].text:
                 text.append(out.outputs[0].text)
@@ -217,12 +221,15 @@ class VllmGenerator:
             raise GenerationError(f"request {request_id}: the engine returned no output")
         yield _to_generation(last, "".join(text))
 
-    async def _run(self, prompt: str, request_id: str, delta: bool, token_ids: list[int] | None) -> AsyncIterator[Any]:
+    async def _run(self, prompt: str, request_id: str, delta: bool, token_ids: list[int] | None,
+                   priority: int = 0) -> AsyncIterator[Any]:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         try:
-            async for out in self.engine.generate(_engine_input(prompt, token_ids), self._params(delta), request_id):
+            engine_input = _engine_input(prompt, token_ids)
+            params = self._params(delta)
+            async for out in self.engine.generate(engine_input, params, request_id, priority=priority):
                 yield out
         except VllmDead as e:
             raise EngineDeadError(f"the vLLM engine died: {e}") from e

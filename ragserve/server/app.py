@@ -29,6 +29,7 @@ from ragserve.server import sse
 from ragserve.server.auth import ApiKeys, KeyCheck, check_admin, load_admin_key
 from ragserve.server.common import (
     Served,
+    charge_done,
     first_event,
     request_id,
     result_json,
@@ -41,7 +42,9 @@ from ragserve.server.mcp_http import add_mcp_route, key_user
 from ragserve.server.middleware import RequestMiddleware
 from ragserve.server.openai_api import add_openai_routes
 from ragserve.server.prometheus import CONTENT_TYPE, PrometheusExporter
+from ragserve.server.quotas import QuotaMetrics
 from ragserve.server.schemas import QueryRequest, RetrieveRequest
+from ragserve.server.tenants import Tenant
 from ragserve.types import DoneEvent, SourcesEvent, StreamEvent, TokenEvent
 
 log = logging.getLogger("ragserve.server")
@@ -62,6 +65,8 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
         served.rag = rag() if owned else rag
         served.exporter = PrometheusExporter(served.rag, connections=lambda: served.connections)
         served.rag.observers.add(served.exporter)
+        if served.quotas is not None:
+            served.exporter.registry.register(QuotaMetrics(served.quotas))
         served.state.ready = True
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -71,6 +76,8 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
         finally:
             served.state.ready = False
             served.rag.observers.remove(served.exporter)
+            if served.quotas is not None:
+                await served.quotas.close()
             if owned:
                 served.rag.close()
 
@@ -97,20 +104,25 @@ def _native_routes(app: FastAPI, served: Served) -> None:
     @app.post("/v1/query", summary="Answer a question (JSON, or Server-Sent Events with stream=true)")
     async def query(req: QueryRequest, request: Request) -> Response:
         rid = request_id(request)
+        tenant = served.tenant_of(request)
         opts = dict(namespace=served.tenant(request, req.namespace), cache_read=req.cache.read,
-                    cache_write=req.cache.write, timeout_s=req.timeout_s, request_id=rid, top_k=req.top_k)
+                    cache_write=req.cache.write, timeout_s=req.timeout_s, request_id=rid, top_k=req.top_k,
+                    priority=served.priority(request, tenant, req.priority))
+        await served.admit(tenant)
         served.check_engine()
         if req.stream:
             events = served.rag.astream(req.question, **opts)
             first = await until_disconnected(request, first_event(events))
-            return StreamingResponse(_native_sse(first, events, served, rid), media_type="text/event-stream",
+            frames = _native_sse(first, events, served, rid, tenant)
+            return StreamingResponse(frames, media_type="text/event-stream",
                                      headers={**sse.HEADERS, "X-Cache": first.cache_tier})
         result = await until_disconnected(request, served.rag.aquery(req.question, **opts))
+        await served.charge(tenant, result)
         return json_response(result_json(result), headers={"X-Cache": result.cache_tier})
 
     @app.post("/v1/retrieve", summary="Retrieval only: the top-k sources with scores, no LLM")
     async def retrieve(req: RetrieveRequest, request: Request) -> Response:
-        served.check_key(request)
+        await served.admit(served.tenant_of(request))  # a request like any other: it takes one
         sources = await until_disconnected(request, served.rag.aretrieve(req.question, req.top_k))
         return json_response({"sources": [source_json(s) for s in sources], "request_id": request_id(request)})
 
@@ -194,7 +206,7 @@ def _errors(app: FastAPI, served: Served) -> None:
 
 
 async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], served: Served,
-                      rid: str) -> AsyncIterator[bytes]:
+                      rid: str, tenant: Tenant | None = None) -> AsyncIterator[bytes]:
     """``sources``, then ``token`` events (pieces that arrived together: one event, one
     write; see ``sse.py``), then ``done``."""
     try:
@@ -202,6 +214,7 @@ async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], s
                         "sources")
         async with contextlib.aclosing(sse.batches(events)) as batches:
             async for batch in batches:
+                await charge_done(served, tenant, batch)
                 out = b"".join(sse.token_frame(e.text) if isinstance(e, TokenEvent) else
                                sse.frame(result_json(e.result), "done") for e in sse.coalesce(batch)
                                if isinstance(e, (TokenEvent, DoneEvent)))

@@ -1,8 +1,9 @@
 """API keys → tenant namespaces.
 
-The keys file is JSON: ``{"KEY": "namespace", ...}``. With keys, a request's namespace is
-the one its key maps to, never the one in its body, so tenant A can never read tenant B's
-cached answers. Keys are compared in constant time, and every key is compared, so the
+The keys file is JSON: ``{"KEY": "namespace", ...}``, or per key an object with the
+tenant's name, priority class and quota (``tenants.py``). With keys, a request's namespace
+is the one its key maps to, never the one in its body, so tenant A can never read tenant
+B's cached answers. Keys are compared in constant time, and every key is compared, so the
 time taken says nothing about which key (or how much of one) matched.
 
 With keys, ``KeyCheck`` refuses a ``/v1`` request without a valid key (401) before
@@ -24,16 +25,17 @@ from typing import Any
 import orjson
 
 from ragserve.config import ServerConfig
-from ragserve.engine.validation import check_namespace
-from ragserve.errors import ConfigError, InputError
+from ragserve.errors import ConfigError
 from ragserve.server.httperrors import HTTPError, response
+from ragserve.server.tenants import Tenant, parse_entry
 
 MIN_KEY_CHARS = 16
 
 
 class ApiKeys:
-    def __init__(self, keys: dict[str, str]) -> None:
-        self._keys = [(k.encode(), ns) for k, ns in keys.items()]
+    def __init__(self, keys: dict[str, str | Tenant]) -> None:
+        """``keys``: key → namespace, or key → ``Tenant``."""
+        self._keys = [(k.encode(), t if isinstance(t, Tenant) else Tenant(t, t)) for k, t in keys.items()]
 
     @classmethod
     def load(cls, path: str | Path) -> ApiKeys:
@@ -46,29 +48,35 @@ class ApiKeys:
             raise ConfigError("server.api_keys_file", f"{p} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or not data:
             raise ConfigError("server.api_keys_file", f"{p} must be a JSON object mapping key to namespace")
-        for key, ns in data.items():
-            if not isinstance(ns, str) or not ns or len(key) < MIN_KEY_CHARS:
-                raise ConfigError("server.api_keys_file",
-                                  f"{p}: every key needs 16+ characters and a non-empty namespace string")
-            try:
-                check_namespace(ns)  # refused here, not on every request of that tenant
-            except InputError as e:
-                raise ConfigError("server.api_keys_file", f"{p}: the namespace of key {key[:4]}…: {e}") from None
-        return cls(data)
+        tenants: dict[str, str | Tenant] = {}
+        for key, entry in data.items():
+            if len(key) < MIN_KEY_CHARS:
+                raise ConfigError("server.api_keys_file", f"{p}: every key needs 16+ characters")
+            tenants[key] = parse_entry(key, entry, str(p))
+        return cls(tenants)
+
+    @property
+    def tenants(self) -> list[Tenant]:
+        """Every tenant of the file, once per name (the bounded set of metric labels)."""
+        return list({t.name: t for _, t in self._keys}.values())
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def namespace(self, authorization: str | None) -> str:
         """The namespace of the bearer key in an ``Authorization`` header; 401 otherwise."""
+        return self.tenant(authorization).namespace
+
+    def tenant(self, authorization: str | None) -> Tenant:
+        """The tenant of the bearer key in an ``Authorization`` header; 401 otherwise."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized("missing API key: send 'Authorization: Bearer KEY'")
         presented = token.strip().encode()
         found = None
-        for key, ns in self._keys:  # no early exit: the time is the same whichever matches
+        for key, tenant in self._keys:  # no early exit: the time is the same whichever matches
             if hmac.compare_digest(presented, key):
-                found = ns
+                found = tenant
         if found is None:
             raise unauthorized("the API key is not valid")
         return found

@@ -11,11 +11,14 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from ragserve.config import RAGConfig
+from ragserve.errors import InvalidParameterError
 from ragserve.server.auth import ApiKeys
 from ragserve.server.httperrors import HTTPError
 from ragserve.server.middleware import ServingState
 from ragserve.server.prometheus import PrometheusExporter
-from ragserve.types import QueryResult, SourcesEvent, StreamEvent
+from ragserve.server.quotas import Quotas, make_quotas
+from ragserve.server.tenants import Tenant
+from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent
 
 T = TypeVar("T")
 
@@ -32,12 +35,46 @@ class Served:
         self.exporter: PrometheusExporter | None = None
         self.connections: Any = None
         """The ``limits.ConnectionGuard`` of the server this app runs in (``uvicorn_options``)."""
+        k = config.cache
+        self.quotas: Quotas | None = make_quotas(keys.tenants, config.server.quota_redis_url, k.l2_timeout_ms,
+                                                 k.l2_failures_to_open, k.l2_cooldown_s) if keys else None
 
     def tenant(self, request: Request, namespace: str | None) -> str | None:
         """With keys, the key's namespace (the body's is ignored); without, the body's."""
         if self.keys is None:
             return namespace
         return self.keys.namespace(request.headers.get("authorization"))
+
+    def tenant_of(self, request: Request) -> Tenant | None:
+        """The request's tenant, from its API key (None without keys; 401 for a bad key)."""
+        return self.keys.tenant(request.headers.get("authorization")) if self.keys is not None else None
+
+    async def admit(self, tenant: Tenant | None) -> None:
+        """Take one request from ``tenant``'s quota, or raise ``QuotaExceeded`` (429 before
+        the engine sees anything)."""
+        if self.quotas is not None:
+            await self.quotas.admit(tenant)
+
+    async def charge(self, tenant: Tenant | None, result: QueryResult) -> None:
+        """The tokens ``result`` generated, taken from its tenant's bucket."""
+        if self.quotas is not None:
+            await self.quotas.charge(tenant, result)
+
+    def priority(self, request: Request, tenant: Tenant | None, asked: Any = None) -> Any:
+        """The request's priority class: the body's, else the ``X-Priority`` header's, else
+        the key's default (0 without keys); within the key's ``max_priority``. A value that
+        is not an int is handed on as it is, for the engine's typed 400."""
+        header = request.headers.get("x-priority")
+        if asked is None and header is not None:
+            try:
+                asked = int(header.strip())
+            except ValueError:
+                raise InvalidParameterError("priority", header, "an int (the X-Priority header)") from None
+        if tenant is None:
+            return 0 if asked is None else asked
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool)):
+            return asked
+        return tenant.priority_of(asked)
 
     def check_engine(self) -> None:
         """A dead engine is 503 before anything starts (a stream would otherwise begin with
@@ -49,6 +86,13 @@ class Served:
     def check_key(self, request: Request) -> None:
         if self.keys is not None:
             self.keys.namespace(request.headers.get("authorization"))
+
+
+async def charge_done(served: Served, tenant: Tenant | None, batch: list[StreamEvent]) -> None:
+    """A stream's tokens, charged to its tenant when its ``DoneEvent`` goes by."""
+    for event in batch:
+        if isinstance(event, DoneEvent):
+            await served.charge(tenant, event.result)
 
 
 def request_id(request: Request) -> str:

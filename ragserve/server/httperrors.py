@@ -8,7 +8,8 @@
 | headers or body slower than ``server.header_timeout_s`` / ``body_timeout_s`` | 408 |
 | every connection busy (``server.max_connections``, ``ops_connections``) | 503 |
 | missing or wrong API key | 401 |
-| ``OverloadedError`` | 429 + ``Retry-After`` |
+| ``OverloadedError`` | 429 + ``Retry-After`` (``server.retry_after_s``) |
+| ``QuotaExceeded`` (the API key's own bucket) | 429 + ``Retry-After`` from the bucket |
 | ``DeadlineExceededError`` | 504 |
 | ``EngineDeadError``, ``GeneratorUnavailableError``, engine not ready, draining, index not servable | 503 |
 | ``GenerationError`` (one request failed in the engine) | 502 |
@@ -20,6 +21,7 @@ A response never carries a stack trace.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -33,6 +35,7 @@ from ragserve.errors import (
     IndexError_,
     InputError,
     OverloadedError,
+    QuotaExceeded,
     RagserveError,
 )
 
@@ -59,6 +62,9 @@ def describe(error: BaseException, request_id: str, retry_after_s: int = 1) -> H
         name = type(error).__name__
         if isinstance(error, InputError):
             return HTTPError(400, name, message, stage)
+        if isinstance(error, QuotaExceeded):  # whole seconds, never 0: a client retries after it
+            wait = max(1, math.ceil(error.retry_after_s))
+            return HTTPError(429, name, message, stage, {"Retry-After": str(wait)})
         if isinstance(error, OverloadedError):
             return HTTPError(429, name, message, stage, {"Retry-After": str(retry_after_s)})
         if isinstance(error, DeadlineExceededError):

@@ -28,9 +28,17 @@ from starlette.responses import Response, StreamingResponse
 
 from ragserve.errors import InputError
 from ragserve.server import sse
-from ragserve.server.common import Served, first_event, request_id, source_json, until_disconnected
+from ragserve.server.common import (
+    Served,
+    charge_done,
+    first_event,
+    request_id,
+    source_json,
+    until_disconnected,
+)
 from ragserve.server.httperrors import HTTPError, body, describe, json_response
 from ragserve.server.schemas import ChatCompletionRequest
+from ragserve.server.tenants import Tenant
 from ragserve.types import DoneEvent, QueryResult, SourcesEvent, StreamEvent, TokenEvent
 
 ALIAS = "ragserve"
@@ -47,19 +55,23 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         rid = request_id(request)
         namespace = served.tenant(request, None)
+        tenant = served.tenant_of(request)
         check_options(req, served)
         question = last_user_message(req)
+        priority = served.priority(request, tenant, req_priority(req))
+        opts = dict(namespace=namespace, request_id=rid, priority=priority)
+        await served.admit(tenant)
         served.check_engine()
-        opts = dict(namespace=namespace, request_id=rid)
         cid, created, model = f"chatcmpl-{rid}", int(time.time()), model_id(served)
         if req.stream:
             events = served.rag.astream(question, **opts)
             first = await until_disconnected(request, first_event(events))
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            frames = _chunks(first, events, cid, created, model, usage, served, rid)
+            frames = _chunks(first, events, cid, created, model, usage, served, rid, tenant)
             return StreamingResponse(frames, media_type="text/event-stream",
                                      headers={**sse.HEADERS, "X-Cache": first.cache_tier})
         r = await until_disconnected(request, served.rag.aquery(question, **opts))
+        await served.charge(tenant, r)
         return json_response({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.answer},
@@ -96,6 +108,12 @@ def check_options(req: ChatCompletionRequest, served: Served) -> None:
                          "omit them or send the server's values: " + "; ".join(refused))
 
 
+def req_priority(req: ChatCompletionRequest) -> Any:
+    """vLLM's server takes ``priority`` as an extra body field of the OpenAI request; so
+    does this one (``X-Priority`` otherwise)."""
+    return (req.model_extra or {}).get("priority")
+
+
 def last_user_message(req: ChatCompletionRequest) -> str:
     for message in reversed(req.messages):
         if message.role == "user":
@@ -108,7 +126,8 @@ def last_user_message(req: ChatCompletionRequest) -> str:
 
 
 async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: str, created: int, model: str,
-                  usage: bool, served: Served, rid: str) -> AsyncIterator[bytes]:
+                  usage: bool, served: Served, rid: str,
+                  tenant: Tenant | None = None) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": choices, **extra})
@@ -130,6 +149,7 @@ async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: 
         yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async with aclosing(sse.batches(events)) as batches:  # pieces that arrived together: one chunk
             async for batch in batches:
+                await charge_done(served, tenant, batch)
                 out = b"".join(frames(sse.coalesce(batch)))
                 if out:
                     yield out

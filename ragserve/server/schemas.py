@@ -4,7 +4,7 @@ typo is a 422 that names it, not a silently ignored option."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,6 +29,12 @@ class QueryRequest(BaseModel):
     timeout_s: float | None = Field(default=None, ge=0, le=3600,
                                     description="Deadline in seconds (0: none; default: query.timeout_s).")
     stream: bool = Field(default=False, description="Answer as Server-Sent Events: sources, token..., done.")
+    # NOTE: typed Any and checked by the engine (400 InvalidParameterError naming the field),
+    # not by pydantic: "high" or 10**9 is the same typed 400 in the body, the X-Priority
+    # header and the Python API.
+    priority: Any = Field(default=None, json_schema_extra={"type": "integer"},
+                          description="Priority class, lower runs sooner (default: the API key's, else 0; "
+                                      "also the X-Priority header). Within the key's max_priority.")
 
 
 class RetrieveRequest(BaseModel):

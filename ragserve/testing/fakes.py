@@ -113,6 +113,8 @@ class FakeGenerator:
     def __init__(self, fail_on=None, delay=0.01, words=2):
         self.prompts = []
         self.request_ids = []
+        self.priorities = []
+        """The ``priority=`` each stream was started with (None: not given)."""
         self.fail_on = fail_on
         self.delay = delay
         self.words = words
@@ -125,17 +127,18 @@ class FakeGenerator:
     def tokenizer(self):
         return WordTokenizer()
 
-    async def generate(self, prompt, request_id, token_ids=None):
+    async def generate(self, prompt, request_id, token_ids=None, priority=None):
         gen = None
-        async for piece in self.stream(prompt, request_id):
+        async for piece in self.stream(prompt, request_id, priority=priority):
             gen = piece
         return gen
 
-    async def stream(self, prompt, request_id, token_ids=None, deltas=True):
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True, priority=None):
         """Like vLLM: ``words`` pieces ``delay`` seconds apart, then the ``Generation``
         (the pieces too when ``deltas`` is off: the pipeline must cope with either)."""
         self.prompts.append(prompt)
         self.request_ids.append(request_id)
+        self.priorities.append(priority)
         self.running += 1
         try:
             pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]

@@ -165,11 +165,11 @@ class RayGenerator:
         return bool(await self._handle.reset_prefix_cache.remote())
 
     async def generate(self, prompt: str, request_id: str, *,
-                       token_ids: list[int] | None = None) -> Generation:
+                       token_ids: list[int] | None = None, priority: int = 0) -> Generation:
         """The whole answer, in one handle call."""
         self.requests += 1
         self.outstanding += 1
-        response = self._handle.generate.remote(prompt, request_id, token_ids)
+        response = self._handle.generate.remote(prompt, request_id, token_ids, priority)
         try:
             return await response
         except asyncio.CancelledError:
@@ -182,15 +182,15 @@ class RayGenerator:
             self.outstanding -= 1
 
     async def stream(self, prompt: str, request_id: str, *, token_ids: list[int] | None = None,
-                     deltas: bool = True) -> AsyncIterator[str | Generation]:
+                     deltas: bool = True, priority: int = 0) -> AsyncIterator[str | Generation]:
         """Text deltas as the generator replica yields them, then the ``Generation``.
         ``deltas=False``: one unary call, only the ``Generation`` comes back."""
         if not deltas:
-            yield await self.generate(prompt, request_id, token_ids=token_ids)
+            yield await self.generate(prompt, request_id, token_ids=token_ids, priority=priority)
             return
         self.requests += 1
         self.outstanding += 1
-        pieces = self._streams.stream.remote(prompt, request_id, token_ids)
+        pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority)
         finished = False
         try:
             while True:

@@ -78,15 +78,19 @@ class GeneratorServer:
             self.failed += 1
             raise
 
-    async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None) -> Generation:
+    async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None,
+                       priority: int = 0) -> Generation:
         """The whole answer, as the backend's ``generate``."""
         with self._counted():
-            return await self.generator.generate(prompt, request_id, token_ids=token_ids)
+            return await self.generator.generate(prompt, request_id, token_ids=token_ids,
+                                                 **_priority(priority))
 
     async def stream(self, prompt: str, request_id: str,
-                     token_ids: list[int] | None = None) -> AsyncIterator[str | Generation]:
+                     token_ids: list[int] | None = None,
+                     priority: int = 0) -> AsyncIterator[str | Generation]:
         """Text deltas as the backend generates them, then the final ``Generation``."""
-        pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True)
+        pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True,
+                                       **_priority(priority))
         with self._counted():
             try:
                 async for piece in pieces:
@@ -134,3 +138,9 @@ class GeneratorServer:
             await aclose()
         else:
             generator.shutdown()
+
+
+def _priority(priority: int) -> dict[str, int]:
+    """``priority=`` for the backend only when one was asked for: the ingress sends it only
+    with ``generate.scheduling = "priority"``, and 0 is every backend's default."""
+    return {"priority": priority} if priority else {}

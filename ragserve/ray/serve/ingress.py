@@ -70,6 +70,8 @@ class IngressServer:
 
         cfg = RAGConfig().replace(**config)
         require_shared_l2(cfg)
+        if not cfg.server.quota_redis_url:  # every replica draws on one bucket per tenant
+            cfg = cfg.replace(server={"quota_redis_url": cfg.cache.redis_url})
         self.config = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
         # Waits until a generator replica is up (its engine warm), then keeps its model name.
