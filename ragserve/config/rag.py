@@ -40,6 +40,7 @@ from ragserve.config.query import QueryConfig
 from ragserve.config.ray import RayConfig, validate_ray
 from ragserve.config.retrieval import ChunkConfig, Device, EmbedConfig, IndexConfig, IndexType, Precision
 from ragserve.config.server import ServerConfig
+from ragserve.config.telemetry import TelemetryConfig, validate_telemetry
 from ragserve.errors import ConfigError
 
 
@@ -56,6 +57,7 @@ class RAGConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -220,6 +222,7 @@ def _validate(cfg: RAGConfig) -> None:
     validate_backends(g.backend, cfg.vllm, cfg.openai)
     validate_prompt(cfg.prompt)
     validate_ray(cfg.ray)
+    validate_telemetry(cfg.telemetry)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")
