@@ -27,7 +27,8 @@ from ragserve.server.httperrors import HTTPError, describe, response
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("ragserve.server")
 access = logging.getLogger("ragserve.access")
-"""One line per request: request id, method, path, status, milliseconds (INFO)."""
+"""One line per request: request id, method, path, status, milliseconds, and ``trace=<trace id>``
+when tracing is on (INFO)."""
 OPS_PATHS = ("/health", "/ready", "/metrics")
 
 
@@ -115,8 +116,9 @@ class RequestMiddleware:
             too_large = False
             await response(_too_large(self.max_body))(scope, receive, send_with_id)
         if access.isEnabledFor(logging.INFO):
-            access.info("%s %s %s %d %.1fms", request_id, scope["method"], scope["path"], status,
-                        (time.perf_counter() - t0) * 1e3)
+            trace_id = scope["state"].get("trace_id")  # set by server/tracing.py when tracing is on
+            access.info("%s %s %s %d %.1fms%s", request_id, scope["method"], scope["path"], status,
+                        (time.perf_counter() - t0) * 1e3, f" trace={trace_id}" if trace_id else "")
 
 
 def _shut_down() -> HTTPError:
