@@ -31,6 +31,12 @@ they exist; vLLM's latency attributes (``gen_ai.latency.*``) as vLLM emits them;
 own under ``ragserve.*``. Content (question, answer, sources' text) only with
 ``telemetry.capture_content``.
 
+Every span here is built after the fact, as the SDK's finished-span type (``ReadableSpan``,
+what every exporter reads), never started and ended through an SDK tracer: a request pays
+only a note in a queue (``on_result``, ``end``); the one tracing thread builds the spans (at
+most 0.1 s later) and exports them in batches. The sampling decision is taken once per
+trace, where it starts (a caller's ``traceparent`` flags, else ``sample_ratio``).
+
 This module imports OpenTelemetry at its top: only ``make_tracing`` imports it, and only
 when tracing is on.
 """
@@ -42,17 +48,18 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
 
@@ -60,12 +67,37 @@ log = logging.getLogger("ragserve.tracing")
 GENAI_SEMCONV = "0.1.0"
 """The version of the OpenTelemetry GenAI semantic conventions these spans follow."""
 _MS = 1_000_000  # ns per ms
+_SCHEMA = "https://opentelemetry.io/schemas/1.45.0"
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_ids = RandomIdGenerator()
+_WAKE_AT = 256  # notes pending before the tracing thread is woken early
+_BUILD_EVERY_S = 0.1
+_MAX_PENDING = 65_536  # past it (the thread cannot keep up) the oldest notes are dropped
+_EXPORT_BATCH = 512
 _RUN_STAGES = ("admission", "embed_wait", "embed", "search", "docload", "prompt", "generate")
 
 
+class OpenSpan:
+    """A span being timed at the edge (an HTTP request, a Ray replica's call): its ids are
+    fixed at the start, so its work can be bound to it; it becomes a ``ReadableSpan`` when
+    ``Tracing.end`` is given its end."""
+
+    __slots__ = ("name", "context", "parent", "attributes", "start", "kind")
+
+    def __init__(self, name: str, context: SpanContext, parent: SpanContext | None,
+                 attributes: dict[str, Any], start: int, kind: SpanKind) -> None:
+        self.name, self.context, self.parent = name, context, parent
+        self.attributes, self.start, self.kind = attributes, start, kind
+
+    @property
+    def traceparent(self) -> TraceParent:
+        c = self.context
+        return TraceParent(f"{c.trace_id:032x}", f"{c.span_id:016x}", c.trace_flags.sampled)
+
+
 class Tracing:
-    """Spans of every request: an observer (``rag.observers.add(tracing)``) plus the server
-    span of the HTTP edge (``server_span``).
+    """Spans of every request: an observer (``rag.observers.add(tracing)``), and the spans
+    of the edges (``start`` / ``end``: the HTTP server span, a Ray replica's span).
 
     ``exporter``: where spans go (an OTLP exporter, the SDK's ``InMemorySpanExporter`` in a
     test); ``service``: ``service.name``; ``embed_model``, ``backend``, ``top_k``: what the
@@ -74,44 +106,59 @@ class Tracing:
 
     def __init__(self, exporter: SpanExporter, *, service: str = "ragserve", sample_ratio: float = 1.0,
                  capture_content: bool = False, embed_model: str = "", backend: str = "", top_k: int = 0) -> None:
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service}),
-                                       sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        self.tracer = self.provider.get_tracer("ragserve", schema_url="https://opentelemetry.io/schemas/1.45.0")
+        self.exporter = exporter
+        self._resource = Resource.create({"service.name": service})
+        self._sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+        self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
         self.capture_content = capture_content
         self.embed_model = embed_model
         self.backend = backend
         self.top_k = top_k
+        self.dropped = 0
         self._leaders: OrderedDict[int, tuple[weakref.ref[Any], str, TraceParent | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._batch: list[ReadableSpan] = []
+        self._wake = threading.Event()
+        self._building = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ragserve-tracing", daemon=True)
+        self._thread.start()
 
-    # -- the HTTP edge ------------------------------------------------------------------
+    # -- the edges ----------------------------------------------------------------------
 
-    def server_span(self, name: str, parent: TraceParent | None, attributes: Mapping[str, Any],
-                    start_ns: int) -> tuple[Any, TraceParent]:
-        """Start the server span of one HTTP request (a child of the caller's ``traceparent``
-        when it sent one); returns the span and its context, to ``bind`` for the request."""
-        span = self.tracer.start_span(name, context=_context(parent, remote=True), kind=SpanKind.SERVER,
-                                      attributes=attributes, start_time=start_ns)
-        sc = span.get_span_context()
-        return span, TraceParent(f"{sc.trace_id:032x}", f"{sc.span_id:016x}", sc.trace_flags.sampled)
+    def start(self, name: str, parent: TraceParent | None, attributes: dict[str, Any], start_ns: int,
+              kind: SpanKind = SpanKind.SERVER) -> OpenSpan:
+        """A span of this process's part of a request, the child of the caller's context
+        when there is one (its sampled flag decides), else the root of a new trace."""
+        if parent is None:
+            trace_id, parent_sc = _ids.generate_trace_id(), None
+            sampled = self._sampler.should_sample(None, trace_id, name).decision.is_sampled()
+        else:
+            trace_id, parent_sc, sampled = int(parent.trace_id, 16), _span_context(parent, remote=True), parent.sampled
+        flags = _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT)
+        context = SpanContext(trace_id, _ids.generate_span_id(), is_remote=False, trace_flags=flags)
+        return OpenSpan(name, context, parent_sc, attributes, start_ns, kind)
+
+    def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
+        if span.context.trace_flags.sampled:
+            self._note(self._finished, (span, end_ns, error))
 
     @contextmanager
     def span_for(self, name: str, parent: TraceParent, request_id: str) -> Iterator[None]:
-        """A server span for ``request_id``'s work in this process (a Ray replica's part of
-        a request), bound to it while it runs; an exception marks it as an error."""
-        span = self.tracer.start_span(name, context=_context(parent, remote=True), kind=SpanKind.SERVER,
-                                      attributes={"ragserve.request_id": request_id})
-        sc = span.get_span_context()
-        token = bind(request_id, TraceParent(f"{sc.trace_id:032x}", f"{sc.span_id:016x}", sc.trace_flags.sampled))
+        """A span for ``request_id``'s work in this process (a Ray replica's part of a
+        request), bound to it while it runs; an exception marks it as an error."""
+        span = self.start(name, parent, {"ragserve.request_id": request_id}, time.time_ns())
+        token = bind(request_id, span.traceparent)
+        error = None
         try:
             yield
         except BaseException as e:
-            span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+            error = type(e).__name__
             raise
         finally:
             unbind(request_id, token)
-            span.end()
+            self.end(span, time.time_ns(), error)
 
     # -- the request observer -----------------------------------------------------------
 
@@ -124,26 +171,90 @@ class Tracing:
                 self._leaders.popitem(last=False)
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
-        end = time.time_ns()
-        start = end - round(stages.get("total", 0.0) * _MS)
+        """Note the request's end and context (its binding ends with it); its spans are
+        built on the tracing thread."""
         parent = context_for(result.request_id)
-        links, leader = self._leader(result)
-        root = self.tracer.start_span("ragserve.query", context=_context(parent), start_time=start,
-                                      attributes=self._query_attributes(result, leader), links=links)
-        if root.is_recording():
-            ctx = trace.set_span_in_context(root)
-            self._cache_span(ctx, result, stages, start)
-            self._run_spans(ctx, result, stages, end, links, leader)
-        root.end(end_time=end)
+        if parent is None or parent.sampled:
+            self._note(self._build, (result, stages, time.time_ns(), parent))
 
     def on_error(self, error: BaseException) -> None:
         pass  # the server span carries the status; the error's request has no result
 
     def flush(self, timeout_ms: int = 30_000) -> bool:
-        return self.provider.force_flush(timeout_ms)
+        """Build and export everything noted so far (tests, shutdown)."""
+        self._drain()
+        return self.exporter.force_flush(timeout_ms)
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._drain()
+        self.exporter.shutdown()
+
+    # -- the tracing thread -------------------------------------------------------------
+
+    def _note(self, build: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append((build, args))
+        if len(self._pending) >= _WAKE_AT:
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(_BUILD_EVERY_S)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._building:  # one builder, one exporter call at a time
+            built = 0
+            while self._pending:
+                build, args = self._pending.popleft()
+                try:
+                    build(*args)
+                except Exception:  # noqa: BLE001 - a tracing bug must not stop the tracing thread
+                    log.exception("could not build spans")
+                built += 1
+                if built % 8 == 0:
+                    # NOTE: give the GIL away now and then: a request thread would otherwise
+                    # wait out the interpreter's 5 ms switch interval behind a long batch.
+                    time.sleep(0)
+                if len(self._batch) >= _EXPORT_BATCH:
+                    self._export()
+            self._export()
+
+    def _export(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            self.exporter.export(batch)
+        except Exception:  # noqa: BLE001 - an exporter's failure loses these spans, never a request
+            log.exception("could not export %d spans", len(batch))
+
+    def _finished(self, span: OpenSpan, end: int, error: str | None) -> None:
+        status = Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
+        self._batch.append(ReadableSpan(span.name, span.context, span.parent, self._resource, span.attributes, (),
+                                        (), span.kind, status=status, start_time=span.start, end_time=end,
+                                        instrumentation_scope=self._scope))
+
+    def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
+        start = end - round(stages.get("total", 0.0) * _MS)
+        if parent is None:  # no edge span (a library call): a new trace, sampled here
+            trace_id = _ids.generate_trace_id()
+            if not self._sampler.should_sample(None, trace_id, "ragserve.query").decision.is_sampled():
+                return
+            parent_sc = None
+        else:
+            trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
+        links, leader = self._leader(result)
+        root = self._emit("ragserve.query", trace_id, parent_sc, start, end,
+                          self._query_attributes(result, leader), links=links)
+        self._cache_span(root, result, stages, start)
+        self._run_spans(root, result, stages, end, links, leader)
 
     # -- building ----------------------------------------------------------------------
 
@@ -170,14 +281,22 @@ class Tracing:
             a["ragserve.answer"] = result.answer
         return a
 
-    def _child(self, ctx: Any, name: str, start: int, ms: float, attributes: Mapping[str, Any],
-               kind: SpanKind = SpanKind.INTERNAL) -> int:
+    def _emit(self, name: str, trace_id: int, parent: SpanContext | None, start: int, end: int,
+              attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL,
+              links: Sequence[Link] = ()) -> SpanContext:
+        """One finished span into the batch being built (on the tracing thread)."""
+        context = SpanContext(trace_id, _ids.generate_span_id(), is_remote=False, trace_flags=_SAMPLED)
+        self._batch.append(ReadableSpan(name, context, parent, self._resource, attributes, (), links, kind,
+                                        start_time=start, end_time=end, instrumentation_scope=self._scope))
+        return context
+
+    def _child(self, parent: SpanContext, name: str, start: int, ms: float, attributes: Mapping[str, Any],
+               kind: SpanKind = SpanKind.INTERNAL, links: Sequence[Link] = ()) -> int:
         end = start + round(ms * _MS)
-        self.tracer.start_span(name, context=ctx, kind=kind, start_time=start,
-                               attributes=attributes).end(end_time=end)
+        self._emit(name, parent.trace_id, parent, start, end, attributes, kind, links)
         return end
 
-    def _cache_span(self, ctx: Any, result: Any, stages: Mapping[str, float], start: int) -> None:
+    def _cache_span(self, ctx: SpanContext, result: Any, stages: Mapping[str, float], start: int) -> None:
         ms = stages.get("cache_l1", 0.0) + stages.get("cache_l2", 0.0)
         if "cache_l1" not in stages and "cache_l2" not in stages:
             return  # the request did not read the cache
@@ -185,10 +304,10 @@ class Tracing:
         tiers = [t for t in ("l1", "l2") if f"cache_{t}" in stages]
         self._child(ctx, "ragserve.cache.lookup", start, ms, {
             "ragserve.cache.tier": result.cache_tier, "ragserve.cache.hit": hit,
-            "ragserve.cache.tiers_asked": tiers,
+            "ragserve.cache.tiers_asked": tuple(tiers),
             "ragserve.cache.l1_ms": stages.get("cache_l1", 0.0), "ragserve.cache.l2_ms": stages.get("cache_l2", 0.0)})
 
-    def _run_spans(self, ctx: Any, result: Any, stages: Mapping[str, float], end: int,
+    def _run_spans(self, ctx: SpanContext, result: Any, stages: Mapping[str, float], end: int,
                    links: Sequence[Link], leader: str | None) -> None:
         ran = [s for s in _RUN_STAGES if s in stages]
         if not ran or result.cache_tier != "miss":
@@ -199,8 +318,7 @@ class Tracing:
             attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
             if leader is not None:
                 attributes["ragserve.single_flight.leader"] = leader
-            self.tracer.start_span("ragserve.single_flight.join", context=ctx, start_time=start, links=links,
-                                   attributes=attributes).end(end_time=end)
+            self._child(ctx, "ragserve.single_flight.join", start, (end - start) / _MS, attributes, links=links)
             return
         t = end - round(sum(stages[s] for s in ran) * _MS)
         for stage in ran:
@@ -223,8 +341,8 @@ class Tracing:
             "gen_ai.operation.name": "retrieval", "gen_ai.data_source.id": result.index_fingerprint,
             # NOTE: the configured top_k: a request's own top_k is not in its result.
             "gen_ai.retrieval.top_k": self.top_k, "ragserve.retrieval.used": len(sources),
-            "ragserve.retrieval.scores": [float(s.score) for s in sources],
-            "ragserve.retrieval.chunk_ids": [int(s.chunk_id) for s in sources],
+            "ragserve.retrieval.scores": tuple(float(s.score) for s in sources),
+            "ragserve.retrieval.chunk_ids": tuple(int(s.chunk_id) for s in sources),
             "ragserve.retrieval.dropped": result.dropped_sources}
         if self.capture_content:
             a["gen_ai.retrieval.query.text"] = result.question
@@ -244,7 +362,7 @@ class Tracing:
             "gen_ai.latency.time_in_model_decode": stages.get("generate_decode", 0.0) / 1e3,
             "gen_ai.latency.e2e": stages.get("generate", 0.0) / 1e3}
         if result.finish_reason:
-            a["gen_ai.response.finish_reasons"] = [result.finish_reason]
+            a["gen_ai.response.finish_reasons"] = (result.finish_reason,)
         if self.capture_content:
             a["gen_ai.output.messages"] = json.dumps(
                 [{"role": "assistant", "parts": [{"type": "text", "content": result.answer}],
@@ -255,19 +373,6 @@ class Tracing:
 def _span_context(p: TraceParent, remote: bool = False) -> SpanContext:
     return SpanContext(int(p.trace_id, 16), int(p.span_id, 16), is_remote=remote,
                        trace_flags=TraceFlags(TraceFlags.SAMPLED if p.sampled else TraceFlags.DEFAULT))
-
-
-def _context(parent: TraceParent | None, remote: bool = False) -> Any:
-    return None if parent is None else trace.set_span_in_context(NonRecordingSpan(_span_context(parent, remote)))
-
-
-def end_server_span(span: Any, status: int, end_ns: int) -> None:
-    """End an HTTP server span: ``http.response.status_code``, and an error status for a 5xx
-    (a 4xx is the client's, per the HTTP conventions)."""
-    span.set_attribute("http.response.status_code", status)
-    if status >= 500:
-        span.set_status(Status(StatusCode.ERROR))
-    span.end(end_time=end_ns)
 
 
 def make_exporter(kind: str, endpoint: str = "") -> SpanExporter:
@@ -292,3 +397,9 @@ def make_tracing(config: Any, exporter: SpanExporter | None = None) -> Tracing:
     return Tracing(exporter or make_exporter(trace_export(t), t.endpoint), service=service,
                    sample_ratio=t.sample_ratio, capture_content=t.capture_content,
                    embed_model=config.embed.model, backend=config.generate.backend, top_k=config.query.top_k)
+
+
+def _version() -> str:
+    from ragserve._version import __version__
+
+    return __version__

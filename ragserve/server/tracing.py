@@ -28,16 +28,15 @@ class TraceMiddleware:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPS_PATHS:
             return await self.app(scope, receive, send)
-        from ragserve.observe.traces import end_server_span
-
         headers = dict(scope.get("headers") or [])
         parent = parse_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))
         state = scope.setdefault("state", {})
         request_id = state.get("request_id", "")
         method = scope["method"]
-        span, context = self.tracing.server_span(method, parent, {
+        span = self.tracing.start(method, parent, {
             "http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
             "ragserve.request_id": request_id}, time.time_ns())
+        context = span.traceparent
         state["trace_id"] = context.trace_id
         token = bind(request_id, context)
         status = 500
@@ -54,6 +53,8 @@ class TraceMiddleware:
             unbind(request_id, token)
             route = getattr(scope.get("route"), "path", None)
             if route:
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.route", route)
-            end_server_span(span, status, time.time_ns())
+                span.name = f"{method} {route}"
+                span.attributes["http.route"] = route
+            span.attributes["http.response.status_code"] = status
+            # A 5xx is the server's error; a 4xx the client's (the HTTP conventions).
+            self.tracing.end(span, time.time_ns(), str(status) if status >= 500 else None)
