@@ -308,7 +308,11 @@ async def test_the_ray_generator_replica_continues_the_ingress_trace():
             return Method()
 
     exporter = InMemorySpanExporter()
-    server = GeneratorServer.__new__(GeneratorServer)
+    class Server(GeneratorServer):
+        def __del__(self):  # Serve awaits the async one; a test's garbage collector would not
+            pass
+
+    server = Server.__new__(Server)
     await server.__init__(RAGConfig().to_dict(), RecordingGenerator())  # Serve awaits its async __init__
     client = RayGenerator(Handle(), {"model_name": "fake-llm", "backend": "vllm", "alive": True}, tokenizer=None)
     token = bind("r1", parse_traceparent(TRACEPARENT))
@@ -326,7 +330,7 @@ async def test_the_ray_generator_replica_continues_the_ingress_trace():
     assert server.generator.seen[1] == f"00-{TRACE}-{span.context.span_id:016x}-01"
     await client.generate("a prompt", "r2")  # nothing bound: nothing sent
     assert calls[-1][3] is None and server.generator.seen[-1] is None
-    server.tracing.shutdown()
+    await GeneratorServer.__del__(server)  # what Serve does when it stops the replica: tracing shut down too
 
 
 # -- off is free ---------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
+from ragserve.observe.timing import stage_layout
 
 log = logging.getLogger("ragserve.tracing")
 GENAI_SEMCONV = "0.1.0"
@@ -74,7 +75,8 @@ _WAKE_AT = 256  # notes pending before the tracing thread is woken early
 _BUILD_EVERY_S = 0.1
 _MAX_PENDING = 65_536  # past it (the thread cannot keep up) the oldest notes are dropped
 _EXPORT_BATCH = 512
-_RUN_STAGES = ("admission", "embed_wait", "embed", "search", "docload", "prompt", "generate")
+# The miss path's stages in pipeline order, read from ``Timings`` (a new stage is a new span).
+_RUN_STAGES = tuple(s for s in stage_layout()[0] if not s.startswith("cache_"))
 
 
 class OpenSpan:
