@@ -57,7 +57,8 @@ def trace_export(t: TelemetryConfig, env: Mapping[str, str] | None = None) -> st
 def validate_telemetry(t: TelemetryConfig) -> None:
     allowed = get_args(TraceExport)
     if t.traces not in allowed:
-        raise ConfigError("telemetry.traces", f"must be one of {', '.join(map(repr, allowed))}, got {t.traces!r}")
+        raise ConfigError("telemetry.traces",
+                          f"must be one of {', '.join(map(repr, allowed))}, got {t.traces!r}")
     if not 0.0 <= t.sample_ratio <= 1.0:
         raise ConfigError("telemetry.sample_ratio", f"must be in 0..1, got {t.sample_ratio}")
     if t.endpoint and not t.endpoint.startswith(("http://", "https://")):

@@ -25,11 +25,8 @@ link to the leader's request span, ``ragserve.single_flight.leader`` (the leader
 id) and the run's stage times as ``ragserve.run.<stage>_ms``; the stages themselves are in
 the leader's trace.
 
-Names follow the OpenTelemetry GenAI semantic conventions **v0.1.0** (the
-``semantic-conventions-genai`` repository's first release; Development status) where
-they exist; vLLM's latency attributes (``gen_ai.latency.*``) as vLLM emits them; ragserve's
-own under ``ragserve.*``. Content (question, answer, sources' text) only with
-``telemetry.capture_content``.
+The names and attributes are ``genai.py``'s: the OpenTelemetry GenAI semantic conventions
+v0.1.0 where they have one. Content only with ``telemetry.capture_content``.
 
 Every span here is built after the fact, as the SDK's finished-span type (``ReadableSpan``,
 what every exporter reads), never started and ended through an SDK tracer: a request pays
@@ -43,7 +40,6 @@ when tracing is on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -61,12 +57,11 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ragserve.observe.genai import Naming, query_attributes
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
 from ragserve.observe.timing import stage_layout
 
 log = logging.getLogger("ragserve.tracing")
-GENAI_SEMCONV = "0.1.0"
-"""The version of the OpenTelemetry GenAI semantic conventions these spans follow."""
 _MS = 1_000_000  # ns per ms
 _SCHEMA = "https://opentelemetry.io/schemas/1.45.0"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -107,15 +102,13 @@ class Tracing:
     chat, ``gen_ai.retrieval.top_k`` of the retrieval)."""
 
     def __init__(self, exporter: SpanExporter, *, service: str = "ragserve", sample_ratio: float = 1.0,
-                 capture_content: bool = False, embed_model: str = "", backend: str = "", top_k: int = 0) -> None:
+                 capture_content: bool = False, embed_model: str = "", backend: str = "",
+                 top_k: int = 0) -> None:
         self.exporter = exporter
         self._resource = Resource.create({"service.name": service})
         self._sampler = ParentBased(TraceIdRatioBased(sample_ratio))
         self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
-        self.capture_content = capture_content
-        self.embed_model = embed_model
-        self.backend = backend
-        self.top_k = top_k
+        self.naming = Naming(capture_content, embed_model, backend, top_k)
         self.dropped = 0
         self._leaders: OrderedDict[int, tuple[weakref.ref[Any], str, TraceParent | None]] = OrderedDict()
         self._lock = threading.Lock()
@@ -137,7 +130,8 @@ class Tracing:
             trace_id, parent_sc = _ids.generate_trace_id(), None
             sampled = self._sampler.should_sample(None, trace_id, name).decision.is_sampled()
         else:
-            trace_id, parent_sc, sampled = int(parent.trace_id, 16), _span_context(parent, remote=True), parent.sampled
+            trace_id, sampled = int(parent.trace_id, 16), parent.sampled
+            parent_sc = _span_context(parent, remote=True)
         flags = _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT)
         context = SpanContext(trace_id, _ids.generate_span_id(), is_remote=False, trace_flags=flags)
         return OpenSpan(name, context, parent_sc, attributes, start_ns, kind)
@@ -239,8 +233,8 @@ class Tracing:
 
     def _finished(self, span: OpenSpan, end: int, error: str | None) -> None:
         status = Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
-        self._batch.append(ReadableSpan(span.name, span.context, span.parent, self._resource, span.attributes, (),
-                                        (), span.kind, status=status, start_time=span.start, end_time=end,
+        self._batch.append(ReadableSpan(span.name, span.context, span.parent, self._resource, span.attributes,
+                                        (), (), span.kind, status=status, start_time=span.start, end_time=end,
                                         instrumentation_scope=self._scope))
 
     def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
@@ -254,7 +248,7 @@ class Tracing:
             trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
         links, leader = self._leader(result)
         root = self._emit("ragserve.query", trace_id, parent_sc, start, end,
-                          self._query_attributes(result, leader), links=links)
+                          query_attributes(result, leader, self.naming.capture_content), links=links)
         self._cache_span(root, result, stages, start)
         self._run_spans(root, result, stages, end, links, leader)
 
@@ -271,17 +265,6 @@ class Tracing:
         if context is None:
             return (), leader_id
         return [Link(_span_context(context), {"ragserve.link": "single_flight.leader"})], leader_id
-
-    def _query_attributes(self, result: Any, leader: str | None) -> dict[str, Any]:
-        a: dict[str, Any] = {"ragserve.request_id": result.request_id, "ragserve.cache.tier": result.cache_tier,
-                             "ragserve.index.fingerprint": result.index_fingerprint,
-                             "ragserve.single_flight.shared": bool(result.shared)}
-        if leader is not None:
-            a["ragserve.single_flight.leader"] = leader
-        if self.capture_content:
-            a["ragserve.question"] = result.question
-            a["ragserve.answer"] = result.answer
-        return a
 
     def _emit(self, name: str, trace_id: int, parent: SpanContext | None, start: int, end: int,
               attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL,
@@ -307,7 +290,8 @@ class Tracing:
         self._child(ctx, "ragserve.cache.lookup", start, ms, {
             "ragserve.cache.tier": result.cache_tier, "ragserve.cache.hit": hit,
             "ragserve.cache.tiers_asked": tuple(tiers),
-            "ragserve.cache.l1_ms": stages.get("cache_l1", 0.0), "ragserve.cache.l2_ms": stages.get("cache_l2", 0.0)})
+            "ragserve.cache.l1_ms": stages.get("cache_l1", 0.0),
+            "ragserve.cache.l2_ms": stages.get("cache_l2", 0.0)})
 
     def _run_spans(self, ctx: SpanContext, result: Any, stages: Mapping[str, float], end: int,
                    links: Sequence[Link], leader: str | None) -> None:
@@ -320,56 +304,14 @@ class Tracing:
             attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
             if leader is not None:
                 attributes["ragserve.single_flight.leader"] = leader
-            self._child(ctx, "ragserve.single_flight.join", start, (end - start) / _MS, attributes, links=links)
+            join_ms = (end - start) / _MS
+            self._child(ctx, "ragserve.single_flight.join", start, join_ms, attributes, links=links)
             return
         t = end - round(sum(stages[s] for s in ran) * _MS)
         for stage in ran:
-            name, kind, attributes = self._stage(stage, result, stages)
+            name, client, attributes = self.naming.stage(stage, result, stages)
+            kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
             t = self._child(ctx, name, t, stages[stage], attributes, kind)
-
-    def _stage(self, stage: str, result: Any, stages: Mapping[str, float]) -> tuple[str, SpanKind, dict[str, Any]]:
-        if stage == "embed":
-            return (f"embeddings {self.embed_model}".strip(), SpanKind.INTERNAL,
-                    {"gen_ai.operation.name": "embeddings", "gen_ai.request.model": self.embed_model})
-        if stage == "search":
-            return "retrieval", SpanKind.INTERNAL, self._retrieval_attributes(result)
-        if stage == "generate":
-            return f"chat {result.model}".strip(), SpanKind.CLIENT, self._chat_attributes(result, stages)
-        return f"ragserve.{stage}", SpanKind.INTERNAL, {}
-
-    def _retrieval_attributes(self, result: Any) -> dict[str, Any]:
-        sources = result.sources
-        a: dict[str, Any] = {
-            "gen_ai.operation.name": "retrieval", "gen_ai.data_source.id": result.index_fingerprint,
-            # NOTE: the configured top_k: a request's own top_k is not in its result.
-            "gen_ai.retrieval.top_k": self.top_k, "ragserve.retrieval.used": len(sources),
-            "ragserve.retrieval.scores": tuple(float(s.score) for s in sources),
-            "ragserve.retrieval.chunk_ids": tuple(int(s.chunk_id) for s in sources),
-            "ragserve.retrieval.dropped": result.dropped_sources}
-        if self.capture_content:
-            a["gen_ai.retrieval.query.text"] = result.question
-            a["gen_ai.retrieval.documents"] = json.dumps(
-                [{"id": f"{s.doc_id}#{s.chunk_id}", "score": float(s.score), "content": s.text} for s in sources])
-        return a
-
-    def _chat_attributes(self, result: Any, stages: Mapping[str, float]) -> dict[str, Any]:
-        a: dict[str, Any] = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": self.backend or "ragserve",
-            "gen_ai.request.model": result.model, "gen_ai.response.model": result.model,
-            "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
-            "gen_ai.usage.output_tokens": result.usage.completion_tokens,
-            # vLLM's own request-span attributes (seconds), from the stage split vLLM reports.
-            "gen_ai.latency.time_in_queue": stages.get("generate_queue", 0.0) / 1e3,
-            "gen_ai.latency.time_to_first_token": stages.get("generate_first_token", 0.0) / 1e3,
-            "gen_ai.latency.time_in_model_decode": stages.get("generate_decode", 0.0) / 1e3,
-            "gen_ai.latency.e2e": stages.get("generate", 0.0) / 1e3}
-        if result.finish_reason:
-            a["gen_ai.response.finish_reasons"] = (result.finish_reason,)
-        if self.capture_content:
-            a["gen_ai.output.messages"] = json.dumps(
-                [{"role": "assistant", "parts": [{"type": "text", "content": result.answer}],
-                  "finish_reason": result.finish_reason or "stop"}])
-        return a
 
 
 def _span_context(p: TraceParent, remote: bool = False) -> SpanContext:

@@ -34,8 +34,8 @@ class TraceMiddleware:
         request_id = state.get("request_id", "")
         method = scope["method"]
         span = self.tracing.start(method, parent, {
-            "http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
-            "ragserve.request_id": request_id}, time.time_ns())
+            "http.request.method": method, "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"), "ragserve.request_id": request_id}, time.time_ns())
         context = span.traceparent
         state["trace_id"] = context.trace_id
         token = bind(request_id, context)
