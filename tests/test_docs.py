@@ -192,11 +192,13 @@ def _dotted_problems(page: Path) -> list[str]:
 
 
 def _telemetry_names(found: set[str]) -> set[str]:
-    """The names among ``found`` that are span or attribute names ragserve's traces emit
-    (``ragserve.cache.tier``, ``ragserve.<stage>``): dotted like a module, but not one."""
+    """The names among ``found`` that are span, attribute or logger names ragserve emits
+    (``ragserve.cache.tier``, ``ragserve.<stage>``, ``ragserve.access``): dotted like a
+    module, but not one."""
     from ragserve.observe.timing import stage_layout
 
-    source = "".join((ROOT / "ragserve" / p).read_text("utf-8") for p in ("observe/traces.py", "observe/genai.py", "observe/propagation.py", "server/tracing.py"))
+    source = "".join((ROOT / "ragserve" / p).read_text("utf-8") for p in ("observe/traces.py", "observe/genai.py", "observe/propagation.py", "server/tracing.py",
+                                                   "server/middleware.py"))
     emitted = {m.group(1).rstrip(".") for m in re.finditer(r'"(ragserve\.[\w.]*)', source)}
     emitted |= {f"ragserve.{stage}" for stage in stage_layout()[0]}
     return {n for n in found if n in emitted or any(e.startswith(n + ".") for e in emitted)}

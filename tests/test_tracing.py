@@ -373,3 +373,43 @@ def test_telemetry_config_is_validated_and_otel_env_turns_it_on():
     for bad in ("", "00-xyz", f"ff-{TRACE}-{CALLER}-01", f"00-{'0' * 32}-{CALLER}-01", f"00-{TRACE}-{'0' * 16}-01"):
         assert parse_traceparent(bad) is None
 
+
+
+# -- structured logs -------------------------------------------------------------------------
+
+
+def test_json_access_lines_carry_request_trace_tenant_outcome_tier_status_and_ms(tmp_path, caplog):
+    import json
+
+    from ragserve.server.auth import ApiKeys
+    from ragserve.server.logs import JsonFormatter
+
+    key = "k" * 32
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({key: "team-a"}))
+    exporter = InMemorySpanExporter()
+    config = RAGConfig().replace(server={"log_format": "json"})
+    tracing = make_tracing(config, exporter)
+    rag = fake_rag(tmp_path / "idx", config=config)
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        app = create_app(rag, config, keys=ApiKeys.load(keys_file), tracing=tracing)
+        with running(app) as url, caplog.at_level(logging.INFO, logger="ragserve.access"):
+            post(url + "/v1/query", json={"question": "chunk number 1"}, headers={**auth, "X-Request-Id": "j1",
+                                                                                  "traceparent": TRACEPARENT})
+            post(url + "/v1/query", json={"question": "chunk number 1"}, headers={**auth, "X-Request-Id": "j2"})
+            post(url + "/v1/query", json={"question": ""}, headers={**auth, "X-Request-Id": "j3"})
+            post(url + "/v1/query", json={"question": "q"}, headers={"X-Request-Id": "j4"})
+    finally:
+        tracing.shutdown()
+        rag.close()
+    lines = {d["request_id"]: d for d in (json.loads(JsonFormatter().format(r)) for r in caplog.records
+                                          if r.name == "ragserve.access")}
+    assert lines["j1"]["trace_id"] == TRACE and lines["j1"]["tenant"] == "team-a"
+    assert (lines["j1"]["cache_tier"], lines["j2"]["cache_tier"]) == ("miss", "l1")
+    assert (lines["j1"]["status"], lines["j1"]["outcome"]) == (200, "ok") and lines["j1"]["total_ms"] > 0
+    assert (lines["j3"]["status"], lines["j3"]["outcome"], lines["j3"]["cache_tier"]) == (400, "invalid", None)
+    assert (lines["j4"]["status"], lines["j4"]["tenant"]) == (401, None)  # no key: no tenant
+    assert key not in json.dumps(lines) and all(d["level"] == "INFO" for d in lines.values())
+    with pytest.raises(Exception, match="server.log_format"):
+        RAGConfig().replace(server={"log_format": "xml"})

@@ -237,6 +237,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(not sv.admin_key or len(sv.admin_key) >= 16, "server.admin_key",
            f"must have 16+ characters (as API keys do), got {len(sv.admin_key)}")
     _check(sv.max_header_bytes >= 1024, "server.max_header_bytes", f"must be >= 1024, got {sv.max_header_bytes}")
+    _check(sv.log_format in ("text", "json"), "server.log_format", f"must be 'text' or 'json', got {sv.log_format!r}")
     _check(sv.max_headers >= 8, "server.max_headers", f"must be >= 8, got {sv.max_headers}")
     for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "send_timeout_s"):
         _check(getattr(sv, name) > 0, f"server.{name}", f"must be > 0, got {getattr(sv, name)}")

@@ -86,7 +86,8 @@ class KeyCheck:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), b"")
             try:
-                self.keys.namespace(header.decode("latin-1"))
+                # The key's namespace, never the key: the access line's tenant (server/logs.py).
+                scope.setdefault("state", {})["tenant"] = self.keys.namespace(header.decode("latin-1"))
             except HTTPError as e:
                 return await response(e)(scope, receive, send)
         await self.app(scope, receive, send)
