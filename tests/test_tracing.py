@@ -413,3 +413,40 @@ def test_json_access_lines_carry_request_trace_tenant_outcome_tier_status_and_ms
     assert key not in json.dumps(lines) and all(d["level"] == "INFO" for d in lines.values())
     with pytest.raises(Exception, match="server.log_format"):
         RAGConfig().replace(server={"log_format": "xml"})
+
+
+def test_a_stuck_exporter_never_holds_a_request_and_what_waits_for_it_is_bounded(tmp_path):
+    import time
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from ragserve.observe import traces
+
+    class Stuck(SpanExporter):
+        def __init__(self):
+            self.release, self.calls = threading.Event(), 0
+
+        def export(self, spans):
+            self.calls += 1
+            self.release.wait(60)
+            return SpanExportResult.FAILURE
+
+    rag = fake_rag(tmp_path / "idx")
+    try:
+        result = rag.query("chunk number 2")
+    finally:
+        rag.close()
+    stuck = Stuck()
+    tracing = Tracing(stuck)
+    try:
+        tracing.on_result(result, result.timings.as_dict())
+        tracing._wake.set()
+        eventually(lambda: stuck.calls, what="the tracing thread to be stuck in the exporter")
+        t0 = time.perf_counter()
+        for _ in range(traces._MAX_PENDING + 100):
+            tracing.on_result(result, result.timings.as_dict())
+        per_request_us = (time.perf_counter() - t0) / (traces._MAX_PENDING + 100) * 1e6
+        assert tracing.dropped == 100 and per_request_us < 1000  # a note, never a wait on the exporter
+    finally:
+        stuck.release.set()
+        tracing.shutdown()

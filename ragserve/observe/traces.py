@@ -68,7 +68,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _ids = RandomIdGenerator()
 _WAKE_AT = 256  # notes pending before the tracing thread is woken early
 _BUILD_EVERY_S = 0.1
-_MAX_PENDING = 65_536  # past it (the thread cannot keep up) the oldest notes are dropped
+_MAX_PENDING = 8_192  # past it (an exporter stuck in its retries) new notes are dropped and counted
 _EXPORT_BATCH = 512
 # The miss path's stages in pipeline order, read from ``Timings`` (a new stage is a new span).
 _RUN_STAGES = tuple(s for s in stage_layout()[0] if not s.startswith("cache_"))
