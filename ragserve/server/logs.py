@@ -32,10 +32,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Root logging for a server process: ``text`` lines, or ``json`` objects."""
+    """Root logging for a server process: ``text`` lines (unless the root logger already has
+    a handler, as ``logging.basicConfig``), or ``json`` objects (replacing the handlers)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=log_format == "json")
 
 
 def outcome(status: int) -> str:
