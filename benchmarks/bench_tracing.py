@@ -75,8 +75,8 @@ def main() -> None:
                 if mode == "on":
                     rag.observers.add(tracing)
                 rows[mode]["hits"] += hits(rag, args.hits // args.blocks)
-                rows[mode]["misses"].append(misses(rag, args.misses // args.blocks, block * 2 + (mode == "on"),
-                                                   tracing if mode == "on" else None))
+                n, traced = args.misses // args.blocks, tracing if mode == "on" else None
+                rows[mode]["misses"].append(misses(rag, n, block * 2 + (mode == "on"), traced))
                 rag.observers.remove(tracing)
         tracing.flush()
         rag.close()
@@ -89,7 +89,8 @@ def main() -> None:
         p50, p99 = pcts(r["hits"], 50, 99)
         rates, cpus = [m[0] for m in r["misses"]], [m[1] for m in r["misses"]]
         mean[mode] = (sum(rates) / len(rates), sum(cpus) / len(cpus))
-        print(f"| {mode} | {p50:.1f} | {p99:.1f} | {' / '.join(f'{x:.0f}' for x in rates)} | {mean[mode][1]:.0f} |")
+        per_block = " / ".join(f"{x:.0f}" for x in rates)
+        print(f"| {mode} | {p50:.1f} | {p99:.1f} | {per_block} | {mean[mode][1]:.0f} |")
     print(f"\nmiss throughput on/off: {mean['on'][0] / mean['off'][0]:.3f}; "
           f"CPU per miss on/off: {mean['on'][1] / mean['off'][1]:.3f}")
 
