@@ -52,6 +52,7 @@ from ragserve.errors import (
     RedisServerError,
     RemoteError,
     ServerUnreachableError,
+    ShardError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.eval.evaluate import EvalReport, evaluate
@@ -119,6 +120,7 @@ __all__ = [
     "RemoteError",
     "RequestObserver",
     "ServerUnreachableError",
+    "ShardError",
     "Source",
     "SourcesEvent",
     "StreamEvent",

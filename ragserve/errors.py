@@ -24,6 +24,9 @@ that is wrong and what to do about it::
     │   ├── IndexIntegrityError     a file is missing, truncated or altered, or the files
     │   │                           disagree with each other or the manifest (names the
     │   │                           file and the inconsistency)
+    │   │   └── ShardError          a shard of a sharded index is missing, of another
+    │   │                           dimension, or not the one the top manifest lists
+    │   │                           (names the shard)
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
 ├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
@@ -206,6 +209,16 @@ class IndexNotFoundError(IndexError_):
 class IndexIntegrityError(IndexError_):
     """A file of the index does not match its manifest (missing, truncated, altered), or
     the files do not agree with each other (structure.py, contents.py)."""
+
+
+class ShardError(IndexIntegrityError):
+    """One shard of a sharded index cannot be served with the others: missing, of another
+    dimension or type, or not the version the top manifest lists (its fingerprint differs).
+    ``shard`` names it (``shard-002``); the whole set is refused, never a part of it."""
+
+    def __init__(self, path: Path | str, shard: str, message: str) -> None:
+        self.shard = shard
+        super().__init__(path, f"shard {shard}: {message}")
 
 
 class IndexMismatchError(IndexError_):

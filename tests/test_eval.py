@@ -103,6 +103,8 @@ def test_answer_metrics_on_a_few_questions(rag, squad8):
     for value in (metrics.contains, metrics.exact_match, metrics.f1):
         assert 0.0 <= value <= 1.0
     assert metrics.exact_match <= metrics.contains  # an exact answer also contains itself
+    assert all(len(r["baseline"].split()) == len(r["answer"].split()) for r in rows)
+    assert 0.0 < metrics.grounded <= 1.0 and 0.0 <= metrics.ungrounded_share <= 1.0
 
 
 def test_cli_errors_are_one_clean_line(tmp_path):
@@ -113,21 +115,25 @@ def test_cli_errors_are_one_clean_line(tmp_path):
     assert bad.exit_code == 1 and "index.index_type" in bad.output
 
 
-@pytest.mark.engine
-def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8):
-    """`ragserve eval --answers --sample N --seed S` end to end, in its own process and
-    engine (as a user runs it): the documented draw, every answer metric, a stable JSON."""
-    import os
-    import subprocess
-    import sys
+def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, monkeypatch):
+    """`ragserve eval --answers --sample N --seed S` end to end through the CLI: the documented
+    draw, every answer metric, a stable JSON. The answers come from the fake OpenAI server
+    (the protocol does not depend on the model; the real engine's answers are scored in
+    test_answer_metrics_on_a_few_questions)."""
+    from ragserve.testing.fake_openai import FakeOpenAI
+    from ragserve.testing.http import running
 
     out = tmp_path / "answers.json"
-    env = {**os.environ, "RAGSERVE_GENERATE_MAX_TOKENS": "16", "RAGSERVE_VLLM_KV_CACHE_GIB": "1"}
-    run = subprocess.run([sys.executable, "-m", "ragserve.cli", "eval", str(squad8), "--index", str(tmp_path / "i"),
-                          "--answers", "--sample", "6", "--seed", "3", "--json", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "contains a gold answer" in run.stdout and "cut at max_tokens" in run.stdout
+    with running(FakeOpenAI().app) as url:
+        for key, value in {"RAGSERVE_GENERATE_BACKEND": "openai", "RAGSERVE_OPENAI_URLS": url,
+                           "RAGSERVE_OPENAI_TOKENIZER": "server", "RAGSERVE_GENERATE_MAX_TOKENS": "4"}.items():
+            monkeypatch.setenv(key, value)
+        run = CliRunner().invoke(app, ["eval", str(squad8), "--index", str(tmp_path / "i"), "--answers",
+                                       "--sample", "6", "--seed", "3", "--json", str(out)])
+    assert run.exit_code == 0, run.output
+    text = " ".join(run.output.split())
+    assert "contains a gold answer" in text and "cut at max_tokens" in text and "extractive baseline" in text
+    assert "answers with an ungrounded number or name" in text
     report = orjson.loads(out.read_bytes())
     assert report["schema"] == "ragserve.eval/1"
     assert report["dataset"]["questions"] == 6 and report["dataset"]["sample"] == 6 and report["dataset"]["seed"] == 3
@@ -135,7 +141,10 @@ def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8):
     assert [r["qid"] for r in report["per_question"]] == [q.qid for q in drawn]
     a = report["answers"]
     assert a["questions"] == 6 and a["errors"] == 0 and a["empty_share"] == 0.0
-    for key in ("contains", "exact_match", "f1", "cut_share"):
+    for key in ("contains", "exact_match", "f1", "cut_share", "baseline_contains", "baseline_exact_match",
+                "baseline_f1", "grounded", "ungrounded_share"):
         assert 0.0 <= a[key] <= 1.0, key
     assert a["mean_words"] > 0
     assert all(isinstance(r["cut"], bool) for r in report["per_question"])
+    for r in report["per_question"]:  # the baseline has each answer's length, from its top source
+        assert len(r["baseline"].split()) == len(r["answer"].split()) and isinstance(r["ungrounded"], list)

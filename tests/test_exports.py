@@ -18,6 +18,8 @@ EXPECTED = sorted(EXPECTED + ["BatchInputError", "Embedder", "Generator", "NoL2E
                               "RequestObserver", "make_generator"])
 # Added with the client wing: the HTTP clients and the errors only they raise.
 EXPECTED = sorted(EXPECTED + ["AsyncClient", "AuthError", "Client", "RemoteError", "ServerUnreachableError"])
+# Added with sharded indexes: the refusal that names the shard.
+EXPECTED = sorted(EXPECTED + ["ShardError"])
 
 
 def test_public_names_are_pinned_and_sorted():

@@ -7,14 +7,17 @@ test_ray_serve.py). Run it alone with the engine lock:
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from ragserve.config import RAGConfig
 from ragserve.testing.redis import redis_server
-from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, eventually
 
 from .test_http import sse_events
 from .test_ray_serve import deployed, generator_status, generator_status_once, query, replica
@@ -79,3 +82,53 @@ def test_a_client_that_leaves_a_stream_aborts_the_vllm_request(served):
     done = sse_events(httpx.post(f"{url}/v1/query", json={**ask, "question": "Who won Super Bowl 50?"},
                                  timeout=120).text)
     assert done[0][0] == "sources" and done[-1][0] == "done" and done[-1][1]["answer"].strip()
+
+
+def _engine_cores(app: str = "ragserve-engine") -> dict[int, int]:
+    """Live vLLM engine-core processes whose parent is a Serve replica of ``app`` (Ray titles
+    its workers ``ray::ServeReplica:APP:DEPLOYMENT``) or that lost their parent (ppid 1) →
+    their parent pid, from ``/proc``."""
+    cores = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+            cmdline = (p / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z" or not (b"EngineCore" in cmdline or "EngineCor" in name):
+            continue
+        ppid = int(fields[2])
+        try:
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except OSError:
+            parent = b""
+        if ppid == 1 or app.encode() in parent:
+            cores[int(p.name)] = ppid
+    return cores
+
+
+def test_a_sigkilled_generator_replica_takes_its_engine_core_with_it_and_is_replaced(served):
+    """Last in the module: it costs the deployment a new engine. The replica's vLLM engine
+    core watches its parent (generators/lifeline.py), so killing the replica with SIGKILL
+    (no shutdown path runs) leaves no orphan holding the model's memory."""
+    url = served
+    cores = _engine_cores()
+    assert len(cores) == 1, cores  # the one generator replica's engine
+    (core, replica_pid), = cores.items()
+    os.kill(replica_pid, signal.SIGKILL)
+    eventually(lambda: core not in _engine_cores(), CLUSTER_WAIT_S, 0.2, "the engine core to end with its replica")
+    # Serve starts a new replica with a new engine; then the service answers again, with one engine
+
+    def answered() -> httpx.Response | None:
+        r = query(url, "Who won Super Bowl 50?", cache={"read": False, "write": False})
+        return r if r.status_code == 200 else None
+
+    answered = eventually(answered, CLUSTER_WAIT_S * 4, 1.0, "a new generator replica to answer",
+                          ignore=(httpx.HTTPError,))
+    assert answered.json()["answer"].strip()
+    after = _engine_cores()
+    assert len(after) == 1 and core not in after and replica_pid not in after.values(), after
+    assert all(ppid != 1 for ppid in after.values())

@@ -343,17 +343,21 @@ from ragserve.config import RAGConfig
 from ragserve.server.app import create_app
 from ragserve.testing.fakes import fake_rag
 from ragserve.testing.http import running, post, get
+def otel():
+    return {{m for m in sys.modules if m.startswith("opentelemetry")}}
 rag = fake_rag({str(tmp_path / 'idx')!r})
 with running(create_app(rag, RAGConfig())) as url:
+    before = otel()  # the mcp SDK imports opentelemetry's API for its own use; ragserve nothing
     r = post(url + "/v1/query", json={{"question": "chunk number 1"}}, headers={{"traceparent": {TRACEPARENT!r}}})
     assert r.status_code == 200, r.text
     get(url + "/metrics", headers={{"Accept": "application/openmetrics-text"}})
 rag.close()
-print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+print(sorted(otel() - before), sorted(m for m in otel() | set(sys.modules)
+                                      if m.startswith(("opentelemetry.sdk", "ragserve.observe.traces"))))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[] []"
 
 
 def test_telemetry_config_is_validated_and_otel_env_turns_it_on():

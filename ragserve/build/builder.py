@@ -42,7 +42,8 @@ ProgressFn = Callable[[str, int, int], None]
 ``train`` (IVF k-means iterations) and ``add`` (vectors added to the index)."""
 
 __all__ = ["VECTORS_FILE", "BuildReport", "PlannedBuild", "build_from_documents", "build_index",
-           "embed_slices", "finish_build", "plan_build_index", "start_build"]
+           "embed_slices", "embed_texts", "embedding_record", "finish_build", "gathered_vectors", "open_previous",
+           "plan_build_index", "ready_embedder", "start_build"]
 
 
 @dataclass
@@ -76,6 +77,9 @@ class BuildReport:
     """The real folder ``out`` now names."""
     cluster: dict[str, Any] = field(default_factory=dict)
     """Ray builds (``ray/build.py``): the cluster, read tasks and per-actor work; else empty."""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """Sharded builds (``sharded.py``): per shard its name, chunks, fingerprint and whether
+    it was rebuilt or linked unchanged from the previous version; else empty."""
 
     @property
     def files_read(self) -> int:
@@ -115,7 +119,12 @@ def build_index(
     """Build or update the index at ``out`` from a file or folder of documents.
 
     **Usage:** ``build_index("docs/", "indexes/docs")``; ``full=True`` re-embeds everything.
+    An index in shards (``index.shards``) is built by ``sharded.build_sharded``, which builds
+    on this module; given such a config, this refuses rather than drop the setting.
     """
+    if config is not None and config.index.shards:
+        raise ConfigError("index.shards", f"is {config.index.shards}: build a sharded index with "
+                          "ragserve.build.sharded.build_sharded (or `build-index --shards`)")
     build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
                         full=full)
     t = time.perf_counter()
@@ -179,11 +188,7 @@ def finish_build(build: PlannedBuild, g: Gathered, *, progress: ProgressFn | Non
         return _unchanged_report(plan, out, g.outcomes, timings, build.t0)
     previous = _open_previous(plan) if plan.previous is not None else None
     t = time.perf_counter()
-    vectors = np.empty((len(g.chunks), build.embedder.dim), np.float32)
-    _reuse(plan, previous, g.kept, vectors)
-    texts = [g.chunks[i].text for i in g.new_ids]
-    vectors[g.new_ids] = (embed(texts) if embed is not None
-                          else _embed_all(build.embedder, texts, config.embed.batch_size, progress))
+    vectors = gathered_vectors(plan, g, previous, build.embedder, config, progress=progress, embed=embed)
     timings["embed"] = time.perf_counter() - t
     build_record = {"mode": plan.mode, "reason": plan.reason, "files": plan.counts,
                     "chunks_embedded": len(g.new_ids), "chunks_kept": len(g.chunks) - len(g.new_ids),
@@ -194,6 +199,45 @@ def finish_build(build: PlannedBuild, g: Gathered, *, progress: ProgressFn | Non
     report.seconds["total"] = round(time.perf_counter() - build.t0, 3)
     report.mode, report.reason, report.changes, report.embedded = plan.mode, plan.reason, plan.counts, len(g.new_ids)
     return report
+
+
+def gathered_vectors(plan: BuildPlan, g: Gathered, previous: FaissIndex | None, embedder: Embedder,
+                     config: RAGConfig, *, progress: ProgressFn | None = None,
+                     embed: Callable[[list[str]], np.ndarray] | None = None) -> np.ndarray:
+    """The vectors of ``g``'s chunks in chunk-id order: the kept ones read back (and
+    checked) from ``previous`` (the plan's previous index, mapped), the new ones embedded
+    (``embed``, or ``embedder`` in ``embed_slices``)."""
+    vectors = np.empty((len(g.chunks), embedder.dim), np.float32)
+    _reuse(plan, previous, g.kept, vectors)
+    texts = [g.chunks[i].text for i in g.new_ids]
+    vectors[g.new_ids] = (embed(texts) if embed is not None
+                          else _embed_all(embedder, texts, config.embed.batch_size, progress))
+    return vectors
+
+
+def open_previous(plan: BuildPlan) -> FaissIndex | None:
+    """The plan's previous index, mapped (None for a full plan)."""
+    return _open_previous(plan) if plan.previous is not None else None
+
+
+def ready_embedder(config: RAGConfig, embedder: Embedder | None = None) -> tuple[Embedder, Any]:
+    """The embedder (``config``'s model unless given), loaded and checked against the chunk
+    size, and the chunker's token counter."""
+    embedder = embedder or _embedder(config)
+    return embedder, _ready(embedder, config)
+
+
+def embedding_record(embedder: Embedder, config: RAGConfig, dim: int) -> dict[str, Any]:
+    """The manifest's ``embedding`` section for vectors of ``embedder``."""
+    return embedding_section(embedder.identity, getattr(embedder, "path", config.embed.model), dim,
+                             precision=getattr(embedder, "precision", "float32"),
+                             max_seq_length=getattr(embedder, "max_seq_length", None))
+
+
+def embed_texts(embedder: Embedder, texts: list[str], batch_size: int,
+                progress: ProgressFn | None = None) -> np.ndarray:
+    """Embed ``texts`` in order, ``embed_slices`` at a time (what every build path does)."""
+    return _embed_all(embedder, texts, batch_size, progress)
 
 
 def build_from_documents(
@@ -274,9 +318,7 @@ def _index_and_publish(out: Path, chunks: list[Chunk], vectors: np.ndarray, outc
         extra["build"]["quantizer"] = quantizer
     timings["index"] = time.perf_counter() - t
     t = time.perf_counter()
-    embedding = embedding_section(embedder.identity, getattr(embedder, "path", config.embed.model), index.dim,
-                                  precision=getattr(embedder, "precision", "float32"),
-                                  max_seq_length=getattr(embedder, "max_seq_length", None))
+    embedding = embedding_record(embedder, config, index.dim)
     counts = {"files_read": sum(o.status == "ok" for o in outcomes),
               "files_skipped": sum(o.status == "skipped" for o in outcomes),
               "documents": documents, "chunks": len(chunks)}

@@ -53,6 +53,9 @@ def print_build_summary(out: Console, report: Any) -> None:
     out.print(f"  fingerprint {report.fingerprint[:16]}  seconds {report.seconds}")
     if report.cluster:
         _print_cluster(out, report.cluster)
+    for shard in report.shards:
+        out.print(f"  {shard['name']}: {shard['chunks']} chunks, {shard['action']}, fingerprint "
+                  f"{shard['fingerprint'][:16]}", highlight=False)
     if report.skipped:
         table = Table("skipped file", "reason", title="files not indexed")
         for f in report.skipped:

@@ -120,15 +120,20 @@ def print_eval(out: Console, report: Any) -> None:
               f" of questions; seconds {report.seconds}", highlight=False)
     if report.answers is not None:
         a = report.answers
-        table = Table("answers", "value", title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
-        table.add_row("contains a gold answer", f"{a.contains:.3f}")
-        table.add_row("exact match", f"{a.exact_match:.3f}")
-        table.add_row("token F1", f"{a.f1:.3f}")
+        table = Table("answers", "generated", "extractive baseline",
+                      title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
+        table.add_row("contains a gold answer", f"{a.contains:.3f}", f"{a.baseline_contains:.3f}")
+        table.add_row("exact match", f"{a.exact_match:.3f}", f"{a.baseline_exact_match:.3f}")
+        table.add_row("token F1", f"{a.f1:.3f}", f"{a.baseline_f1:.3f}")
+        table.add_row("content words found in the sources", f"{a.grounded:.3f}")
+        table.add_row("answers with an ungrounded number or name", f"{a.ungrounded_share:.3f}")
         table.add_row("mean answer words", f"{a.mean_words:.1f}")
         table.add_row("cut at max_tokens", f"{a.cut_share:.3f}")
         table.add_row("empty", f"{a.empty_share:.3f}")
         table.add_row("errors", str(a.errors))
         out.print(table)
+        out.print("  extractive baseline: the top source's window of the answer's own length with the most "
+                  "question words (no model); the generator adds the difference", highlight=False)
 
 
 def stats_view(data: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,9 @@ def build_index_cmd(
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
                                     "cluster).")] = None,
+    shards: Annotated[Optional[int], typer.Option(
+        "--shards", min=1, help="Write N shard folders under one index (files go to shards by a hash of "
+                                "their path); served as one index that searches every shard.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Read, chunk and embed a corpus into a new index version, then switch to it atomically.
@@ -68,14 +71,20 @@ def build_index_cmd(
 
     cfg = load_config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
-                         "hnsw_ef_construction": ef_construction})
+                         "hnsw_ef_construction": ef_construction, "shards": shards})
+    if cfg.index.shards and (ray or dry_run):
+        raise typer.BadParameter("--ray and --dry-run do not build sharded indexes yet; build without them")
     if (ray_address or ray_actors) and not ray:
         raise typer.BadParameter("--ray-address and --ray-actors need --ray")
     if dry_run:
         print_plan(out, plan_build_index(source, out_dir, cfg, encoding=encoding, full=full), out_dir)
         return
     with progress_bars(console) as on_progress:
-        if ray:
+        if cfg.index.shards:
+            from ragserve.build.sharded import build_sharded
+
+            report = build_sharded(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)
+        elif ray:
             from ragserve.ray.build import build_index_ray
 
             report = build_index_ray(source, out_dir, cfg, address=ray_address, actors=ray_actors,
@@ -180,6 +189,12 @@ def verify_index_cmd(index: Annotated[Path, typer.Argument(help="An index folder
         out.print(f"  contents agree: {structure.contents()}", highlight=False)
     if checked.vectors is not None:
         out.print(f"  {checked.vectors.summary()}", highlight=False)
+    for entry, shard in zip(m.data.get("shards", []), checked.shards):
+        out.print(f"  {entry['name']}: chunks {entry['first_chunk']}–{entry['first_chunk'] + entry['chunks'] - 1}, "
+                  f"fingerprint {shard.manifest.fingerprint[:16]}; {shard.structure.summary() if shard.structure else ''}",
+                  highlight=False)
+        if shard.vectors is not None:
+            out.print(f"    {shard.vectors.summary()}", highlight=False)
 
 
 @app.command("stats")
@@ -239,3 +254,4 @@ def prepare_models_cmd(force: Annotated[bool, typer.Option(help="Prepare again e
 
 # serve, batch and warm, after the commands above in `ragserve --help`
 from ragserve.cli import serving as cli_serving  # noqa: E402,F401
+from ragserve.cli import mcp as cli_mcp  # noqa: E402,F401

@@ -203,6 +203,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check_choice("index.index_type", i.index_type, IndexType)
     for name in ("ivf_nlist", "ivf_nprobe", "hnsw_ef_search"):
         _check(getattr(i, name) >= 0, f"index.{name}", f"must be >= 0 (0 chooses), got {getattr(i, name)}")
+    _check(0 <= i.shards <= 4096, "index.shards", f"must be in 0..4096 (0: not sharded), got {i.shards}")
     _check(2 <= i.hnsw_m <= 256, "index.hnsw_m", f"must be in 2..256, got {i.hnsw_m}")
     _check(i.hnsw_ef_construction >= 1, "index.hnsw_ef_construction",
            f"must be >= 1, got {i.hnsw_ef_construction}")
@@ -244,6 +245,9 @@ def _validate(cfg: RAGConfig) -> None:
     _check(sv.max_connections >= 2, "server.max_connections", f"must be >= 2, got {sv.max_connections}")
     _check(0 <= sv.ops_connections < sv.max_connections, "server.ops_connections",
            f"must be in 0..max_connections-1 ({sv.max_connections - 1}), got {sv.ops_connections}")
+    _check(sv.mcp_max_sessions >= 1, "server.mcp_max_sessions", f"must be >= 1, got {sv.mcp_max_sessions}")
+    _check(0 < sv.mcp_session_idle_s < float("inf"), "server.mcp_session_idle_s",
+           f"must be a number of seconds > 0, got {sv.mcp_session_idle_s}")
     _check(k.redis_url in ("", "embedded") or k.redis_url.split("://")[0] in ("redis", "rediss", "unix"),
            "cache.redis_url", f"must be '', 'embedded' or a redis://, rediss:// or unix:// URL, got {k.redis_url!r}")
 

@@ -81,3 +81,8 @@ class IndexConfig:
     hnsw_ef_search: int = 0
     """Query time: candidate list size per question (no rebuild needed); 0 uses the
     manifest's default (128, or this field's value when the index was built)."""
+    shards: int = 0
+    """Build: 0 writes one index; N >= 1 writes N shard folders under one index (each a
+    whole index folder; files go to shards by a hash of their path, so an incremental
+    build rewrites only the shards whose files changed). Serving opens every shard and
+    merges their top-k (``retrieval/sharded.py``)."""

@@ -59,3 +59,16 @@ class ServerConfig:
     send_timeout_s: float = 30.0
     """A response the client does not read: the connection is aborted once its write
     buffer (64 KiB) has stayed full this long (a stalled SSE stream ends)."""
+
+    # MCP at /mcp (ragserve/server/mcp_http.py; docs/mcp.md).
+    mcp: bool = True
+    """Serve the MCP tools (``retrieve``, ``answer``) at /mcp, Streamable HTTP, with the same
+    API keys as /v1."""
+    mcp_stateless: bool = False
+    """Serve MCP without sessions: every request stands alone, so any replica can answer
+    it (``serve --ray`` sets it: its proxy spreads a client's requests over replicas)."""
+    mcp_max_sessions: int = 1000
+    """Open MCP sessions (clients of protocol versions before 2026-07-28); a new one past it
+    gets 503 until one ends."""
+    mcp_session_idle_s: float = 600.0
+    """An MCP session with no request for this long is closed (its client opens another)."""

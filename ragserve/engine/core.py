@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ragserve.engine.admission import deadline
 from ragserve.engine.pipeline import EMBED_THREAD, Pipeline
 from ragserve.engine.served import describe, open_served
+from ragserve.engine.validation import check_options
 from ragserve.errors import InputError
 from ragserve.index.manifest import Manifest
 from ragserve.observe.timing import StageClock
@@ -107,10 +108,12 @@ class Engine(Pipeline):
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         question = self._check(question)
+        check_options(top_k=top_k)  # as a query's: 0 is not "the default", 10**6 not a search
         return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k))
 
     async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         question = self._check(question)
+        check_options(top_k=top_k)
         return await self._runtime.run_async(self._retrieve(question, top_k or self.config.query.top_k))
 
     async def _retrieve(self, question: str, top_k: int) -> list[Source]:

@@ -1,6 +1,7 @@
 """The served index as a snapshot: what a request reads, captured once when it starts.
 
-A ``ServedIndex`` is one verified version of an index folder: its manifest, the mapped
+A ``ServedIndex`` is one verified version of an index folder (or of a sharded index: every
+shard of one version, searched as one index, ``retrieval/sharded.py``): its manifest, the mapped
 FAISS index, the lazy docstore and the retriever over them, and the fingerprint that goes
 into every cache key. ``Snapshots`` holds the current one. A request takes the current
 snapshot when it is prepared and keeps it to the end, so its chunk ids resolve against the
@@ -25,7 +26,8 @@ from typing import Any
 from ragserve.config import RAGConfig
 from ragserve.index.contents import load_checked
 from ragserve.index.manifest import Manifest, check_embedding
-from ragserve.index.verify import verify
+from ragserve.index.shards import check_quantizer, shard_entries
+from ragserve.index.verify import check_index
 from ragserve.retrieval.retriever import Retriever
 from ragserve.types import DocStore, Embedder, VectorIndex
 
@@ -50,6 +52,9 @@ class ServedIndex:
         if not self.closed:
             self.closed = True
             self.retriever.close()
+            close = getattr(self.index, "close", None)  # a sharded index's search threads
+            if close:
+                close()
 
 
 def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
@@ -67,12 +72,38 @@ def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple
     flip changes nothing here."""
     from ragserve.retrieval.docstore import LazyDocStore
 
-    manifest = verify(path, vectors="none")  # the sample is read from the index mapped below
+    checked = check_index(path, vectors="none")  # the sample is read from the index mapped below
+    manifest = checked.manifest
     check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
-    index, _ = load_checked(manifest, nprobe=config.index.ivf_nprobe, ef_search=config.index.hnsw_ef_search)
+    load = {"nprobe": config.index.ivf_nprobe, "ef_search": config.index.hnsw_ef_search}
+    if checked.shards:
+        index, docstore = _open_shards(manifest, [s.manifest for s in checked.shards], load)
+    else:
+        index, docstore = load_checked(manifest, **load)[0], LazyDocStore(manifest.folder)
     embedder.warm_up()
     check_embedding(manifest, embedder.identity, embedder.dim)
-    return manifest, index, LazyDocStore(manifest.folder)
+    return manifest, index, docstore
+
+
+def _open_shards(top: Manifest, shards: list[Manifest], load: dict[str, int]) -> tuple[VectorIndex, DocStore]:
+    """Map every shard of a verified sharded index (a sample of each one's vectors checked,
+    and the IVF quantizer each really holds) as one index and one docstore. All shards come
+    from the one version folder ``top`` was read from, so a reload flips them together."""
+    from ragserve.retrieval.docstore import LazyDocStore
+    from ragserve.retrieval.sharded import ShardedDocStore, ShardedIndex
+
+    indexes, stores = [], []
+    try:
+        for entry, shard in zip(shard_entries(top), shards, strict=True):
+            index = load_checked(shard, **load)[0]
+            check_quantizer(top, entry, index.centroids())
+            indexes.append(index)
+            stores.append(LazyDocStore(shard.folder))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return ShardedIndex(indexes), ShardedDocStore(stores)
 
 
 class Snapshots:
@@ -126,5 +157,8 @@ class Snapshots:
 
 def describe(snap: ServedIndex) -> dict[str, Any]:
     m = snap.manifest
-    return {"fingerprint": m.fingerprint, "folder": str(m.folder), "chunks": m.data["counts"]["chunks"],
-            "index_type": m.data["index"]["type"]}
+    out = {"fingerprint": m.fingerprint, "folder": str(m.folder), "chunks": m.data["counts"]["chunks"],
+           "index_type": m.data["index"]["type"]}
+    if "shards" in m.data:
+        out["shards"] = len(m.data["shards"])
+    return out

@@ -9,7 +9,12 @@ normalisation (``eval/scoring.py``):
   generative model answers in its own words around the span);
 - ``exact_match`` and ``f1``: SQuAD's EM and token F1;
 - ``mean_words``, ``cut_share`` (stopped at ``max_tokens``: finish reason "length") and
-  ``empty_share``: how the answers are shaped.
+  ``empty_share``: how the answers are shaped;
+- ``baseline_*``: the same three scores for the no-model baseline, the window of the top
+  source of the answer's own length with the most question words (``eval/grounding.py``):
+  what the generator adds is the difference;
+- ``grounded``: the mean share of an answer's content words found in its sources, and
+  ``ungrounded_share``: the share of answers with a number or name no source has.
 
 **Usage:** ``metrics, rows = answer_metrics(rag, sample_questions(ds.questions, 200, 1))``
 """
@@ -26,9 +31,14 @@ from typing import Any
 
 from ragserve.engine.runtime import map_bounded
 from ragserve.eval.datasets import EvalQuestion
+from ragserve.eval.grounding import extractive_window, groundedness
 from ragserve.eval.scoring import contains_answer, exact_match, token_f1
 
 ProgressFn = Callable[[str, int, int], None]
+
+ANSWER_ROW_KEYS = ("answer", "contains", "em", "f1", "cut", "error", "baseline", "baseline_contains", "baseline_em",
+                   "baseline_f1", "grounded", "ungrounded")
+"""The per-question answer fields of a report (``score``'s row, in this order)."""
 
 
 @dataclass
@@ -44,6 +54,14 @@ class AnswerMetrics:
     """Share of answers stopped by ``generate.max_tokens`` rather than ended by the model."""
     empty_share: float = 0.0
     """Share of answers that are empty (a failed question counts as empty)."""
+    baseline_contains: float = 0.0
+    """``contains`` of the extractive baseline: the top source's window of the answer's length."""
+    baseline_exact_match: float = 0.0
+    baseline_f1: float = 0.0
+    grounded: float = 0.0
+    """Mean share of an answer's content words (numbers, names, nouns...) found in its sources."""
+    ungrounded_share: float = 0.0
+    """Share of answers with a number or a name that none of their sources has."""
 
 
 def sample_questions(questions: Sequence[EvalQuestion], n: int | None, seed: int = 1) -> list[EvalQuestion]:
@@ -66,11 +84,16 @@ def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        results = asyncio.run(_answer_all(rag, questions, concurrency, progress))
+        results = asyncio.run(answer_all(rag, questions, concurrency, progress))
     else:  # called from inside an event loop (a notebook): run ours on a helper thread
         with ThreadPoolExecutor(max_workers=1) as pool:
-            results = pool.submit(asyncio.run, _answer_all(rag, questions, concurrency, progress)).result()
+            results = pool.submit(asyncio.run, answer_all(rag, questions, concurrency, progress)).result()
     rows = [score(q, r) for q, r in zip(questions, results)]
+    return summarize(rows, time.perf_counter() - t), rows
+
+
+def summarize(rows: Sequence[dict[str, Any]], seconds: float) -> AnswerMetrics:
+    """The means of ``score``'s rows (a failed question is in them, scoring 0)."""
     n = max(1, len(rows))
 
     def mean(key: str) -> float:
@@ -78,24 +101,37 @@ def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: 
 
     return AnswerMetrics(
         questions=len(rows), contains=mean("contains"), exact_match=mean("em"), f1=mean("f1"),
-        errors=sum(r["error"] is not None for r in rows), seconds=round(time.perf_counter() - t, 3),
+        errors=sum(r["error"] is not None for r in rows), seconds=round(seconds, 3),
         mean_words=sum(len(r["answer"].split()) for r in rows) / n, cut_share=mean("cut"),
         empty_share=sum(not r["answer"].strip() for r in rows) / n,
-    ), rows
+        baseline_contains=mean("baseline_contains"), baseline_exact_match=mean("baseline_em"),
+        baseline_f1=mean("baseline_f1"), grounded=mean("grounded"),
+        ungrounded_share=sum(bool(r["ungrounded"]) for r in rows) / n,
+    )
 
 
 def score(question: EvalQuestion, result: Any) -> dict[str, Any]:
-    """One question's row: its answer (or error) and its scores."""
+    """One question's row: its answer (or error), its scores, the extractive baseline of the
+    same length and its scores, and how grounded the answer is in its sources."""
     failed = isinstance(result, Exception)
     answer = "" if failed else result.answer
+    sources = [] if failed else [s.text for s in result.sources]
+    baseline = extractive_window(question.text, sources[0], len(answer.split())) if sources else ""
+    grounding = groundedness(answer, sources)
+    golds = question.answers
     return {"answer": answer, "error": repr(result) if failed else None,
             "cut": (not failed) and getattr(result, "finish_reason", None) == "length",
-            "contains": contains_answer(answer, question.answers), "em": exact_match(answer, question.answers),
-            "f1": token_f1(answer, question.answers)}
+            "contains": contains_answer(answer, golds), "em": exact_match(answer, golds),
+            "f1": token_f1(answer, golds),
+            "baseline": baseline, "baseline_contains": contains_answer(baseline, golds),
+            "baseline_em": exact_match(baseline, golds), "baseline_f1": token_f1(baseline, golds),
+            "grounded": 0.0 if failed else grounding.grounded_share, "ungrounded": list(grounding.ungrounded)}
 
 
-async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
-                      progress: ProgressFn | None) -> list[Any]:
+async def answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: int,
+                     progress: ProgressFn | None = None, **options: Any) -> list[Any]:
+    """``rag.aquery(question, **options)`` for each question, ``concurrency`` at once; a
+    failed question's exception stays in its slot."""
     done = 0
 
     def tick() -> None:
@@ -105,4 +141,4 @@ async def _answer_all(rag: Any, questions: Sequence[EvalQuestion], concurrency: 
             progress("answers", done, len(questions))
 
     # One failed question is scored, not fatal: it stays in its slot.
-    return await map_bounded(lambda q: rag.aquery(q.text), questions, concurrency, on_done=tick)
+    return await map_bounded(lambda q: rag.aquery(q.text, **options), questions, concurrency, on_done=tick)

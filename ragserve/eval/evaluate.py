@@ -42,7 +42,7 @@ import numpy as np
 from ragserve.build.builder import VECTORS_FILE, build_from_documents
 from ragserve.config import RAGConfig
 from ragserve.errors import DatasetError, IndexError_, IndexMismatchError, IndexNotFoundError
-from ragserve.eval.answers import AnswerMetrics, answer_metrics, sample_questions
+from ragserve.eval.answers import ANSWER_ROW_KEYS, AnswerMetrics, answer_metrics, sample_questions
 from ragserve.eval.datasets import EvalDataset, EvalQuestion, load_dataset
 from ragserve.eval.scoring import dedupe, hit_at, mrr_at, ndcg_at, overlap_at, percentile, recall_at
 from ragserve.index.manifest import read_manifest
@@ -298,6 +298,5 @@ def _per_question(questions: Sequence[EvalQuestion], served: list[list[str]], ex
 
     rows = [{"qid": q.qid, "rank": rank(s, q), "rank_exact": rank(e, q)} for q, s, e in zip(questions, served, exact)]
     for row, a in zip(rows, answers or []):
-        row.update(answer=a["answer"], contains=a["contains"], em=a["em"], f1=a["f1"], cut=a["cut"],
-                   error=a["error"])
+        row.update({k: a[k] for k in ANSWER_ROW_KEYS})
     return rows

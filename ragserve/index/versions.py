@@ -303,7 +303,9 @@ def _remove(path: Path) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
-        if p.is_file():
+        if p.is_dir() and not p.is_symlink():  # the shard folders of a sharded index
+            _fsync_tree(p)
+        elif p.is_file():
             fd = os.open(p, os.O_RDONLY)
             try:
                 os.fsync(fd)

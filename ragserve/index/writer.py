@@ -9,6 +9,11 @@ with the SHA-256 of every file. The caller gives the parts that differ between b
 common ones (version, creation time, index section) are filled in here, so every folder
 has the same shape whoever wrote it.
 
+A sharded index (``shards.py``) is written by the same functions: each shard folder with
+``write_index_folder`` (or linked unchanged from the previous version with
+``link_shard``), then the top manifest over them with ``write_shard_set``, all inside one
+``build_folder`` and published by one flip (``publish_shard_set``).
+
 **Usage:**
 
     manifest, version = publish_index_folder(Path("indexes/docs"), index, chunks=chunks,
@@ -28,7 +33,8 @@ import numpy as np
 
 from ragserve._version import __version__
 from ragserve.config import ChunkConfig
-from ragserve.index.manifest import write_manifest
+from ragserve.index.manifest import MANIFEST_FILE, write_manifest
+from ragserve.index.shards import LAYOUT
 from ragserve.index.versions import build_folder, publish
 from ragserve.retrieval.docstore import CHUNKS_FILE, OFFSETS_FILE, write_docstore
 from ragserve.retrieval.faiss_index import INDEX_FILE, FaissIndex
@@ -96,8 +102,7 @@ def write_index_folder(
         np.save(folder / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
         files.append(VECTORS_FILE)
     body: dict[str, Any] = {
-        "ragserve_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_common(),
         "embedding": embedding,
         "chunking": chunking,
         "index": {**index.spec.to_manifest(), "ntotal": index.ntotal, **(index_extra or {})},
@@ -116,4 +121,64 @@ def publish_index_folder(out: Path, index: FaissIndex, **parts: Any) -> tuple[di
     out = Path(out)
     with build_folder(out) as tmp:
         manifest = write_index_folder(tmp, index, **parts)
+        return manifest, publish(out, tmp, manifest["fingerprint"])
+
+
+def _common() -> dict[str, Any]:
+    return {"ragserve_version": __version__, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def link_shard(previous: Path, folder: Path) -> dict[str, Any]:
+    """Put an unchanged shard of the previous version into ``folder`` (which must not
+    exist) by hard-linking its files (a copy where links are not possible): same files,
+    same manifest, same fingerprint, no bytes rewritten. Returns its manifest."""
+    import orjson
+
+    folder.mkdir()
+    for src in Path(previous).iterdir():
+        if src.is_file() and not src.name.startswith("."):
+            try:
+                os.link(src, folder / src.name)
+            except OSError:
+                import shutil
+
+                shutil.copy2(src, folder / src.name)
+    return orjson.loads((folder / MANIFEST_FILE).read_bytes())
+
+
+def write_shard_set(folder: Path, shards: list[tuple[str, dict[str, Any]]], *, embedding: dict[str, Any],
+                    chunking: dict[str, Any], index: dict[str, Any], counts: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the top manifest of a sharded index over the shard folders already in
+    ``folder`` (``shards``: each one's name and manifest, in shard order) and return it.
+
+    Each shard's chunk range follows the one before it; ``files`` lists every shard's
+    ``manifest.json`` with its hash, so the top fingerprint covers every shard's files.
+    """
+    entries, first = [], 0
+    for name, manifest in shards:
+        n = int(manifest["counts"]["chunks"])
+        entries.append({"name": name, "fingerprint": manifest["fingerprint"], "first_chunk": first,
+                        "chunks": n})
+        first += n
+    body: dict[str, Any] = {
+        **_common(),
+        "layout": LAYOUT,
+        "embedding": embedding,
+        "chunking": chunking,
+        "index": {**index, "ntotal": first},
+        "counts": {**counts, "chunks": first, "shards": len(entries)},
+        "shards": entries,
+        **(extra or {}),
+    }
+    return write_manifest(folder, body, [f"{name}/{MANIFEST_FILE}" for name, _ in shards])
+
+
+def publish_shard_set(out: Path, write_shards: Any, **parts: Any) -> tuple[dict[str, Any], Path]:
+    """Write a new version of the sharded index at ``out`` and flip ``out`` to it:
+    ``write_shards(folder)`` writes the shard folders into the new version and returns
+    ``[(name, manifest), ...]``; ``parts`` are ``write_shard_set``'s keyword arguments."""
+    out = Path(out)
+    with build_folder(out) as tmp:
+        manifest = write_shard_set(tmp, write_shards(tmp), **parts)
         return manifest, publish(out, tmp, manifest["fingerprint"])

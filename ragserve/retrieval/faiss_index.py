@@ -208,7 +208,7 @@ class FaissIndex:
                 lists.prefetch_nthread = 0
         return cls(index, spec, nprobe=nprobe, ef_search=ef_search)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, *, fill: bool = True) -> list[list[Hit]]:
         """Top-k hits per query, best first.
 
         ``k`` above ``ntotal`` is clamped. A query with a NaN or infinite component gets no
@@ -216,7 +216,8 @@ class FaissIndex:
         are dropped, so every hit names a real chunk with a finite score. A row of an
         approximate index that came back short of ``k`` (IVF: the probed lists held fewer
         vectors; HNSW: the walk reached fewer nodes) is searched again exhaustively, so
-        ``k >= ntotal`` returns the whole corpus on every index type.
+        ``k >= ntotal`` returns the whole corpus on every index type. ``fill=False`` skips
+        that second search (a shard's short row is filled by the other shards' hits).
         """
         x = as_queries(queries, self.dim)
         k = min(k, self.ntotal)
@@ -227,7 +228,7 @@ class FaissIndex:
         with _one_thread_if(len(finite) == 1):
             scores, ids = self._search(x[finite], k, self._params())
             short = np.flatnonzero((ids < 0).any(axis=1))
-            if len(short) and self.index_type in ("ivf-fp16", "hnsw-fp16"):
+            if fill and len(short) and self.index_type in ("ivf-fp16", "hnsw-fp16"):
                 scores[short], ids[short] = self._exhaustive(x[finite][short], k)
         for row, row_ids, row_scores in zip(finite, ids, scores):
             rows[row] = [Hit(int(i), float(s)) for i, s in zip(row_ids, row_scores)
@@ -276,6 +277,15 @@ def _one_thread_if(single: bool) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def ivf_sample_rows(n: int, train_size: int) -> np.ndarray:
+    """The rows of ``n`` vectors (in chunk order) that IVF k-means trains on: all of them,
+    or a seeded sample of ``train_size``, ascending. A sharded build samples the same rows
+    of its whole corpus, so it trains the centroids one index would."""
+    if train_size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(_SEED).choice(n, train_size, replace=False))
+
+
 def _train_ivf(faiss: Any, index: Any, x: np.ndarray, spec: IndexSpec, progress: ProgressFn | None,
                centroids: np.ndarray | None = None) -> None:
     """k-means for the coarse quantizer on a seeded sample, one iteration per call so that
@@ -286,8 +296,7 @@ def _train_ivf(faiss: Any, index: Any, x: np.ndarray, spec: IndexSpec, progress:
     Given ``centroids``, k-means is skipped and those become the quantizer.
     """
     ivf = faiss.extract_index_ivf(index)
-    rng = np.random.default_rng(_SEED)
-    sample = x if spec.train_size >= len(x) else x[np.sort(rng.choice(len(x), spec.train_size, replace=False))]
+    sample = x[ivf_sample_rows(len(x), spec.train_size)]
     if centroids is not None:
         if centroids.shape != (spec.nlist, x.shape[1]):
             raise ValueError(f"centroids of shape {centroids.shape} for nlist {spec.nlist}, dim {x.shape[1]}")

@@ -3,6 +3,8 @@
 - ``app.py``: the FastAPI app — native API (``/v1/query``, ``/v1/retrieve``, ``/v1/stats``),
   operations (``/health``, ``/ready``, ``/metrics``) and the page at ``/``;
 - ``openai_api.py``: ``/v1/chat/completions`` and ``/v1/models`` for standard clients;
+- ``mcp_tools.py``: the MCP tools ``retrieve`` and ``answer`` (for ``/mcp`` and stdio);
+  ``mcp_http.py``: ``/mcp``, Streamable HTTP, with the API keys;
 - ``schemas.py``: request bodies; ``sse.py``: Server-Sent Events framing;
 - ``httperrors.py``: ragserve's error tree mapped to HTTP statuses and JSON bodies;
 - ``auth.py``: API keys → tenant namespaces; ``prometheus.py``: the Prometheus exporter

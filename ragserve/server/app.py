@@ -36,7 +36,9 @@ from ragserve.server.common import (
     source_json,
     until_disconnected,
 )
+from ragserve.server.eval_api import add_eval_routes
 from ragserve.server.httperrors import HTTPError, body, describe, json_response, response
+from ragserve.server.mcp_http import add_mcp_route, key_user
 from ragserve.server.middleware import RequestMiddleware
 from ragserve.server.openai_api import add_openai_routes
 from ragserve.server.prometheus import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, PrometheusExporter
@@ -73,7 +75,10 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None, trac
             served.rag.observers.add(tracing)
         served.state.ready = True
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if mcp is not None:  # its sessions end before the engine closes
+                    await stack.enter_async_context(mcp.session_manager.run())
+                yield
         finally:
             served.state.ready = False
             served.rag.observers.remove(served.exporter)
@@ -93,9 +98,12 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None, trac
     _native_routes(app, served)
     _ops_routes(app, served)
     _admin_routes(app, served)
+    add_eval_routes(app, served)
     add_openai_routes(app, served)
+    mcp = add_mcp_route(app, served, _version()) if config.server.mcp else None
     if keys is not None:
-        app.add_middleware(KeyCheck, keys=keys)  # inside RequestMiddleware: a 401 has its request id too
+        # inside RequestMiddleware: a 401 has its request id too
+        app.add_middleware(KeyCheck, keys=keys, user=key_user if mcp is not None else None)
     if tracing is not None:  # inside RequestMiddleware: it reads the request id, and gives it the trace id
         app.add_middleware(TraceMiddleware, tracing=tracing)
     app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)

@@ -75,21 +75,29 @@ class ApiKeys:
 
 
 class KeyCheck:
-    """ASGI middleware: with keys, a ``/v1`` request needs a valid key before its body is
-    read or validated (401 first, never the schema's 422 to a client without a key)."""
+    """ASGI middleware: with keys, a ``/v1`` or ``/mcp`` request needs a valid key before
+    its body is read or validated (401 first, never the schema's 422 to a client without a
+    key; no MCP session for it). A ``/mcp`` request's ``scope["user"]`` is then
+    ``user(key, namespace)`` (``mcp_http.key_user``), to which the MCP SDK binds the
+    sessions it opens."""
 
-    def __init__(self, app: Any, keys: ApiKeys) -> None:
+    def __init__(self, app: Any, keys: ApiKeys, user: Any = None) -> None:
         self.app = app
         self.keys = keys
+        self.user = user
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), b"")
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path.startswith("/v1/") or path == "/mcp":
+            header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), b"").decode("latin-1")
             try:
+                namespace = self.keys.namespace(header)
                 # The key's namespace, never the key: the access line's tenant (server/logs.py).
-                scope.setdefault("state", {})["tenant"] = self.keys.namespace(header.decode("latin-1"))
+                scope.setdefault("state", {})["tenant"] = namespace
             except HTTPError as e:
                 return await response(e)(scope, receive, send)
+            if path == "/mcp" and self.user is not None:
+                scope["user"] = self.user(header.partition(" ")[2].strip(), namespace)
         await self.app(scope, receive, send)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class CacheOptions(BaseModel):
@@ -74,3 +74,38 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1)
+
+
+class EvalQuestionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="Validated by the engine like any question.")
+    answers: list[str] = Field(min_length=1, max_length=32, description="Gold answers (any one counts).")
+    id: str | None = Field(default=None, max_length=256, description="Its id in the report (default: its position).")
+
+
+class EvalVariant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    top_k: int | None = Field(default=None, ge=1, le=100, description="Chunks retrieved (default: query.top_k).")
+
+
+class EvalRequest(BaseModel):
+    """``POST /admin/eval``: the caller's questions with gold answers, answered once per
+    configuration with the answer cache bypassed, and scored as ``ragserve eval --answers``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions: list[EvalQuestionIn] = Field(min_length=1, max_length=1000)
+    configs: list[EvalVariant] = Field(default_factory=lambda: [EvalVariant(name="served")], min_length=1,
+                                       max_length=4)
+    concurrency: int = Field(default=8, ge=1, le=64, description="Questions in flight at once, per configuration.")
+
+    @field_validator("configs")
+    @classmethod
+    def _distinct_names(cls, v: list[EvalVariant]) -> list[EvalVariant]:
+        names = [c.name for c in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"configuration names must differ, got {names}")
+        return v

@@ -92,7 +92,8 @@ class IngressServer:
     def __serve_build_asgi_app__(self) -> Any:
         from ragserve.server.app import create_app
 
-        app = create_app(self.rag, self.config, keys=self.keys)
+        # MCP without sessions: the proxy sends a client's next request to any replica
+        app = create_app(self.rag, self.config.replace(server={"mcp_stateless": True}), keys=self.keys)
         app.add_middleware(BehindServeProxy, replica=self.replica)
         return app
 
