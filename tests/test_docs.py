@@ -188,7 +188,20 @@ def _dotted_problem(name: str) -> str | None:
 
 def _dotted_problems(page: Path) -> list[str]:
     found = {m.group(0) for code in _code(_text(page)) for m in DOTTED.finditer(code)}
-    return [p for p in map(_dotted_problem, sorted(found)) if p]
+    return [p for p in map(_dotted_problem, sorted(found - _telemetry_names(found))) if p]
+
+
+def _telemetry_names(found: set[str]) -> set[str]:
+    """The names among ``found`` that are span, attribute or logger names ragserve emits
+    (``ragserve.cache.tier``, ``ragserve.<stage>``, ``ragserve.access``): dotted like a
+    module, but not one."""
+    from ragserve.observe.timing import stage_layout
+
+    source = "".join((ROOT / "ragserve" / p).read_text("utf-8") for p in ("observe/traces.py", "observe/genai.py", "observe/propagation.py", "server/tracing.py",
+                                                   "server/middleware.py"))
+    emitted = {m.group(1).rstrip(".") for m in re.finditer(r'"(ragserve\.[\w.]*)', source)}
+    emitted |= {f"ragserve.{stage}" for stage in stage_layout()[0]}
+    return {n for n in found if n in emitted or any(e.startswith(n + ".") for e in emitted)}
 
 
 def _ids(pages: list[Path]) -> list[str]:

@@ -32,7 +32,7 @@ def test_public_names_are_pinned_and_sorted():
 
 
 def test_import_stays_light():
-    code = "import sys, ragserve; print(sorted(m for m in ('torch','faiss','vllm','sentence_transformers','llama_index','httpx') if m in sys.modules))"
+    code = "import sys, ragserve; print(sorted(m for m in ('torch','faiss','vllm','sentence_transformers','llama_index','httpx','opentelemetry') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

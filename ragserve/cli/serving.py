@@ -193,9 +193,9 @@ def serve_cmd(
 
     With --ray the same API runs on a Ray cluster as a Ray Serve application, with the
     replicas and bounds of the config's ray section."""
-    import logging
+    from ragserve.server.logs import configure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure()  # text until the config is read: its own errors are logged too
     if admin_key is not None:
         console.print("[yellow]warning[/]: --admin-key is visible to every user of this machine in the process "
                       "list; set RAGSERVE_SERVER_ADMIN_KEY or use --admin-key-file instead")
@@ -203,6 +203,8 @@ def serve_cmd(
                                   "admin_key": admin_key, "drain_grace_s": grace,
                                   "admin_key_file": str(admin_key_file) if admin_key_file else None},
                   cache={"redis_url": redis_url}, ray={"address": ray_address, "replicas": replicas})
+    if cfg.server.log_format != "text":
+        configure(cfg.server.log_format)
     if ray:
         from ragserve.ray.serve.run import serve_on_ray
 

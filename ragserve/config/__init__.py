@@ -7,8 +7,8 @@
 
 ``rag.py`` holds ``RAGConfig`` (loading, validation, the answer fingerprint); the sections
 are ``retrieval.py`` (``[chunk]``, ``[embed]``, ``[index]``), ``query.py``, ``prompt.py``,
-``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``cache.py``, ``semantic.py``, ``server.py``
-and ``ray.py``; ``home.py`` says where ragserve keeps its files. This folder imports no
+``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``cache.py``, ``semantic.py``, ``server.py``,
+``ray.py`` and ``telemetry.py``; ``home.py`` says where ragserve keeps its files. This folder imports no
 other wing of ragserve (an import contract in ``pyproject.toml`` checks it).
 """
 
@@ -23,6 +23,7 @@ from ragserve.config.ray import RayConfig
 from ragserve.config.retrieval import ChunkConfig, EmbedConfig, IndexConfig
 from ragserve.config.semantic import SemanticConfig
 from ragserve.config.server import ServerConfig
+from ragserve.config.telemetry import TelemetryConfig
 
 __all__ = [
     "LOOPBACK_HOSTS",
@@ -39,6 +40,7 @@ __all__ = [
     "RayConfig",
     "SemanticConfig",
     "ServerConfig",
+    "TelemetryConfig",
     "VllmConfig",
     "data_home",
     "serve_config",

@@ -41,6 +41,7 @@ from ragserve.config.ray import RayConfig, validate_ray
 from ragserve.config.retrieval import ChunkConfig, Device, EmbedConfig, IndexConfig, IndexType, Precision
 from ragserve.config.semantic import SemanticConfig, validate_semantic
 from ragserve.config.server import ServerConfig
+from ragserve.config.telemetry import TelemetryConfig, validate_telemetry
 from ragserve.errors import ConfigError
 
 
@@ -58,6 +59,7 @@ class RAGConfig:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -225,6 +227,7 @@ def _validate(cfg: RAGConfig) -> None:
     validate_prompt(cfg.prompt)
     validate_ray(cfg.ray)
     validate_semantic(cfg.semantic)
+    validate_telemetry(cfg.telemetry)
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")
@@ -239,6 +242,7 @@ def _validate(cfg: RAGConfig) -> None:
     _check(not sv.admin_key or len(sv.admin_key) >= 16, "server.admin_key",
            f"must have 16+ characters (as API keys do), got {len(sv.admin_key)}")
     _check(sv.max_header_bytes >= 1024, "server.max_header_bytes", f"must be >= 1024, got {sv.max_header_bytes}")
+    _check(sv.log_format in ("text", "json"), "server.log_format", f"must be 'text' or 'json', got {sv.log_format!r}")
     _check(sv.max_headers >= 8, "server.max_headers", f"must be >= 8, got {sv.max_headers}")
     for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "send_timeout_s"):
         _check(getattr(sv, name) > 0, f"server.{name}", f"must be > 0, got {getattr(sv, name)}")

@@ -57,6 +57,10 @@ class ServerConfig:
     ops_connections: int = 16
     """Of ``max_connections``, kept for /health, /ready and /metrics: other requests get 503
     when only these are left."""
+    log_format: str = "text"
+    """"text": log lines as ``time level logger message``; "json": one JSON object per line,
+    the access line's fields as keys (request id, trace id, tenant, outcome, cache tier,
+    status, total ms; ``ragserve/server/logs.py``)."""
     send_timeout_s: float = 30.0
     """A response the client does not read: the connection is reset once the client has
     acknowledged none of its bytes for this long (a stalled SSE stream ends)."""

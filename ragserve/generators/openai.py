@@ -43,6 +43,7 @@ from ragserve.config.generators import normalise_url
 from ragserve.errors import ConfigError, GenerationError, GeneratorUnavailableError
 from ragserve.generators.completions import Attempt, parse_chunk, request_body
 from ragserve.generators.endpoints import Endpoint, Endpoints, shown_url
+from ragserve.observe.propagation import traceparent_for
 from ragserve.types import Generation
 
 log = logging.getLogger("ragserve.generate")
@@ -267,7 +268,7 @@ class OpenAIGenerator:
         pool.begin(ep)
         try:
             async with self._client(ep).stream("POST", "/v1/completions", json=body,
-                                               headers={"X-Request-Id": request_id}) as response:
+                                               headers=_headers(request_id)) as response:
                 if response.status_code != 200:
                     await self._refused(ep, response)
                 async for line in response.aiter_lines():
@@ -338,3 +339,11 @@ class OpenAIGenerator:
         raise GeneratorUnavailableError("no generator endpoint listed a model at GET /v1/models "
                                         "(set openai.model)")
 
+
+def _headers(request_id: str) -> dict[str, str]:
+    """The request id, and the request's W3C ``traceparent`` when it is traced: the remote
+    server's spans (vLLM's, with ``--otlp-traces-endpoint``) join the request's trace."""
+    traceparent = traceparent_for(request_id)
+    if traceparent is None:
+        return {"X-Request-Id": request_id}
+    return {"X-Request-Id": request_id, "traceparent": traceparent}

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from ragserve.config import RAGConfig
+from ragserve.config.telemetry import trace_export
 from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
 from ragserve.server.auth import ApiKeys, KeyCheck, check_admin, load_admin_key
@@ -41,20 +42,28 @@ from ragserve.server.httperrors import HTTPError, body, describe, json_response,
 from ragserve.server.mcp_http import add_mcp_route, key_user
 from ragserve.server.middleware import RequestMiddleware
 from ragserve.server.openai_api import add_openai_routes
-from ragserve.server.prometheus import CONTENT_TYPE, PrometheusExporter
+from ragserve.server.prometheus import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, PrometheusExporter
 from ragserve.server.quotas import QuotaMetrics
 from ragserve.server.schemas import QueryRequest, RetrieveRequest
 from ragserve.server.tenants import Tenant
+from ragserve.server.tracing import TraceMiddleware
 from ragserve.types import DoneEvent, SourcesEvent, StreamEvent, TokenEvent
 
 log = logging.getLogger("ragserve.server")
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> FastAPI:
+def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None, tracing: Any = None) -> FastAPI:
     """``rag``: a ``RAG`` the app serves and leaves open, or a function that opens one at
-    start-up (the app then closes it at shutdown: engine stopped, cache writes flushed)."""
+    start-up (the app then closes it at shutdown: engine stopped, cache writes flushed).
+    ``tracing``: an ``observe.traces.Tracing`` to use instead of the one ``[telemetry]``
+    asks for (none when tracing is off); the app shuts down only one it made itself."""
     served = Served(config, keys)
+    own_tracing = tracing is None and trace_export(config.telemetry) != "off"
+    if own_tracing:
+        from ragserve.observe.traces import make_tracing  # OpenTelemetry only when tracing is on
+
+        tracing = make_tracing(config)
     served.admin_key = load_admin_key(config.server)
     owned = callable(rag) and not hasattr(rag, "aquery")
 
@@ -63,10 +72,13 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
         # NOTE: opened on the server's own thread, not a worker: an embedded Redis dies
         # with the thread that started it (PR_SET_PDEATHSIG), and nothing is served yet.
         served.rag = rag() if owned else rag
-        served.exporter = PrometheusExporter(served.rag, connections=lambda: served.connections)
+        served.exporter = PrometheusExporter(served.rag, connections=lambda: served.connections,
+                                             exemplars=tracing is not None)
         served.rag.observers.add(served.exporter)
         if served.quotas is not None:
             served.exporter.registry.register(QuotaMetrics(served.quotas))
+        if tracing is not None:
+            served.rag.observers.add(tracing)
         served.state.ready = True
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -76,10 +88,14 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
         finally:
             served.state.ready = False
             served.rag.observers.remove(served.exporter)
+            if tracing is not None:
+                served.rag.observers.remove(tracing)
             if served.quotas is not None:
                 await served.quotas.close()
             if owned:
                 served.rag.close()
+            if own_tracing:
+                tracing.shutdown()  # the spans still queued are exported first
 
     # NOTE: redirect_slashes off: "/v1/query/" would be redirected to a Location built from
     # the request's Host header (a cache-poisoning vector); it is a 404 instead.
@@ -96,6 +112,8 @@ def create_app(rag: Any, config: RAGConfig, *, keys: ApiKeys | None = None) -> F
     if keys is not None:
         # inside RequestMiddleware: a 401 has its request id too
         app.add_middleware(KeyCheck, keys=keys, user=key_user if mcp is not None else None)
+    if tracing is not None:  # inside RequestMiddleware: it reads the request id, and gives it the trace id
+        app.add_middleware(TraceMiddleware, tracing=tracing)
     app.add_middleware(RequestMiddleware, state=served.state, max_body_bytes=config.server.max_body_bytes)
     return app
 
@@ -151,8 +169,10 @@ def _ops_routes(app: FastAPI, served: Served) -> None:
         return json_response({"ready": ok, "draining": state.draining, "l2": _l2_state(rag)}, 200 if ok else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         assert served.exporter is not None
+        if "application/openmetrics-text" in request.headers.get("accept", ""):  # with the exemplars
+            return Response(served.exporter.render(openmetrics=True), media_type=OPENMETRICS_CONTENT_TYPE)
         return Response(served.exporter.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)

@@ -100,6 +100,8 @@ class KeyCheck:
             header = next((v for k, v in scope.get("headers") or () if k == b"authorization"), b"").decode("latin-1")
             try:
                 namespace = self.keys.namespace(header)
+                # The key's namespace, never the key: the access line's tenant (server/logs.py).
+                scope.setdefault("state", {})["tenant"] = namespace
             except HTTPError as e:
                 return await response(e)(scope, receive, send)
             if path == "/mcp" and self.user is not None:

@@ -23,11 +23,13 @@ import uuid
 from typing import Any
 
 from ragserve.server.httperrors import HTTPError, describe, response
+from ragserve.server.logs import outcome
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("ragserve.server")
 access = logging.getLogger("ragserve.access")
-"""One line per request: request id, method, path, status, milliseconds (INFO)."""
+"""One line per request: request id, method, path, status, milliseconds, and ``trace=<trace id>``
+when tracing is on (INFO)."""
 OPS_PATHS = ("/health", "/ready", "/metrics")
 
 
@@ -68,6 +70,9 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                tier = next((v for k, v in message["headers"] if k.lower() == b"x-cache"), None)
+                if tier is not None:
+                    scope["state"]["cache_tier"] = tier.decode("latin-1")
             await send(message)
 
         if self.state.draining and scope["path"] not in OPS_PATHS:
@@ -115,8 +120,17 @@ class RequestMiddleware:
             too_large = False
             await response(_too_large(self.max_body))(scope, receive, send_with_id)
         if access.isEnabledFor(logging.INFO):
-            access.info("%s %s %s %d %.1fms", request_id, scope["method"], scope["path"], status,
-                        (time.perf_counter() - t0) * 1e3)
+            _access_line(scope, request_id, status, (time.perf_counter() - t0) * 1e3)
+
+
+def _access_line(scope: dict[str, Any], request_id: str, status: int, ms: float) -> None:
+    state = scope["state"]
+    trace_id = state.get("trace_id")  # set by server/tracing.py when tracing is on
+    fields = {"request_id": request_id, "trace_id": trace_id, "tenant": state.get("tenant"),
+              "method": scope["method"], "path": scope["path"], "status": status, "outcome": outcome(status),
+              "cache_tier": state.get("cache_tier"), "total_ms": round(ms, 3)}
+    access.info("%s %s %s %d %.1fms%s", request_id, scope["method"], scope["path"], status, ms,
+                f" trace={trace_id}" if trace_id else "", extra={"access": fields})
 
 
 def _shut_down() -> HTTPError:

@@ -20,6 +20,7 @@ names are those of ``Timings``:
 | ``ragserve_semantic_lookups_total``, ``ragserve_semantic_hits_total`` | counter | (the semantic tier, when on) |
 | ``ragserve_semantic_guarded_total`` | counter | ``reason`` (``negation``, ``question``, ``number``, ``entity``, ``content``) |
 | ``ragserve_semantic_similarity`` | histogram | (cosine similarity of each served semantic hit) |
+| ``ragserve_prefix_cache_queried_tokens_total``, ``ragserve_prefix_cache_hit_tokens_total`` | counter | (vLLM's prefix cache, when the backend counts it) |
 | ``ragserve_http_refusals_total`` | counter | ``reason`` (``limits.REASONS``: ``headers_too_large``, ``header_timeout``, ``body_timeout``, ``invalid_request``, ``idle_closed``, ``evicted``, ``refused_full``, ``refused_busy``, ``send_timeout``) |
 | ``ragserve_http_connections_open``, ``ragserve_http_connections_busy`` | gauge | |
 
@@ -28,6 +29,11 @@ absent where the app runs without them (an ingress replica behind Ray Serve's pr
 label value is one of a fixed set named here: none is taken from a request.
 
 Each app has its own ``CollectorRegistry``: two servers in one process never collide.
+
+**Exemplars.** With tracing on, each stage observation carries its request's trace id
+(``{trace_id="..."}``) when that trace is recorded, so a slow bucket leads to a trace. They
+are shown only in the OpenMetrics format, which a scraper asks for with
+``Accept: application/openmetrics-text`` (Prometheus does; ``render(openmetrics=True)``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from prometheus_client.registry import Collector
 
 from ragserve.cache.semantic import SIMILARITY_BUCKETS
 from ragserve.errors import DeadlineExceededError, InputError, OverloadedError
+from ragserve.observe.propagation import sampled_trace_id
 from ragserve.server.limits import REASONS
 
 # From 0.1 ms (an L1 hit) to 2 minutes (a long generation under load).
@@ -49,13 +56,17 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 class PrometheusExporter:
-    """**Usage:** ``exp = PrometheusExporter(rag); rag.observers.add(exp); exp.render()``"""
+    """**Usage:** ``exp = PrometheusExporter(rag); rag.observers.add(exp); exp.render()``
 
-    def __init__(self, rag: Any, connections: Callable[[], Any] | None = None) -> None:
-        """``connections``: returns the server's ``limits.ConnectionGuard`` (or None)."""
+    ``connections``: returns the server's ``limits.ConnectionGuard`` (or None);
+    ``exemplars``: put the trace id of each traced request on its stage observations."""
+
+    def __init__(self, rag: Any, connections: Callable[[], Any] | None = None, *, exemplars: bool = False) -> None:
+        self.exemplars = exemplars
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.stages = Histogram("ragserve_stage_duration_seconds", "Time spent in each stage of a request",
@@ -78,8 +89,10 @@ class PrometheusExporter:
             r.register(_ConnectionSeries(connections))
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
+        trace_id = sampled_trace_id(result.request_id) if self.exemplars else None
+        exemplar = {"trace_id": trace_id} if trace_id else None
         for stage, ms in stages.items():
-            self.stages.labels(stage).observe(ms / 1e3)
+            self.stages.labels(stage).observe(ms / 1e3, exemplar)
         self.requests.labels("ok").inc()
         self.answers.labels(result.cache_tier).inc()
         if result.cache_tier == "semantic" and result.semantic_similarity is not None:
@@ -97,7 +110,12 @@ class PrometheusExporter:
         if error_type is not None:
             self.errors.labels(error_type).inc()
 
-    def render(self) -> bytes:
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The text format, or OpenMetrics (with the exemplars) when ``openmetrics``."""
+        if openmetrics:
+            from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
+            return openmetrics_latest(self.registry)
         return generate_latest(self.registry)
 
 
@@ -144,6 +162,12 @@ class _LiveGauges(Collector):
         if unfinished is not None:
             yield GaugeMetricFamily("ragserve_engine_unfinished_requests",
                                     "Requests the generation engine holds", value=unfinished)
+        prefix = _prefix_cache(rag.generator)
+        if prefix is not None:  # vLLM's prefix cache, token-weighted (the vllm backend counts it)
+            yield CounterMetricFamily("ragserve_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in vLLM's prefix cache", value=prefix["queried_tokens"])
+            yield CounterMetricFamily("ragserve_prefix_cache_hit_tokens",
+                                      "Prompt tokens found in vLLM's prefix cache", value=prefix["hit_tokens"])
         l2 = rag.cache.l2 if rag.cache is not None else None
         if l2 is not None:
             g = GaugeMetricFamily("ragserve_l2_breaker_state", "L2 (Redis) circuit breaker: 1 for the current state",
@@ -184,3 +208,16 @@ class _ConnectionSeries(Collector):
                                 value=live)
         yield GaugeMetricFamily("ragserve_http_connections_busy", "Client connections with a request in progress",
                                 value=live - idle)
+
+
+def _prefix_cache(generator: Any) -> dict[str, Any] | None:
+    """The prefix-cache counts of the generator's ``stats()`` (the vllm backend's, or the
+    one a Ray generator replica reported), or None when it keeps none."""
+    stats = getattr(generator, "stats", None)
+    s = stats() if stats is not None else None
+    if not isinstance(s, dict):
+        return None
+    prefix = s.get("prefix_cache") or (s.get("backend_stats") or {}).get("prefix_cache")
+    if not isinstance(prefix, dict) or "queried_tokens" not in prefix or "hit_tokens" not in prefix:
+        return None
+    return prefix

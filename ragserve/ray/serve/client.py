@@ -48,6 +48,7 @@ from ragserve.errors import (
     OverloadedError,
     RagserveError,
 )
+from ragserve.observe.propagation import traceparent_for
 from ragserve.types import Generation
 
 log = logging.getLogger("ragserve.generate")
@@ -169,7 +170,7 @@ class RayGenerator:
         """The whole answer, in one handle call."""
         self.requests += 1
         self.outstanding += 1
-        response = self._handle.generate.remote(prompt, request_id, token_ids, priority)
+        response = self._handle.generate.remote(prompt, request_id, token_ids, priority, traceparent_for(request_id))
         try:
             return await response
         except asyncio.CancelledError:
@@ -190,7 +191,7 @@ class RayGenerator:
             return
         self.requests += 1
         self.outstanding += 1
-        pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority)
+        pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority, traceparent_for(request_id))
         finished = False
         try:
             while True:

@@ -32,7 +32,9 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from ragserve.config.telemetry import trace_export
 from ragserve.errors import EngineDeadError
+from ragserve.observe.propagation import continued
 from ragserve.types import Generation
 
 
@@ -53,6 +55,11 @@ class GeneratorServer:
             generator = make_generator(cfg)
         self.generator = generator
         self.backend = cfg.generate.backend
+        self.tracing = None  # this replica's own spans, when [telemetry] turns tracing on
+        if trace_export(cfg.telemetry) != "off":
+            from ragserve.observe.traces import make_tracing
+
+            self.tracing = make_tracing(cfg)
         # NOTE: started here, on this replica's event loop: vLLM's AsyncLLM binds to the
         # loop it starts on, and every method below runs on that same loop.
         self.generator.warm_up()
@@ -79,19 +86,19 @@ class GeneratorServer:
             raise
 
     async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None,
-                       priority: int = 0) -> Generation:
-        """The whole answer, as the backend's ``generate``."""
-        with self._counted():
+                       priority: int = 0, traceparent: str | None = None) -> Generation:
+        """The whole answer, as the backend's ``generate``; ``traceparent``: the ingress's
+        trace context, continued here (``observe/propagation.continued``)."""
+        with self._counted(), continued(request_id, traceparent, self.tracing):
             return await self.generator.generate(prompt, request_id, token_ids=token_ids,
                                                  **_priority(priority))
 
-    async def stream(self, prompt: str, request_id: str,
-                     token_ids: list[int] | None = None,
-                     priority: int = 0) -> AsyncIterator[str | Generation]:
+    async def stream(self, prompt: str, request_id: str, token_ids: list[int] | None = None,
+                     priority: int = 0, traceparent: str | None = None) -> AsyncIterator[str | Generation]:
         """Text deltas as the backend generates them, then the final ``Generation``."""
         pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True,
                                        **_priority(priority))
-        with self._counted():
+        with self._counted(), continued(request_id, traceparent, self.tracing):
             try:
                 async for piece in pieces:
                     yield piece
@@ -138,6 +145,9 @@ class GeneratorServer:
             await aclose()
         else:
             generator.shutdown()
+        tracing = getattr(self, "tracing", None)
+        if tracing is not None:
+            tracing.shutdown()
 
 
 def _priority(priority: int) -> dict[str, int]:

@@ -1,0 +1,99 @@
+"""Tracing overhead (issue 25): what OpenTelemetry tracing at 100% sampling costs an L1 hit
+and the miss path, against tracing off, in alternating blocks of one run on one ``RAG``
+(tracing is an observer: on = added, off = removed; the spans go through the SDK's batch
+processor to an exporter that drops them, so the export's own network cost is left out).
+
+The miss path here is the fakes' (``ragserve.testing.fakes``: fake embedder, a generator
+that answers at once): the pipeline's own work with no model, so the spans' cost is the
+largest share it can be. With a real model a miss takes a second, and the same cost in
+µs is a smaller share still. Prints hardware and versions at the top.
+
+Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--blocks 4]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import harness
+from harness import pcts
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from ragserve.observe.traces import make_tracing
+from ragserve.testing.fakes import FakeGenerator, fake_rag
+
+
+class Dropped(SpanExporter):
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def hits(rag, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = rag.query("chunk number 1")
+        out.append((time.perf_counter() - t0) * 1e6)
+        assert r.cache_tier == "l1"
+    return out
+
+
+def misses(rag, n: int, block: int, tracing=None) -> tuple[float, float]:
+    """Requests/s and CPU µs per request (every thread of this process: the tracing thread's
+    building and export included, flushed before the clocks stop)."""
+    questions = [f"chunk number {i % 8} asked {block} {i}" for i in range(n)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = rag.query_batch(questions)
+    if tracing is not None:
+        tracing.flush()
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert all(not isinstance(r, Exception) and r.cache_tier == "miss" for r in results)
+    return n / elapsed, cpu / n * 1e6
+
+
+def main() -> None:
+    ap = harness.parser(__doc__)
+    ap.add_argument("--hits", type=int, default=20_000)
+    ap.add_argument("--misses", type=int, default=2_000)
+    ap.add_argument("--blocks", type=int, default=4)
+    args = ap.parse_args()
+    env = harness.environment("opentelemetry-sdk", gpu=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        rag = fake_rag(tmp, FakeGenerator(delay=0.0), query={"max_in_flight": 64})
+        exporter = Dropped()
+        tracing = make_tracing(rag.config, exporter)
+        rag.query("chunk number 1")
+        hits(rag, 2000)  # warm
+        rows: dict[str, dict[str, list]] = {m: {"hits": [], "misses": []} for m in ("off", "on")}
+        for block in range(args.blocks):
+            for mode in ("off", "on") if block % 2 == 0 else ("on", "off"):
+                if mode == "on":
+                    rag.observers.add(tracing)
+                rows[mode]["hits"] += hits(rag, args.hits // args.blocks)
+                n, traced = args.misses // args.blocks, tracing if mode == "on" else None
+                rows[mode]["misses"].append(misses(rag, n, block * 2 + (mode == "on"), traced))
+                rag.observers.remove(tracing)
+        tracing.flush()
+        rag.close()
+    print("\n".join(harness.run_lines(env)))
+    print(f"- spans exported (dropped) while on: {exporter.spans}\n")
+    print("| tracing | L1 hit p50 µs | p99 µs | miss path (fakes) req/s, per block | CPU µs per miss |")
+    print("|---|---|---|---|---|")
+    mean = {}
+    for mode, r in rows.items():
+        p50, p99 = pcts(r["hits"], 50, 99)
+        rates, cpus = [m[0] for m in r["misses"]], [m[1] for m in r["misses"]]
+        mean[mode] = (sum(rates) / len(rates), sum(cpus) / len(cpus))
+        per_block = " / ".join(f"{x:.0f}" for x in rates)
+        print(f"| {mode} | {p50:.1f} | {p99:.1f} | {per_block} | {mean[mode][1]:.0f} |")
+    print(f"\nmiss throughput on/off: {mean['on'][0] / mean['off'][0]:.3f}; "
+          f"CPU per miss on/off: {mean['on'][1] / mean['off'][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
