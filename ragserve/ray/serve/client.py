@@ -170,7 +170,8 @@ class RayGenerator:
         """The whole answer, in one handle call."""
         self.requests += 1
         self.outstanding += 1
-        response = self._handle.generate.remote(prompt, request_id, token_ids, priority, traceparent_for(request_id))
+        response = self._handle.generate.remote(prompt, request_id, token_ids, priority,
+                                                traceparent_for(request_id))
         try:
             return await response
         except asyncio.CancelledError:
@@ -191,7 +192,8 @@ class RayGenerator:
             return
         self.requests += 1
         self.outstanding += 1
-        pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority, traceparent_for(request_id))
+        pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority,
+                                             traceparent_for(request_id))
         finished = False
         try:
             while True:
