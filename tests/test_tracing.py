@@ -322,14 +322,14 @@ async def test_the_ray_generator_replica_continues_the_ingress_trace():
         await client.generate("a prompt", "r1")  # tracing in the replica: a span of its own
     finally:
         unbind("r1", token)
-    assert [c[3] for c in calls] == [TRACEPARENT, TRACEPARENT]
+    assert [c[4] for c in calls] == [TRACEPARENT, TRACEPARENT]  # after (prompt, id, token_ids, priority)
     assert server.generator.seen[0] == TRACEPARENT
     server.tracing.flush()
     (span,) = exporter.get_finished_spans()
     assert span.name == "ragserve.generator" and span.parent.span_id == int(CALLER, 16)
     assert server.generator.seen[1] == f"00-{TRACE}-{span.context.span_id:016x}-01"
     await client.generate("a prompt", "r2")  # nothing bound: nothing sent
-    assert calls[-1][3] is None and server.generator.seen[-1] is None
+    assert calls[-1][4] is None and server.generator.seen[-1] is None
     await GeneratorServer.__del__(server)  # what Serve does when it stops the replica: tracing shut down too
 
 
