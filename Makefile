@@ -40,10 +40,12 @@ bench-deps: setup $(BENCH_PEER)/.installed
 	$(PY) -m pip install -q --no-deps -r requirements/bench.txt
 
 # The overlay, again only when its requirements change. `make test` needs it too: the tests of
-# the LangChain peer (tests/test_bench_langchain.py) run on it instead of being skipped.
-$(BENCH_PEER)/.installed: requirements/bench-peer.txt requirements/bench-peer-langchain.txt | setup
+# the LangChain peer (tests/test_bench_langchain.py) run on it instead of being skipped, and so
+# does LangChain's standard retriever suite (requirements/langchain-tests.txt says why there).
+$(BENCH_PEER)/.installed: requirements/bench-peer.txt requirements/bench-peer-langchain.txt \
+		requirements/langchain-tests.txt | setup
 	$(PY) -m pip install -q --no-deps --upgrade --target $(BENCH_PEER) -r requirements/bench-peer.txt \
-		-r requirements/bench-peer-langchain.txt
+		-r requirements/bench-peer-langchain.txt -r requirements/langchain-tests.txt
 	touch $@
 
 bench: bench-deps

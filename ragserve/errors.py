@@ -46,6 +46,10 @@ that is wrong and what to do about it::
     ├── RemoteError                 a ragserve server failed a request and no closer class
     │   │                           names the failure (404, 500, draining; ``ragserve.client``)
     │   └── ServerUnreachableError  no HTTP answer at all: refused, reset or cut connection
+    ├── IntegrationError            a LangChain / LlamaIndex adapter cannot serve a call:
+    │   │                           its source cannot (an AsyncClient asked to block)
+    │   └── FrameworkNotInstalledError  the framework is not installed (names the extra;
+    │                               also an ImportError)
     └── GenerationError             the generation stage failed for one request
         ├── EngineDeadError         the engine is gone; every later request fails too
         └── GeneratorUnavailableError  no generator endpoint can take a request now
@@ -319,6 +323,25 @@ class RemoteError(RagserveError):
     ragserve's (a proxy's HTML page). ``status`` is the HTTP status (None without one)."""
 
     stage = "http"
+
+
+class IntegrationError(RagserveError):
+    """An adapter of ``ragserve.integrations`` cannot serve a call: it was given a source
+    that is neither a ``RAG`` nor a client, a blocking call reached an ``AsyncClient`` (it
+    has only async verbs), or the framework it adapts to is not installed."""
+
+    stage = "integration"
+
+
+class FrameworkNotInstalledError(IntegrationError, ImportError):
+    """An adapter's framework is not installed: the message names the extra that installs
+    it (``pip install 'ragserve[langchain]'``). Also an ``ImportError``, so code that
+    guards an optional import with ``except ImportError`` keeps working."""
+
+    def __init__(self, framework: str, extra: str, missing: str) -> None:
+        super().__init__(f"{framework} is not installed (no module {missing!r}): "
+                         f"pip install 'ragserve[{extra}]'")
+        self.name = missing
 
 
 class ServerUnreachableError(RemoteError):

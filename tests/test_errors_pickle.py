@@ -56,6 +56,8 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.AuthError": (("the API key is not valid",), {}),
     "ragserve.errors.RemoteError": (("HTTP 500: internal error",), {}),
     "ragserve.errors.ServerUnreachableError": (("http://127.0.0.1:1: connection refused",), {}),
+    "ragserve.errors.IntegrationError": (("AsyncClient has only async verbs",), {}),
+    "ragserve.errors.FrameworkNotInstalledError": (("LangChain", "langchain", "langchain_core"), {}),
 }
 
 
