@@ -29,7 +29,7 @@ def stopped_cleanly(proc: subprocess.Popen, log: Path, marker: str) -> None:
     eventually(lambda: not marked(marker), CLUSTER_WAIT_S, 0.2, "every process the command started to end")
 
 
-def test_sigterm_while_serving_with_2_replicas_exits_0_and_leaves_nothing(xquad_index, tmp_path):
+def test_sigterm_to_the_group_while_serving_with_2_replicas_exits_0_and_leaves_nothing(xquad_index, tmp_path):
     with serve_ray(xquad_index, tmp_path, replicas=2) as (proc, ready, log, marker):
         eventually(lambda: ready.is_file() or proc.poll() is not None, START_S, 0.2,
                    "the application to be up")
@@ -40,7 +40,10 @@ def test_sigterm_while_serving_with_2_replicas_exits_0_and_leaves_nothing(xquad_
         r = httpx.post(f"{url}/v1/query", json={"question": "Who won Super Bowl 50?"}, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 200 and r.json()["answer"], r.text
         assert len(marked(marker)) > 3  # the command, the cluster's processes, the replicas
-        proc.send_signal(signal.SIGTERM)  # the command's own process, as `systemctl stop` with KillMode=mixed
+        # The whole group, as `kill -- -PGID` and systemd's default KillMode=control-group: the
+        # local cluster's GCS and raylet are in it. They used to die with the signal, and the
+        # teardown then waited 60 s for the GCS and exited 1, leaving replicas behind.
+        os.killpg(proc.pid, signal.SIGTERM)
         stopped_cleanly(proc, log, marker)
         assert "stopping: deleting application" in log.read_text(errors="replace")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -136,13 +137,34 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         ray.shutdown()
 
 
+@contextmanager
+def group_signals_held() -> Iterator[None]:
+    """Start a local cluster inside this block: the processes Ray starts (GCS, raylet,
+    agents, monitors) then hold SIGTERM and SIGHUP blocked, as Ray itself holds SIGINT
+    blocked in them. A stop signal sent to the whole process group (``kill -- -PGID``,
+    systemd's ``KillMode=control-group``) then reaches only this process, which stops the
+    application and then the cluster in order. Without it the GCS died with the signal,
+    the graceful teardown waited 60 s for it and the command exited 1, leaving replicas.
+
+    A blocked mask is inherited across fork and exec; this thread's own mask is put back
+    at the end, so its signal handlers run as before. ``ray.shutdown`` ends those
+    processes with SIGTERM, then SIGKILL after a second."""
+    held = {signal.SIGTERM, signal.SIGHUP}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or _started_by_ray_start()
     if address in (None, "local"):
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
-                 **quiet)
+        with group_signals_held():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
+                     **quiet)
         return "started locally"
     if address != "auto":
         probe(address)

@@ -122,7 +122,13 @@ def _connect(r: Any) -> bool:
         kwargs = {"include_dashboard": False, **({"num_cpus": r.local_num_cpus} if r.local_num_cpus else {})}
     elif address != "auto":
         _token_auth_if_available()
-    ray.init(address=address, **kwargs)
+    if address == "local":
+        from ragserve.ray.cluster import group_signals_held
+
+        with group_signals_held():  # a signal to the whole group stops the cluster in order, after the app
+            ray.init(address=address, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
     return address == "local"
 
 
