@@ -31,7 +31,9 @@ def test_the_soak_driver_checks_every_kind_and_reports_memory_net_of_l1(tmp_path
                                                              for r in result.unexpected]
     assert {r.kind for r in result.records} == set(soak.KINDS)
     assert result.in_flight_after == 0 and result.held_after == 0
-    assert result.l1 and 0 < result.l1[-1][1] <= rag.cache.l1.bytes  # sampled while requests still wrote
+    # sampled while requests still wrote; a write that bypassed the read replaces an entry with
+    # one whose timings print a digit more or less, so the end may be a few bytes below it
+    assert result.l1 and 0 < result.l1[-1][1] <= rag.cache.l1.bytes * 1.01
     before, end, entries = result.l1_growth()
     assert end >= before > 0 and entries > 0
     assert result.net_rss_growth() == result.rss_growth()[0] - (end - before)

@@ -23,7 +23,7 @@ from ragserve.observe.traces import Tracing, make_tracing
 from ragserve.server.app import create_app
 from ragserve.testing.fakes import FakeGenerator, fake_rag
 from ragserve.testing.http import get, post, running
-from ragserve.testing.waits import eventually
+from ragserve.testing.waits import WAIT_S, eventually
 
 pytestmark = pytest.mark.http
 
@@ -52,10 +52,19 @@ def served(tmp_path, generator=None, capture_content=False, **sections):
         rag.close()
 
 
-def spans_by_trace(exporter, tracing):
-    assert tracing.flush()
+def spans_by_trace(exporter, tracing, servers=1):
+    """The exported spans by trace id, once ``servers`` server spans are among them. The
+    server span ends after the response's last byte is sent, so a client can hold its
+    answer a moment before that span is queued: wait for it rather than flush once."""
+
+    def exported():
+        assert tracing.flush()
+        spans = exporter.get_finished_spans()
+        return [spans] if sum(s.kind.name == "SERVER" for s in spans) >= servers else None
+
     out = {}
-    for s in exporter.get_finished_spans():
+    (spans,) = eventually(exported, WAIT_S, 0.05, f"{servers} server span(s) to be exported")
+    for s in spans:
         out.setdefault(f"{s.context.trace_id:032x}", []).append(s)
     return out
 
@@ -86,7 +95,7 @@ def test_each_request_is_one_trace_continuing_the_callers_with_the_stage_chain(t
         miss = post(url + "/v1/query", json={"question": "chunk number 3"},
                     headers={"traceparent": TRACEPARENT, "X-Request-Id": "req-miss"}).json()
         hit = post(url + "/v1/query", json={"question": "chunk number 3"}, headers={"X-Request-Id": "req-hit"}).json()
-        traces = spans_by_trace(exporter, tracing)
+        traces = spans_by_trace(exporter, tracing, servers=2)
     assert (miss["cache_tier"], hit["cache_tier"]) == ("miss", "l1")
     assert len(traces) == 2 and TRACE in traces  # one trace per request; the caller's continued
     server, query, stages = check_chain(traces[TRACE], miss["timings"], MISS_CHAIN)
@@ -152,7 +161,7 @@ def test_a_single_flight_follower_links_to_its_leader(tmp_path):
             eventually(lambda: tracing_flight(url), what="the follower to join")
             gen.hold = False
             a, b = first.result().json(), second.result().json()
-        traces = spans_by_trace(exporter, tracing)
+        traces = spans_by_trace(exporter, tracing, servers=2)
     assert (a["shared"], b["shared"]) == (False, True) and len(gen.prompts) == 1
     check_chain(traces["a" * 32], a["timings"], MISS_CHAIN)  # the run is in the leader's trace
     _, query, stages = check_chain(traces["b" * 32], b["timings"],
@@ -205,7 +214,7 @@ def test_an_unsampled_caller_gets_no_spans_and_no_exemplar(tmp_path):
     with served(tmp_path) as (url, exporter, tracing):
         post(url + "/v1/query", json={"question": "chunk number 6"}, headers={"traceparent": f"00-{TRACE}-{CALLER}-00"})
         om = get(url + "/metrics", headers={"Accept": "application/openmetrics-text"})
-        assert spans_by_trace(exporter, tracing) == {}
+        assert spans_by_trace(exporter, tracing, servers=0) == {}
     assert "trace_id" not in om.text
 
 
