@@ -67,7 +67,9 @@ def test_stream_sends_sources_then_tokens_then_done_and_a_hit_streams_too(served
         assert names[0] == "sources" and names[-1] == "done" and set(names[1:-1]) == {"token"}
         assert events[0][1]["cache_tier"] == tier and r.headers["x-cache"] == tier
         assert "".join(d["text"] for e, d in events if e == "token") == events[-1][1]["answer"]
-        assert (len(names) == 6) if tier == "miss" else (len(names) == 3)
+        # a miss: one token event per piece, 4 pieces, but pieces that arrive together leave in
+        # one event (sse.coalesce; a loaded machine does that); a hit is one piece
+        assert (3 <= len(names) <= 6) if tier == "miss" else (len(names) == 3)
 
 
 def test_retrieve_and_stats(served):

@@ -162,7 +162,10 @@ def test_stream_gives_the_sources_then_the_answer_and_adds_up_to_invoke(fake, ur
     with Client(url) as client:
         pieces = list(RagserveAnswer(source=client, options=uncached).stream("stream this"))
     assert list(pieces[0]) == ["input"] and "context" in pieces[1] and pieces[1]["cache_tier"] == "miss"
-    assert [p["answer"] for p in pieces[2:-1]] == ["an", " answer", " more"]  # as generated
+    # as generated; over HTTP the server sends pieces that arrived together as one (a loaded
+    # machine joins " answer" and " more"), so the split varies but never the text
+    tokens = [p["answer"] for p in pieces[2:-1]]
+    assert tokens and all(tokens) and "".join(tokens) == "an answer more"
     whole = RagserveAnswer(source=fake, options=uncached).invoke("stream this")
     assert without_run(summed(pieces)) == without_run(whole)
     assert summed(pieces)["cache_tier"] == "miss"
