@@ -19,7 +19,7 @@ from ragserve.server.app import create_app
 from ragserve.server.auth import ApiKeys
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
-from ragserve.testing.http import get, post, running
+from ragserve.testing.http import connect, get, post, running
 from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, eventually
 
 pytestmark = pytest.mark.http
@@ -34,14 +34,6 @@ def serve(tmp_path, generator=None, keys=None, **limits):
     with rag, running(create_app(rag, config, keys=keys), limits=config.server) as url:
         yield url, int(url.rsplit(":", 1)[1]), rag
 
-
-def connect(port, rcvbuf=None):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(HTTP_TIMEOUT_S)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def answer(s, timeout_s=HTTP_TIMEOUT_S):

@@ -15,8 +15,8 @@ from ragserve.server.app import create_app
 from ragserve.server.limits import REASONS
 from ragserve.testing.fakes import FakeGenerator
 from ragserve.testing.fakes import fake_rag as make_rag
-from ragserve.testing.http import get, running
-from ragserve.testing.waits import HTTP_TIMEOUT_S, WAIT_S, eventually
+from ragserve.testing.http import connect, get, running
+from ragserve.testing.waits import WAIT_S, eventually
 
 pytestmark = pytest.mark.http
 TCP_ESTABLISHED = 1
@@ -29,14 +29,6 @@ def serve(tmp_path, generator, **limits):
     with rag, running(create_app(rag, config), limits=config.server) as url:
         yield url, int(url.rsplit(":", 1)[1])
 
-
-def connect(port, rcvbuf=None):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(HTTP_TIMEOUT_S)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def until_closed(s):

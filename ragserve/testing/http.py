@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,17 @@ def get(url: str, **kwargs: Any) -> httpx.Response:
 def post(url: str, **kwargs: Any) -> httpx.Response:
     """``httpx.post`` with ``timeout=HTTP_TIMEOUT_S`` unless one is given."""
     return httpx.post(url, **{"timeout": HTTP_TIMEOUT_S, **kwargs})
+
+
+def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
+    """A raw TCP connection to 127.0.0.1:``port`` (``rcvbuf``: its receive buffer, to make
+    a client that reads slowly), for tests that send bytes no HTTP client would."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(HTTP_TIMEOUT_S)
+    s.connect(("127.0.0.1", port))
+    return s
 
 
 @contextmanager
