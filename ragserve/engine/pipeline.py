@@ -149,8 +149,7 @@ class Pipeline:
             check_options(namespace=namespace, top_k=top_k, timeout_s=timeout_s)
             check_priority(priority)
             k = default_k if top_k is None else top_k
-            key = (self.cache.key(q, namespace, snap.fingerprint, None if k == default_k else k)
-                   if self.cache is not None else "")
+            key = self.cache.key(q, namespace, snap.fingerprint, self._keyed_k(k)) if self.cache is not None else ""
         except InputError as e:
             self.requests.refused(e)
             raise
@@ -161,8 +160,12 @@ class Pipeline:
     def _key(self, p: _Prepared, snap: ServedIndex) -> str:
         if self.cache is None:
             return ""
-        default_k = self.config.query.top_k
-        return self.cache.key(p.question, p.namespace, snap.fingerprint, None if p.top_k == default_k else p.top_k)
+        return self.cache.key(p.question, p.namespace, snap.fingerprint, self._keyed_k(p.top_k))
+
+    def _keyed_k(self, k: int) -> int | None:
+        """``top_k`` as the cache keys and partitions name it: None for the configured one,
+        so a request that asks for the default shares its answers with one that does not ask."""
+        return None if k == self.config.query.top_k else k
 
     @asynccontextmanager
     async def _holding(self, p: _Prepared) -> AsyncIterator[None]:
@@ -269,8 +272,7 @@ class Pipeline:
 
     def _partition(self, p: _Prepared) -> str:
         assert self.cache is not None
-        default_k = self.config.query.top_k
-        return self.cache.partition(p.namespace, p.snapshot.fingerprint, None if p.top_k == default_k else p.top_k)
+        return self.cache.partition(p.namespace, p.snapshot.fingerprint, self._keyed_k(p.top_k))
 
     def _flight_key(self, p: _Prepared, deltas: bool) -> str:
         """Which requests may share a run: a run that must not write only with callers that
@@ -311,7 +313,8 @@ class Pipeline:
             self.observers.generation(result)  # counted once per run, whoever still waits for it
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
-            self.cache.remember_vector(self._partition(leader), leader.key, question, vector)
+            if self.cache.semantic is not None:  # its partition is a hash: not on every miss
+                self.cache.remember_vector(self._partition(leader), leader.key, question, vector)
         yield DoneEvent(result)
 
     def _priority(self, ticket: Ticket) -> dict[str, int]:

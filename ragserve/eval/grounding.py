@@ -43,7 +43,7 @@ within without would yes yet you your yours yourself yourselves
 """.split())
 
 _WORD = re.compile(r"\w+(?:[.,'’]\w+)*")
-_SENTENCE_END = re.compile(r"[.!?:;\"“”()\[\]]\s*$")
+_SENTENCE_ENDS = frozenset('.!?:;"“”()[]')
 
 
 def _words(text: str) -> list[str]:
@@ -95,11 +95,12 @@ def groundedness(answer: str, sources: Iterable[str]) -> Grounding:
 
 def _content_words(text: str) -> Iterable[tuple[str, str, bool]]:
     """(raw word, normalised word, is a name) for each content word of ``text``."""
+    end = None  # where the previous word ended; None before the first
     for m in _WORD.finditer(text):
-        raw = m.group()
+        raw, gap = m.group(), text[end or 0:m.start()].rstrip()
+        starts_sentence = end is None or (bool(gap) and gap[-1] in _SENTENCE_ENDS)
+        end = m.end()
         word = normalize_answer(raw)
         if not word or (word in FUNCTION_WORDS and not any(c.isdigit() for c in raw)):
             continue
-        before = text[:m.start()]
-        starts_sentence = not before.strip() or bool(_SENTENCE_END.search(before))
         yield raw, word, raw[0].isupper() and not starts_sentence
