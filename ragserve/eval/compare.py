@@ -4,7 +4,8 @@
 cache bypassed (read and write), and scored as ``ragserve eval --answers`` scores it
 (``answers.score``: contains-gold, EM, F1, the extractive baseline, groundedness). Each
 run reports the same ``answers`` object and ``per_question`` rows as the CLI's report,
-and beside them every stage's p50/p95 from the answers' own ``Timings``.
+and beside them every stage's p50/p95 from the answers' own ``Timings``
+(``StageStats.summary``, as ``stats()`` reports them).
 
 A variant changes what one request may change on a running engine: ``top_k`` today. (The
 model, the prompt or the index need another engine: compare two servers, or run
@@ -23,7 +24,7 @@ from typing import Any
 
 from ragserve.eval.answers import ANSWER_ROW_KEYS, answer_all, score, summarize
 from ragserve.eval.datasets import EvalQuestion
-from ragserve.eval.scoring import percentile
+from ragserve.observe.timing import StageStats
 from ragserve.types import Timings
 
 SCHEMA = "ragserve.eval-runs/1"
@@ -50,18 +51,17 @@ async def acompare(rag: Any, questions: Sequence[EvalQuestion], variants: Sequen
         metrics = summarize(rows, time.perf_counter() - t)
         timings = [r.timings for r in results if not isinstance(r, Exception)]
         runs.append({"name": v.name, "config": {"top_k": top_k}, "answers": dataclasses.asdict(metrics),
-                     "stages": stage_percentiles(timings),
+                     "stages": stage_summary(timings),
                      "per_question": [{"qid": q.qid, **{k: row[k] for k in ANSWER_ROW_KEYS}}
                                       for q, row in zip(questions, rows)]})
     return {"schema": SCHEMA, "index": {"fingerprint": rag.fingerprint}, "questions": len(questions),
             "concurrency": concurrency, "runs": runs}
 
 
-def stage_percentiles(timings: Sequence[Timings]) -> dict[str, dict[str, float]]:
-    """p50/p95 (ms) of each stage that ran in any of ``timings`` (``total`` included)."""
-    out: dict[str, dict[str, float]] = {}
-    for stage in (f.name for f in dataclasses.fields(Timings)):
-        values = [getattr(t, stage) for t in timings]
-        if any(values):
-            out[stage] = {"p50_ms": round(percentile(values, 50), 3), "p95_ms": round(percentile(values, 95), 3)}
-    return out
+def stage_summary(timings: Sequence[Timings]) -> dict[str, dict[str, float]]:
+    """Each stage's count, mean and p50/p95/p99 (ms) over the answers that ran it: the
+    engine's own ``StageStats.summary``, over this run's answers only."""
+    stats = StageStats(window=max(1, len(timings)))
+    for t in timings:
+        stats.record({stage: ms for stage, ms in t.as_dict().items() if ms})
+    return stats.summary()
