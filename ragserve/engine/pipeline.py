@@ -220,11 +220,12 @@ class Pipeline:
                                   DoneEvent(result)):
                         yield event
                     return
-            if hit is None and self._flight_key(p, deltas) not in self.flight:
+            if hit is None:
                 # The lookup awaited (the hop to this loop, Redis): a run of this question may
-                # have ended meanwhile, its answer now in L1 and its flight gone. Look again with
-                # no await between this look and starting a run: no question is generated
-                # again once its answer is cached.
+                # have ended meanwhile, its answer now in L1 (its flight may still be winding
+                # down). Look again with no await between this look and starting or joining a
+                # run: no question is generated again once its answer is cached, and an
+                # answer already cached is served as the hit it is.
                 with clock.span("cache_l1"):
                     hit, tier = self.cache.l1.get(p.key, count_miss=False), "l1"
         if hit is not None:
