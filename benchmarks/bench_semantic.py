@@ -11,9 +11,14 @@ semantic hit is *false* when the matched cached question's gold answers share no
 the asked question's (SQuAD normalisation, either containing the other counts as shared).
 The ceiling is 1 − distinct meanings ÷ requests.
 
-Also: the semantic lookup's cost in process with 10k and 100k entries in a partition.
+Also: the semantic lookup's cost with 10k and 100k entries in a partition (``--lookup-only``
+measures only that, with no embedder: unit vectors at random, half the queries a planted
+paraphrase of a stored one at cosine 0.80-0.95, half unrelated), through the tier's own
+``SemanticCache.lookup`` (partition, search, threshold, guard), with the vectors in process and
+again with an embedded Redis attached as L2 (``--lookup-redis``).
 
     python benchmarks/bench_semantic.py --threshold 0.9 --guard strict --p 0,0.3,0.5 --n 2000,10000
+    python benchmarks/bench_semantic.py --lookup-only --lookup-redis --threshold 0.8
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, required=True, help="e.g. what calibrate-semantic certified")
     ap.add_argument("--guard", default="strict")
     ap.add_argument("--lookup-sizes", default="10000,100000")
+    ap.add_argument("--lookup-only", action="store_true", help="only the lookup cost table (no embedder)")
+    ap.add_argument("--lookup-redis", action="store_true",
+                    help="also measure the lookup with an embedded Redis attached as L2")
+    ap.add_argument("--lookups", type=int, default=1000, help="lookups per size (half planted hits)")
     ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "semantic.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--vectors", type=Path, default=None,
@@ -44,6 +53,13 @@ def main() -> int:
     args = ap.parse_args()
     env = harness.environment(gpu=False)
     log = harness.logger("semantic")
+
+    if args.lookup_only:
+        sizes_ = [int(x) for x in args.lookup_sizes.split(",")]
+        lookup = lookup_table(sizes_, 384, args.threshold, args.guard, args.lookups, args.lookup_redis, log)
+        lines = ["# The semantic tier's lookup cost", "", *harness.run_lines(env), "", *lookup_lines(lookup)]
+        harness.write_report("\n".join(lines), md=args.out, json_path=args.json, data={"lookup": lookup})
+        return 0
 
     from ragserve.cache.keys import normalize_question
     from ragserve.config import RAGConfig, SemanticConfig
@@ -119,7 +135,8 @@ def main() -> int:
                      "upper_95": upper})
         log(f"n={n} p={p}: {rows[-1]}")
 
-    lookup = lookup_cost([int(x) for x in args.lookup_sizes.split(",")], embedder.dim)
+    lookup = lookup_table([int(x) for x in args.lookup_sizes.split(",")], embedder.dim, args.threshold,
+                          args.guard, args.lookups, args.lookup_redis, log)
     lines = ["# The semantic answer tier on the headline stream", "", *harness.run_lines(env),
              f"- stream: Zipf s={args.s} over {len(items)} XQuAD-en questions, seed {args.seed}; a repeat is a "
              "rewrite with probability p", f"- tier: threshold {args.threshold}, guard {args.guard}; embedder "
@@ -130,10 +147,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['n']} | {r['p']} | {r['ceiling']:.1%} | {r['exact_only']:.1%} | {r['with_semantic']:.1%} | "
                      f"{r['semantic_hits']} | {r['false_hits']} | {r['false_hit_rate']:.2%} | {r['upper_95']:.2%} |")
-    lines += ["", "Semantic lookup in process (one partition, one query vector, the nearest row, the guard not "
-              "reached): p50 / p99 over 200 lookups", "", "| entries | p50 ms | p99 ms |", "|---|---|---|"]
-    for size, (p50, p99) in lookup.items():
-        lines.append(f"| {size} | {p50:.3f} | {p99:.3f} |")
+    lines += ["", *lookup_lines(lookup)]
     harness.write_report("\n".join(lines), md=args.out, json_path=args.json, data={"rows": rows, "lookup": lookup})
     return 0
 
@@ -154,26 +168,81 @@ def save_vectors(path: Path | None, vectors: dict) -> None:
         np.savez(path, texts=np.array(list(vectors)), vectors=np.stack(list(vectors.values())))
 
 
-def lookup_cost(sizes: list[int], dim: int) -> dict[int, tuple[float, float]]:
+def lookup_table(sizes: list[int], dim: int, threshold: float, guard: str, lookups: int, redis: bool,
+                 log) -> list[dict]:
+    """Lookup p50/p99 through ``SemanticCache.lookup`` per partition size, in process and
+    (``redis``) with an embedded Redis as L2; and how many planted paraphrases were served."""
+    rows = [lookup_cost(size, dim, threshold, guard, lookups, None) for size in sizes]
+    if redis:
+        from ragserve.cache.redis_server import RedisServer
+
+        server = RedisServer().start()
+        try:
+            rows += [lookup_cost(size, dim, threshold, guard, lookups, server.url) for size in sizes]
+        finally:
+            server.stop()
+    for r in rows:
+        log(f"lookup: {r}")
+    return rows
+
+
+def lookup_lines(rows: list[dict]) -> list[str]:
+    return ["Semantic lookup (`SemanticCache.lookup`: partition, search, threshold, guard), one partition; "
+            "half the queries a stored entry's planted paraphrase (cosine 0.80-0.95 to it, same question "
+            "text), half unrelated; the tier's default sync interval (200 ms) with Redis", "",
+            "| entries | Redis | lookups | p50 ms | p99 ms | mean ms | planted paraphrases served |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {r['entries']:,} | {'embedded L2' if r['redis'] else 'none'} | {r['lookups']} | "
+              f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['planted_served']} of "
+              f"{r['planted']} |" for r in rows)]
+
+
+def lookup_cost(size: int, dim: int, threshold: float, guard: str, lookups: int,
+                redis_url: str | None) -> dict:
     import numpy as np
 
-    from ragserve.cache.semantic import Partition
+    from ragserve.cache.l2 import RedisL2
+    from ragserve.cache.semantic import SemanticCache
+    from ragserve.config import SemanticConfig
 
-    rng = np.random.default_rng(0)
-    out = {}
-    for size in sizes:
-        part = Partition(size)
-        v = rng.normal(size=(size, dim)).astype(np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
+    rng = np.random.default_rng(size)
+    v = rng.normal(size=(size, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    planted = lookups // 2
+    rows = rng.choice(size, planted, replace=False)
+    # A paraphrase of row r at cosine c: c·v_r + sqrt(1 - c²)·u, u a unit vector orthogonal to v_r.
+    cos = rng.uniform(max(threshold, 0.80), 0.95, planted).astype(np.float32)
+    noise = rng.normal(size=(planted, dim)).astype(np.float32)
+    noise -= (noise * v[rows]).sum(1, keepdims=True) * v[rows]
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    near = cos[:, None] * v[rows] + np.sqrt(1 - cos**2)[:, None] * noise
+    far = rng.normal(size=(lookups - planted, dim)).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    queries = [(q, f"question {r}") for q, r in zip(near, rows, strict=True)]
+    queries += [(q, "an unrelated question") for q in far]
+    order = rng.permutation(len(queries))
+
+    async def run() -> dict:
+        l2 = RedisL2(redis_url, ttl_s=3600, timeout_s=0.05) if redis_url else None
+        tier = SemanticCache(SemanticConfig(enabled=True, threshold=threshold, guard=guard), l2)
+        part = tier._partition("bench")
         for i in range(size):
-            part.add(str(i), "q", v[i])
-        times = []
-        for q in v[:200]:
+            part.add(f"k{i}", f"question {i}", v[i])
+        times, served = [], 0
+        for j in order:
+            q, text = queries[j]
             t = time.perf_counter()
-            part.nearest(q)
+            match = await tier.lookup("bench", q, text)
             times.append((time.perf_counter() - t) * 1e3)
-        out[size] = harness.pcts(times, 50, 99)
-    return out
+            served += match is not None and j < planted and match.key == f"k{rows[j]}"
+        if l2 is not None:
+            await l2.close()
+        p50, p99 = harness.pcts(times, 50, 99)
+        return {"entries": size, "redis": bool(redis_url), "lookups": len(times), "p50_ms": p50,
+                "p99_ms": p99, "mean_ms": sum(times) / len(times), "planted": planted,
+                "planted_served": served}
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":
