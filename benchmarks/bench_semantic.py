@@ -19,6 +19,15 @@ again with an embedded Redis attached as L2 (``--lookup-redis``).
 
     python benchmarks/bench_semantic.py --threshold 0.9 --guard strict --p 0,0.3,0.5 --n 2000,10000
     python benchmarks/bench_semantic.py --lookup-only --lookup-redis --threshold 0.8
+
+``--quality``: the first (n, p) stream through a real ``RAG`` over the XQuAD index (the
+default vLLM engine: run it under ``flock /tmp/ragserve-engine.lock``), the requests in order;
+then every request the semantic tier answered is generated afresh (cache off), and the
+contains-gold of the served answers (against the asked question's gold answers) is compared
+with the fresh generations'.
+
+    flock /tmp/ragserve-engine.lock \
+        python benchmarks/bench_semantic.py --quality --n 500 --p 0.3 --threshold 0.8
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ def main() -> int:
     ap.add_argument("--lookup-redis", action="store_true",
                     help="also measure the lookup with an embedded Redis attached as L2")
     ap.add_argument("--lookups", type=int, default=1000, help="lookups per size (half planted hits)")
+    ap.add_argument("--quality", action="store_true",
+                    help="served vs fresh contains-gold on the first (n, p) stream with the real engine")
+    ap.add_argument("--index", type=Path, default=harness.XQUAD_INDEX, help="for --quality (built if absent)")
     ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "semantic.md")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--vectors", type=Path, default=None,
@@ -85,6 +97,25 @@ def main() -> int:
                 seen.add(i)
                 asked.append((i, text))
             plans[(n, p)] = (asked, len(seen))
+    if args.quality:
+        (n, p), (asked, distinct) = next(iter(plans.items()))
+        data = quality(asked, items, args, log)
+        data.update(n=n, p=p, ceiling=1 - distinct / n)
+        lines = ["# Answers the semantic tier served vs fresh generations", "", *harness.run_lines(env),
+                 f"- stream: Zipf s={args.s} over {len(items)} XQuAD-en questions, seed {args.seed}, "
+                 f"{n} requests, p={p}; tier: threshold {args.threshold}, guard {args.guard}; "
+                 f"index {args.index}", "",
+                 "| requests | answers by tier | generations | semantic hits scored | contains-gold served | "
+                 "contains-gold fresh | served − fresh | served right, fresh wrong | "
+                 "served wrong, fresh right |",
+                 "|---|---|---|---|---|---|---|---|---|",
+                 f"| {n} | {data['tiers']} | {data['generations']} | {data['scored']} | "
+                 f"{data['served']:.3f} | {data['fresh']:.3f} | {data['served'] - data['fresh']:+.3f} | "
+                 f"{data['only_served']} | "
+                 f"{data['only_fresh']} |"]
+        harness.write_report("\n".join(lines), md=args.out, json_path=args.json, data=data)
+        return 0
+
     texts = sorted({normalize_question(t) for asked, _ in plans.values() for _, t in asked})
     embedder = SentenceTransformerEmbedder(RAGConfig().embed)
     embedder.warm_up()
@@ -165,6 +196,47 @@ def main() -> int:
     return 0
 
 
+def quality(asked: list[tuple[int, str]], items: list, args, log) -> dict:
+    """The stream through a real RAG in order; then the semantic hits generated afresh."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    import bench_serving_workload as wl
+
+    from ragserve import RAG
+    from ragserve.config import RAGConfig, SemanticConfig
+    from ragserve.eval.scoring import contains_answer
+
+    semantic = SemanticConfig(enabled=True, threshold=args.threshold, guard=args.guard)
+    config = replace(RAGConfig(), semantic=semantic)
+    log(f"index: {wl.ensure_index(args.index, args.xquad, config)}")
+    tiers: dict[str, int] = {}
+    hits = []
+    with RAG.from_index(args.index, config) as rag:
+        t0 = time.perf_counter()
+        for k, (i, text) in enumerate(asked):
+            r = rag.query(text)
+            tiers[r.cache_tier] = tiers.get(r.cache_tier, 0) + 1
+            if r.cache_tier == "semantic":
+                hits.append((i, text, r.answer))
+            if k % 50 == 0:
+                log(f"{k} of {len(asked)} requests, {tiers}, {time.perf_counter() - t0:.0f} s")
+        log(f"stream done in {time.perf_counter() - t0:.0f} s; {len(hits)} semantic hits to generate afresh")
+        with ThreadPoolExecutor(16) as pool:
+            fresh = list(pool.map(lambda h: rag.query(h[1], cache_read=False, cache_write=False).answer,
+                                  hits))
+        log(f"fresh generations done at {time.perf_counter() - t0:.0f} s")
+    served = [contains_answer(answer, items[i][1]) for i, _, answer in hits]
+    again = [contains_answer(answer, items[i][1]) for (i, _, _), answer in zip(hits, fresh, strict=True)]
+    n = max(1, len(hits))
+    return {"tiers": tiers, "generations": tiers.get("miss", 0) + len(hits), "scored": len(hits),
+            "served": sum(served) / n, "fresh": sum(again) / n,
+            "only_served": sum(a > b for a, b in zip(served, again, strict=True)),
+            "only_fresh": sum(b > a for a, b in zip(served, again, strict=True)),
+            "pairs": [{"question": t, "served": a, "fresh": f}
+                      for (_, t, a), f in zip(hits, fresh, strict=True)]}
+
+
 def load_vectors(path: Path | None) -> dict:
     import numpy as np
 
@@ -238,7 +310,7 @@ def lookup_cost(size: int, dim: int, threshold: float, guard: str, lookups: int,
     async def run() -> dict:
         l2 = RedisL2(redis_url, ttl_s=3600, timeout_s=0.05) if redis_url else None
         tier = SemanticCache(SemanticConfig(enabled=True, threshold=threshold, guard=guard), l2)
-        part = tier._partition("bench")
+        part = tier.partition("bench")
         for i in range(size):
             part.add(f"k{i}", f"question {i}", v[i])
         times, served = [], 0

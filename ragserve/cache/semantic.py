@@ -260,7 +260,9 @@ class SemanticCache:
         self.partitions: OrderedDict[str, Partition] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _partition(self, pid: str) -> Partition:
+    def partition(self, pid: str) -> Partition:
+        """Partition ``pid`` in process (made if new; the least recently used go past
+        ``max_partitions``)."""
         part = self.partitions.get(pid)
         if part is None:
             part = self.partitions[pid] = Partition(self.config.max_entries)
@@ -275,7 +277,7 @@ class SemanticCache:
         passes the guard; else None (why is counted in ``stats``). No Redis round trip once
         the partition's stream has been read: new entries arrive by a background read."""
         self.stats.lookups += 1
-        part = self._partition(pid)
+        part = self.partition(pid)
         if self.l2 is not None and self._due(part):
             if part.loaded:
                 self._sync_later(pid, part)
@@ -309,7 +311,7 @@ class SemanticCache:
 
     def remember(self, pid: str, key: str, question: str, vector: np.ndarray) -> None:
         """Add an entry now, and to the partition's Redis stream off the request's path."""
-        if not self._partition(pid).add(key, question, vector):
+        if not self.partition(pid).add(key, question, vector):
             return
         self.stats.writes += 1
         if self.l2 is not None:
