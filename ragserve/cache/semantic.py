@@ -316,9 +316,12 @@ class SemanticCache:
         self.stats.writes += 1
         if self.l2 is not None:
             fields = {"k": key, "q": question, "v": np.asarray(vector, np.float32).tobytes()}
-            self.l2.command_later("xadd", STREAM_PREFIX + pid, fields, maxlen=self.config.max_entries,
-                                  approximate=True)
-            self.l2.command_later("pexpire", STREAM_PREFIX + pid, int(self.ttl_s * 1000))
+            stream = STREAM_PREFIX + pid
+            # In order: a PEXPIRE that reached Redis before the stream's first XADD would
+            # find no key and leave the stream without a TTL.
+            self.l2.commands_later([("xadd", (stream, fields), {"maxlen": self.config.max_entries,
+                                                                "approximate": True}),
+                                    ("pexpire", (stream, int(self.ttl_s * 1000)), {})])
 
     def _due(self, part: Partition) -> bool:
         waited_ms = (time.monotonic() - part.synced_at) * 1000
