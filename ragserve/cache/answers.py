@@ -116,6 +116,8 @@ class AnswerCache:
                 "semantic": self.semantic.as_dict() if self.semantic else None}
 
     async def close(self) -> None:
+        if self.semantic is not None:
+            await self.semantic.close()
         if self.l2 is not None:
             await self.l2.close()
 

@@ -163,6 +163,16 @@ class RedisL2:
         """``command`` as a background task, off the caller's path."""
         self._background(self.command(method, *args, **kwargs))
 
+    def commands_later(self, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
+        """``(method, args, kwargs)`` commands in order, each sent after the last one's reply,
+        in one background task (two ``command_later`` calls may reach Redis in either order)."""
+
+        async def run() -> None:
+            for method, args, kwargs in calls:
+                await self.command(method, *args, **kwargs)
+
+        self._background(run())
+
     def put_later(self, key: str, value: CachedAnswer) -> None:
         """Schedule a write on the running loop; the caller does not wait for it."""
         self._background(self.put(key, value))
