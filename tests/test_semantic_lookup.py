@@ -93,9 +93,6 @@ class SlowRedis:
         fresh = [e for e in self.entries if e[0] > cursor.encode()][:count]
         return True, fresh
 
-    def command_later(self, *args, **kwargs):
-        pass
-
 
 def entry(i: int, v: np.ndarray):
     return f"{i:020d}-0".encode(), {b"k": f"k{i}".encode(), b"q": f"q{i}".encode(), b"v": v.tobytes()}

@@ -159,13 +159,9 @@ class RedisL2:
         self.breaker.success()
         return True, reply
 
-    def command_later(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """``command`` as a background task, off the caller's path."""
-        self._background(self.command(method, *args, **kwargs))
-
     def commands_later(self, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
         """``(method, args, kwargs)`` commands in order, each sent after the last one's reply,
-        in one background task (two ``command_later`` calls may reach Redis in either order)."""
+        in one background task (two background tasks may reach Redis in either order)."""
 
         async def run() -> None:
             for method, args, kwargs in calls:
