@@ -233,3 +233,34 @@ def test_the_cli_reports_the_step_and_exits_1(tmp_path, monkeypatch):
     assert "manifest.json: could not write it: No space left on device" in result.output
     assert "Traceback" not in result.output
     shutil.rmtree(src)
+
+
+SHARD_STEPS = [
+    ("write", r"^index\.faiss$", r"^index\.faiss$"),  # a shard's vectors
+    ("write", r"^manifest\.json$", r"^manifest\.json$"),  # a shard's manifest, then the top one
+    ("fsync", r"^shard-\d+$", r"^shard-\d+$"),  # a shard folder's entries
+    ("link", rf"^\.{OUT}\.link-\d+$", rf"^\.{OUT}\.link-\d+$"),
+]
+
+
+@pytest.mark.parametrize(("step", "target", "named"), SHARD_STEPS,
+                         ids=[s + "-" + t.strip("^$") for s, t, _ in SHARD_STEPS])
+def test_a_fault_in_a_sharded_build_leaves_the_published_shards_as_they_were(
+        tmp_path, monkeypatch, step, target, named):
+    from ragserve.build.sharded import build_sharded
+
+    src, out = tmp_path / "src", tmp_path / OUT
+    _write_corpus(src, 4)
+    before = build_sharded(src, out, shards=2, embedder=FakeEmbedder())
+    published = os.path.realpath(out)
+    listing = sorted(p.name for p in versions_dir(out).iterdir())
+    _write_corpus(src, 6)
+    Faults(monkeypatch, step, target, errno.EIO)
+    with pytest.raises(IndexWriteError) as caught:
+        build_sharded(src, out, shards=2, embedder=FakeEmbedder())
+    monkeypatch.undo()
+    assert caught.value.step == step and re.search(named, caught.value.path.name), str(caught.value)
+    assert os.path.realpath(out) == published and verify(out).fingerprint == before.fingerprint
+    assert sorted(p.name for p in versions_dir(out).iterdir()) == listing
+    again = build_sharded(src, out, shards=2, embedder=FakeEmbedder())
+    assert verify(out).fingerprint == again.fingerprint != before.fingerprint

@@ -171,14 +171,17 @@ def _migrate(out: Path, link: Path, legacy: Path) -> Path:
     """Swap a plain index folder from before versioning for ``link`` in one step, and keep
     the folder as the previous version."""
     try:
-        _exchange(link, out)
+        with IndexWriteError.during("rename", out):
+            _exchange(link, out)
     except NotImplementedError:
         # NOTE: no atomic exchange here. Between these two renames ``out`` is missing;
         # resolve_index serves the newest complete version (the new one) meanwhile, and
         # the next build repairs the link if a crash lands in between.
-        os.rename(out, legacy)
+        with IndexWriteError.during("rename", out):
+            os.rename(out, legacy)
         try:
-            os.replace(link, out)
+            with IndexWriteError.during("rename", out):
+                os.replace(link, out)
         except BaseException:
             os.rename(legacy, out)
             raise

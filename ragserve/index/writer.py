@@ -139,7 +139,8 @@ def link_shard(previous: Path, folder: Path) -> dict[str, Any]:
     same manifest, same fingerprint, no bytes rewritten. Returns its manifest."""
     import orjson
 
-    folder.mkdir()
+    with IndexWriteError.during("write", folder):
+        folder.mkdir()
     for src in Path(previous).iterdir():
         if src.is_file() and not src.name.startswith("."):
             try:
@@ -147,7 +148,8 @@ def link_shard(previous: Path, folder: Path) -> dict[str, Any]:
             except OSError:
                 import shutil
 
-                shutil.copy2(src, folder / src.name)
+                with IndexWriteError.during("write", folder / src.name):
+                    shutil.copy2(src, folder / src.name)
     return orjson.loads((folder / MANIFEST_FILE).read_bytes())
 
 
