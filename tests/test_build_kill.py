@@ -15,6 +15,7 @@ on a pipe and waits there, and the test kills it with SIGKILL. No sleep decides 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -123,7 +124,8 @@ class Zygote:
         self.log = log
         self.err = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, env=env, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=self.err, env=env, text=True, bufsize=1,
+                                     start_new_session=True)  # its builds are in its process group
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -157,9 +159,10 @@ class Zygote:
         try:
             self.proc.wait(timeout=WAIT_S)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+            # a build a failed test left waiting at its stage, and the helper if it is still up
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
             self.err.close()
 
 
