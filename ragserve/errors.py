@@ -29,6 +29,9 @@ that is wrong and what to do about it::
     │   │   └── ShardError          a shard of a sharded index is missing, of another
     │   │                           dimension, or not the one the top manifest lists
     │   │                           (names the shard)
+    │   ├── IndexWriteError         a build could not write, fsync, link or rename a file
+    │   │                           of the new version (a full disk, an I/O error): names
+    │   │                           the step and the file; the published version stays
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
 ├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
@@ -65,6 +68,8 @@ server's error body (``restore``), with the HTTP facts as attributes: ``status``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -234,6 +239,29 @@ class ShardError(IndexIntegrityError):
     def __init__(self, path: Path | str, shard: str, message: str) -> None:
         self.shard = shard
         super().__init__(path, f"shard {shard}: {message}")
+
+
+class IndexWriteError(IndexError_):
+    """A file of a new index version could not be written, synced, linked or renamed into
+    place (``step``: "write", "fsync", "link" or "rename"; ``errno`` and ``reason`` from the
+    OS). Raised before the new version is published: the index the path names is the one
+    it named before the build, and the half-written folder is removed."""
+
+    def __init__(self, path: Path | str, step: str, reason: str, errno: int | None = None) -> None:
+        self.step = step
+        self.reason = reason
+        self.errno = errno
+        super().__init__(path, f"could not {step} it: {reason}")
+
+    @classmethod
+    @contextmanager
+    def during(cls, step: str, path: Path | str) -> Iterator[None]:
+        """Turn an ``OSError`` raised inside the block into this error, naming ``step``
+        and ``path`` (the file's final name in the folder, not a temporary one)."""
+        try:
+            yield
+        except OSError as e:
+            raise cls(path, step, e.strerror or str(e), e.errno) from e
 
 
 class IndexMismatchError(IndexError_):

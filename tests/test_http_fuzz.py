@@ -132,3 +132,41 @@ def test_bytes_that_are_not_http_after_a_request_wait_for_its_answer(tmp_path):
     assert b"event: done" in stream
     assert refusal.startswith(b"HTTP/1.1 400 ") and b'"InvalidHTTP"' in refusal
     assert not [e.getMessage() for e in errors.records]
+
+
+BROKEN_CHUNKS = {"first_chunk": b"zz\r\n", "second_chunk": b"5\r\n{\"que\r\nzz\r\n"}
+
+
+def test_a_chunked_body_that_breaks_is_refused_at_once(tmp_path):
+    """Found by tests/test_http_hypothesis.py (the fuzz's bad_chunked framing): a chunk
+    size that is not hex, in a request whose headers were whole. The 400 was held back
+    until the request's answer was complete, but its app was waiting for the rest of a body
+    that would never come: no answer, the connection and the request held until the
+    client gave up (the body deadline had been cancelled with the refusal)."""
+    config = RAGConfig()
+    rag = make_rag(tmp_path, FakeGenerator(words=3, delay=0.0), config=config)
+    errors = Errors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    try:
+        app = create_app(rag, config)
+        with rag, running(app, limits=config.server) as url:
+            port = int(url.rsplit(":", 1)[1])
+            head = (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            cases = [(broken, stream) for broken in sorted(BROKEN_CHUNKS) for stream in (False, True)]
+            for broken, stream in cases:
+                body = b'{"question": "what is this?", "stream": %s}' % (b"true" if stream else b"false")
+                raw = head + BROKEN_CHUNKS[broken] + body
+                answer = asyncio.run(fuzz.send(port, raw, WAIT_S))
+                assert answer.status == 400 and answer.error == "", (broken, stream, answer.status)
+                assert b'"InvalidHTTP"' in answer.body
+                assert fuzz.problem(fuzz.FuzzRequest("/v1/query", "framing", broken, raw), answer) is None
+                assert answer.seconds < WAIT_S / 2  # at once, not when a deadline ends it
+            served = app.state.served
+            eventually(lambda: served.connections.counts["invalid_request"] == len(cases), WAIT_S, 0.02,
+                       "the refusals")
+            assert get(f"{url}/health").status_code == 200
+            eventually(lambda: len(served.connections.live) == 0, WAIT_S, 0.02, "every connection closed")
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert not [e.getMessage() for e in errors.records]

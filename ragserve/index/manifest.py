@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from ragserve.errors import IndexIntegrityError, IndexMismatchError, IndexNotFoundError
+from ragserve.errors import IndexIntegrityError, IndexMismatchError, IndexNotFoundError, IndexWriteError
 from ragserve.index.versions import resolve_index
 
 MANIFEST_FILE = "manifest.json"
@@ -59,7 +59,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any], files: list[str]) -> 
     }
     manifest["fingerprint"] = fingerprint(manifest)
     data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    (folder / MANIFEST_FILE).write_bytes(data + b"\n")
+    with IndexWriteError.during("write", folder / MANIFEST_FILE):
+        (folder / MANIFEST_FILE).write_bytes(data + b"\n")
     return manifest
 
 

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ragserve.errors import IndexError_
+from ragserve.errors import IndexError_, IndexWriteError
 
 MANIFEST_FILE = "manifest.json"  # the name manifest.py writes; repeated to keep this module import-light
 LOCK_FILE = ".lock"
@@ -130,9 +130,10 @@ def publish(out: Path, built: Path, fingerprint: str) -> Path:
     version = vdir / version_name(fingerprint)
     while version.exists():  # two builds within a microsecond: keep both apart
         version = version.with_name(version.name + "x")
-    os.rename(built, version)
-    _fsync_dir(vdir)
+    with IndexWriteError.during("rename", version):
+        os.rename(built, version)
     try:
+        _fsync(vdir)
         previous = _flip(out, version)
     except BaseException:
         if resolve_index(out) != Path(os.path.realpath(version)):
@@ -150,11 +151,13 @@ def _flip(out: Path, version: Path) -> Path | None:
     vdir = versions_dir(out)
     link = out.with_name(f".{out.name}.link-{os.getpid()}")
     _remove(link)
-    os.symlink(f"{vdir.name}/{version.name}", link)
+    with IndexWriteError.during("link", link):
+        os.symlink(f"{vdir.name}/{version.name}", link)
     try:
         if out.is_symlink() or not out.exists():
             before = Path(os.path.realpath(out)) if out.is_symlink() else None
-            os.replace(link, out)
+            with IndexWriteError.during("rename", out):
+                os.replace(link, out)
             return before if before is not None and before.parent == Path(os.path.realpath(vdir)) else None
         if not out.is_dir():
             raise IndexError_(out, "exists and is not an index folder or link; it is not replaced")
@@ -168,14 +171,17 @@ def _migrate(out: Path, link: Path, legacy: Path) -> Path:
     """Swap a plain index folder from before versioning for ``link`` in one step, and keep
     the folder as the previous version."""
     try:
-        _exchange(link, out)
+        with IndexWriteError.during("rename", out):
+            _exchange(link, out)
     except NotImplementedError:
         # NOTE: no atomic exchange here. Between these two renames ``out`` is missing;
         # resolve_index serves the newest complete version (the new one) meanwhile, and
         # the next build repairs the link if a crash lands in between.
-        os.rename(out, legacy)
+        with IndexWriteError.during("rename", out):
+            os.rename(out, legacy)
         try:
-            os.replace(link, out)
+            with IndexWriteError.during("rename", out):
+                os.replace(link, out)
         except BaseException:
             os.rename(legacy, out)
             raise
@@ -306,17 +312,16 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_dir() and not p.is_symlink():  # the shard folders of a sharded index
             _fsync_tree(p)
         elif p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
+            _fsync(p)
+    _fsync(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to disk; a failure (EIO: the data
+    never reached it) raises ``IndexWriteError`` before anything is published."""
+    with IndexWriteError.during("fsync", path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

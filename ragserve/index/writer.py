@@ -33,6 +33,7 @@ import numpy as np
 
 from ragserve._version import __version__
 from ragserve.config import ChunkConfig
+from ragserve.errors import IndexWriteError
 from ragserve.index.manifest import MANIFEST_FILE, write_manifest
 from ragserve.index.shards import LAYOUT
 from ragserve.index.versions import build_folder, publish
@@ -96,10 +97,12 @@ def write_index_folder(
             raise ValueError(f"{written} chunks for {index.ntotal} vectors: the docstore must match the index")
     else:
         for name in (CHUNKS_FILE, OFFSETS_FILE):
-            os.link(Path(docstore) / name, folder / name)  # type: ignore[arg-type]
+            with IndexWriteError.during("link", folder / name):
+                os.link(Path(docstore) / name, folder / name)  # type: ignore[arg-type]
     files = [INDEX_FILE, CHUNKS_FILE, OFFSETS_FILE]
     if vectors is not None:
-        np.save(folder / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+        with IndexWriteError.during("write", folder / VECTORS_FILE):
+            np.save(folder / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
         files.append(VECTORS_FILE)
     body: dict[str, Any] = {
         **_common(),
@@ -116,7 +119,9 @@ def publish_index_folder(out: Path, index: FaissIndex, **parts: Any) -> tuple[di
     """Write a new version of the index at ``out`` (``parts`` as for ``write_index_folder``)
     and switch ``out`` to it atomically; returns the manifest and the version's real folder.
 
-    The old version stays at ``out`` until the switch, whatever fails before it.
+    The old version stays at ``out`` until the switch, whatever fails before it. A file
+    that cannot be written, synced, linked or renamed (a full disk, an I/O error) raises
+    ``IndexWriteError`` naming the step and the file; the unfinished folder is removed.
     """
     out = Path(out)
     with build_folder(out) as tmp:
@@ -134,7 +139,8 @@ def link_shard(previous: Path, folder: Path) -> dict[str, Any]:
     same manifest, same fingerprint, no bytes rewritten. Returns its manifest."""
     import orjson
 
-    folder.mkdir()
+    with IndexWriteError.during("write", folder):
+        folder.mkdir()
     for src in Path(previous).iterdir():
         if src.is_file() and not src.name.startswith("."):
             try:
@@ -142,7 +148,8 @@ def link_shard(previous: Path, folder: Path) -> dict[str, Any]:
             except OSError:
                 import shutil
 
-                shutil.copy2(src, folder / src.name)
+                with IndexWriteError.during("write", folder / src.name):
+                    shutil.copy2(src, folder / src.name)
     return orjson.loads((folder / MANIFEST_FILE).read_bytes())
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from ragserve.errors import IndexIntegrityError
+from ragserve.errors import IndexIntegrityError, IndexWriteError
 from ragserve.types import Chunk
 
 CHUNKS_FILE = "chunks.jsonl"
@@ -37,26 +37,39 @@ def write_docstore(folder: Path, chunks: Iterable[Chunk]) -> int:
     encoded, a full disk, an interrupt) leaves a store already in the folder as it was,
     and a crash between the two renames leaves new lines with old offsets, which opening
     refuses (the offsets end at the old size). Never a store that reads wrong lines.
+    A file that cannot be written or renamed raises ``IndexWriteError`` naming the step and
+    the file (an error of ``chunks`` itself is raised as it is).
     """
     folder = Path(folder)
     tmp_chunks = folder / f".{CHUNKS_FILE}.tmp-{os.getpid()}"
     tmp_offsets = folder / f".{OFFSETS_FILE}.tmp-{os.getpid()}.npy"
+    lines, offsets = folder / CHUNKS_FILE, folder / OFFSETS_FILE
     try:
-        offsets = [0]
-        with open(tmp_chunks, "wb") as f:
+        ends = [0]
+        with IndexWriteError.during("write", lines):
+            f = open(tmp_chunks, "wb")
+        with f:
             for expected, chunk in enumerate(chunks):
                 if chunk.chunk_id != expected:
                     raise ValueError(f"chunk ids must be consecutive: expected {expected}, got {chunk.chunk_id}")
                 line = orjson.dumps({"doc_id": chunk.doc_id, "text": chunk.text, "metadata": chunk.metadata})
-                f.write(line + b"\n")
-                offsets.append(offsets[-1] + len(line) + 1)
-        np.save(tmp_offsets, np.asarray(offsets, dtype=np.uint64), allow_pickle=False)
-        os.replace(tmp_chunks, folder / CHUNKS_FILE)
-        os.replace(tmp_offsets, folder / OFFSETS_FILE)
+                try:
+                    f.write(line + b"\n")
+                except OSError as e:
+                    raise IndexWriteError(lines, "write", e.strerror or str(e), e.errno) from e
+                ends.append(ends[-1] + len(line) + 1)
+            with IndexWriteError.during("write", lines):
+                f.close()  # the last buffered lines: a full disk can show only here
+        with IndexWriteError.during("write", offsets):
+            np.save(tmp_offsets, np.asarray(ends, dtype=np.uint64), allow_pickle=False)
+        with IndexWriteError.during("rename", lines):
+            os.replace(tmp_chunks, lines)
+        with IndexWriteError.during("rename", offsets):
+            os.replace(tmp_offsets, offsets)
     finally:
         tmp_chunks.unlink(missing_ok=True)
         tmp_offsets.unlink(missing_ok=True)
-    return len(offsets) - 1
+    return len(ends) - 1
 
 
 class LazyDocStore:

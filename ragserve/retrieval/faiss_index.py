@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ragserve.errors import IndexWriteError
 from ragserve.retrieval.index_spec import IVF_KMEANS_ITERATIONS, IndexSpec
 from ragserve.types import Hit
 
@@ -180,8 +181,15 @@ class FaissIndex:
         return np.ascontiguousarray(quantizer.reconstruct_n(0, quantizer.ntotal), dtype=np.float32)
 
     def save(self, folder: Path) -> Path:
+        """Write ``folder/index.faiss``; a failed write raises ``IndexWriteError``.
+
+        The bytes go through a Python file: FAISS's own file writer reports a failed
+        ``fclose`` only on stderr, so the last buffered bytes could be lost on a full disk
+        and the call still return (a truncated index.faiss the manifest would then hash)."""
+        faiss = _faiss()
         path = Path(folder) / INDEX_FILE
-        _faiss().write_index(self._index, str(path))
+        with IndexWriteError.during("write", path), open(path, "wb") as f:
+            faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
         return path
 
     @classmethod

@@ -417,11 +417,23 @@ class LimitedProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not cycle.disconnected:
-            # NOTE: the bytes refused came after a request still being answered (a pipelined
-            # request, a Content-Length that was short): that answer goes out whole first, then
-            # this one (on_response_complete); written now, the app's next write would fail.
-            self._deferred = raw
-            return
+            if cycle.more_body:
+                # The bytes refused are this request's own body (a chunk size that is not
+                # hex): its app waits for a body that will never come, and would hold the
+                # connection until the client gave up. It is told the client left (its
+                # receive() says http.disconnect, its writes are dropped), and the 400 goes
+                # out now, unless its answer has begun: then the connection just ends.
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if cycle.response_started:
+                    self.close_now()
+                    return
+            else:
+                # NOTE: the bytes refused came after a request still being answered (a pipelined
+                # request, a Content-Length that was short): that answer goes out whole first, then
+                # this one (on_response_complete); written now, the app's next write would fail.
+                self._deferred = raw
+                return
         self.transport.write(raw)
         if self.transport.can_write_eof():
             self.transport.write_eof()

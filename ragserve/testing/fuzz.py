@@ -15,6 +15,9 @@ echoed). ``run`` sends them, ``problem`` judges each answer:
 
 ``label_problems`` checks that no label value in ``/metrics`` was taken from a request.
 ``tests/test_http_fuzz.py`` runs a seed-fixed sample; ``benchmarks/bench_fuzz.py`` 10,000.
+``request`` (one request of a category, from a given ``Random``) and ``raw_request`` (a body
+and headers of the caller's own) are what ``tests/test_http_hypothesis.py`` draws with
+hypothesis, judged by the same ``problem``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ LEAKS = re.compile(rb'Traceback|File "|site-packages|\.py[":, ]|/ragserve/|/usr/
 """What a body must never show: a trace or a path on the server."""
 _CATEGORIES = (("valid", 10), ("wrong_type", 22), ("fields", 8), ("strings", 22), ("malformed", 15),
                ("headers", 15), ("method_path", 4), ("framing", 4))
+CATEGORIES = tuple(name for name, _ in _CATEGORIES)
+"""What ``requests`` draws from, with these weights (``request`` makes one of a given category)."""
 
 
 @dataclass
@@ -156,6 +161,27 @@ def requests(seed: int, n: int, key: str | None = None) -> Iterator[FuzzRequest]
         endpoint = rnd.choice(ENDPOINTS)
         category = rnd.choices(names, weights)[0]
         yield _one(rnd, endpoint, category, key)
+
+
+def request(rnd: random.Random, endpoint: str, category: str, key: str | None = None) -> FuzzRequest:
+    """One request of ``category`` (a name of ``CATEGORIES``) for ``endpoint``, its choices
+    drawn from ``rnd`` (hypothesis's ``st.randoms()`` draws them so that it can shrink)."""
+    if category not in CATEGORIES:
+        raise ValueError(f"no fuzz category {category!r}; one of {', '.join(CATEGORIES)}")
+    return _one(rnd, endpoint, category, key)
+
+
+def raw_request(endpoint: str, body: bytes, headers: list[tuple[str, Any]], *, key: str | None = None,
+                method: str = "POST", detail: str = "drawn") -> FuzzRequest:
+    """A request with a body and headers of the caller's own (values ``str`` or raw
+    ``bytes``), framed as every request here is: Host, Content-Type JSON unless given,
+    ``Authorization: Bearer key`` when ``key`` is given, Content-Length, Connection: close."""
+    names = {name.lower() for name, _ in headers}
+    base = [("Host", "127.0.0.1")]
+    if "content-type" not in names:
+        base.append(("Content-Type", "application/json"))
+    auth = [("Authorization", f"Bearer {key}")] if key else []
+    return FuzzRequest(endpoint, "drawn", detail, _encode(method, endpoint, base + auth + headers, body, ""))
 
 
 def _one(rnd: random.Random, endpoint: str, category: str, key: str | None) -> FuzzRequest:
@@ -409,5 +435,5 @@ def known_labels() -> set[str]:
                "closed", "open", "half-open"})
 
 
-__all__ = ["ENDPOINTS", "Answer", "FuzzRequest", "known_labels", "label_problems", "problem", "requests", "run",
-           "send"]
+__all__ = ["CATEGORIES", "ENDPOINTS", "Answer", "FuzzRequest", "known_labels", "label_problems", "problem",
+           "raw_request", "request", "requests", "run", "send"]
