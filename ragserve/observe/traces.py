@@ -140,7 +140,8 @@ class Tracing:
         else:
             trace_id, sampled = int(parent.trace_id, 16), parent.sampled
             parent_sc = _span_context(parent, remote=True)
-        context = SpanContext(trace_id, _span_id(), False, _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT))
+        flags = _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT)
+        context = SpanContext(trace_id, _span_id(), False, flags)
         return OpenSpan(name, context, parent_sc, attributes, start_ns, kind)
 
     def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
@@ -259,15 +260,15 @@ class Tracing:
             trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
         links, leader = self._leader(result) if result.shared else ((), None)
         resource, scope, out = self._resource, self._scope, self._batch.append
-        root = _tuple_new(SpanContext, (trace_id, _span_id(), False, _SAMPLED, DEFAULT_TRACE_STATE, True))
+        root = _sampled_context(trace_id)
         out(ReadableSpan("ragserve.query", root, parent_sc, resource,
                          query_attributes(result, leader, self.naming.capture_content), (), links, _INTERNAL,
                          None, _UNSET, start, end, scope))
 
         def child(name: str, t0: int, t1: int, attributes: Mapping[str, Any], kind: SpanKind = _INTERNAL,
                   links: Sequence[Link] = ()) -> None:
-            context = _tuple_new(SpanContext, (trace_id, _span_id(), False, _SAMPLED, DEFAULT_TRACE_STATE, True))
-            out(ReadableSpan(name, context, root, resource, attributes, (), links, kind, None, _UNSET, t0, t1, scope))
+            out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), links, kind,
+                             None, _UNSET, t0, t1, scope))
 
         l1, l2 = get("cache_l1"), get("cache_l2")
         looked = 0
@@ -310,7 +311,8 @@ class Tracing:
         return [Link(_span_context(context), {"ragserve.link": "single_flight.leader"})], leader_id
 
 
-_TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",), (False, False): ()}
+_TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",),
+                (False, False): ()}
 
 
 def _trace_id() -> int:
@@ -319,6 +321,12 @@ def _trace_id() -> int:
 
 def _span_id() -> int:
     return _random_bits(64) or 1
+
+
+def _sampled_context(trace_id: int) -> SpanContext:
+    """A new span's context in ``trace_id`` (sampled, no trace state): the tuple
+    ``SpanContext`` is, without its constructor's checks, which the ids here always pass."""
+    return _tuple_new(SpanContext, (trace_id, _span_id(), False, _SAMPLED, DEFAULT_TRACE_STATE, True))
 
 
 def _span_context(p: TraceParent, remote: bool = False) -> SpanContext:
@@ -331,9 +339,9 @@ def make_exporter(kind: str, endpoint: str = "") -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from ragserve.observe.otlp import OTLPExporter  # the SDK's exporter, with an encoder ~10x cheaper
 
-    return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    return OTLPExporter(endpoint=endpoint) if endpoint else OTLPExporter()
 
 
 def make_tracing(config: Any, exporter: SpanExporter | None = None) -> Tracing:
