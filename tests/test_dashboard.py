@@ -90,7 +90,8 @@ def test_the_dashboard_loads_with_the_promised_panels_and_queries_only_exported_
     dashboard = json.loads(DASHBOARD.read_text("utf-8"))
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for wanted in ("requests by outcome", "cache tier", "p50", "p95", "p99", "in flight and queued",
-                   "admission refusals", "quota refusals", "tokens/s", "prefix-cache hit rate", "l2 (redis) breaker", "per replica"):
+                   "admission refusals", "quota refusals", "tokens/s", "prefix-cache hit rate",
+                   "l2 (redis) breaker", "per replica"):
         assert wanted in titles, wanted
     assert any(t.get("exemplar") for p in dashboard["panels"] for t in p.get("targets", []))
     exported = scrape(tmp_path)
