@@ -1,14 +1,16 @@
 """Tracing overhead (issue 25): what OpenTelemetry tracing at 100% sampling costs an L1 hit
 and the miss path, against tracing off, in alternating blocks of one run on one ``RAG``
 (tracing is an observer: on = added, off = removed; the spans go through the SDK's batch
-processor to an exporter that drops them, so the export's own network cost is left out).
+processor to an exporter that drops them, so the export's own network cost is left out;
+``--encode sdk`` or ``--encode ragserve`` first serializes each batch as OTLP protobuf, with
+the SDK's encoder or ``observe/otlp.py``'s, as an OTLP export would, and drops the bytes).
 
 The miss path here is the fakes' (``ragserve.testing.fakes``: fake embedder, a generator
 that answers at once): the pipeline's own work with no model, so the spans' cost is the
 largest share it can be. With a real model a miss takes a second, and the same cost in
 µs is a smaller share still. Prints hardware and versions at the top.
 
-Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--blocks 4]
+Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--blocks 4] [--encode none]
 """
 
 from __future__ import annotations
@@ -25,12 +27,26 @@ from ragserve.testing.fakes import FakeGenerator, fake_rag
 
 
 class Dropped(SpanExporter):
-    def __init__(self) -> None:
-        self.spans = 0
+    def __init__(self, encode=None) -> None:  # type: ignore[no-untyped-def]
+        self.spans, self.bytes, self.encode = 0, 0, encode
 
     def export(self, spans):  # type: ignore[no-untyped-def]
         self.spans += len(spans)
+        if self.encode is not None:
+            self.bytes += len(self.encode(spans))
         return SpanExportResult.SUCCESS
+
+
+def encoder(name: str):  # type: ignore[no-untyped-def]
+    if name == "sdk":
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        return lambda spans: encode_spans(spans).SerializePartialToString()
+    if name == "ragserve":
+        from ragserve.observe.otlp import encode_spans
+
+        return encode_spans
+    return None
 
 
 def hits(rag, n: int) -> list[float]:
@@ -61,11 +77,13 @@ def main() -> None:
     ap.add_argument("--hits", type=int, default=20_000)
     ap.add_argument("--misses", type=int, default=2_000)
     ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--encode", choices=("none", "sdk", "ragserve"), default="none",
+                    help="serialize the spans as OTLP protobuf (whose encoder) before dropping them")
     args = ap.parse_args()
     env = harness.environment("opentelemetry-sdk", gpu=False)
     with tempfile.TemporaryDirectory() as tmp:
         rag = fake_rag(tmp, FakeGenerator(delay=0.0), query={"max_in_flight": 64})
-        exporter = Dropped()
+        exporter = Dropped(encoder(args.encode))
         tracing = make_tracing(rag.config, exporter)
         rag.query("chunk number 1")
         hits(rag, 2000)  # warm
@@ -81,7 +99,8 @@ def main() -> None:
         tracing.flush()
         rag.close()
     print("\n".join(harness.run_lines(env)))
-    print(f"- spans exported (dropped) while on: {exporter.spans}\n")
+    print(f"- spans exported (dropped) while on: {exporter.spans}; OTLP encoder: {args.encode}"
+          f" ({exporter.bytes} bytes)\n")
     print("| tracing | L1 hit p50 µs | p99 µs | miss path (fakes) req/s, per block | CPU µs per miss |")
     print("|---|---|---|---|---|")
     mean = {}

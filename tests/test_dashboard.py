@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ragserve.config import RAGConfig
 from ragserve.server.app import create_app
+from ragserve.server.auth import ApiKeys
 from ragserve.testing.fakes import FakeGenerator, fake_rag
 from ragserve.testing.http import get, post, running
 from ragserve.testing.redis import redis_server
@@ -64,13 +65,21 @@ class CountingGenerator(FakeGenerator):
 
 
 def scrape(tmp_path) -> set[str]:
+    key = "q" * 32
+    quota = {"namespace": "dash", "requests_per_s": 0.01, "burst": 2}
+    (tmp_path / "keys.json").write_text(json.dumps({key: quota}))
+    auth = {"Authorization": f"Bearer {key}"}  # a tenant with a quota: the quota series
     with redis_server() as redis:
         config = RAGConfig().replace(cache={"redis_url": redis.url})
         rag = fake_rag(tmp_path / "idx", CountingGenerator(), config=config)
         try:
-            with running(create_app(rag, config)) as url:
-                assert post(url + "/v1/query", json={"question": "chunk number 1"}).status_code == 200
-                assert post(url + "/v1/query", json={"question": ""}).status_code == 400  # an error series
+            with running(create_app(rag, config, keys=ApiKeys.load(tmp_path / "keys.json"))) as url:
+                q = post(url + "/v1/query", json={"question": "chunk number 1"}, headers=auth)
+                assert q.status_code == 200
+                bad = post(url + "/v1/query", json={"question": ""}, headers=auth)
+                assert bad.status_code == 400  # an error series
+                over = post(url + "/v1/query", json={"question": "chunk number 1"}, headers=auth)
+                assert over.status_code == 429 and over.json()["error"]["type"] == "QuotaExceeded"
                 text = get(url + "/metrics").text
         finally:
             rag.close()
@@ -81,7 +90,8 @@ def test_the_dashboard_loads_with_the_promised_panels_and_queries_only_exported_
     dashboard = json.loads(DASHBOARD.read_text("utf-8"))
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for wanted in ("requests by outcome", "cache tier", "p50", "p95", "p99", "in flight and queued",
-                   "admission refusals", "tokens/s", "prefix-cache hit rate", "l2 (redis) breaker", "per replica"):
+                   "admission refusals", "quota refusals", "tokens/s", "prefix-cache hit rate",
+                   "l2 (redis) breaker", "per replica"):
         assert wanted in titles, wanted
     assert any(t.get("exemplar") for p in dashboard["panels"] for t in p.get("targets", []))
     exported = scrape(tmp_path)

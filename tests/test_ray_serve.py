@@ -27,6 +27,7 @@ from ragserve.testing.redis import redis_server
 from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
 from .test_http import sse_events
+from .test_tracing import CALLER, TRACE, TRACEPARENT, otlp_receiver
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
 
@@ -69,6 +70,7 @@ class Served:
     config: RAGConfig
     index: Path
     corpus: Path
+    otlp: list[tuple[str, dict[str, str], bytes]]
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +83,17 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
     index = tmp_path_factory.mktemp("ray-indexes") / "xquad"  # this module's own: one test rebuilds it
     build_index(corpus, index, RAGConfig(), embedder=embedder)
     fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
-    with redis_server() as redis, running(fake.app) as fake_url:
+    with redis_server() as redis, running(fake.app) as fake_url, otlp_receiver() as (otlp_url, otlp):
         cfg = RAGConfig().replace(
+            # Traced, to a receiver in this process: the trace must cross the handle call.
+            telemetry={"traces": "otlp", "endpoint": otlp_url + "/v1/traces"},
             generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
             openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
             # 2 replicas x 2 requests each, and 2 more waiting in the proxy: small, for the burst test
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 0.5, "max_ongoing_requests": 2,
                  "max_queued_requests": 2, "probe_interval_s": 0.5, "follow_index_s": 0.5})
         with deployed(index, cfg) as url:
-            yield Served(url, fake, cfg, index, corpus)
+            yield Served(url, fake, cfg, index, corpus, otlp)
 
 
 def query(url: str, question: str, **body: Any) -> httpx.Response:
@@ -154,6 +158,33 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
                                 and g["status_age_s"] < 5)
     assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
+
+
+def exported_spans(otlp) -> list[Any]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    return [s for _, _, body in list(otlp) for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+            for ss in rs.scope_spans for s in ss.spans]
+
+
+def test_a_callers_trace_crosses_the_ingress_and_the_generator_handle_call_to_the_remote_server(served):
+    r = httpx.post(f"{served.url}/v1/query", json={"question": "What is traced across Ray replicas?"},
+                   headers={"traceparent": TRACEPARENT}, timeout=120)
+    assert r.status_code == 200 and r.json()["cache_tier"] == "miss"
+    sent = next(h["traceparent"] for h in reversed(served.fake.headers)
+                if h.get("x-request-id") == r.headers["x-request-id"])
+    assert sent.split("-")[1] == TRACE  # the remote server is in the caller's trace
+
+    def spans():
+        found = {s.name: s for s in exported_spans(served.otlp) if s.trace_id.hex() == TRACE}
+        chat = any(n.startswith("chat ") for n in found)
+        return found if chat and {"POST /v1/query", "ragserve.generator"} <= set(found) else None
+
+    found = eventually(spans, CLUSTER_WAIT_S, 0.2, "the replicas' spans to reach the OTLP receiver")
+    ingress, generator = found["POST /v1/query"], found["ragserve.generator"]
+    assert ingress.parent_span_id.hex() == CALLER
+    assert generator.parent_span_id == ingress.span_id  # the handle call: ingress -> generator replica
+    assert sent.split("-")[2] == generator.span_id.hex()  # and on to the remote server
 
 
 def test_every_replicas_requests_reach_rays_metrics_export_with_its_replica_tag(served):

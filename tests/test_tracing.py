@@ -278,6 +278,42 @@ def test_spans_reach_an_otlp_http_receiver_as_protobuf(tmp_path):
     assert abs((query.end_time_unix_nano - query.start_time_unix_nano) / 1e6 - r.json()["timings"]["total"]) <= 1
 
 
+def test_the_otlp_payload_decodes_to_what_the_sdks_encoder_makes(tmp_path):
+    """``observe/otlp.py`` writes the protobuf itself: for a request's real spans and for
+    spans with every kind of value, link, event, status and parent, the bytes decode to the
+    very message the SDK's encoder builds."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+    from ragserve.observe.otlp import encode_spans
+
+    with served(tmp_path, capture_content=True) as (url, exporter, tracing):
+        post(url + "/v1/query", json={"question": "chunk number 3"}, headers={"traceparent": TRACEPARENT})
+        post(url + "/v1/query", json={"question": "chunk number 3"})
+        spans = [s for t in spans_by_trace(exporter, tracing, servers=2).values() for s in t]
+    state = TraceState([("k", "v"), ("a", "b")])
+    remote = SpanContext(int(TRACE, 16), int(CALLER, 16), True, TraceFlags(1), state)
+    ctx = SpanContext(int(TRACE, 16), 0x1234, False, TraceFlags(1))
+    values = {"s": "é ∑ text", "e": "", "t": True, "f": False, "i": 7, "neg": -3, "big": 2**62, "x": 1.5,
+              "z": 0.0, "b": b"\x00\x01", "ss": ("a", ""), "is": [1, -2], "fs": (0.5,), "bs": (True, False),
+              "empty": (), "m": {"k": 1, "n": {"d": "e"}}, "none": None, "": "no key"}
+    odd = [ReadableSpan("odd", ctx, remote, Resource.create({"service.name": "x", "n": 3}, "https://s/1"),
+                        values, events=[Event("ev", {"a": 1}, timestamp=5), Event("", None, timestamp=0)],
+                        links=[Link(remote, {"l": "x"}), Link(ctx)], kind=SpanKind.PRODUCER,
+                        status=Status(StatusCode.ERROR, "broke"), start_time=1, end_time=2**63 + 5,
+                        instrumentation_scope=InstrumentationScope("lib", "1.0", "https://s/2", {"sa": 1})),
+           ReadableSpan("bare", ctx, None, Resource.create({}), None, kind=SpanKind.CONSUMER,
+                        status=Status(StatusCode.OK)),
+           ReadableSpan("", ctx)]
+    for batch in (spans, odd, [*spans, *odd], []):
+        assert ExportTraceServiceRequest.FromString(encode_spans(batch)) == sdk_encode(batch)
+    assert len(spans) >= 11  # the miss's chain and the hit's
+
+
 # -- Ray: the handle call carries the context ----------------------------------------------
 
 

@@ -41,6 +41,7 @@ when tracing is on.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import weakref
@@ -52,10 +53,10 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from ragserve.observe.genai import Naming, query_attributes
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
@@ -65,7 +66,12 @@ log = logging.getLogger("ragserve.tracing")
 _MS = 1_000_000  # ns per ms
 _SCHEMA = "https://opentelemetry.io/schemas/1.45.0"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_ids = RandomIdGenerator()
+_UNSET = Status(StatusCode.UNSET)
+_INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
+_random_bits = random.getrandbits  # the SDK's RandomIdGenerator's source, without its call layers
+_tuple_new = tuple.__new__
+_LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
+_YIELD_EVERY = 32  # requests built between two GIL hand-overs on the tracing thread
 _WAKE_AT = 256  # notes pending before the tracing thread is woken early
 _BUILD_EVERY_S = 0.1
 _MAX_PENDING = 8_192  # past it (an exporter stuck in its retries) new notes are dropped and counted
@@ -106,7 +112,9 @@ class Tracing:
                  top_k: int = 0) -> None:
         self.exporter = exporter
         self._resource = Resource.create({"service.name": service})
-        self._sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+        # Parent-based, else the ratio (the SDK's ``ParentBased(TraceIdRatioBased)``: the low
+        # 64 bits of the trace id under the bound), decided here with no sampler call per trace.
+        self._bound = TraceIdRatioBased.get_bound_for_rate(sample_ratio)
         self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
         self.naming = Naming(capture_content, embed_model, backend, top_k)
         self.dropped = 0
@@ -127,13 +135,13 @@ class Tracing:
         """A span of this process's part of a request, the child of the caller's context
         when there is one (its sampled flag decides), else the root of a new trace."""
         if parent is None:
-            trace_id, parent_sc = _ids.generate_trace_id(), None
-            sampled = self._sampler.should_sample(None, trace_id, name).decision.is_sampled()
+            trace_id, parent_sc = _trace_id(), None
+            sampled = trace_id & _LOW_64 < self._bound
         else:
             trace_id, sampled = int(parent.trace_id, 16), parent.sampled
             parent_sc = _span_context(parent, remote=True)
         flags = _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT)
-        context = SpanContext(trace_id, _ids.generate_span_id(), is_remote=False, trace_flags=flags)
+        context = SpanContext(trace_id, _span_id(), False, flags)
         return OpenSpan(name, context, parent_sc, attributes, start_ns, kind)
 
     def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
@@ -214,7 +222,7 @@ class Tracing:
                 except Exception:  # noqa: BLE001 - a tracing bug must not stop the tracing thread
                     log.exception("could not build spans")
                 built += 1
-                if built % 8 == 0:
+                if built % _YIELD_EVERY == 0:
                     # NOTE: give the GIL away now and then: a request thread would otherwise
                     # wait out the interpreter's 5 ms switch interval behind a long batch.
                     time.sleep(0)
@@ -232,31 +240,67 @@ class Tracing:
             log.exception("could not export %d spans", len(batch))
 
     def _finished(self, span: OpenSpan, end: int, error: str | None) -> None:
-        status = Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
+        status = Status(StatusCode.ERROR, error) if error else _UNSET
         self._batch.append(ReadableSpan(span.name, span.context, span.parent, self._resource, span.attributes,
-                                        (), (), span.kind, status=status, start_time=span.start, end_time=end,
-                                        instrumentation_scope=self._scope))
+                                        (), (), span.kind, None, status, span.start, end, self._scope))
 
     def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
-        start = end - round(stages.get("total", 0.0) * _MS)
+        """One request's spans, straight into the batch: the SDK's finished-span type built
+        directly (no tracer, no sampler call, no per-span helper layers); this runs once per
+        sampled request, so it is written for speed (the overhead figures in
+        docs/observability.md)."""
+        get = stages.get
+        start = end - round(get("total", 0.0) * _MS)
         if parent is None:  # no edge span (a library call): a new trace, sampled here
-            trace_id = _ids.generate_trace_id()
-            if not self._sampler.should_sample(None, trace_id, "ragserve.query").decision.is_sampled():
+            trace_id = _trace_id()
+            if trace_id & _LOW_64 >= self._bound:
                 return
             parent_sc = None
         else:
             trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
-        links, leader = self._leader(result)
-        root = self._emit("ragserve.query", trace_id, parent_sc, start, end,
-                          query_attributes(result, leader, self.naming.capture_content), links=links)
-        self._cache_span(root, result, stages, start)
-        self._run_spans(root, result, stages, end, links, leader)
+        links, leader = self._leader(result) if result.shared else ((), None)
+        resource, scope, out = self._resource, self._scope, self._batch.append
+        root = _sampled_context(trace_id)
+        out(ReadableSpan("ragserve.query", root, parent_sc, resource,
+                         query_attributes(result, leader, self.naming.capture_content), (), links, _INTERNAL,
+                         None, _UNSET, start, end, scope))
 
-    # -- building ----------------------------------------------------------------------
+        def child(name: str, t0: int, t1: int, attributes: Mapping[str, Any], kind: SpanKind = _INTERNAL,
+                  links: Sequence[Link] = ()) -> None:
+            out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), links, kind,
+                             None, _UNSET, t0, t1, scope))
+
+        l1, l2 = get("cache_l1"), get("cache_l2")
+        looked = 0
+        if l1 is not None or l2 is not None:  # else the request did not read the cache
+            asked = _TIERS_ASKED[(l1 is not None, l2 is not None)]
+            l1, l2 = l1 or 0.0, l2 or 0.0
+            looked = round((l1 + l2) * _MS)
+            tier = result.cache_tier
+            child("ragserve.cache.lookup", start, start + looked, {
+                "ragserve.cache.tier": tier, "ragserve.cache.hit": tier in ("l1", "l2"),
+                "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1, "ragserve.cache.l2_ms": l2})
+        if result.cache_tier != "miss":
+            return
+        ran = [s for s in _RUN_STAGES if s in stages]
+        if not ran:
+            return
+        if result.shared:  # the run is the leader's, in the leader's trace: here, the wait for it
+            attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
+            if leader is not None:
+                attributes["ragserve.single_flight.leader"] = leader
+            child("ragserve.single_flight.join", start + looked, end, attributes, links=links)
+            return
+        # The run's stages end where the request ends, back to back, in pipeline order.
+        t = end - round(sum(stages[s] for s in ran) * _MS)
+        stage = self.naming.stage
+        for s in ran:
+            name, client, attributes = stage(s, result, stages)
+            t1 = t + round(stages[s] * _MS)
+            child(name, t, t1, attributes, _CLIENT if client else _INTERNAL)
+            t = t1
 
     def _leader(self, result: Any) -> tuple[Sequence[Link], str | None]:
-        if not result.shared:
-            return (), None
         with self._lock:
             entry = self._leaders.get(id(result.usage))
         if entry is None or entry[0]() is not result.usage:
@@ -266,52 +310,23 @@ class Tracing:
             return (), leader_id
         return [Link(_span_context(context), {"ragserve.link": "single_flight.leader"})], leader_id
 
-    def _emit(self, name: str, trace_id: int, parent: SpanContext | None, start: int, end: int,
-              attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL,
-              links: Sequence[Link] = ()) -> SpanContext:
-        """One finished span into the batch being built (on the tracing thread)."""
-        context = SpanContext(trace_id, _ids.generate_span_id(), is_remote=False, trace_flags=_SAMPLED)
-        self._batch.append(ReadableSpan(name, context, parent, self._resource, attributes, (), links, kind,
-                                        start_time=start, end_time=end, instrumentation_scope=self._scope))
-        return context
 
-    def _child(self, parent: SpanContext, name: str, start: int, ms: float, attributes: Mapping[str, Any],
-               kind: SpanKind = SpanKind.INTERNAL, links: Sequence[Link] = ()) -> int:
-        end = start + round(ms * _MS)
-        self._emit(name, parent.trace_id, parent, start, end, attributes, kind, links)
-        return end
+_TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",),
+                (False, False): ()}
 
-    def _cache_span(self, ctx: SpanContext, result: Any, stages: Mapping[str, float], start: int) -> None:
-        ms = stages.get("cache_l1", 0.0) + stages.get("cache_l2", 0.0)
-        if "cache_l1" not in stages and "cache_l2" not in stages:
-            return  # the request did not read the cache
-        hit = result.cache_tier in ("l1", "l2")
-        tiers = [t for t in ("l1", "l2") if f"cache_{t}" in stages]
-        self._child(ctx, "ragserve.cache.lookup", start, ms, {
-            "ragserve.cache.tier": result.cache_tier, "ragserve.cache.hit": hit,
-            "ragserve.cache.tiers_asked": tuple(tiers),
-            "ragserve.cache.l1_ms": stages.get("cache_l1", 0.0),
-            "ragserve.cache.l2_ms": stages.get("cache_l2", 0.0)})
 
-    def _run_spans(self, ctx: SpanContext, result: Any, stages: Mapping[str, float], end: int,
-                   links: Sequence[Link], leader: str | None) -> None:
-        ran = [s for s in _RUN_STAGES if s in stages]
-        if not ran or result.cache_tier != "miss":
-            return
-        if result.shared:  # the run is the leader's, in the leader's trace: here, the wait for it
-            looked = round((stages.get("cache_l1", 0.0) + stages.get("cache_l2", 0.0)) * _MS)
-            start = end - round(stages.get("total", 0.0) * _MS) + looked
-            attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
-            if leader is not None:
-                attributes["ragserve.single_flight.leader"] = leader
-            join_ms = (end - start) / _MS
-            self._child(ctx, "ragserve.single_flight.join", start, join_ms, attributes, links=links)
-            return
-        t = end - round(sum(stages[s] for s in ran) * _MS)
-        for stage in ran:
-            name, client, attributes = self.naming.stage(stage, result, stages)
-            kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
-            t = self._child(ctx, name, t, stages[stage], attributes, kind)
+def _trace_id() -> int:
+    return _random_bits(128) or 1  # never the invalid 0 (the SDK draws again; 1 in 2**128)
+
+
+def _span_id() -> int:
+    return _random_bits(64) or 1
+
+
+def _sampled_context(trace_id: int) -> SpanContext:
+    """A new span's context in ``trace_id`` (sampled, no trace state): the tuple
+    ``SpanContext`` is, without its constructor's checks, which the ids here always pass."""
+    return _tuple_new(SpanContext, (trace_id, _span_id(), False, _SAMPLED, DEFAULT_TRACE_STATE, True))
 
 
 def _span_context(p: TraceParent, remote: bool = False) -> SpanContext:
@@ -324,9 +339,9 @@ def make_exporter(kind: str, endpoint: str = "") -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from ragserve.observe.otlp import OTLPExporter  # the SDK's exporter, with an encoder ~10x cheaper
 
-    return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    return OTLPExporter(endpoint=endpoint) if endpoint else OTLPExporter()
 
 
 def make_tracing(config: Any, exporter: SpanExporter | None = None) -> Tracing:
