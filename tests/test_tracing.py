@@ -491,11 +491,13 @@ def test_a_stuck_exporter_never_holds_a_request_and_what_waits_for_it_is_bounded
         tracing.on_result(result, result.timings.as_dict())
         tracing._wake.set()
         eventually(lambda: stuck.calls, what="the tracing thread to be stuck in the exporter")
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         for _ in range(traces._MAX_PENDING + 100):
             tracing.on_result(result, result.timings.as_dict())
-        per_request_us = (time.perf_counter() - t0) / (traces._MAX_PENDING + 100) * 1e6
-        assert tracing.dropped == 100 and per_request_us < 1000  # a note, never a wait on the exporter
+        # A note, never a wait on the exporter: every call returned while the exporter is
+        # still in its first export, which lasts 60 s (a generous bound, not a speed test).
+        assert time.monotonic() - t0 < 30 and stuck.calls == 1 and not stuck.release.is_set()
+        assert tracing.dropped == 100
     finally:
         stuck.release.set()
         tracing.shutdown()
