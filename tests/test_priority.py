@@ -147,35 +147,3 @@ def test_an_unknown_scheduling_is_a_config_error():
 
     with pytest.raises(ConfigError, match="generate.scheduling"):
         RAGConfig().replace(generate={"scheduling": "lifo"})
-
-
-# -- on the real engine (the session's, FCFS in vLLM: the order here is ragserve's queue) ----
-
-
-@pytest.mark.engine
-async def test_on_the_real_engine_an_urgent_query_overtakes_30_queued_batch_queries(rag, xquad_corpus):
-    questions = [q["question"] for q in xquad_corpus[1][:32]]
-    admission, finished, batch = rag.admission, [], []
-    saved = admission.max_in_flight
-    admission.max_in_flight = 1  # one run at a time: the others wait in ragserve's queue
-
-    async def ask(question, priority, name):
-        result = await rag.aquery(question, priority=priority, cache_read=False, cache_write=False)
-        finished.append(name)
-        return result
-
-    try:
-        blocker = asyncio.ensure_future(ask(questions[0], 10, "blocker"))
-        await aeventually(lambda: admission.in_flight == 1)
-        batch = [asyncio.ensure_future(ask(questions[i + 1], 10, f"batch-{i}")) for i in range(30)]
-        await aeventually(lambda: admission.queued == 30)
-        urgent = await ask(questions[31], 0, "urgent")
-        assert urgent.answer and urgent.cache_tier == "miss"
-        assert not [name for name in finished if name.startswith("batch")], finished  # none came first
-        await blocker
-    finally:
-        for task in batch:  # waiting in ragserve's queue: cancelled before they reach vLLM
-            task.cancel()
-        await asyncio.gather(*batch, return_exceptions=True)
-        admission.max_in_flight = saved
-    await aeventually(lambda: rag.engine_unfinished() == 0, what="no request left in vLLM")
