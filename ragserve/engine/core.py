@@ -185,9 +185,8 @@ class Engine(Pipeline):
         return self._runtime.run(run())
 
     def engine_alive(self) -> bool:
-        """Every model's generator started and alive."""
-        models = self.models.all()
-        return all(m.generator is not None and _alive(m.generator) for m in models)
+        """The default model's generator started, and every one started alive."""
+        return self.generator is not None and all(_alive(g) for g in self.models.generators())
 
     def engine_unfinished(self) -> int | None:
         unfinished = getattr(self.generator, "unfinished", None)

@@ -93,7 +93,8 @@ class Models:
         self._given = dict(generators or {})
         if generator is not None and self.named:
             self._given.setdefault(self.default.name, generator)
-        self.default.generator = self.default.generator or self._given.get(self.default.name)
+        for name, model in self.named.items():
+            model.generator = self._given.get(name)
         self.auto = (Routed(self.named[m.route_small], self.named[m.route_large], m.route_signal,
                             m.route_threshold) if m.route == AUTO else None)
 
