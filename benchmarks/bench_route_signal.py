@@ -87,9 +87,10 @@ def report(rows, env) -> str:
     for key, label in (("top", "top score"), ("gap", "gap first-second")):
         values = sorted(r[key] for r in rows)
         cuts = [values[int(len(values) * q)] for q in (0.25, 0.5, 0.75)]
-        lines += [f"## By {label} (quartiles)", "", "| bucket | n | contains-gold | hit@1 |", "|---|---|---|---|"]
+        lines += [f"## By {label} (quartiles)", "", "| bucket | n | contains-gold | hit@1 |",
+                  "|---|---|---|---|"]
         edges = [float("-inf"), *cuts, float("inf")]
-        for lo, hi in zip(edges, edges[1:]):
+        for lo, hi in zip(edges, edges[1:], strict=False):
             b = [r for r in rows if lo <= r[key] < hi]
             lines.append(f"| [{lo:.3f}, {hi:.3f}) | {len(b)} | {mean(r['contains'] for r in b):.3f} | "
                          f"{mean(r['hit1'] for r in b):.3f} |")

@@ -77,7 +77,8 @@ class RAG:
 
             embedder = SentenceTransformerEmbedder(serving_embed_config(config, generator))
         manifest, index, docstore = open_index(path, config, embedder)
-        rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path), generators=generators)
+        rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path),
+                  generators=generators)
         if start_engine:
             try:
                 rag.warm_up()

@@ -62,7 +62,8 @@ class ModelSpec:
 
     def sections(self) -> dict[str, dict[str, Any]]:
         """As ``RAGConfig.replace`` takes them (only the sections it changes)."""
-        return {k: v for k, v in (("generate", self.generate), ("vllm", self.vllm), ("openai", self.openai)) if v}
+        pairs = (("generate", self.generate), ("vllm", self.vllm), ("openai", self.openai))
+        return {k: v for k, v in pairs if v}
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def _merge_spec(spec: ModelSpec | None, name: str, table: dict[str, Any]) -> Mod
     for key, value in table.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"models.{name}.{key}", f"expected a table of [{key}] fields, got {value!r}")
+                raise ConfigError(f"models.{name}.{key}",
+                                  f"expected a table of [{key}] fields, got {value!r}")
             subs[key].update(value)
         elif key == "generate" and isinstance(value, dict):  # the to_dict() form of one spec
             generate.update(value)
@@ -171,16 +173,19 @@ def validate_models(m: ModelsConfig) -> None:
     if m.route not in get_args(Route):
         raise ConfigError("models.route", f"must be '' (off) or 'auto', got {m.route!r}")
     if m.route_signal not in get_args(RouteSignal):
-        raise ConfigError("models.route_signal", f"must be 'top_score' or 'score_gap', got {m.route_signal!r}")
+        raise ConfigError("models.route_signal",
+                          f"must be 'top_score' or 'score_gap', got {m.route_signal!r}")
     if not names:
         for key in ("default", "route", "route_small", "route_large"):
             if getattr(m, key):
-                raise ConfigError(f"models.{key}", "is set but no model is configured: add a [models.NAME] table")
+                raise ConfigError(f"models.{key}",
+                                  "is set but no model is configured: add a [models.NAME] table")
         return
     for key in ("default", "route_small", "route_large"):
         value = getattr(m, key)
         if value and value not in names:
-            raise ConfigError(f"models.{key}", f"names no configured model: {value!r}; configured: {', '.join(names)}")
+            raise ConfigError(f"models.{key}",
+                              f"names no configured model: {value!r}; configured: {', '.join(names)}")
     if m.route == AUTO:
         if not m.route_small or not m.route_large or m.route_small == m.route_large:
             raise ConfigError("models.route", "'auto' needs route_small and route_large: two different "

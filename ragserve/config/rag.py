@@ -12,7 +12,8 @@ happens in one place (``_validate``) and every message names the field and the a
 values. Each section is defined in its own module of this folder (``retrieval.py`` for
 ``[chunk]``/``[embed]``/``[index]``, ``generators.py`` for ``[vllm]``/``[openai]`` with the
 migration of the vLLM options that used to sit under ``[generate]``, ``ray.py`` for
-``[ray]``, ...).
+``[ray]``, ``models.py`` for ``[models]``, ...). ``model_config(name)`` is the config one
+named model answers with; ``model_fingerprint(name)`` its answer fingerprint.
 
 ``fingerprint()`` hashes only the fields that change an answer (models, sampling,
 prompt template, top_k, the index's query-time search settings), never batch sizes, URLs

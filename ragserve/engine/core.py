@@ -99,7 +99,8 @@ class Engine(Pipeline):
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                            timeout_s: float | None = None,
                            priority: int = 0, model: str | None = None) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s, priority, model))
+        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s, priority,
+                                                               model))
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,

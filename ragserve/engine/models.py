@@ -153,7 +153,8 @@ class Models:
             from ragserve.generators.prompt import PromptBuilder
 
             g = model.config.generate
-            model.builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens, model.config.prompt)
+            model.builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens,
+                                          model.config.prompt)
         return model.builder
 
     def describe(self) -> list[dict[str, Any]]:
@@ -164,6 +165,7 @@ class Models:
             out.append({"id": model.label(), "backend": g.backend, "max_tokens": g.max_tokens,
                         "temperature": g.temperature, "default": model is self.default and self.auto is None})
         if self.auto is not None:
-            out.append({"id": AUTO, "backend": "route", "small": self.auto.small.name, "large": self.auto.large.name,
+            out.append({"id": AUTO, "backend": "route", "small": self.auto.small.name,
+                        "large": self.auto.large.name,
                         "signal": self.auto.signal, "threshold": self.auto.threshold, "default": True})
         return out

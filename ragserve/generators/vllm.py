@@ -119,7 +119,8 @@ class VllmGenerator:
         """What an engine is made of: two generators with the same key can share one
         (``sharing``); sampling (max_tokens, temperature, top_p, seed) is per request."""
         cfg = self.config
-        return ("vllm", str(self.path), cfg.max_model_len, cfg.scheduling, tuple(sorted(vars(self.vllm).items())))
+        options = tuple(sorted(vars(self.vllm).items()))
+        return ("vllm", str(self.path), cfg.max_model_len, cfg.scheduling, options)
 
     def sharing(self, config: GenerateConfig) -> VllmGenerator:
         """A generator with ``config``'s sampling over this one's engine (its ``engine_key``
