@@ -88,7 +88,7 @@ def test_an_unknown_model_is_refused_before_any_work(tmp_path):
                 rag.query("chunk number 3", model=bad)
             assert e.value.known == ("small", "large")
         assert rag.embedder.texts == calls and not gens["small"].prompts and not gens["large"].prompts
-        assert rag.stats()["errors"] >= 4 or rag.stats().get("refused", 4) >= 4
+        assert rag.stats()["errors"] == 4  # each refusal counted, as any bad input is
 
 
 def test_without_models_a_model_other_than_the_served_one_is_refused(tmp_path):
@@ -207,3 +207,16 @@ def test_openai_chat_picks_the_model_and_unknown_is_404_in_openai_shape(served):
     assert client.chat.completions.create(model="small", messages=messages, max_tokens=16).model == "small"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="large", messages=messages, max_tokens=16)
+
+
+def test_the_client_asks_for_a_model_and_gets_the_typed_error_back(served):
+    from ragserve import Client
+
+    url, _, gens = served
+    with Client(url) as client:
+        assert client.query("chunk number 6", model="large").model == "large"
+        assert [e.result.model for e in client.stream("chunk number 6", model="small") if hasattr(e, "result")] == [
+            "small"]
+        with pytest.raises(UnknownModelError) as e:
+            client.query("chunk number 6", model="medium")
+        assert e.value.status == 400
