@@ -203,6 +203,7 @@ def test_openai_chat_picks_the_model_and_unknown_is_404_in_openai_shape(served):
         client.chat.completions.create(model="gpt-4o", messages=messages)
     error = e.value.body
     assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-4o" in error["message"]
+    assert error["type"] == "ModelNotFound" and "'small', 'large', 'ragserve'" in error["message"]
     # a model's own sampling: large generates up to 48 tokens, so 16 is refused for it only
     assert client.chat.completions.create(model="small", messages=messages, max_tokens=16).model == "small"
     with pytest.raises(openai.BadRequestError):

@@ -144,8 +144,9 @@ def _refused_sampling(req: ChatCompletionRequest, g: GenerateConfig) -> list[str
 
 def model_not_found(e: UnknownModelError) -> HTTPError:
     """OpenAI's 404 for a model it does not serve: its error body's ``param`` and ``code``
-    (SDKs raise ``NotFoundError``), with ragserve's ``type`` and ``stage``."""
-    return HTTPError(404, type(e).__name__, str(e).removeprefix(f"[{e.stage}] "), e.stage,
+    (SDKs raise ``NotFoundError``), with ragserve's ``type`` (``ModelNotFound``, as this
+    route has always named it) and ``stage``."""
+    return HTTPError(404, "ModelNotFound", str(e).removeprefix(f"[{e.stage}] "), e.stage,
                      fields={"param": "model", "code": "model_not_found"})
 
 
