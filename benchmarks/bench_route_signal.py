@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "route_signal.md")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--retrieval-only", action="store_true",
+                    help="no engine: the signals and hit@1 only (every question when --n covers them)")
     args = ap.parse_args()
     env = harness.environment(gpu=False)
     log = harness.logger("route")
@@ -54,24 +56,24 @@ def main() -> int:
         cfg = RAGConfig().replace(cache={"enabled": False})
         log(f"building the index over {len(list(corpus.iterdir()))} paragraphs")
         build_index(corpus, Path(tmp) / "index", cfg)
-        with RAG.from_index(Path(tmp) / "index", cfg) as rag:
-            rows = asyncio.run(answer(rag, sample, args.concurrency, route_signal))
+        with RAG.from_index(Path(tmp) / "index", cfg, start_engine=not args.retrieval_only) as rag:
+            rows = asyncio.run(answer(rag, sample, args.concurrency, route_signal, not args.retrieval_only))
     for row, (_, answers, _) in zip(rows, sample, strict=True):
-        row["contains"] = contains_answer(row["answer"], answers)
+        row["contains"] = float("nan") if row["answer"] is None else contains_answer(row["answer"], answers)
     text = report(rows, env)
     harness.write_report(text, args.out, args.json, {"rows": rows})
     return 0
 
 
-async def answer(rag, sample, concurrency, route_signal):
+async def answer(rag, sample, concurrency, route_signal, generate=True):
     gate = asyncio.Semaphore(concurrency)
 
     async def one(item):
         question, _, doc = item
         async with gate:
             sources = await rag.aretrieve(question)
-            r = await rag.aquery(question)
-        return {"question": question, "answer": r.answer, "hit1": sources[0].doc_id == doc,
+            r = await rag.aquery(question) if generate else None
+        return {"question": question, "answer": r.answer if r else None, "hit1": sources[0].doc_id == doc,
                 "top": route_signal("top_score", sources), "gap": route_signal("score_gap", sources)}
 
     return list(await asyncio.gather(*(one(item) for item in sample)))
@@ -82,6 +84,7 @@ def report(rows, env) -> str:
     lines = ["# Route signal: retrieval score against the small model's answers (XQuAD-en)", "",
              *harness.machine_lines(env), "", f"{n} questions, `random.Random(seed)`; contains-gold of "
              "SmolLM2-135M's answer (default config, cache off).", "",
+             "(--retrieval-only: no answer generated)" if rows[0]["answer"] is None else "",
              f"Overall contains-gold {mean(r['contains'] for r in rows):.3f}, hit@1 "
              f"{mean(r['hit1'] for r in rows):.3f}.", ""]
     for key, label in (("top", "top score"), ("gap", "gap first-second")):

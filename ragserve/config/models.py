@@ -16,7 +16,7 @@ settings share ONE engine.
     route_small = "small"
     route_large = "large"
     route_signal = "top_score"
-    route_threshold = 0.45
+    route_threshold = 0.47
 
     [models.small]            # the packaged SmolLM2 in process, short answers
     max_tokens = 32
@@ -81,11 +81,14 @@ class ModelsConfig:
     """The model the router picks for hard ones."""
     route_signal: RouteSignal = "top_score"
     """What "hard" is measured by, from the retrieval every miss does anyway: "top_score"
-    (the best source's similarity) or "score_gap" (best minus second best). Hard when it
-    is below ``route_threshold``."""
-    route_threshold: float = 0.0
-    """The signal's cut: below it a question goes to ``route_large``. Measured on XQuAD:
-    docs/configuration.md ("Models")."""
+    (the best source's similarity) or "score_gap" (best minus second best). Hard when it is
+    below ``route_threshold``. On XQuAD-en the small model's answers failed most below a low
+    top score; the gap flagged wrong retrievals better but not wrong answers
+    (docs/configuration.md, "Models")."""
+    route_threshold: float = 0.47
+    """The signal's cut: below it a question goes to ``route_large``. 0.47 sent the lowest
+    fifth of XQuAD-en's questions (default embedder) to the large model; it depends on the
+    corpus and the embedder: measure yours with ``benchmarks/bench_route_signal.py``."""
     entries: tuple[ModelSpec, ...] = ()
     """The ``[models.NAME]`` tables, in the order given."""
 
