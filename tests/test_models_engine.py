@@ -5,16 +5,39 @@ import pytest
 from ragserve import RAG
 
 
+class OnSessionLoop:
+    """A generator sharing the session engine (``VllmGenerator.sharing``), called on the
+    session RAG's engine loop: vLLM's AsyncLLM is bound to the loop it started on, and this
+    test's second RAG has its own. (In one RAG every model runs on its one loop.)"""
+
+    def __init__(self, view, rag):
+        self.view, self.rag, self.model_name = view, rag, view.model_name
+
+    def warm_up(self):
+        pass
+
+    def tokenizer(self):
+        return self.view.tokenizer()
+
+    async def generate(self, prompt, request_id, token_ids=None, priority=0):
+        return await self.rag.acall(self.view.generate(prompt, request_id, token_ids=token_ids))
+
+    async def stream(self, prompt, request_id, token_ids=None, deltas=True, priority=0):
+        yield await self.generate(prompt, request_id, token_ids)
+
+    def shutdown(self):
+        self.view.shutdown()  # a view's: never stops the engine it shares
+
+
 @pytest.mark.engine
 def test_two_models_over_one_engine_answer_with_own_settings_and_cache_entries(rag, xquad_index,
                                                                               xquad_corpus):
     cfg = rag.config.replace(models={"terse": {"max_tokens": 1}, "full": {"max_tokens": 32},
                                      "default": "full"})
     engine = rag.generator
-    # As make_generators builds them from the config, but over the session's engine: a
-    # view's close never stops the engine it shares.
-    gens = {n: engine.sharing(cfg.model_config(n).generate) for n in cfg.models.names}
-    assert all(g.owner is engine for g in gens.values())
+    views = {n: engine.sharing(cfg.model_config(n).generate) for n in cfg.models.names}
+    assert all(v.owner is engine for v in views.values())
+    gens = {n: OnSessionLoop(v, rag) for n, v in views.items()}
     questions = [q["question"] for q in xquad_corpus[1][:4]]
     with RAG.from_index(xquad_index, cfg, embedder=rag.embedder, generators=gens) as two:
         finished = engine.requests.as_dict()["finished"]

@@ -124,7 +124,10 @@ class VllmGenerator:
 
     def sharing(self, config: GenerateConfig) -> VllmGenerator:
         """A generator with ``config``'s sampling over this one's engine (its ``engine_key``
-        must be the same): it starts the engine through this one, and never stops it."""
+        must be the same): it starts the engine through this one, and never stops it.
+
+        NOTE: vLLM's AsyncLLM is bound to the event loop it started on: call a view from
+        that loop (one ``RAG``'s engine loop serves all its models)."""
         view = VllmGenerator(config, self.vllm)
         if view.engine_key() != self.engine_key():
             raise ValueError(f"cannot share the engine of {self.path}: its engine settings differ")
