@@ -38,12 +38,12 @@ def test_two_models_over_one_engine_answer_with_own_settings_and_cache_entries(r
     views = {n: engine.sharing(cfg.model_config(n).generate) for n in cfg.models.names}
     assert all(v.owner is engine for v in views.values())
     gens = {n: OnSessionLoop(v, rag) for n, v in views.items()}
-    questions = [q["question"] for q in xquad_corpus[1][:4]]
+    questions = [q["question"] for q in xquad_corpus[1][:2]]
     with RAG.from_index(xquad_index, cfg, embedder=rag.embedder, generators=gens) as two:
         finished = engine.requests.as_dict()["finished"]
         terse = [two.query(q, model="terse") for q in questions]
         full = [two.query(q) for q in questions]  # the default
-        assert engine.requests.as_dict()["finished"] == finished + 8  # all on the one engine
+        assert engine.requests.as_dict()["finished"] == finished + 2 * len(questions)  # all on the one engine
         assert {(r.model, r.cache_tier, r.usage.completion_tokens, r.finish_reason) for r in terse} == {
             ("terse", "miss", 1, "length")}
         assert {(r.model, r.cache_tier) for r in full} == {("full", "miss")}
@@ -52,4 +52,4 @@ def test_two_models_over_one_engine_answer_with_own_settings_and_cache_entries(r
         assert [(r.model, r.cache_tier) for r in again] == [("terse", "l1"), ("full", "l1")] * len(questions)
         assert [r.answer for r in again[::2]] == [r.answer for r in terse]
         assert [r.answer for r in again[1::2]] == [r.answer for r in full]
-    assert engine.alive() and rag.query(questions[0], cache_read=False).answer  # the session engine serves on
+    assert engine.alive()  # closing the second RAG left the session engine running
