@@ -56,6 +56,7 @@ from ragserve.errors import (
     RemoteError,
     ServerUnreachableError,
     ShardError,
+    UnknownModelError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.eval.evaluate import EvalReport, evaluate
@@ -133,6 +134,7 @@ __all__ = [
     "Timings",
     "TokenEvent",
     "TokenUsage",
+    "UnknownModelError",
     "VllmConfig",
     "__version__",
     "build_index",

@@ -14,6 +14,8 @@ that is wrong and what to do about it::
     │   ├── InvalidTextError        not valid Unicode text, or a control character
     │   │                           (names the code point and its position)
     │   ├── InvalidParameterError   a request parameter (top_k, namespace) has a bad value
+    │   ├── UnknownModelError       a request names a model that is not configured
+    │   │                           (names the configured ones; HTTP 400, 404 on /v1 OpenAI routes)
     │   └── BatchInputError         a questions file for `ragserve batch` (jobs/batch.py)
     ├── IngestError                 a corpus cannot be read at all (per-file problems
     │                               are reported in the build summary, not raised)
@@ -181,6 +183,18 @@ class InvalidParameterError(InputError):
         self.name = name
         shown = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) < 40 else type(value).__name__
         super().__init__(f"{name} must be {expected}, got {shown}")
+
+
+class UnknownModelError(InputError):
+    """A request names a model ``[models]`` does not configure. ``model`` is the name asked
+    for, ``known`` the names that are served."""
+
+    def __init__(self, model: object, known: tuple[str, ...]) -> None:
+        self.model = model
+        self.known = tuple(known)
+        shown = repr(model) if isinstance(model, str) and len(model) < 80 else type(model).__name__
+        super().__init__(f"model {shown} is not served here; served: {', '.join(map(repr, self.known))} "
+                         "(see GET /v1/models)")
 
 
 class BatchInputError(InputError):

@@ -16,7 +16,7 @@ nothing of the engine's inner state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -35,11 +35,15 @@ class RAG:
     """A served index: retrieval over it, and generation grounded in what it retrieves."""
 
     def __init__(self, manifest: Manifest, index: VectorIndex, docstore: DocStore, embedder: Embedder,
-                 generator: Generator | None, config: RAGConfig, *, path: Path | None = None) -> None:
+                 generator: Generator | None, config: RAGConfig, *, path: Path | None = None,
+                 generators: Mapping[str, Generator] | None = None) -> None:
         """Serve already opened parts (``from_index`` opens them from a folder and checks
         them; tests and tools pass their own). ``generator=None``: the one
-        ``config.generate.backend`` names, started by ``warm_up`` or the first miss."""
-        self._engine = Engine(manifest, index, docstore, embedder, generator, config, path)
+        ``config.generate.backend`` names, started by ``warm_up`` or the first miss.
+        ``generators``: for models of ``[models]`` by name (the default model's may also be
+        ``generator``); the others are built from their config, sharing a vLLM engine
+        where only sampling differs (``generators.make_generators``)."""
+        self._engine = Engine(manifest, index, docstore, embedder, generator, config, path, generators)
 
     # -- construction -----------------------------------------------------------------
 
@@ -52,6 +56,7 @@ class RAG:
         start_engine: bool = True,
         embedder: Embedder | None = None,
         generator: Generator | None = None,
+        generators: Mapping[str, Generator] | None = None,
     ) -> RAG:
         """Open an index folder: verify it against its manifest, map its files, load the
         embedding model and (unless ``start_engine=False``) start the generation engine.
@@ -72,7 +77,8 @@ class RAG:
 
             embedder = SentenceTransformerEmbedder(serving_embed_config(config, generator))
         manifest, index, docstore = open_index(path, config, embedder)
-        rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path))
+        rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path),
+                  generators=generators)
         if start_engine:
             try:
                 rag.warm_up()
@@ -82,7 +88,7 @@ class RAG:
         return rag
 
     def warm_up(self) -> None:
-        """Start the generation engine on the engine loop (idempotent)."""
+        """Start the generation engine (every model's) on the engine loop (idempotent)."""
         return self._engine.warm_up()
 
     @property
@@ -121,7 +127,7 @@ class RAG:
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
               request_id: str | None = None, top_k: int | None = None,
-              priority: int = 0) -> QueryResult:
+              priority: int = 0, model: str | None = None) -> QueryResult:
         """Answer one question (blocking). Safe from threads and from inside an event loop.
 
         An L1 hit is answered in the calling thread, without a hop to the engine loop.
@@ -132,36 +138,42 @@ class RAG:
         overrides ``query.top_k`` (answers are cached per top_k); ``priority`` (an int,
         lower runs sooner, default 0) orders the request in ragserve's admission queue and,
         with ``generate.scheduling = "priority"``, in vLLM's scheduler; it is not part of
-        the cache key. Raises ``OverloadedError`` at once when the engine is full,
-        ``DeadlineExceededError`` past the deadline.
+        the cache key. ``model`` names one of ``[models]`` (default: ``models.default``, or
+        the router's pick with ``models.route = "auto"``; "auto" asks for the pick): each
+        model has its own cache entries and single-flight runs, and ``result.model`` says
+        which answered. Raises ``UnknownModelError`` for a model not configured,
+        ``OverloadedError`` at once when the engine is full, ``DeadlineExceededError`` past
+        the deadline.
         """
-        return self._engine.query(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
+        return self._engine.query(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority, model=model)
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
                      request_id: str | None = None, top_k: int | None = None,
-                     priority: int = 0) -> QueryResult:
+                     priority: int = 0, model: str | None = None) -> QueryResult:
         """Answer one question from any event loop. Cancelling the awaiting task aborts the
         request in the engine and caches nothing."""
-        return await self._engine.aquery(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
+        return await self._engine.aquery(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority, model=model)
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                    timeout_s: float | None = None, priority: int = 0) -> list[QueryResult | Exception]:
+                    timeout_s: float | None = None, priority: int = 0,
+                    model: str | None = None) -> list[QueryResult | Exception]:
         """Answer many questions concurrently; order is kept, a failure stays in its slot.
         At most ``query.max_in_flight`` of them run at once, so a large batch never
         overloads the engine by itself."""
-        return self._engine.query_batch(questions, namespace=namespace, timeout_s=timeout_s, priority=priority)
+        return self._engine.query_batch(questions, namespace=namespace, timeout_s=timeout_s, priority=priority,
+                                        model=model)
 
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                            timeout_s: float | None = None,
-                           priority: int = 0) -> list[QueryResult | Exception]:
+                           priority: int = 0, model: str | None = None) -> list[QueryResult | Exception]:
         return await self._engine.aquery_batch(questions, namespace=namespace, timeout_s=timeout_s,
-                                               priority=priority)
+                                               priority=priority, model=model)
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
                request_id: str | None = None, top_k: int | None = None,
-               priority: int = 0) -> Iterator[StreamEvent]:
+               priority: int = 0, model: str | None = None) -> Iterator[StreamEvent]:
         """Answer one question as a stream (blocking iterator): a ``SourcesEvent`` first,
         then ``TokenEvent`` pieces as they are generated, then a ``DoneEvent`` with the
         result and its timings. Leaving the loop early aborts the generation (unless
@@ -169,18 +181,18 @@ class RAG:
 
         **Usage:** ``for ev in rag.stream(q): print(getattr(ev, "text", ""), end="")``
         """
-        return self._engine.stream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
+        return self._engine.stream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority, model=model)
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
                 request_id: str | None = None, top_k: int | None = None,
-                priority: int = 0) -> AsyncIterator[StreamEvent]:
+                priority: int = 0, model: str | None = None) -> AsyncIterator[StreamEvent]:
         """``stream`` for any event loop: ``async for ev in rag.astream(q): ...``
 
         The iterator (a ``runtime.Relay``) also reads as ``batches()``: the same events in
         lists of those that reached the caller's loop together, never waiting for more
         (a server writes each list at once)."""
-        return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority)
+        return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority, model=model)
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
         """Retrieval only (no LLM): the top-k sources with scores."""
@@ -237,8 +249,15 @@ class RAG:
 
     @property
     def generator(self) -> Generator | None:
-        """The generation backend (None until ``warm_up`` or the first miss starts it)."""
+        """The generation backend (None until ``warm_up`` or the first miss starts it); with
+        ``[models]``, the default model's."""
         return self._engine.generator
+
+    @property
+    def models(self) -> Any:
+        """The served models (``engine/models.py``): ``names`` (empty without ``[models]``),
+        ``default``, ``choose(name)``, ``describe()`` (what ``GET /v1/models`` lists)."""
+        return self._engine.models
 
     @property
     def cache(self) -> Any:

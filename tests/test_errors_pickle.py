@@ -34,6 +34,7 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.QuestionTypeError": ((b"bytes",), {}),
     "ragserve.errors.InvalidTextError": (("question", "has a control character U+0007 at 3", 3), {}),
     "ragserve.errors.InvalidParameterError": (("top_k", -1, "an int of at least 1"), {}),
+    "ragserve.errors.UnknownModelError": (("medium", ("small", "large")), {}),
     "ragserve.errors.IngestError": (("no such folder: /corpus",), {}),
     "ragserve.errors.DatasetError": (("/data/squad.json", "record 3 has no answers"), {}),
     "ragserve.errors.CalibrationError": (("no threshold certifies a false-hit rate <= 0.01",), {}),

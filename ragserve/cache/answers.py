@@ -42,20 +42,25 @@ class AnswerCache:
         """The semantic tier (``semantic.py``), or None when ``[semantic]`` is off."""
 
     def key(self, normalized_question: str, namespace: str | None, index_fingerprint: str,
-            top_k: int | None = None) -> str:
+            top_k: int | None = None, answer_fingerprint: str | None = None) -> str:
         """``index_fingerprint``: of the index version the request reads (a reload changes
         it, so no answer from the old index is ever served); ``top_k``: a request's own,
-        when it differs from the config's."""
+        when it differs from the config's; ``answer_fingerprint``: the request's model's,
+        when ``[models]`` names several (default: the config's)."""
         return cache_key(normalized_question, index_fingerprint=index_fingerprint,
-                         answer_fingerprint=self._answer(top_k), namespace=self._namespace(namespace))
+                         answer_fingerprint=self._answer(top_k, answer_fingerprint),
+                         namespace=self._namespace(namespace))
 
-    def partition(self, namespace: str | None, index_fingerprint: str, top_k: int | None = None) -> str:
+    def partition(self, namespace: str | None, index_fingerprint: str, top_k: int | None = None,
+                  answer_fingerprint: str | None = None) -> str:
         """The semantic tier's partition for the same factors as ``key``, but the question."""
-        return partition_key(index_fingerprint=index_fingerprint, answer_fingerprint=self._answer(top_k),
+        return partition_key(index_fingerprint=index_fingerprint,
+                             answer_fingerprint=self._answer(top_k, answer_fingerprint),
                              namespace=self._namespace(namespace))
 
-    def _answer(self, top_k: int | None) -> str:
-        return self.answer_fingerprint if top_k is None else f"{self.answer_fingerprint}:top_k={top_k}"
+    def _answer(self, top_k: int | None, answer_fingerprint: str | None = None) -> str:
+        fingerprint = answer_fingerprint or self.answer_fingerprint
+        return fingerprint if top_k is None else f"{fingerprint}:top_k={top_k}"
 
     def _namespace(self, namespace: str | None) -> str:
         return self.config.namespace if namespace is None else namespace

@@ -48,21 +48,21 @@ class AsyncClient:
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
                      request_id: str | None = None, top_k: int | None = None,
-                     priority: int | None = None) -> QueryResult:
+                     priority: int | None = None, model: str | None = None) -> QueryResult:
         """``RAG.aquery`` on the server."""
         call = calls.query_call(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write,
                                 timeout_s=timeout_s, request_id=request_id, top_k=top_k, stream=False,
-                                client_timeout_s=self.timeout_s, priority=priority)
+                                client_timeout_s=self.timeout_s, priority=priority, model=model)
         return calls.query_result(await self._send(call), call)
 
     async def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                       cache_write: bool = True, timeout_s: float | None = None,
                       request_id: str | None = None, top_k: int | None = None,
-                      priority: int | None = None) -> AsyncIterator[StreamEvent]:
+                      priority: int | None = None, model: str | None = None) -> AsyncIterator[StreamEvent]:
         """``RAG.astream`` on the server: ``async for ev in client.astream(q): ...``"""
         call = calls.query_call(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write,
                                 timeout_s=timeout_s, request_id=request_id, top_k=top_k, stream=True,
-                                client_timeout_s=self.timeout_s, priority=priority)
+                                client_timeout_s=self.timeout_s, priority=priority, model=model)
         import httpx
 
         response = await self._send(call)

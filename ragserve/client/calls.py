@@ -48,7 +48,7 @@ def connection(url: str, api_key: str | None, headers: Any, timeout_s: float,
 
 def query_call(question: str, *, namespace: str | None, cache_read: bool, cache_write: bool,
                timeout_s: float | None, request_id: str | None, top_k: int | None, stream: bool,
-               client_timeout_s: float, priority: int | None = None) -> Call:
+               client_timeout_s: float, priority: int | None = None, model: str | None = None) -> Call:
     check_question(question)
     body: dict[str, Any] = {"question": question, "cache": {"read": cache_read, "write": cache_write}}
     if namespace is not None:
@@ -59,6 +59,8 @@ def query_call(question: str, *, namespace: str | None, cache_read: bool, cache_
         body["timeout_s"] = timeout_s
     if priority is not None:  # else the API key's default class
         body["priority"] = priority
+    if model is not None:  # else the server's default (or its router's pick)
+        body["model"] = model
     if stream:
         body["stream"] = True
     read = client_timeout_s

@@ -56,19 +56,20 @@ class Client:
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
               request_id: str | None = None, top_k: int | None = None,
-              priority: int | None = None) -> QueryResult:
+              priority: int | None = None, model: str | None = None) -> QueryResult:
         """``RAG.query`` on the server: the same arguments, the same ``QueryResult``.
         ``namespace`` is ignored by a server with API keys (the key decides); ``priority``
-        None is the key's default class (0 without keys)."""
+        None is the key's default class (0 without keys); ``model`` one of the server's
+        (``GET /v1/models``; None: its default), else ``UnknownModelError``."""
         call = calls.query_call(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write,
                                 timeout_s=timeout_s, request_id=request_id, top_k=top_k, stream=False,
-                                client_timeout_s=self.timeout_s, priority=priority)
+                                client_timeout_s=self.timeout_s, priority=priority, model=model)
         return calls.query_result(self._send(call), call)
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
                request_id: str | None = None, top_k: int | None = None,
-               priority: int | None = None) -> Iterator[StreamEvent]:
+               priority: int | None = None, model: str | None = None) -> Iterator[StreamEvent]:
         """``RAG.stream`` on the server: ``SourcesEvent``, ``TokenEvent`` pieces, ``DoneEvent``.
         The request is sent here, so a refusal raises before the first event; an error
         after it (an ``error`` event, a cut connection) raises from the iteration and is
@@ -76,7 +77,7 @@ class Client:
         generation on the server."""
         call = calls.query_call(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write,
                                 timeout_s=timeout_s, request_id=request_id, top_k=top_k, stream=True,
-                                client_timeout_s=self.timeout_s, priority=priority)
+                                client_timeout_s=self.timeout_s, priority=priority, model=model)
         return self._events(self._send(call), call)
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:

@@ -7,7 +7,7 @@
 
 ``rag.py`` holds ``RAGConfig`` (loading, validation, the answer fingerprint); the sections
 are ``retrieval.py`` (``[chunk]``, ``[embed]``, ``[index]``), ``query.py``, ``prompt.py``,
-``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``cache.py``, ``semantic.py``, ``server.py``,
+``generate.py``, ``generators.py`` (``[vllm]``, ``[openai]``), ``models.py`` (``[models]``), ``cache.py``, ``semantic.py``, ``server.py``,
 ``ray.py`` and ``telemetry.py``; ``home.py`` says where ragserve keeps its files. This folder imports no
 other wing of ragserve (an import contract in ``pyproject.toml`` checks it).
 """
@@ -16,6 +16,7 @@ from ragserve.config.cache import CacheConfig
 from ragserve.config.generate import GenerateConfig
 from ragserve.config.generators import OpenAIConfig, VllmConfig
 from ragserve.config.home import LOOPBACK_HOSTS, data_home
+from ragserve.config.models import ModelsConfig, ModelSpec
 from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig
 from ragserve.config.query import QueryConfig
 from ragserve.config.rag import RAGConfig, serve_config
@@ -33,6 +34,8 @@ __all__ = [
     "EmbedConfig",
     "GenerateConfig",
     "IndexConfig",
+    "ModelSpec",
+    "ModelsConfig",
     "OpenAIConfig",
     "PromptConfig",
     "QueryConfig",

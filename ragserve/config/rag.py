@@ -12,7 +12,8 @@ happens in one place (``_validate``) and every message names the field and the a
 values. Each section is defined in its own module of this folder (``retrieval.py`` for
 ``[chunk]``/``[embed]``/``[index]``, ``generators.py`` for ``[vllm]``/``[openai]`` with the
 migration of the vLLM options that used to sit under ``[generate]``, ``ray.py`` for
-``[ray]``, ...).
+``[ray]``, ``models.py`` for ``[models]``, ...). ``model_config(name)`` is the config one
+named model answers with; ``model_fingerprint(name)`` its answer fingerprint.
 
 ``fingerprint()`` hashes only the fields that change an answer (models, sampling,
 prompt template, top_k, the index's query-time search settings), never batch sizes, URLs
@@ -35,6 +36,7 @@ from ragserve.config.cache import CacheConfig
 from ragserve.config.generate import GenerateConfig, Scheduling
 from ragserve.config.generators import OpenAIConfig, VllmConfig, migrate_legacy, validate_backends
 from ragserve.config.home import data_home
+from ragserve.config.models import ModelsConfig, merge_models, validate_models
 from ragserve.config.prompt import PROMPT_TEMPLATE_VERSION, PromptConfig, validate_prompt
 from ragserve.config.query import QueryConfig
 from ragserve.config.ray import RayConfig, validate_ray
@@ -60,6 +62,7 @@ class RAGConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -89,8 +92,26 @@ class RAGConfig:
             current = getattr(self, name, None)
             if current is None or not isinstance(values, dict):
                 raise ConfigError(name, f"unknown section; known: {', '.join(_SECTIONS)}")
-            kwargs[name] = _replace_section(name, current, values)
+            kwargs[name] = (merge_models(current, values) if name == "models"
+                            else _replace_section(name, current, values))
         return dataclasses.replace(self, **kwargs)
+
+    def model_config(self, name: str) -> RAGConfig:
+        """The config the model ``name`` of ``[models]`` answers with: ``[generate]``,
+        ``[vllm]`` and ``[openai]`` with its table on top, and no ``[models]``."""
+        spec = self.models.spec(name)
+        if spec is None:
+            raise ConfigError(f"models.{name}", f"no such model; configured: {', '.join(self.models.names)}")
+        try:
+            return dataclasses.replace(self, models=ModelsConfig()).replace(**spec.sections())
+        except ConfigError as e:
+            raise ConfigError(f"models.{name}.{e.field.removeprefix('generate.')}",
+                              e.args[0].split(": ", 1)[-1]) from None
+
+    def model_fingerprint(self, name: str) -> str:
+        """The answer fingerprint of the named model: its config's, and its name (a result
+        says which model answered, so two names never share an entry)."""
+        return hashlib.sha256(f"{self.model_config(name).fingerprint()}:model={name}".encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,6 +249,9 @@ def _validate(cfg: RAGConfig) -> None:
     validate_ray(cfg.ray)
     validate_semantic(cfg.semantic)
     validate_telemetry(cfg.telemetry)
+    validate_models(cfg.models)
+    for name in cfg.models.names:
+        cfg.model_config(name)  # each model's own settings, checked as [generate] is
     k = cfg.cache
     _check(k.l1_max_entries >= 0, "cache.l1_max_entries", f"must be >= 0, got {k.l1_max_entries}")
     _check(k.l1_max_bytes > 0, "cache.l1_max_bytes", f"must be > 0, got {k.l1_max_bytes}")

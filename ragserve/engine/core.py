@@ -33,7 +33,8 @@ class Engine(Pipeline):
     def warm_up(self) -> None:
 
         async def start() -> None:
-            self._ensure_generator()
+            for model in self.models.all():  # every model is warm before the server is ready
+                self._ensure_generator(model)
 
         self._runtime.run(start())
 
@@ -77,42 +78,44 @@ class Engine(Pipeline):
     def query(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
               cache_write: bool = True, timeout_s: float | None = None,
               request_id: str | None = None, top_k: int | None = None,
-              priority: int = 0) -> QueryResult:
+              priority: int = 0, model: str | None = None) -> QueryResult:
         p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
-                          priority)
+                          priority, model)
         return self._l1_hit(p) or self._runtime.run(self._answer(p))
 
     async def aquery(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                      cache_write: bool = True, timeout_s: float | None = None,
                      request_id: str | None = None, top_k: int | None = None,
-                     priority: int = 0) -> QueryResult:
+                     priority: int = 0, model: str | None = None) -> QueryResult:
         p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
-                          priority)
+                          priority, model)
         return self._l1_hit(p) or await self._runtime.run_async(self._answer(p))
 
     def query_batch(self, questions: Sequence[str], *, namespace: str | None = None,
-                    timeout_s: float | None = None, priority: int = 0) -> list[QueryResult | Exception]:
-        return self._runtime.run(self._answer_many(questions, namespace, timeout_s, priority))
+                    timeout_s: float | None = None, priority: int = 0,
+                    model: str | None = None) -> list[QueryResult | Exception]:
+        return self._runtime.run(self._answer_many(questions, namespace, timeout_s, priority, model))
 
     async def aquery_batch(self, questions: Sequence[str], *, namespace: str | None = None,
                            timeout_s: float | None = None,
-                           priority: int = 0) -> list[QueryResult | Exception]:
-        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s, priority))
+                           priority: int = 0, model: str | None = None) -> list[QueryResult | Exception]:
+        return await self._runtime.run_async(self._answer_many(questions, namespace, timeout_s, priority,
+                                                               model))
 
     def stream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                cache_write: bool = True, timeout_s: float | None = None,
                request_id: str | None = None, top_k: int | None = None,
-               priority: int = 0) -> Iterator[StreamEvent]:
+               priority: int = 0, model: str | None = None) -> Iterator[StreamEvent]:
         p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
-                          priority)
+                          priority, model)
         return self._runtime.iterate(self._stream(p))
 
     def astream(self, question: str, *, namespace: str | None = None, cache_read: bool = True,
                 cache_write: bool = True, timeout_s: float | None = None,
                 request_id: str | None = None, top_k: int | None = None,
-                priority: int = 0) -> AsyncIterator[StreamEvent]:
+                priority: int = 0, model: str | None = None) -> AsyncIterator[StreamEvent]:
         p = self._prepare(question, namespace, cache_read, cache_write, timeout_s, request_id, top_k,
-                          priority)
+                          priority, model)
         return self._runtime.aiterate(self._stream(p))
 
     def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
@@ -147,9 +150,22 @@ class Engine(Pipeline):
             "embed_batches": self.retriever.stats(),
             "engine_unfinished": self.engine_unfinished(),
             "generator": generator_stats() if generator_stats else None,
+            "models": self._models_stats(),
             "single_flight": {"runs": self.flight.runs, "shared": self.flight.shared, "running": len(self.flight)},
             "cache": self.cache.stats() if self.cache else None,
         }
+
+    def _models_stats(self) -> dict[str, Any] | None:
+        """Per named model (None without ``[models]``): its backend, and whether its engine is
+        one it shares with another model."""
+        if not self.models.named:
+            return None
+        models = self.models.all()
+        owners = {id(m.generator): m.name for m in models if m.generator is not None}
+        return {m.name: {"backend": m.config.generate.backend, "max_tokens": m.config.generate.max_tokens,
+                         "started": m.generator is not None,
+                         "shares_engine_of": owners.get(id(getattr(m.generator, "owner", None)))}
+                for m in models}
 
     async def aflush_cache(self) -> None:
         if self.cache is not None and self.cache.l2 is not None:
@@ -170,8 +186,8 @@ class Engine(Pipeline):
         return self._runtime.run(run())
 
     def engine_alive(self) -> bool:
-        alive = getattr(self.generator, "alive", None)
-        return self.generator is not None and (alive() if alive else True)
+        """The default model's generator started, and every one started alive."""
+        return self.generator is not None and all(_alive(g) for g in self.models.generators())
 
     def engine_unfinished(self) -> int | None:
         unfinished = getattr(self.generator, "unfinished", None)
@@ -186,11 +202,12 @@ class Engine(Pipeline):
             async def stop() -> None:
                 if self.cache is not None:
                     await self.cache.close()
-                aclose = getattr(self.generator, "aclose", None)  # an async backend closes politely
-                if aclose is not None:
-                    await aclose()
-                elif self.generator is not None:
-                    self.generator.shutdown()
+                for generator in self.models.generators():
+                    aclose = getattr(generator, "aclose", None)  # an async backend closes politely
+                    if aclose is not None:
+                        await aclose()
+                    else:
+                        generator.shutdown()  # one sharing another's engine leaves it running
 
             self._runtime.run(stop())
         self._runtime.stop()
@@ -235,3 +252,8 @@ class Engine(Pipeline):
         if failed:
             raise failed[0]
         self._cpu.submit(fn, f"{EMBED_THREAD}-0").result(timeout=timeout_s)
+
+
+def _alive(generator: Generator) -> bool:
+    alive = getattr(generator, "alive", None)
+    return alive() if alive else True

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -26,6 +26,7 @@ from ragserve.cache.answers import AnswerCache, from_cached, from_generation
 from ragserve.config import RAGConfig, SemanticConfig
 from ragserve.engine.admission import Admission, Requests, Ticket
 from ragserve.engine.flight import StreamFlight
+from ragserve.engine.models import Model, Models, Routed
 from ragserve.engine.runtime import LoopThread, map_bounded
 from ragserve.engine.served import ServedIndex, Snapshots
 from ragserve.engine.validation import check_options, check_priority, check_question
@@ -76,6 +77,9 @@ class _Prepared:
     priority: int = 0
     """Lower runs sooner: in ragserve's admission queue and (``generate.scheduling =
     "priority"``) in vLLM's. Not part of the key: every priority reads the same answers."""
+    model: Model | Routed | None = None
+    """The model that answers (``models.py``), or the router that picks it after retrieval;
+    its fingerprint is part of the key."""
 
 
 class Pipeline:
@@ -90,10 +94,12 @@ class Pipeline:
         generator: Generator | None,
         config: RAGConfig,
         path: Path | None = None,
+        generators: Mapping[str, Generator] | None = None,
     ) -> None:
         self.embedder = embedder
-        self.generator = generator
         self.config = config
+        self.models = Models(config, generator, generators)
+        """The served models (``[models]``; one unnamed model without it): ``models.py``."""
         self.stage_stats = StageStats()
         self.observers = Observers(self.stage_stats)
         """Told of every finished or failed request (``observe/observers.py``); ``add`` your own."""
@@ -114,7 +120,6 @@ class Pipeline:
         """Retrieval-only requests (``retrieve``), bounded apart from the generation slots: a
         flood of them is refused (429) instead of queueing without end for the embedder, and
         none waits behind generations."""
-        self._prompt_builder: Any = None
         self.requests = Requests(self.gauges, self.observers)
         self.flight = StreamFlight()
         self.cache: AnswerCache | None = None
@@ -122,15 +127,15 @@ class Pipeline:
             self.cache = AnswerCache(config.cache, config.fingerprint(), config.semantic)
             check_semantic_model(config.semantic, embedder)
 
-    def _ensure_generator(self) -> Generator:
+    @property
+    def generator(self) -> Generator | None:
+        """The default model's generator (None until started)."""
+        return self.models.default.generator
+
+    def _ensure_generator(self, model: Model | None = None) -> Generator:
         # Runs on the engine loop: a generator may bind to the loop it starts on (vLLM's
         # AsyncLLM does; an HTTP client's connections do).
-        if self.generator is None:
-            from ragserve.generators import make_generator
-
-            self.generator = make_generator(self.config)
-        self.generator.warm_up()
-        return self.generator
+        return self.models.ensure(model or self.models.default)
 
     # -- stages -------------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ class Pipeline:
 
     def _prepare(self, question: str, namespace: str | None, read: bool, write: bool,
                  timeout_s: float | None, request_id: str | None, top_k: int | None = None,
-                 priority: int = 0) -> _Prepared:
+                 priority: int = 0, model: str | None = None) -> _Prepared:
         """Validate and normalise once; the key, the clock and the options travel with it."""
         clock = StageClock()
         default_k = self.config.query.top_k
@@ -148,19 +153,25 @@ class Pipeline:
             q = self._check(question)
             check_options(namespace=namespace, top_k=top_k, timeout_s=timeout_s)
             check_priority(priority)
+            chosen = self.models.choose(model)
             k = default_k if top_k is None else top_k
-            key = self.cache.key(q, namespace, snap.fingerprint, self._keyed_k(k)) if self.cache is not None else ""
+            key = (self.cache.key(q, namespace, snap.fingerprint, self._keyed_k(k), chosen.fingerprint)
+                   if self.cache is not None else "")
         except InputError as e:
             self.requests.refused(e)
             raise
         deadline = self.config.query.timeout_s if timeout_s is None else timeout_s
         rid = request_id or uuid.uuid4().hex
-        return _Prepared(q, key, clock, rid, read, write, deadline, k, namespace, snap, priority=priority)
+        return _Prepared(q, key, clock, rid, read, write, deadline, k, namespace, snap, priority=priority,
+                         model=chosen)
 
-    def _key(self, p: _Prepared, snap: ServedIndex) -> str:
+    def _key(self, p: _Prepared, snap: ServedIndex, model: Model | Routed | None = None) -> str:
+        """``p``'s key over ``snap``, for its own model or ``model`` (a routed run's pick)."""
         if self.cache is None:
             return ""
-        return self.cache.key(p.question, p.namespace, snap.fingerprint, self._keyed_k(p.top_k))
+        m = model or p.model
+        return self.cache.key(p.question, p.namespace, snap.fingerprint, self._keyed_k(p.top_k),
+                              m.fingerprint if m is not None else None)
 
     def _keyed_k(self, k: int) -> int | None:
         """``top_k`` as the cache keys and partitions name it: None for the configured one,
@@ -273,7 +284,8 @@ class Pipeline:
 
     def _partition(self, p: _Prepared) -> str:
         assert self.cache is not None
-        return self.cache.partition(p.namespace, p.snapshot.fingerprint, self._keyed_k(p.top_k))
+        return self.cache.partition(p.namespace, p.snapshot.fingerprint, self._keyed_k(p.top_k),
+                                    p.model.fingerprint if p.model is not None else None)
 
     def _flight_key(self, p: _Prepared, deltas: bool) -> str:
         """Which requests may share a run: a run that must not write only with callers that
@@ -293,14 +305,16 @@ class Pipeline:
         async with self.served.holding(snap), self.admission.slot(ticket) as waited:
             clock.add("admission", waited())
             sources, vector = await snap.retriever.retrieve_with_vector(question, leader.top_k, clock, leader.vector)
-            generator = self._ensure_generator()
+            routed = leader.model if isinstance(leader.model, Routed) else None
+            model = routed.pick(sources) if routed is not None else leader.model or self.models.default
+            generator = self._ensure_generator(model)
             with clock.span("prompt"):
-                prompt = await self._prompt(generator, question, sources)
+                prompt = await self._prompt(model, generator, question, sources)
             yield SourcesEvent(prompt.used, "miss")
             gen = None
             with clock.span("generate"):
                 async for piece in generator.stream(prompt.text, leader.request_id, token_ids=prompt.token_ids,
-                                                    deltas=deltas, **self._priority(ticket)):
+                                                    deltas=deltas, **self._priority(ticket, model)):
                     if not isinstance(piece, str):
                         gen = piece
                     elif deltas:
@@ -309,20 +323,22 @@ class Pipeline:
                 raise GenerationError("the engine ended the stream without a final output")
             if not deltas:
                 yield TokenEvent(gen.text)
-            result = from_generation(question, generator.model_name, prompt, gen, clock, snap.fingerprint)
+            result = from_generation(question, model.label(), prompt, gen, clock, snap.fingerprint)
             result.request_id = leader.request_id
             self.observers.generation(result)  # counted once per run, whoever still waits for it
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
+            if routed is not None:  # the pick's own key too: asking for it by name is a hit
+                self.cache.remember(self._key(leader, snap, model), result)
             if self.cache.semantic is not None:  # its partition is a hash: not on every miss
                 self.cache.remember_vector(self._partition(leader), leader.key, question, vector)
         yield DoneEvent(result)
 
-    def _priority(self, ticket: Ticket) -> dict[str, int]:
+    def _priority(self, ticket: Ticket, model: Model) -> dict[str, int]:
         """The generator's ``priority=`` argument, given only with ``generate.scheduling =
         "priority"`` (vLLM refuses a non-zero priority without its priority scheduler, and a
         ``Generator`` written before priorities takes no such argument)."""
-        return {"priority": ticket.priority} if self.config.generate.scheduling == "priority" else {}
+        return {"priority": ticket.priority} if model.config.generate.scheduling == "priority" else {}
 
     def _finish(self, result: QueryResult, p: _Prepared) -> QueryResult:
         """Stamp the caller's own total and request id, count the query, tell the observers."""
@@ -336,15 +352,15 @@ class Pipeline:
 
     async def _answer_many(self, questions: Sequence[str], namespace: str | None = None,
                            timeout_s: float | None = None,
-                           priority: int = 0) -> list[QueryResult | Exception]:
+                           priority: int = 0, model: str | None = None) -> list[QueryResult | Exception]:
         async def one(question: str) -> QueryResult:
-            p = self._prepare(question, namespace, True, True, timeout_s, None, None, priority)
+            p = self._prepare(question, namespace, True, True, timeout_s, None, None, priority, model)
             return await self._answer(p)
 
         return await map_bounded(one, questions, self.config.query.max_in_flight)
 
-    async def _prompt(self, generator: Generator, question: str, sources: list[Source]) -> Any:
-        builder = self._builder(generator)
+    async def _prompt(self, model: Model, generator: Generator, question: str, sources: list[Source]) -> Any:
+        builder = self.models.builder(model, generator)
         if getattr(builder.tokenizer, "remote", False):
             # NOTE: a tokenizer that asks a server (openai.tokenizer = "server") waits on the
             # network for each count: build off the engine loop, which other requests share.
@@ -352,13 +368,8 @@ class Pipeline:
         return builder.build(question, sources)
 
     def _builder(self, generator: Generator) -> Any:
-        if self._prompt_builder is None:
-            from ragserve.generators.prompt import PromptBuilder
-
-            g = self.config.generate
-            self._prompt_builder = PromptBuilder(generator.tokenizer(), g.max_model_len, g.max_tokens,
-                                                 self.config.prompt)
-        return self._prompt_builder
+        """The default model's prompt builder."""
+        return self.models.builder(self.models.default, generator)
 
 
 def check_semantic_model(config: SemanticConfig, embedder: Embedder) -> None:

@@ -112,15 +112,41 @@ class VllmGenerator:
         self._lock = threading.Lock()
         self.prefix_cache = PrefixCacheCounter()
         self.requests = RequestCounter()
+        self.owner: VllmGenerator | None = None
+        """The generator whose engine this one uses (``sharing``); None: its own."""
+
+    def engine_key(self) -> tuple[Any, ...]:
+        """What an engine is made of: two generators with the same key can share one
+        (``sharing``); sampling (max_tokens, temperature, top_p, seed) is per request."""
+        cfg = self.config
+        options = tuple(sorted(vars(self.vllm).items()))
+        return ("vllm", str(self.path), cfg.max_model_len, cfg.scheduling, options)
+
+    def sharing(self, config: GenerateConfig) -> VllmGenerator:
+        """A generator with ``config``'s sampling over this one's engine (its ``engine_key``
+        must be the same): it starts the engine through this one, and never stops it.
+
+        NOTE: vLLM's AsyncLLM is bound to the event loop it started on: call a view from
+        that loop (one ``RAG``'s engine loop serves all its models)."""
+        view = VllmGenerator(config, self.vllm)
+        if view.engine_key() != self.engine_key():
+            raise ValueError(f"cannot share the engine of {self.path}: its engine settings differ")
+        view.owner = self.owner or self
+        view.prefix_cache, view.requests = view.owner.prefix_cache, view.owner.requests
+        return view
 
     @property
     def engine(self) -> Any:
+        if self.owner is not None:
+            return self.owner.engine
         if self._engine is None:
             raise EngineDeadError("the generation engine is not started (call warm_up) or was shut down")
         return self._engine
 
     def warm_up(self) -> None:
         """Start the vLLM engine (idempotent). Call it from the engine's event loop."""
+        if self.owner is not None:
+            return self.owner.warm_up()
         with self._lock:
             if self._engine is not None:
                 return
@@ -154,6 +180,8 @@ class VllmGenerator:
 
     def alive(self) -> bool:
         """Started and not errored (vLLM marks a dead engine core as ``errored``)."""
+        if self.owner is not None:
+            return self.owner.alive()
         return self._engine is not None and not getattr(self._engine, "errored", False)
 
     async def reset_prefix_cache(self) -> bool:
@@ -163,6 +191,8 @@ class VllmGenerator:
 
     def unfinished(self) -> int:
         """Requests the engine holds right now (a gauge; 0 after every caller is gone)."""
+        if self.owner is not None:
+            return self.owner.unfinished()
         return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
 
     def stats(self) -> dict[str, Any]:
@@ -237,6 +267,7 @@ class VllmGenerator:
             raise GenerationError(f"request {request_id} failed in vLLM: {e}") from e
 
     def shutdown(self) -> None:
+        """Stop the engine; a generator ``sharing`` another's leaves it running."""
         with self._lock:
             if self._engine is not None:
                 self._engine.shutdown()

@@ -125,7 +125,7 @@ def _native_routes(app: FastAPI, served: Served) -> None:
         tenant = served.tenant_of(request)
         opts = dict(namespace=served.tenant(request, req.namespace), cache_read=req.cache.read,
                     cache_write=req.cache.write, timeout_s=req.timeout_s, request_id=rid, top_k=req.top_k,
-                    priority=served.priority(request, tenant, req.priority))
+                    priority=served.priority(request, tenant, req.priority), model=req.model)
         await served.admit(tenant)
         served.check_engine()
         if req.stream:

@@ -46,10 +46,12 @@ class HTTPError(Exception):
     """An error raised by the HTTP layer itself (auth, size, draining, model name)."""
 
     def __init__(self, status: int, type_: str, message: str, stage: str = "http",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, fields: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.stage = status, type_, message, stage
         self.headers = headers or {}
+        self.fields = fields or {}
+        """More fields of the error body (OpenAI's ``param`` and ``code`` on its routes)."""
 
 
 def describe(error: BaseException, request_id: str, retry_after_s: int = 1) -> HTTPError:
@@ -79,7 +81,7 @@ def describe(error: BaseException, request_id: str, retry_after_s: int = 1) -> H
 
 
 def body(e: HTTPError) -> dict[str, Any]:
-    return {"error": {"type": e.type, "message": e.message, "stage": e.stage}}
+    return {"error": {"type": e.type, "message": e.message, "stage": e.stage, **e.fields}}
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -35,6 +35,11 @@ class QueryRequest(BaseModel):
     priority: Any = Field(default=None, json_schema_extra={"type": "integer"},
                           description="Priority class, lower runs sooner (default: the API key's, else 0; "
                                       "also the X-Priority header). Within the key's max_priority.")
+    # NOTE: Any for the same reason: a model that is not served (or not a string) is the
+    # engine's typed 400 UnknownModelError, naming the served ones.
+    model: Any = Field(default=None, json_schema_extra={"type": "string"},
+                       description="One of the served models (GET /v1/models; default: [models] default, "
+                                   "or the router's pick with route = \"auto\").")
 
 
 class RetrieveRequest(BaseModel):

@@ -161,14 +161,16 @@ class FakeGenerator:
 
 
 def fake_rag(folder: Path, generator: Any = None, *, embedder: Any = None, config: RAGConfig | None = None,
-             **sections: dict[str, Any]) -> RAG:
+             generators: dict[str, Any] | None = None, **sections: dict[str, Any]) -> RAG:
     """A ``RAG`` over ``DIM`` one-chunk documents written to ``folder`` ("chunk number i"),
     with the fake embedder and ``generator`` (default: a ``FakeGenerator``). ``config``,
-    or ``sections`` as for ``RAGConfig.replace``."""
+    or ``sections`` as for ``RAGConfig.replace``. ``generators``: one per model of
+    ``[models]`` (then ``generator`` defaults to none: the default model's is in them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_docstore(folder, [Chunk(i, f"doc{i}.txt", f"chunk number {i}") for i in range(DIM)])
     index = FaissIndex.build(np.eye(DIM, dtype=np.float32), "flat-fp16")
     manifest = Manifest(folder, {"fingerprint": "f" * 64, "embedding": {"dim": DIM}})
-    return RAG(manifest, index, LazyDocStore(folder), embedder or FakeEmbedder(), generator or FakeGenerator(),
-               config or RAGConfig().replace(**sections))
+    return RAG(manifest, index, LazyDocStore(folder), embedder or FakeEmbedder(),
+               generator or (None if generators else FakeGenerator()), config or RAGConfig().replace(**sections),
+               generators=generators)

@@ -358,6 +358,16 @@ def _dechunk(body: bytes, answer: Answer) -> bytes:
         out, body = out + rest[:size], rest[size + 2:]
 
 
+OPENAI_FIELDS = {"param", "code"}
+"""What an error body may add on the OpenAI routes, as OpenAI's does (an unknown model's 404)."""
+
+
+def error_body_ok(error: dict[str, Any]) -> bool:
+    """``{type, message, stage}``, and on the OpenAI routes maybe OpenAI's ``param`` and ``code``."""
+    keys = set(error)
+    return {"type", "message", "stage"} <= keys <= {"type", "message", "stage", *OPENAI_FIELDS}
+
+
 def problem(req: FuzzRequest, answer: Answer) -> str | None:
     """None if the answer is one a server may give to ``req``; else what is wrong."""
     if answer.error and answer.status is None:
@@ -372,7 +382,7 @@ def problem(req: FuzzRequest, answer: Answer) -> str | None:
             error = orjson.loads(answer.body)["error"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return f"{status} without the typed error body: {answer.body[:200]!r}"
-        if not isinstance(error, dict) or set(error) != {"type", "message", "stage"}:
+        if not isinstance(error, dict) or not error_body_ok(error):
             return f"{status}: the error body is not {{type, message, stage}}: {answer.body[:200]!r}"
         return None
     if not 200 <= status < 300:

@@ -94,6 +94,11 @@ def application(index: str | Path, config: Any, *, generator: Any = None) -> Any
     from ragserve.ray.serve.ingress import IngressServer, require_shared_l2
 
     require_shared_l2(config)
+    if config.models.names:  # one generator deployment serves one model
+        from ragserve.errors import ConfigError
+
+        raise ConfigError("models", "`serve --ray` serves one model ([generate]); [models] is not "
+                          "supported there yet: serve several models with `ragserve serve`")
     settings = config.to_dict()
     gen = serve.deployment(GeneratorServer, name=GENERATOR, **generator_options(config))
     ingress = serve.deployment(serve.ingress()(IngressServer), name=INGRESS, **ingress_options(config))
