@@ -56,6 +56,7 @@ from ragserve.errors import (
     RemoteError,
     ServerUnreachableError,
     ShardError,
+    ShardUnavailableError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
 from ragserve.eval.evaluate import EvalReport, evaluate
@@ -127,6 +128,7 @@ __all__ = [
     "RequestObserver",
     "ServerUnreachableError",
     "ShardError",
+    "ShardUnavailableError",
     "Source",
     "SourcesEvent",
     "StreamEvent",

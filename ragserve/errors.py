@@ -29,6 +29,9 @@ that is wrong and what to do about it::
     │   │   └── ShardError          a shard of a sharded index is missing, of another
     │   │                           dimension, or not the one the top manifest lists
     │   │                           (names the shard)
+    │   ├── ShardUnavailableError   a shard of a served sharded index has no replica that
+    │   │                           answers now (Ray shard actors; names the shards):
+    │   │                           HTTP 503, never a partial answer presented as whole
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
 ├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
@@ -234,6 +237,20 @@ class ShardError(IndexIntegrityError):
     def __init__(self, path: Path | str, shard: str, message: str) -> None:
         self.shard = shard
         super().__init__(path, f"shard {shard}: {message}")
+
+
+class ShardUnavailableError(IndexError_):
+    """No replica of one or more shards answered a search (``serve --ray`` with a sharded
+    index: every shard actor of the shard died, is being replaced, or timed out). The
+    request gets HTTP 503 with ``Retry-After`` rather than the top-k of the other shards
+    presented as whole. ``shards`` names the missing shards (``shard-001``)."""
+
+    stage = "search"
+
+    def __init__(self, path: Path | str, shards: list[str], why: str) -> None:
+        self.shards = list(shards)
+        super().__init__(path, f"no replica of {', '.join(self.shards)} answered ({why}); "
+                               "Ray restarts a failed shard actor: retry")
 
 
 class IndexMismatchError(IndexError_):

@@ -27,7 +27,7 @@ from ragserve.config import RAGConfig, SemanticConfig
 from ragserve.engine.admission import Admission, Requests, Ticket
 from ragserve.engine.flight import StreamFlight
 from ragserve.engine.runtime import LoopThread, map_bounded
-from ragserve.engine.served import ServedIndex, Snapshots
+from ragserve.engine.served import ServedIndex, ShardOpener, Snapshots
 from ragserve.engine.validation import check_options, check_priority, check_question
 from ragserve.errors import ConfigError, GenerationError, InputError
 from ragserve.index.manifest import Manifest
@@ -90,6 +90,7 @@ class Pipeline:
         generator: Generator | None,
         config: RAGConfig,
         path: Path | None = None,
+        shard_opener: ShardOpener | None = None,
     ) -> None:
         self.embedder = embedder
         self.generator = generator
@@ -107,6 +108,8 @@ class Pipeline:
         """The current index version; each request keeps the one it started with (``served.py``)."""
         self.path = path
         """Where ``RAG.from_index`` opened the index: what ``reload()`` opens again."""
+        self.shard_opener = shard_opener
+        """Where a reload opens a sharded index's vectors (``served.ShardOpener``; None: here)."""
         self._reload_lock = threading.Lock()
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
