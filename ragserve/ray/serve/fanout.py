@@ -14,7 +14,8 @@ Faults, per group:
   >= 2 a killed actor fails no request. The failed copy is left out until it answers a
   ping again (a prober thread pings every copy every ``PROBE_S``; Ray restarts a crashed
   copy, the supervisor replaces one that is gone for good, and the prober fetches the
-  new handle from the supervisor).
+  new handle from the supervisor). A copy that is only slow to answer a ping is left out
+  only while another copy of its group is in.
 - When no copy of a group answers, the search raises ``ShardUnavailableError`` naming its
   shards (HTTP 503 with ``Retry-After``): never the other shards' top-k as if whole.
 
@@ -26,6 +27,7 @@ blocking ``ray.get`` here never holds an event loop.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -82,6 +84,10 @@ class _Group:
                 self.down_at[r] = time.monotonic()
                 log.warning("shard actor copy %d of %s left out: %s", r, ", ".join(self.names),
                             f"{type(why).__name__}: {str(why)[:200]}")
+
+    def others_up(self, r: int) -> bool:
+        with self._lock:
+            return bool(self.up - {r})
 
     def back(self, r: int) -> None:
         with self._lock:
@@ -143,7 +149,8 @@ class RemoteShardedIndex(ShardedIndex):
                     break
                 except (RayActorError, GetTimeoutError) as e:
                     if isinstance(e, GetTimeoutError):
-                        ray.cancel(ref)
+                        with contextlib.suppress(Exception):  # a running sync actor task finishes
+                            ray.cancel(ref)
                     why = f"{type(e).__name__} from copy {r}"
                     group.down(r, e)
                     r = group.pick(tried)
@@ -186,8 +193,14 @@ class RemoteShardedIndex(ShardedIndex):
             except ActorDiedError as e:
                 group.down(r, e)
                 gone = True
-            except (RayActorError, GetTimeoutError) as e:
+            except RayActorError as e:
                 group.down(r, e)
+            except GetTimeoutError as e:
+                # NOTE: slow is not dead (a busy node, or Ray restarting it: calls to it wait):
+                # it is left out only while another copy of its group is in, so that a
+                # loaded machine never turns a slow ping into a 503.
+                if group.others_up(r):
+                    group.down(r, e)
         if gone:
             self._refresh()
 
@@ -196,7 +209,7 @@ class RemoteShardedIndex(ShardedIndex):
         table = self.supervisor.table.remote(self.folder).result(timeout_s=max(self.timeout_s, 30.0))
         for group, fresh in zip(self.groups, table["groups"], strict=True):
             for r, actor in enumerate(fresh["actors"]):
-                if actor._actor_id != group.actors[r]._actor_id:
+                if actor != group.actors[r]:  # handles compare by actor id
                     group.actors[r] = actor  # it joins the round robin once a ping answers
 
     def close(self) -> None:
