@@ -65,7 +65,7 @@ def write_indexes(root: Path, x: np.ndarray, shards: int) -> tuple[Path, Path]:
     flat = FaissIndex.build(x, "flat-fp16")
     publish_index_folder(single, flat, chunks=chunks(0, len(x)), embedding=embedding, chunking=chunking,
                          counts=counts(len(x)), extra={"skipped": []})
-    bounds = np.linspace(0, len(x), shards + 1).astype(int)
+    bounds = [int(b) for b in np.linspace(0, len(x), shards + 1)]
 
     def write_shards(folder: Path) -> list:
         out = []
