@@ -119,7 +119,8 @@ def main() -> None:
             f"in {time.perf_counter() - t:.1f} s")
         cfg = RAGConfig().replace(ray={"shard_replicas": 1, "shard_num_cpus": 0.25})
         embedder = FakeEmbedder()
-        embedder.identity = read_manifest(single_path).data["embedding"]["identity"]
+        built = read_manifest(single_path).data["embedding"]
+        embedder.identity = {"name": built.get("name"), "identity": built.get("identity")}
         embedder.dim = DIM
         _, single, _ = open_index(single_path, cfg, embedder)
         _, local, _ = open_index(sharded_path, cfg, embedder)
