@@ -56,6 +56,7 @@ from ragserve.errors import (
     RemoteError,
     ServerUnreachableError,
     ShardError,
+    ShardUnavailableError,
     UnknownModelError,
 )
 from ragserve.errors import IndexError_ as RagIndexError
@@ -128,6 +129,7 @@ __all__ = [
     "RequestObserver",
     "ServerUnreachableError",
     "ShardError",
+    "ShardUnavailableError",
     "Source",
     "SourcesEvent",
     "StreamEvent",

@@ -34,6 +34,9 @@ that is wrong and what to do about it::
     │   ├── IndexWriteError         a build could not write, fsync, link or rename a file
     │   │                           of the new version (a full disk, an I/O error): names
     │   │                           the step and the file; the published version stays
+    │   ├── ShardUnavailableError   a shard of a served sharded index has no replica that
+    │   │                           answers now (Ray shard actors; names the shards):
+    │   │                           HTTP 503, never a partial answer presented as whole
     │   └── IndexMismatchError      the index was built with another model/dimension
     ├── ModelError                  a model folder is missing or cannot be prepared
 ├── RedisServerError            the embedded Redis cannot start (no binary, no socket)
@@ -276,6 +279,20 @@ class IndexWriteError(IndexError_):
             yield
         except OSError as e:
             raise cls(path, step, e.strerror or str(e), e.errno) from e
+
+
+class ShardUnavailableError(IndexError_):
+    """No replica of one or more shards answered a search (``serve --ray`` with a sharded
+    index: every shard actor of the shard died, is being replaced, or timed out). The
+    request gets HTTP 503 with ``Retry-After`` rather than the top-k of the other shards
+    presented as whole. ``shards`` names the missing shards (``shard-001``)."""
+
+    stage = "search"
+
+    def __init__(self, path: Path | str, shards: list[str], why: str) -> None:
+        self.shards = list(shards)
+        super().__init__(path, f"no replica of {', '.join(self.shards)} answered ({why}); "
+                               "Ray restarts a failed shard actor: retry")
 
 
 class IndexMismatchError(IndexError_):

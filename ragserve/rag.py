@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from ragserve.config import LOOPBACK_HOSTS, EmbedConfig, RAGConfig
 from ragserve.engine.core import Engine
-from ragserve.engine.served import open_index
+from ragserve.engine.served import ShardOpener, open_index
 from ragserve.index.manifest import Manifest
 from ragserve.retrieval.retriever import Retriever
 from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, StreamEvent, VectorIndex
@@ -36,14 +36,17 @@ class RAG:
 
     def __init__(self, manifest: Manifest, index: VectorIndex, docstore: DocStore, embedder: Embedder,
                  generator: Generator | None, config: RAGConfig, *, path: Path | None = None,
-                 generators: Mapping[str, Generator] | None = None) -> None:
+                 generators: Mapping[str, Generator] | None = None,
+                 shards: ShardOpener | None = None) -> None:
         """Serve already opened parts (``from_index`` opens them from a folder and checks
         them; tests and tools pass their own). ``generator=None``: the one
         ``config.generate.backend`` names, started by ``warm_up`` or the first miss.
         ``generators``: for models of ``[models]`` by name (the default model's may also be
         ``generator``); the others are built from their config, sharing a vLLM engine
-        where only sampling differs (``generators.make_generators``)."""
-        self._engine = Engine(manifest, index, docstore, embedder, generator, config, path, generators)
+        where only sampling differs (``generators.make_generators``). ``shards``: where a
+        sharded index's vectors are searched (Ray shard actors; None: in this process)."""
+        self._engine = Engine(manifest, index, docstore, embedder, generator, config, path,
+                              generators=generators, shard_opener=shards)
 
     # -- construction -----------------------------------------------------------------
 
@@ -57,6 +60,7 @@ class RAG:
         embedder: Embedder | None = None,
         generator: Generator | None = None,
         generators: Mapping[str, Generator] | None = None,
+        shards: ShardOpener | None = None,
     ) -> RAG:
         """Open an index folder: verify it against its manifest, map its files, load the
         embedding model and (unless ``start_engine=False``) start the generation engine.
@@ -66,7 +70,9 @@ class RAG:
         keeps the manifest's defaults. ``embedder`` shares an already loaded model (it must
         be the one the index was built with; that is checked). ``generator`` replaces the
         one ``config.generate.backend`` names (``generators.make_generator``) with any
-        object of the ``types.Generator`` protocol.
+        object of the ``types.Generator`` protocol. ``shards``: where a sharded index's
+        vectors are searched, now and after every reload (``engine.served.ShardOpener``;
+        ``serve --ray`` passes its shard actors); default: mapped in this process.
 
         Raises ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError``
         before anything is served from a bad index.
@@ -76,9 +82,9 @@ class RAG:
             from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(serving_embed_config(config, generator))
-        manifest, index, docstore = open_index(path, config, embedder)
+        manifest, index, docstore = open_index(path, config, embedder, shards)
         rag = cls(manifest, index, docstore, embedder, generator, config, path=Path(path),
-                  generators=generators)
+                  generators=generators, shards=shards)
         if start_engine:
             try:
                 rag.warm_up()

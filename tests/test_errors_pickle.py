@@ -44,6 +44,7 @@ CONSTRUCT: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "ragserve.errors.ShardError": (("/idx/shard-001", "shard-001", "missing"), {}),
     "ragserve.errors.IndexWriteError": (("/idx/.building-7/chunks.jsonl", "write", "No space left on device", 28),
                                         {}),
+    "ragserve.errors.ShardUnavailableError": (("/idx", ["shard-001"], "ActorDiedError"), {}),
     "ragserve.errors.IndexMismatchError": (("/idx", "built for dimension 768, the model has 384"), {}),
     "ragserve.errors.ModelError": (("no model folder at /models/x",), {}),
     "ragserve.errors.ClusterError": (("ray://nowhere:10001 does not answer",), {}),

@@ -19,7 +19,7 @@ EXPECTED = sorted(EXPECTED + ["BatchInputError", "Embedder", "Generator", "NoL2E
 # Added with the client wing: the HTTP clients and the errors only they raise.
 EXPECTED = sorted(EXPECTED + ["AsyncClient", "AuthError", "Client", "RemoteError", "ServerUnreachableError"])
 # Added with sharded indexes: the refusal that names the shard.
-EXPECTED = sorted(EXPECTED + ["ShardError"])
+EXPECTED = sorted(EXPECTED + ["ShardError", "ShardUnavailableError"])
 # Added with per-tenant quotas: the 429 of an API key over its own bucket.
 EXPECTED = sorted(EXPECTED + ["QuotaExceeded"])
 # Added with the integrations wing: the errors of its adapters (the adapters stay in their modules).

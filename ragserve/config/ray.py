@@ -73,6 +73,21 @@ class RayConfig:
     probe_interval_s: float = 2.0
     """How often each ingress replica asks the generator deployment whether it is alive and
     for its stats (``/health``, ``/v1/stats``)."""
+    shard_replicas: int = 1
+    """A sharded index (``build-index --shards N``): copies of each shard actor. Each copy
+    holds its shards in memory; a search goes to one copy of every shard, and to another
+    copy when that one fails. With 2 or more a killed shard actor fails no request; with 1
+    a request that finds a shard down gets a 503 (``ShardUnavailableError``), never the
+    other shards' top-k presented as whole."""
+    shards_per_actor: int = 1
+    """Shards one shard actor holds (and searches one after the other): N shards make
+    ceil(N / this) actor groups of ``shard_replicas`` actors each."""
+    shard_num_cpus: float = 0.25
+    """CPUs each shard actor reserves (a flat fp16 search of one query is one thread's
+    work; raise it on a cluster whose shards are large)."""
+    shard_timeout_s: float = 10.0
+    """How long an ingress waits for one shard actor's answer before it tries another copy
+    (or counts the shard as missing)."""
     follow_index_s: float = 5.0
     """How often each ingress replica looks whether the index path names a new version (a
     build flipped it) and then reloads it, as ``POST /admin/reload`` does. Behind Serve's
@@ -107,4 +122,8 @@ def validate_ray(r: RayConfig) -> None:
         value = getattr(r, name)
         _check(value == -1 or value >= 1, f"ray.{name}", f"must be -1 (no bound) or >= 1, got {value}")
     _check(r.probe_interval_s > 0, "ray.probe_interval_s", f"must be > 0, got {r.probe_interval_s}")
+    for name in ("shard_replicas", "shards_per_actor"):
+        _check(getattr(r, name) >= 1, f"ray.{name}", f"must be >= 1, got {getattr(r, name)}")
+    _check(r.shard_num_cpus >= 0, "ray.shard_num_cpus", f"must be >= 0, got {r.shard_num_cpus}")
+    _check(r.shard_timeout_s > 0, "ray.shard_timeout_s", f"must be > 0, got {r.shard_timeout_s}")
     _check(r.follow_index_s >= 0, "ray.follow_index_s", f"must be >= 0 (0: off), got {r.follow_index_s}")

@@ -64,7 +64,7 @@ class Engine(Pipeline):
         if target is None:
             raise InputError("reload needs a path: this engine was not opened with RAG.from_index")
         with self._reload_lock:  # one reload at a time; requests are never blocked by it
-            new = open_served(target, self.config, self.embedder, self._cpu)
+            new = open_served(target, self.config, self.embedder, self._cpu, self.shard_opener)
             previous = self.served.current
             if new.fingerprint == previous.fingerprint:
                 new.close()

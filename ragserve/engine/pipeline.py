@@ -28,7 +28,7 @@ from ragserve.engine.admission import Admission, Requests, Ticket
 from ragserve.engine.flight import StreamFlight
 from ragserve.engine.models import Model, Models, Routed
 from ragserve.engine.runtime import LoopThread, map_bounded
-from ragserve.engine.served import ServedIndex, Snapshots
+from ragserve.engine.served import ServedIndex, ShardOpener, Snapshots
 from ragserve.engine.validation import check_options, check_priority, check_question
 from ragserve.errors import ConfigError, GenerationError, InputError
 from ragserve.index.manifest import Manifest
@@ -95,6 +95,7 @@ class Pipeline:
         config: RAGConfig,
         path: Path | None = None,
         generators: Mapping[str, Generator] | None = None,
+        shard_opener: ShardOpener | None = None,
     ) -> None:
         self.embedder = embedder
         self.config = config
@@ -113,6 +114,8 @@ class Pipeline:
         """The current index version; each request keeps the one it started with (``served.py``)."""
         self.path = path
         """Where ``RAG.from_index`` opened the index: what ``reload()`` opens again."""
+        self.shard_opener = shard_opener
+        """Where a reload opens a sharded index's vectors (``served.ShardOpener``; None: here)."""
         self._reload_lock = threading.Lock()
         q = config.query
         self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)

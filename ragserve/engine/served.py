@@ -16,7 +16,7 @@ request using it ends.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,10 +26,16 @@ from typing import Any
 from ragserve.config import RAGConfig
 from ragserve.index.contents import load_checked
 from ragserve.index.manifest import Manifest, check_embedding
-from ragserve.index.shards import check_quantizer, shard_entries
+from ragserve.index.shards import ShardEntry, check_quantizer, shard_entries
 from ragserve.index.verify import check_index
 from ragserve.retrieval.retriever import Retriever
 from ragserve.types import DocStore, Embedder, VectorIndex
+
+ShardOpener = Callable[[Manifest, list[Manifest], dict[str, int]], VectorIndex]
+"""Opens the vectors of a verified sharded index somewhere else than this process: called
+with the top manifest, each shard's manifest and the query settings, returns the
+``VectorIndex`` that searches them (``ray/serve/fanout.py``: the shard actors of ``serve
+--ray``). The docstores stay here, read lazily from the same folders."""
 
 
 @dataclass(eq=False)
@@ -58,15 +64,17 @@ class ServedIndex:
 
 
 def open_served(path: str | Path, config: RAGConfig, embedder: Embedder,
-                executor: Executor | None = None) -> ServedIndex:
+                executor: Executor | None = None, shards: ShardOpener | None = None) -> ServedIndex:
     """``open_index`` and a retriever over it (on ``executor``, shared by every version)."""
-    manifest, index, docstore = open_index(path, config, embedder)
+    manifest, index, docstore = open_index(path, config, embedder, shards)
     return ServedIndex(manifest, index, docstore, Retriever(embedder, index, docstore, config.embed, executor))
 
 
-def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple[Manifest, VectorIndex, DocStore]:
+def open_index(path: str | Path, config: RAGConfig, embedder: Embedder,
+               shards: ShardOpener | None = None) -> tuple[Manifest, VectorIndex, DocStore]:
     """Verify an index folder (hashes, structure, contents), check it was built with this
-    embedding model, map its files and check a sample of its vectors. Raises
+    embedding model, map its files and check a sample of its vectors. ``shards``: where a
+    sharded index's vectors are searched (default: mapped here, ``ShardedIndex``). Raises
     ``IndexNotFoundError``, ``IndexIntegrityError`` or ``IndexMismatchError`` before
     anything is served from it. A symlinked (versioned) index is resolved once: a later
     flip changes nothing here."""
@@ -77,7 +85,7 @@ def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple
     check_embedding(manifest, embedder.identity, int(manifest.embedding["dim"]))
     load = {"nprobe": config.index.ivf_nprobe, "ef_search": config.index.hnsw_ef_search}
     if checked.shards:
-        index, docstore = _open_shards(manifest, [s.manifest for s in checked.shards], load)
+        index, docstore = _open_shards(manifest, [s.manifest for s in checked.shards], load, shards)
     else:
         index, docstore = load_checked(manifest, **load)[0], LazyDocStore(manifest.folder)
     embedder.warm_up()
@@ -85,25 +93,39 @@ def open_index(path: str | Path, config: RAGConfig, embedder: Embedder) -> tuple
     return manifest, index, docstore
 
 
-def _open_shards(top: Manifest, shards: list[Manifest], load: dict[str, int]) -> tuple[VectorIndex, DocStore]:
-    """Map every shard of a verified sharded index (a sample of each one's vectors checked,
-    and the IVF quantizer each really holds) as one index and one docstore. All shards come
-    from the one version folder ``top`` was read from, so a reload flips them together."""
+def _open_shards(top: Manifest, shards: list[Manifest], load: dict[str, int],
+                 opener: ShardOpener | None = None) -> tuple[VectorIndex, DocStore]:
+    """Map every shard of a verified sharded index (``open_shard``) as one index, or hand
+    them to ``opener``, and open their docstores as one. All shards come from the one
+    version folder ``top`` was read from, so a reload flips them together."""
     from ragserve.retrieval.docstore import LazyDocStore
     from ragserve.retrieval.sharded import ShardedDocStore, ShardedIndex
 
-    indexes, stores = [], []
+    entries = shard_entries(top)
+    if len(entries) != len(shards):
+        raise ValueError(f"{len(shards)} shard manifests for {len(entries)} shards")
+    stores: list[LazyDocStore] = []
     try:
-        for entry, shard in zip(shard_entries(top), shards, strict=True):
-            index = load_checked(shard, **load)[0]
-            check_quantizer(top, entry, index.centroids())
-            indexes.append(index)
+        if opener is not None:
+            index: VectorIndex = opener(top, shards, load)
+        else:
+            index = ShardedIndex([open_shard(top, entry, shard, load)
+                                  for entry, shard in zip(entries, shards, strict=True)])
+        for shard in shards:
             stores.append(LazyDocStore(shard.folder))
     except BaseException:
         for store in stores:
             store.close()
         raise
-    return ShardedIndex(indexes), ShardedDocStore(stores)
+    return index, ShardedDocStore(stores)
+
+
+def open_shard(top: Manifest, entry: ShardEntry, shard: Manifest, load: dict[str, int]) -> Any:
+    """Map one verified shard (a ``FaissIndex``), check a sample of its vectors and the IVF
+    quantizer it really holds; in this process, or in a shard actor."""
+    index = load_checked(shard, **load)[0]
+    check_quantizer(top, entry, index.centroids())
+    return index
 
 
 class Snapshots:

@@ -77,12 +77,14 @@ def _check_sharded(manifest: Manifest, vectors: Vectors) -> Verified:
     manifest's own files (the shards' manifests, by hash)."""
     shards = []
     for entry in shard_entries(manifest):
-        shards.append(_check_one_shard(manifest, entry, vectors))
+        shards.append(check_one_shard(manifest, entry, vectors))
     _check_files(manifest)
     return Verified(manifest, None, None, tuple(shards))
 
 
-def _check_one_shard(top: Manifest, entry: ShardEntry, vectors: Vectors) -> Verified:
+def check_one_shard(top: Manifest, entry: ShardEntry, vectors: Vectors) -> Verified:
+    """One shard of ``top``: its own files and structure, then against the top manifest
+    (a shard actor of ``serve --ray`` checks the shards it holds with this)."""
     folder = top.folder / entry.name
     if not folder.is_dir() or folder.is_symlink():
         raise ShardError(folder, entry.name, "missing: the top manifest lists it, the folder is not there")

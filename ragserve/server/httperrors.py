@@ -11,6 +11,7 @@
 | ``OverloadedError`` | 429 + ``Retry-After`` (``server.retry_after_s``) |
 | ``QuotaExceeded`` (the API key's own bucket) | 429 + ``Retry-After`` from the bucket |
 | ``DeadlineExceededError`` | 504 |
+| ``ShardUnavailableError`` (a shard of a sharded index has no live replica) | 503 + ``Retry-After`` |
 | ``EngineDeadError``, ``GeneratorUnavailableError``, engine not ready, draining, index not servable | 503 |
 | ``GenerationError`` (one request failed in the engine) | 502 |
 | anything else | 500: a bug; the response says only the request id, the log has the traceback |
@@ -37,6 +38,7 @@ from ragserve.errors import (
     OverloadedError,
     QuotaExceeded,
     RagserveError,
+    ShardUnavailableError,
 )
 
 log = logging.getLogger("ragserve.server")
@@ -71,6 +73,8 @@ def describe(error: BaseException, request_id: str, retry_after_s: int = 1) -> H
             return HTTPError(429, name, message, stage, {"Retry-After": str(retry_after_s)})
         if isinstance(error, DeadlineExceededError):
             return HTTPError(504, name, message, stage)
+        if isinstance(error, ShardUnavailableError):
+            return HTTPError(503, name, message, stage, {"Retry-After": str(retry_after_s)})
         if isinstance(error, (EngineDeadError, GeneratorUnavailableError, IndexError_)):
             return HTTPError(503, name, message, stage)
         if isinstance(error, GenerationError):

@@ -31,6 +31,7 @@ from ragserve.errors import ConfigError
 
 INGRESS = "RagserveIngress"
 GENERATOR = "RagserveGenerator"
+SHARDS = "RagserveShards"
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -87,7 +88,8 @@ def generator_options(config: Any) -> dict[str, Any]:
 
 def application(index: str | Path, config: Any, *, generator: Any = None) -> Any:
     """The application, not yet running (``serve.run`` starts it). ``generator``: an object
-    the generator deployment serves instead of the configured backend (tests)."""
+    the generator deployment serves instead of the configured backend (tests). A sharded
+    index adds the shard supervisor (``shards.py``), whose actors hold the shards."""
     from ray import serve
 
     from ragserve.ray.serve.generator import GeneratorServer
@@ -103,4 +105,25 @@ def application(index: str | Path, config: Any, *, generator: Any = None) -> Any
     gen = serve.deployment(GeneratorServer, name=GENERATOR, **generator_options(config))
     ingress = serve.deployment(serve.ingress()(IngressServer), name=INGRESS, **ingress_options(config))
     args = (settings,) if generator is None else (settings, generator)
-    return ingress.bind(str(Path(index).absolute()), settings, gen.bind(*args))
+    path = str(Path(index).absolute())
+    if not is_sharded_index(path):
+        return ingress.bind(path, settings, gen.bind(*args))
+    from ragserve.ray.serve.shards import ShardSupervisor
+
+    # NOTE: the supervisor only owns the shard actors (they reserve ray.shard_num_cpus each);
+    # it searches nothing, so it reserves no CPU of its own.
+    supervisor = serve.deployment(ShardSupervisor, name=SHARDS, num_replicas=1,
+                                  ray_actor_options={"num_cpus": 0})
+    return ingress.bind(path, settings, gen.bind(*args), supervisor.bind(settings))
+
+
+def is_sharded_index(index: str | Path) -> bool:
+    """Whether ``index`` (a path, maybe a versioned link) holds a sharded index; a folder
+    that is not an index yet is left to the ingress replicas to refuse."""
+    from ragserve.index.manifest import read_manifest
+    from ragserve.index.shards import is_sharded
+
+    try:
+        return is_sharded(read_manifest(index).data)
+    except Exception:  # noqa: BLE001 - the replicas open it and raise the typed error
+        return False

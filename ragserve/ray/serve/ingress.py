@@ -57,9 +57,11 @@ class IngressServer:
     """The deployment's class (``app.py`` wraps it with ``serve.ingress()`` and
     ``serve.deployment``). ``index``: a path every node can read (a shared volume, or the
     same path baked into every node's image); ``config``: ``RAGConfig.to_dict()``;
-    ``generator``: the generator deployment's handle (Serve passes it for its ``.bind()``)."""
+    ``generator``: the generator deployment's handle (Serve passes it for its ``.bind()``);
+    ``shards``: the shard supervisor's handle when the index is sharded (``shards.py``): the
+    replica then embeds and merges, and the shard actors search (``fanout.py``)."""
 
-    async def __init__(self, index: str, config: dict[str, Any], generator: Any) -> None:
+    async def __init__(self, index: str, config: dict[str, Any], generator: Any, shards: Any = None) -> None:
         from ray import serve
 
         from ragserve.config import RAGConfig
@@ -82,7 +84,12 @@ class IngressServer:
         self.keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
         # NOTE: off the replica's loop: opening verifies the index (hashing) and loads the
         # embedding model, and Serve's own calls to this replica should not wait on it.
-        self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen)
+        opener = None
+        if shards is not None:
+            from ragserve.ray.serve.fanout import shard_opener
+
+            opener = shard_opener(shards, cfg)
+        self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen, shards=opener)
         self.rag.observers.add(RayMetrics())  # every replica's series in Ray's metrics export
         log.info("ingress replica %s serves %s (fingerprint %s) with %s", self.replica, index,
                  self.rag.fingerprint[:16], gen.model_name)
