@@ -121,36 +121,33 @@ def report(phases: dict, slo_ms: float, args, env) -> str:
              "| phase | class | n | goodput | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms "
              "| answers/s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, p in phases.items():
-        for cls in ("interactive", "batch"):
-            rows = p[cls]
-            if not rows:
-                continue
-            ttft = [r["ttft_ms"] for r in rows]
-            e2e = [r["e2e_ms"] for r in rows]
-            span = max(r["end_s"] for r in rows)
-            good = (f"{sum(t <= slo_ms for t in ttft)}/{len(rows)}" if cls == "interactive" else "—")
-            lines.append(f"| {name} | {cls} | {len(rows)} | {good} | {harness.pct(ttft, 50):.0f} | "
-                         f"{harness.pct(ttft, 95):.0f} | {harness.pct(e2e, 50):.0f} | "
-                         f"{harness.pct(e2e, 95):.0f} | {len(rows) / span:.2f} |")
-    un = harness.pct([r["ttft_ms"] for r in phases["unloaded"]["interactive"]], 95)
-
-    def good(name: str) -> int:
-        return sum(r["ttft_ms"] <= slo_ms for r in phases[name]["interactive"])
-
-    def rate(name: str) -> float:
-        rows = phases[name]["batch"]
-        return len(rows) / max(r["end_s"] for r in rows)
-
-    p95 = harness.pct([r["ttft_ms"] for r in phases["priority"]["interactive"]], 95)
+    stats = {(name, cls): summary(p[cls], slo_ms) for name, p in phases.items()
+             for cls in ("interactive", "batch") if p[cls]}
+    for (name, cls), st in stats.items():
+        good = f"{st['good']}/{st['n']}" if cls == "interactive" else "—"
+        lines.append(f"| {name} | {cls} | {st['n']} | {good} | {st['ttft'][0]:.0f} | {st['ttft'][1]:.0f} | "
+                     f"{st['e2e'][0]:.0f} | {st['e2e'][1]:.0f} | {st['rate']:.2f} |")
+    un = stats["unloaded", "interactive"]["ttft"][1]
+    p95 = stats["priority", "interactive"]["ttft"][1]
+    rate = {name: stats[name, "batch"]["rate"] for name in ("fcfs", "priority")}
+    good = {name: stats[name, "interactive"]["good"] for name in ("fcfs", "priority")}
     lines += ["", "| target | measured | met |", "|---|---|---|",
               f"| interactive TTFT p95 <= 1.5x unloaded ({1.5 * un:.0f} ms) | {p95:.0f} ms | "
               f"{'yes' if p95 <= 1.5 * un else 'no'} |",
-              f"| batch throughput >= 0.8x FCFS | {rate('priority') / rate('fcfs'):.2f}x | "
-              f"{'yes' if rate('priority') >= 0.8 * rate('fcfs') else 'no'} |",
-              f"| interactive goodput >= 1.5x FCFS | {good('priority')} vs {good('fcfs')} | "
-              f"{'yes' if good('priority') >= 1.5 * max(good('fcfs'), 1e-9) else 'no'} |"]
+              f"| batch throughput >= 0.8x FCFS | {rate['priority'] / rate['fcfs']:.2f}x | "
+              f"{'yes' if rate['priority'] >= 0.8 * rate['fcfs'] else 'no'} |",
+              f"| interactive goodput >= 1.5x FCFS | {good['priority']} vs {good['fcfs']} | "
+              f"{'yes' if good['priority'] >= 1.5 * max(good['fcfs'], 1e-9) else 'no'} |"]
     return "\n".join(lines)
+
+
+def summary(rows: list[dict], slo_ms: float) -> dict:
+    """One class of one phase: count, goodput (TTFT within the SLO), (p50, p95) of TTFT and
+    end to end, and answers per second of the phase."""
+    ttft = [r["ttft_ms"] for r in rows]
+    return {"n": len(rows), "good": sum(t <= slo_ms for t in ttft), "ttft": harness.pcts(ttft, 50, 95),
+            "e2e": harness.pcts([r["e2e_ms"] for r in rows], 50, 95),
+            "rate": len(rows) / max(r["end_s"] for r in rows)}
 
 
 if __name__ == "__main__":
