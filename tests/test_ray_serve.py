@@ -8,6 +8,7 @@ test_ray_serve_engine.py; the logic without a cluster: test_ray_serve_units.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
 
 APP = "ragserve-test"
 REPLY = "an answer from the fake server"
+# The application has a keys file: every test's requests carry KEY; METERED is a tenant with
+# a bucket of 3 requests that refills once in 100 s (the two-replica quota test).
+KEY = "ray-key-0123456789abcdef"
+METERED = "ray-metered-0123456789ab"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @contextlib.contextmanager
@@ -82,6 +88,9 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
         (corpus / f.name).write_bytes(f.read_bytes())
     index = tmp_path_factory.mktemp("ray-indexes") / "xquad"  # this module's own: one test rebuilds it
     build_index(corpus, index, RAGConfig(), embedder=embedder)
+    keys = tmp_path_factory.mktemp("ray-keys") / "keys.json"
+    keys.write_text(json.dumps({KEY: "ray", METERED: {"namespace": "metered", "name": "metered",
+                                                      "requests_per_s": 0.01, "burst": 3}}))
     fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
     with redis_server() as redis, running(fake.app) as fake_url, otlp_receiver() as (otlp_url, otlp):
         cfg = RAGConfig().replace(
@@ -89,6 +98,7 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
             telemetry={"traces": "otlp", "endpoint": otlp_url + "/v1/traces"},
             generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
             openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
+            server={"api_keys_file": str(keys)},
             # 2 replicas x 2 requests each, and 2 more waiting in the proxy: small, for the burst test
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 0.5, "max_ongoing_requests": 2,
                  "max_queued_requests": 2, "probe_interval_s": 0.5, "follow_index_s": 0.5})
@@ -97,7 +107,7 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
 
 
 def query(url: str, question: str, **body: Any) -> httpx.Response:
-    return httpx.post(f"{url}/v1/query", json={"question": question, **body}, timeout=120)
+    return httpx.post(f"{url}/v1/query", json={"question": question, **body}, headers=AUTH, timeout=120)
 
 
 def replica(r: httpx.Response) -> str:
@@ -105,7 +115,7 @@ def replica(r: httpx.Response) -> str:
 
 
 def generator_status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/stats", timeout=HTTP_TIMEOUT_S).json()["generator"]
+    return httpx.get(f"{url}/v1/stats", headers=AUTH, timeout=HTTP_TIMEOUT_S).json()["generator"]
 
 
 def generator_status_once(url: str, seen: Callable[[dict[str, Any]], bool],
@@ -146,7 +156,8 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     echoed = query(url, "Who was the MVP?", stream=False, top_k=1)
     assert echoed.headers.get_list("x-request-id") == [echoed.json()["request_id"]]  # once, not twice
     ask = {"question": "Where was Super Bowl 50 played?", "stream": True}
-    streamed = httpx.post(f"{url}/v1/query", json=ask, headers={"X-Request-Id": "stream-1"}, timeout=60)
+    streamed = httpx.post(f"{url}/v1/query", json=ask, headers={**AUTH, "X-Request-Id": "stream-1"},
+                          timeout=60)
     events = sse_events(streamed.text)
     assert streamed.headers.get_list("x-request-id") == ["stream-1"]
     assert [e for e, _ in events][0] == "sources" and events[-1][0] == "done"
@@ -169,7 +180,7 @@ def exported_spans(otlp) -> list[Any]:
 
 def test_a_callers_trace_crosses_the_ingress_and_the_generator_handle_call_to_the_remote_server(served):
     r = httpx.post(f"{served.url}/v1/query", json={"question": "What is traced across Ray replicas?"},
-                   headers={"traceparent": TRACEPARENT}, timeout=120)
+                   headers={**AUTH, "traceparent": TRACEPARENT}, timeout=120)
     assert r.status_code == 200 and r.json()["cache_tier"] == "miss"
     sent = next(h["traceparent"] for h in reversed(served.fake.headers)
                 if h.get("x-request-id") == r.headers["x-request-id"])
@@ -232,7 +243,7 @@ def test_a_client_that_leaves_a_stream_aborts_the_generation_on_the_generator_re
     disconnects = fake.disconnects
     aborted = generator_status(url)["deployment"]["replica"]["aborted"]
     body = {"question": "a slow question about the stadium", "stream": True}
-    with httpx.stream("POST", f"{url}/v1/query", json=body, timeout=60) as r, \
+    with httpx.stream("POST", f"{url}/v1/query", json=body, headers=AUTH, timeout=60) as r, \
             contextlib.closing(r.iter_lines()) as lines:
         for line in lines:
             if line.startswith("event: token"):
@@ -271,6 +282,30 @@ def test_a_burst_past_rays_queue_bounds_gets_429_with_retry_after_as_the_single_
         assert error["type"] == "OverloadedError" and error["stage"] == "admission"
         assert "max_queued_requests=2" in error["message"] and r.headers["x-request-id"]
     assert all(r.json()["answer"] == REPLY for r in responses if r.status_code == 200)
+
+
+def test_two_replicas_draw_on_one_quota_bucket_in_redis(served):
+    """The metered tenant's bucket holds 3 requests: 3 answers in all, whichever replica
+    takes each request, and a 429 QuotaExceeded with Retry-After from both replicas after."""
+    url, metered = served.url, {"Authorization": f"Bearer {METERED}"}
+    answered: list[str] = []
+    refused: dict[str, httpx.Response] = {}
+    for i in range(60):  # Serve's router picks a replica: ask until both have refused
+        r = httpx.post(f"{url}/v1/query", json={"question": f"Who won Super Bowl 50? ({i % 2})", "top_k": 1},
+                       headers=metered, timeout=120)
+        assert r.status_code in (200, 429), r.text
+        if r.status_code == 200:
+            answered.append(replica(r))
+        else:
+            refused.setdefault(replica(r), r)
+        if len(refused) == 2:
+            break
+    assert len(answered) == 3, answered  # one bucket: two per-replica buckets would answer up to 6
+    assert len(refused) == 2, refused
+    for r in refused.values():
+        error = r.json()["error"]
+        assert error["type"] == "QuotaExceeded" and 1 <= int(r.headers["retry-after"]) <= 100, error
+    assert query(url, "Who won Super Bowl 50? (0)", top_k=1).status_code == 200  # other tenants go on
 
 
 def test_every_replica_follows_a_rebuilt_index_to_its_new_version(served, embedder):
