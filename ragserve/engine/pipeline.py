@@ -328,7 +328,11 @@ class Pipeline:
                 yield TokenEvent(gen.text)
             result = from_generation(question, model.label(), prompt, gen, clock, snap.fingerprint)
             result.request_id = leader.request_id
-            self.observers.generation(result)  # counted once per run, whoever still waits for it
+            # Told once per run, whoever still waits for it; tracing names the span of the
+            # generation, which every request's copy and the cached answer carry.
+            origin = self.observers.generation(result)
+            if origin is not None:
+                result.origin_span = origin
         if write and self.cache is not None:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
             if routed is not None:  # the pick's own key too: asking for it by name is a hit

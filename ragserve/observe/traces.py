@@ -61,6 +61,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from ragserve.observe.genai import Naming, query_attributes
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
 from ragserve.observe.timing import stage_layout
+from ragserve.types import SpanRef
 
 log = logging.getLogger("ragserve.tracing")
 _MS = 1_000_000  # ns per ms
@@ -166,13 +167,24 @@ class Tracing:
 
     # -- the request observer -----------------------------------------------------------
 
-    def on_generation(self, result: Any) -> None:
-        """A run of the miss path ended: remember its leader, for the requests that share it."""
+    def on_generation(self, result: Any) -> SpanRef | None:
+        """A run of the miss path ended: remember its leader, for the requests that share it,
+        and name the span of its generation (the leader's ``chat`` span, its id drawn now,
+        ``_build`` gives it that id): the pipeline keeps it with the answer
+        (``result.origin_span``), in the cache too, so that later hits link to it. None when
+        the leader's trace is not recorded."""
         usage = result.usage  # the one object every request's copy of this run shares
+        context = context_for(result.request_id)
         with self._lock:
-            self._leaders[id(usage)] = (weakref.ref(usage), result.request_id, context_for(result.request_id))
+            self._leaders[id(usage)] = (weakref.ref(usage), result.request_id, context)
             while len(self._leaders) > 4096:
                 self._leaders.popitem(last=False)
+        if context is None:  # a library call: its trace starts here, sampled as in ``_build``
+            trace_id = _trace_id()
+            if trace_id & _LOW_64 >= self._bound:
+                return None
+            return SpanRef(f"{trace_id:032x}", f"{_span_id():016x}")
+        return SpanRef(context.trace_id, f"{_span_id():016x}") if context.sampled else None
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
         """Note the request's end and context (its binding ends with it); its spans are
@@ -251,54 +263,96 @@ class Tracing:
         docs/observability.md)."""
         get = stages.get
         start = end - round(get("total", 0.0) * _MS)
+        tier, shared, origin = result.cache_tier, result.shared, result.origin_span
+        # A run's leader drew its trace and the id of its generation's span in
+        # ``on_generation`` (a hit elsewhere may already link to it): use them.
+        generation = _ids(origin) if origin is not None and tier == "miss" and not shared else None
         if parent is None:  # no edge span (a library call): a new trace, sampled here
-            trace_id = _trace_id()
-            if trace_id & _LOW_64 >= self._bound:
-                return
+            if generation is not None:
+                trace_id = generation[0]  # sampled when drawn
+            else:
+                trace_id = _trace_id()
+                if trace_id & _LOW_64 >= self._bound:
+                    return
             parent_sc = None
         else:
             trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
-        links, leader = self._leader(result) if result.shared else ((), None)
+            if generation is not None and generation[0] != trace_id:
+                generation = None
+        links, leader = self._leader(result) if shared else ((), None)
         resource, scope, out = self._resource, self._scope, self._batch.append
         root = _sampled_context(trace_id)
         out(ReadableSpan("ragserve.query", root, parent_sc, resource,
                          query_attributes(result, leader, self.naming.capture_content), (), links, _INTERNAL,
                          None, _UNSET, start, end, scope))
-
-        def child(name: str, t0: int, t1: int, attributes: Mapping[str, Any], kind: SpanKind = _INTERNAL,
-                  links: Sequence[Link] = ()) -> None:
-            out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), links, kind,
-                             None, _UNSET, t0, t1, scope))
-
+        hit_links: Sequence[Link] = ()
+        if origin is not None and tier != "miss":  # a hit: the span that generated its answer
+            hit_links = _origin_links(origin, tier)
         l1, l2 = get("cache_l1"), get("cache_l2")
-        looked = 0
+        t = start
         if l1 is not None or l2 is not None:  # else the request did not read the cache
             asked = _TIERS_ASKED[(l1 is not None, l2 is not None)]
             l1, l2 = l1 or 0.0, l2 or 0.0
-            looked = round((l1 + l2) * _MS)
-            tier = result.cache_tier
-            child("ragserve.cache.lookup", start, start + looked, {
-                "ragserve.cache.tier": tier, "ragserve.cache.hit": tier in ("l1", "l2"),
-                "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1, "ragserve.cache.l2_ms": l2})
-        if result.cache_tier != "miss":
+            t = start + round((l1 + l2) * _MS)
+            exact = tier == "l1" or tier == "l2"
+            out(ReadableSpan("ragserve.cache.lookup", _sampled_context(trace_id), root, resource, {
+                "ragserve.cache.tier": tier, "ragserve.cache.hit": exact, "ragserve.cache.tiers_asked": asked,
+                "ragserve.cache.l1_ms": l1, "ragserve.cache.l2_ms": l2}, (), hit_links if exact else (),
+                _INTERNAL, None, _UNSET, start, t, scope))
+        if tier == "semantic":
+            self._semantic(result, stages, trace_id, root, t, hit_links)
+            return
+        if tier != "miss":
             return
         ran = [s for s in _RUN_STAGES if s in stages]
         if not ran:
             return
-        if result.shared:  # the run is the leader's, in the leader's trace: here, the wait for it
+        if shared:  # the run is the leader's, in the leader's trace: here, the wait for it
             attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
             if leader is not None:
                 attributes["ragserve.single_flight.leader"] = leader
-            child("ragserve.single_flight.join", start + looked, end, attributes, links=links)
+            out(ReadableSpan("ragserve.single_flight.join", _sampled_context(trace_id), root, resource,
+                             attributes, (), links, _INTERNAL, None, _UNSET, t, end, scope))
             return
         # The run's stages end where the request ends, back to back, in pipeline order.
-        t = end - round(sum(stages[s] for s in ran) * _MS)
+        t = end
+        for s in ran:
+            t -= round(stages[s] * _MS)
         stage = self.naming.stage
         for s in ran:
             name, client, attributes = stage(s, result, stages)
             t1 = t + round(stages[s] * _MS)
-            child(name, t, t1, attributes, _CLIENT if client else _INTERNAL)
+            if s == "generate" and generation is not None:
+                context = _tuple_new(SpanContext, (trace_id, generation[1], False, _SAMPLED, DEFAULT_TRACE_STATE,
+                                                   True))
+            else:
+                context = _sampled_context(trace_id)
+            out(ReadableSpan(name, context, root, resource, attributes, (), (), _CLIENT if client else _INTERNAL,
+                             None, _UNSET, t, t1, scope))
             t = t1
+
+    def _semantic(self, result: Any, stages: Mapping[str, float], trace_id: int, root: SpanContext, t: int,
+                  links: Sequence[Link]) -> None:
+        """A semantic hit's spans after its exact lookup, back to back: the question's
+        embedding (its wait, then the model) and the semantic tier's lookup, which found the
+        answer (and links to the span that generated it)."""
+        out, resource, scope = self._batch.append, self._resource, self._scope
+        embed_name, _, embed_attributes = self.naming.stage("embed", result, stages)
+        for s, name, attributes in (("embed_wait", "ragserve.embed_wait", {}),
+                                    ("embed", embed_name, embed_attributes)):
+            ms = stages.get(s)
+            if ms is not None:
+                t1 = t + round(ms * _MS)
+                out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), (), _INTERNAL,
+                                 None, _UNSET, t, t1, scope))
+                t = t1
+        attributes = {"ragserve.cache.tier": "semantic", "ragserve.cache.hit": True,
+                      "ragserve.cache.semantic.similarity": result.semantic_similarity}
+        if self.naming.capture_content and result.semantic_match is not None:
+            attributes["ragserve.cache.semantic.match"] = result.semantic_match
+        t1 = t + round(stages.get("cache_semantic", 0.0) * _MS)
+        out(ReadableSpan("ragserve.cache.semantic", _sampled_context(trace_id), root, resource, attributes, (), links,
+                         _INTERNAL, None, _UNSET, t, t1, scope))
 
     def _leader(self, result: Any) -> tuple[Sequence[Link], str | None]:
         with self._lock:
@@ -313,6 +367,27 @@ class Tracing:
 
 _TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",),
                 (False, False): ()}
+
+
+def _ids(ref: SpanRef) -> tuple[int, int] | None:
+    """A ``SpanRef``'s ids as ints, or None when they are not a valid W3C trace and span id
+    (a record that says otherwise names no span: no link, never a failed build)."""
+    try:
+        trace_id, span_id = int(ref.trace_id, 16), int(ref.span_id, 16)
+    except (TypeError, ValueError):
+        return None
+    if not (0 < trace_id < 1 << 128 and 0 < span_id < 1 << 64):
+        return None
+    return trace_id, span_id
+
+
+def _origin_links(ref: SpanRef, tier: str) -> Sequence[Link]:
+    """A hit's link to the span that generated the answer it served."""
+    ids = _ids(ref)
+    if ids is None:
+        return ()
+    context = _tuple_new(SpanContext, (ids[0], ids[1], True, _SAMPLED, DEFAULT_TRACE_STATE, True))
+    return [Link(context, {"ragserve.link": "cache.origin", "ragserve.cache.tier": tier})]
 
 
 def _trace_id() -> int:
