@@ -46,8 +46,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -79,6 +80,7 @@ _MAX_PENDING = 8_192  # past it (an exporter stuck in its retries) new notes are
 _EXPORT_BATCH = 512
 # The miss path's stages in pipeline order, read from ``Timings`` (a new stage is a new span).
 _RUN_STAGES = tuple(s for s in stage_layout()[0] if not s.startswith("cache_"))
+_SEMANTIC_STAGES = ("embed_wait", "embed")  # what a semantic hit ran before its lookup
 
 
 class OpenSpan:
@@ -118,10 +120,13 @@ class Tracing:
         self._bound = TraceIdRatioBased.get_bound_for_rate(sample_ratio)
         self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
         self.naming = Naming(capture_content, embed_model, backend, top_k)
+        self._stages = self._stage_table()
         self.dropped = 0
         self._leaders: OrderedDict[int, tuple[weakref.ref[Any], str, TraceParent | None]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        # One flat tuple per note (what GC walks while it waits): an edge's (span, end,
+        # error), a request's (result, stages, end, parent).
+        self._pending: deque[tuple[Any, ...]] = deque()
         self._batch: list[ReadableSpan] = []
         self._wake = threading.Event()
         self._building = threading.Lock()
@@ -147,7 +152,7 @@ class Tracing:
 
     def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
         if span.context.trace_flags.sampled:
-            self._note(self._finished, (span, end_ns, error))
+            self._note((span, end_ns, error))
 
     @contextmanager
     def span_for(self, name: str, parent: TraceParent, request_id: str) -> Iterator[None]:
@@ -191,7 +196,7 @@ class Tracing:
         built on the tracing thread."""
         parent = context_for(result.request_id)
         if parent is None or parent.sampled:
-            self._note(self._build, (result, stages, time.time_ns(), parent))
+            self._note((result, stages, time.time_ns(), parent))
 
     def on_error(self, error: BaseException) -> None:
         pass  # the server span carries the status; the error's request has no result
@@ -210,11 +215,11 @@ class Tracing:
 
     # -- the tracing thread -------------------------------------------------------------
 
-    def _note(self, build: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def _note(self, note: tuple[Any, ...]) -> None:
         if len(self._pending) >= _MAX_PENDING:
             self.dropped += 1
             return
-        self._pending.append((build, args))
+        self._pending.append(note)
         if len(self._pending) >= _WAKE_AT:
             self._wake.set()
 
@@ -227,10 +232,14 @@ class Tracing:
     def _drain(self) -> None:
         with self._building:  # one builder, one exporter call at a time
             built = 0
-            while self._pending:
-                build, args = self._pending.popleft()
+            pending, build, finished = self._pending, self._build, self._finished
+            while pending:
+                note = pending.popleft()
                 try:
-                    build(*args)
+                    if len(note) == 4:
+                        build(*note)
+                    else:
+                        finished(*note)
                 except Exception:  # noqa: BLE001 - a tracing bug must not stop the tracing thread
                     log.exception("could not build spans")
                 built += 1
@@ -258,9 +267,9 @@ class Tracing:
 
     def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
         """One request's spans, straight into the batch: the SDK's finished-span type built
-        directly (no tracer, no sampler call, no per-span helper layers); this runs once per
-        sampled request, so it is written for speed (the overhead figures in
-        docs/observability.md)."""
+        directly (no tracer, no sampler call, no per-span helper layers, the constant names
+        and attributes made once in ``_stage_table``); this runs once per sampled request, so
+        it is written for speed (the overhead figures in docs/observability.md)."""
         get = stages.get
         start = end - round(get("total", 0.0) * _MS)
         tier, shared, origin = result.cache_tier, result.shared, result.origin_span
@@ -269,7 +278,7 @@ class Tracing:
         generation = _ids(origin) if origin is not None and tier == "miss" and not shared else None
         if parent is None:  # no edge span (a library call): a new trace, sampled here
             if generation is not None:
-                trace_id = generation[0]  # sampled when drawn
+                trace_id = generation[0]  # sampled when it was drawn
             else:
                 trace_id = _trace_id()
                 if trace_id & _LOW_64 >= self._bound:
@@ -295,41 +304,55 @@ class Tracing:
             l1, l2 = l1 or 0.0, l2 or 0.0
             t = start + round((l1 + l2) * _MS)
             exact = tier == "l1" or tier == "l2"
-            out(ReadableSpan("ragserve.cache.lookup", _sampled_context(trace_id), root, resource, {
-                "ragserve.cache.tier": tier, "ragserve.cache.hit": exact, "ragserve.cache.tiers_asked": asked,
-                "ragserve.cache.l1_ms": l1, "ragserve.cache.l2_ms": l2}, (), hit_links if exact else (),
-                _INTERNAL, None, _UNSET, start, t, scope))
-        if tier == "semantic":
-            self._semantic(result, stages, trace_id, root, t, hit_links)
-            return
+            attributes: dict[str, Any] = {"ragserve.cache.tier": tier, "ragserve.cache.hit": exact,
+                                          "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1,
+                                          "ragserve.cache.l2_ms": l2}
+            out(ReadableSpan("ragserve.cache.lookup", _sampled_context(trace_id), root, resource, attributes,
+                             (), hit_links if exact else (), _INTERNAL, None, _UNSET, start, t, scope))
         if tier != "miss":
-            return
-        ran = [s for s in _RUN_STAGES if s in stages]
-        if not ran:
+            if tier == "semantic":
+                self._semantic(result, stages, trace_id, root, t, hit_links)
             return
         if shared:  # the run is the leader's, in the leader's trace: here, the wait for it
-            attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
+            attributes = {f"ragserve.run.{s}_ms": ms for s in _RUN_STAGES if (ms := get(s)) is not None}
+            if not attributes:
+                return
             if leader is not None:
                 attributes["ragserve.single_flight.leader"] = leader
             out(ReadableSpan("ragserve.single_flight.join", _sampled_context(trace_id), root, resource,
                              attributes, (), links, _INTERNAL, None, _UNSET, t, end, scope))
             return
         # The run's stages end where the request ends, back to back, in pipeline order.
+        ran = [(entry, round(ms * _MS)) for entry in self._stages if (ms := get(entry[0])) is not None]
         t = end
-        for s in ran:
-            t -= round(stages[s] * _MS)
-        stage = self.naming.stage
-        for s in ran:
-            name, client, attributes = stage(s, result, stages)
-            t1 = t + round(stages[s] * _MS)
-            if s == "generate" and generation is not None:
-                context = _tuple_new(SpanContext, (trace_id, generation[1], False, _SAMPLED, DEFAULT_TRACE_STATE,
-                                                   True))
-            else:
-                context = _sampled_context(trace_id)
-            out(ReadableSpan(name, context, root, resource, attributes, (), (), _CLIENT if client else _INTERNAL,
-                             None, _UNSET, t, t1, scope))
+        for _, ns in ran:
+            t -= ns
+        for (stage, name, kind, attributes), ns in ran:
+            span_id = _random_bits(64) or 1
+            if attributes is None:  # made per request: the retrieval's and the chat's
+                name, client, attributes = self.naming.stage(stage, result, stages)
+                kind = _CLIENT if client else _INTERNAL
+                if stage == "generate" and generation is not None:
+                    span_id = generation[1]
+            context = _tuple_new(SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
+            t1 = t + ns
+            out(ReadableSpan(name, context, root, resource, attributes, (), (), kind, None, _UNSET, t, t1,
+                             scope))
             t = t1
+
+    def _stage_table(self) -> tuple[tuple[str, str, SpanKind, Mapping[str, Any] | None], ...]:
+        """Per stage of the miss path, in order: its span's name, kind and attributes when
+        they are constant (``genai.Naming.constant``), made once and shared by every span
+        (read-only: ``ReadableSpan.attributes`` is a read-only view); None: per request."""
+        table = []
+        for s in _RUN_STAGES:
+            constant = self.naming.constant(s)
+            if constant is None:
+                table.append((s, "", _INTERNAL, None))
+            else:
+                name, client, attributes = constant
+                table.append((s, name, _CLIENT if client else _INTERNAL, MappingProxyType(attributes)))
+        return tuple(table)
 
     def _semantic(self, result: Any, stages: Mapping[str, float], trace_id: int, root: SpanContext, t: int,
                   links: Sequence[Link]) -> None:
@@ -337,22 +360,20 @@ class Tracing:
         embedding (its wait, then the model) and the semantic tier's lookup, which found the
         answer (and links to the span that generated it)."""
         out, resource, scope = self._batch.append, self._resource, self._scope
-        embed_name, _, embed_attributes = self.naming.stage("embed", result, stages)
-        for s, name, attributes in (("embed_wait", "ragserve.embed_wait", {}),
-                                    ("embed", embed_name, embed_attributes)):
-            ms = stages.get(s)
+        for stage, name, _, attributes in self._stages:
+            ms = stages.get(stage) if stage in _SEMANTIC_STAGES else None
             if ms is not None:
                 t1 = t + round(ms * _MS)
-                out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), (), _INTERNAL,
-                                 None, _UNSET, t, t1, scope))
+                out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), (),
+                                 _INTERNAL, None, _UNSET, t, t1, scope))
                 t = t1
         attributes = {"ragserve.cache.tier": "semantic", "ragserve.cache.hit": True,
                       "ragserve.cache.semantic.similarity": result.semantic_similarity}
         if self.naming.capture_content and result.semantic_match is not None:
             attributes["ragserve.cache.semantic.match"] = result.semantic_match
         t1 = t + round(stages.get("cache_semantic", 0.0) * _MS)
-        out(ReadableSpan("ragserve.cache.semantic", _sampled_context(trace_id), root, resource, attributes, (), links,
-                         _INTERNAL, None, _UNSET, t, t1, scope))
+        out(ReadableSpan("ragserve.cache.semantic", _sampled_context(trace_id), root, resource, attributes,
+                         (), links, _INTERNAL, None, _UNSET, t, t1, scope))
 
     def _leader(self, result: Any) -> tuple[Sequence[Link], str | None]:
         with self._lock:
