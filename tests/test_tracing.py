@@ -382,6 +382,33 @@ def test_spans_reach_an_otlp_http_receiver_as_protobuf(tmp_path):
     assert abs((query.end_time_unix_nano - query.start_time_unix_nano) / 1e6 - r.json()["timings"]["total"]) <= 1
 
 
+def test_the_otlp_exporter_gathers_small_batches_into_one_request_and_flush_sends_the_rest():
+    """The tracing thread hands spans over a few at a time; the exporter encodes them at
+    once and sends one request per ``send_at`` spans, the same bytes as one batch of them."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from ragserve.observe.otlp import OTLPExporter, encode_spans
+
+    other = Resource.create({"service.name": "other"})
+    spans = [ReadableSpan(f"s{i}", SpanContext(int(TRACE, 16), i + 1, False, TraceFlags(1)),
+                          resource=other if i % 5 == 0 else Resource.create({"service.name": "x"}))
+             for i in range(15)]
+    with otlp_receiver() as (endpoint, posts):
+        exporter = OTLPExporter(endpoint=endpoint + "/v1/traces", send_at=10)
+        for i in range(0, 12, 4):
+            exporter.export(spans[i:i + 4])
+        assert [body for _, _, body in posts] == [encode_spans(spans[:12])]  # sent at 12 >= 10
+        exporter.export(spans[12:])
+        assert len(posts) == 1
+        assert exporter.force_flush() and [body for _, _, body in posts][1:] == [encode_spans(spans[12:])]
+        assert exporter.force_flush() and len(posts) == 2  # nothing waits: nothing sent
+        exporter.export(spans[:1])
+        exporter.shutdown()  # sends what waits
+        assert len(posts) == 3
+
+
 def test_the_otlp_payload_decodes_to_what_the_sdks_encoder_makes(tmp_path):
     """``observe/otlp.py`` writes the protobuf itself: for a request's real spans and for
     spans with every kind of value, link, event, status and parent, the bytes decode to the
