@@ -7,7 +7,7 @@ current for its request id, in ``propagation.py``), laid out on the wall clock:
 
     POST /v1/query                       (server span, ``server/tracing.py``)
     └─ ragserve.query                    total
-       ├─ ragserve.cache.lookup          cache_l1 + cache_l2   (ragserve.cache.tier)
+       ├─ ragserve.cache.lookup          cache_l1 + cache_l2   (ragserve.cache.tier; a hit's link)
        ├─ ragserve.admission             admission
        ├─ ragserve.embed_wait            embed_wait
        ├─ embeddings {model}             embed
@@ -24,6 +24,13 @@ cache lookup comes one ``ragserve.single_flight.join`` span (the rest of its tot
 link to the leader's request span, ``ragserve.single_flight.leader`` (the leader's request
 id) and the run's stage times as ``ragserve.run.<stage>_ms``; the stages themselves are in
 the leader's trace.
+
+A hit links to the span that generated its answer: ``on_generation`` (a run's end) draws
+the id the run's ``chat`` span gets and returns it; the pipeline keeps it with the answer
+(``QueryResult.origin_span``, and in the cache ``CachedAnswer.origin``, L1 and L2), and an
+L1/L2 hit's ``ragserve.cache.lookup`` span, or a semantic hit's ``ragserve.cache.semantic``
+span (after its ``ragserve.embed_wait`` and ``embeddings`` spans), links to it
+(``ragserve.link = "cache.origin"``). An answer generated untraced has no origin: no link.
 
 The names and attributes are ``genai.py``'s: the OpenTelemetry GenAI semantic conventions
 v0.1.0 where they have one. Content only with ``telemetry.capture_content``.
