@@ -53,14 +53,16 @@ def served(tmp_path, generator=None, capture_content=False, **sections):
 
 
 def spans_by_trace(exporter, tracing, servers=1):
-    """The exported spans by trace id, once ``servers`` server spans are among them. The
-    server span ends after the response's last byte is sent, so a client can hold its
-    answer a moment before that span is queued: wait for it rather than flush once."""
+    """The exported spans by trace id, once ``servers`` server spans of POSTs are among them
+    (a test's polling GETs are traced too). The server span ends after the response's last
+    byte is sent, so a client can hold its answer a moment before that span is queued: wait
+    for it rather than flush once."""
 
     def exported():
         assert tracing.flush()
         spans = exporter.get_finished_spans()
-        return [spans] if sum(s.kind.name == "SERVER" for s in spans) >= servers else None
+        posts = sum(s.kind.name == "SERVER" and s.name.startswith("POST") for s in spans)
+        return [spans] if posts >= servers else None
 
     out = {}
     (spans,) = eventually(exported, WAIT_S, 0.05, f"{servers} server span(s) to be exported")
@@ -580,6 +582,9 @@ def test_json_access_lines_carry_request_trace_tenant_outcome_tier_status_and_ms
             post(url + "/v1/query", json={"question": "chunk number 1"}, headers={**auth, "X-Request-Id": "j2"})
             post(url + "/v1/query", json={"question": ""}, headers={**auth, "X-Request-Id": "j3"})
             post(url + "/v1/query", json={"question": "q"}, headers={"X-Request-Id": "j4"})
+            # The access line is written once the response is sent: the client can be first.
+            eventually(lambda: {r.getMessage().split()[0] for r in caplog.records if r.name == "ragserve.access"}
+                       >= {"j1", "j2", "j3", "j4"}, what="the four access lines")
     finally:
         tracing.shutdown()
         rag.close()
