@@ -98,6 +98,16 @@ class Timings:
         return "  ".join(f"{k}={v:.1f}ms" for k, v in self.as_dict().items())
 
 
+@dataclass(frozen=True, slots=True)
+class SpanRef:
+    """One span of a recorded trace, by its W3C ids (lowercase hex): the span that generated
+    an answer (``QueryResult.origin_span``), which the answer cache keeps with the answer so
+    that a hit's trace can link to it (docs/observability.md)."""
+
+    trace_id: str
+    span_id: str
+
+
 @dataclass(frozen=True)
 class TokenUsage:
     prompt_tokens: int = 0
@@ -147,12 +157,18 @@ class QueryResult:
     """A ``semantic`` hit: the cached question whose answer was served (else None)."""
     semantic_similarity: float | None = None
     """A ``semantic`` hit: the cosine similarity of the question to ``semantic_match``."""
+    origin_span: SpanRef | None = field(default=None, repr=False, compare=False)
+    """With tracing on where the answer was generated (and that trace sampled): the span that
+    generated it, the run's ``chat`` span; for a hit, the span of the request whose answer
+    the cache served (kept with the cached answer, in L1 and L2). None when the answer was
+    generated untraced. What a hit's spans link to; not part of ``to_dict``."""
 
     def __str__(self) -> str:
         return self.answer
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["origin_span"]
         d["timings"] = self.timings.as_dict()
         d["usage"]["total_tokens"] = self.usage.total_tokens
         return d

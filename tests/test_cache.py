@@ -21,6 +21,25 @@ def test_normalisation_and_keys():
     assert cache_key("q2", **base) != k
 
 
+def test_a_cached_answer_keeps_its_origin_span_and_records_without_one_still_decode():
+    import msgspec
+
+    from ragserve.cache.entries import CachedAnswer, decode_answer, encode_answer
+    from ragserve.types import SpanRef
+
+    origin = SpanRef("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    value = msgspec.structs.replace(answer("a"), origin=origin)
+    back = decode_answer(encode_answer(value))
+    assert back == value and back.origin == origin
+    # A record written before the origin was kept (or written untraced): no origin, no link.
+    before = msgspec.json.encode({k: v for k, v in msgspec.structs.asdict(value).items() if k != "origin"})
+    assert b"origin" not in before and decode_answer(before) == msgspec.structs.replace(value, origin=None)
+    # ... and a reader that does not know the field ignores it.
+    fields = [(f, object) for f in CachedAnswer.__struct_fields__ if f != "origin"]
+    legacy = msgspec.defstruct("Legacy", fields)
+    assert msgspec.json.decode(encode_answer(value), type=legacy).answer == value.answer
+
+
 class TestL1Contract(CacheTierContract):
     @pytest.fixture
     def tier(self):

@@ -53,16 +53,15 @@ def served(tmp_path, generator=None, capture_content=False, **sections):
 
 
 def spans_by_trace(exporter, tracing, servers=1):
-    """The exported spans by trace id, once ``servers`` server spans are among them. The
-    server span ends after the response's last byte is sent, so a client can hold its
-    answer a moment before that span is queued: wait for it rather than flush once. Only
-    POSTs count: a test's own polls of ``GET /v1/stats`` are traced too, and counting them
-    let the wait end before a follower's span was there."""
+    """The exported spans by trace id, once ``servers`` server spans of POSTs are among them
+    (a test's polling GETs are traced too). The server span ends after the response's last
+    byte is sent, so a client can hold its answer a moment before that span is queued: wait
+    for it rather than flush once."""
 
     def exported():
         assert tracing.flush()
         spans = exporter.get_finished_spans()
-        posts = sum(s.kind.name == "SERVER" and s.attributes.get("http.request.method") == "POST" for s in spans)
+        posts = sum(s.kind.name == "SERVER" and s.name.startswith("POST") for s in spans)
         return [spans] if posts >= servers else None
 
     out = {}
@@ -123,6 +122,8 @@ def test_each_request_is_one_trace_continuing_the_callers_with_the_stage_chain(t
     _, hit_query, hit_stages = check_chain(traces[hit_trace], hit["timings"], ["ragserve.cache.lookup"])
     assert hit_stages["ragserve.cache.lookup"].attributes["ragserve.cache.tier"] == "l1"
     assert hit_stages["ragserve.cache.lookup"].attributes["ragserve.cache.hit"] is True
+    # ... and links to the span that generated the answer it served: the miss's chat span.
+    assert_origin_link(hit_stages["ragserve.cache.lookup"], stages["chat fake-llm"], "l1")
     lines = [r.getMessage() for r in caplog.records if r.name == "ragserve.access"]
     assert any(line.startswith("req-miss POST /v1/query 200") and line.endswith(f"trace={TRACE}") for line in lines)
     assert any(line.startswith("req-hit ") and f"trace={hit_trace}" in line for line in lines)
@@ -175,6 +176,108 @@ def test_a_single_flight_follower_links_to_its_leader(tmp_path):
     assert [link.context.span_id for link in join.links] == [leader_server.context.span_id]
     assert [link.context.trace_id for link in join.links] == [int("a" * 32, 16)]
     assert join.attributes["ragserve.run.generate_ms"] == b["timings"]["generate"]
+
+
+def assert_origin_link(span, generation, tier):
+    """``span`` (a hit's lookup) has one link, to ``generation`` (the span that generated the
+    answer it served), named as such."""
+    (link,) = span.links
+    assert (link.context.trace_id, link.context.span_id) == (generation.context.trace_id,
+                                                              generation.context.span_id)
+    assert dict(link.attributes) == {"ragserve.link": "cache.origin", "ragserve.cache.tier": tier}
+
+
+@contextmanager
+def traced_library(tmp_path, **sections):
+    """A ``RAG`` on fakes called as a library, and a ``Tracing`` to add as its observer."""
+    exporter = InMemorySpanExporter()
+    with fake_rag(tmp_path, FakeGenerator(), **sections) as rag:
+        tracing = make_tracing(rag.config, exporter)
+        try:
+            yield rag, tracing, exporter
+        finally:
+            tracing.shutdown()
+
+
+def spans_of(exporter, tracing):
+    """The spans exported so far, by trace id, each trace's by name."""
+    assert tracing.flush()
+    out = {}
+    for s in exporter.get_finished_spans():
+        out.setdefault(s.context.trace_id, {})[s.name] = s
+    return out
+
+
+def test_a_library_calls_hits_link_to_the_generation_and_an_untraced_origin_gives_none(tmp_path):
+    with traced_library(tmp_path) as (rag, tracing, exporter):
+        untraced = rag.query("chunk number 4")  # tracing not yet on: its answer names no span
+        rag.observers.add(tracing)
+        miss = rag.query("chunk number 5")
+        hit = rag.query("chunk number 5")
+        old_hit = rag.query("chunk number 4")
+        traces = spans_of(exporter, tracing)
+    tiers = (untraced.cache_tier, miss.cache_tier, hit.cache_tier, old_hit.cache_tier)
+    assert tiers == ("miss", "miss", "l1", "l1")
+    (generation,) = [t["chat fake-llm"] for t in traces.values() if "chat fake-llm" in t]
+    assert miss.origin_span is not None and hit.origin_span == miss.origin_span
+    assert int(miss.origin_span.span_id, 16) == generation.context.span_id
+    assert "origin_span" not in hit.to_dict() and hit.answer == miss.answer  # the answer is the answer
+    lookups = [t["ragserve.cache.lookup"] for t in traces.values() if t["ragserve.query"].attributes[
+        "ragserve.cache.tier"] == "l1"]
+    assert len(lookups) == 2
+    linked = [s for s in lookups if s.links]
+    assert len(linked) == 1 and old_hit.origin_span is None  # the untraced origin: no link
+    assert_origin_link(linked[0], generation, "l1")
+
+
+@pytest.mark.redis
+def test_an_l2_hit_in_another_rag_links_to_the_generation_in_the_first(tmp_path):
+    from ragserve.testing.redis import redis_server
+
+    with redis_server() as server:
+        cache = {"redis_url": server.url, "l2_timeout_ms": 1000 * WAIT_S}  # a loaded machine's bound
+        with traced_library(tmp_path / "a", cache=cache) as (first, tracing_a, exporter_a), \
+                traced_library(tmp_path / "b", cache=cache) as (second, tracing_b, exporter_b):
+            first.observers.add(tracing_a)
+            second.observers.add(tracing_b)
+            miss = first.query("chunk number 6")
+            first.flush_cache()  # the L2 write runs in the background
+            hit = second.query("chunk number 6")  # its own L1 is empty: from Redis
+            (generating,) = spans_of(exporter_a, tracing_a).values()
+            (hitting,) = spans_of(exporter_b, tracing_b).values()
+    assert (miss.cache_tier, hit.cache_tier) == ("miss", "l2")
+    assert_origin_link(hitting["ragserve.cache.lookup"], generating["chat fake-llm"], "l2")
+
+
+def test_a_semantic_hit_has_its_embedding_and_lookup_spans_and_links_to_the_generation(tmp_path):
+    from ragserve.testing.fakes import WordsEmbedder
+
+    exporter = InMemorySpanExporter()
+    with fake_rag(tmp_path, FakeGenerator(), embedder=WordsEmbedder(), prompt={"max_score_gap": 0},
+                  semantic={"enabled": True, "threshold": 0.75, "guard": "entities"}) as rag:
+        tracing = make_tracing(rag.config, exporter)
+        rag.observers.add(tracing)
+        try:
+            miss = rag.query("who founded the company?")
+            hit = rag.query("please tell me who founded the company?")
+            traces = spans_of(exporter, tracing)
+        finally:
+            tracing.shutdown()
+    assert (miss.cache_tier, hit.cache_tier) == ("miss", "semantic")
+    (generating,) = [t for t in traces.values() if "chat fake-llm" in t]
+    (hitting,) = [t for t in traces.values() if "ragserve.cache.semantic" in t]
+    semantic = hitting["ragserve.cache.semantic"]
+    assert_origin_link(semantic, generating["chat fake-llm"], "semantic")
+    assert semantic.attributes["ragserve.cache.semantic.similarity"] == hit.semantic_similarity
+    assert not hitting["ragserve.cache.lookup"].links  # the exact tiers missed
+    timings = hit.timings.as_dict()
+    for name, stage in (("ragserve.cache.semantic", "cache_semantic"), ("embeddings default", "embed"),
+                        ("ragserve.embed_wait", "embed_wait")):
+        span = hitting[name]
+        assert span.parent.span_id == hitting["ragserve.query"].context.span_id
+        assert abs(ms(span) - timings[stage]) <= 1.0, (name, ms(span), timings[stage])
+    assert hitting["ragserve.cache.lookup"].end_time <= hitting["ragserve.embed_wait"].start_time
+    assert semantic.end_time <= hitting["ragserve.query"].end_time
 
 
 def tracing_flight(url):
@@ -279,6 +382,33 @@ def test_spans_reach_an_otlp_http_receiver_as_protobuf(tmp_path):
     assert names >= {"POST /v1/query", "ragserve.query", "retrieval", "chat fake-llm", "embeddings default"}
     query = next(s for s in spans if s.name == "ragserve.query")
     assert abs((query.end_time_unix_nano - query.start_time_unix_nano) / 1e6 - r.json()["timings"]["total"]) <= 1
+
+
+def test_the_otlp_exporter_gathers_small_batches_into_one_request_and_flush_sends_the_rest():
+    """The tracing thread hands spans over a few at a time; the exporter encodes them at
+    once and sends one request per ``send_at`` spans, the same bytes as one batch of them."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from ragserve.observe.otlp import OTLPExporter, encode_spans
+
+    other = Resource.create({"service.name": "other"})
+    spans = [ReadableSpan(f"s{i}", SpanContext(int(TRACE, 16), i + 1, False, TraceFlags(1)),
+                          resource=other if i % 5 == 0 else Resource.create({"service.name": "x"}))
+             for i in range(15)]
+    with otlp_receiver() as (endpoint, posts):
+        exporter = OTLPExporter(endpoint=endpoint + "/v1/traces", send_at=10)
+        for i in range(0, 12, 4):
+            exporter.export(spans[i:i + 4])
+        assert [body for _, _, body in posts] == [encode_spans(spans[:12])]  # sent at 12 >= 10
+        exporter.export(spans[12:])
+        assert len(posts) == 1
+        assert exporter.force_flush() and [body for _, _, body in posts][1:] == [encode_spans(spans[12:])]
+        assert exporter.force_flush() and len(posts) == 2  # nothing waits: nothing sent
+        exporter.export(spans[:1])
+        exporter.shutdown()  # sends what waits
+        assert len(posts) == 3
 
 
 def test_the_otlp_payload_decodes_to_what_the_sdks_encoder_makes(tmp_path):
@@ -452,6 +582,9 @@ def test_json_access_lines_carry_request_trace_tenant_outcome_tier_status_and_ms
             post(url + "/v1/query", json={"question": "chunk number 1"}, headers={**auth, "X-Request-Id": "j2"})
             post(url + "/v1/query", json={"question": ""}, headers={**auth, "X-Request-Id": "j3"})
             post(url + "/v1/query", json={"question": "q"}, headers={"X-Request-Id": "j4"})
+            # The access line is written once the response is sent: the client can be first.
+            eventually(lambda: {r.getMessage().split()[0] for r in caplog.records if r.name == "ragserve.access"}
+                       >= {"j1", "j2", "j3", "j4"}, what="the four access lines")
     finally:
         tracing.shutdown()
         rag.close()

@@ -138,7 +138,7 @@ def to_cached(r: QueryResult) -> CachedAnswer:
         sources=[CachedSource(s.doc_id, s.chunk_id, s.score, s.text, s.metadata) for s in r.sources],
         model=r.model, index_fingerprint=r.index_fingerprint, prompt_tokens=r.usage.prompt_tokens,
         completion_tokens=r.usage.completion_tokens, finish_reason=r.finish_reason,
-        dropped_sources=r.dropped_sources, created_at=time.time(),
+        dropped_sources=r.dropped_sources, created_at=time.time(), origin=r.origin_span,
     )
 
 
@@ -156,11 +156,16 @@ def from_generation(question: str, model: str, prompt: Any, gen: Generation, clo
     )
 
 
-def from_cached(v: CachedAnswer, tier: CacheTier, clock: StageClock) -> QueryResult:
+_UNSTAMPED = Timings()
+
+
+def from_cached(v: CachedAnswer, tier: CacheTier) -> QueryResult:
+    """A hit's result. Its ``timings`` are the request's, which only its end knows: the
+    pipeline stamps them (``Pipeline._finish``) before anyone sees the result."""
     return QueryResult(
         question=v.question, answer=v.answer,
         sources=[Source(s.doc_id, s.chunk_id, s.score, s.text, s.metadata) for s in v.sources],
-        timings=Timings(**clock.ms), cache_tier=tier, model=v.model, index_fingerprint=v.index_fingerprint,
+        timings=_UNSTAMPED, cache_tier=tier, model=v.model, index_fingerprint=v.index_fingerprint,
         usage=TokenUsage(v.prompt_tokens, v.completion_tokens), finish_reason=v.finish_reason,
-        dropped_sources=v.dropped_sources,
+        dropped_sources=v.dropped_sources, origin_span=v.origin,
     )

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from ragserve.types import SpanRef
+
 
 class CachedSource(msgspec.Struct, frozen=True):
     doc_id: str
@@ -33,6 +35,10 @@ class CachedAnswer(msgspec.Struct, frozen=True):
     finish_reason: str | None
     dropped_sources: int
     created_at: float
+    origin: SpanRef | None = None
+    """The span that generated the answer (traced where it was generated), for a hit's
+    trace to link to; never part of a key. Absent in a record written without it (by an
+    older ragserve, or untraced): no link. Older readers ignore it."""
 
 
 _encoder = msgspec.json.Encoder()

@@ -53,6 +53,14 @@ class Naming:
             return f"chat {result.model}".strip(), True, self.chat(result, stages)
         return f"ragserve.{stage}", False, {}
 
+    def constant(self, stage: str) -> tuple[str, bool, dict[str, Any]] | None:
+        """``stage``'s span name, client flag and attributes when they are the same for every
+        request (made once by the tracing thread), else None (the retrieval's and the chat's,
+        which ``stage`` makes from each result)."""
+        if stage in ("search", "generate"):
+            return None
+        return self.stage(stage, None, {})
+
     def retrieval(self, result: Any) -> dict[str, Any]:
         sources = result.sources
         a: dict[str, Any] = {

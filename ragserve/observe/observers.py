@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ragserve.types import QueryResult
+    from ragserve.types import QueryResult, SpanRef
 
 log = logging.getLogger("ragserve")
 
@@ -65,17 +65,24 @@ class Observers:
             except Exception:  # noqa: BLE001 - an observer's bug must not fail the request
                 log.exception("observer %r failed on a result", o)
 
-    def generation(self, result: QueryResult) -> None:
+    def generation(self, result: QueryResult) -> SpanRef | None:
         """A run of the miss path generated ``result`` (once, however many requests share
-        it): for observers with an ``on_generation`` (token counters)."""
+        it): for observers with an ``on_generation`` (token counters). Returns the first
+        ``SpanRef`` an ``on_generation`` returned: the span tracing gives the generation
+        (``traces.Tracing``), kept with the answer as ``result.origin_span``; else None."""
+        origin = None
         for o in self._observers:
             hook = getattr(o, "on_generation", None)
             if hook is None:
                 continue
             try:
-                hook(result)
+                named = hook(result)
             except Exception:  # noqa: BLE001
                 log.exception("observer %r failed on a generation", o)
+                continue
+            if origin is None:
+                origin = named
+        return origin
 
     def error(self, error: BaseException) -> None:
         for o in self._observers:

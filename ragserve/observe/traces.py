@@ -7,7 +7,7 @@ current for its request id, in ``propagation.py``), laid out on the wall clock:
 
     POST /v1/query                       (server span, ``server/tracing.py``)
     └─ ragserve.query                    total
-       ├─ ragserve.cache.lookup          cache_l1 + cache_l2   (ragserve.cache.tier)
+       ├─ ragserve.cache.lookup          cache_l1 + cache_l2   (ragserve.cache.tier; a hit's link)
        ├─ ragserve.admission             admission
        ├─ ragserve.embed_wait            embed_wait
        ├─ embeddings {model}             embed
@@ -24,6 +24,13 @@ cache lookup comes one ``ragserve.single_flight.join`` span (the rest of its tot
 link to the leader's request span, ``ragserve.single_flight.leader`` (the leader's request
 id) and the run's stage times as ``ragserve.run.<stage>_ms``; the stages themselves are in
 the leader's trace.
+
+A hit links to the span that generated its answer: ``on_generation`` (a run's end) draws
+the id the run's ``chat`` span gets and returns it; the pipeline keeps it with the answer
+(``QueryResult.origin_span``, and in the cache ``CachedAnswer.origin``, L1 and L2), and an
+L1/L2 hit's ``ragserve.cache.lookup`` span, or a semantic hit's ``ragserve.cache.semantic``
+span (after its ``ragserve.embed_wait`` and ``embeddings`` spans), links to it
+(``ragserve.link = "cache.origin"``). An answer generated untraced has no origin: no link.
 
 The names and attributes are ``genai.py``'s: the OpenTelemetry GenAI semantic conventions
 v0.1.0 where they have one. Content only with ``telemetry.capture_content``.
@@ -46,8 +53,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -61,6 +69,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from ragserve.observe.genai import Naming, query_attributes
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
 from ragserve.observe.timing import stage_layout
+from ragserve.types import SpanRef
 
 log = logging.getLogger("ragserve.tracing")
 _MS = 1_000_000  # ns per ms
@@ -75,9 +84,14 @@ _YIELD_EVERY = 32  # requests built between two GIL hand-overs on the tracing th
 _WAKE_AT = 256  # notes pending before the tracing thread is woken early
 _BUILD_EVERY_S = 0.1
 _MAX_PENDING = 8_192  # past it (an exporter stuck in its retries) new notes are dropped and counted
-_EXPORT_BATCH = 512
+# Spans handed to the exporter at a time: few, so that they are freed young, before the
+# garbage collector has walked them more than once (512 here cost a fake miss ~10% more CPU
+# with tracing on, 64 ~1-4%); ``otlp.OTLPExporter`` encodes each batch at once and sends one
+# request per 512 spans or per pass of the tracing thread (its ``force_flush``).
+_EXPORT_BATCH = 64
 # The miss path's stages in pipeline order, read from ``Timings`` (a new stage is a new span).
 _RUN_STAGES = tuple(s for s in stage_layout()[0] if not s.startswith("cache_"))
+_SEMANTIC_STAGES = ("embed_wait", "embed")  # what a semantic hit ran before its lookup
 
 
 class OpenSpan:
@@ -117,10 +131,13 @@ class Tracing:
         self._bound = TraceIdRatioBased.get_bound_for_rate(sample_ratio)
         self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
         self.naming = Naming(capture_content, embed_model, backend, top_k)
+        self._stages = self._stage_table()
         self.dropped = 0
         self._leaders: OrderedDict[int, tuple[weakref.ref[Any], str, TraceParent | None]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        # One flat tuple per note (what GC walks while it waits): an edge's (span, end,
+        # error), a request's (result, stages, end, parent).
+        self._pending: deque[tuple[Any, ...]] = deque()
         self._batch: list[ReadableSpan] = []
         self._wake = threading.Event()
         self._building = threading.Lock()
@@ -146,7 +163,7 @@ class Tracing:
 
     def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
         if span.context.trace_flags.sampled:
-            self._note(self._finished, (span, end_ns, error))
+            self._note((span, end_ns, error))
 
     @contextmanager
     def span_for(self, name: str, parent: TraceParent, request_id: str) -> Iterator[None]:
@@ -166,20 +183,31 @@ class Tracing:
 
     # -- the request observer -----------------------------------------------------------
 
-    def on_generation(self, result: Any) -> None:
-        """A run of the miss path ended: remember its leader, for the requests that share it."""
+    def on_generation(self, result: Any) -> SpanRef | None:
+        """A run of the miss path ended: remember its leader, for the requests that share it,
+        and name the span of its generation (the leader's ``chat`` span, its id drawn now,
+        ``_build`` gives it that id): the pipeline keeps it with the answer
+        (``result.origin_span``), in the cache too, so that later hits link to it. None when
+        the leader's trace is not recorded."""
         usage = result.usage  # the one object every request's copy of this run shares
+        context = context_for(result.request_id)
         with self._lock:
-            self._leaders[id(usage)] = (weakref.ref(usage), result.request_id, context_for(result.request_id))
+            self._leaders[id(usage)] = (weakref.ref(usage), result.request_id, context)
             while len(self._leaders) > 4096:
                 self._leaders.popitem(last=False)
+        if context is None:  # a library call: its trace starts here, sampled as in ``_build``
+            trace_id = _trace_id()
+            if trace_id & _LOW_64 >= self._bound:
+                return None
+            return SpanRef(f"{trace_id:032x}", f"{_span_id():016x}")
+        return SpanRef(context.trace_id, f"{_span_id():016x}") if context.sampled else None
 
     def on_result(self, result: Any, stages: Mapping[str, float]) -> None:
         """Note the request's end and context (its binding ends with it); its spans are
         built on the tracing thread."""
         parent = context_for(result.request_id)
         if parent is None or parent.sampled:
-            self._note(self._build, (result, stages, time.time_ns(), parent))
+            self._note((result, stages, time.time_ns(), parent))
 
     def on_error(self, error: BaseException) -> None:
         pass  # the server span carries the status; the error's request has no result
@@ -198,11 +226,11 @@ class Tracing:
 
     # -- the tracing thread -------------------------------------------------------------
 
-    def _note(self, build: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def _note(self, note: tuple[Any, ...]) -> None:
         if len(self._pending) >= _MAX_PENDING:
             self.dropped += 1
             return
-        self._pending.append((build, args))
+        self._pending.append(note)
         if len(self._pending) >= _WAKE_AT:
             self._wake.set()
 
@@ -215,10 +243,14 @@ class Tracing:
     def _drain(self) -> None:
         with self._building:  # one builder, one exporter call at a time
             built = 0
-            while self._pending:
-                build, args = self._pending.popleft()
+            pending, build, finished = self._pending, self._build, self._finished
+            while pending:
+                note = pending.popleft()
                 try:
-                    build(*args)
+                    if len(note) == 4:
+                        build(*note)
+                    else:
+                        finished(*note)
                 except Exception:  # noqa: BLE001 - a tracing bug must not stop the tracing thread
                     log.exception("could not build spans")
                 built += 1
@@ -229,6 +261,16 @@ class Tracing:
                 if len(self._batch) >= _EXPORT_BATCH:
                     self._export()
             self._export()
+            if built:
+                self._flush_exporter()
+
+    def _flush_exporter(self) -> None:
+        """The end of a pass: an exporter that gathers batches (``otlp.OTLPExporter``) sends
+        them now."""
+        try:
+            self.exporter.force_flush()
+        except Exception:  # noqa: BLE001 - as for an export
+            log.exception("could not flush the exporter")
 
     def _export(self) -> None:
         batch, self._batch = self._batch, []
@@ -246,59 +288,113 @@ class Tracing:
 
     def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
         """One request's spans, straight into the batch: the SDK's finished-span type built
-        directly (no tracer, no sampler call, no per-span helper layers); this runs once per
-        sampled request, so it is written for speed (the overhead figures in
-        docs/observability.md)."""
+        directly (no tracer, no sampler call, no per-span helper layers, the constant names
+        and attributes made once in ``_stage_table``); this runs once per sampled request, so
+        it is written for speed (the overhead figures in docs/observability.md)."""
         get = stages.get
         start = end - round(get("total", 0.0) * _MS)
+        tier, shared, origin = result.cache_tier, result.shared, result.origin_span
+        # A run's leader drew its trace and the id of its generation's span in
+        # ``on_generation`` (a hit elsewhere may already link to it): use them.
+        generation = _ids(origin) if origin is not None and tier == "miss" and not shared else None
         if parent is None:  # no edge span (a library call): a new trace, sampled here
-            trace_id = _trace_id()
-            if trace_id & _LOW_64 >= self._bound:
-                return
+            if generation is not None:
+                trace_id = generation[0]  # sampled when it was drawn
+            else:
+                trace_id = _trace_id()
+                if trace_id & _LOW_64 >= self._bound:
+                    return
             parent_sc = None
         else:
             trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
-        links, leader = self._leader(result) if result.shared else ((), None)
+            if generation is not None and generation[0] != trace_id:
+                generation = None
+        links, leader = self._leader(result) if shared else ((), None)
         resource, scope, out = self._resource, self._scope, self._batch.append
         root = _sampled_context(trace_id)
         out(ReadableSpan("ragserve.query", root, parent_sc, resource,
                          query_attributes(result, leader, self.naming.capture_content), (), links, _INTERNAL,
                          None, _UNSET, start, end, scope))
-
-        def child(name: str, t0: int, t1: int, attributes: Mapping[str, Any], kind: SpanKind = _INTERNAL,
-                  links: Sequence[Link] = ()) -> None:
-            out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), links, kind,
-                             None, _UNSET, t0, t1, scope))
-
+        hit_links: Sequence[Link] = ()
+        if origin is not None and tier != "miss":  # a hit: the span that generated its answer
+            hit_links = _origin_links(origin, tier)
         l1, l2 = get("cache_l1"), get("cache_l2")
-        looked = 0
+        t = start
         if l1 is not None or l2 is not None:  # else the request did not read the cache
             asked = _TIERS_ASKED[(l1 is not None, l2 is not None)]
             l1, l2 = l1 or 0.0, l2 or 0.0
-            looked = round((l1 + l2) * _MS)
-            tier = result.cache_tier
-            child("ragserve.cache.lookup", start, start + looked, {
-                "ragserve.cache.tier": tier, "ragserve.cache.hit": tier in ("l1", "l2"),
-                "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1, "ragserve.cache.l2_ms": l2})
-        if result.cache_tier != "miss":
+            t = start + round((l1 + l2) * _MS)
+            exact = tier == "l1" or tier == "l2"
+            attributes: dict[str, Any] = {"ragserve.cache.tier": tier, "ragserve.cache.hit": exact,
+                                          "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1,
+                                          "ragserve.cache.l2_ms": l2}
+            out(ReadableSpan("ragserve.cache.lookup", _sampled_context(trace_id), root, resource, attributes,
+                             (), hit_links if exact else (), _INTERNAL, None, _UNSET, start, t, scope))
+        if tier != "miss":
+            if tier == "semantic":
+                self._semantic(result, stages, trace_id, root, t, hit_links)
             return
-        ran = [s for s in _RUN_STAGES if s in stages]
-        if not ran:
-            return
-        if result.shared:  # the run is the leader's, in the leader's trace: here, the wait for it
-            attributes: dict[str, Any] = {f"ragserve.run.{s}_ms": stages[s] for s in ran}
+        if shared:  # the run is the leader's, in the leader's trace: here, the wait for it
+            attributes = {f"ragserve.run.{s}_ms": ms for s in _RUN_STAGES if (ms := get(s)) is not None}
+            if not attributes:
+                return
             if leader is not None:
                 attributes["ragserve.single_flight.leader"] = leader
-            child("ragserve.single_flight.join", start + looked, end, attributes, links=links)
+            out(ReadableSpan("ragserve.single_flight.join", _sampled_context(trace_id), root, resource,
+                             attributes, (), links, _INTERNAL, None, _UNSET, t, end, scope))
             return
         # The run's stages end where the request ends, back to back, in pipeline order.
-        t = end - round(sum(stages[s] for s in ran) * _MS)
-        stage = self.naming.stage
-        for s in ran:
-            name, client, attributes = stage(s, result, stages)
-            t1 = t + round(stages[s] * _MS)
-            child(name, t, t1, attributes, _CLIENT if client else _INTERNAL)
+        ran = [(entry, round(ms * _MS)) for entry in self._stages if (ms := get(entry[0])) is not None]
+        t = end
+        for _, ns in ran:
+            t -= ns
+        for (stage, name, kind, attributes), ns in ran:
+            span_id = _random_bits(64) or 1
+            if attributes is None:  # made per request: the retrieval's and the chat's
+                name, client, attributes = self.naming.stage(stage, result, stages)
+                kind = _CLIENT if client else _INTERNAL
+                if stage == "generate" and generation is not None:
+                    span_id = generation[1]
+            context = _tuple_new(SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
+            t1 = t + ns
+            out(ReadableSpan(name, context, root, resource, attributes, (), (), kind, None, _UNSET, t, t1,
+                             scope))
             t = t1
+
+    def _stage_table(self) -> tuple[tuple[str, str, SpanKind, Mapping[str, Any] | None], ...]:
+        """Per stage of the miss path, in order: its span's name, kind and attributes when
+        they are constant (``genai.Naming.constant``), made once and shared by every span
+        (read-only: ``ReadableSpan.attributes`` is a read-only view); None: per request."""
+        table = []
+        for s in _RUN_STAGES:
+            constant = self.naming.constant(s)
+            if constant is None:
+                table.append((s, "", _INTERNAL, None))
+            else:
+                name, client, attributes = constant
+                table.append((s, name, _CLIENT if client else _INTERNAL, MappingProxyType(attributes)))
+        return tuple(table)
+
+    def _semantic(self, result: Any, stages: Mapping[str, float], trace_id: int, root: SpanContext, t: int,
+                  links: Sequence[Link]) -> None:
+        """A semantic hit's spans after its exact lookup, back to back: the question's
+        embedding (its wait, then the model) and the semantic tier's lookup, which found the
+        answer (and links to the span that generated it)."""
+        out, resource, scope = self._batch.append, self._resource, self._scope
+        for stage, name, _, attributes in self._stages:
+            ms = stages.get(stage) if stage in _SEMANTIC_STAGES else None
+            if ms is not None:
+                t1 = t + round(ms * _MS)
+                out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), (),
+                                 _INTERNAL, None, _UNSET, t, t1, scope))
+                t = t1
+        attributes = {"ragserve.cache.tier": "semantic", "ragserve.cache.hit": True,
+                      "ragserve.cache.semantic.similarity": result.semantic_similarity}
+        if self.naming.capture_content and result.semantic_match is not None:
+            attributes["ragserve.cache.semantic.match"] = result.semantic_match
+        t1 = t + round(stages.get("cache_semantic", 0.0) * _MS)
+        out(ReadableSpan("ragserve.cache.semantic", _sampled_context(trace_id), root, resource, attributes,
+                         (), links, _INTERNAL, None, _UNSET, t, t1, scope))
 
     def _leader(self, result: Any) -> tuple[Sequence[Link], str | None]:
         with self._lock:
@@ -313,6 +409,27 @@ class Tracing:
 
 _TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",),
                 (False, False): ()}
+
+
+def _ids(ref: SpanRef) -> tuple[int, int] | None:
+    """A ``SpanRef``'s ids as ints, or None when they are not a valid W3C trace and span id
+    (a record that says otherwise names no span: no link, never a failed build)."""
+    try:
+        trace_id, span_id = int(ref.trace_id, 16), int(ref.span_id, 16)
+    except (TypeError, ValueError):
+        return None
+    if not (0 < trace_id < 1 << 128 and 0 < span_id < 1 << 64):
+        return None
+    return trace_id, span_id
+
+
+def _origin_links(ref: SpanRef, tier: str) -> Sequence[Link]:
+    """A hit's link to the span that generated the answer it served."""
+    ids = _ids(ref)
+    if ids is None:
+        return ()
+    context = _tuple_new(SpanContext, (ids[0], ids[1], True, _SAMPLED, DEFAULT_TRACE_STATE, True))
+    return [Link(context, {"ragserve.link": "cache.origin", "ragserve.cache.tier": tier})]
 
 
 def _trace_id() -> int:
