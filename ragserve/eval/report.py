@@ -133,9 +133,9 @@ class EvalReport:
         return rows
 
 
-def dataset_info(name: str, kind: str, questions: int, *, path: str | None = None, documents: int | None = None,
-                 labelled: int, sample: int | None = None, seed: int | None = None,
-                 notes: Sequence[str] = ()) -> dict[str, Any]:
+def dataset_info(name: str, kind: str, questions: int, *, path: str | None = None,
+                 documents: int | None = None, labelled: int, sample: int | None = None,
+                 seed: int | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
     """The report's ``dataset`` object (``documents``: None when the questions came without
     documents, to be asked of an existing index)."""
     return {"name": name, "kind": kind, "path": path, "documents": documents, "questions": questions,
@@ -181,7 +181,8 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
         seconds["metrics_pass"] = time.perf_counter() - t
         t = time.perf_counter()
         ref_config = rag.config.replace(cache={"enabled": False})
-        ref = RAG(manifest, exact, _Borrowed(docstore), rag.embedder, None, ref_config) if exact is not None else None
+        ref = (RAG(manifest, exact, _Borrowed(docstore), rag.embedder, None, ref_config)
+               if exact is not None else None)
         try:
             timing = await _latency_pass(rag, ref, index, exact, on_cpu, qv, questions, min(depth, MAX_TOP_K),
                                          progress)
@@ -193,8 +194,8 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
         answer_metrics = rows = stages = None
         if answers:
             t = time.perf_counter()
-            results = await answer_all(rag, questions, concurrency, progress, cache_read=False, cache_write=False,
-                                       top_k=top_k)
+            results = await answer_all(rag, questions, concurrency, progress, cache_read=False,
+                                       cache_write=False, top_k=top_k)
             rows = [score(q, r) for q, r in zip(questions, results)]
             answer_metrics = summarize(rows, time.perf_counter() - t)
             stages = stage_summary([r.timings for r in results if not isinstance(r, Exception)])
@@ -217,8 +218,9 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
                if exact_ranked is not None else None),
         agreement10=(float(np.mean([overlap_at(a, b, DEPTH) for a, b in zip(served_ranked, exact_ranked)]))
                      if exact_ranked is not None and questions else None),
-        single_matches_batched=float(np.mean([s == (b[0] if b else None)
-                                              for s, b in zip(top_single, served_ranked)])) if questions else 0.0,
+        single_matches_batched=(float(np.mean([s == (b[0] if b else None)
+                                               for s, b in zip(top_single, served_ranked)]))
+                                if questions else 0.0),
         answers=answer_metrics, stages=stages, seconds={k: round(v, 3) for k, v in seconds.items()},
         per_question=_per_question(questions, served_ranked, exact_ranked, rows),
     )
