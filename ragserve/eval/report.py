@@ -187,8 +187,8 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
             timing = await _latency_pass(rag, ref, index, exact, on_cpu, qv, questions, min(depth, MAX_TOP_K),
                                          progress)
         finally:
-            if ref is not None:
-                await asyncio.to_thread(ref.close)
+            if ref is not None:  # (shielded: a caller gone mid-report still has it closed)
+                await asyncio.shield(asyncio.to_thread(ref.close))
         seconds["latency_pass"] = time.perf_counter() - t
         top_k = top_k or rag.config.query.top_k
         answer_metrics = rows = stages = None
