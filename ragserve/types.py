@@ -87,7 +87,9 @@ class Timings:
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in asdict(self).items()}
+        # NOTE: not dataclasses.asdict, which deep-copies each float through a recursion
+        # (once per answer, on every path that returns timings).
+        return {name: round(getattr(self, name), 3) for name in _TIMING_NAMES}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Timings:
@@ -96,6 +98,9 @@ class Timings:
 
     def __str__(self) -> str:
         return "  ".join(f"{k}={v:.1f}ms" for k, v in self.as_dict().items())
+
+
+_TIMING_NAMES = tuple(f.name for f in fields(Timings))
 
 
 @dataclass(frozen=True, slots=True)

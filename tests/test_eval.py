@@ -135,7 +135,7 @@ def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, mon
     assert "contains a gold answer" in text and "cut at max_tokens" in text and "extractive baseline" in text
     assert "answers with an ungrounded number or name" in text
     report = orjson.loads(out.read_bytes())
-    assert report["schema"] == "ragserve.eval/1"
+    assert report["schema"] == "ragserve.eval/2"
     assert report["dataset"]["questions"] == 6 and report["dataset"]["sample"] == 6 and report["dataset"]["seed"] == 3
     drawn = sample_questions(load_dataset(squad8).questions, 6, 3)
     assert [r["qid"] for r in report["per_question"]] == [q.qid for q in drawn]

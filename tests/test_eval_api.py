@@ -40,16 +40,18 @@ def test_each_configuration_is_answered_past_the_cache_and_scored_like_the_cli(s
         "concurrency": 2})
     assert r.status_code == 200, r.text
     report = r.json()
-    assert report["schema"] == "ragserve.eval-runs/1" and report["questions"] == 3
-    assert [(run["name"], run["config"]["top_k"]) for run in report["runs"]] == [("k1", 1), ("k3", 3)]
+    assert report["schema"] == "ragserve.eval/2"
+    assert [(r["name"], r["report"]["config"]["top_k"]) for r in report["reports"]] == [("k1", 1), ("k3", 3)]
     assert len(gen.prompts) - before == 2 * 2  # two good questions, two configurations, nothing from the cache
-    for run in report["runs"]:
+    for run in (r["report"] for r in report["reports"]):
+        assert run["schema"] == "ragserve.eval/2" and run["dataset"]["questions"] == 3
+        assert run["dataset"]["kind"] == "questions" and run["dataset"]["labelled"] == 0
         a = run["answers"]
         assert set(a) == {f.name for f in dataclasses.fields(AnswerMetrics)}  # the CLI's answers object
         assert a["questions"] == 3 and a["errors"] == 1  # the blank question fails alone
         rows = run["per_question"]
         assert [row["qid"] for row in rows] == ["q-a", "1", "2"]
-        assert all(set(row) == {"qid", *ANSWER_ROW_KEYS} for row in rows)
+        assert all(set(row) == {"qid", "rank", "rank_exact", *ANSWER_ROW_KEYS} for row in rows)  # the CLI's rows
         assert rows[0]["contains"] == 1.0 and rows[0]["error"] is None  # "an answer more more" holds "answer"
         assert "EmptyQuestionError" in rows[2]["error"] and rows[2]["answer"] == ""
         # a window of the answer's length (4 words) of the top source ("chunk number N", 3 words): all of it
@@ -81,3 +83,87 @@ def test_without_an_admin_key_the_route_is_off(tmp_path):
     with rag, running(create_app(rag, RAGConfig())) as url:
         r = post(f"{url}/admin/eval", headers=AUTH, json={"questions": QUESTIONS})
     assert r.status_code == 404 and "admin endpoints are off" in r.json()["error"]["message"]
+
+
+# -- the endpoint's reports are the CLI's --------------------------------------------------
+
+TIMINGS = {("seconds",), ("served", "search_ms"), ("served", "retrieve_ms"), ("exact", "search_ms"),
+           ("exact", "retrieve_ms"), ("answers", "seconds"), ("stages",)}
+"""Paths of a report whose numbers are wall times: compared by shape (keys, lengths), not value."""
+
+
+def _masked(value, path=()):
+    """``value`` with every number under a timing path replaced by None (keys kept)."""
+    timing = any(path[:len(t)] == t for t in TIMINGS)
+    if isinstance(value, dict):
+        return {k: _masked(v, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, path) for v in value]
+    return None if timing and isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _source_words(prompt: str) -> str:
+    """A fake model's answer that depends on the prompt: its last five capitalised words or
+    numbers (the question's, the sources') and its length in words (how many sources)."""
+    import re
+
+    return " ".join([*re.findall(r"\b(?:[A-Z][a-z]+|\d+)\b", prompt)[-5:], str(len(prompt.split()))])
+
+
+@pytest.mark.integration
+def test_each_report_of_the_endpoint_is_what_ragserve_eval_json_writes(tmp_path, xquad_index, xquad_corpus,
+                                                                       embedder, monkeypatch):
+    """The same questions file and index through ``ragserve eval ... --answers --json`` (in
+    process; the session's embedder instead of a second load of the same model) and through ``POST /admin/eval`` on a server over that index
+    (cache on, bypassed): every key the same everywhere, every value the same but timings
+    and where the questions came from (``dataset.path``). A generator whose answer depends
+    on its prompt, so a configuration's ``top_k`` shows in the answers."""
+    import orjson
+    from typer.testing import CliRunner
+
+    from ragserve import RAG
+    from ragserve.cli.main import app
+
+    _, qs = xquad_corpus
+    picked = qs[::40]  # six questions over the eight articles
+    questions = [{"id": f"q{i}", "question": q["question"], "answers": q["answers"], "relevant": [q["doc_id"]]}
+                 for i, q in enumerate(picked)]
+    questions.append({"id": "free", "question": "Who rules the kingdom?", "answers": ["the king"]})  # unlabelled
+    body = {"name": "xquad-slice", "questions": questions}
+    (tmp_path / "questions.json").write_bytes(orjson.dumps(body))
+    monkeypatch.setattr("ragserve.generators.make_generator", lambda cfg: FakeGenerator(delay=0, answer=_source_words))
+    monkeypatch.setattr("ragserve.retrieval.embed.SentenceTransformerEmbedder", lambda cfg: embedder)
+    monkeypatch.setenv("RAGSERVE_PROMPT_MAX_SCORE_GAP", "0")  # every source retrieved goes into the prompt
+
+    cli = {}
+    for top_k in (1, 4):
+        out = tmp_path / f"k{top_k}.json"
+        run = CliRunner().invoke(app, ["eval", str(tmp_path / "questions.json"), "--index", str(xquad_index),
+                                       "--answers", "--top-k", str(top_k), "--concurrency", "4", "--json", str(out)])
+        assert run.exit_code == 0, run.output
+        cli[top_k] = orjson.loads(out.read_bytes())
+
+    config = RAGConfig().replace(server={"admin_key": ADMIN}, prompt={"max_score_gap": 0})
+    gen = FakeGenerator(delay=0, answer=_source_words)
+    with RAG.from_index(xquad_index, config, embedder=embedder, generator=gen) as rag, \
+            running(create_app(rag, config)) as url:
+        r = post(f"{url}/admin/eval", headers=AUTH, json={
+            **body, "configs": [{"name": "k1", "top_k": 1}, {"name": "k4", "top_k": 4}], "concurrency": 4})
+    assert r.status_code == 200, r.text
+    served = r.json()
+    assert served["schema"] == "ragserve.eval/2" and [e["name"] for e in served["reports"]] == ["k1", "k4"]
+
+    for top_k, entry in zip((1, 4), served["reports"]):
+        mine, theirs = cli[top_k], entry["report"]
+        assert theirs["dataset"]["path"] is None and mine["dataset"]["path"] == str(tmp_path / "questions.json")
+        mine["dataset"]["path"] = None
+        assert _masked(theirs) == _masked(mine), top_k
+        # ...and what was compared is a real report: the index against exact fp32, answers, stages
+        assert theirs["schema"] == "ragserve.eval/2" and theirs["config"] == {"top_k": top_k, "concurrency": 4}
+        assert theirs["index"]["exact_from"] == "re-embedded" and theirs["dataset"]["labelled"] == len(picked) == 6
+        assert theirs["served"]["hit"]["10"] == 1.0 and theirs["exact"]["hit"]["1"] >= 0.5
+        assert theirs["answers"]["questions"] == 7 and theirs["answers"]["errors"] == 0
+        assert all(theirs["stages"][s]["count"] == 7 for s in ("embed", "search", "generate", "total"))
+        assert theirs["per_question"][-1]["rank"] is None  # the unlabelled question
+    # top_k reaches the answers: one source or four in the prompt, other words answered
+    assert [r["answer"] for r in cli[1]["per_question"]] != [r["answer"] for r in cli[4]["per_question"]]

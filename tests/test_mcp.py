@@ -312,3 +312,55 @@ def test_stdio_refuses_a_missing_index_with_one_line_and_status_1(tmp_path):
 
     r = CliRunner().invoke(app, ["mcp", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "no index folder" in r.output
+
+
+@pytest.mark.integration
+def test_the_real_command_over_stdio_retrieves_with_the_default_embedder(xquad_index, xquad_corpus, embedder, tmp_path):
+    """Literally ``python -m ragserve.cli mcp INDEX --lazy``: the default configuration and
+    embedding model, the SDK's stdio client. ``retrieve`` needs no generation engine, and
+    ``--lazy`` starts none until ``answer``. A ``RAGSERVE_HOME`` without the prepared
+    language model makes any start fail before vLLM runs (so this never starts one): a start
+    at launch would fail the launch, and the ``answer`` call shows the start happening there."""
+    from ragserve import RAG
+
+    _, qs = xquad_corpus
+    q = next(q for q in qs if "Super Bowl 50" in q["question"])
+    with RAG.from_index(xquad_index, RAGConfig(), start_engine=False, embedder=embedder) as rag:
+        expected = [(s.doc_id, s.chunk_id, s.score) for s in rag.retrieve(q["question"], top_k=3)]
+    stray, errlog = [], tmp_path / "stderr.log"
+
+    async def stray_lines(message):
+        if isinstance(message, Exception):
+            stray.append(message)
+
+    env = {**os.environ, "RAGSERVE_HOME": str(tmp_path / "home")}
+    params = StdioServerParameters(command=sys.executable, args=["-m", "ragserve.cli", "mcp", str(xquad_index),
+                                                                 "--lazy"], env=env)
+
+    async def session():
+        with open(errlog, "w") as err:
+            async with Client(stdio_client(params, errlog=err), message_handler=stray_lines) as c:
+                marks.append(time.perf_counter())
+                tools = sorted(t.name for t in (await c.list_tools()).tools)
+                retrieved = await c.call_tool("retrieve", {"question": q["question"], "top_k": 3})
+                marks.append(time.perf_counter())
+                answered = await c.call_tool("answer", {"question": q["question"]})
+                marks.append(time.perf_counter())
+                return tools, retrieved, answered
+
+    marks = [time.perf_counter()]
+    tools, retrieved, answered = asyncio.run(asyncio.wait_for(session(), 120))
+    marks.append(time.perf_counter())
+    log = errlog.read_text()
+    assert tools == ["answer", "retrieve"], log
+    assert not retrieved.is_error, retrieved.content
+    sources = retrieved.structured_content["sources"]
+    assert sources[0]["doc_id"] == q["doc_id"]  # the question's own paragraph, first
+    assert [(s["doc_id"], s["chunk_id"]) for s in sources] == [e[:2] for e in expected]
+    assert [s["score"] for s in sources] == pytest.approx([e[2] for e in expected], abs=1e-4)
+    text = answered.content[0].text
+    assert answered.is_error and "ModelError" in text and "not prepared" in text, text  # started here
+    assert stray == []  # nothing but JSON-RPC reached stdout
+    assert "stdin closed, stopped" in log
+    print("stdio: launch to connected {:.1f} s, tools and retrieve {:.2f} s, answer {:.2f} s, "
+          "stop {:.1f} s".format(*(b - a for a, b in zip(marks, marks[1:]))))

@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 
 _PHASES = {"embed": "embedding chunks", "train": "training IVF centroids", "add": "adding vectors",
-           "questions": "embedding questions", "latency": "timing single questions", "answers": "generating answers",
+           "questions": "embedding questions", "reference": "embedding chunks for the exact reference",
+           "latency": "timing single questions", "answers": "generating answers",
            "hash": "hashing source files", "read": "reading and chunking files"}
 
 
@@ -103,10 +104,14 @@ def print_result(result: Any, console_: Console | None = None) -> None:
 def print_eval(out: Console, report: Any) -> None:
     from rich.table import Table
 
+    from ragserve.eval.report import REEMBED_MAX
+
     d, i = report.dataset, report.index
     params = ", ".join(f"{k}={v}" for k, v in i["params"].items())
     search = ", ".join(f"{k}={v}" for k, v in i["search"].items())
-    out.print(f"[bold]{d['name']}[/] ({d['kind']}): {d['documents']} documents, {d['questions']} questions; "
+    docs = "no documents" if d["documents"] is None else f"{d['documents']} documents"
+    out.print(f"[bold]{d['name']}[/] ({d['kind']}): {docs}, {d['questions']} questions "
+              f"({d['labelled']} with relevant documents); "
               f"index {i['type']}{f' ({params}; in use: {search})' if params else ''} over {i['chunks']} chunks, "
               f"{'reused' if i['reused'] else 'built'}: {i['path']}", highlight=False)
     for note in d["notes"]:
@@ -115,7 +120,10 @@ def print_eval(out: Console, report: Any) -> None:
     for row in report.rows():
         table.add_row(*row)
     out.print(table)
-    out.print("  latency: one question per call; rag.retrieve = embed + search + docload", highlight=False)
+    if report.exact is None:
+        out.print(f"  no exact reference: the index keeps no float32 vectors and has more than {REEMBED_MAX:,} "
+                  "chunks to embed again", highlight=False)
+    out.print("  latency: one question per call; retrieve = embed + search + docload", highlight=False)
     out.print(f"  single-question top document equals the batched pass for {report.single_matches_batched:.1%}"
               f" of questions; seconds {report.seconds}", highlight=False)
     if report.answers is not None:
@@ -134,6 +142,9 @@ def print_eval(out: Console, report: Any) -> None:
         out.print(table)
         out.print("  extractive baseline: the top source's window of the answer's own length with the most "
                   "question words (no model); the generator adds the difference", highlight=False)
+        stages = ", ".join(f"{name} {s['p50_ms']:.1f}/{s['p95_ms']:.1f}" for name, s in (report.stages or {}).items())
+        out.print(f"  top_k {report.config['top_k']}, {report.config['concurrency']} in flight; "
+                  f"stage ms p50/p95: {stages}", highlight=False)
 
 
 def stats_view(data: dict[str, Any]) -> dict[str, Any]:

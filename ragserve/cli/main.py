@@ -136,8 +136,10 @@ def query_cmd(
 @app.command("eval")
 @fails_cleanly
 def eval_cmd(
-    dataset: Annotated[Path, typer.Argument(help="A SQuAD-style .json file or a BEIR folder "
-                                                 "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv).")],
+    dataset: Annotated[Path, typer.Argument(help="A SQuAD-style .json file, a BEIR folder "
+                                                 "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv), or a questions "
+                                                 "file ({\"questions\": [...]}, POST /admin/eval's body) to ask "
+                                                 "of the existing index --index.")],
     index_dir: Annotated[Optional[Path], typer.Option(
         "--index", help="Evaluation index folder (default indexes/eval-NAME-TYPE); reused if it matches.")] = None,
     index_type: IndexTypeOpt = None,
@@ -151,6 +153,9 @@ def eval_cmd(
         min=1, help="N questions drawn with random.Random(SEED).sample from the file's order "
                     "(--answers --sample 200 --seed 1 is the answer-quality protocol).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 1,
+    top_k: Annotated[Optional[int], typer.Option(
+        min=1, max=100, help="Chunks retrieved for each answer (default: query.top_k).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Answers in flight at once.")] = 16,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -160,13 +165,13 @@ def eval_cmd(
     cfg = load_config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     with progress_bars(console) as on_progress:
         report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
-                          max_questions=max_questions, sample=sample, seed=seed, progress=on_progress)
+                          max_questions=max_questions, sample=sample, seed=seed, top_k=top_k,
+                          concurrency=concurrency, progress=on_progress)
     print_eval(out, report)
     if json_path is not None:
         import orjson
 
-        json_path.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
-                                           | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        json_path.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         out.print(f"report written to {json_path}")
 
 

@@ -7,6 +7,11 @@ keeps the real fd 1 for the protocol on a private descriptor and points fd 1 at 
 (and fd 0 at the null device) while it serves. The engine is opened after that, in the
 server's lifespan, so what it and its child processes (vLLM's engine core) print, from
 Python or C, lands on stderr, which assistants show as the server's log.
+
+With ``--lazy`` the generation engine is not started with the server but by the first
+``answer`` that misses the cache (``RAG.from_index(start_engine=False)``): ``retrieve``
+needs only the index and the embedding model. While it starts (~30 s for vLLM on 2 CPU
+cores) the engine loop is busy, so calls made beside that first ``answer`` can wait with it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ def mcp_cmd(
     namespace: Annotated[Optional[str], typer.Option(
         help="The cache namespace of this assistant's answers (cache.namespace).")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="As for serve (cache.redis_url).")] = None,
+    lazy: Annotated[bool, typer.Option(
+        "--lazy", help="Start the generation engine on the first `answer` call instead of at launch: the "
+                       "assistant connects as soon as the index and the embedding model are open, and one "
+                       "that only calls `retrieve` never loads the language model.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Serve INDEX's MCP tools over stdio (Model Context Protocol) for a local assistant:
@@ -52,7 +61,7 @@ def mcp_cmd(
 
         raise IndexNotFoundError(Path(index))
     try:
-        anyio.run(serve_stdio, index, cfg)
+        anyio.run(lambda: serve_stdio(index, cfg, start_engine=not lazy))
     except KeyboardInterrupt:
         pass
     except Exception as e:  # noqa: BLE001 - the SDK's task groups wrap what the lifespan raised
@@ -65,7 +74,8 @@ def mcp_cmd(
 
 async def serve_stdio(index: Path, cfg: Any, **open_kwargs: Any) -> None:
     """Open ``index`` and serve its MCP tools on this process's stdin/stdout until stdin
-    closes. ``open_kwargs``: as for ``RAG.from_index`` (an embedder or generator)."""
+    closes. ``open_kwargs``: as for ``RAG.from_index`` (an embedder or generator;
+    ``start_engine=False``: the engine starts on the first miss)."""
     from ragserve._version import __version__
     from ragserve.rag import RAG
     from ragserve.server.mcp_tools import build_mcp

@@ -5,6 +5,11 @@
   (``Title#i``; a paragraph text that occurs twice is one document); a question's one
   relevant document is its own paragraph, and its gold answers are kept for ``--answers``.
   ``squad_paragraphs`` gives the paragraphs as the file lays them out (title, position).
+- **Questions** (``kind="questions"``): a ``.json`` file ``{"questions": [{"question",
+  "answers": [...], "id", "relevant": [doc ids] or {doc id: grade}}], "name"}``, questions
+  without documents, asked of an existing index (the body of ``POST /admin/eval`` is one;
+  its other keys are the endpoint's and are not read here). ``answers``, ``id`` and
+  ``relevant`` are optional; a question without ``relevant`` counts in no retrieval metric.
 - **BEIR**: a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
   (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``,
   with a header line). Questions are the queries with at least one judgment > 0; there are
@@ -43,7 +48,7 @@ class EvalQuestion:
 @dataclass(frozen=True)
 class EvalDataset:
     name: str
-    kind: Literal["squad", "beir"]
+    kind: Literal["squad", "beir", "questions"]
     path: Path
     documents: list[Document]
     questions: list[EvalQuestion]
@@ -69,6 +74,9 @@ def load_dataset(path: Path | str, split: str = "test") -> EvalDataset:
     """
     path = Path(path)
     if path.is_file():
+        data = _json(path, path.read_bytes())
+        if isinstance(data, dict) and "questions" in data and "data" not in data:
+            return load_questions(path, data)
         return load_squad(path)
     if path.is_dir() and (path / "corpus.jsonl").is_file():
         return load_beir(path, split)
@@ -137,6 +145,45 @@ def load_squad(path: Path) -> EvalDataset:
     if not docs or not questions:
         raise DatasetError(path, "no paragraphs with questions")
     return EvalDataset(path.stem, "squad", path, docs, questions)
+
+
+def load_questions(path: Path, data: Any = None) -> EvalDataset:
+    """A questions file (see the module docstring): no documents; the name is its ``name``
+    or the file's stem."""
+    if data is None:
+        data = _json(path, path.read_bytes())
+    items = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items:
+        raise DatasetError(path, 'not a questions file: expected {"questions": [{"question": ...}, ...]}')
+    try:
+        questions = parse_questions(items)
+    except ValueError as e:
+        raise DatasetError(path, str(e)) from None
+    return EvalDataset(str(data.get("name") or path.stem), "questions", path, [], questions)
+
+
+def parse_questions(items: list[Any]) -> list[EvalQuestion]:
+    """Questions as JSON values (a questions file's, or ``POST /admin/eval``'s validated
+    body) into ``EvalQuestion``s: the id is ``id`` or the position; ``relevant`` a list of
+    document ids (grade 1 each) or ids with grades. Raises ``ValueError`` naming the item."""
+    out = []
+    for i, item in enumerate(items):
+        where = f"questions[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise ValueError(f"{where}: expected an object with a string 'question'")
+        answers = item.get("answers") or []
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}.answers: expected a list of strings")
+        relevant = item.get("relevant") or {}
+        if isinstance(relevant, list) and all(isinstance(d, str) for d in relevant):
+            relevant = dict.fromkeys(relevant, 1)
+        elif not (isinstance(relevant, dict) and all(isinstance(d, str) and isinstance(g, int)
+                                                     and not isinstance(g, bool) for d, g in relevant.items())):
+            raise ValueError(f"{where}.relevant: expected a list of document ids or {{document id: grade}}")
+        qid = item.get("id")
+        out.append(EvalQuestion(str(qid) if qid is not None else str(i), item["question"], dict(relevant),
+                                tuple(answers)))
+    return out
 
 
 def load_beir(folder: Path, split: str = "test") -> EvalDataset:

@@ -50,7 +50,12 @@ def add_mcp_route(app: Any, served: Any, version: str = "") -> MCPServer:
                        request_id_of=_request_id, version=version)
     # NOTE: the SDK's own app is not mounted (its lifespan would never run, and a Mount
     # answers "/mcp" only with a redirect to "/mcp/"): its one route is taken instead.
+    # json_response: each call's reply is one JSON body, not an SSE stream (a stream per POST
+    # that carries one message, framed and parsed as events on both sides). The cost: no
+    # message of the server's own within a call (progress, logging, sampling), which these
+    # tools never send.
     sdk_app = server.streamable_http_app(streamable_http_path=PATH, stateless_http=s.mcp_stateless,
+                                         json_response=True,
                                          max_request_body_size=s.max_body_bytes,
                                          session_idle_timeout=s.mcp_session_idle_s,
                                          max_sessions=s.mcp_max_sessions,
@@ -94,8 +99,10 @@ def _host_checks(s: ServerConfig) -> TransportSecuritySettings | None:
 
 
 def _tenant(served: Any, ctx: Context) -> str | None:
+    if served.keys is None:  # before the request context: no keys, no tenant, per call
+        return None
     request = ctx.request_context.request
-    if served.keys is None or request is None:
+    if request is None:
         return None
     return served.keys.namespace(request.headers.get("authorization"))
 

@@ -19,14 +19,17 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import orjson
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
+from mcp.server.mcpserver.tools import Tool
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ragserve.errors import OverloadedError, RagserveError
 from ragserve.server.common import source_json
+from ragserve.server.schemas import inline_schema
 
 log = logging.getLogger("ragserve.mcp")
 
@@ -84,35 +87,58 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
     the caller (None: ``cache.namespace``); ``request_id_of(ctx)``: the request id to give
     the engine (None: a new one); ``lifespan``: the SDK's (``ragserve mcp`` opens the
     engine in it)."""
-    root = logging.getLogger()
-    kept = root.handlers[:], root.level
-    server: MCPServer = MCPServer("ragserve", version=version, instructions=INSTRUCTIONS, lifespan=lifespan,
-                                  log_level="WARNING")
-    # NOTE: MCPServer() calls logging.basicConfig (a rich handler on the root logger) when
-    # the root has none: logging is the application's to configure, not a library's.
-    root.handlers[:], root.level = kept
     read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
-    @server.tool(title="Retrieve passages", annotations=read_only, structured_output=True)
-    async def retrieve(question: Question, ctx: Context, top_k: TopK = None) -> Retrieval:
+    # NOTE: each tool returns its result built once (``tool_result``), under the output
+    # schema of its model (``Annotated[CallToolResult, Model]``: the SDK still checks the
+    # structured content against it), rather than the model itself, which the SDK would turn
+    # into JSON text with indentation and dump again for the structured content, per call.
+    async def retrieve(question: Question, ctx: Context,
+                       top_k: TopK = None) -> Annotated[CallToolResult, Retrieval]:
         """The passages of the indexed collection most relevant to a question, best first,
         with their similarity scores and document ids. No text is generated."""
         sources = await _call(ctx, "retrieve", rag_of().aretrieve(question, top_k))
-        return Retrieval(sources=[ToolSource(**source_json(s)) for s in sources])
+        return tool_result({"sources": [source_json(s) for s in sources]})
 
-    @server.tool(title="Answer from the collection", annotations=read_only, structured_output=True)
-    async def answer(question: Question, ctx: Context, top_k: TopK = None) -> Answer:
+    async def answer(question: Question, ctx: Context,
+                     top_k: TopK = None) -> Annotated[CallToolResult, Answer]:
         """A short answer to a question, generated from the most relevant passages of the
         indexed collection, with those passages as its sources."""
         namespace = tenant_of(ctx) if tenant_of is not None else None
         rid = request_id_of(ctx) if request_id_of is not None else None
         r = await _call(ctx, "answer",
                         rag_of().aquery(question, namespace=namespace, request_id=rid, top_k=top_k))
-        return Answer(answer=r.answer, sources=[ToolSource(**source_json(s)) for s in r.sources],
-                      cache_tier=r.cache_tier, model=r.model, request_id=r.request_id,
-                      timings_ms=r.timings.as_dict())
+        return tool_result({"answer": r.answer, "sources": [source_json(s) for s in r.sources],
+                            "cache_tier": r.cache_tier, "model": r.model, "request_id": r.request_id,
+                            "timings_ms": r.timings.as_dict()})
 
+    tools = [_tool(retrieve, "Retrieve passages", read_only),
+             _tool(answer, "Answer from the collection", read_only)]
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    server: MCPServer = MCPServer("ragserve", version=version, instructions=INSTRUCTIONS, lifespan=lifespan,
+                                  log_level="WARNING", tools=tools)
+    # NOTE: MCPServer() calls logging.basicConfig (a rich handler on the root logger) when
+    # the root has none: logging is the application's to configure, not a library's.
+    root.handlers[:], root.level = kept
     return server
+
+
+def _tool(fn: Callable[..., Any], title: str, annotations: ToolAnnotations) -> Tool:
+    """``fn`` as a tool with structured output, whose published output schema has its
+    ``$defs`` written in place (``schemas.inline_schema``): a client checks every result
+    against it (the SDK's client with ``jsonschema``), and following a ``$ref`` there costs
+    as much as the rest of the check (one per source of a result)."""
+    tool = Tool.from_function(fn, title=title, annotations=annotations, structured_output=True)
+    tool.fn_metadata.output_schema = inline_schema(tool.fn_metadata.output_schema)
+    return tool
+
+
+def tool_result(structured: dict[str, Any]) -> CallToolResult:
+    """A tool's result: ``structured`` as its structured content and, for clients that read
+    only text, the same object as one compact JSON text block (serialized once, by orjson)."""
+    return CallToolResult(content=[TextContent(type="text", text=orjson.dumps(structured).decode())],
+                          structured_content=structured)
 
 
 async def _call(ctx: Context, tool: str, work: Any) -> Any:

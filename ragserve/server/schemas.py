@@ -93,6 +93,9 @@ class EvalQuestionIn(BaseModel):
     question: str = Field(min_length=1, description="Validated by the engine like any question.")
     answers: list[str] = Field(min_length=1, max_length=32, description="Gold answers (any one counts).")
     id: str | None = Field(default=None, max_length=256, description="Its id in the report (default: its position).")
+    relevant: list[str] | dict[str, int] | None = Field(
+        default=None, description="The documents that answer it (doc ids, or doc id: grade > 0), for the retrieval "
+                                  "metrics; a question without them counts in none.")
 
 
 class EvalVariant(BaseModel):
@@ -104,7 +107,8 @@ class EvalVariant(BaseModel):
 
 class EvalRequest(BaseModel):
     """``POST /admin/eval``: the caller's questions with gold answers, answered once per
-    configuration with the answer cache bypassed, and scored as ``ragserve eval --answers``."""
+    configuration with the answer cache bypassed; per configuration, the report ``ragserve
+    eval`` writes for the same questions (this body is a questions file) and index."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -112,6 +116,8 @@ class EvalRequest(BaseModel):
     configs: list[EvalVariant] = Field(default_factory=lambda: [EvalVariant(name="served")], min_length=1,
                                        max_length=4)
     concurrency: int = Field(default=8, ge=1, le=64, description="Questions in flight at once, per configuration.")
+    name: str = Field(default="request", min_length=1, max_length=256,
+                      description="The question set's name in the reports (a questions file's `name`).")
 
     @field_validator("configs")
     @classmethod
@@ -120,3 +126,50 @@ class EvalRequest(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"configuration names must differ, got {names}")
         return v
+
+
+def inline_schema(model: Any) -> dict[str, Any]:
+    """``model``'s JSON schema (a pydantic model, or a schema already) with its ``$defs``
+    written in place: for ``openapi_extra``, where ``#/$defs/...`` would not resolve."""
+    schema = model.model_json_schema() if isinstance(model, type) and issubclass(model, BaseModel) else model
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk({**defs[node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _report_schema(field: dict[str, Any]) -> None:
+    from pydantic import TypeAdapter
+
+    from ragserve.eval.report import SCHEMA, EvalReport
+
+    report = inline_schema(TypeAdapter(EvalReport).json_schema())
+    report["properties"] = {"schema": {"type": "string", "const": SCHEMA}, **report["properties"]}
+    report["required"] = ["schema", *report.get("required", [])]
+    report["description"] = ("One configuration's report: what `ragserve eval QUESTIONS.json --index INDEX "
+                             "--answers --top-k K --concurrency C --json` writes for the same questions and index "
+                             "(docs/eval.md).")
+    field.clear()
+    field.update(report)
+
+
+class EvalReportEntry(BaseModel):
+    name: str = Field(description="The configuration's name.")
+    report: dict[str, Any] = Field(json_schema_extra=_report_schema)
+
+
+class EvalReports(BaseModel):
+    """The reply of ``POST /admin/eval``: one report per configuration, in the request's order."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: str = Field(alias="schema", description="ragserve.eval/2: the reports' shape and this list's.")
+    reports: list[EvalReportEntry]

@@ -106,11 +106,13 @@ class FakeGenerator:
     """A ``types.Generator`` that answers ``words`` pieces ``delay`` seconds apart, and
     fails for a prompt that contains ``fail_on``. While ``hold`` is True, every stream waits
     before its next piece: a test keeps generations in flight for as long as it needs (no
-    delay to outlast), then clears it."""
+    delay to outlast), then clears it. ``answer(prompt) -> str``: answer that instead, a
+    word per piece (an answer that depends on the prompt: its sources, its question)."""
 
     model_name = "fake-llm"
 
-    def __init__(self, fail_on=None, delay=0.01, words=2):
+    def __init__(self, fail_on=None, delay=0.01, words=2, answer=None):
+        self.answer = answer
         self.prompts = []
         self.request_ids = []
         self.priorities = []
@@ -141,7 +143,10 @@ class FakeGenerator:
         self.priorities.append(priority)
         self.running += 1
         try:
-            pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]
+            if self.answer is not None:
+                pieces = [(" " if i else "") + w for i, w in enumerate(self.answer(prompt).split())] or [""]
+            else:
+                pieces = (["an", " answer"] + [" more"] * self.words)[: self.words]
             for piece in pieces:
                 while self.hold:
                     await asyncio.sleep(0.005)
