@@ -23,7 +23,7 @@ demo: setup
 
 test: setup $(BENCH_PEER)/.installed
 	@bash scripts/setup-test-system.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not engine"

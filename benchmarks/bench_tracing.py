@@ -8,15 +8,21 @@ the SDK's encoder or ``observe/otlp.py``'s, as an OTLP export would, and drops t
 The miss path here is the fakes' (``ragserve.testing.fakes``: fake embedder, a generator
 that answers at once): the pipeline's own work with no model, so the spans' cost is the
 largest share it can be. With a real model a miss takes a second, and the same cost in
-µs is a smaller share still. Prints hardware and versions at the top.
+µs is a smaller share still. ``--engine`` measures that real miss path instead: the XQuAD
+index (``--index``, built if missing), the real embedder and the default vLLM engine, each
+block's misses distinct questions of XQuAD asked ``--concurrency`` at a time. Prints hardware
+and versions at the top.
 
 Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--blocks 4] [--encode none]
+       python benchmarks/bench_tracing.py --engine [--misses 96] [--blocks 4] [--max-tokens 16]
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import harness
 from harness import pcts
@@ -59,10 +65,12 @@ def hits(rag, n: int) -> list[float]:
     return out
 
 
-def misses(rag, n: int, block: int, tracing=None) -> tuple[float, float]:
+def misses(rag, n: int, block: int, tracing=None, questions=None) -> tuple[float, float]:
     """Requests/s and CPU µs per request (every thread of this process: the tracing thread's
-    building and export included, flushed before the clocks stop)."""
-    questions = [f"chunk number {i % 8} asked {block} {i}" for i in range(n)]
+    building and export included, flushed before the clocks stop; with ``--engine`` the
+    engine core's own process is not in it)."""
+    if questions is None:
+        questions = [f"chunk number {i % 8} asked {block} {i}" for i in range(n)]
     t0, c0 = time.perf_counter(), time.process_time()
     results = rag.query_batch(questions)
     if tracing is not None:
@@ -79,10 +87,17 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--encode", choices=("none", "sdk", "ragserve"), default="none",
                     help="serialize the spans as OTLP protobuf (whose encoder) before dropping them")
+    ap.add_argument("--engine", action="store_true",
+                    help="the real miss path: the XQuAD index, the real embedder, the default vLLM engine")
+    ap.add_argument("--index", type=Path, default=harness.XQUAD_INDEX,
+                    help="--engine: the index (built if missing)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="--engine: tokens per answer")
+    ap.add_argument("--concurrency", type=int, default=8, help="--engine: misses asked at once")
     args = ap.parse_args()
+    if args.engine and args.misses == 2_000:
+        args.misses = 96
     env = harness.environment("opentelemetry-sdk", gpu=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        rag = fake_rag(tmp, FakeGenerator(delay=0.0), query={"max_in_flight": 64})
+    with opened(args) as (rag, pool):
         exporter = Dropped(encoder(args.encode))
         tracing = make_tracing(rag.config, exporter)
         rag.query("chunk number 1")
@@ -94,24 +109,50 @@ def main() -> None:
                     rag.observers.add(tracing)
                 rows[mode]["hits"] += hits(rag, args.hits // args.blocks)
                 n, traced = args.misses // args.blocks, tracing if mode == "on" else None
-                rows[mode]["misses"].append(misses(rag, n, block * 2 + (mode == "on"), traced))
+                asked = None if pool is None else [pool.pop() for _ in range(n)]
+                rows[mode]["misses"].append(misses(rag, n, block * 2 + (mode == "on"), traced, asked))
                 rag.observers.remove(tracing)
         tracing.flush()
-        rag.close()
     print("\n".join(harness.run_lines(env)))
     print(f"- spans exported (dropped) while on: {exporter.spans}; OTLP encoder: {args.encode}"
           f" ({exporter.bytes} bytes)\n")
-    print("| tracing | L1 hit p50 µs | p99 µs | miss path (fakes) req/s, per block | CPU µs per miss |")
+    path = "real engine" if args.engine else "fakes"
+    print(f"| tracing | L1 hit p50 µs | p99 µs | miss path ({path}) req/s, per block "
+          "| CPU µs per miss (this process) |")
     print("|---|---|---|---|---|")
     mean = {}
     for mode, r in rows.items():
         p50, p99 = pcts(r["hits"], 50, 99)
         rates, cpus = [m[0] for m in r["misses"]], [m[1] for m in r["misses"]]
         mean[mode] = (sum(rates) / len(rates), sum(cpus) / len(cpus))
-        per_block = " / ".join(f"{x:.0f}" for x in rates)
+        per_block = " / ".join(f"{x:.2f}" if args.engine else f"{x:.0f}" for x in rates)
         print(f"| {mode} | {p50:.1f} | {p99:.1f} | {per_block} | {mean[mode][1]:.0f} |")
     print(f"\nmiss throughput on/off: {mean['on'][0] / mean['off'][0]:.3f}; "
           f"CPU per miss on/off: {mean['on'][1] / mean['off'][1]:.3f}")
+
+
+@contextmanager
+def opened(args):  # type: ignore[no-untyped-def]
+    """The ``RAG`` the run measures, and (``--engine``) the distinct questions its misses ask."""
+    if not args.engine:
+        with tempfile.TemporaryDirectory() as tmp, \
+                fake_rag(tmp, FakeGenerator(delay=0.0), query={"max_in_flight": 64}) as rag:
+            yield rag, None
+        return
+    import bench_serving_workload as wl
+
+    from ragserve import RAG, RAGConfig
+    from ragserve.eval.datasets import load_dataset
+
+    cfg = RAGConfig.load().replace(generate={"max_tokens": args.max_tokens},
+                                   query={"max_in_flight": args.concurrency})
+    print(f"- index: {wl.ensure_index(args.index, harness.XQUAD, cfg)}")
+    questions = list(dict.fromkeys(q.text for q in load_dataset(harness.XQUAD).questions))
+    need = 2 * args.misses + 1  # --misses for each mode, and the hits' question
+    if len(questions) < need:
+        raise SystemExit(f"--misses {args.misses}: XQuAD has {len(questions)} distinct questions")
+    with RAG.from_index(args.index, cfg) as rag:
+        yield rag, questions[1:need][::-1]
 
 
 if __name__ == "__main__":
