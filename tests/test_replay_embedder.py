@@ -58,6 +58,7 @@ def test_sharing_gives_the_shared_embedder_for_its_config_only():
     with sharing(memo):
         assert embed.SentenceTransformerEmbedder(EmbedConfig()) is memo
         assert embed.SentenceTransformerEmbedder() is memo
+        assert embed.SentenceTransformerEmbedder(config=EmbedConfig()) is memo
         other = embed.SentenceTransformerEmbedder(EmbedConfig(batch_size=8))
         assert isinstance(other, real) and other.config.batch_size == 8
     assert embed.SentenceTransformerEmbedder is real

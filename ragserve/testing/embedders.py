@@ -77,10 +77,10 @@ def sharing(embedder: Any) -> Iterator[None]:
     from ragserve.retrieval import embed
 
     real = embed.SentenceTransformerEmbedder
-    config = embedder.config
+    shared = embedder.config
 
-    def make(cfg: Any = None) -> Any:
-        return embedder if (cfg or type(config)()) == config else real(cfg)
+    def make(config: Any = None) -> Any:  # the real constructor's signature
+        return embedder if (config or type(shared)()) == shared else real(config)
 
     embed.SentenceTransformerEmbedder = make  # type: ignore[assignment, misc]
     try:
