@@ -69,13 +69,25 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
-def xquad_index(tmp_path_factory, xquad_corpus, embedder) -> Path:
-    """A real fp16 index over 8 XQuAD articles (about 40 paragraphs)."""
+def replay_embedder(embedder):
+    """The session's MiniLM, computing each identical ``encode`` call once (the same texts
+    in the same order, the same batch size: then the model's own vectors again). For tests
+    that build over the same texts but do not test the model; ``ragserve.testing.embedders``
+    says what it assumes, and which tests must use ``embedder`` instead."""
+    from ragserve.testing.embedders import ReplayEmbedder
+
+    return ReplayEmbedder(embedder)
+
+
+@pytest.fixture(scope="session")
+def xquad_index(tmp_path_factory, xquad_corpus, replay_embedder) -> Path:
+    """A real fp16 index over 8 XQuAD articles (about 40 paragraphs). Built through
+    ``replay_embedder``, so that a test's own build of the same corpus replays its call."""
     from ragserve.build.builder import build_index
     from ragserve.config import RAGConfig
 
     out = tmp_path_factory.mktemp("indexes") / "xquad"
-    build_index(xquad_corpus[0], out, RAGConfig(), embedder=embedder)
+    build_index(xquad_corpus[0], out, RAGConfig(), embedder=replay_embedder)
     return out
 
 

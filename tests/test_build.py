@@ -13,6 +13,7 @@ from ragserve.config import RAGConfig
 from ragserve.errors import ConfigError, IndexIntegrityError, IndexMismatchError, IngestError
 from ragserve.index.manifest import MANIFEST_FILE, fingerprint
 from ragserve.index.verify import verify
+from ragserve.testing.embedders import sharing
 
 pytestmark = pytest.mark.integration
 
@@ -36,24 +37,27 @@ def test_manifest_records_what_the_issue_asks(xquad_index, xquad_corpus):
     assert m["files"]["index.faiss"]["bytes"] < m["counts"]["chunks"] * 384 * 2 + 4096
 
 
-def test_retrieval_finds_the_gold_paragraph(xquad_index, xquad_corpus, embedder):
+def test_retrieval_finds_the_gold_paragraph(xquad_index, xquad_corpus, replay_embedder):
     from ragserve import RAG
 
     questions = xquad_corpus[1][::5]
-    with RAG.from_index(xquad_index, start_engine=False) as rag:
+    with RAG.from_index(xquad_index, start_engine=False, embedder=replay_embedder) as rag:
         hits = [q["doc_id"] in {s.doc_id for s in rag.retrieve(q["question"], top_k=3)} for q in questions]
     assert sum(hits) / len(hits) >= 0.9  # measured 0.967 hit@3 on all of XQuAD
 
 
-def test_rebuild_changes_fingerprint_only_when_content_changes(tmp_path, xquad_corpus, embedder):
+def test_rebuild_changes_fingerprint_only_when_content_changes(tmp_path, xquad_corpus, embedder,
+                                                              replay_embedder):
     src = tmp_path / "src"
     shutil.copytree(xquad_corpus[0], src)
-    a = build_index(src, tmp_path / "a", embedder=embedder)
+    # a: the vectors of this session's first build of the corpus (replayed); b: the model run
+    # again now, so that the equality still shows the model deterministic, not only the rest
+    a = build_index(src, tmp_path / "a", embedder=replay_embedder)
     b = build_index(src, tmp_path / "b", embedder=embedder)
     assert a.fingerprint == b.fingerprint  # deterministic build
     first = sorted(src.glob("*.txt"))[0]
     first.write_text(first.read_text() + " One more sentence.")
-    c = build_index(src, tmp_path / "a", embedder=embedder)  # replaces the old index
+    c = build_index(src, tmp_path / "a", embedder=replay_embedder)  # replaces the old index
     assert c.fingerprint != a.fingerprint
     assert verify(tmp_path / "a").fingerprint == c.fingerprint
     # no temp folders left: only the version folders, each holding its versions and lock
@@ -61,9 +65,9 @@ def test_rebuild_changes_fingerprint_only_when_content_changes(tmp_path, xquad_c
     assert not [p for p in (tmp_path / ".a.v").iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
-def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corpus, embedder):
+def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corpus, replay_embedder):
     out = tmp_path / "idx"
-    before = build_index(xquad_corpus[0], out, embedder=embedder)
+    before = build_index(xquad_corpus[0], out, embedder=replay_embedder)
     manifest_bytes = (out / MANIFEST_FILE).read_bytes()
 
     def ctrl_c(phase, done, total):
@@ -72,7 +76,7 @@ def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corp
 
     with pytest.raises(KeyboardInterrupt):
         build_index(xquad_corpus[0], out, RAGConfig().replace(embed={"batch_size": 2}),
-                    embedder=embedder, progress=ctrl_c, full=True)
+                    embedder=replay_embedder, progress=ctrl_c, full=True)
     assert (out / MANIFEST_FILE).read_bytes() == manifest_bytes
     assert verify(out).fingerprint == before.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.v", "idx"]
@@ -83,39 +87,41 @@ def test_interrupted_build_leaves_the_previous_index_intact(tmp_path, xquad_corp
     ("ivf-fp16", {"ivf_nprobe": 1}, {"nprobe": 1}),
     ("hnsw-fp16", {"hnsw_ef_search": 7}, {"ef_search": 7}),
 ])
-def test_approximate_types_record_their_parameters_and_serve(tmp_path, xquad_corpus, embedder, index_type,
-                                                             override, in_use):
+def test_approximate_types_record_their_parameters_and_serve(tmp_path, xquad_corpus, replay_embedder,
+                                                             index_type, override, in_use):
     from ragserve import RAG
 
     cfg = RAGConfig().replace(index={"index_type": index_type})
-    report = build_index(xquad_corpus[0], tmp_path / "idx", cfg, embedder=embedder)
+    report = build_index(xquad_corpus[0], tmp_path / "idx", cfg, embedder=replay_embedder)
     section = verify(tmp_path / "idx").data["index"]
     assert section["type"] == index_type and section["params"] == report.index_params
     assert section["faiss"].endswith(",SQfp16")
     # query-time settings come from config, without a rebuild
-    with RAG.from_index(tmp_path / "idx", cfg.replace(index=override), start_engine=False, embedder=embedder) as rag:
+    with RAG.from_index(tmp_path / "idx", cfg.replace(index=override), start_engine=False,
+                        embedder=replay_embedder) as rag:
         assert rag.index.search_params == in_use
         questions = xquad_corpus[1][::10]
         found = [q["doc_id"] in {s.doc_id for s in rag.retrieve(q["question"], top_k=3)} for q in questions]
     assert sum(found) / len(found) >= 0.9
 
 
-def test_messy_corpus_is_reported_in_the_summary(tmp_path, embedder):
+def test_messy_corpus_is_reported_in_the_summary(tmp_path, replay_embedder):
     src = tmp_path / "src"
     src.mkdir()
     (src / "good.txt").write_text("Basel lies on the Rhine. " * 10)
     (src / "latin1.txt").write_bytes("Zürich liegt an der Limmat, schön und grün.".encode("latin-1"))
     (src / "empty.txt").write_bytes(b"")
     (src / "binary.txt").write_bytes(b"\x00\x01\x02" + os.urandom(200))
-    report = build_index(src, tmp_path / "idx", embedder=embedder)
+    report = build_index(src, tmp_path / "idx", embedder=replay_embedder)
     assert report.files_read == 2
     assert {f.path: f.reason.split(":")[0] for f in report.skipped} == {
         "empty.txt": "empty", "binary.txt": "undecodable text"}
     m = verify(tmp_path / "idx").data
     assert {s["path"] for s in m["skipped"]} == {"empty.txt", "binary.txt"}
 
-    result = CliRunner().invoke(app, ["build-index", str(src), "--out", str(tmp_path / "idx2"),
-                                      "--index-type", "hnsw-fp16", "--hnsw-m", "16"])
+    with sharing(replay_embedder):  # the session's model, not a second load: the output is under test
+        result = CliRunner().invoke(app, ["build-index", str(src), "--out", str(tmp_path / "idx2"),
+                                          "--index-type", "hnsw-fp16", "--hnsw-m", "16"])
     assert result.exit_code == 0, result.output
     assert "index hnsw-fp16 {'m': 16, 'ef_construction': 200, 'ef_search': 128}" in result.output
     assert "files read 2, skipped 2" in result.output

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ragserve.build.notify import notify_reload
 from ragserve.cli.main import app
 from ragserve.index.verify import verify
+from ragserve.testing.embedders import sharing
 
 from .test_incremental import _edit
 
@@ -46,6 +47,14 @@ def reload_server():
     server.server_close()
 
 
+@pytest.fixture
+def shared_model(replay_embedder):
+    """Each in-process command gets the session's model (not a load per command); the
+    commands' output is under test here, not the model."""
+    with sharing(replay_embedder):
+        yield
+
+
 def _closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +71,8 @@ def _run(*args):
     return result.exit_code, " ".join(result.output.split())
 
 
-def test_build_index_cli_incremental_dry_run_full_and_notify(tmp_path, xquad_corpus, reload_server):
+def test_build_index_cli_incremental_dry_run_full_and_notify(tmp_path, xquad_corpus, reload_server,
+                                                            shared_model):
     url, seen, status = reload_server
     src, out = tmp_path / "src", tmp_path / "indexes" / "x"
     shutil.copytree(xquad_corpus[0], src)

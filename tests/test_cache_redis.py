@@ -270,7 +270,7 @@ def test_embedded_server_starts_and_stops(tmp_path):
 
 
 @pytest.mark.integration
-def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, server):
+def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, replay_embedder, server):
     import shutil
 
     from ragserve import RAG, RAGConfig
@@ -279,12 +279,13 @@ def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, se
 
     src = tmp_path / "src"
     shutil.copytree(xquad_corpus[0], src)
-    build_index(src, tmp_path / "idx", embedder=embedder)
+    build_index(src, tmp_path / "idx", embedder=replay_embedder)
     cfg = RAGConfig().replace(cache={"redis_url": server.url, "l2_timeout_ms": WAIT_S * 1000})
     questions = [q["question"] for q in xquad_corpus[1][:10]]
 
     def ask_all():
-        with RAG.from_index(tmp_path / "idx", cfg, start_engine=False, generator=FakeGenerator()) as rag:
+        with RAG.from_index(tmp_path / "idx", cfg, start_engine=False, embedder=replay_embedder,
+                            generator=FakeGenerator()) as rag:
             tiers = [rag.query(q).cache_tier for q in questions]
             rag.flush_cache()
             return tiers, rag.fingerprint
@@ -295,7 +296,7 @@ def test_rebuilt_index_gets_zero_stale_hits(tmp_path, xquad_corpus, embedder, se
     assert set(tiers) == {"l2"}  # a new process (empty L1) is served from Redis
     first = sorted(src.glob("*.txt"))[0]
     first.write_text(first.read_text() + " A changed sentence.")
-    build_index(src, tmp_path / "idx", embedder=embedder)
+    build_index(src, tmp_path / "idx", embedder=replay_embedder)
     tiers, fp2 = ask_all()
     assert fp2 != fp1 and set(tiers) == {"miss"}
 

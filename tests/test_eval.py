@@ -11,6 +11,7 @@ from ragserve.errors import DatasetError, IndexMismatchError
 from ragserve.eval.answers import sample_questions
 from ragserve.eval.datasets import load_dataset
 from ragserve.eval.evaluate import answer_metrics, evaluate
+from ragserve.testing.embedders import sharing
 
 from .conftest import write_beir_from_squad, write_squad_slice
 
@@ -27,9 +28,10 @@ def _quality(m):
             "mrr10": m["mrr10"], "ndcg10": m["ndcg10"]}
 
 
-def test_cli_eval_fp16_within_001_of_fp32_then_reuses_the_index(tmp_path, squad8):
+def test_cli_eval_fp16_within_001_of_fp32_then_reuses_the_index(tmp_path, squad8, replay_embedder):
     args = ["eval", str(squad8), "--index", str(tmp_path / "idx"), "--json", str(tmp_path / "r.json")]
-    first = CliRunner().invoke(app, args)
+    with sharing(replay_embedder):  # the session's model, not one load per command
+        first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     text = " ".join(first.output.split())
     assert "40 documents, 225 questions" in text and "hit@1" in text and "nDCG@10" in text and "built" in text
@@ -42,7 +44,8 @@ def test_cli_eval_fp16_within_001_of_fp32_then_reuses_the_index(tmp_path, squad8
     assert report["served"]["search_ms"][0] > 0 and report["exact"]["retrieve_ms"][1] > 0
     assert len(report["per_question"]) == 225 and report["single_matches_batched"] >= 0.95
 
-    again = CliRunner().invoke(app, [*args, "--max-questions", "20"])
+    with sharing(replay_embedder):
+        again = CliRunner().invoke(app, [*args, "--max-questions", "20"])
     assert again.exit_code == 0, again.output
     second = orjson.loads((tmp_path / "r.json").read_bytes())
     assert second["index"]["reused"] and second["index"]["fingerprint"] == report["index"]["fingerprint"]
@@ -50,10 +53,10 @@ def test_cli_eval_fp16_within_001_of_fp32_then_reuses_the_index(tmp_path, squad8
 
 
 @pytest.mark.parametrize("index_type", ["ivf-fp16", "hnsw-fp16"])
-def test_approximate_types_within_001_of_fp32(tmp_path, squad8, embedder, index_type):
+def test_approximate_types_within_001_of_fp32(tmp_path, squad8, replay_embedder, index_type):
     # 41 chunks in 4 lists; the default nprobe (16, capped at nlist) probes them all
     cfg = RAGConfig().replace(index={"index_type": index_type, "ivf_nlist": 4})
-    report = evaluate(squad8, tmp_path / "idx", cfg, max_questions=80, embedder=embedder)
+    report = evaluate(squad8, tmp_path / "idx", cfg, max_questions=80, embedder=replay_embedder)
     assert report.index["type"] == index_type and report.dataset["questions"] == 80
     assert report.index["search"] == ({"nprobe": 4} if index_type == "ivf-fp16" else {"ef_search": 128})
     served, exact = _quality(report.to_dict()["served"]), _quality(report.to_dict()["exact"])
@@ -61,25 +64,25 @@ def test_approximate_types_within_001_of_fp32(tmp_path, squad8, embedder, index_
         assert abs(served[name] - exact[name]) <= 0.01, (name, report.index)
 
 
-def test_nprobe_changes_without_a_rebuild(tmp_path, squad8, embedder):
+def test_nprobe_changes_without_a_rebuild(tmp_path, squad8, replay_embedder):
     cfg = RAGConfig().replace(index={"index_type": "ivf-fp16", "ivf_nlist": 4})
-    wide = evaluate(squad8, tmp_path / "idx", cfg, max_questions=80, embedder=embedder)
+    wide = evaluate(squad8, tmp_path / "idx", cfg, max_questions=80, embedder=replay_embedder)
     narrow = evaluate(squad8, tmp_path / "idx", cfg.replace(index={"ivf_nprobe": 1}), max_questions=80,
-                      embedder=embedder)
+                      embedder=replay_embedder)
     assert narrow.index["reused"] and narrow.index["fingerprint"] == wide.index["fingerprint"]
     assert narrow.index["search"] == {"nprobe": 1} and wide.index["search"] == {"nprobe": 4}
     # (the results themselves: test_index.py; here one list holds ~10 chunks, fewer than the
     # 20 the evaluation asks for, so every row is completed by an exhaustive search)
 
 
-def test_beir_view_of_the_same_slice_gives_the_same_metrics(tmp_path, squad8, embedder):
+def test_beir_view_of_the_same_slice_gives_the_same_metrics(tmp_path, squad8, replay_embedder):
     beir = write_beir_from_squad(tmp_path / "beir8", 8)
-    a = evaluate(beir, tmp_path / "b", max_questions=60, embedder=embedder)
-    b = evaluate(squad8, tmp_path / "s", max_questions=60, embedder=embedder)
+    a = evaluate(beir, tmp_path / "b", max_questions=60, embedder=replay_embedder)
+    b = evaluate(squad8, tmp_path / "s", max_questions=60, embedder=replay_embedder)
     assert a.dataset["kind"] == "beir" and b.dataset["kind"] == "squad"
     assert _quality(a.to_dict()["served"]) == pytest.approx(_quality(b.to_dict()["served"]))
     with pytest.raises(DatasetError, match="no gold answers"):
-        evaluate(beir, tmp_path / "b", answers=True, embedder=embedder)
+        evaluate(beir, tmp_path / "b", answers=True, embedder=replay_embedder)
 
 
 def test_never_replaces_an_index_it_did_not_build(tmp_path, squad8, xquad_index, embedder):
@@ -115,7 +118,7 @@ def test_cli_errors_are_one_clean_line(tmp_path):
     assert bad.exit_code == 1 and "index.index_type" in bad.output
 
 
-def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, monkeypatch):
+def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, monkeypatch, replay_embedder):
     """`ragserve eval --answers --sample N --seed S` end to end through the CLI: the documented
     draw, every answer metric, a stable JSON. The answers come from the fake OpenAI server
     (the protocol does not depend on the model; the real engine's answers are scored in
@@ -124,7 +127,7 @@ def test_cli_eval_answers_on_a_sample_reports_the_protocol(tmp_path, squad8, mon
     from ragserve.testing.http import running
 
     out = tmp_path / "answers.json"
-    with running(FakeOpenAI().app) as url:
+    with running(FakeOpenAI().app) as url, sharing(replay_embedder):
         for key, value in {"RAGSERVE_GENERATE_BACKEND": "openai", "RAGSERVE_OPENAI_URLS": url,
                            "RAGSERVE_OPENAI_TOKENIZER": "server", "RAGSERVE_GENERATE_MAX_TOKENS": "4"}.items():
             monkeypatch.setenv(key, value)

@@ -23,12 +23,12 @@ MARK = " The archive was moved to the zebra building in 2031."
 
 
 @pytest.fixture
-def versions(tmp_path, xquad_corpus, embedder):
+def versions(tmp_path, xquad_corpus, replay_embedder):
     """(source folder, index path, the first build's report): a versioned index to rebuild."""
     src = tmp_path / "src"
     shutil.copytree(xquad_corpus[0], src)
     out = tmp_path / "idx"
-    v1 = build_index(src, out, embedder=embedder)
+    v1 = build_index(src, out, embedder=replay_embedder)
     return src, out, v1
 
 
@@ -40,18 +40,18 @@ def chunk_texts(folder):
         store.close()
 
 
-def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xquad_corpus, embedder):
+def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xquad_corpus, replay_embedder):
     src, out, v1 = versions
     questions = [q["question"] for q in xquad_corpus[1][:64]]
     gen = FakeGenerator(delay=0.3)
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=gen) as rag:
         before = rag.query(questions[0])
         assert before.index_fingerprint == v1.fingerprint
         first = rag.served.current
         old_folder = rag.manifest.folder
         for f in sorted(src.glob("*.txt"))[:4]:  # four documents change: their chunks differ between versions
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
-        v2 = build_index(src, out, embedder=embedder)
+        v2 = build_index(src, out, embedder=replay_embedder)
         texts = {v1.fingerprint: chunk_texts(old_folder), v2.fingerprint: chunk_texts(verify(out).folder)}
         assert texts[v1.fingerprint] != texts[v2.fingerprint]
 
@@ -82,14 +82,14 @@ def test_reload_under_load_fails_nothing_and_serves_no_stale_answer(versions, xq
         assert rag.stats()["gauges"]["in_flight"]["current"] == 0
 
 
-def test_the_old_version_is_released_when_its_last_request_ends(versions, embedder):
+def test_the_old_version_is_released_when_its_last_request_ends(versions, replay_embedder):
     src, out, v1 = versions
     gen = FakeGenerator(delay=1.0)
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=gen) as rag:
         first = rag.served.current
         for f in sorted(src.glob("*.txt"))[:1]:
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
-        build_index(src, out, embedder=embedder)
+        build_index(src, out, embedder=replay_embedder)
         gen.hold = True  # the request holds the old version until the reload is checked, however long
         holder = threading.Thread(target=rag.query, args=("Who held the old version?",))
         holder.start()
@@ -104,9 +104,10 @@ def test_the_old_version_is_released_when_its_last_request_ends(versions, embedd
         assert first.users == 0 and first.closed and rag.served.current is not first
 
 
-def test_a_corrupt_or_missing_new_index_is_refused_and_the_old_keeps_serving(versions, tmp_path, embedder):
+def test_a_corrupt_or_missing_new_index_is_refused_and_the_old_keeps_serving(versions, tmp_path,
+                                                                            replay_embedder):
     src, out, v1 = versions
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=FakeGenerator()) as rag:
         bad = tmp_path / "bad"
         shutil.copytree(verify(out).folder, bad)
         data = bytearray((bad / "index.faiss").read_bytes())
@@ -121,50 +122,50 @@ def test_a_corrupt_or_missing_new_index_is_refused_and_the_old_keeps_serving(ver
         assert rag.reload() == {**rag.reload(), "changed": False}  # the same version again: nothing to do
 
 
-def test_admin_reload_over_http_needs_the_admin_key(versions, embedder):
+def test_admin_reload_over_http_needs_the_admin_key(versions, replay_embedder):
     src, out, v1 = versions
     cfg = RAGConfig().replace(server={"admin_key": "admin-secret-0123456789"})
-    with RAG.from_index(out, cfg, embedder=embedder, generator=FakeGenerator()) as rag:
+    with RAG.from_index(out, cfg, embedder=replay_embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, cfg)) as url:
             assert post(f"{url}/admin/reload").status_code == 401
             assert post(f"{url}/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
             for f in sorted(src.glob("*.txt"))[:1]:
                 f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
-            v2 = build_index(src, out, embedder=embedder)
+            v2 = build_index(src, out, embedder=replay_embedder)
             r = post(f"{url}/admin/reload", headers={"Authorization": "Bearer admin-secret-0123456789"},
                            timeout=60)
             assert r.status_code == 200 and r.json()["changed"] and r.json()["fingerprint"] == v2.fingerprint
             q = post(f"{url}/v1/query", json={"question": "which version?"}).json()
             assert q["index_fingerprint"] == v2.fingerprint
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=FakeGenerator()) as rag:
         with running(create_app(rag, RAGConfig())) as url:
             assert post(f"{url}/admin/reload").status_code == 404  # no admin key: no admin endpoints
 
 
-def test_a_stream_never_iterated_holds_no_index_version(versions, embedder):
+def test_a_stream_never_iterated_holds_no_index_version(versions, replay_embedder):
     src, out, v1 = versions
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=FakeGenerator()) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=FakeGenerator()) as rag:
         first = rag.served.current
         abandoned = rag.stream("never read")  # prepared, never started
         for f in sorted(src.glob("*.txt"))[:1]:
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
-        build_index(src, out, embedder=embedder)
+        build_index(src, out, embedder=replay_embedder)
         rag.reload()
         assert first.closed  # nothing held it: released at the swap
         events = list(abandoned)  # started late: it runs on the version current now
         assert events[-1].result.index_fingerprint == rag.fingerprint != v1.fingerprint
 
 
-def test_a_shared_run_keeps_its_version_open_after_its_leader_leaves(versions, embedder):
+def test_a_shared_run_keeps_its_version_open_after_its_leader_leaves(versions, replay_embedder):
     """A → B → A: the same fingerprint again, so the same key; the follower of a run whose
     leader was cancelled must still read the docstore it searched."""
     src, out, v1 = versions
     gen = FakeGenerator(delay=0.6)
-    with RAG.from_index(out, RAGConfig(), embedder=embedder, generator=gen) as rag:
+    with RAG.from_index(out, RAGConfig(), embedder=replay_embedder, generator=gen) as rag:
         a_folder = verify(out).folder
         for f in sorted(src.glob("*.txt"))[:1]:
             f.write_text(f.read_text("utf-8") + MARK, encoding="utf-8")
-        build_index(src, out, embedder=embedder)
+        build_index(src, out, embedder=replay_embedder)
 
         async def scenario():
             gen.hold = True  # the leader's run is generating until the follower has it alone

@@ -2,9 +2,10 @@
 where an answer is asked): builds, the structural refusals, the merged search against one
 index, incremental builds that touch only the changed shards, reload of every shard at once.
 
-The embedder is the session's, wrapped in a memo of whole embedding calls: full builds of the
-same corpus embed the very same slices (``embed_slices``), so each distinct slice is embedded
-once for the whole file (the vectors are the model's, the suite just pays for them once)."""
+The embedder is the session's, wrapped in a memo of whole embedding calls (``replay_embedder``,
+``ragserve.testing.embedders``): full builds of the same corpus embed the very same slices
+(``embed_slices``), so each distinct slice is embedded once for the whole session (the vectors
+are the model's, the suite just pays for them once)."""
 
 import os
 import shutil
@@ -34,26 +35,9 @@ pytestmark = pytest.mark.integration
 IVF = {"index_type": "ivf-fp16", "ivf_nlist": 4, "ivf_nprobe": 2}
 
 
-class MemoEmbedder:
-    """The real embedder; an identical call (same texts, same batch) is answered from memory."""
-
-    def __init__(self, inner):
-        self.inner, self.memo, self.embedded = inner, {}, 0
-
-    def encode(self, texts, *, batch_size=None):
-        key = (tuple(texts), batch_size)
-        if key not in self.memo:
-            self.memo[key] = self.inner.encode(texts, batch_size=batch_size)
-            self.embedded += len(texts)
-        return self.memo[key].copy()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture(scope="module")
-def memo(embedder):
-    return MemoEmbedder(embedder)
+def memo(replay_embedder):
+    return replay_embedder
 
 
 @pytest.fixture(scope="module")
