@@ -10,8 +10,9 @@ that answers at once): the pipeline's own work with no model, so the spans' cost
 largest share it can be. With a real model a miss takes a second, and the same cost in
 µs is a smaller share still. ``--engine`` measures that real miss path instead: the XQuAD
 index (``--index``, built if missing), the real embedder and the default vLLM engine, each
-block's misses distinct questions of XQuAD asked ``--concurrency`` at a time. Prints hardware
-and versions at the top.
+block's misses distinct questions of XQuAD asked ``--concurrency`` at a time, the same ones
+off and on (each mode in a cache namespace of its own, from a cold prefix cache). Prints
+hardware and versions at the top.
 
 Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--blocks 4] [--encode none]
        python benchmarks/bench_tracing.py --engine [--misses 96] [--blocks 4] [--max-tokens 16]
@@ -66,14 +67,14 @@ def hits(rag, n: int) -> list[float]:
     return out
 
 
-def misses(rag, n: int, block: int, tracing=None, questions=None) -> tuple[float, float]:
+def misses(rag, n: int, block: int, tracing=None, questions=None, namespace=None) -> tuple[float, float]:
     """Requests/s and CPU µs per request (every thread of this process: the tracing thread's
     building and export included, flushed before the clocks stop; with ``--engine`` the
     engine core's own process is not in it)."""
     if questions is None:
         questions = [f"chunk number {i % 8} asked {block} {i}" for i in range(n)]
     t0, c0 = time.perf_counter(), time.process_time()
-    results = rag.query_batch(questions)
+    results = rag.query_batch(questions, namespace=namespace)
     if tracing is not None:
         tracing.flush()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -107,16 +108,21 @@ def main() -> None:
         hits(rag, 2000)  # warm
         rows: dict[str, dict[str, list]] = {m: {"hits": [], "misses": []} for m in ("off", "on")}
         for block in range(args.blocks):
+            n = args.misses // args.blocks
+            # --engine: both modes of a block ask the same questions, each in a namespace of its
+            # own (so both miss) and from a cold prefix cache: the same prompts and, greedy, the
+            # same generations; only tracing differs
+            asked = None if pool is None else [pool.pop() for _ in range(n)]
             for mode in ("off", "on") if block % 2 == 0 else ("on", "off"):
                 if mode == "on":
                     rag.observers.add(tracing)
                 rows[mode]["hits"] += hits(rag, args.hits // args.blocks)
-                n, traced = args.misses // args.blocks, tracing if mode == "on" else None
-                asked = None
-                if pool is not None:  # each block from a cold prefix cache, on fresh questions
-                    asked = [pool.pop() for _ in range(n)]
+                traced, namespace = tracing if mode == "on" else None, None
+                if pool is not None:
                     rag.reset_prefix_cache()
-                rows[mode]["misses"].append(misses(rag, n, block * 2 + (mode == "on"), traced, asked))
+                    namespace = f"bench-tracing-{mode}-{block}"
+                rows[mode]["misses"].append(
+                    misses(rag, n, block * 2 + (mode == "on"), traced, asked, namespace))
                 rag.observers.remove(tracing)
         tracing.flush()
     print("\n".join(harness.run_lines(env)))
@@ -158,7 +164,7 @@ def opened(args):  # type: ignore[no-untyped-def]
     by_key = {normalize_question(q.text): q.text for q in load_dataset(harness.XQUAD).questions}
     questions = list(by_key.values())
     random.Random(0).shuffle(questions)  # not an article's questions, sharing sources, in one block
-    need = 2 * args.misses + 1  # --misses for each mode, and the hits' question
+    need = args.misses + 1  # --misses, asked in each mode, and the hits' question
     if len(questions) < need:
         raise SystemExit(f"--misses {args.misses}: XQuAD has {len(questions)} distinct questions")
     with RAG.from_index(args.index, cfg) as rag:
