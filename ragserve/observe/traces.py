@@ -153,13 +153,19 @@ class Tracing:
         when there is one (its sampled flag decides), else the root of a new trace."""
         if parent is None:
             trace_id, parent_sc = _trace_id(), None
-            sampled = trace_id & _LOW_64 < self._bound
+            sampled = self._sampled(trace_id)
         else:
             trace_id, sampled = int(parent.trace_id, 16), parent.sampled
             parent_sc = _span_context(parent, remote=True)
         flags = _SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT)
         context = SpanContext(trace_id, _span_id(), False, flags)
         return OpenSpan(name, context, parent_sc, attributes, start_ns, kind)
+
+    def _sampled(self, trace_id: int) -> bool:
+        """The one rule for a new trace (the SDK's ``TraceIdRatioBased``: its low 64 bits
+        under the ratio's bound), wherever a root is drawn: an edge span, a library call's
+        run, a library call's request."""
+        return trace_id & _LOW_64 < self._bound
 
     def end(self, span: OpenSpan, end_ns: int, error: str | None = None) -> None:
         if span.context.trace_flags.sampled:
@@ -197,7 +203,7 @@ class Tracing:
                 self._leaders.popitem(last=False)
         if context is None:  # a library call: its trace starts here, sampled as in ``_build``
             trace_id = _trace_id()
-            if trace_id & _LOW_64 >= self._bound:
+            if not self._sampled(trace_id):
                 return None
             return SpanRef(f"{trace_id:032x}", f"{_span_id():016x}")
         return SpanRef(context.trace_id, f"{_span_id():016x}") if context.sampled else None
@@ -302,7 +308,7 @@ class Tracing:
                 trace_id = generation[0]  # sampled when it was drawn
             else:
                 trace_id = _trace_id()
-                if trace_id & _LOW_64 >= self._bound:
+                if not self._sampled(trace_id):
                     return
             parent_sc = None
         else:
