@@ -85,3 +85,54 @@ def test_without_a_parent_to_watch_nothing_is_started(monkeypatch):
 
     monkeypatch.delenv(lifeline.ENV, raising=False)
     assert lifeline.watch_parent() is None and lifeline.watch_parent(1) is None
+
+
+EXIT_FAST = textwrap.dedent("""
+    import atexit, concurrent.futures, sys, threading, time
+    from ragserve.generators.lifeline import exit_fast
+
+    out = sys.argv[1]
+    def late(name):
+        time.sleep(0.3)  # still running when exit_fast is called
+        open(out + name, "w").write("done")
+    threading.Thread(target=late, args=(".thread",)).start()  # a non-daemon thread
+    concurrent.futures.ThreadPoolExecutor(1).submit(late, ".pool")
+    atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+    sys.stdout.write("buffered, no newline")
+    exit_fast(3)
+    open(out + ".after", "w").write("never")
+""")
+
+
+def test_exit_fast_ends_as_a_normal_exit_would_then_stops(tmp_path):
+    """Threads joined, pools drained, atexit handlers run, stdout flushed, the status kept,
+    and nothing after it runs."""
+    out = str(tmp_path / "f")
+    run = subprocess.run([sys.executable, "-c", EXIT_FAST, out], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout == "buffered, no newline"
+    assert {p.name for p in tmp_path.iterdir()} == {"f.thread", "f.pool", "f.atexit"}
+
+
+@pytest.mark.parametrize(("code", "status"), [(0, 0), (None, 0), (1, 1)])
+def test_the_engine_core_wrapper_ends_a_clean_stop_fast_and_passes_a_failure_on(monkeypatch, code, status):
+    """vLLM ends its engine core's loop with ``SystemExit``: a clean one (0 or None) goes to
+    ``exit_fast``, a failure is raised on unchanged."""
+    from ragserve.generators import lifeline
+
+    def engine_core(*args, **kwargs):
+        raise SystemExit(code)
+
+    class Exited(BaseException):
+        """exit_fast's stand-in: it never returns either."""
+
+    def exit_fast(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(lifeline, "_original", staticmethod(engine_core))
+    monkeypatch.setattr(lifeline, "watch_parent", lambda: None)
+    monkeypatch.setattr(lifeline, "exit_fast", exit_fast)
+    with pytest.raises(Exited if status == 0 else SystemExit) as e:
+        lifeline.run_engine_core()
+    assert e.value.args[0] == status if status == 0 else e.value.code == status

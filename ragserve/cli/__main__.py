@@ -1,5 +1,6 @@
 """``python -m ragserve.cli``: the ``ragserve`` command."""
 
-from ragserve.cli import app
+from ragserve.cli import main
 
-app()
+if __name__ == "__main__":
+    main()
