@@ -61,6 +61,64 @@ async def test_a_promoted_waiter_moves_up_and_a_cancelled_one_leaves_no_trace():
     assert adm.as_dict()["promoted"] == 2
 
 
+async def test_a_reserved_slot_is_left_free_by_a_flood_and_taken_at_once_by_an_urgent_run():
+    adm = Admission(max_in_flight=3, max_queued=64, reserved=1, urgent_priority=0)
+    started, release = [], {}
+
+    async def run(name, priority):
+        release[name] = asyncio.Event()
+        async with adm.slot(Ticket(priority)):
+            started.append(name)
+            await release[name].wait()
+
+    flood = [asyncio.ensure_future(run(f"batch-{i}", 10)) for i in range(6)]
+    await aeventually(lambda: adm.queued == 4)
+    assert started == ["batch-0", "batch-1"] and adm.in_flight == 2  # the third slot is kept
+    urgent = asyncio.ensure_future(run("urgent", 0))
+    await aeventually(lambda: "urgent" in started)  # no wait for a batch run to end
+    assert adm.in_flight == 3 and adm.queued == 4
+    release["urgent"].set()
+    await urgent
+    assert adm.in_flight == 2 and adm.queued == 4  # the kept slot is free again, not given to the flood
+    release["batch-0"].set()
+    await aeventually(lambda: "batch-2" in started)  # a batch slot passes to the next batch run
+    assert adm.in_flight == 2 and adm.queued == 3
+    for e in release.values():  # every run has made its event by now: it is made before the slot
+        e.set()
+    await asyncio.gather(*flood)
+    assert started == ["batch-0", "batch-1", "urgent"] + [f"batch-{i}" for i in range(2, 6)]
+    assert (adm.in_flight, adm.queued) == (0, 0)
+
+
+async def test_a_waiter_promoted_to_urgent_takes_a_free_reserved_slot():
+    adm = Admission(max_in_flight=2, max_queued=8, reserved=1)
+    release, ticket = asyncio.Event(), Ticket(10)
+
+    async def run(t):
+        async with adm.slot(t):
+            await release.wait()
+
+    first = asyncio.ensure_future(run(Ticket(10)))
+    waiter = asyncio.ensure_future(run(ticket))
+    await aeventually(lambda: adm.queued == 1 and adm.in_flight == 1)
+    assert adm.promote(ticket, 0)  # a follower with priority 0 joined its run
+    await aeventually(lambda: adm.in_flight == 2 and adm.queued == 0)
+    release.set()
+    await asyncio.gather(first, waiter)
+    assert (adm.in_flight, adm.queued) == (0, 0)
+
+
+@pytest.mark.parametrize("reserved", [-1, 4])
+def test_reserved_slots_out_of_range_are_refused(reserved):
+    from ragserve import RAGConfig
+    from ragserve.errors import ConfigError
+
+    with pytest.raises(ValueError, match="reserved"):
+        Admission(max_in_flight=4, max_queued=8, reserved=reserved)
+    with pytest.raises(ConfigError, match="query.reserved_in_flight"):
+        RAGConfig().replace(query={"max_in_flight": 4, "reserved_in_flight": reserved})
+
+
 # -- through the pipeline --------------------------------------------------------------------
 
 

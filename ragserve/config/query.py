@@ -20,3 +20,9 @@ class QueryConfig:
     max_queued: int = 256
     """Runs waiting for a slot. Past it a request fails at once with OverloadedError:
     no unbounded queue, no memory growth."""
+    reserved_in_flight: int = 0
+    """Slots of max_in_flight kept for urgent requests (priority <= urgent_priority): the
+    others start only while more slots than this are free, so a flood of batch requests
+    (priority 10, say) never holds the slot an interactive one needs."""
+    urgent_priority: int = 0
+    """The highest priority number that may take a reserved slot (lower runs sooner)."""

@@ -237,6 +237,8 @@ def _validate(cfg: RAGConfig) -> None:
     _check(q.timeout_s >= 0, "query.timeout_s", f"must be >= 0 (0: no deadline), got {q.timeout_s}")
     _check(q.max_in_flight >= 1, "query.max_in_flight", f"must be >= 1, got {q.max_in_flight}")
     _check(q.max_queued >= 0, "query.max_queued", f"must be >= 0, got {q.max_queued}")
+    _check(0 <= q.reserved_in_flight < q.max_in_flight, "query.reserved_in_flight",
+           f"must be in 0..max_in_flight - 1 ({q.max_in_flight - 1}), got {q.reserved_in_flight}")
     _check(q.max_question_chars >= 1, "query.max_question_chars",
            f"must be >= 1, got {q.max_question_chars}")
     _check(g.max_tokens >= 1, "generate.max_tokens", f"must be >= 1, got {g.max_tokens}")

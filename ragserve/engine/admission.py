@@ -8,6 +8,13 @@ first served within one priority; a slot freed by a finished run passes straight
 first of them. A waiter's ``Ticket`` can be promoted while it waits (``promote``): a
 single-flight follower with a lower number raises the run it joined.
 
+``reserved`` slots of ``max_in_flight`` are kept for urgent runs (priority number at most
+``urgent_priority``): the others start only while more than ``reserved`` slots are free.
+Ordering alone cannot keep an urgent request from waiting when a flood of lower-priority
+runs holds every slot: vLLM does not preempt a running request to make room, so the urgent
+one would wait for a whole answer to finish (``docs/generators.md``). With a slot kept, it
+starts at once and joins the engine's running batch.
+
 **Usage:**
 
     admission = Admission(max_in_flight=64, max_queued=256)
@@ -46,11 +53,17 @@ class Ticket:
 class Admission:
     """Use from one event loop (the engine's)."""
 
-    def __init__(self, max_in_flight: int, max_queued: int, gauges: Gauges | None = None) -> None:
-        """``gauges``: where the ``queued`` gauge is kept (the engine's), if anywhere."""
+    def __init__(self, max_in_flight: int, max_queued: int, gauges: Gauges | None = None, *,
+                 reserved: int = 0, urgent_priority: int = 0) -> None:
+        """``gauges``: where the ``queued`` gauge is kept (the engine's), if anywhere;
+        ``reserved``: slots only runs of priority <= ``urgent_priority`` may take."""
+        if not 0 <= reserved < max_in_flight:
+            raise ValueError(f"reserved slots must be in 0..{max_in_flight - 1}, got {reserved}")
         self.max_in_flight = max_in_flight
         self.gauges = gauges
         self.max_queued = max_queued
+        self.reserved = reserved
+        self.urgent_priority = urgent_priority
         self.in_flight = 0
         self.admitted = 0
         self.rejected = 0
@@ -91,11 +104,26 @@ class Admission:
             entry[2] = None  # the old place is skipped when it comes up
             ticket.entry = moved
             heapq.heappush(self._heap, moved)
+            self._start_waiters()  # now urgent, it may take a kept slot
         return True
 
+    def _limit(self, priority: object) -> int:
+        """How many runs may be in flight for a run of ``priority`` to start."""
+        urgent = priority <= self.urgent_priority  # type: ignore[operator]
+        return self.max_in_flight if urgent else self.max_in_flight - self.reserved
+
+    def _head(self) -> list[object] | None:
+        """The first live waiter's entry (removed ones are dropped on the way)."""
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
     async def _acquire(self, ticket: Ticket) -> None:
-        if self.in_flight < self.max_in_flight and not self._queued:
-            self.in_flight += 1
+        head = self._head()
+        first = head is None or head[0] > ticket.priority  # type: ignore[operator]
+        if first and self.in_flight < self._limit(ticket.priority):
+            self.in_flight += 1  # nobody of its priority or sooner waits, and a slot is its to take
             return
         if self._queued >= self.max_queued:
             self.rejected += 1
@@ -121,22 +149,25 @@ class Admission:
                 self.gauges.dec("queued")
 
     def _release(self) -> None:
-        while self._heap:
-            entry = heapq.heappop(self._heap)
+        self.in_flight -= 1
+        self._start_waiters()
+
+    def _start_waiters(self) -> None:
+        """Hand free slots to the first waiters while the first may take one (a run below
+        the urgent priorities leaves the kept slots free, and so do those behind it)."""
+        while (entry := self._head()) is not None and self.in_flight < self._limit(entry[0]):
+            heapq.heappop(self._heap)
             waiter = entry[2]
-            if waiter is None:
-                continue  # cancelled or promoted: its live entry is elsewhere or gone
             entry[2] = None  # off the queue: a cancellation landing now must not count it again
             self._queued -= 1
             if not waiter.done():  # type: ignore[attr-defined]
+                self.in_flight += 1  # counted for the waiter from here: it owns the slot
                 waiter.set_result(None)  # type: ignore[attr-defined]
-                return
-        self.in_flight -= 1
 
     def as_dict(self) -> dict[str, int]:
         return {"in_flight": self.in_flight, "queued": self.queued, "max_in_flight": self.max_in_flight,
-                "max_queued": self.max_queued, "admitted": self.admitted, "rejected": self.rejected,
-                "promoted": self.promoted}
+                "max_queued": self.max_queued, "reserved": self.reserved, "admitted": self.admitted,
+                "rejected": self.rejected, "promoted": self.promoted}
 
 
 class Requests:

@@ -119,7 +119,8 @@ class Pipeline:
         """Where a reload opens a sharded index's vectors (``served.ShardOpener``; None: here)."""
         self._reload_lock = threading.Lock()
         q = config.query
-        self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges)
+        self.admission = Admission(q.max_in_flight, q.max_queued, self.gauges, reserved=q.reserved_in_flight,
+                                   urgent_priority=q.urgent_priority)
         self.retrievals = Admission(q.max_in_flight, q.max_queued)
         """Retrieval-only requests (``retrieve``), bounded apart from the generation slots: a
         flood of them is refused (429) instead of queueing without end for the embedder, and
