@@ -295,7 +295,7 @@ def test_cli_batch_takes_a_model_per_line_over_the_runs_and_checks_them_all_firs
 
 
 def test_cli_warm_and_stats_refuse_an_unknown_model_before_anything_loads(cli_rag, tmp_path):
-    invoke, _, _, opened = cli_rag
+    invoke, _, gens, opened = cli_rag
     questions = tmp_path / "q.jsonl"
     questions.write_text('"chunk number 1"\n')
     (tmp_path / "idx").mkdir()
@@ -308,6 +308,7 @@ def test_cli_warm_and_stats_refuse_an_unknown_model_before_anything_loads(cli_ra
     r = invoke("stats", tmp_path / "idx", "--model", "large", "--questions", "2", "--concurrency", "1",
                "--repeat-share", "0", "--json")
     assert r.exit_code == 0, r.output
+    assert len(gens["large"].prompts) == 2 and not gens["small"].prompts  # the workload asked the large one
 
 
 @pytest.mark.redis
