@@ -192,8 +192,8 @@ def serve_cmd(
     redis_url: Annotated[Optional[str], typer.Option(
         help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment; needs "
-                      "--redis-url (see deploy/README.md).")] = False,
+        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment (one per "
+                      "group of [models]); needs --redis-url (see deploy/README.md).")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
                               "or HOST:6379; default: a local cluster for this process.")] = None,
