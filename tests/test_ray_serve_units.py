@@ -74,6 +74,10 @@ def test_generator_deployments_one_per_engine_group_of_models_the_defaults_first
                                      ("RagserveGenerator-short", ("short", "long")),  # only sampling differs
                                      ("RagserveGenerator-remote", ("remote",)),
                                      ("RagserveGenerator-remote2", ("remote2",))]
+    from ragserve.ray.serve.ingress import tokenizer_key
+
+    keys = {n: tokenizer_key(cfg.model_config(n).replace(openai={"tokenizer": "server"})) for n in cfg.models.names}
+    assert keys["short"] == keys["long"] == keys["wide"] and keys["remote"] == keys["remote2"] != keys["short"]
 
 
 async def test_a_generator_replica_serves_each_of_its_models_and_refuses_others(monkeypatch):

@@ -54,6 +54,14 @@ def ingress_tokenizer(config: Any) -> Any:
     return local_tokenizer(config.generate.model)
 
 
+def tokenizer_key(config: Any) -> tuple[Any, ...]:
+    """What ``ingress_tokenizer`` depends on: two models with the same key share one."""
+    g, o = config.generate, config.openai
+    if g.backend == "openai" and o.tokenizer == "server":
+        return ("server", tuple(o.urls), o.model)
+    return ("local", g.model)
+
+
 class IngressServer:
     """The deployment's class (``app.py`` wraps it with ``serve.ingress()`` and
     ``serve.deployment``). ``index``: a path every node can read (a shared volume, or the
@@ -80,10 +88,14 @@ class IngressServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         # Waits until each generator replica is up (its engine warm), then keeps its model name.
         gens: dict[str, RayGenerator] = {}
+        tokenizers: dict[Any, Any] = {}  # models over one folder (or one set of servers) share it
         for name, handle in (generator.items() if isinstance(generator, dict) else [("", generator)]):
             model_cfg = cfg.model_config(name) if name else cfg
             info = await handle.describe.remote(**({"model": name} if name else {}))
-            tokenizer = await asyncio.to_thread(ingress_tokenizer, model_cfg)
+            key = tokenizer_key(model_cfg)
+            if key not in tokenizers:
+                tokenizers[key] = await asyncio.to_thread(ingress_tokenizer, model_cfg)
+            tokenizer = tokenizers[key]
             gens[name] = RayGenerator(handle, info, tokenizer, probe_interval_s=cfg.ray.probe_interval_s,
                                       model=name)
         gen = gens.pop("", None)
