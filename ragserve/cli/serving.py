@@ -52,11 +52,7 @@ def batch_cmd(
     # before the engine starts
     lines = read_lines(questions)
     check_questions([(qid, q) for qid, q, _ in lines], cfg.query.max_question_chars, questions)
-    models = {model, *(m for _, _, m in lines)} - {None}
-    if ray and models:
-        raise typer.BadParameter("--model and a line's \"model\" are not supported with --ray yet: "
-                                 "run the batch without --ray")
-    for name in sorted(models):
+    for name in sorted({model, *(m for _, _, m in lines)} - {None}):
         cfg.models.check(name)
     with contextlib.ExitStack() as stack:
         if not ray:
@@ -80,7 +76,7 @@ def batch_cmd(
 
                 summary = run_batch_ray(index, questions, out_file, cfg, address=ray_address,
                                         actors=ray_actors, concurrency=concurrency, timeout_s=timeout,
-                                        on_start=on_start, on_record=on_record,
+                                        model=model, on_start=on_start, on_record=on_record,
                                         say=lambda line: console.print(line, highlight=False))
             else:
                 summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency,
