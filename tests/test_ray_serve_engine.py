@@ -64,7 +64,7 @@ def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l
 def test_two_models_that_differ_only_in_sampling_share_one_deployment_and_its_engine(served):
     from ray import serve
 
-    url, q = served, "Who was the Super Bowl 50 MVP?"
+    url, q = served, "Describe in detail everything the passages say about the Super Bowl 50 halftime show."
     deployments = serve.status().applications["ragserve-engine"].deployments
     assert [d for d in deployments if d.startswith("RagserveGenerator")] == ["RagserveGenerator"]
     brief, full = query(url, q, model="brief"), query(url, q)
