@@ -112,7 +112,7 @@ def warm_cmd(
 ) -> None:
     """Precompute answers into the L2 cache that `ragserve serve` with the same config reads,
     from a question log: most frequent first, progress, resume (answers already in L2 cost
-    nothing). Exits 0 when every question is warm, 2 when some failed. Each of [models] has
+    nothing). Exits 0 when every question is warm, 2 when some failed. Each of \\[models] has
     its own answers: --model warms one (default: what a request naming no model gets)."""
     import contextlib
 
@@ -189,7 +189,7 @@ def serve_cmd(
         help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment (one per "
-                      "group of [models]); needs --redis-url (see deploy/README.md).")] = False,
+                      "group of \\[models]); needs --redis-url (see deploy/README.md).")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
                               "or HOST:6379; default: a local cluster for this process.")] = None,
