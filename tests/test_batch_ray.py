@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ragserve.config import RAGConfig
-from ragserve.errors import BatchInputError, ClusterError, ConfigError, IndexNotFoundError
+from ragserve.errors import BatchInputError, ClusterError, ConfigError, IndexNotFoundError, UnknownModelError
 from ragserve.jobs.batch import answered_ids, run_batch
 from ragserve.ray.batch import plan_actors, run_batch_ray
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
@@ -26,7 +26,7 @@ from ragserve.testing.http import running
 
 REFUSE = "REFUSE"
 REPLY = "an answer from the fake server"
-RECORD_KEYS = {"id", "question", "answer", "cache_tier", "sources", "usage", "finish_reason", "timings"}
+RECORD_KEYS = {"id", "question", "answer", "model", "cache_tier", "sources", "usage", "finish_reason", "timings"}
 
 
 def config(url: str, **sections: dict) -> RAGConfig:
@@ -162,17 +162,27 @@ def test_cli_batch_ray(ray_cluster, xquad_index, fake, asked, tmp_path, monkeypa
     from ragserve.cli.main import app
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
-    write_questions(questions, asked[:4], refuse_at=1)
+    items = write_questions(questions, asked[:4], refuse_at=1)
+    lines = questions.read_bytes().splitlines()  # q2 asks the "long" model; the others get --model's
+    lines[2] = orjson.dumps({"id": "q2", "question": items[2][1], "model": "long"})
+    questions.write_bytes(b"\n".join(lines) + b"\n")
+    # [models]: two openai models over the fake server, differing in max_tokens
+    (tmp_path / "models.toml").write_text('[models]\n[models.short]\nmax_tokens = 4\n'
+                                          '[models.long]\nmax_tokens = 12\n')
     monkeypatch.setenv("RAGSERVE_GENERATE_BACKEND", "openai")
     monkeypatch.setenv("RAGSERVE_OPENAI_URLS", fake.url)
     monkeypatch.setenv("RAGSERVE_OPENAI_TOKENIZER", "server")
+    sent = len(fake.bodies)
     result = CliRunner().invoke(app, ["batch", str(xquad_index), str(questions), "--out", str(out),
-                                      "--ray", "--ray-actors", "1", "--concurrency", "2"])
+                                      "--ray", "--ray-actors", "1", "--concurrency", "2", "--model", "short",
+                                      "--config", str(tmp_path / "models.toml")])
     assert result.exit_code == 2, result.output  # one question failed: its line says why
     assert "done 3, failed 1, skipped 0 (already answered) of 4" in result.output
-    assert "1 actor(s) x 2 questions at once" in result.output
+    assert "1 actor(s) x 2 questions at once" in result.output and "(2 models)" in result.output
     failed = {r["id"]: "error" in r for r in records(out)}
     assert failed == {"q0": False, "q1": True, "q2": False, "q3": False}
+    assert {r["id"]: r["model"] for r in records(out) if "model" in r} == {"q0": "short", "q2": "long", "q3": "short"}
+    assert sorted(b["max_tokens"] for b in fake.bodies[sent:]) == [4, 4, 4, 12]  # q1 is refused by the server
 
 
 @pytest.mark.engine
@@ -231,6 +241,10 @@ def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
         run_batch_ray(xquad_index, questions, out, cfg, concurrency=0)
     with pytest.raises(IndexNotFoundError):
         run_batch_ray(tmp_path / "no-index", questions, out, cfg)
+    with pytest.raises(ConfigError, match="only with the openai backend; 'v' run"):  # an engine per actor
+        run_batch_ray(xquad_index, questions, out, cfg.replace(models={"o": {}, "v": {"backend": "vllm"}}))
+    with pytest.raises(UnknownModelError):
+        run_batch_ray(xquad_index, questions, out, cfg.replace(models={"o": {}}), model="v")
     # every question already answered: nothing to do, no cluster
     answered = [orjson.dumps({"id": f"q{i}", "question": "x", "answer": "y"}) + b"\n" for i in range(2)]
     out.write_bytes(b"".join(answered))

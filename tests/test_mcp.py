@@ -148,6 +148,31 @@ def test_an_overloaded_engine_is_a_tool_error_and_the_call_in_flight_finishes(tm
     assert not first.is_error and first.structured_content["answer"]
 
 
+def test_answer_takes_a_model_and_an_unknown_one_is_a_tool_error_naming_it(tmp_path):
+    from ragserve.testing.fakes import WordsEmbedder
+
+    gens = {"small": FakeGenerator(words=1), "large": FakeGenerator(words=3)}
+    cfg = RAGConfig().replace(models={"small": {"max_tokens": 16}, "large": {"max_tokens": 48}})
+    rag = make_rag(tmp_path, config=cfg, generators=gens, embedder=WordsEmbedder())
+    with rag, running(create_app(rag, cfg)) as url:
+        async def session():
+            async with mcp(url) as c:
+                tools = {t.name: t for t in (await c.list_tools()).tools}
+                calls = [c.call_tool("answer", {"question": "chunk number 3", **m})
+                         for m in ({"model": "large"}, {}, {"model": "medium"}, {"model": 7})]
+                return tools, [await call for call in calls]
+
+        tools, (large, default, unknown, wrong) = asyncio.run(session())
+    assert "model" in tools["answer"].input_schema["properties"] and tools["answer"].input_schema["required"] == [
+        "question"]
+    assert (large.structured_content["model"], large.structured_content["answer"]) == ("large", "an answer more")
+    assert default.structured_content["model"] == "small" and len(gens["small"].prompts) == 1
+    assert unknown.is_error and "UnknownModelError [input]: model 'medium' is not served here" in \
+        unknown.content[0].text
+    assert wrong.is_error and "Traceback" not in wrong.content[0].text
+    assert len(gens["large"].prompts) == 1  # neither refusal reached a generator
+
+
 def test_keys_no_key_wrong_key_and_tenants_that_never_share_an_answer(tmp_path):
     rag = make_rag(tmp_path, FakeGenerator())
     keys = ApiKeys({KEY_A: "tenant-a", KEY_B: "tenant-b"})

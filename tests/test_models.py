@@ -221,3 +221,106 @@ def test_the_client_asks_for_a_model_and_gets_the_typed_error_back(served):
         with pytest.raises(UnknownModelError) as e:
             client.query("chunk number 6", model="medium")
         assert e.value.status == 400
+
+
+# -- the command line and MCP --------------------------------------------------------------
+
+MODELS_TOML = '[models]\ndefault = "small"\n[models.small]\nmax_tokens = 16\n[models.large]\nmax_tokens = 48\n'
+
+
+@pytest.fixture
+def cli_rag(tmp_path, monkeypatch):
+    """(invoke, rag, gens, opened): ``ragserve ...`` in process with ``--config`` naming the
+    two models, over the two-model fake RAG in place of ``RAG.from_index``."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from ragserve.cli import main as cli
+    from ragserve.rag import RAG
+
+    rag, gens = two_models(tmp_path / "index")
+    config = tmp_path / "ragserve.toml"
+    config.write_text(MODELS_TOML)
+    opened = []
+
+    @contextlib.contextmanager
+    def this_rag(path, cfg=None):
+        opened.append(str(path))
+        yield rag
+
+    monkeypatch.setattr(RAG, "from_index", this_rag)
+
+    def invoke(*args):
+        return CliRunner().invoke(cli.app, [*map(str, args), "--config", str(config)])
+
+    with rag:
+        yield invoke, rag, gens, opened
+
+
+def test_cli_query_picks_the_model_and_refuses_an_unknown_one_before_the_engine_opens(cli_rag):
+    import json
+
+    invoke, _, gens, opened = cli_rag
+    r = invoke("query", "idx", "chunk number 3", "--model", "large", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"] == "large" and len(gens["large"].prompts) == 1
+    r = invoke("query", "idx", "chunk number 3")
+    assert r.exit_code == 0 and "model small" in r.stdout and len(gens["small"].prompts) == 1
+    bad = invoke("query", "idx", "chunk number 3", "--model", "medium")
+    assert bad.exit_code == 1 and opened == ["idx", "idx"]  # refused before the engine opened
+    assert "model 'medium' is not served here; served: 'small', 'large'" in bad.output
+
+
+def test_cli_batch_takes_a_model_per_line_over_the_runs_and_checks_them_all_first(cli_rag, tmp_path):
+    import orjson
+
+    invoke, _, gens, opened = cli_rag
+    questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    questions.write_bytes(b'{"id": "a", "question": "chunk number 1"}\n'
+                          b'{"id": "b", "question": "chunk number 2", "model": "small"}\n'
+                          b'"chunk number 4"\n')
+    r = invoke("batch", "idx", questions, "--out", out, "--model", "large")
+    assert r.exit_code == 0, r.output
+    got = {rec["id"]: rec["model"] for rec in map(orjson.loads, out.read_bytes().splitlines())}
+    assert got == {"a": "large", "b": "small", "3": "large"}
+    assert len(gens["large"].prompts) == 2 and len(gens["small"].prompts) == 1
+    questions.write_bytes(b'{"id": "c", "question": "chunk number 5", "model": "medium"}\n')
+    bad = invoke("batch", "idx", questions, "--out", out)
+    assert bad.exit_code == 1 and "model 'medium' is not served here" in bad.output
+    questions.write_bytes(b'{"id": "c", "question": "chunk number 5", "model": 7}\n')
+    bad = invoke("batch", "idx", questions, "--out", out)
+    assert bad.exit_code == 1 and '"model" must be a string' in bad.output
+    assert opened == ["idx"]  # neither bad file opened the engine
+
+
+def test_cli_warm_and_stats_refuse_an_unknown_model_before_anything_loads(cli_rag, tmp_path):
+    invoke, _, gens, opened = cli_rag
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('"chunk number 1"\n')
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "manifest.json").write_text("{}")
+    for args in (("warm", "idx", questions, "--model", "medium", "--redis-url", "redis://127.0.0.1:1/0"),
+                 ("stats", tmp_path / "idx", "--model", "medium")):
+        r = invoke(*args)
+        assert r.exit_code == 1 and "model 'medium' is not served here" in r.output, r.output
+    assert opened == []
+    r = invoke("stats", tmp_path / "idx", "--model", "large", "--questions", "2", "--concurrency", "1",
+               "--repeat-share", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(gens["large"].prompts) == 2 and not gens["small"].prompts  # the workload asked the large one
+
+
+@pytest.mark.redis
+def test_warm_fills_the_named_models_own_cache_entries(tmp_path):
+    from ragserve.jobs.warm import plan_warm, run_warm
+    from ragserve.testing.redis import redis_server
+
+    with redis_server() as srv:
+        gens = {"small": FakeGenerator(words=1), "large": FakeGenerator(words=3)}
+        cfg = RAGConfig().replace(prompt={"max_score_gap": 0}, models=TWO, cache={"redis_url": srv.url})
+        with fake_rag(tmp_path, config=cfg, generators=gens, embedder=WordsEmbedder()) as rag:
+            s = asyncio.run(run_warm(rag, plan_warm([("1", "chunk number 3")]), model="large"))
+            assert s.warmed == 1 and len(gens["large"].prompts) == 1 and not gens["small"].prompts
+            assert rag.query("chunk number 3", model="large").cache_tier in ("l1", "l2")
+            assert rag.query("chunk number 3").cache_tier == "miss"  # the default's entries are its own

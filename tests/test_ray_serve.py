@@ -34,6 +34,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.http]
 
 APP = "ragserve-test"
 REPLY = "an answer from the fake server"
+# [models]: "main" is [generate] (the first fake server), "other" a second server of its own
+# (a generator deployment of its own), which answers OTHER_REPLY.
+OTHER_REPLY = "another answer from the second server"
 # The application has a keys file: every test's requests carry KEY; METERED is a tenant with
 # a bucket of 3 requests that refills once in 100 s (the two-replica quota test).
 KEY = "ray-key-0123456789abcdef"
@@ -73,6 +76,7 @@ def deployed(index: Any, config: RAGConfig, app: str = APP) -> Iterator[str]:
 class Served:
     url: str
     fake: FakeOpenAI
+    other: FakeOpenAI
     config: RAGConfig
     index: Path
     corpus: Path
@@ -92,18 +96,22 @@ def served(ray_cluster, xquad_corpus, embedder, tmp_path_factory) -> Iterator[Se
     keys.write_text(json.dumps({KEY: "ray", METERED: {"namespace": "metered", "name": "metered",
                                                       "requests_per_s": 0.01, "burst": 3}}))
     fake = FakeOpenAI(Behaviour(token_delay_s=0.01, slow_delay_s=0.3))
-    with redis_server() as redis, running(fake.app) as fake_url, otlp_receiver() as (otlp_url, otlp):
+    other = FakeOpenAI(Behaviour(name="other-fake-model", reply=OTHER_REPLY))
+    with redis_server() as redis, running(fake.app) as fake_url, running(other.app) as other_url, \
+            otlp_receiver() as (otlp_url, otlp):
         cfg = RAGConfig().replace(
             # Traced, to a receiver in this process: the trace must cross the handle call.
             telemetry={"traces": "otlp", "endpoint": otlp_url + "/v1/traces"},
             generate={"backend": "openai", "max_tokens": 16}, prompt={"max_score_gap": 0},
             openai={"urls": [fake_url], "tokenizer": "server"}, cache={"redis_url": redis.url},
             server={"api_keys_file": str(keys)},
+            models={"default": "main", "main": {},
+                    "other": {"max_tokens": 8, "openai": {"urls": [other_url]}}},
             # 2 replicas x 2 requests each, and 2 more waiting in the proxy: small, for the burst test
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 0.5, "max_ongoing_requests": 2,
                  "max_queued_requests": 2, "probe_interval_s": 0.5, "follow_index_s": 0.5})
         with deployed(index, cfg) as url:
-            yield Served(url, fake, cfg, index, corpus, otlp)
+            yield Served(url, fake, other, cfg, index, corpus, otlp)
 
 
 def query(url: str, question: str, **body: Any) -> httpx.Response:
@@ -142,7 +150,7 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
     first = query(url, q, top_k=2)
     body = first.json()
     assert first.status_code == 200 and first.headers["x-cache"] == "miss" and body["answer"] == REPLY
-    assert body["model"] == "fake-model" and len(body["sources"]) == 2
+    assert body["model"] == "main" and len(body["sources"]) == 2
     assert body["usage"]["completion_tokens"] == 6
     assert body["timings"]["generate_first_token"] > 0 and body["timings"]["embed"] > 0
     seen = {replica(first): "miss"}
@@ -169,6 +177,35 @@ def test_answers_over_http_and_a_question_answered_by_one_replica_is_an_l2_hit_o
                                 and g["status_age_s"] < 5)
     assert gen["backend"] == "ray:openai" and gen["alive"] and gen["model"] == "fake-model"
     assert gen["backend_stats"]["endpoints"][0]["requests"] >= 1 and gen["status_age_s"] < 5
+
+
+def test_each_model_answers_from_its_own_generator_deployment_and_an_unknown_one_is_refused(served):
+    from ray import serve
+
+    url, q = served.url, "Who won Super Bowl 50, by the second model?"
+    deployments = serve.status().applications[APP].deployments
+    assert {"RagserveGenerator", "RagserveGenerator-other"} <= set(deployments)
+    listed = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=HTTP_TIMEOUT_S).json()["data"]
+    assert [(m["id"], m["max_tokens"]) for m in listed] == [("main", 16), ("other", 8)]
+    sent = len(served.other.bodies)
+    other = query(url, q, model="other")
+    assert other.status_code == 200, other.text
+    assert (other.json()["model"], other.json()["answer"], other.headers["x-cache"]) == ("other", OTHER_REPLY, "miss")
+    assert len(served.other.bodies) == sent + 1 and served.other.bodies[-1]["max_tokens"] == 8
+    main = query(url, q)  # the same question, the default model: an entry of its own, from its own server
+    assert (main.json()["model"], main.json()["answer"], main.headers["x-cache"]) == ("main", REPLY, "miss")
+    again = query(url, q, model="other")
+    assert again.json()["answer"] == OTHER_REPLY and again.headers["x-cache"] in ("l1", "l2")
+    assert len(served.other.bodies) == sent + 1
+    chat = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": "other", "messages": [{"role": "user", "content": "Where was Super Bowl 50 played?"}]})
+    assert chat.status_code == 200 and chat.json()["model"] == "other", chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == OTHER_REPLY
+    unknown = query(url, q, model="medium")
+    assert unknown.status_code == 400 and unknown.json()["error"]["type"] == "UnknownModelError"
+    chat = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=HTTP_TIMEOUT_S, json={
+        "model": "medium", "messages": [{"role": "user", "content": q}]})
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found", chat.text
 
 
 def exported_spans(otlp) -> list[Any]:

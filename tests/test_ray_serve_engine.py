@@ -1,6 +1,7 @@
 """``ragserve serve --ray`` with the real vLLM engine in the generator deployment: two ingress
-replicas, a real Redis, the default model (the same application over a fake OpenAI server:
-test_ray_serve.py). Run it alone with the engine lock:
+replicas, a real Redis, the default model under two ``[models]`` that differ only in
+max_tokens, so they share the one engine and the one deployment (the same application over
+a fake OpenAI server: test_ray_serve.py). Run it alone with the engine lock:
 ``flock /tmp/ragserve-engine.lock pytest -m "engine and ray" --timeout 900``.
 """
 
@@ -30,6 +31,7 @@ def served(ray_cluster, xquad_index) -> Iterator[str]:
     with redis_server() as redis:
         cfg = RAGConfig().replace(
             generate={"max_tokens": 96}, vllm={"kv_cache_gib": 1}, cache={"redis_url": redis.url},
+            models={"default": "full", "full": {}, "brief": {"max_tokens": 8}},
             ray={"replicas": 2, "num_cpus": 0.5, "generator_num_cpus": 1, "probe_interval_s": 0.5})
         with deployed(xquad_index, cfg, app="ragserve-engine") as url:
             yield url
@@ -40,7 +42,7 @@ def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l
     first = query(url, q)
     body = first.json()
     assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
-    assert body["answer"].strip() and body["model"] == "SmolLM2-135M-Instruct"
+    assert body["answer"].strip() and body["model"] == "full"
     assert 0 < body["usage"]["completion_tokens"] <= 96 and body["usage"]["prompt_tokens"] > 100
     t = body["timings"]
     # vLLM's own per-request timestamps, carried back from the generator replica unchanged
@@ -57,6 +59,19 @@ def test_vllm_in_the_generator_deployment_answers_with_its_own_stage_split_and_l
     gen = generator_status_once(url, lambda g: g["prefix_cache"]["requests"] >= 1)
     assert gen["backend"] == "ray:vllm" and gen["alive"] and gen["prefix_cache"]["requests"] >= 1
     assert httpx.get(f"{url}/health", timeout=HTTP_TIMEOUT_S).json()["engine"] == "alive"
+
+
+def test_two_models_that_differ_only_in_sampling_share_one_deployment_and_its_engine(served):
+    from ray import serve
+
+    url, q = served, "Describe in detail everything the passages say about the Super Bowl 50 halftime show."
+    deployments = serve.status().applications["ragserve-engine"].deployments
+    assert [d for d in deployments if d.startswith("RagserveGenerator")] == ["RagserveGenerator"]
+    brief, full = query(url, q, model="brief"), query(url, q)
+    assert brief.status_code == full.status_code == 200, (brief.text, full.text)
+    assert (brief.json()["model"], brief.headers["x-cache"]) == ("brief", "miss")
+    assert (full.json()["model"], full.headers["x-cache"]) == ("full", "miss")  # its own cache entry
+    assert brief.json()["usage"]["completion_tokens"] <= 8 < full.json()["usage"]["completion_tokens"]
 
 
 def test_a_client_that_leaves_a_stream_aborts_the_vllm_request(served):

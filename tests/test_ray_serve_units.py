@@ -62,6 +62,61 @@ def test_deployment_options_come_from_the_ray_section():
     assert gen["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0} and gen["num_replicas"] == 1
 
 
+def test_generator_deployments_one_per_engine_group_of_models_the_defaults_first():
+    from ragserve.ray.serve.app import generator_groups
+
+    assert generator_groups(RAGConfig()) == [("RagserveGenerator", ())]
+    cfg = RAGConfig().replace(models={
+        "short": {"max_tokens": 8}, "long": {"max_tokens": 128, "temperature": 0.7},
+        "wide": {"max_model_len": 4096}, "remote": {"backend": "openai", "openai": {"urls": ["http://h:1"]}},
+        "remote2": {"backend": "openai", "openai": {"urls": ["http://h:1"]}}, "default": "wide"})
+    assert generator_groups(cfg) == [("RagserveGenerator", ("wide",)),
+                                     ("RagserveGenerator-short", ("short", "long")),  # only sampling differs
+                                     ("RagserveGenerator-remote", ("remote",)),
+                                     ("RagserveGenerator-remote2", ("remote2",))]
+    from ragserve.ray.serve.ingress import tokenizer_key
+
+    keys = {n: tokenizer_key(cfg.model_config(n).replace(openai={"tokenizer": "server"})) for n in cfg.models.names}
+    assert keys["short"] == keys["long"] == keys["wide"] and keys["remote"] == keys["remote2"] != keys["short"]
+
+
+async def test_a_generator_replica_serves_each_of_its_models_and_refuses_others(monkeypatch):
+    from ragserve.errors import UnknownModelError
+    from ragserve.ray.serve.client import RayGenerator
+    from ragserve.ray.serve.generator import GeneratorServer
+    from ragserve.testing.fakes import FakeGenerator
+
+    class Unserved(GeneratorServer):
+        def __del__(self) -> None:
+            pass
+
+    cfg = RAGConfig().replace(models={"a": {"max_tokens": 8}, "b": {"max_tokens": 16}})
+    server = Unserved.__new__(Unserved)
+    given, built = FakeGenerator(words=1), FakeGenerator(words=3)
+    monkeypatch.setattr("ragserve.generators.make_generator", lambda c: built)  # "b": no vLLM here
+    await GeneratorServer.__init__(server, cfg.to_dict(), given, ("a", "b"))
+
+    class Handle:  # calls the replica's methods as Serve would, keyword arguments included
+        def options(self, stream=False):
+            return self
+
+        def __getattr__(self, name):
+            method = getattr(server, name)
+
+            class Method:
+                def remote(self, *args, **kwargs):
+                    return method(*args, **kwargs)
+            return Method()
+
+    b = RayGenerator(Handle(), await server.describe("b"), tokenizer=None, model="b")
+    a = RayGenerator(Handle(), await server.describe("a"), tokenizer=None, model="a")
+    assert (await b.generate("p", "r1")).text == "an answer more"
+    assert (await a.generate("p", "r2")).text == "an"
+    assert len(given.prompts) == len(built.prompts) == 1
+    with pytest.raises(UnknownModelError):
+        await server.generate("p", "r3", model="c")
+
+
 def test_a_replica_local_l2_is_refused_before_anything_starts():
     from ragserve.ray.serve.app import build_app
     from ragserve.ray.serve.ingress import require_shared_l2

@@ -26,6 +26,11 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
                           "RAY_ADDRESS, else the cluster `ray start` runs on this machine, else a local one "
                           "started for this run and stopped after it.")]
 """``--ray-address`` of every command that runs on Ray (``cluster.cluster_target``)."""
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Which of the config's \\[models] answers (default: models.default, or the router's "
+                          "pick with models.route = \"auto\"; \"auto\" asks for the pick). An unknown one is "
+                          "refused before the engine starts.")]
+"""``--model`` of every command that answers questions (``RAG.query(model=...)``)."""
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:

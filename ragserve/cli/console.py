@@ -97,7 +97,8 @@ def print_result(result: Any, console_: Console | None = None) -> None:
     c.print(f"   [dim]ms: embed {t.embed:.1f} | search {t.search:.2f} | docload {t.docload:.2f} | "
             f"prompt {t.prompt:.1f} | generate {t.generate:.0f} (queue {t.generate_queue:.0f}, "
             f"first token {t.generate_first_token:.0f}, decode {t.generate_decode:.0f}) | total {t.total:.0f}; "
-            f"tokens {result.usage.prompt_tokens}+{result.usage.completion_tokens}; cache {result.cache_tier}[/]",
+            f"tokens {result.usage.prompt_tokens}+{result.usage.completion_tokens}; cache {result.cache_tier}"
+            f"{f'; model {result.model}' if result.model else ''}[/]",
             highlight=False)
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ragserve.cli.app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
+from ragserve.cli.app import ConfigOpt, ModelOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from ragserve.cli.console import print_eval, print_result, print_stats, progress_bars, stats_view
 from ragserve.cli.quiet import data_stdout
 
@@ -113,6 +113,7 @@ def query_cmd(
     max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens generated.")] = None,
     nprobe: NprobeOpt = None,
     ef_search: EfSearchOpt = None,
+    model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question against an index, with sources and per-stage timings."""
@@ -122,9 +123,10 @@ def query_cmd(
     cfg = load_config(config, query={"top_k": top_k}, generate={"max_tokens": max_tokens},
                   index={"ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
     check_question(question, cfg.query.max_question_chars)  # before ~20 s of model and engine start-up
+    cfg.models.check(model)
     with data_stdout(json_out) as data:  # --json: the JSON alone on stdout, the engine's lines on stderr
         with RAG.from_index(index, cfg) as rag:
-            result = rag.query(question)
+            result = rag.query(question, model=model)
         if json_out:
             import orjson
 
@@ -212,6 +214,7 @@ def stats_cmd(
     repeat_share: Annotated[float, typer.Option(help="Share of queries repeating an answered one.")] = 0.25,
     question_source: Annotated[str, typer.Option(help='"corpus" or a question file (.txt, SQuAD .json).')] = "corpus",
     max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens generated.")] = None,
+    model: ModelOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     save: Annotated[Optional[Path], typer.Option("--save", help="Also write the JSON to this file.")] = None,
     config: ConfigOpt = None,
@@ -228,9 +231,11 @@ def stats_cmd(
         from ragserve.rag import RAG
 
         cfg = load_config(config, generate={"max_tokens": max_tokens})
+        cfg.models.check(model)
         with data_stdout(json_out), RAG.from_index(target, cfg) as rag:  # --json: the engine's lines on stderr
             pool = load_questions(question_source, rag.docstore, questions, 0)
-            run_workload(rag, pool, n=questions, concurrency=concurrency, repeat_share=repeat_share)
+            run_workload(rag, pool, n=questions, concurrency=concurrency, repeat_share=repeat_share,
+                         model=model)
             stats = rag.stats()
     else:
         path = target / "stats.json" if target.is_dir() else target

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from ragserve.cli.app import ConfigOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
+from ragserve.cli.app import ConfigOpt, ModelOpt, RayAddressOpt, app, console, fails_cleanly, load_config, out
 from ragserve.cli.console import question_progress
 from ragserve.cli.quiet import data_stdout
 
@@ -18,7 +18,8 @@ from ragserve.cli.quiet import data_stdout
 @fails_cleanly
 def batch_cmd(
     index: Annotated[Path, typer.Argument(help="An index folder.")],
-    questions: Annotated[Path, typer.Argument(help="JSONL: {\"id\": ..., \"question\": ...} or a string per line.")],
+    questions: Annotated[Path, typer.Argument(help="JSONL: {\"id\": ..., \"question\": ..., \"model\": ...} (id "
+                                                   "and model optional) or a string per line.")],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL answers file; appended to, and resumed from.")],
     concurrency: Annotated[int, typer.Option(help="Questions in the engine at once.")] = 16,
     timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
@@ -31,22 +32,28 @@ def batch_cmd(
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: answering actors, a CPU each (default: one per CPU left "
                                     "free on the cluster).")] = None,
+    model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a file of questions: bounded concurrency, progress, resume after an interruption.
+    A line's own "model" wins over --model.
 
     Exits 0 when every question has an answer, 2 when some failed (their lines say why).
     """
     import asyncio
     import contextlib
 
-    from ragserve.jobs.batch import check_questions, read_questions, run_batch
+    from ragserve.jobs.batch import check_questions, read_lines, run_batch
 
     cfg = load_config(config)
     if (ray_address or ray_actors) and not ray:
         raise typer.BadParameter("--ray-address and --ray-actors need --ray")
-    # a bad questions file, or a question that cannot be asked, fails before the engine starts
-    check_questions(read_questions(questions), cfg.query.max_question_chars, questions)
+    # a bad questions file, a question that cannot be asked or a model not served fails
+    # before the engine starts
+    lines = read_lines(questions)
+    check_questions([(qid, q) for qid, q, _ in lines], cfg.query.max_question_chars, questions)
+    for name in sorted({model, *(m for _, _, m in lines)} - {None}):
+        cfg.models.check(name)
     with contextlib.ExitStack() as stack:
         if not ray:
             from ragserve.rag import RAG
@@ -69,11 +76,12 @@ def batch_cmd(
 
                 summary = run_batch_ray(index, questions, out_file, cfg, address=ray_address,
                                         actors=ray_actors, concurrency=concurrency, timeout_s=timeout,
-                                        on_start=on_start, on_record=on_record,
+                                        model=model, on_start=on_start, on_record=on_record,
                                         say=lambda line: console.print(line, highlight=False))
             else:
                 summary = asyncio.run(run_batch(rag, questions, out_file, concurrency=concurrency,
-                                                timeout_s=timeout, on_start=on_start, on_record=on_record))
+                                                timeout_s=timeout, model=model, on_start=on_start,
+                                                on_record=on_record))
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]: the answers written so far are kept in {out_file}; "
                           "run the same command again to resume")
@@ -99,11 +107,13 @@ def warm_cmd(
         "--json", help="Print the summary as one JSON line, alone on stdout (the rest on stderr).")] = False,
     answers: Annotated[Optional[Path], typer.Option(help="Also write each question's stored answer here (JSONL: "
                                                     "question, answer, cache_tier).")] = None,
+    model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Precompute answers into the L2 cache that `ragserve serve` with the same config reads,
     from a question log: most frequent first, progress, resume (answers already in L2 cost
-    nothing). Exits 0 when every question is warm, 2 when some failed."""
+    nothing). Exits 0 when every question is warm, 2 when some failed. Each of \\[models] has
+    its own answers: --model warms one (default: what a request naming no model gets)."""
     import contextlib
 
     import orjson
@@ -137,7 +147,7 @@ def warm_cmd(
                                                  "cache_tier": r.cache_tier}) + b"\n")
 
                     s = warm(index, questions, cfg, namespace=namespace, limit=limit, concurrency=concurrency,
-                             timeout_s=timeout, on_start=on_start, on_done=on_done,
+                             timeout_s=timeout, model=model, on_start=on_start, on_done=on_done,
                              on_answer=on_answer if sink else None)
         except KeyboardInterrupt:
             done = f" ({last[0].warmed} warmed now)" if last else ""
@@ -178,8 +188,8 @@ def serve_cmd(
     redis_url: Annotated[Optional[str], typer.Option(
         help="L2 Redis URL (cache.redis_url); default: an embedded Redis persisted under RAGSERVE_HOME.")] = None,
     ray: Annotated[bool, typer.Option(
-        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment; needs "
-                      "--redis-url (see deploy/README.md).")] = False,
+        "--ray", help="Run as a Ray Serve application: N ingress replicas and a generator deployment (one per "
+                      "group of \\[models]); needs --redis-url (see deploy/README.md).")] = False,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="--ray: the cluster (ray.address): 'auto' joins `ray start` on this machine, "
                               "or HOST:6379; default: a local cluster for this process.")] = None,

@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from ragserve.errors import ConfigError
+from ragserve.errors import ConfigError, UnknownModelError
 
 Route = Literal["", "auto"]
 RouteSignal = Literal["top_score", "score_gap"]
@@ -102,6 +102,20 @@ class ModelsConfig:
 
     def spec(self, name: str) -> ModelSpec | None:
         return next((m for m in self.entries if m.name == name), None)
+
+    def check(self, model: object) -> None:
+        """Refuse a model the requests could not get, before anything starts (the command
+        line checks ``--model`` so, not after ~20 s of engine start-up): with ``[models]``,
+        a name not configured (nor "auto" under ``route = "auto"``) raises the
+        ``UnknownModelError`` the engine's ``Models.choose`` would. Without ``[models]``
+        the one served model's name is known only once its generator is built: the engine
+        checks it then. ``None`` (no model asked for) is always fine."""
+        if model is None or not self.entries:
+            return
+        if isinstance(model, str) and (model in self.names or (model == AUTO and self.route == AUTO)):
+            return
+        known = sorted(self.names, key=lambda n: n != self.default_name)
+        raise UnknownModelError(model, (*known, *((AUTO,) if self.route == AUTO else ())))
 
 
 _SCALARS = {f.name: f for f in dataclasses.fields(ModelsConfig) if f.name != "entries"}

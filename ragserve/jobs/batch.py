@@ -10,9 +10,11 @@
   last line, left by a crash, is cut off before anything is appended.
 - One failed question is recorded with its error and does not stop the run.
 
-Input lines are ``{"id": ..., "question": ...}`` (``id`` optional: the line number is
-used) or a bare JSON string. Output lines carry the id, question, answer, sources, cache
-tier, token usage and per-stage timings; a failure carries ``error`` instead of ``answer``.
+Input lines are ``{"id": ..., "question": ..., "model": ...}`` (``id`` optional: the line
+number is used; ``model`` optional: one of ``[models]``, else the run's ``model``, else the
+default) or a bare JSON string. Output lines carry the id, question, answer, the model that
+answered, sources, cache tier, token usage and per-stage timings; a failure carries
+``error`` instead of ``answer``.
 
 **Usage:** ``summary = asyncio.run(run_batch(rag, "questions.jsonl", "answers.jsonl"))``
 """
@@ -55,10 +57,16 @@ class BatchSummary:
 
 def read_questions(path: str | Path) -> list[tuple[str, str]]:
     """``(id, question)`` pairs; refuses the whole file on a bad line or a repeated id."""
+    return [(qid, question) for qid, question, _ in read_lines(path)]
+
+
+def read_lines(path: str | Path) -> list[tuple[str, str, str | None]]:
+    """``(id, question, model)`` per line (``model``: the line's, or None); refuses the
+    whole file on a bad line, a repeated id or a model that is not a string."""
     path = Path(path)
     if not path.is_file():
         raise BatchInputError(f"{path}: no such questions file")
-    items: list[tuple[str, str]] = []
+    items: list[tuple[str, str, str | None]] = []
     seen: set[str] = set()
     for n, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
@@ -74,8 +82,11 @@ def read_questions(path: str | Path) -> list[tuple[str, str]]:
         qid = str(value.get("id", n))
         if qid in seen:
             raise BatchInputError(f"{path}:{n}: id {qid!r} appears twice; ids must be unique for resume to work")
+        model = value.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BatchInputError(f"{path}:{n}: \"model\" must be a string (a name of [models]), got {model!r}")
         seen.add(qid)
-        items.append((qid, value["question"]))
+        items.append((qid, value["question"], model))
     return items
 
 
@@ -122,7 +133,8 @@ def _record(qid: str, question: str, result: Any) -> dict[str, Any]:
     if isinstance(result, BaseException):
         return {"id": qid, "question": question, "error": f"{type(result).__name__}: {result}"}
     return {
-        "id": qid, "question": question, "answer": result.answer, "cache_tier": result.cache_tier,
+        "id": qid, "question": question, "answer": result.answer, "model": result.model,
+        "cache_tier": result.cache_tier,
         "sources": [{"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(s.score, 4)} for s in result.sources],
         "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens},
         "finish_reason": result.finish_reason, "timings": result.timings.as_dict(),
@@ -175,13 +187,17 @@ async def run_batch(
     *,
     concurrency: int = 16,
     timeout_s: float | None = None,
+    model: str | None = None,
     on_start: Callable[[BatchSummary], None] | None = None,
     on_record: Callable[[dict[str, Any], BatchSummary], None] | None = None,
 ) -> BatchSummary:
-    """Answer every question of ``questions`` not yet answered in ``out`` (see module doc)."""
-    items = read_questions(questions)
+    """Answer every question of ``questions`` not yet answered in ``out`` (see module doc).
+    ``model``: for the lines that name none (None: the default, or the router's pick). A
+    model not configured fails its lines only, each with ``UnknownModelError``
+    (``ragserve batch`` refuses the file before the engine starts instead)."""
+    items = read_lines(questions)
     done_ids = answered_ids(out)
-    todo = [(qid, q) for qid, q in items if qid not in done_ids]
+    todo = [(qid, q, m or model) for qid, q, m in items if qid not in done_ids]
     summary = BatchSummary(total=len(items), skipped=len(items) - len(todo))
     if on_start:
         on_start(summary)
@@ -189,10 +205,10 @@ async def run_batch(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "ab") as sink:
 
-        async def ask(item: tuple[str, str]) -> Any:
-            return await rag.aquery(item[1], timeout_s=timeout_s)
+        async def ask(item: tuple[str, str, str | None]) -> Any:
+            return await rag.aquery(item[1], timeout_s=timeout_s, model=item[2])
 
-        def done(item: tuple[str, str], result: Any) -> None:
+        def done(item: tuple[str, str, str | None], result: Any) -> None:
             record = _record(item[0], item[1], result)
             write_record(sink, orjson.dumps(record), record, summary, started, on_record)
 

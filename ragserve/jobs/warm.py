@@ -193,13 +193,16 @@ async def run_warm(
     namespace: str | None = None,
     concurrency: int = 16,
     timeout_s: float | None = None,
+    model: str | None = None,
     on_start: Callable[[WarmSummary], None] | None = None,
     on_done: Callable[[WarmSummary], None] | None = None,
     on_answer: Callable[[WarmItem, Any], None] | None = None,
 ) -> WarmSummary:
     """Warm ``plan`` into the L2 of an open ``rag`` (see the module doc), at most
     ``concurrency`` questions at once; ``on_done`` after each question, ``on_answer`` with
-    each question's ``QueryResult`` (the answer the service will serve for it).
+    each question's ``QueryResult`` (the answer the service will serve for it). ``model``:
+    which of ``[models]`` to warm (its keys are its own; None: the default, or the router's
+    pick, as a request that names no model gets).
 
     Open ``rag`` with ``warm_config``: with L1 on, an answer this process already holds in
     L1 counts as already warm whether or not its L2 write succeeded.
@@ -216,7 +219,7 @@ async def run_warm(
     started = time.perf_counter()
 
     async def ask(item: WarmItem) -> Any:
-        return await rag.aquery(item.question, namespace=namespace, timeout_s=timeout_s)
+        return await rag.aquery(item.question, namespace=namespace, timeout_s=timeout_s, model=model)
 
     def done(item: WarmItem, result: Any) -> None:
         if isinstance(result, Exception):
@@ -255,6 +258,7 @@ def warm(
     limit: int | None = None,
     concurrency: int = 16,
     timeout_s: float | None = None,
+    model: str | None = None,
     on_start: Callable[[WarmSummary], None] | None = None,
     on_done: Callable[[WarmSummary], None] | None = None,
     on_answer: Callable[[WarmItem, Any], None] | None = None,
@@ -267,18 +271,20 @@ def warm(
     ``generator``: as for ``RAG.from_index``).
 
     Refuses before anything loads: ``NoL2Error`` (no L2), ``BatchInputError`` (a bad line
-    or question), ``InvalidParameterError`` (namespace, limit). A ``KeyboardInterrupt``
+    or question), ``InvalidParameterError`` (namespace, limit), ``UnknownModelError``
+    (``model`` not in ``[models]``). A ``KeyboardInterrupt``
     keeps what is warmed (the engine closes and flushes its writes) and is raised again.
     """
     from ragserve.rag import RAG
 
     config = warm_config(config or RAGConfig.load())
     check_options(namespace=namespace)
+    config.models.check(model)
     if concurrency < 1:
         raise InvalidParameterError("concurrency", concurrency, "an int >= 1")
     plan = load_plan(questions, config, limit)
     check_l2_answers(config)
     with RAG.from_index(index, config, embedder=embedder, generator=generator) as rag:
         return asyncio.run(run_warm(rag, plan, namespace=namespace, concurrency=concurrency,
-                                    timeout_s=timeout_s, on_start=on_start, on_done=on_done,
-                                    on_answer=on_answer))
+                                    timeout_s=timeout_s, model=model, on_start=on_start,
+                                    on_done=on_done, on_answer=on_answer))

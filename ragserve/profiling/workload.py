@@ -175,9 +175,10 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
 
 async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: int = 8,
                         repeat_share: float = 0.25, l2_share: float = 0.0, seed: int = 0,
-                        namespace: str | None = None) -> WorkloadResult:
+                        namespace: str | None = None, model: str | None = None) -> WorkloadResult:
     """Ask ``n`` questions with ``concurrency`` clients (each asks its next question when its
-    last one is answered); new questions come from ``pool`` in order."""
+    last one is answered); new questions come from ``pool`` in order. ``model``: which of
+    ``[models]`` answers (None: the default)."""
     slots = plan(n, repeat_share, seed)
     if sum(not s for s in slots) > len(pool):
         raise ValueError(f"{sum(not s for s in slots)} distinct questions needed, the pool has {len(pool)}")
@@ -206,7 +207,7 @@ async def arun_workload(rag: Any, pool: Sequence[str], *, n: int, concurrency: i
             q = next(fresh)
         start = time.perf_counter() - t0
         try:
-            r = await rag.aquery(q, namespace=namespace)
+            r = await rag.aquery(q, namespace=namespace, model=model)
         except Exception as e:  # a failed query is a finding of the run, not its end
             records.append(QueryRecord(i, q, repeat, "error", {}, start, time.perf_counter() - t0, repr(e)))
         else:

@@ -14,6 +14,8 @@ The same file in, the same file out, the same resume and per-question errors as
   - ``"vllm"``: a ``RayGenerator`` over a generator deployment the driver deploys for this
     run (``ray.serve``'s own, with the ``ray.generator_*`` options; one replica on a CPU
     machine, whose engine batches every actor's requests), deleted at the end.
+  - ``[models]``: only ``openai`` models (``refuse_in_process_models``), all of them in
+    every actor; each line is asked of its own ``"model"`` (else the run's ``model``).
 - An actor answers its batch concurrently (``work_through``); a question that fails is its
   error record, never a failed batch.
 - The records come back as batches finish, and the driver appends and flushes each one as
@@ -61,7 +63,7 @@ from ragserve.jobs.batch import (
     _record,
     answered_ids,
     check_questions,
-    read_questions,
+    read_lines,
     write_record,
 )
 from ragserve.ray.cluster import (
@@ -118,6 +120,7 @@ def run_batch_ray(
     actors: int | None = None,
     concurrency: int = 16,
     timeout_s: float | None = None,
+    model: str | None = None,
     on_start: Callable[[BatchSummary], None] | None = None,
     on_record: Callable[[dict[str, Any], BatchSummary], None] | None = None,
     say: Callable[[str], None] | None = None,
@@ -126,18 +129,25 @@ def run_batch_ray(
     (see the module docstring). ``address`` as for ``cluster.ray_session`` (default:
     ``ray.address``, else this process's connection, a running cluster or a local one);
     ``actors``: default one per CPU left free; ``on_start`` and ``on_record`` as for
-    ``run_batch``; ``say``: a function given a line about the cluster and the plan."""
+    ``run_batch``; ``say``: a function given a line about the cluster and the plan. ``model``
+    and a line's ``"model"``: as for ``run_batch``; with ``[models]`` every model must have
+    the ``openai`` backend (each actor is then a client of every model's servers), else a
+    ``ConfigError`` before any cluster starts."""
     from ragserve.config import RAGConfig
     from ragserve.index.manifest import read_manifest
 
     config = config or RAGConfig.load()
-    items = read_questions(questions)
+    lines = read_lines(questions)
+    items = [(qid, q) for qid, q, _ in lines]
     check_questions(items, config.query.max_question_chars, questions)
+    refuse_in_process_models(config)
+    for name in sorted({model, *(m for _, _, m in lines)} - {None}):
+        config.models.check(name)
     refuse_unshared_l2(config, "ragserve batch --ray", "actor", l2_required=False)
     plan_actors(len(items), concurrency, actors, 0.0)  # refuses a bad --concurrency or --ray-actors now
     folder = read_manifest(index).folder  # a missing index fails before any cluster starts
     done_ids = answered_ids(out)
-    todo = [(qid, q) for qid, q in items if qid not in done_ids]
+    todo = [(qid, q, m or model) for qid, q, m in lines if qid not in done_ids]
     summary = BatchSummary(total=len(items), skipped=len(items) - len(todo))
     if not todo:
         if on_start:
@@ -213,11 +223,24 @@ def _start_failure(e: BaseException | None) -> str | None:
     return None
 
 
-def _dataset(ray: Any, todo: list[tuple[str, str]], index: str, config: Any, generator_app: str | None,
-             plan: ActorPlan, timeout_s: float | None) -> Any:
+def refuse_in_process_models(config: Any) -> None:
+    """``[models]`` under ``batch --ray``: only ``openai`` models, called from every actor.
+    NOTE: a ``vllm`` model would need a generator deployment per engine (as ``serve --ray``
+    has, ``serve/app.generator_groups``); without one each actor would start its own engine."""
+    local = [n for n in config.models.names if config.model_config(n).generate.backend != "openai"]
+    if local:
+        from ragserve.errors import ConfigError
+
+        raise ConfigError("models", f"`batch --ray` answers [models] only with the openai backend; "
+                          f"{', '.join(map(repr, local))} run(s) vLLM in process: run the batch without --ray, "
+                          "or serve those models with `vllm serve` and the openai backend")
+
+
+def _dataset(ray: Any, todo: list[tuple[str, str, str | None]], index: str, config: Any,
+             generator_app: str | None, plan: ActorPlan, timeout_s: float | None) -> Any:
     from ray.data import ActorPoolStrategy
 
-    rows = [{"id": qid, "question": q} for qid, q in todo]
+    rows = [{"id": qid, "question": q, "model": m or ""} for qid, q, m in todo]
     # NOTE: the pool size goes through ``compute``: map_batches' ``concurrency`` is deprecated in Ray 2.60.
     return ray.data.from_items(rows).map_batches(
         Answerer, batch_size=plan.batch_size, batch_format="numpy", num_cpus=ACTOR_CPUS,
@@ -256,10 +279,11 @@ class Answerer:
 
         ids = [str(x) for x in batch["id"]]
         questions = [str(x) for x in batch["question"]]
+        models = [str(x) or None for x in batch["model"]] if "model" in batch else [None] * len(ids)
         lines: list[str] = [""] * len(ids)
 
         async def ask(i: int) -> Any:
-            return await self.rag.aquery(questions[i], timeout_s=self.timeout_s)
+            return await self.rag.aquery(questions[i], timeout_s=self.timeout_s, model=models[i])
 
         def done(i: int, result: Any) -> None:
             lines[i] = orjson.dumps(_record(ids[i], questions[i], result)).decode()
@@ -287,7 +311,7 @@ def _generator_deployment(config: Any, say: Callable[[str], None]) -> Iterator[s
     """With the vllm backend: the generator deployment of ``ray.serve``, as a Serve
     application of its own for this run (a unique name: runs do not replace each other's),
     without an HTTP proxy; yields its name. With the openai backend: nothing (None)."""
-    if config.generate.backend == "openai":
+    if config.generate.backend == "openai" or config.models.names:  # [models]: openai only (refused otherwise)
         yield None
         return
     from ray import serve
@@ -327,6 +351,8 @@ def _serve_running() -> bool:
 
 
 def _generation(config: Any, app: str | None) -> str:
+    if app is None and config.models.names:
+        return f"openai backend in every actor ({len(config.models.names)} models)"
     if app is None:
         return f"openai backend in every actor ({len(config.openai.urls)} server(s))"
     r = config.ray

@@ -5,9 +5,9 @@ with its sources), built with the official ``mcp`` SDK.
 Each tool is one call of the same verb ``/v1`` uses (``aretrieve``, ``aquery``): the same
 validation, admission, caches, deadline and errors; ``answer`` runs in the caller's tenant
 namespace, which the transport decides (``mcp_http.py``: the API key; stdio: the config's).
-A refused call (empty question, ``top_k`` out of range, overload, a dead engine) is an MCP
-tool error, ``is_error`` with a text naming the error type and what is wrong; it ends
-that call only, never the session or other calls.
+A refused call (empty question, ``top_k`` out of range, a model not served, overload, a
+dead engine) is an MCP tool error, ``is_error`` with a text naming the error type and what
+is wrong; it ends that call only, never the session or other calls.
 
 **Usage:** ``server = build_mcp(lambda: rag)``; ``mcp_http.add_mcp_route`` serves it at
 ``/mcp``, ``ragserve mcp INDEX`` over stdio (``cli/mcp.py``).
@@ -76,6 +76,8 @@ Question = Annotated[str, Field(description="The question, in natural language."
 TopK = Annotated[int | None, Field(json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K},
                                    description=f"How many chunks to use, 1..{MAX_TOP_K} (default: the "
                                                "server's).")]
+ModelName = Annotated[str | None, Field(description="Which of the server's models answers (GET /v1/models "
+                                                    "lists them; default: the server's default).")]
 TenantOf = Callable[[Context], "str | None"]
 RequestIdOf = Callable[[Context], "str | None"]
 
@@ -100,14 +102,14 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
         sources = await _call(ctx, "retrieve", rag_of().aretrieve(question, top_k))
         return tool_result({"sources": [source_json(s) for s in sources]})
 
-    async def answer(question: Question, ctx: Context,
-                     top_k: TopK = None) -> Annotated[CallToolResult, Answer]:
+    async def answer(question: Question, ctx: Context, top_k: TopK = None,
+                     model: ModelName = None) -> Annotated[CallToolResult, Answer]:
         """A short answer to a question, generated from the most relevant passages of the
         indexed collection, with those passages as its sources."""
         namespace = tenant_of(ctx) if tenant_of is not None else None
         rid = request_id_of(ctx) if request_id_of is not None else None
-        r = await _call(ctx, "answer",
-                        rag_of().aquery(question, namespace=namespace, request_id=rid, top_k=top_k))
+        r = await _call(ctx, "answer", rag_of().aquery(question, namespace=namespace, request_id=rid,
+                                                       top_k=top_k, model=model))
         return tool_result({"answer": r.answer, "sources": [source_json(s) for s in r.sources],
                             "cache_tier": r.cache_tier, "model": r.model, "request_id": r.request_id,
                             "timings_ms": r.timings.as_dict()})

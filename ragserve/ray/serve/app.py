@@ -1,4 +1,12 @@
-"""The Ray Serve application: the ingress deployment bound to the generator deployment.
+"""The Ray Serve application: the ingress deployment bound to the generator deployment(s).
+
+With ``[models]``, one generator deployment per group of models (``generator_groups``):
+the models that ``ragserve serve`` would run on one vLLM engine (same model folder and
+engine settings, only sampling differs) share one deployment, and each ``openai`` model
+has its own (a pooled client of its servers, as the one model's deployment is without
+``[models]``). The group of the default model is ``RagserveGenerator``; the others are
+``RagserveGenerator-NAME`` after their first model. Each has the ``[ray] generator_*``
+replicas and bounds. The ingress gets a handle per model.
 
 Two ways in, one builder:
 
@@ -86,35 +94,57 @@ def generator_options(config: Any) -> dict[str, Any]:
     }
 
 
+def generator_groups(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """``(deployment name, models it serves)`` per generator deployment, the default
+    model's first. Without ``[models]``: ``[("RagserveGenerator", ())]``, the one
+    ``[generate]`` model. vLLM models are grouped by what their engine is made of
+    (``VllmGenerator.engine_key``, from the config: the model as configured, context
+    length, scheduling, ``[vllm]``); an ``openai`` model is a group of its own."""
+    m = config.models
+    if not m.names:
+        return [(GENERATOR, ())]
+    groups: dict[Any, list[str]] = {}
+    for name in sorted(m.names, key=lambda n: n != m.default_name):  # the default's group first
+        c = config.model_config(name)
+        g = c.generate
+        key: Any = (("vllm", g.model, g.max_model_len, g.scheduling, tuple(sorted(vars(c.vllm).items())))
+                    if g.backend == "vllm" else ("openai", name))
+        groups.setdefault(key, []).append(name)
+    named = list(groups.values())
+    return [(GENERATOR if i == 0 else f"{GENERATOR}-{names[0]}", tuple(names)) for i, names in enumerate(named)]
+
+
 def application(index: str | Path, config: Any, *, generator: Any = None) -> Any:
     """The application, not yet running (``serve.run`` starts it). ``generator``: an object
-    the generator deployment serves instead of the configured backend (tests). A sharded
-    index adds the shard supervisor (``shards.py``), whose actors hold the shards."""
+    the (default model's) generator deployment serves instead of the configured backend
+    (tests). A sharded index adds the shard supervisor (``shards.py``), whose actors hold
+    the shards. With ``[models]``, a generator deployment per group (module docstring)."""
     from ray import serve
 
     from ragserve.ray.serve.generator import GeneratorServer
     from ragserve.ray.serve.ingress import IngressServer, require_shared_l2
 
     require_shared_l2(config)
-    if config.models.names:  # one generator deployment serves one model
-        from ragserve.errors import ConfigError
-
-        raise ConfigError("models", "`serve --ray` serves one model ([generate]); [models] is not "
-                          "supported there yet: serve several models with `ragserve serve`")
     settings = config.to_dict()
-    gen = serve.deployment(GeneratorServer, name=GENERATOR, **generator_options(config))
+    handles: Any = None
+    for i, (name, models) in enumerate(generator_groups(config)):
+        gen = serve.deployment(GeneratorServer, name=name, **generator_options(config))
+        bound = gen.bind(settings, generator if i == 0 else None, models)
+        if not models:
+            handles = bound
+        else:  # Serve hands the ingress a handle wherever a bound deployment is in its args
+            handles = {**(handles or {}), **{model: bound for model in models}}
     ingress = serve.deployment(serve.ingress()(IngressServer), name=INGRESS, **ingress_options(config))
-    args = (settings,) if generator is None else (settings, generator)
     path = str(Path(index).absolute())
     if not is_sharded_index(path):
-        return ingress.bind(path, settings, gen.bind(*args))
+        return ingress.bind(path, settings, handles)
     from ragserve.ray.serve.shards import ShardSupervisor
 
     # NOTE: the supervisor only owns the shard actors (they reserve ray.shard_num_cpus each);
     # it searches nothing, so it reserves no CPU of its own.
     supervisor = serve.deployment(ShardSupervisor, name=SHARDS, num_replicas=1,
                                   ray_actor_options={"num_cpus": 0})
-    return ingress.bind(path, settings, gen.bind(*args), supervisor.bind(settings))
+    return ingress.bind(path, settings, handles, supervisor.bind(settings))
 
 
 def is_sharded_index(index: str | Path) -> bool:

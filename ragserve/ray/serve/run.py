@@ -87,7 +87,7 @@ def _deploy_and_serve(index: str | Path, config: Any, stop: _Stop, ready_file: P
     from ray import serve
 
     from ragserve.ray.serve import proxy
-    from ragserve.ray.serve.app import application
+    from ragserve.ray.serve.app import application, generator_groups
 
     r, s = config.ray, config.server
     port = s.port or _free_port()
@@ -95,9 +95,11 @@ def _deploy_and_serve(index: str | Path, config: Any, stop: _Stop, ready_file: P
     serve.start(http_options={"host": s.host, "port": port},
                 controller_options={"runtime_env": {"env_vars": env}})
     host, port = _proxy_address(s.host, port)
+    groups = generator_groups(config)
+    models = f" for {len(config.models.names)} models" if config.models.names else ""
     say(f"deploying {index} as Serve application {r.app_name!r} "
-        f"({_replicas(r)} ingress replica(s), {r.generator_replicas} generator replica(s)); "
-        "waiting for every replica to be up")
+        f"({_replicas(r)} ingress replica(s), {len(groups)} generator deployment(s){models} x "
+        f"{r.generator_replicas} replica(s)); waiting for every replica to be up")
     serve.run(application(index, config), name=r.app_name, route_prefix="/",
               logging_config={"enable_access_log": False})
     url = f"http://{host}:{port}"
