@@ -17,10 +17,10 @@ import ragserve.cli.semantic  # noqa: F401 - registers `calibrate-semantic`
 from ragserve.cli.main import app
 from ragserve.generators.lifeline import exit_fast
 
-__all__ = ["app", "main"]
+__all__ = ["app", "run"]
 
 
-def main() -> None:
+def run() -> None:
     """The ``ragserve`` command: the app, then ``exit_fast`` with its status. A command has
     closed what it opened (its ``RAG``, server, Ray connection) by the time it returns, so
     the interpreter's teardown of torch and vLLM (about 2 s) would only delay the exit."""

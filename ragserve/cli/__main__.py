@@ -1,6 +1,6 @@
 """``python -m ragserve.cli``: the ``ragserve`` command."""
 
-from ragserve.cli import main
+from ragserve.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()
