@@ -99,6 +99,14 @@ def _silent_stat_logger(prefix_cache: PrefixCacheCounter, requests: RequestCount
     return SilentStatLogger
 
 
+def engine_key(model: str, generate: GenerateConfig, vllm: VllmConfig) -> tuple[Any, ...]:
+    """What a vLLM engine for ``model`` is made of: the model, the context length, the
+    scheduler and every ``[vllm]`` option; not sampling, which is per request. Generators
+    with equal keys share one engine (``VllmGenerator.sharing``), and ``serve --ray`` puts
+    the models of one key in one generator deployment."""
+    return ("vllm", model, generate.max_model_len, generate.scheduling, tuple(sorted(vars(vllm).items())))
+
+
 class VllmGenerator:
     """**Usage:** ``gen = VllmGenerator(GenerateConfig(), VllmConfig()); gen.warm_up()``
     inside the event loop that will call ``await gen.generate(prompt, "req-1")``."""
@@ -118,9 +126,7 @@ class VllmGenerator:
     def engine_key(self) -> tuple[Any, ...]:
         """What an engine is made of: two generators with the same key can share one
         (``sharing``); sampling (max_tokens, temperature, top_p, seed) is per request."""
-        cfg = self.config
-        options = tuple(sorted(vars(self.vllm).items()))
-        return ("vllm", str(self.path), cfg.max_model_len, cfg.scheduling, options)
+        return engine_key(str(self.path), self.config, self.vllm)
 
     def sharing(self, config: GenerateConfig) -> VllmGenerator:
         """A generator with ``config``'s sampling over this one's engine (its ``engine_key``

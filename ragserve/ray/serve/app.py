@@ -98,17 +98,19 @@ def generator_groups(config: Any) -> list[tuple[str, tuple[str, ...]]]:
     """``(deployment name, models it serves)`` per generator deployment, the default
     model's first. Without ``[models]``: ``[("RagserveGenerator", ())]``, the one
     ``[generate]`` model. vLLM models are grouped by what their engine is made of
-    (``VllmGenerator.engine_key``, from the config: the model as configured, context
-    length, scheduling, ``[vllm]``); an ``openai`` model is a group of its own."""
+    (``generators.vllm.engine_key``, with the model as configured: context length,
+    scheduling, ``[vllm]``); an ``openai`` model is a group of its own."""
+    from ragserve.generators.vllm import engine_key
+
     m = config.models
     if not m.names:
         return [(GENERATOR, ())]
     groups: dict[Any, list[str]] = {}
     for name in sorted(m.names, key=lambda n: n != m.default_name):  # the default's group first
         c = config.model_config(name)
-        g = c.generate
-        key: Any = (("vllm", g.model, g.max_model_len, g.scheduling, tuple(sorted(vars(c.vllm).items())))
-                    if g.backend == "vllm" else ("openai", name))
+        # the model as configured: its folder may exist only on the nodes, not on this driver
+        key: Any = (engine_key(c.generate.model, c.generate, c.vllm) if c.generate.backend == "vllm"
+                    else ("openai", name))
         groups.setdefault(key, []).append(name)
     named = list(groups.values())
     return [(GENERATOR if i == 0 else f"{GENERATOR}-{names[0]}", tuple(names)) for i, names in enumerate(named)]
