@@ -2,8 +2,10 @@
 and the miss path, against tracing off, in alternating blocks of one run on one ``RAG``
 (tracing is an observer: on = added, off = removed; the spans go through the SDK's batch
 processor to an exporter that drops them, so the export's own network cost is left out;
-``--encode sdk`` or ``--encode ragserve`` first serializes each batch as OTLP protobuf, with
-the SDK's encoder or ``observe/otlp.py``'s, as an OTLP export would, and drops the bytes).
+``--encode sdk`` first serializes each batch as OTLP protobuf with the SDK's encoder and
+drops the bytes; ``--encode ragserve`` exports to ``observe/otlp.py``'s ``OTLPExporter``, what
+``[telemetry] traces = "otlp"`` runs (spans written straight to protobuf, no SDK span made),
+with only its HTTP send replaced by dropping the serialized request).
 
 The miss path here is the fakes' (``ragserve.testing.fakes``: fake embedder, a generator
 that answers at once): the pipeline's own work with no model, so the spans' cost is the
@@ -50,11 +52,26 @@ def encoder(name: str):  # type: ignore[no-untyped-def]
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
         return lambda spans: encode_spans(spans).SerializePartialToString()
-    if name == "ragserve":
-        from ragserve.observe.otlp import encode_spans
-
-        return encode_spans
     return None
+
+
+def exporter_for(name: str) -> SpanExporter:
+    if name != "ragserve":
+        return Dropped(encoder(name))
+    from ragserve.observe.otlp import OTLPExporter, Payload
+
+    class DroppedOTLP(OTLPExporter):
+        """ragserve's OTLP exporter, the request it would send serialized and dropped."""
+
+        spans = bytes = 0
+
+        def _send(self) -> SpanExportResult:
+            payload, self._payload = self._payload, Payload()
+            self.spans += payload.spans
+            self.bytes += len(payload.serialize())
+            return SpanExportResult.SUCCESS
+
+    return DroppedOTLP()
 
 
 def hits(rag, n: int) -> list[float]:
@@ -104,7 +121,7 @@ def main() -> None:
         args.misses = 96
     env = harness.environment("opentelemetry-sdk", gpu=False)
     with opened(args) as (rag, pool):
-        exporter = Dropped(encoder(args.encode))
+        exporter = exporter_for(args.encode)
         tracing = make_tracing(rag.config, exporter)
         rag.query("chunk number 1")
         hits(rag, 2000)  # warm

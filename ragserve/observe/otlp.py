@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 log = logging.getLogger("ragserve.tracing")
 
@@ -133,47 +133,75 @@ def _count(field: int, n: int) -> bytes:
 
 
 def _span(s: ReadableSpan) -> bytes:
-    t = _T
     c = s.context
-    out = [_ID16, c.trace_id.to_bytes(16, "big"), _ID8, c.span_id.to_bytes(8, "big")]
+    trace_state = b""
     if c.trace_state:
-        out += [t["trace_state"], _varint_len(",".join(f"{k}={v}" for k, v in c.trace_state.items()))]
-    parent = s.parent
-    if parent:
-        out += [t["parent"], b"\x08", parent.span_id.to_bytes(8, "big")]
-    if s.name:
-        out += [t["name"], _varint_len(s.name)]
-    kind = _KIND.get(s.kind, 0)
-    if kind:
-        out += [t["kind"], _SMALL[kind]]
-    if s.start_time:
-        out += [t["start"], _fixed64(s.start_time)]
-    if s.end_time:
-        out += [t["end"], _fixed64(s.end_time)]
-    out += [_attributes(9, s.attributes), _count(10, s.dropped_attributes)]
+        trace_state = _T["trace_state"] + _varint_len(",".join(f"{k}={v}" for k, v in c.trace_state.items()))
+    events = []
     for e in s.events:
         body = ((_tag(1, _I64) + _fixed64(e.timestamp) if e.timestamp else b"")
                 + (_len(2, e.name.encode()) if e.name else b"") + _attributes(3, e.attributes)
                 + _count(4, e.dropped_attributes))
-        out.append(_len(11, body))
-    out.append(_count(12, s.dropped_events))
-    for link in s.links:
+        events.append(_len(11, body))
+    return span_fields(c.trace_id, c.span_id, s.parent, s.name, s.kind, s.start_time, s.end_time,
+                       _attributes(9, s.attributes), s.links, s.status, trace_state,
+                       _count(10, s.dropped_attributes) + b"".join(events) + _count(12, s.dropped_events),
+                       _count(14, s.dropped_links))
+
+
+def span_fields(trace_id: int, span_id: int, parent: Any, name: str, kind: SpanKind, start: int, end: int,
+                attributes: bytes, links: Sequence[Any], status: Status | None, trace_state: bytes = b"",
+                after_attributes: bytes = b"", after_links: bytes = b"") -> bytes:
+    """A ``Span`` message's fields, in the order the SDK's encoder writes them, from a span's
+    parts: ``_span`` (an SDK span) and ``spanbuild`` (ragserve's spans, never built as SDK
+    objects when the exporter is ``OTLPExporter``) both write through here. ``attributes``
+    encoded (``attributes_field``); ``parent`` a ``SpanContext`` or None; ``links`` the SDK's
+    ``Link``; ``trace_state``, ``after_attributes`` (dropped attributes, events, dropped
+    events) and ``after_links`` (dropped links) already encoded, empty for ragserve's spans."""
+    t = _T
+    out = [_ID16, trace_id.to_bytes(16, "big"), _ID8, span_id.to_bytes(8, "big"), trace_state]
+    if parent:
+        out += [t["parent"], b"\x08", parent.span_id.to_bytes(8, "big")]
+    if name:
+        out += [t["name"], _varint_len(name)]
+    kind_code = _KIND.get(kind, 0)
+    if kind_code:
+        out += [t["kind"], _SMALL[kind_code]]
+    if start:
+        out += [t["start"], _fixed64(start)]
+    if end:
+        out += [t["end"], _fixed64(end)]
+    out += [attributes, after_attributes]
+    for link in links:
         lc = link.context
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if lc.is_remote else 0)
         body = (b"\x0a\x10" + lc.trace_id.to_bytes(16, "big") + b"\x12\x08" + lc.span_id.to_bytes(8, "big")
                 + _attributes(4, link.attributes) + _count(5, link.dropped_attributes)
                 + _tag(6, _I32) + _fixed32(flags))
         out.append(_len(13, body))
-    out.append(_count(14, s.dropped_links))
-    status = s.status
+    out.append(after_links)
     if status is not None:
-        code = _STATUS[status.status_code]
-        body = (_len(2, status.description.encode()) if status.description else b"") + \
-            (b"\x18" + _SMALL[code] if code else b"")
-        out += [t["status"], _varint(len(body)), body]
+        out.append(_status(status))
     flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
     out += [t["flags"], _fixed32(flags)]
     return b"".join(out)
+
+
+def _status(status: Status) -> bytes:
+    code = _STATUS[status.status_code]
+    body = (_len(2, status.description.encode()) if status.description else b"") + \
+        (b"\x18" + _SMALL[code] if code else b"")
+    return _T["status"] + _varint(len(body)) + body
+
+
+def span_message(fields: bytes) -> bytes:
+    """A ``Span`` as it sits in its ``ScopeSpans`` (what ``Payload.add_encoded`` takes)."""
+    return _len(2, fields)
+
+
+def attributes_field(attributes: Mapping[str, Any] | None) -> bytes:
+    """A span's attributes, encoded (for ``span_fields``)."""
+    return _attributes(9, attributes)
 
 
 def _varint_len(text: str) -> bytes:
@@ -204,23 +232,32 @@ class Payload:
     def add(self, spans: Sequence[ReadableSpan]) -> None:
         """Encode ``spans`` into the payload; all or none (an error leaves it as it was)."""
         encoded_spans = [(s.resource, s.instrumentation_scope or None, _len(2, _span(s))) for s in spans]
-        groups, by_resource, by_scope = self._groups, self._by_resource, self._by_scope
+        group = self._group
         for resource, scope, data in encoded_spans:
-            encoded = by_scope.get((id(resource), id(scope)))
-            if encoded is None:
-                group = by_resource.get(id(resource))
-                if group is None:
-                    group = next((g for g in groups if g[0] == resource), None) or (resource, [])
-                    if not any(g is group for g in groups):
-                        groups.append(group)
-                    by_resource[id(resource)] = group
-                encoded = next((e for sc, e in group[1] if sc == scope), None)
-                if encoded is None:
-                    encoded = []
-                    group[1].append((scope, encoded))
-                by_scope[(id(resource), id(scope))] = encoded
-            encoded.append(data)
+            group(resource, scope).append(data)
         self.spans += len(encoded_spans)
+
+    def add_encoded(self, resource: Any, scope: Any, spans: Sequence[bytes]) -> None:
+        """Spans of one resource and scope, already encoded (``span_message``)."""
+        self._group(resource, scope or None).extend(spans)
+        self.spans += len(spans)
+
+    def _group(self, resource: Any, scope: Any) -> list[bytes]:
+        encoded = self._by_scope.get((id(resource), id(scope)))
+        if encoded is None:
+            groups = self._groups
+            group = self._by_resource.get(id(resource))
+            if group is None:
+                group = next((g for g in groups if g[0] == resource), None) or (resource, [])
+                if not any(g is group for g in groups):
+                    groups.append(group)
+                self._by_resource[id(resource)] = group
+            encoded = next((e for sc, e in group[1] if sc == scope), None)
+            if encoded is None:
+                encoded = []
+                group[1].append((scope, encoded))
+            self._by_scope[(id(resource), id(scope))] = encoded
+        return encoded
 
     def serialize(self) -> bytes:
         out = []
@@ -264,6 +301,18 @@ class OTLPExporter(OTLPSpanExporter):
             except Exception:  # noqa: BLE001 - a batch that cannot be encoded is lost, never the thread
                 log.exception("could not encode %d spans", len(spans))
                 return SpanExportResult.FAILURE
+            if self._payload.spans < self.send_at:
+                return SpanExportResult.SUCCESS
+            return self._send()
+
+    def export_encoded(self, resource: Any, scope: Any, spans: Sequence[bytes]) -> SpanExportResult:
+        """``export`` for spans already encoded (``span_message``), all of ``resource`` and
+        ``scope``: how ``traces.Tracing`` hands over its own spans, never built as SDK spans."""
+        if self._shutdown:
+            log.warning("the OTLP exporter is shut down: %d spans dropped", len(spans))
+            return SpanExportResult.FAILURE
+        with self._payload_lock:
+            self._payload.add_encoded(resource, scope, spans)
             if self._payload.spans < self.send_at:
                 return SpanExportResult.SUCCESS
             return self._send()
