@@ -108,23 +108,58 @@ _keys: dict[str, bytes] = {}  # attribute keys, encoded: a span's keys are nearl
 
 
 def _key_value(key: str, value: Any) -> bytes:
+    kind = type(value)
+    if kind is str or kind is bool:  # mostly the same few pairs (a tier, a model): made once
+        pair = _pairs.get((key, value))
+        if pair is not None:
+            return pair
     k = _keys.get(key)
     if k is None:
         k = _len(1, key.encode()) if key else b""
         if len(_keys) < 4096:
             _keys[key] = k
-    return k + _len(2, _value(value))
+    # NOTE: the common types inline (this runs for every attribute of every span); the rest
+    # as ``_value`` chooses, which these agree with.
+    if kind is str:
+        data = value.encode()
+        n = len(data)
+        v = b"\x0a" + (_SMALL[n] if n < 0x80 else _varint(n)) + data
+    elif kind is float:
+        v = b"\x21" + _double(value)
+    elif kind is bool:
+        v = _TRUE if value else _FALSE
+    elif kind is int:
+        v = b"\x18" + (_SMALL[value] if 0 <= value < 0x80 else _varint(value))
+    elif kind is tuple or kind is list:
+        v = _len(5, b"".join([_len(1, _value(x)) for x in value]))
+    else:
+        v = _value(value)
+    n = len(v)
+    pair = k + b"\x12" + (_SMALL[n] if n < 0x80 else _varint(n)) + v
+    if kind is str or kind is bool:
+        if len(_pairs) >= 4096:  # a request id each request: start again rather than keep them
+            _pairs.clear()
+        _pairs[(key, value)] = pair
+    return pair
+
+
+_pairs: dict[tuple[str, Any], bytes] = {}
+_TRUE, _FALSE = b"\x10\x01", b"\x10\x00"
 
 
 def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
+    tag = _LEN_TAG[field]
     out = []
     for k, v in attributes.items():
         try:
-            out.append(_len(field, _key_value(k, v)))
+            kv = _key_value(k, v)
         except Exception:  # noqa: BLE001 - as the SDK's encoder: that attribute is left out, logged
             log.exception("could not encode the span attribute %s", k)
+            continue
+        n = len(kv)
+        out += (tag, _SMALL[n] if n < 0x80 else _varint(n), kv)
     return b"".join(out)
 
 
@@ -158,20 +193,22 @@ def span_fields(trace_id: int, span_id: int, parent: Any, name: str, kind: SpanK
     encoded (``attributes_field``); ``parent`` a ``SpanContext`` or None; ``links`` the SDK's
     ``Link``; ``trace_state``, ``after_attributes`` (dropped attributes, events, dropped
     events) and ``after_links`` (dropped links) already encoded, empty for ragserve's spans."""
-    t = _T
     out = [_ID16, trace_id.to_bytes(16, "big"), _ID8, span_id.to_bytes(8, "big"), trace_state]
     if parent:
-        out += [t["parent"], b"\x08", parent.span_id.to_bytes(8, "big")]
+        out += (_PARENT8, parent.span_id.to_bytes(8, "big"))
     if name:
-        out += [t["name"], _varint_len(name)]
-    kind_code = _KIND.get(kind, 0)
-    if kind_code:
-        out += [t["kind"], _SMALL[kind_code]]
+        encoded = _names.get(name)
+        if encoded is None:
+            encoded = _T["name"] + _varint_len(name)
+            if len(_names) < 4096:
+                _names[name] = encoded
+        out.append(encoded)
+    out.append(_INTERNAL_FIELD if kind is _INTERNAL else _KIND_FIELD.get(kind, b""))
     if start:
-        out += [t["start"], _fixed64(start)]
+        out += (_START, _fixed64(start))
     if end:
-        out += [t["end"], _fixed64(end)]
-    out += [attributes, after_attributes]
+        out += (_END, _fixed64(end))
+    out += (attributes, after_attributes)
     for link in links:
         lc = link.context
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if lc.is_remote else 0)
@@ -181,10 +218,20 @@ def span_fields(trace_id: int, span_id: int, parent: Any, name: str, kind: SpanK
         out.append(_len(13, body))
     out.append(after_links)
     if status is not None:
-        out.append(_status(status))
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    out += [t["flags"], _fixed32(flags)]
+        out.append(_UNSET_STATUS if status.status_code is StatusCode.UNSET and not status.description
+                   else _status(status))
+    out.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(out)
+
+
+# What ``span_fields`` writes the same on many spans, made once.
+_names: dict[str, bytes] = {}
+_PARENT8, _START, _END = _T["parent"] + b"\x08", _T["start"], _T["end"]
+_KIND_FIELD = {k: _T["kind"] + _SMALL[code] for k, code in _KIND.items()}
+_INTERNAL = SpanKind.INTERNAL
+_INTERNAL_FIELD = _KIND_FIELD[_INTERNAL]
+_FLAGS_LOCAL = _T["flags"] + _fixed32(_HAS_IS_REMOTE)
+_FLAGS_REMOTE = _T["flags"] + _fixed32(_HAS_IS_REMOTE | _IS_REMOTE)
 
 
 def _status(status: Status) -> bytes:
@@ -192,6 +239,9 @@ def _status(status: Status) -> bytes:
     body = (_len(2, status.description.encode()) if status.description else b"") + \
         (b"\x18" + _SMALL[code] if code else b"")
     return _T["status"] + _varint(len(body)) + body
+
+
+_UNSET_STATUS = _T["status"] + b"\x00"
 
 
 def span_message(fields: bytes) -> bytes:
