@@ -478,8 +478,9 @@ def test_spans_written_straight_to_otlp_decode_to_the_sdk_spans_of_the_same_requ
         assert post(url + "/v1/query", json={"question": "chunk number 7"}).json()["cache_tier"] == "l1"
         tracing.end(tracing.start("broken", parse_traceparent(TRACEPARENT), {"a": 1}, 5), 9, "Boom")
         builder = tracing._builder
-        with fake_rag(tmp_path / "lib", FakeGenerator(), embedder=WordsEmbedder(), prompt={"max_score_gap": 0},
-                      semantic={"enabled": True, "threshold": 0.75, "guard": "entities"}) as rag:
+        semantic = {"enabled": True, "threshold": 0.75, "guard": "entities"}
+        with fake_rag(tmp_path / "lib", FakeGenerator(), embedder=WordsEmbedder(),
+                      prompt={"max_score_gap": 0}, semantic=semantic) as rag:
             rag.observers.add(tracing)
             rag.query("who founded the company?")
             assert rag.query("please tell me who founded the company?").cache_tier == "semantic"
