@@ -39,6 +39,7 @@ _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
 _double = struct.Struct("<d").pack
 _fixed64 = struct.Struct("<Q").pack
 _fixed32 = struct.Struct("<I").pack
+_start_end = struct.Struct("<BQBQ").pack
 
 
 def _varint(n: int) -> bytes:
@@ -204,10 +205,13 @@ def span_fields(trace_id: int, span_id: int, parent: Any, name: str, kind: SpanK
                 _names[name] = encoded
         out.append(encoded)
     out.append(_INTERNAL_FIELD if kind is _INTERNAL else _KIND_FIELD.get(kind, b""))
-    if start:
-        out += (_START, _fixed64(start))
-    if end:
-        out += (_END, _fixed64(end))
+    if start and end:
+        out.append(_start_end(0x39, start, 0x41, end))  # fields 7 and 8, fixed64
+    else:
+        if start:
+            out += (_START, _fixed64(start))
+        if end:
+            out += (_END, _fixed64(end))
     out += (attributes, after_attributes)
     for link in links:
         lc = link.context
@@ -250,8 +254,37 @@ def span_message(fields: bytes) -> bytes:
 
 
 def attributes_field(attributes: Mapping[str, Any] | None) -> bytes:
-    """A span's attributes, encoded (for ``span_fields``)."""
-    return _attributes(9, attributes)
+    """A span's attributes, encoded (for ``span_fields``): as ``_attributes(9, ...)`` writes
+    them, each string, bool or int pair's whole field made once (most are the same few: a
+    tier, a model, an operation) and kept while there are at most 4,096."""
+    if not attributes:
+        return b""
+    out = []
+    fields = _fields
+    for k, v in attributes.items():
+        kind = type(v)
+        cached = kind is str or kind is bool or kind is int
+        if cached:
+            field = fields.get((k, kind, v))  # the type in the key: True == 1, written differently
+            if field is not None:
+                out.append(field)
+                continue
+        try:
+            kv = _key_value(k, v)
+        except Exception:  # noqa: BLE001 - as ``_attributes``: that attribute is left out, logged
+            log.exception("could not encode the span attribute %s", k)
+            continue
+        n = len(kv)
+        field = b"\x4a" + (_SMALL[n] if n < 0x80 else _varint(n)) + kv  # field 9, length-delimited
+        if cached:
+            if len(fields) >= 4096:  # a request id each request: start again, not keep them
+                fields.clear()
+            fields[(k, kind, v)] = field
+        out.append(field)
+    return b"".join(out)
+
+
+_fields: dict[tuple[str, type, Any], bytes] = {}
 
 
 def _varint_len(text: str) -> bytes:
