@@ -3,7 +3,7 @@ the tracing thread: the layout in ``traces.py``'s docstring, one place, two outp
 
 - To ragserve's own OTLP exporter (``otlp.OTLPExporter``, what ``[telemetry] traces =
   "otlp"`` makes): each span is written straight to its protobuf bytes
-  (``otlp.span_fields``, the same function that encodes an SDK span), its constant
+  (``otlpwire.span_fields``, the same function that encodes an SDK span), its constant
   attributes encoded once; no SDK span object is ever made. ``tests/test_tracing.py``
   checks that this decodes to the same message as the SDK spans of the same requests.
 - To any other exporter (the SDK's ``InMemorySpanExporter`` in the tests, its console
@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
-from ragserve.observe import otlp
+from ragserve.observe import otlpwire
 from ragserve.observe.genai import Naming, query_attributes
 from ragserve.observe.propagation import TraceParent
 from ragserve.observe.timing import stage_layout
@@ -47,8 +47,8 @@ Leader = Callable[[Any], tuple[Sequence[Link], "str | None"]]
 
 class SpanBuilder:
     """Spans into ``batch`` (``take`` hands it over): SDK spans, or with ``encoded`` each
-    span's OTLP bytes (``otlp.span_message``). ``sampled``: the sampling rule of a new trace
-    (``Tracing._sampled``); ``leader``: a shared run's links and leader request id."""
+    span's OTLP bytes (``otlpwire.span_message``). ``sampled``: the sampling rule of a new
+    trace (``Tracing._sampled``); ``leader``: a shared run's links and leader request id."""
 
     def __init__(self, resource: Any, scope: Any, naming: Naming, sampled: Callable[[int], bool],
                  leader: Leader, encoded: bool) -> None:
@@ -58,7 +58,7 @@ class SpanBuilder:
         self._stages = self._stage_table()
         # The stage table's constant attributes, encoded once (by the id of the shared
         # mapping, which the table keeps alive).
-        self._constant = {id(a): otlp.attributes_field(a) for _, _, _, a in self._stages if a is not None}
+        self._constant = {id(a): otlpwire.attributes_field(a) for _, _, _, a in self._stages if a is not None}
         self.encoded = encoded
         self._emit = self._emit_encoded if encoded else self._emit_sdk
 
@@ -79,9 +79,9 @@ class SpanBuilder:
                       start: int, end: int) -> None:
         encoded = self._constant.get(id(attributes))
         if encoded is None:
-            encoded = otlp.attributes_field(attributes)
-        fields = otlp.span_fields(trace_id, span_id, parent, name, kind, start, end, encoded, links, status)
-        self.batch.append(otlp.span_message(fields))
+            encoded = otlpwire.attributes_field(attributes)
+        self.batch.append(otlpwire.span_message(otlpwire.span_fields(
+            trace_id, span_id, parent, name, kind, start, end, encoded, links, status)))
 
     def edge(self, span: Any, end: int, error: str | None) -> None:
         """An edge's span (``traces.OpenSpan``: its context drawn at its start)."""
