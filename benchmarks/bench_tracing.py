@@ -2,8 +2,10 @@
 and the miss path, against tracing off, in alternating blocks of one run on one ``RAG``
 (tracing is an observer: on = added, off = removed; the spans go through the SDK's batch
 processor to an exporter that drops them, so the export's own network cost is left out;
-``--encode sdk`` or ``--encode ragserve`` first serializes each batch as OTLP protobuf, with
-the SDK's encoder or ``observe/otlp.py``'s, as an OTLP export would, and drops the bytes).
+``--encode sdk`` first serializes each batch as OTLP protobuf with the SDK's encoder and
+drops the bytes; ``--encode ragserve`` exports to ``observe/otlp.py``'s ``OTLPExporter``, what
+``[telemetry] traces = "otlp"`` runs (spans written straight to protobuf, no SDK span made),
+with only its HTTP send replaced by dropping the serialized request).
 
 The miss path here is the fakes' (``ragserve.testing.fakes``: fake embedder, a generator
 that answers at once): the pipeline's own work with no model, so the spans' cost is the
@@ -20,6 +22,7 @@ Usage: python benchmarks/bench_tracing.py [--hits 20000] [--misses 2000] [--bloc
 
 from __future__ import annotations
 
+import gc
 import random
 import tempfile
 import time
@@ -50,11 +53,26 @@ def encoder(name: str):  # type: ignore[no-untyped-def]
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
         return lambda spans: encode_spans(spans).SerializePartialToString()
-    if name == "ragserve":
-        from ragserve.observe.otlp import encode_spans
-
-        return encode_spans
     return None
+
+
+def exporter_for(name: str) -> SpanExporter:
+    if name != "ragserve":
+        return Dropped(encoder(name))
+    from ragserve.observe.otlp import OTLPExporter, Payload
+
+    class DroppedOTLP(OTLPExporter):
+        """ragserve's OTLP exporter, the request it would send serialized and dropped."""
+
+        spans = bytes = 0
+
+        def _send(self) -> SpanExportResult:
+            payload, self._payload = self._payload, Payload()
+            self.spans += payload.spans
+            self.bytes += len(payload.serialize())
+            return SpanExportResult.SUCCESS
+
+    return DroppedOTLP()
 
 
 def hits(rag, n: int) -> list[float]:
@@ -67,23 +85,45 @@ def hits(rag, n: int) -> list[float]:
     return out
 
 
-def misses(rag, n: int, block: int, tracing=None, questions=None, namespace=None) -> tuple[float, float]:
-    """Requests/s and CPU µs per request (every thread of this process: the tracing thread's
+class GCClock:
+    """Wall time spent in the garbage collector (all generations), from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.ns, self._start = 0, 0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter_ns()
+        else:
+            self.ns += time.perf_counter_ns() - self._start
+
+
+GC = GCClock()
+
+
+def misses(rag, n: int, block: int, tracing=None, questions=None,
+           namespace=None) -> tuple[float, float, float]:
+    """Requests/s, CPU µs per request (every thread of this process: the tracing thread's
     building and export included, flushed before the clocks stop; with ``--engine`` the
-    engine core's own process is not in it)."""
+    engine core's own process is not in it) and the garbage collector's µs per request
+    (part of the CPU). Each block starts from a full collection, outside its clocks: the
+    collector's work left by earlier blocks (of either mode) is not charged to this one."""
     if questions is None:
         questions = [f"chunk number {i % 8} asked {block} {i}" for i in range(n)]
     if tracing is not None:
         tracing.flush()  # the block's L1 hits' spans are built and gone before the clocks start
+    gc.collect()
+    g0 = GC.ns
     t0, c0 = time.perf_counter(), time.process_time()
     results = rag.query_batch(questions, namespace=namespace)
     if tracing is not None:
         tracing.flush()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    elapsed, cpu, collecting = time.perf_counter() - t0, time.process_time() - c0, (GC.ns - g0) / 1e9
     wrong = [r if isinstance(r, Exception) else r.cache_tier for r in results
              if isinstance(r, Exception) or r.cache_tier != "miss"]
     assert not wrong, wrong[:3]
-    return n / elapsed, cpu / n * 1e6
+    return n / elapsed, cpu / n * 1e6, collecting / n * 1e6
 
 
 def main() -> None:
@@ -104,7 +144,7 @@ def main() -> None:
         args.misses = 96
     env = harness.environment("opentelemetry-sdk", gpu=False)
     with opened(args) as (rag, pool):
-        exporter = Dropped(encoder(args.encode))
+        exporter = exporter_for(args.encode)
         tracing = make_tracing(rag.config, exporter)
         rag.query("chunk number 1")
         hits(rag, 2000)  # warm
@@ -132,15 +172,16 @@ def main() -> None:
           f" ({exporter.bytes} bytes)\n")
     path = "real engine" if args.engine else "fakes"
     print(f"| tracing | L1 hit p50 µs | p99 µs | miss path ({path}) req/s, per block "
-          "| CPU µs per miss (this process) |")
-    print("|---|---|---|---|---|")
+          "| CPU µs per miss (this process) | of which GC |")
+    print("|---|---|---|---|---|---|")
     mean = {}
     for mode, r in rows.items():
         p50, p99 = pcts(r["hits"], 50, 99)
         rates, cpus = [m[0] for m in r["misses"]], [m[1] for m in r["misses"]]
+        collecting = sum(m[2] for m in r["misses"]) / len(r["misses"])
         mean[mode] = (sum(rates) / len(rates), sum(cpus) / len(cpus))
         per_block = " / ".join(f"{x:.2f}" if args.engine else f"{x:.0f}" for x in rates)
-        print(f"| {mode} | {p50:.1f} | {p99:.1f} | {per_block} | {mean[mode][1]:.0f} |")
+        print(f"| {mode} | {p50:.1f} | {p99:.1f} | {per_block} | {mean[mode][1]:.0f} | {collecting:.0f} |")
     print(f"\nmiss throughput on/off: {mean['on'][0] / mean['off'][0]:.3f}; "
           f"CPU per miss on/off: {mean['on'][1] / mean['off'][1]:.3f}")
 

@@ -197,8 +197,9 @@ def _telemetry_names(found: set[str]) -> set[str]:
     module, but not one."""
     from ragserve.observe.timing import stage_layout
 
-    source = "".join((ROOT / "ragserve" / p).read_text("utf-8") for p in ("observe/traces.py", "observe/genai.py", "observe/propagation.py", "server/tracing.py",
-                                                   "server/middleware.py"))
+    files = ("observe/traces.py", "observe/spanbuild.py", "observe/genai.py", "observe/propagation.py",
+             "server/tracing.py", "server/middleware.py")
+    source = "".join((ROOT / "ragserve" / p).read_text("utf-8") for p in files)
     emitted = {m.group(1).rstrip(".") for m in re.finditer(r'"(ragserve\.[\w.]*)', source)}
     emitted |= {f"ragserve.{stage}" for stage in stage_layout()[0]}
     return {n for n in found if n in emitted or any(e.startswith(n + ".") for e in emitted)}

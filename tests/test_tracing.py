@@ -447,6 +447,62 @@ def test_the_otlp_payload_decodes_to_what_the_sdks_encoder_makes(tmp_path):
     assert len(spans) >= 11  # the miss's chain and the hit's
 
 
+def test_spans_written_straight_to_otlp_decode_to_the_sdk_spans_of_the_same_requests(tmp_path):
+    """With ragserve's OTLP exporter the spans are written from the notes as protobuf, never
+    made as SDK spans (``spanbuild``): the same notes (a traced miss, its shared follower, a
+    hit linking to it, a library call's miss and semantic hit, edge spans, one an error),
+    laid out with the same ids, give the very message the SDK spans encode to."""
+    import random
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from ragserve.observe.otlp import Payload
+    from ragserve.observe.spanbuild import SpanBuilder
+    from ragserve.testing.fakes import WordsEmbedder
+
+    notes = []
+    gen = FakeGenerator()
+    with served(tmp_path, gen, capture_content=True) as (url, exporter, tracing):
+        tracing._note = notes.append  # kept here, never built by the tracing thread
+        gen.hold = True
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, url + "/v1/query", json={"question": "chunk number 7"},
+                                headers={"traceparent": TRACEPARENT})
+            eventually(lambda: gen.running == 1, what="the leader's generation to start")
+            second = pool.submit(post, url + "/v1/query", json={"question": "chunk number 7"},
+                                 headers={"traceparent": f"00-{'b' * 32}-{'2' * 16}-01"})
+            eventually(lambda: tracing_flight(url), what="the follower to join")
+            gen.hold = False
+            assert first.result().status_code == second.result().status_code == 200
+        assert post(url + "/v1/query", json={"question": "chunk number 7"}).json()["cache_tier"] == "l1"
+        tracing.end(tracing.start("broken", parse_traceparent(TRACEPARENT), {"a": 1}, 5), 9, "Boom")
+        builder = tracing._builder
+        semantic = {"enabled": True, "threshold": 0.75, "guard": "entities"}
+        with fake_rag(tmp_path / "lib", FakeGenerator(), embedder=WordsEmbedder(),
+                      prompt={"max_score_gap": 0}, semantic=semantic) as rag:
+            rag.observers.add(tracing)
+            rag.query("who founded the company?")
+            assert rag.query("please tell me who founded the company?").cache_tier == "semantic"
+            rag.observers.remove(tracing)
+        eventually(lambda: sum(len(n) == 3 for n in notes) >= 4, what="the server spans")  # 3 POSTs, 1 error
+        out = []
+        for encoded in (False, True):
+            build = SpanBuilder(builder.resource, builder.scope, tracing.naming, tracing._sampled,
+                                tracing._leader, encoded)
+            random.seed(7)  # the same ids drawn, in the same order
+            for note in notes:
+                (build.request if len(note) == 4 else build.edge)(*note)
+            out.append(build.take())
+    sdk_spans, written = out
+    payload = Payload()
+    payload.add_encoded(builder.resource, builder.scope, written)
+    names = {s.name for s in sdk_spans}
+    assert {"ragserve.single_flight.join", "ragserve.cache.semantic", "chat fake-llm", "broken"} <= names
+    assert len(written) == len(sdk_spans) >= 25
+    assert ExportTraceServiceRequest.FromString(payload.serialize()) == sdk_encode(sdk_spans)
+
+
 # -- Ray: the handle call carries the context ----------------------------------------------
 
 

@@ -5,8 +5,8 @@ value, then serializes them: about 45 µs of CPU per span on a 2-core EPYC, ~0.4
 request at 9 spans a request, paid on the tracing thread while it holds the GIL: more than
 everything else tracing costs together. ``encode_spans`` writes the same
 ``ExportTraceServiceRequest`` (opentelemetry-proto's ``trace/v1``) field by field in the
-protobuf wire format instead; ``tests/test_tracing.py`` decodes its output with the proto
-package and checks it equals the SDK encoder's, message for message.
+protobuf wire format instead (``otlpwire.py``); ``tests/test_tracing.py`` decodes its output
+with the proto package and checks it equals the SDK encoder's, message for message.
 
 ``OTLPExporter`` is the SDK's ``OTLPSpanExporter`` (endpoint, headers, TLS, compression,
 timeouts, retries: all the SDK's, from its arguments and the ``OTEL_EXPORTER_OTLP_*``
@@ -18,168 +18,17 @@ Imported only when tracing is on (``traces.make_exporter``).
 from __future__ import annotations
 
 import logging
-import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanKind, StatusCode
+
+from ragserve.observe.otlpwire import _attributes, _len, _span
 
 log = logging.getLogger("ragserve.tracing")
-
-# Wire types and the OTLP kinds (opentelemetry/proto/trace/v1/trace.proto).
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4,
-         SpanKind.CONSUMER: 5}
-_STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
-_HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
-_double = struct.Struct("<d").pack
-_fixed64 = struct.Struct("<Q").pack
-_fixed32 = struct.Struct("<I").pack
-
-
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64  # int64 as protobuf writes it: two's complement, ten bytes
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [bytes((i,)) for i in range(0x80)]
-
-
-def _tag(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
-
-
-_LEN_TAG = [_tag(f, _LEN) for f in range(17)]
-
-
-def _len(field: int, payload: bytes) -> bytes:
-    n = len(payload)
-    return _LEN_TAG[field] + (_SMALL[n] if n < 0x80 else _varint(n)) + payload
-
-
-# Tags used on every span, computed once.
-_T = {name: _tag(f, w) for name, f, w in (
-    ("trace_id", 1, _LEN), ("span_id", 2, _LEN), ("trace_state", 3, _LEN), ("parent", 4, _LEN),
-    ("name", 5, _LEN), ("kind", 6, _VARINT), ("start", 7, _I64), ("end", 8, _I64), ("attr", 9, _LEN),
-    ("dropped_attrs", 10, _VARINT), ("event", 11, _LEN), ("dropped_events", 12, _VARINT),
-    ("link", 13, _LEN), ("dropped_links", 14, _VARINT), ("status", 15, _LEN), ("flags", 16, _I32))}
-_ID16, _ID8 = _T["trace_id"] + _varint(16), _T["span_id"] + _varint(8)
-
-
-def _value(v: Any) -> bytes:
-    """An ``AnyValue``'s payload, as the SDK's ``_encode_value`` chooses its field."""
-    encode = _BY_TYPE.get(type(v))
-    if encode is not None:
-        return encode(v)
-    if v is None:
-        return b""
-    if v is True or v is False:
-        return b"\x10" + _SMALL[int(v)]
-    if isinstance(v, str):
-        return _len(1, v.encode())
-    if isinstance(v, int):
-        return b"\x18" + _varint(int(v))
-    if isinstance(v, float):
-        return b"\x21" + _double(v)
-    if isinstance(v, bytes):
-        return _len(7, v)
-    if isinstance(v, Sequence):
-        return _len(5, b"".join(_len(1, _value(x)) for x in v))
-    if isinstance(v, Mapping):
-        return _len(6, b"".join(_len(1, _key_value(str(k), x)) for k, x in v.items()))
-    raise TypeError(f"an OTLP attribute value cannot be a {type(v).__name__}: {v!r}")
-
-
-_BY_TYPE = {str: lambda v: _len(1, v.encode()), float: lambda v: b"\x21" + _double(v),
-            int: lambda v: b"\x18" + _varint(v), bool: lambda v: b"\x10" + _SMALL[v]}
-_keys: dict[str, bytes] = {}  # attribute keys, encoded: a span's keys are nearly always the same few
-
-
-def _key_value(key: str, value: Any) -> bytes:
-    k = _keys.get(key)
-    if k is None:
-        k = _len(1, key.encode()) if key else b""
-        if len(_keys) < 4096:
-            _keys[key] = k
-    return k + _len(2, _value(value))
-
-
-def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
-    if not attributes:
-        return b""
-    out = []
-    for k, v in attributes.items():
-        try:
-            out.append(_len(field, _key_value(k, v)))
-        except Exception:  # noqa: BLE001 - as the SDK's encoder: that attribute is left out, logged
-            log.exception("could not encode the span attribute %s", k)
-    return b"".join(out)
-
-
-def _count(field: int, n: int) -> bytes:
-    return _tag(field, _VARINT) + _varint(n) if n else b""
-
-
-def _span(s: ReadableSpan) -> bytes:
-    t = _T
-    c = s.context
-    out = [_ID16, c.trace_id.to_bytes(16, "big"), _ID8, c.span_id.to_bytes(8, "big")]
-    if c.trace_state:
-        out += [t["trace_state"], _varint_len(",".join(f"{k}={v}" for k, v in c.trace_state.items()))]
-    parent = s.parent
-    if parent:
-        out += [t["parent"], b"\x08", parent.span_id.to_bytes(8, "big")]
-    if s.name:
-        out += [t["name"], _varint_len(s.name)]
-    kind = _KIND.get(s.kind, 0)
-    if kind:
-        out += [t["kind"], _SMALL[kind]]
-    if s.start_time:
-        out += [t["start"], _fixed64(s.start_time)]
-    if s.end_time:
-        out += [t["end"], _fixed64(s.end_time)]
-    out += [_attributes(9, s.attributes), _count(10, s.dropped_attributes)]
-    for e in s.events:
-        body = ((_tag(1, _I64) + _fixed64(e.timestamp) if e.timestamp else b"")
-                + (_len(2, e.name.encode()) if e.name else b"") + _attributes(3, e.attributes)
-                + _count(4, e.dropped_attributes))
-        out.append(_len(11, body))
-    out.append(_count(12, s.dropped_events))
-    for link in s.links:
-        lc = link.context
-        flags = _HAS_IS_REMOTE | (_IS_REMOTE if lc.is_remote else 0)
-        body = (b"\x0a\x10" + lc.trace_id.to_bytes(16, "big") + b"\x12\x08" + lc.span_id.to_bytes(8, "big")
-                + _attributes(4, link.attributes) + _count(5, link.dropped_attributes)
-                + _tag(6, _I32) + _fixed32(flags))
-        out.append(_len(13, body))
-    out.append(_count(14, s.dropped_links))
-    status = s.status
-    if status is not None:
-        code = _STATUS[status.status_code]
-        body = (_len(2, status.description.encode()) if status.description else b"") + \
-            (b"\x18" + _SMALL[code] if code else b"")
-        out += [t["status"], _varint(len(body)), body]
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    out += [t["flags"], _fixed32(flags)]
-    return b"".join(out)
-
-
-def _varint_len(text: str) -> bytes:
-    data = text.encode()
-    return _varint(len(data)) + data
-
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     """An OTLP ``ExportTraceServiceRequest`` of ``spans``, serialized (``Payload``)."""
@@ -204,23 +53,32 @@ class Payload:
     def add(self, spans: Sequence[ReadableSpan]) -> None:
         """Encode ``spans`` into the payload; all or none (an error leaves it as it was)."""
         encoded_spans = [(s.resource, s.instrumentation_scope or None, _len(2, _span(s))) for s in spans]
-        groups, by_resource, by_scope = self._groups, self._by_resource, self._by_scope
+        group = self._group
         for resource, scope, data in encoded_spans:
-            encoded = by_scope.get((id(resource), id(scope)))
-            if encoded is None:
-                group = by_resource.get(id(resource))
-                if group is None:
-                    group = next((g for g in groups if g[0] == resource), None) or (resource, [])
-                    if not any(g is group for g in groups):
-                        groups.append(group)
-                    by_resource[id(resource)] = group
-                encoded = next((e for sc, e in group[1] if sc == scope), None)
-                if encoded is None:
-                    encoded = []
-                    group[1].append((scope, encoded))
-                by_scope[(id(resource), id(scope))] = encoded
-            encoded.append(data)
+            group(resource, scope).append(data)
         self.spans += len(encoded_spans)
+
+    def add_encoded(self, resource: Any, scope: Any, spans: Sequence[bytes]) -> None:
+        """Spans of one resource and scope, already encoded (``span_message``)."""
+        self._group(resource, scope or None).extend(spans)
+        self.spans += len(spans)
+
+    def _group(self, resource: Any, scope: Any) -> list[bytes]:
+        encoded = self._by_scope.get((id(resource), id(scope)))
+        if encoded is None:
+            groups = self._groups
+            group = self._by_resource.get(id(resource))
+            if group is None:
+                group = next((g for g in groups if g[0] == resource), None) or (resource, [])
+                if not any(g is group for g in groups):
+                    groups.append(group)
+                self._by_resource[id(resource)] = group
+            encoded = next((e for sc, e in group[1] if sc == scope), None)
+            if encoded is None:
+                encoded = []
+                group[1].append((scope, encoded))
+            self._by_scope[(id(resource), id(scope))] = encoded
+        return encoded
 
     def serialize(self) -> bytes:
         out = []
@@ -264,6 +122,18 @@ class OTLPExporter(OTLPSpanExporter):
             except Exception:  # noqa: BLE001 - a batch that cannot be encoded is lost, never the thread
                 log.exception("could not encode %d spans", len(spans))
                 return SpanExportResult.FAILURE
+            if self._payload.spans < self.send_at:
+                return SpanExportResult.SUCCESS
+            return self._send()
+
+    def export_encoded(self, resource: Any, scope: Any, spans: Sequence[bytes]) -> SpanExportResult:
+        """``export`` for spans already encoded (``span_message``), all of ``resource`` and
+        ``scope``: how ``traces.Tracing`` hands over its own spans, never built as SDK spans."""
+        if self._shutdown:
+            log.warning("the OTLP exporter is shut down: %d spans dropped", len(spans))
+            return SpanExportResult.FAILURE
+        with self._payload_lock:
+            self._payload.add_encoded(resource, scope, spans)
             if self._payload.spans < self.send_at:
                 return SpanExportResult.SUCCESS
             return self._send()

@@ -35,11 +35,13 @@ span (after its ``ragserve.embed_wait`` and ``embeddings`` spans), links to it
 The names and attributes are ``genai.py``'s: the OpenTelemetry GenAI semantic conventions
 v0.1.0 where they have one. Content only with ``telemetry.capture_content``.
 
-Every span here is built after the fact, as the SDK's finished-span type (``ReadableSpan``,
-what every exporter reads), never started and ended through an SDK tracer: a request pays
-only a note in a queue (``on_result``, ``end``); the one tracing thread builds the spans (at
-most 0.1 s later) and exports them in batches. The sampling decision is taken once per
-trace, where it starts (a caller's ``traceparent`` flags, else ``sample_ratio``).
+Every span here is made after the fact, never started and ended through an SDK tracer: a
+request pays only a note in a queue (``on_result``, ``end``); the one tracing thread lays
+out the spans (``spanbuild.py``, at most 0.1 s later) and exports them in batches: to
+ragserve's OTLP exporter as protobuf bytes written straight from the note (no SDK span
+object at all), to any other exporter as the SDK's finished-span type (``ReadableSpan``).
+The sampling decision is taken once per trace, where it starts (a caller's ``traceparent``
+flags, else ``sample_ratio``).
 
 This module imports OpenTelemetry at its top: only ``make_tracing`` imports it, and only
 when tracing is on.
@@ -48,37 +50,28 @@ when tracing is on.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from types import MappingProxyType
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
-from ragserve.observe.genai import Naming, query_attributes
+from ragserve.observe.genai import Naming
 from ragserve.observe.propagation import TraceParent, bind, context_for, unbind
-from ragserve.observe.timing import stage_layout
+from ragserve.observe.spanbuild import SAMPLED as _SAMPLED
+from ragserve.observe.spanbuild import SpanBuilder, span_context, span_id_draw, trace_id_draw
 from ragserve.types import SpanRef
 
 log = logging.getLogger("ragserve.tracing")
-_MS = 1_000_000  # ns per ms
 _SCHEMA = "https://opentelemetry.io/schemas/1.45.0"
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_UNSET = Status(StatusCode.UNSET)
-_INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
-_random_bits = random.getrandbits  # the SDK's RandomIdGenerator's source, without its call layers
-_tuple_new = tuple.__new__
 _LOW_64 = TraceIdRatioBased.TRACE_ID_LIMIT
 _YIELD_EVERY = 32  # requests built between two GIL hand-overs on the tracing thread
 _WAKE_AT = 256  # notes pending before the tracing thread is woken early
@@ -89,9 +82,7 @@ _MAX_PENDING = 8_192  # past it (an exporter stuck in its retries) new notes are
 # with tracing on, 64 ~1-4%); ``otlp.OTLPExporter`` encodes each batch at once and sends one
 # request per 512 spans or per pass of the tracing thread (its ``force_flush``).
 _EXPORT_BATCH = 64
-# The miss path's stages in pipeline order, read from ``Timings`` (a new stage is a new span).
-_RUN_STAGES = tuple(s for s in stage_layout()[0] if not s.startswith("cache_"))
-_SEMANTIC_STAGES = ("embed_wait", "embed")  # what a semantic hit ran before its lookup
+_trace_id, _span_id, _span_context = trace_id_draw, span_id_draw, span_context
 
 
 class OpenSpan:
@@ -125,20 +116,22 @@ class Tracing:
                  capture_content: bool = False, embed_model: str = "", backend: str = "",
                  top_k: int = 0) -> None:
         self.exporter = exporter
-        self._resource = Resource.create({"service.name": service})
+        resource = Resource.create({"service.name": service})
         # Parent-based, else the ratio (the SDK's ``ParentBased(TraceIdRatioBased)``: the low
         # 64 bits of the trace id under the bound), decided here with no sampler call per trace.
         self._bound = TraceIdRatioBased.get_bound_for_rate(sample_ratio)
-        self._scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
         self.naming = Naming(capture_content, embed_model, backend, top_k)
-        self._stages = self._stage_table()
+        # ragserve's own OTLP exporter takes the spans as protobuf bytes, written from the
+        # notes (no SDK span is made); any other exporter is given SDK spans.
+        self._encoded = callable(getattr(exporter, "export_encoded", None))
+        scope = InstrumentationScope("ragserve", _version(), _SCHEMA)
+        self._builder = SpanBuilder(resource, scope, self.naming, self._sampled, self._leader, self._encoded)
         self.dropped = 0
         self._leaders: OrderedDict[int, tuple[weakref.ref[Any], str, TraceParent | None]] = OrderedDict()
         self._lock = threading.Lock()
         # One flat tuple per note (what GC walks while it waits): an edge's (span, end,
         # error), a request's (result, stages, end, parent).
         self._pending: deque[tuple[Any, ...]] = deque()
-        self._batch: list[ReadableSpan] = []
         self._wake = threading.Event()
         self._building = threading.Lock()
         self._closed = False
@@ -192,7 +185,7 @@ class Tracing:
     def on_generation(self, result: Any) -> SpanRef | None:
         """A run of the miss path ended: remember its leader, for the requests that share it,
         and name the span of its generation (the leader's ``chat`` span, its id drawn now,
-        ``_build`` gives it that id): the pipeline keeps it with the answer
+        ``spanbuild`` gives it that id): the pipeline keeps it with the answer
         (``result.origin_span``), in the cache too, so that later hits link to it. None when
         the leader's trace is not recorded."""
         usage = result.usage  # the one object every request's copy of this run shares
@@ -201,7 +194,7 @@ class Tracing:
             self._leaders[id(usage)] = (weakref.ref(usage), result.request_id, context)
             while len(self._leaders) > 4096:
                 self._leaders.popitem(last=False)
-        if context is None:  # a library call: its trace starts here, sampled as in ``_build``
+        if context is None:  # a library call: its trace starts here, sampled as in ``spanbuild``
             trace_id = _trace_id()
             if not self._sampled(trace_id):
                 return None
@@ -249,7 +242,8 @@ class Tracing:
     def _drain(self) -> None:
         with self._building:  # one builder, one exporter call at a time
             built = 0
-            pending, build, finished = self._pending, self._build, self._finished
+            builder = self._builder
+            pending, build, finished = self._pending, builder.request, builder.edge
             while pending:
                 note = pending.popleft()
                 try:
@@ -264,7 +258,7 @@ class Tracing:
                     # NOTE: give the GIL away now and then: a request thread would otherwise
                     # wait out the interpreter's 5 ms switch interval behind a long batch.
                     time.sleep(0)
-                if len(self._batch) >= _EXPORT_BATCH:
+                if len(builder.batch) >= _EXPORT_BATCH:
                     self._export()
             self._export()
             if built:
@@ -279,128 +273,17 @@ class Tracing:
             log.exception("could not flush the exporter")
 
     def _export(self) -> None:
-        batch, self._batch = self._batch, []
+        builder = self._builder
+        batch = builder.take()
         if not batch:
             return
         try:
-            self.exporter.export(batch)
+            if self._encoded:
+                self.exporter.export_encoded(builder.resource, builder.scope, batch)
+            else:
+                self.exporter.export(batch)
         except Exception:  # noqa: BLE001 - an exporter's failure loses these spans, never a request
             log.exception("could not export %d spans", len(batch))
-
-    def _finished(self, span: OpenSpan, end: int, error: str | None) -> None:
-        status = Status(StatusCode.ERROR, error) if error else _UNSET
-        self._batch.append(ReadableSpan(span.name, span.context, span.parent, self._resource, span.attributes,
-                                        (), (), span.kind, None, status, span.start, end, self._scope))
-
-    def _build(self, result: Any, stages: Mapping[str, float], end: int, parent: TraceParent | None) -> None:
-        """One request's spans, straight into the batch: the SDK's finished-span type built
-        directly (no tracer, no sampler call, no per-span helper layers, the constant names
-        and attributes made once in ``_stage_table``); this runs once per sampled request, so
-        it is written for speed (the overhead figures in docs/observability.md)."""
-        get = stages.get
-        start = end - round(get("total", 0.0) * _MS)
-        tier, shared, origin = result.cache_tier, result.shared, result.origin_span
-        # A run's leader drew its trace and the id of its generation's span in
-        # ``on_generation`` (a hit elsewhere may already link to it): use them.
-        generation = _ids(origin) if origin is not None and tier == "miss" and not shared else None
-        if parent is None:  # no edge span (a library call): a new trace, sampled here
-            if generation is not None:
-                trace_id = generation[0]  # sampled when it was drawn
-            else:
-                trace_id = _trace_id()
-                if not self._sampled(trace_id):
-                    return
-            parent_sc = None
-        else:
-            trace_id, parent_sc = int(parent.trace_id, 16), _span_context(parent)
-            if generation is not None and generation[0] != trace_id:
-                generation = None
-        links, leader = self._leader(result) if shared else ((), None)
-        resource, scope, out = self._resource, self._scope, self._batch.append
-        root = _sampled_context(trace_id)
-        out(ReadableSpan("ragserve.query", root, parent_sc, resource,
-                         query_attributes(result, leader, self.naming.capture_content), (), links, _INTERNAL,
-                         None, _UNSET, start, end, scope))
-        hit_links: Sequence[Link] = ()
-        if origin is not None and tier != "miss":  # a hit: the span that generated its answer
-            hit_links = _origin_links(origin, tier)
-        l1, l2 = get("cache_l1"), get("cache_l2")
-        t = start
-        if l1 is not None or l2 is not None:  # else the request did not read the cache
-            asked = _TIERS_ASKED[(l1 is not None, l2 is not None)]
-            l1, l2 = l1 or 0.0, l2 or 0.0
-            t = start + round((l1 + l2) * _MS)
-            exact = tier == "l1" or tier == "l2"
-            attributes: dict[str, Any] = {"ragserve.cache.tier": tier, "ragserve.cache.hit": exact,
-                                          "ragserve.cache.tiers_asked": asked, "ragserve.cache.l1_ms": l1,
-                                          "ragserve.cache.l2_ms": l2}
-            out(ReadableSpan("ragserve.cache.lookup", _sampled_context(trace_id), root, resource, attributes,
-                             (), hit_links if exact else (), _INTERNAL, None, _UNSET, start, t, scope))
-        if tier != "miss":
-            if tier == "semantic":
-                self._semantic(result, stages, trace_id, root, t, hit_links)
-            return
-        if shared:  # the run is the leader's, in the leader's trace: here, the wait for it
-            attributes = {f"ragserve.run.{s}_ms": ms for s in _RUN_STAGES if (ms := get(s)) is not None}
-            if not attributes:
-                return
-            if leader is not None:
-                attributes["ragserve.single_flight.leader"] = leader
-            out(ReadableSpan("ragserve.single_flight.join", _sampled_context(trace_id), root, resource,
-                             attributes, (), links, _INTERNAL, None, _UNSET, t, end, scope))
-            return
-        # The run's stages end where the request ends, back to back, in pipeline order.
-        ran = [(entry, round(ms * _MS)) for entry in self._stages if (ms := get(entry[0])) is not None]
-        t = end
-        for _, ns in ran:
-            t -= ns
-        for (stage, name, kind, attributes), ns in ran:
-            span_id = _random_bits(64) or 1
-            if attributes is None:  # made per request: the retrieval's and the chat's
-                name, client, attributes = self.naming.stage(stage, result, stages)
-                kind = _CLIENT if client else _INTERNAL
-                if stage == "generate" and generation is not None:
-                    span_id = generation[1]
-            context = _tuple_new(SpanContext, (trace_id, span_id, False, _SAMPLED, DEFAULT_TRACE_STATE, True))
-            t1 = t + ns
-            out(ReadableSpan(name, context, root, resource, attributes, (), (), kind, None, _UNSET, t, t1,
-                             scope))
-            t = t1
-
-    def _stage_table(self) -> tuple[tuple[str, str, SpanKind, Mapping[str, Any] | None], ...]:
-        """Per stage of the miss path, in order: its span's name, kind and attributes when
-        they are constant (``genai.Naming.constant``), made once and shared by every span
-        (read-only: ``ReadableSpan.attributes`` is a read-only view); None: per request."""
-        table = []
-        for s in _RUN_STAGES:
-            constant = self.naming.constant(s)
-            if constant is None:
-                table.append((s, "", _INTERNAL, None))
-            else:
-                name, client, attributes = constant
-                table.append((s, name, _CLIENT if client else _INTERNAL, MappingProxyType(attributes)))
-        return tuple(table)
-
-    def _semantic(self, result: Any, stages: Mapping[str, float], trace_id: int, root: SpanContext, t: int,
-                  links: Sequence[Link]) -> None:
-        """A semantic hit's spans after its exact lookup, back to back: the question's
-        embedding (its wait, then the model) and the semantic tier's lookup, which found the
-        answer (and links to the span that generated it)."""
-        out, resource, scope = self._batch.append, self._resource, self._scope
-        for stage, name, _, attributes in self._stages:
-            ms = stages.get(stage) if stage in _SEMANTIC_STAGES else None
-            if ms is not None:
-                t1 = t + round(ms * _MS)
-                out(ReadableSpan(name, _sampled_context(trace_id), root, resource, attributes, (), (),
-                                 _INTERNAL, None, _UNSET, t, t1, scope))
-                t = t1
-        attributes = {"ragserve.cache.tier": "semantic", "ragserve.cache.hit": True,
-                      "ragserve.cache.semantic.similarity": result.semantic_similarity}
-        if self.naming.capture_content and result.semantic_match is not None:
-            attributes["ragserve.cache.semantic.match"] = result.semantic_match
-        t1 = t + round(stages.get("cache_semantic", 0.0) * _MS)
-        out(ReadableSpan("ragserve.cache.semantic", _sampled_context(trace_id), root, resource, attributes,
-                         (), links, _INTERNAL, None, _UNSET, t, t1, scope))
 
     def _leader(self, result: Any) -> tuple[Sequence[Link], str | None]:
         with self._lock:
@@ -411,50 +294,6 @@ class Tracing:
         if context is None:
             return (), leader_id
         return [Link(_span_context(context), {"ragserve.link": "single_flight.leader"})], leader_id
-
-
-_TIERS_ASKED = {(True, True): ("l1", "l2"), (True, False): ("l1",), (False, True): ("l2",),
-                (False, False): ()}
-
-
-def _ids(ref: SpanRef) -> tuple[int, int] | None:
-    """A ``SpanRef``'s ids as ints, or None when they are not a valid W3C trace and span id
-    (a record that says otherwise names no span: no link, never a failed build)."""
-    try:
-        trace_id, span_id = int(ref.trace_id, 16), int(ref.span_id, 16)
-    except (TypeError, ValueError):
-        return None
-    if not (0 < trace_id < 1 << 128 and 0 < span_id < 1 << 64):
-        return None
-    return trace_id, span_id
-
-
-def _origin_links(ref: SpanRef, tier: str) -> Sequence[Link]:
-    """A hit's link to the span that generated the answer it served."""
-    ids = _ids(ref)
-    if ids is None:
-        return ()
-    context = _tuple_new(SpanContext, (ids[0], ids[1], True, _SAMPLED, DEFAULT_TRACE_STATE, True))
-    return [Link(context, {"ragserve.link": "cache.origin", "ragserve.cache.tier": tier})]
-
-
-def _trace_id() -> int:
-    return _random_bits(128) or 1  # never the invalid 0 (the SDK draws again; 1 in 2**128)
-
-
-def _span_id() -> int:
-    return _random_bits(64) or 1
-
-
-def _sampled_context(trace_id: int) -> SpanContext:
-    """A new span's context in ``trace_id`` (sampled, no trace state): the tuple
-    ``SpanContext`` is, without its constructor's checks, which the ids here always pass."""
-    return _tuple_new(SpanContext, (trace_id, _span_id(), False, _SAMPLED, DEFAULT_TRACE_STATE, True))
-
-
-def _span_context(p: TraceParent, remote: bool = False) -> SpanContext:
-    return SpanContext(int(p.trace_id, 16), int(p.span_id, 16), is_remote=remote,
-                       trace_flags=TraceFlags(TraceFlags.SAMPLED if p.sampled else TraceFlags.DEFAULT))
 
 
 def make_exporter(kind: str, endpoint: str = "") -> SpanExporter:
