@@ -19,34 +19,55 @@ pytestmark = [pytest.mark.engine, pytest.mark.redis]
 ENV = {"RAGSERVE_GENERATE_MAX_TOKENS": "8", "RAGSERVE_VLLM_KV_CACHE_GIB": "1"}
 
 
-def ragserve(*args: str, home) -> subprocess.CompletedProcess:
+def ragserve(*args: str, home) -> subprocess.Popen:
+    """The command, started; ``finished`` waits for it."""
     from ragserve.models.resolve import resolve_generation_model
 
     # A home of its own for the run's data; the model prepared in the user's home
     env = {**os.environ, **ENV, "RAGSERVE_HOME": str(home),
            "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
     env.pop("VLLM_LOGGING_STREAM", None)  # the command's choice, not the caller's
-    run = subprocess.run([sys.executable, "-m", "ragserve.cli", *args], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "vLLM" in run.stderr or "EngineCore" in run.stderr or "WARNING" in run.stderr, \
+    return subprocess.Popen([sys.executable, "-m", "ragserve.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "vLLM" in stderr or "EngineCore" in stderr or "WARNING" in stderr, \
         "the engine's lines went nowhere: this test would not see them on stdout"
-    return run
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_query_stats_and_warm_write_only_json_to_stdout(xquad_index, xquad_corpus, tmp_path):
+    # The three commands run at once, each in a home of its own: most of each one's time is a
+    # process start (torch, MiniLM, vLLM's engine core), which two cores share well.
     q = xquad_corpus[1][5]["question"]
-    query = json.loads(ragserve("query", str(xquad_index), q, "--json", home=tmp_path).stdout)
-    assert query["answer"].strip() and query["sources"] and query["cache_tier"] == "miss"
-
-    stats = json.loads(ragserve("stats", str(xquad_index), "--questions", "4", "--concurrency", "2", "--json",
-                                home=tmp_path).stdout)
-    assert sum(t["queries"] for t in stats["tiers"].values()) == 4 and "generate" in stats["stages"]
-
     log = tmp_path / "log.jsonl"
     log.write_bytes(b"".join(orjson.dumps({"question": x["question"]}) + b"\n" for x in xquad_corpus[1][6:8]))
+    homes = {name: tmp_path / name for name in ("query", "stats", "warm")}
     with redis_server() as redis:
-        warm = ragserve("warm", str(xquad_index), str(log), "--redis-url", redis.url, "--json", home=tmp_path)
+        procs = {"query": ragserve("query", str(xquad_index), q, "--json", home=homes["query"]),
+                 "stats": ragserve("stats", str(xquad_index), "--questions", "4", "--concurrency", "2",
+                                   "--json", home=homes["stats"]),
+                 "warm": ragserve("warm", str(xquad_index), str(log), "--redis-url", redis.url, "--json",
+                                  home=homes["warm"])}
+        try:
+            runs = {name: finished(p) for name, p in procs.items()}
+        finally:
+            for p in procs.values():
+                p.kill()
+
+    query = json.loads(runs["query"].stdout)
+    assert query["answer"].strip() and query["sources"] and query["cache_tier"] == "miss"
+
+    stats = json.loads(runs["stats"].stdout)
+    assert sum(t["queries"] for t in stats["tiers"].values()) == 4 and "generate" in stats["stages"]
+
+    warm = runs["warm"]
     assert len(warm.stdout.splitlines()) == 1, warm.stdout  # one JSON line; the summary went to stderr
     summary = json.loads(warm.stdout)
     assert (summary["total"], summary["warmed"], summary["failed"]) == (2, 2, 0)
