@@ -116,23 +116,53 @@ def test_exit_fast_ends_as_a_normal_exit_would_then_stops(tmp_path):
 
 
 @pytest.mark.parametrize(("code", "status"), [(0, 0), (None, 0), (1, 1)])
-def test_the_engine_core_wrapper_ends_a_clean_stop_fast_and_passes_a_failure_on(monkeypatch, code, status):
-    """vLLM ends its engine core's loop with ``SystemExit``: a clean one (0 or None) goes to
-    ``exit_fast``, a failure is raised on unchanged."""
-    from ragserve.generators import lifeline
+def test_a_spawned_engine_core_ends_a_clean_stop_fast_and_passes_a_failure_on(monkeypatch, code, status):
+    """vLLM ends its engine core's loop with ``SystemExit``: in a spawned child a clean one
+    (0 or None) goes to ``exit_fast``, a failure is raised on unchanged."""
+    from vllm.v1.engine.core import EngineCoreProc
 
-    def engine_core(*args, **kwargs):
-        raise SystemExit(code)
+    from ragserve.generators import lifeline
 
     class Exited(BaseException):
         """exit_fast's stand-in: it never returns either."""
 
+    def engine_core(*args, **kwargs):
+        raise SystemExit(code)
+
     def exit_fast(status):
         raise Exited(status)
 
-    monkeypatch.setattr(lifeline, "_original", staticmethod(engine_core))
+    monkeypatch.setattr(lifeline, "_original", None)  # spawned: vLLM's own entry point, imported
+    monkeypatch.setattr(EngineCoreProc, "run_engine_core", staticmethod(engine_core))
     monkeypatch.setattr(lifeline, "watch_parent", lambda: None)
     monkeypatch.setattr(lifeline, "exit_fast", exit_fast)
     with pytest.raises(Exited if status == 0 else SystemExit) as e:
         lifeline.run_engine_core()
     assert e.value.args[0] == status if status == 0 else e.value.code == status
+
+
+FORKED = textwrap.dedent("""
+    import atexit, multiprocessing, sys
+    from ragserve.generators import lifeline
+
+    def clean_stop(*args, **kwargs):
+        raise SystemExit(0)
+
+    if __name__ == "__main__":
+        atexit.register(lambda: print("parent's atexit ran", flush=True))
+        lifeline._original = staticmethod(clean_stop)  # what bind_engine_cores leaves a forked child
+        lifeline.watch_parent = lambda: None
+        p = multiprocessing.get_context("fork").Process(target=lifeline.run_engine_core)
+        p.start()
+        p.join()
+        print("child status", p.exitcode, flush=True)
+""")
+
+
+def test_a_forked_engine_core_does_not_run_its_parents_exit_handlers():
+    """A forked child inherits its parent's atexit handlers (vLLM's finalizers among them):
+    multiprocessing ends it with os._exit, and so must the wrapper, never exit_fast."""
+    run = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["child status 0", "parent's atexit ran"], run.stdout

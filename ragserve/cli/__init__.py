@@ -23,13 +23,17 @@ __all__ = ["app", "run"]
 def run() -> None:
     """The ``ragserve`` command: the app, then ``exit_fast`` with its status. A command has
     closed what it opened (its ``RAG``, server, Ray connection) by the time it returns, so
-    the interpreter's teardown of torch and vLLM (about 2 s) would only delay the exit."""
+    the interpreter's teardown of torch and vLLM (about 2 s) would only delay the exit. The
+    status is what ``sys.exit`` would give: an int as it is, None 0, anything else printed
+    to stderr and 1."""
     try:
         app()
         code: object = 0
     except SystemExit as e:
         code = e.code
-    if isinstance(code, str):  # sys.exit("message"): printed, status 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    exit_fast(code if isinstance(code, int) else 0)
+    exit_fast(code)

@@ -62,16 +62,18 @@ def bind_engine_cores() -> bool:
 
 
 def run_engine_core(*args: Any, **kwargs: Any) -> Any:
-    """vLLM's engine-core entry point, after ``watch_parent``. Runs in the child. Once vLLM
-    has shut the engine down cleanly (it ends its loop with ``SystemExit(0)``), the child ends
-    with ``exit_fast``: its parent waits for it, and the interpreter's teardown of torch and
-    vLLM would add about 2 s to every stop."""
+    """vLLM's engine-core entry point, after ``watch_parent``. Runs in the child. A spawned
+    child that vLLM has shut down cleanly (it ends its loop with ``SystemExit(0)``) ends with
+    ``exit_fast``: its parent waits for it, and the interpreter's teardown of torch and vLLM
+    would add about 2 s to every stop. A forked child is left as it is: multiprocessing ends
+    it with ``os._exit`` already, and ``exit_fast`` there would run the atexit handlers and
+    finalizers it inherited from its parent."""
     watch_parent()
-    try:
-        if _original is not None:  # forked: the parent's wrapped original
-            return _original.__func__(*args, **kwargs)
-        from vllm.v1.engine.core import EngineCoreProc  # spawned: a fresh import, never wrapped here
+    if _original is not None:  # forked: the parent's wrapped original
+        return _original.__func__(*args, **kwargs)
+    from vllm.v1.engine.core import EngineCoreProc  # spawned: a fresh import, never wrapped here
 
+    try:
         return EngineCoreProc.run_engine_core(*args, **kwargs)
     except SystemExit as e:
         if e.code in (None, 0):
@@ -80,21 +82,26 @@ def run_engine_core(*args: Any, **kwargs: Any) -> Any:
 
 
 def exit_fast(code: int) -> NoReturn:
-    """End this process as the interpreter would, then skip its teardown. Non-daemon threads
-    are joined and thread-pool executors shut down (``threading._shutdown``, what a normal
-    exit runs first), atexit handlers run (Ray's disconnect, multiprocessing's finalizers,
-    logging's flush) and the standard streams are flushed; what is skipped is the interpreter
-    freeing every module and object one by one, which after torch and vLLM are loaded takes
-    about 2 s of CPU and gives back nothing the kernel does not take back at ``_exit``."""
-    shutdown = getattr(threading, "_shutdown", None)  # CPython's own first step of an exit
-    if shutdown is not None and threading.current_thread() is threading.main_thread():
-        shutdown()
+    """End this process as the interpreter would, then skip its teardown. Call it from the
+    main thread. Non-daemon threads are joined and thread-pool executors shut down
+    (``threading._shutdown``, what a normal exit runs first), atexit handlers run (Ray's
+    disconnect, multiprocessing's finalizers, logging's flush) and the standard streams are
+    flushed (a flush that fails makes status 0 into 120, as Python's own exit does); what is
+    skipped is the interpreter freeing every module and object one by one, which after torch
+    and vLLM are loaded takes about 2 s of CPU and gives back nothing the kernel does not take
+    back at ``_exit``."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("exit_fast runs on the main thread: it joins the others")
+    threading._shutdown()  # CPython's own first step of an exit
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # closed, or replaced by None
+            if stream is not None:
+                stream.flush()
+        except ValueError:  # closed
             pass
+        except OSError:  # a closed pipe, a full disk: what Python's exit reports as 120
+            code = code or 120
     os._exit(code)
 
 
