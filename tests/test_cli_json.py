@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -19,23 +20,32 @@ pytestmark = [pytest.mark.engine, pytest.mark.redis]
 ENV = {"RAGSERVE_GENERATE_MAX_TOKENS": "8", "RAGSERVE_VLLM_KV_CACHE_GIB": "1"}
 
 
-def ragserve(*args: str, home) -> subprocess.Popen:
-    """The command, started; ``finished`` waits for it."""
+def ragserve(*args: str, home: Path) -> subprocess.Popen:
+    """The command, started, its stdout and stderr going to files in ``home`` (pipes left
+    unread while another command is waited for could fill and block it); ``finished`` waits
+    for it and reads them."""
     from ragserve.models.resolve import resolve_generation_model
 
     # A home of its own for the run's data; the model prepared in the user's home
+    home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **ENV, "RAGSERVE_HOME": str(home),
            "RAGSERVE_GENERATE_MODEL": str(resolve_generation_model("default"))}
     env.pop("VLLM_LOGGING_STREAM", None)  # the command's choice, not the caller's
-    return subprocess.Popen([sys.executable, "-m", "ragserve.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    with open(home / "stdout", "wb") as out, open(home / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ragserve.cli", *args], env=env, stdout=out,
+                                stderr=err)
+    proc.home = home  # type: ignore[attr-defined]
+    return proc
 
 
 def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     try:
-        stdout, stderr = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         proc.kill()
+    home = proc.home  # type: ignore[attr-defined]
+    stdout = (home / "stdout").read_text(errors="replace")
+    stderr = (home / "stderr").read_text(errors="replace")
     assert proc.returncode == 0, stderr[-3000:]
     assert "vLLM" in stderr or "EngineCore" in stderr or "WARNING" in stderr, \
         "the engine's lines went nowhere: this test would not see them on stdout"
