@@ -78,6 +78,15 @@ def test_generator_deployments_one_per_engine_group_of_models_the_defaults_first
 
     keys = {n: tokenizer_key(cfg.model_config(n).replace(openai={"tokenizer": "server"})) for n in cfg.models.names}
     assert keys["short"] == keys["long"] == keys["wide"] and keys["remote"] == keys["remote2"] != keys["short"]
+    keyed = cfg.model_config("remote").replace(openai={"tokenizer": "server", "api_key": "other"})
+    assert tokenizer_key(keyed) != keys["remote"]  # another key: a client of its own
+
+    # one folder named two ways is one engine, as in `ragserve serve`
+    from ragserve.models.resolve import resolve_generation_model
+
+    folder = str(resolve_generation_model("default"))
+    same = RAGConfig().replace(models={"a": {"max_tokens": 8}, "b": {"model": folder, "max_tokens": 16}})
+    assert generator_groups(same) == [("RagserveGenerator", ("a", "b"))]
 
 
 async def test_a_generator_replica_serves_each_of_its_models_and_refuses_others(monkeypatch):

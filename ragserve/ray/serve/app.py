@@ -98,8 +98,8 @@ def generator_groups(config: Any) -> list[tuple[str, tuple[str, ...]]]:
     """``(deployment name, models it serves)`` per generator deployment, the default
     model's first. Without ``[models]``: ``[("RagserveGenerator", ())]``, the one
     ``[generate]`` model. vLLM models are grouped by what their engine is made of
-    (``generators.vllm.engine_key``, with the model as configured: context length,
-    scheduling, ``[vllm]``); an ``openai`` model is a group of its own."""
+    (``generators.vllm.engine_key``: the model's folder where this driver can resolve it,
+    context length, scheduling, ``[vllm]``); an ``openai`` model is a group of its own."""
     from ragserve.generators.vllm import engine_key
 
     m = config.models
@@ -108,12 +108,24 @@ def generator_groups(config: Any) -> list[tuple[str, tuple[str, ...]]]:
     groups: dict[Any, list[str]] = {}
     for name in sorted(m.names, key=lambda n: n != m.default_name):  # the default's group first
         c = config.model_config(name)
-        # the model as configured: its folder may exist only on the nodes, not on this driver
-        key: Any = (engine_key(c.generate.model, c.generate, c.vllm) if c.generate.backend == "vllm"
-                    else ("openai", name))
+        key: Any = (engine_key(_model_folder(c.generate.model), c.generate, c.vllm)
+                    if c.generate.backend == "vllm" else ("openai", name))
         groups.setdefault(key, []).append(name)
     named = list(groups.values())
     return [(GENERATOR if i == 0 else f"{GENERATOR}-{names[0]}", tuple(names)) for i, names in enumerate(named)]
+
+
+def _model_folder(spec: str) -> str:
+    """The folder a vLLM model's spec names, as ``VllmGenerator`` resolves it ("default", a
+    relative path), so that two specs of one folder share a deployment as they share an
+    engine in ``ragserve serve``; the spec itself when the folder is only on the nodes."""
+    from ragserve.errors import RagserveError
+    from ragserve.models.resolve import resolve_generation_model
+
+    try:
+        return str(resolve_generation_model(spec))
+    except (RagserveError, OSError):
+        return spec
 
 
 def application(index: str | Path, config: Any, *, generator: Any = None) -> Any:

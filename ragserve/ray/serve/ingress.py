@@ -57,8 +57,8 @@ def ingress_tokenizer(config: Any) -> Any:
 def tokenizer_key(config: Any) -> tuple[Any, ...]:
     """What ``ingress_tokenizer`` depends on: two models with the same key share one."""
     g, o = config.generate, config.openai
-    if g.backend == "openai" and o.tokenizer == "server":
-        return ("server", tuple(o.urls), o.model)
+    if g.backend == "openai" and o.tokenizer == "server":  # a client of the servers: all of [openai]
+        return ("server", *((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(vars(o).items())))
     return ("local", g.model)
 
 
