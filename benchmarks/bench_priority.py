@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if not 0 <= args.reserved < args.max_in_flight:
+        ap.error(f"--reserved must be in 0..{args.max_in_flight - 1} (--max-in-flight - 1)")
     env = harness.environment()
     log = harness.logger("priority")
 
@@ -83,7 +85,8 @@ def main() -> int:
         slo_ms = 2 * harness.pct([r["ttft_ms"] for r in phases["unloaded"]["interactive"]], 50)
         for name, batch_priority, reserved in (("fcfs", 0, 0), ("priority", 10, 0),
                                                ("reserved", 10, args.reserved)):
-            # the same engine and admission queue for every phase; only the kept slots change
+            # the same engine and admission queue for every phase; only the kept slots change,
+            # between phases, with nothing queued
             rag.admission.reserved = reserved
             log(f"{name}: {n_b} batch requests at priority {batch_priority}, {n_i} interactive at 0, "
                 f"{reserved} slot(s) kept for priority 0")

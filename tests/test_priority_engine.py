@@ -47,6 +47,5 @@ def test_an_urgent_request_overtakes_30_queued_in_ragserve_and_in_vllm(priority_
     asyncio.run(run())
     place = finished.index("urgent")
     # Ahead of it at most the request vLLM was running and one it had just started: it
-    # jumped the 25 in ragserve's queue and the ones waiting in vLLM's.
+    # jumped the 25 in ragserve's queue and the ones waiting in vLLM's (30 of the 33 at least).
     assert place <= 2, finished
-    assert FLOOD - place >= 30

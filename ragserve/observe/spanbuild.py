@@ -155,7 +155,7 @@ class SpanBuilder:
         for _, ns in ran:
             t -= ns
         for (stage, name, kind, attributes), ns in ran:
-            span_id = random_bits(64) or 1
+            span_id = random_bits(64) or 1  # span_id_draw, inline: once per span of every request
             if attributes is None:  # made per request: the retrieval's and the chat's
                 name, client, attributes = self.naming.stage(stage, result, stages)
                 kind = _CLIENT if client else _INTERNAL
