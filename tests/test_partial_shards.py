@@ -6,7 +6,8 @@ resolves their answers), one of whose groups has no answering copy (R = 1, its a
 - on: 200, the missing shard named in the body, the header and the stream's events, the
   other shard's hits merged as the single index ranks them, nothing cached in any tier (a
   second identical request is no hit), single-flight followers get the partial answer
-  marked, and ``/metrics`` and ``stats()`` count the partial answers.
+  marked, and ``/metrics`` and ``stats()`` count the partial answers; a search that no
+  shard answers is the 503 still.
 
 The real cluster's version (an actor killed, R = 1): ``test_ray_shards.py``.
 """
@@ -80,7 +81,8 @@ class FakeShardActor:
             return 1
         self.searches += 1
         x, k, fill = args
-        return [[[(h.chunk_id, h.score) for h in row] for row in s.search(x, k, fill=fill)] for s in self.shards]
+        return [[[(h.chunk_id, h.score) for h in row] for row in s.search(x, k, fill=fill)]
+                for s in self.shards]
 
 
 @pytest.fixture
@@ -93,13 +95,14 @@ def fake_ray(monkeypatch):
 def partial_rag(path: Path, allow: bool, actors: list[FakeShardActor], **sections: Any) -> RAG:
     from ragserve.ray.serve.fanout import RemoteShardedIndex
 
-    cfg = RAGConfig().replace(ray={"allow_partial": allow, "shard_timeout_s": 1.0}, prompt={"max_score_gap": 0},
-                              **sections)
+    cfg = RAGConfig().replace(ray={"allow_partial": allow, "shard_timeout_s": 1.0},
+                              prompt={"max_score_gap": 0}, **sections)
 
     def opener(top: Any, shards: list[Any], load: dict[str, int]) -> Any:
         table = {"folder": str(top.folder), "search_params": {},
                  "groups": [{"shards": [f"shard-00{i}"], "actors": [a]} for i, a in enumerate(actors)]}
-        return RemoteShardedIndex(top, table, supervisor=None, timeout_s=1.0, allow_partial=cfg.ray.allow_partial)
+        return RemoteShardedIndex(top, table, supervisor=None, timeout_s=1.0,
+                                  allow_partial=cfg.ray.allow_partial)
 
     return RAG.from_index(path, cfg, embedder=WordsEmbedder(), generator=FakeGenerator(), shards=opener)
 
@@ -135,7 +138,8 @@ def test_on_the_answer_is_the_other_shards_top_k_marked_partial_and_never_cached
     expected = [s.chunk_id for s in ranked if s.chunk_id < first_of_001][:5]
     assert any(s.chunk_id >= first_of_001 for s in ranked[:5])  # the missing shard held some of the top 5
     semantic = {"enabled": True, "threshold": 0.75, "guard": "entities"}
-    with partial_rag(sharded, True, actors, semantic=semantic) as rag, running(create_app(rag, rag.config)) as url:
+    rag = partial_rag(sharded, True, actors, semantic=semantic)
+    with rag, running(create_app(rag, rag.config)) as url:
         got = rag.retrieve(QUESTION, 5)
         assert [s.chunk_id for s in got] == expected and got.missing_shards == ("shard-001",)
         r = httpx.post(f"{url}/v1/retrieve", json={"question": QUESTION, "top_k": 5}, timeout=30)
@@ -149,18 +153,28 @@ def test_on_the_answer_is_the_other_shards_top_k_marked_partial_and_never_cached
             assert r.headers["x-partial-shards"] == "shard-001" and r.headers["x-cache"] == "miss"
             assert [s["chunk_id"] for s in body["sources"]] == expected[:len(body["sources"])]
         cache = rag.stats()["cache"]
-        assert cache["l1"]["entries"] == 0 and cache["semantic"]["writes"] == cache["semantic"]["entries"] == 0
+        assert cache["l1"]["entries"] == 0
+        assert cache["semantic"]["writes"] == cache["semantic"]["entries"] == 0
         events = _sse(httpx.post(f"{url}/v1/query", json={"question": QUESTION, "stream": True}, timeout=30))
         assert events[0][0] == "sources" and events[0][1]["missing_shards"] == ["shard-001"]
         assert events[-1][0] == "done" and events[-1][1]["missing_shards"] == ["shard-001"]
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                           json={"model": "ragserve", "messages": [{"role": "user", "content": QUESTION}]})
-        assert chat.status_code == 200 and chat.json()["ragserve"]["missing_shards"] == ["shard-001"], chat.text
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["ragserve"]["missing_shards"] == ["shard-001"]
         assert chat.headers["x-partial-shards"] == "shard-001"
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         assert "ragserve_partial_answers_total 4.0" in metrics
         stats = rag.stats()
         assert stats["partial"] == 4 and stats["partial_retrievals"] == 2
+
+
+def test_on_a_search_that_no_shard_answers_is_still_a_503(sharded, actors):
+    actors[0].dead = True
+    with partial_rag(sharded, True, actors) as rag:
+        with pytest.raises(ShardUnavailableError) as e:
+            rag.query(QUESTION)
+        assert e.value.shards == ["shard-000", "shard-001"]
 
 
 def test_single_flight_followers_of_a_partial_run_get_it_marked(sharded, actors):
