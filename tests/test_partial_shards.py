@@ -198,3 +198,28 @@ def _sse(r: httpx.Response) -> list[tuple[str, Any]]:
         if "event" in lines:
             out.append((lines["event"], orjson.loads(lines["data"]) if lines.get("data") else None))
     return out
+
+
+def test_ray_metrics_count_partial_answers(monkeypatch):
+    from ray.serve import metrics
+
+    class Metric:
+        def __init__(self, name, *args, **kwargs):
+            self.name, self.count = name, 0
+
+        def inc(self, value=1, tags=None):
+            self.count += value
+
+        def observe(self, value, tags=None):
+            pass
+
+    monkeypatch.setattr(metrics, "Counter", Metric)
+    monkeypatch.setattr(metrics, "Histogram", Metric)
+    from ragserve.ray.serve.metrics import RayMetrics
+    from ragserve.types import QueryResult, Timings, TokenUsage
+
+    m = RayMetrics()
+    for missing in ([], ["shard-001"]):
+        result = QueryResult("q", "a", [], Timings(), "miss", "m", "f", TokenUsage(), missing_shards=missing)
+        m.on_result(result, {})
+    assert m.partial.name == "ragserve_partial_answers" and m.partial.count == 1 and m.answers.count == 2
