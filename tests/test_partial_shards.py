@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from ragserve.build.sharded import build_sharded
+from ragserve.client import Client
 from ragserve.config import RAGConfig
 from ragserve.engine.served import open_index
 from ragserve.errors import ShardUnavailableError
@@ -167,6 +168,11 @@ def test_on_the_answer_is_the_other_shards_top_k_marked_partial_and_never_cached
         assert "ragserve_partial_answers_total 4.0" in metrics
         stats = rag.stats()
         assert stats["partial"] == 4 and stats["partial_retrievals"] == 2
+        with Client(url) as client:  # ragserve's own client reads the mark
+            assert client.retrieve(QUESTION, 5).missing_shards == ("shard-001",)
+            assert client.query(QUESTION).missing_shards == ["shard-001"]
+            events = list(client.stream(QUESTION))
+            assert events[0].missing_shards == ("shard-001",) and events[-1].result.partial
 
 
 def test_on_a_search_that_no_shard_answers_is_still_a_503(sharded, actors):
