@@ -26,7 +26,7 @@ from ragserve.engine.core import Engine
 from ragserve.engine.served import ShardOpener, open_index
 from ragserve.index.manifest import Manifest
 from ragserve.retrieval.retriever import Retriever
-from ragserve.types import DocStore, Embedder, Generator, QueryResult, Source, StreamEvent, VectorIndex
+from ragserve.types import DocStore, Embedder, Generator, QueryResult, Sources, StreamEvent, VectorIndex
 
 T = TypeVar("T")
 
@@ -200,11 +200,12 @@ class RAG:
         (a server writes each list at once)."""
         return self._engine.astream(question, namespace=namespace, cache_read=cache_read, cache_write=cache_write, timeout_s=timeout_s, request_id=request_id, top_k=top_k, priority=priority, model=model)
 
-    def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
-        """Retrieval only (no LLM): the top-k sources with scores."""
+    def retrieve(self, question: str, top_k: int | None = None) -> Sources:
+        """Retrieval only (no LLM): the top-k sources with scores (a list; its
+        ``missing_shards`` names the shards that did not answer, with ``ray.allow_partial``)."""
         return self._engine.retrieve(question, top_k)
 
-    async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
+    async def aretrieve(self, question: str, top_k: int | None = None) -> Sources:
         """``retrieve`` from any event loop; concurrent calls share embedding batches."""
         return await self._engine.aretrieve(question, top_k)
 

@@ -43,6 +43,18 @@ class Source:
                    dict(d.get("metadata") or {}))
 
 
+class Sources(list[Source]):
+    """A retrieval's sources, best first (a ``list``), and ``missing_shards``: the shards of
+    a sharded index that did not answer the search (``ray.allow_partial``), so these are
+    the other shards' top-k; empty when every shard answered (the result is whole)."""
+
+    __slots__ = ("missing_shards",)
+
+    def __init__(self, sources: Sequence[Source] = (), missing_shards: Sequence[str] = ()) -> None:
+        super().__init__(sources)
+        self.missing_shards = tuple(missing_shards)
+
+
 @dataclass(frozen=True)
 class Hit:
     """A search result before the docstore is read: chunk id and score only."""
@@ -162,6 +174,10 @@ class QueryResult:
     """A ``semantic`` hit: the cached question whose answer was served (else None)."""
     semantic_similarity: float | None = None
     """A ``semantic`` hit: the cosine similarity of the question to ``semantic_match``."""
+    missing_shards: list[str] = field(default_factory=list)
+    """The shards of a sharded index that did not answer the search (``ray.allow_partial``):
+    the answer is grounded in the other shards' top-k only. Empty: a whole answer. A
+    partial answer is never cached."""
     origin_span: SpanRef | None = field(default=None, repr=False, compare=False)
     """With tracing on where the answer was generated (and that trace sampled): the span that
     generated it, the run's ``chat`` span; for a hit, the span of the request whose answer
@@ -170,6 +186,11 @@ class QueryResult:
 
     def __str__(self) -> str:
         return self.answer
+
+    @property
+    def partial(self) -> bool:
+        """Some shard did not answer: ``missing_shards`` names them."""
+        return bool(self.missing_shards)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,6 +214,7 @@ class QueryResult:
             request_id=d.get("request_id", ""), shared=bool(d.get("shared", False)),
             semantic_match=d.get("semantic_match"),
             semantic_similarity=None if d.get("semantic_similarity") is None else float(d["semantic_similarity"]),
+            missing_shards=[str(n) for n in d.get("missing_shards") or []],
         )
 
 
@@ -202,6 +224,8 @@ class SourcesEvent:
 
     sources: list[Source]
     cache_tier: CacheTier
+    missing_shards: tuple[str, ...] = ()
+    """As ``QueryResult.missing_shards``: the answer to come is partial."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ one application for the whole module (2 shards x 2 copies, one ingress replica, 
   the single flat index's (ids, order, scores);
 - a copy killed under load fails no request (its twin answers), and comes back;
 - a shard with no copy left is a typed 503 naming it, never the other shard's top-k as a
-  whole answer; the supervisor replaces the copies and requests succeed again.
+  whole answer; the supervisor replaces the copies and requests succeed again;
+- last, the application redeployed with one copy per shard and ``ray.allow_partial``: a
+  killed shard actor gives the other shard's top-k, marked partial and never cached.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Served:
     sharded: Path
     single: Path
     questions: list[str]
+    config: RAGConfig
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def served(ray_cluster, xquad_corpus, xquad_index, embedder, tmp_path_factory) -
             ray={"replicas": 1, "num_cpus": 0.5, "generator_num_cpus": 0.5, "shard_replicas": 2,
                  "shard_num_cpus": 0.1, "shard_timeout_s": 5.0, "follow_index_s": 0})
         with deployed(sharded, cfg, app=APP) as url:
-            yield Served(url, sharded, single, [q["question"] for q in xquad_corpus[1]][:20])
+            yield Served(url, sharded, single, [q["question"] for q in xquad_corpus[1]][:60], cfg)
 
 
 def retrieve(url: str, question: str, top_k: int = 10) -> httpx.Response:
@@ -168,3 +171,61 @@ def test_a_shard_with_no_copy_left_is_a_503_naming_it_until_the_supervisor_repla
     # the refused question was not cached as an answer: it is answered whole now
     again = retrieve(served.url, served.questions[0]).json()["sources"]
     assert len(again) == 10
+
+
+def test_with_allow_partial_a_killed_shard_actor_without_a_twin_gives_the_other_shards_answer_marked(served):
+    import ray
+    from ray import serve
+
+    from ragserve.index.manifest import read_manifest
+    from ragserve.index.shards import shard_entries
+    from ragserve.ray.serve.app import application
+
+    # The module's application again, with R = 1 and allow_partial: Serve replaces the
+    # ingress and the supervisor (whose new actors are one copy per shard).
+    started = time.monotonic()
+    partial = served.config.replace(ray={"shard_replicas": 1, "allow_partial": True})
+    serve.run(application(served.sharded, partial), name=APP, route_prefix="/")
+    eventually(lambda: [len(g["actors"]) for g in table(served)["groups"]] == [1, 1]
+               and retrieve(served.url, served.questions[0]).status_code == 200,
+               CLUSTER_WAIT_S, 0.2, "the redeployed application to answer", ignore=(Exception,))
+    print(f"redeployed with R = 1 in {time.monotonic() - started:.1f} s")
+    first_of_001 = shard_entries(read_manifest(served.sharded))[0].chunks
+    q = served.questions[0]
+    whole = [s["chunk_id"] for s in retrieve(served.url, q).json()["sources"]]
+    assert any(i >= first_of_001 for i in whole)  # shard-001 holds some of this top-10
+    ray.kill(table(served)["groups"][1]["actors"][0], no_restart=True)  # its only copy
+    marked: list[dict[str, Any]] = []
+    queried: list[tuple[str, httpx.Response]] = []
+    fresh = iter(served.questions[20:])  # asked of /v1/query once each: none is cached before
+
+    def partial_seen() -> bool:
+        r = retrieve(served.url, q)
+        assert r.status_code == 200, r.text  # never a 503: allow_partial
+        if "missing_shards" in r.json():
+            assert r.headers["x-partial-shards"] == "shard-001"
+            marked.append(r.json())
+        else:
+            assert [s["chunk_id"] for s in r.json()["sources"]] == whole  # unmarked: whole
+        if not queried or not queried[-1][1].json()["missing_shards"]:
+            asked = next(fresh)
+            answer = httpx.post(f"{served.url}/v1/query", json={"question": asked}, timeout=60)
+            queried.append((asked, answer))
+            assert queried[-1][1].status_code == 200, queried[-1][1].text
+        return bool(marked) and bool(queried[-1][1].json()["missing_shards"])
+
+    eventually(partial_seen, CLUSTER_WAIT_S, 0.05, "a partial retrieval and query after the kill")
+    body = marked[0]
+    assert body["missing_shards"] == ["shard-001"]
+    ids = [s["chunk_id"] for s in body["sources"]]
+    kept = [i for i in whole if i < first_of_001]  # shard-000's part of the whole top-10, in order
+    assert len(ids) == 10 and all(i < first_of_001 for i in ids) and ids[:len(kept)] == kept
+    asked, answer = queried[-1]
+    assert answer.json()["missing_shards"] == ["shard-001"]
+    assert answer.headers["x-partial-shards"] == "shard-001"
+    again = httpx.post(f"{served.url}/v1/query", json={"question": asked}, timeout=60)
+    assert again.status_code == 200
+    assert again.json()["cache_tier"] == "miss"  # the partial answer was never stored
+    eventually(lambda: "missing_shards" not in retrieve(served.url, q).json(), CLUSTER_WAIT_S, 0.2,
+               "the supervisor's new copy to answer")
+    assert [s["chunk_id"] for s in retrieve(served.url, q).json()["sources"]] == whole

@@ -14,7 +14,7 @@ import orjson
 from ragserve.client.failures import from_body, timed_out, unreachable
 from ragserve.client.retries import RETRY_STATUSES, Retries, retry_after_s
 from ragserve.errors import QuestionTypeError, RagserveError, RemoteError, restore
-from ragserve.types import QueryResult, Source
+from ragserve.types import QueryResult, Source, Sources
 
 if TYPE_CHECKING:
     import httpx
@@ -121,8 +121,11 @@ def query_result(response: httpx.Response, call: Call) -> QueryResult:
     return QueryResult.from_dict(json_of(response, call))
 
 
-def sources(response: httpx.Response, call: Call) -> list[Source]:
-    return [Source.from_dict(s) for s in json_of(response, call)["sources"]]
+def sources(response: httpx.Response, call: Call) -> Sources:
+    """``/v1/retrieve``'s sources; ``missing_shards``: the shards the server went without
+    (``ray.allow_partial``), as ``RAG.retrieve``'s."""
+    body = json_of(response, call)
+    return Sources([Source.from_dict(s) for s in body["sources"]], body.get("missing_shards") or ())
 
 
 class Attempts:

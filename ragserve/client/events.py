@@ -35,7 +35,8 @@ class EventReader:
             return TokenEvent(orjson.loads(data)["text"])
         if name == "sources":
             d = orjson.loads(data)
-            return SourcesEvent([Source.from_dict(s) for s in d["sources"]], d["cache_tier"])
+            return SourcesEvent([Source.from_dict(s) for s in d["sources"]], d["cache_tier"],
+                                tuple(d.get("missing_shards") or ()))
         if name == "done":
             self.done = True
             return DoneEvent(QueryResult.from_dict(orjson.loads(data)))

@@ -78,7 +78,13 @@ class RayConfig:
     holds its shards in memory; a search goes to one copy of every shard, and to another
     copy when that one fails. With 2 or more a killed shard actor fails no request; with 1
     a request that finds a shard down gets a 503 (``ShardUnavailableError``), never the
-    other shards' top-k presented as whole."""
+    other shards' top-k presented as whole (unless ``allow_partial``: then marked partial)."""
+    allow_partial: bool = False
+    """With a shard that has no answering copy (``shard_replicas`` = 1 and its actor down):
+    answer from the shards that answered instead of a 503, and mark the answer as partial
+    (``QueryResult.missing_shards``; ``X-Partial-Shards``). A partial answer is never
+    cached. Off: such a request gets ``ShardUnavailableError`` (503 with ``Retry-After``).
+    A request that no shard answers is a 503 either way."""
     shards_per_actor: int = 1
     """Shards one shard actor holds (and searches one after the other): N shards make
     ceil(N / this) actor groups of ``shard_replicas`` actors each."""
@@ -124,6 +130,8 @@ def validate_ray(r: RayConfig) -> None:
     _check(r.probe_interval_s > 0, "ray.probe_interval_s", f"must be > 0, got {r.probe_interval_s}")
     for name in ("shard_replicas", "shards_per_actor"):
         _check(getattr(r, name) >= 1, f"ray.{name}", f"must be >= 1, got {getattr(r, name)}")
+    _check(isinstance(r.allow_partial, bool), "ray.allow_partial",
+           f"must be true or false, got {r.allow_partial!r}")
     _check(r.shard_num_cpus >= 0, "ray.shard_num_cpus", f"must be >= 0, got {r.shard_num_cpus}")
     _check(r.shard_timeout_s > 0, "ray.shard_timeout_s", f"must be > 0, got {r.shard_timeout_s}")
     _check(r.follow_index_s >= 0, "ray.follow_index_s", f"must be >= 0 (0: off), got {r.follow_index_s}")

@@ -177,12 +177,21 @@ class Requests:
     def __init__(self, gauges: Gauges, observers: Observers | None = None) -> None:
         self.gauges = gauges
         self.observers = observers or Observers()
-        self.counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0}
+        self.counts = {"queries": 0, "errors": 0, "timeouts": 0, "cancelled": 0, "partial": 0,
+                       "partial_retrievals": 0}
+        """``partial``: queries answered without some shards of a sharded index
+        (``ray.allow_partial``); ``partial_retrievals``: retrieval-only requests so answered."""
         self._lock = threading.Lock()  # answered() runs on callers' threads (L1 hits) and the engine's
 
-    def answered(self) -> None:
+    def answered(self, partial: bool = False) -> None:
         with self._lock:
             self.counts["queries"] += 1
+            if partial:
+                self.counts["partial"] += 1
+
+    def retrieved_partial(self) -> None:
+        with self._lock:
+            self.counts["partial_retrievals"] += 1
 
     def refused(self, error: BaseException) -> None:
         """A request refused before it started (bad input): counted and reported as one."""

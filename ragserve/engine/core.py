@@ -21,7 +21,7 @@ from ragserve.errors import InputError
 from ragserve.index.manifest import Manifest
 from ragserve.observe.timing import StageClock
 from ragserve.retrieval.retriever import Retriever
-from ragserve.types import DocStore, Generator, QueryResult, Source, StreamEvent, VectorIndex
+from ragserve.types import DocStore, Generator, QueryResult, Sources, StreamEvent, VectorIndex
 
 T = TypeVar("T")
 
@@ -118,22 +118,25 @@ class Engine(Pipeline):
                           priority, model)
         return self._runtime.aiterate(self._stream(p))
 
-    def retrieve(self, question: str, top_k: int | None = None) -> list[Source]:
+    def retrieve(self, question: str, top_k: int | None = None) -> Sources:
         question = self._check(question)
         check_options(top_k=top_k)  # as a query's: 0 is not "the default", 10**6 not a search
         return self._runtime.run(self._retrieve(question, top_k or self.config.query.top_k))
 
-    async def aretrieve(self, question: str, top_k: int | None = None) -> list[Source]:
+    async def aretrieve(self, question: str, top_k: int | None = None) -> Sources:
         question = self._check(question)
         check_options(top_k=top_k)
         return await self._runtime.run_async(self._retrieve(question, top_k or self.config.query.top_k))
 
-    async def _retrieve(self, question: str, top_k: int) -> list[Source]:
+    async def _retrieve(self, question: str, top_k: int) -> Sources:
         """Within ``retrievals``' bounds (else ``OverloadedError``) and ``query.timeout_s``."""
         async with self.retrievals.slot(), deadline(self.config.query.timeout_s):
             snap = self.served.acquire()
             try:
-                return await snap.retriever.retrieve(question, top_k, StageClock())
+                sources = await snap.retriever.retrieve(question, top_k, StageClock())
+                if sources.missing_shards:
+                    self.requests.retrieved_partial()
+                return sources
             finally:
                 self.served.release(snap)
 

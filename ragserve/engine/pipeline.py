@@ -319,7 +319,7 @@ class Pipeline:
             generator = self._ensure_generator(model)
             with clock.span("prompt"):
                 prompt = await self._prompt(model, generator, question, sources)
-            yield SourcesEvent(prompt.used, "miss")
+            yield SourcesEvent(prompt.used, "miss", sources.missing_shards)
             gen = None
             with clock.span("generate"):
                 async for piece in generator.stream(prompt.text, leader.request_id, token_ids=prompt.token_ids,
@@ -334,12 +334,15 @@ class Pipeline:
                 yield TokenEvent(gen.text)
             result = from_generation(question, model.label(), prompt, gen, clock, snap.fingerprint)
             result.request_id = leader.request_id
+            result.missing_shards = list(sources.missing_shards)
             # Told once per run, whoever still waits for it; tracing names the span of the
             # generation, which every request's copy and the cached answer carry.
             origin = self.observers.generation(result)
             if origin is not None:
                 result.origin_span = origin
-        if write and self.cache is not None:
+        # NOTE: a partial answer (shards missing, ``ray.allow_partial``) is stored in no tier:
+        # a later hit would serve it as whole. The run's followers get it, marked.
+        if write and self.cache is not None and not result.missing_shards:
             self.cache.remember(leader.key, result)  # only a whole, successful answer is stored
             if routed is not None:  # the pick's own key too: asking for it by name is a hit
                 self.cache.remember(self._key(leader, snap, model), result)
@@ -359,7 +362,7 @@ class Pipeline:
         clock.ms["total"] = clock.elapsed_ms()
         result.timings = Timings(**clock.ms)
         result.request_id = p.request_id
-        self.requests.answered()
+        self.requests.answered(partial=bool(result.missing_shards))
         self.observers.result(result, clock.ms)
         return result
 

@@ -20,10 +20,11 @@ from ragserve.config import EmbedConfig
 from ragserve.errors import InvalidParameterError
 from ragserve.observe.timing import StageClock
 from ragserve.retrieval.embed import MicroBatcher
-from ragserve.types import DocStore, Embedder, Hit, Source, VectorIndex
+from ragserve.types import DocStore, Embedder, Hit, Source, Sources, VectorIndex
 
-_Searched = tuple[list[Hit], float, float, np.ndarray]
-"""One item's search: its hits, the batch's embed and search ms, its vector."""
+_Searched = tuple[list[Hit], float, float, np.ndarray, tuple[str, ...]]
+"""One item's search: its hits, the batch's embed and search ms, its vector, the shards
+that did not answer the batch's search (a sharded index that allows partial answers)."""
 
 
 class Retriever:
@@ -44,25 +45,28 @@ class Retriever:
         """Embedding alone (the semantic tier's lookup): its vector is then handed to
         ``retrieve``, so a question is embedded once."""
 
-    async def retrieve(self, question: str, top_k: int, clock: StageClock) -> list[Source]:
+    async def retrieve(self, question: str, top_k: int, clock: StageClock) -> Sources:
         """Top-k sources for a normalised question; stage times go into ``clock``:
         ``embed_wait`` (for the batch to start), ``embed`` and ``search`` (the batch's)
-        and ``docload``."""
+        and ``docload``. ``Sources.missing_shards`` names the shards of a sharded index
+        that did not answer (``ray.allow_partial``; else such a search raises)."""
         return (await self.retrieve_with_vector(question, top_k, clock))[0]
 
     async def retrieve_with_vector(self, question: str, top_k: int, clock: StageClock,
-                                   vector: np.ndarray | None = None) -> tuple[list[Source], np.ndarray]:
+                                   vector: np.ndarray | None = None) -> tuple[Sources, np.ndarray]:
         """``retrieve``, and the question's vector; ``vector``: the question's, already
         computed by ``embed`` (then only the search runs)."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise InvalidParameterError("top_k", top_k, "a positive int")
-        (hits, embed_ms, search_ms, vector), wait_ms = await self.batcher.submit((question, top_k, vector))
+        searched, wait_ms = await self.batcher.submit((question, top_k, vector))
+        hits, embed_ms, search_ms, vector, missing = searched
         clock.add("embed_wait", wait_ms)
         clock.add("embed", embed_ms)
         clock.add("search", search_ms)
         with clock.span("docload"):
             chunks = self.docstore.get_many([h.chunk_id for h in hits])
-        return [Source(c.doc_id, c.chunk_id, h.score, c.text, c.metadata) for c, h in zip(chunks, hits)], vector
+        sources = [Source(c.doc_id, c.chunk_id, h.score, c.text, c.metadata) for c, h in zip(chunks, hits)]
+        return Sources(sources, missing), vector
 
     async def embed(self, question: str, clock: StageClock) -> np.ndarray:
         """The question's unit vector, micro-batched with concurrent questions."""
@@ -88,10 +92,15 @@ class Retriever:
                 vectors[i] = v
         matrix = np.ascontiguousarray(np.stack(vectors), dtype=np.float32)
         t1 = time.perf_counter()
-        rows = self.index.search(matrix, max(k for _, k, _ in items))
+        k_most = max(k for _, k, _ in items)
+        marked = getattr(self.index, "search_marked", None)  # a sharded index: which shards answered
+        if marked is not None:
+            rows, missing = marked(matrix, k_most)
+        else:
+            rows, missing = self.index.search(matrix, k_most), ()
         t2 = time.perf_counter()
         embed_ms, search_ms = ((t1 - t0) * 1e3 if todo else 0.0), (t2 - t1) * 1e3
-        return [(row[:k], embed_ms if v is None else 0.0, search_ms, matrix[i])
+        return [(row[:k], embed_ms if v is None else 0.0, search_ms, matrix[i], missing)
                 for i, (row, (_, k, v)) in enumerate(zip(rows, items, strict=True))]
 
     def stats(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ragserve.errors import ShardUnavailableError
 from ragserve.retrieval.docstore import LazyDocStore
 from ragserve.retrieval.faiss_index import FaissIndex, as_queries
 from ragserve.types import Chunk, Hit
@@ -46,6 +47,9 @@ class ShardedIndex:
             raise ValueError(f"shards of different dimensions {sorted(dims)}")
         self.shards = list(shards)
         self.offsets = np.cumsum([0] + [s.ntotal for s in self.shards]).astype(np.int64)
+        self.names = [f"shard {i}" for i in range(len(self.shards))]
+        """The shards' names, in order: what ``search_marked`` reports as missing (the
+        fan-out over shard actors names them by their folders, ``shard-001``)."""
         workers = threads or min(len(self.shards), os.cpu_count() or 1)
         self._pool = (
             ThreadPoolExecutor(workers, thread_name_prefix="ragserve-shard")
@@ -75,27 +79,44 @@ class ShardedIndex:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits per query over every shard, best first, with global chunk ids (the
-        contract of ``FaissIndex.search``: ``k`` clamped, no padding, non-finite rows empty)."""
+        contract of ``FaissIndex.search``: ``k`` clamped, no padding, non-finite rows empty).
+        Whole or ``ShardUnavailableError``: a partial search is read with ``search_marked``."""
+        rows, missing = self.search_marked(queries, k)
+        if missing:
+            raise ShardUnavailableError(getattr(self, "path", ""), list(missing),
+                                        "a partial search is read with search_marked")
+        return rows
+
+    def search_marked(self, queries: np.ndarray, k: int) -> tuple[list[list[Hit]], tuple[str, ...]]:
+        """``search``, and the names of the shards that did not answer (only a fan-out that
+        allows partial answers returns any: ``fanout.RemoteShardedIndex``); their rows are
+        the other shards' merged top-k."""
         x = as_queries(queries, self.dim)
-        per_shard = self._fan_out(x, k, fill=False)
+        per_shard, gone = self._fan_out(x, k, fill=False)
         rows = [merge_top_k([r[q] for r in per_shard], self.offsets, k) for q in range(len(x))]
         # NOTE: a shard's approximate search may come back short of k (its probed lists are
         # small); only when the merged row is short too are the shards searched again
         # exhaustively, as one index does: at one nprobe the merged candidates are then
-        # one index's, not more.
-        want = min(k, self.ntotal)
+        # one index's, not more. Shards that did not answer hold no candidates.
+        want = min(k, self._present(gone))
         short = [q for q, row in enumerate(rows) if len(row) < want and np.isfinite(x[q]).all()]
         if short:
-            again = self._fan_out(x[short], k, fill=True)
+            again, also = self._fan_out(x[short], k, fill=True)
+            gone = gone | also
             for j, q in enumerate(short):
                 rows[q] = merge_top_k([r[j] for r in again], self.offsets, k)
-        return rows
+        return rows, tuple(self.names[i] for i in sorted(gone))
 
-    def _fan_out(self, x: np.ndarray, k: int, *, fill: bool) -> list[list[list[Hit]]]:
+    def _present(self, gone: set[int]) -> int:
+        return self.ntotal - sum(int(self.offsets[i + 1] - self.offsets[i]) for i in gone)
+
+    def _fan_out(self, x: np.ndarray, k: int, *, fill: bool) -> tuple[list[list[list[Hit]]], set[int]]:
+        """Per shard, per query: that shard's top-k (local ids); and the positions of the
+        shards that did not answer (their rows empty). In process every shard answers."""
         if self._pool is None:
-            return [s.search(x, k, fill=fill) for s in self.shards]
+            return [s.search(x, k, fill=fill) for s in self.shards], set()
         futures = [self._pool.submit(s.search, x, k, fill=fill) for s in self.shards[1:]]
-        return [self.shards[0].search(x, k, fill=fill)] + [f.result() for f in futures]
+        return [self.shards[0].search(x, k, fill=fill)] + [f.result() for f in futures], set()
 
     def close(self) -> None:
         if self._pool is not None:

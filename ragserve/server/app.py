@@ -29,7 +29,9 @@ from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
 from ragserve.server.auth import ApiKeys, KeyCheck, check_admin, load_admin_key
 from ragserve.server.common import (
+    PARTIAL_HEADER,
     Served,
+    answer_headers,
     charge_done,
     first_event,
     request_id,
@@ -133,16 +135,23 @@ def _native_routes(app: FastAPI, served: Served) -> None:
             first = await until_disconnected(request, first_event(events))
             frames = _native_sse(first, events, served, rid, tenant)
             return StreamingResponse(frames, media_type="text/event-stream",
-                                     headers={**sse.HEADERS, "X-Cache": first.cache_tier})
+                                     headers={**sse.HEADERS,
+                                              **answer_headers(first.cache_tier, first.missing_shards)})
         result = await until_disconnected(request, served.rag.aquery(req.question, **opts))
         await served.charge(tenant, result)
-        return json_response(result_json(result), headers={"X-Cache": result.cache_tier})
+        return json_response(result_json(result),
+                             headers=answer_headers(result.cache_tier, result.missing_shards))
 
     @app.post("/v1/retrieve", summary="Retrieval only: the top-k sources with scores, no LLM")
     async def retrieve(req: RetrieveRequest, request: Request) -> Response:
         await served.admit(served.tenant_of(request))  # a request like any other: it takes one
         sources = await until_disconnected(request, served.rag.aretrieve(req.question, req.top_k))
-        return json_response({"sources": [source_json(s) for s in sources], "request_id": request_id(request)})
+        out = {"sources": [source_json(s) for s in sources], "request_id": request_id(request)}
+        missing = getattr(sources, "missing_shards", ())
+        if missing:  # the other shards' top-k: said in the body and a header
+            out["missing_shards"] = list(missing)
+            return json_response(out, headers={PARTIAL_HEADER: ",".join(missing)})
+        return json_response(out)
 
     @app.get("/v1/stats", summary="The engine's stats(): per-stage latency, cache tiers, gauges")
     async def stats(request: Request) -> Response:
@@ -230,8 +239,10 @@ async def _native_sse(first: SourcesEvent, events: AsyncIterator[StreamEvent], s
     """``sources``, then ``token`` events (pieces that arrived together: one event, one
     write; see ``sse.py``), then ``done``."""
     try:
-        yield sse.frame({"sources": [source_json(s) for s in first.sources], "cache_tier": first.cache_tier},
-                        "sources")
+        head = {"sources": [source_json(s) for s in first.sources], "cache_tier": first.cache_tier}
+        if first.missing_shards:
+            head["missing_shards"] = list(first.missing_shards)
+        yield sse.frame(head, "sources")
         async with contextlib.aclosing(sse.batches(events)) as batches:
             async for batch in batches:
                 await charge_done(served, tenant, batch)

@@ -146,6 +146,19 @@ def result_json(r: QueryResult) -> dict[str, Any]:
     return d
 
 
+PARTIAL_HEADER = "X-Partial-Shards"
+"""On an answer (or a stream) grounded without some shards of a sharded index
+(``ray.allow_partial``): the missing shards' names, comma-separated."""
+
+
+def answer_headers(cache_tier: str, missing_shards: Any = ()) -> dict[str, str]:
+    """``X-Cache``, and ``X-Partial-Shards`` when shards are missing."""
+    headers = {"X-Cache": cache_tier}
+    if missing_shards:
+        headers[PARTIAL_HEADER] = ",".join(missing_shards)
+    return headers
+
+
 def source_json(s: Any) -> dict[str, Any]:
     return {"doc_id": s.doc_id, "chunk_id": s.chunk_id, "score": round(float(s.score), 6), "text": s.text,
             "metadata": s.metadata}

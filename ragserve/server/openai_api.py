@@ -34,6 +34,7 @@ from ragserve.errors import InputError, UnknownModelError
 from ragserve.server import sse
 from ragserve.server.common import (
     Served,
+    answer_headers,
     charge_done,
     first_event,
     request_id,
@@ -76,7 +77,8 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             frames = _chunks(first, events, cid, created, model, usage, served, rid, tenant)
             return StreamingResponse(frames, media_type="text/event-stream",
-                                     headers={**sse.HEADERS, "X-Cache": first.cache_tier})
+                                     headers={**sse.HEADERS,
+                                              **answer_headers(first.cache_tier, first.missing_shards)})
         r = await until_disconnected(request, served.rag.aquery(question, **opts))
         await served.charge(tenant, r)
         return json_response({
@@ -85,7 +87,7 @@ def add_openai_routes(app: FastAPI, served: Served) -> None:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.answer},
                          "finish_reason": _finish_reason(r), "logprobs": None}],
             "usage": _usage(r), "sources": [source_json(s) for s in r.sources], "ragserve": _extra(r),
-        }, headers={"X-Cache": r.cache_tier})
+        }, headers=answer_headers(r.cache_tier, r.missing_shards))
 
 
 def model_id(served: Served) -> str:
@@ -188,7 +190,10 @@ async def _chunks(first: SourcesEvent, events: AsyncIterator[StreamEvent], cid: 
                     yield chunk([], usage=_usage(r))
 
     try:
-        yield chunk([], sources=[source_json(s) for s in first.sources], ragserve={"cache_tier": first.cache_tier})
+        head: dict[str, Any] = {"cache_tier": first.cache_tier}
+        if first.missing_shards:
+            head["missing_shards"] = list(first.missing_shards)
+        yield chunk([], sources=[source_json(s) for s in first.sources], ragserve=head)
         yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async with aclosing(sse.batches(events)) as batches:  # pieces that arrived together: one chunk
             async for batch in batches:
@@ -227,5 +232,8 @@ def _usage(r: QueryResult) -> dict[str, int]:
 
 
 def _extra(r: QueryResult) -> dict[str, Any]:
-    return {"cache_tier": r.cache_tier, "timings": r.timings.as_dict(), "index_fingerprint": r.index_fingerprint,
-            "request_id": r.request_id}
+    extra = {"cache_tier": r.cache_tier, "timings": r.timings.as_dict(),
+             "index_fingerprint": r.index_fingerprint, "request_id": r.request_id}
+    if r.missing_shards:  # grounded without these shards (ray.allow_partial)
+        extra["missing_shards"] = list(r.missing_shards)
+    return extra

@@ -9,6 +9,7 @@ names are those of ``Timings``:
 | ``ragserve_stage_duration_seconds`` | histogram | ``stage`` (``embed``, ``generate``, ..., ``total``) |
 | ``ragserve_requests_total`` | counter | ``outcome`` (``ok``, ``error``, ``timeout``, ``cancelled``, ``overloaded``, ``invalid``) |
 | ``ragserve_answers_total`` | counter | ``cache_tier`` (``l1``, ``l2``, ``miss``) |
+| ``ragserve_partial_answers_total`` | counter | (answers without some shards: ``ray.allow_partial``) |
 | ``ragserve_errors_total`` | counter | ``type`` (the error class) |
 | ``ragserve_admission_rejections_total`` | counter | |
 | ``ragserve_generated_tokens_total`` / ``ragserve_prompt_tokens_total`` | counter | (each generation once) |
@@ -74,6 +75,9 @@ class PrometheusExporter:
         self.requests = Counter("ragserve_requests", "Requests by outcome", ["outcome"], registry=r)
         self.answers = Counter("ragserve_answers", "Answered requests by the cache tier that answered",
                                ["cache_tier"], registry=r)
+        self.partial = Counter("ragserve_partial_answers",
+                               "Answers grounded without some shards of a sharded index (ray.allow_partial)",
+                               registry=r)
         self.errors = Counter("ragserve_errors", "Failed requests by error type", ["type"], registry=r)
         self.rejections = Counter("ragserve_admission_rejections", "Requests refused at admission (429)",
                                   registry=r)
@@ -95,6 +99,8 @@ class PrometheusExporter:
             self.stages.labels(stage).observe(ms / 1e3, exemplar)
         self.requests.labels("ok").inc()
         self.answers.labels(result.cache_tier).inc()
+        if result.missing_shards:
+            self.partial.inc()
         if result.cache_tier == "semantic" and result.semantic_similarity is not None:
             self.semantic_similarity.observe(result.semantic_similarity)
 

@@ -18,6 +18,10 @@ Faults, per group:
   only while another copy of its group is in.
 - When no copy of a group answers, the search raises ``ShardUnavailableError`` naming its
   shards (HTTP 503 with ``Retry-After``): never the other shards' top-k as if whole.
+  With ``ray.allow_partial`` it answers from the groups that answered instead, and
+  ``search_marked`` names the missing shards: the retriever's ``Sources`` carry them to
+  the ``QueryResult`` (``missing_shards``), which is then never cached. A search that no
+  group answers is the 503 either way.
 
 The search runs on the retriever's executor thread (``retrieval/retriever.py``), so the
 blocking ``ray.get`` here never holds an event loop.
@@ -103,7 +107,8 @@ class RemoteShardedIndex(ShardedIndex):
     ``table``: the supervisor's ``table(folder)`` (groups of shard names and their copies'
     actor handles); ``supervisor``: its handle, asked again for a copy gone for good."""
 
-    def __init__(self, top: Any, table: dict[str, Any], supervisor: Any, *, timeout_s: float) -> None:
+    def __init__(self, top: Any, table: dict[str, Any], supervisor: Any, *, timeout_s: float,
+                 allow_partial: bool = False) -> None:
         from ragserve.index.shards import shard_entries
         from ragserve.retrieval.index_spec import IndexSpec
 
@@ -117,18 +122,25 @@ class RemoteShardedIndex(ShardedIndex):
         params = table.get("search_params") or {}
         shapes = [_Shape(e.chunks, top.dim, spec, spec.index_type, params) for e in entries]
         super().__init__(shapes, threads=1)
+        self.names = [e.name for e in entries]
         self.path = top.folder
+        self.allow_partial = allow_partial
+        self._first = np.cumsum([0] + [len(g.names) for g in self.groups])
+        """Each group's first shard position."""
         self.supervisor = supervisor
         self.timeout_s = timeout_s
         self.failovers = 0
+        self.partial = 0
+        """Searches answered without some shards (``allow_partial``)."""
         self._stop = threading.Event()
         self._prober = threading.Thread(target=self._probe_forever, name="ragserve-shard-probe", daemon=True)
         self._prober.start()
 
     # -- the fan-out -----------------------------------------------------------------
 
-    def _fan_out(self, x: np.ndarray, k: int, *, fill: bool) -> list[list[list[Hit]]]:
-        """Per shard, per query: that shard's top-k (local ids), from one copy of each group."""
+    def _fan_out(self, x: np.ndarray, k: int, *, fill: bool) -> tuple[list[list[list[Hit]]], set[int]]:
+        """Per shard, per query: that shard's top-k (local ids), from one copy of each group;
+        and (``allow_partial``) the positions of the shards no copy answered for."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -138,8 +150,9 @@ class RemoteShardedIndex(ShardedIndex):
             calls.append((group, r, None if r is None else group.actors[r].search.remote(x, k, fill)))
         rows: list[list[list[Hit]]] = []
         missing: list[str] = []
+        gone: set[int] = set()
         why = "no copy is up"
-        for group, r, ref in calls:
+        for g, (group, r, ref) in enumerate(calls):
             tried = set() if r is None else {r}
             started = time.monotonic()
             got = None
@@ -162,11 +175,15 @@ class RemoteShardedIndex(ShardedIndex):
                     ref, started = group.actors[r].search.remote(x, k, fill), time.monotonic()
             if got is None:
                 missing.extend(group.names)
+                gone.update(range(self._first[g], self._first[g + 1]))
+                rows.extend([[] for _ in range(len(x))] for _ in group.names)
                 continue
             rows.extend([[Hit(i, s) for i, s in row] for row in shard] for shard in got)
-        if missing:
+        if missing and (not self.allow_partial or len(gone) == len(self.names)):
             raise ShardUnavailableError(self.path, missing, why)
-        return rows
+        if missing:
+            self.partial += 1  # the copies' going down is logged once, by ``_Group.down``
+        return rows, gone
 
     # -- copies coming back ------------------------------------------------------------
 
@@ -225,6 +242,7 @@ def shard_opener(supervisor: Any, config: Any) -> Any:
         from ragserve.ray.serve.shards import resolved
 
         table = supervisor.table.remote(resolved(top.folder)).result()
-        return RemoteShardedIndex(top, table, supervisor, timeout_s=config.ray.shard_timeout_s)
+        return RemoteShardedIndex(top, table, supervisor, timeout_s=config.ray.shard_timeout_s,
+                                  allow_partial=config.ray.allow_partial)
 
     return open_remote

@@ -14,6 +14,7 @@ records the same series there. Ray prefixes them with ``ray_``:
 | ``ray_ragserve_stage_duration_seconds`` | histogram | ``stage`` |
 | ``ray_ragserve_requests_total`` | counter | ``outcome`` |
 | ``ray_ragserve_answers_total`` | counter | ``cache_tier`` |
+| ``ray_ragserve_partial_answers_total`` | counter | (answers without some shards: ``ray.allow_partial``) |
 | ``ray_ragserve_errors_total`` | counter | ``type`` |
 | ``ray_ragserve_admission_rejections_total`` | counter | |
 | ``ray_ragserve_generated_tokens_total``, ``ray_ragserve_prompt_tokens_total`` | counter | |
@@ -42,6 +43,8 @@ class RayMetrics:
         self.requests = metrics.Counter("ragserve_requests", "Requests by outcome", tag_keys=("outcome",))
         self.answers = metrics.Counter("ragserve_answers", "Answered requests by the cache tier that answered",
                                        tag_keys=("cache_tier",))
+        self.partial = metrics.Counter("ragserve_partial_answers",
+                                       "Answers without some shards of a sharded index (ray.allow_partial)")
         self.errors = metrics.Counter("ragserve_errors", "Failed requests by error type", tag_keys=("type",))
         self.rejections = metrics.Counter("ragserve_admission_rejections", "Requests refused at admission (429)")
         self.completion_tokens = metrics.Counter("ragserve_generated_tokens", "Tokens generated (each run once)")
@@ -53,6 +56,8 @@ class RayMetrics:
             self.stages.observe(ms / 1e3, tags={"stage": stage})
         self.requests.inc(tags={"outcome": "ok"})
         self.answers.inc(tags={"cache_tier": result.cache_tier})
+        if result.missing_shards:
+            self.partial.inc()
 
     def on_generation(self, result: Any) -> None:
         usage = result.usage
