@@ -8,7 +8,7 @@ import pytest
 
 from ragserve.errors import BatchInputError
 from ragserve.jobs.batch import answered_ids, read_questions, run_batch
-from ragserve.testing.fakes import FakeGenerator, fake_rag
+from ragserve.testing.fakes import FakeGenerator, fake_rag, opening
 
 
 def write_questions(path, n, poison_at=None):
@@ -105,18 +105,10 @@ def test_cli_batch_opens_the_engine_and_exits_2_when_a_question_failed(fake_rag,
     from typer.testing import CliRunner
 
     from ragserve.cli import main as cli
-    from ragserve.rag import RAG
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     write_questions(questions, 5, poison_at=2)  # the fixture's generator fails on "poison"
-    opened = []
-
-    @contextlib.contextmanager
-    def this_rag(path, cfg=None):
-        opened.append(str(path))
-        yield fake_rag
-
-    monkeypatch.setattr(RAG, "from_index", this_rag)
+    opened = opening(monkeypatch, fake_rag)
     result = CliRunner().invoke(cli.app, ["batch", "some-index", str(questions), "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert "done 4, failed 1, skipped 0" in result.output and opened == ["some-index"]

@@ -13,7 +13,7 @@ from ragserve.config import RAGConfig
 from ragserve.engine.models import route_signal
 from ragserve.errors import ConfigError
 from ragserve.server.app import create_app
-from ragserve.testing.fakes import FakeGenerator, WordsEmbedder, fake_rag
+from ragserve.testing.fakes import FakeGenerator, WordsEmbedder, fake_rag, opening
 from ragserve.testing.http import running
 from ragserve.testing.waits import HTTP_TIMEOUT_S, aeventually
 
@@ -232,24 +232,15 @@ MODELS_TOML = '[models]\ndefault = "small"\n[models.small]\nmax_tokens = 16\n[mo
 def cli_rag(tmp_path, monkeypatch):
     """(invoke, rag, gens, opened): ``ragserve ...`` in process with ``--config`` naming the
     two models, over the two-model fake RAG in place of ``RAG.from_index``."""
-    import contextlib
 
     from typer.testing import CliRunner
 
     from ragserve.cli import main as cli
-    from ragserve.rag import RAG
 
     rag, gens = two_models(tmp_path / "index")
     config = tmp_path / "ragserve.toml"
     config.write_text(MODELS_TOML)
-    opened = []
-
-    @contextlib.contextmanager
-    def this_rag(path, cfg=None):
-        opened.append(str(path))
-        yield rag
-
-    monkeypatch.setattr(RAG, "from_index", this_rag)
+    opened = opening(monkeypatch, rag)
 
     def invoke(*args):
         return CliRunner().invoke(cli.app, [*map(str, args), "--config", str(config)])

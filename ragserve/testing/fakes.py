@@ -179,3 +179,20 @@ def fake_rag(folder: Path, generator: Any = None, *, embedder: Any = None, confi
     return RAG(manifest, index, LazyDocStore(folder), embedder or FakeEmbedder(),
                generator or (None if generators else FakeGenerator()), config or RAGConfig().replace(**sections),
                generators=generators)
+
+
+def opening(monkeypatch: Any, rag: RAG) -> list[str]:
+    """Make ``RAG.from_index`` give ``rag`` whatever path it is asked for (a CLI test's
+    stand-in for an index on disk, through pytest's ``monkeypatch``); returns the list of
+    the paths asked for, filled as commands open them."""
+    import contextlib
+
+    opened: list[str] = []
+
+    @contextlib.contextmanager
+    def this_rag(path: Any, cfg: Any = None) -> Any:
+        opened.append(str(path))
+        yield rag
+
+    monkeypatch.setattr(RAG, "from_index", this_rag)
+    return opened
