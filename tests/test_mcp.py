@@ -84,12 +84,13 @@ def test_both_tools_are_listed_and_answer_what_v1_answers(served, mode, request)
         assert schema["required"] == ["question"] and tool.annotations.read_only_hint
         top_k = schema["properties"]["top_k"]
         assert top_k["minimum"] == 1 and top_k["maximum"] == 100
-    assert set(tools["retrieve"].output_schema["properties"]) == {"sources"}
+    assert set(tools["retrieve"].output_schema["properties"]) == {"sources", "missing_shards"}
     assert {"answer", "sources", "cache_tier", "model"} <= set(tools["answer"].output_schema["properties"])
     # retrieve: the sources /v1/retrieve gives, with scores and doc ids
     assert not retrieved.is_error
     native = post(f"{url}/v1/retrieve", json={"question": "chunk number 3", "top_k": 2}).json()["sources"]
     assert retrieved.structured_content["sources"] == native and len(native) == 2
+    assert retrieved.structured_content["missing_shards"] == []  # whole
     assert json.loads(retrieved.content[0].text) == retrieved.structured_content
     # answer: generated once, through the engine's cache: /v1 then reads the same answer from L1
     a = answered.structured_content
@@ -146,6 +147,36 @@ def test_an_overloaded_engine_is_a_tool_error_and_the_call_in_flight_finishes(tm
     assert refused.content[0].text.startswith("Error executing tool answer: OverloadedError")
     assert "retry" in refused.content[0].text
     assert not first.is_error and first.structured_content["answer"]
+
+
+def test_both_tools_name_the_shards_a_partial_result_lacks(served, monkeypatch):
+    """A sharded index under ``ray.allow_partial`` (tests/test_partial_shards.py makes the real
+    ones): the tools pass the mark on, so an assistant is never handed a partial result as whole."""
+    from ragserve.types import Sources
+
+    url, rag = served
+    retrieve, query = rag.aretrieve, rag.aquery
+
+    async def partial_retrieve(*args, **kwargs):
+        return Sources(await retrieve(*args, **kwargs), ("shard-001",))
+
+    async def partial_query(*args, **kwargs):
+        result = await query(*args, **kwargs)
+        result.missing_shards = ["shard-001"]
+        return result
+
+    monkeypatch.setattr(rag, "aretrieve", partial_retrieve)
+    monkeypatch.setattr(rag, "aquery", partial_query)
+
+    async def session():
+        async with mcp(url) as c:
+            return (await c.call_tool("retrieve", {"question": "chunk number 3"}),
+                    await c.call_tool("answer", {"question": "chunk number 3"}))
+
+    retrieved, answered = asyncio.run(session())
+    assert not retrieved.is_error and retrieved.structured_content["missing_shards"] == ["shard-001"]
+    assert retrieved.structured_content["sources"]
+    assert not answered.is_error and answered.structured_content["missing_shards"] == ["shard-001"]
 
 
 def test_answer_takes_a_model_and_an_unknown_one_is_a_tool_error_naming_it(tmp_path):

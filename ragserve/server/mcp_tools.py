@@ -51,10 +51,15 @@ class ToolSource(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+_MISSING = ("Shards of a sharded index that did not answer the search: the sources are the other shards' "
+            "best only, so the result is partial. Empty: whole.")
+
+
 class Retrieval(BaseModel):
     """What ``retrieve`` returns."""
 
     sources: list[ToolSource] = Field(description="The top-k chunks, best first.")
+    missing_shards: list[str] = Field(default_factory=list, description=_MISSING)
 
 
 class Answer(BaseModel):
@@ -68,6 +73,7 @@ class Answer(BaseModel):
     request_id: str
     timings_ms: dict[str, float] = Field(description="Milliseconds per stage (embed, search, generate, "
                                                      "total...).")
+    missing_shards: list[str] = Field(default_factory=list, description=_MISSING)
 
 
 Question = Annotated[str, Field(description="The question, in natural language.")]
@@ -100,7 +106,8 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
         """The passages of the indexed collection most relevant to a question, best first,
         with their similarity scores and document ids. No text is generated."""
         sources = await _call(ctx, "retrieve", rag_of().aretrieve(question, top_k))
-        return tool_result({"sources": [source_json(s) for s in sources]})
+        return tool_result({"sources": [source_json(s) for s in sources],
+                            "missing_shards": list(getattr(sources, "missing_shards", ()))})
 
     async def answer(question: Question, ctx: Context, top_k: TopK = None,
                      model: ModelName = None) -> Annotated[CallToolResult, Answer]:
@@ -112,7 +119,7 @@ def build_mcp(rag_of: Callable[[], Any], *, tenant_of: TenantOf | None = None,
                                                        top_k=top_k, model=model))
         return tool_result({"answer": r.answer, "sources": [source_json(s) for s in r.sources],
                             "cache_tier": r.cache_tier, "model": r.model, "request_id": r.request_id,
-                            "timings_ms": r.timings.as_dict()})
+                            "timings_ms": r.timings.as_dict(), "missing_shards": list(r.missing_shards)})
 
     tools = [_tool(retrieve, "Retrieve passages", read_only),
              _tool(answer, "Answer from the collection", read_only)]
