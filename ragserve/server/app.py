@@ -29,11 +29,11 @@ from ragserve.errors import IndexError_, RagserveError
 from ragserve.server import sse
 from ragserve.server.auth import ApiKeys, KeyCheck, check_admin, load_admin_key
 from ragserve.server.common import (
-    PARTIAL_HEADER,
     Served,
     answer_headers,
     charge_done,
     first_event,
+    partial_headers,
     request_id,
     result_json,
     source_json,
@@ -150,8 +150,7 @@ def _native_routes(app: FastAPI, served: Served) -> None:
         missing = getattr(sources, "missing_shards", ())
         if missing:  # the other shards' top-k: said in the body and a header
             out["missing_shards"] = list(missing)
-            return json_response(out, headers={PARTIAL_HEADER: ",".join(missing)})
-        return json_response(out)
+        return json_response(out, headers=partial_headers(missing))
 
     @app.get("/v1/stats", summary="The engine's stats(): per-stage latency, cache tiers, gauges")
     async def stats(request: Request) -> Response:

@@ -151,12 +151,14 @@ PARTIAL_HEADER = "X-Partial-Shards"
 (``ray.allow_partial``): the missing shards' names, comma-separated."""
 
 
+def partial_headers(missing_shards: Any = ()) -> dict[str, str]:
+    """``X-Partial-Shards`` when shards are missing, else nothing."""
+    return {PARTIAL_HEADER: ",".join(missing_shards)} if missing_shards else {}
+
+
 def answer_headers(cache_tier: str, missing_shards: Any = ()) -> dict[str, str]:
     """``X-Cache``, and ``X-Partial-Shards`` when shards are missing."""
-    headers = {"X-Cache": cache_tier}
-    if missing_shards:
-        headers[PARTIAL_HEADER] = ",".join(missing_shards)
-    return headers
+    return {"X-Cache": cache_tier, **partial_headers(missing_shards)}
 
 
 def source_json(s: Any) -> dict[str, Any]:

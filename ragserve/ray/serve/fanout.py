@@ -130,8 +130,6 @@ class RemoteShardedIndex(ShardedIndex):
         self.supervisor = supervisor
         self.timeout_s = timeout_s
         self.failovers = 0
-        self.partial = 0
-        """Searches answered without some shards (``allow_partial``)."""
         self._stop = threading.Event()
         self._prober = threading.Thread(target=self._probe_forever, name="ragserve-shard-probe", daemon=True)
         self._prober.start()
@@ -181,9 +179,7 @@ class RemoteShardedIndex(ShardedIndex):
             rows.extend([[Hit(i, s) for i, s in row] for row in shard] for shard in got)
         if missing and (not self.allow_partial or len(gone) == len(self.names)):
             raise ShardUnavailableError(self.path, missing, why)
-        if missing:
-            self.partial += 1  # the copies' going down is logged once, by ``_Group.down``
-        return rows, gone
+        return rows, gone  # partial answers are counted per request (``Requests``, metrics)
 
     # -- copies coming back ------------------------------------------------------------
 

@@ -71,8 +71,6 @@ class GeneratorServer:
             self.generators = {"": generator}
             self.backends = {"": cfg.generate.backend}
         self.first = next(iter(self.generators))
-        self.generator = self.generators[self.first]
-        self.backend = self.backends[self.first]
         self.tracing = None  # this replica's own spans, when [telemetry] turns tracing on
         if trace_export(cfg.telemetry) != "off":
             from ragserve.observe.traces import make_tracing
@@ -104,6 +102,11 @@ class GeneratorServer:
         except Exception:
             self.failed += 1
             raise
+
+    @property
+    def generator(self) -> Any:
+        """The first (without ``[models]``, the only) model's generator."""
+        return self.generators[self.first]
 
     def _model(self, model: str) -> Any:
         """The generator of ``model`` ("": the first); a name this deployment does not
@@ -176,7 +179,6 @@ class GeneratorServer:
         """Serve calls this when it stops the replica: stop the engines (or close the pools);
         a model sharing another's engine leaves it to its owner."""
         generators, self.generators = getattr(self, "generators", None) or {}, {}
-        self.generator = None
         for generator in generators.values():
             aclose = getattr(generator, "aclose", None)
             if aclose is not None:
