@@ -48,13 +48,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import logging
-import resource
 import socket
 import struct
 import termios
 import time
-from collections import Counter
 from typing import Any
 
 import httptools
@@ -62,21 +59,13 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ragserve.config import ServerConfig
+from ragserve.server.connections import REASONS, ConnectionGuard, fit_descriptors
 from ragserve.server.httperrors import HTTPError, body, response
 from ragserve.server.middleware import OPS_PATHS
 
-log = logging.getLogger("ragserve.server")
-LOG_EVERY_S = 60.0
-"""Refusals are logged as counts, at most once a minute: an attack must not flood the log."""
 LINGER_S = 2.0
 """How long a refused connection is read and discarded before it is closed."""
-SPARE_DESCRIPTORS = 256
-"""Descriptors kept beside ``max_connections`` for files, Redis, the engine, logs."""
 _OPS = frozenset(p.encode() for p in OPS_PATHS)
-REASONS = ("headers_too_large", "header_timeout", "body_timeout", "invalid_request", "idle_closed", "evicted",
-           "refused_full", "refused_busy", "send_timeout")
-"""Why a limit refused or ended a connection: the ``reason`` label of
-``ragserve_http_refusals_total``, never anything the client sent."""
 _TCPI_BYTES_ACKED = 120
 """Offset of ``tcpi_bytes_acked`` (u64) in Linux's ``struct tcp_info`` (since 4.1)."""
 
@@ -91,58 +80,6 @@ def _raw(status: int, reason: str, type_: str, message: str) -> bytes:
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n"
             f"connection: close\r\n\r\n")
     return head.encode("ascii") + data
-
-
-class ConnectionGuard:
-    """The connections of one server: how many are open, which have no request in
-    progress (``idle``, oldest first: the ones closed to make room), and what was refused
-    (``counts``, by reason)."""
-
-    def __init__(self, s: ServerConfig, max_connections: int) -> None:
-        self.s = s
-        self.max_connections = max_connections
-        self.live: set[LimitedProtocol] = set()
-        self.idle: dict[LimitedProtocol, None] = {}  # insertion-ordered: the oldest first
-        self.counts: Counter[str] = Counter()
-        self._window: Counter[str] = Counter()
-        self._logged = 0.0
-
-    def admit(self, conn: LimitedProtocol) -> bool:
-        if len(self.live) >= self.max_connections:
-            victim = next(iter(self.idle), None)
-            if victim is None:
-                self.note("refused_full")
-                return False
-            self.note("evicted")
-            victim.close_now()
-        self.live.add(conn)
-        self.idle[conn] = None
-        return True
-
-    def busy(self, conn: LimitedProtocol) -> bool:
-        """``conn`` starts a request: False if only the probes' reserve is left."""
-        self.idle.pop(conn, None)
-        return len(self.live) - len(self.idle) <= self.max_connections - self.s.ops_connections
-
-    def rest(self, conn: LimitedProtocol) -> None:
-        if conn in self.live:
-            self.idle[conn] = None
-
-    def forget(self, conn: LimitedProtocol) -> None:
-        self.live.discard(conn)
-        self.idle.pop(conn, None)
-
-    def note(self, reason: str) -> None:
-        """Count a refusal; at most once a minute, a warning with the counts since the last."""
-        assert reason in REASONS, reason
-        self.counts[reason] += 1
-        self._window[reason] += 1
-        now = time.monotonic()
-        if now - self._logged >= LOG_EVERY_S:
-            summary = ", ".join(f"{n} {r}" for r, n in sorted(self._window.items()))
-            log.warning("connection limits (server.*) since the last report: %s", summary)
-            self._window.clear()
-            self._logged = now
 
 
 class LimitedProtocol(HttpToolsProtocol):
@@ -467,26 +404,6 @@ def uvicorn_options(s: ServerConfig, app: Any = None) -> dict[str, Any]:
     if served is not None:
         served.connections = protocol.guard
     return {"http": protocol, "ws": "none", "timeout_keep_alive": s.keepalive_timeout_s}
-
-
-def fit_descriptors(wanted: int) -> int:
-    """``wanted`` connections, the process's descriptor limit raised to fit them (up to its
-    hard limit); if it cannot be, as many as fit, with a warning."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + SPARE_DESCRIPTORS
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    if soft != resource.RLIM_INFINITY and soft < need:
-        fit = max(2, soft - SPARE_DESCRIPTORS)
-        log.warning("server.max_connections=%d does not fit the descriptor limit (%d; hard %d): using %d",
-                    wanted, soft, hard, fit)
-        return fit
-    return wanted
 
 
 __all__ = ["REASONS", "ConnectionGuard", "LimitedProtocol", "limited_protocol", "uvicorn_options"]
