@@ -115,14 +115,20 @@ def rag(xquad_index):
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the session's ``ray`` tests (Ray Data builds, Ray Serve),
-    started here and shut down at the end: two CPUs, no dashboard, logs in a temp folder."""
+    started here and shut down at the end: two CPUs, no dashboard, logs in a temp folder.
+    Started as ragserve starts its own, so a killed test session leaves no cluster behind."""
     ray = pytest.importorskip("ray", reason="ray[serve] is in the CPU lock; run `make setup`")
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                   _temp_dir=str(tmp_path_factory.mktemp("ray")), namespace="ragserve-tests")
+    from ragserve.ray.cluster import start_local
+
+    reaper = start_local(ray, num_cpus=2, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=str(tmp_path_factory.mktemp("ray")), namespace="ragserve-tests")
     try:
-        yield ctx
+        yield ray.get_runtime_context()
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            reaper.done()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ragserve.testing.processes import marked, serve_ray
-from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, eventually
+from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.http, pytest.mark.redis]
 
@@ -56,3 +56,32 @@ def test_sigint_to_the_group_while_deploying_exits_0_and_leaves_nothing(xquad_in
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal: the whole foreground group
         stopped_cleanly(proc, log, marker)
         assert "SIGINT while deploying" in log.read_text(errors="replace")
+
+
+def test_sigkill_of_the_command_while_serving_with_2_replicas_leaves_nothing(xquad_index, tmp_path):
+    """``kill -9`` of the command alone (the OOM killer, a supervisor's last resort): nothing
+    runs in it, Ray's GCS and raylet fate-share with it, and its reaper (``ray/reaper.py``)
+    ends the rest. Without the reaper the raylet's two agents stayed about 60 s."""
+    with serve_ray(xquad_index, tmp_path, replicas=2) as (proc, ready, log, marker):
+        eventually(lambda: ready.is_file() or proc.poll() is not None, START_S, 0.2,
+                   "the application to be up")
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        eventually(lambda: any("DashboardAgent" in _name(p) for p in marked(marker)), CLUSTER_WAIT_S, 0.2,
+                   "the raylet's agents to be up")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
+        eventually(lambda: _none_left(marker), WAIT_S, 0.2, "every process the command started to end",
+                   ignore=(AssertionError,))
+
+
+def _none_left(marker: str) -> bool:
+    left = marked(marker)
+    assert not left, [(pid, _name(pid)[:80]) for pid in left]
+    return True
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

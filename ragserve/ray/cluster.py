@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from ragserve.errors import ClusterError, ConfigError
+from ragserve.ray.reaper import LocalClusterReaper
 
 INSTALL_HINT = "`pip install ragserve[ray]`"
 PROBE_TIMEOUT_S = 5.0
@@ -130,11 +131,15 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
                                f"not {address}")
         yield _info(ray, "this process's connection", 0.0)
         return
-    how = _connect(ray, address, num_cpus)
+    how, reaper = _connect(ray, address, num_cpus)
     try:
         yield _info(ray, how, time.perf_counter() - t)
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            if reaper is not None:
+                reaper.done()
 
 
 @contextmanager
@@ -157,15 +162,27 @@ def group_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
+def start_local(ray: ModuleType, **kwargs: Any) -> LocalClusterReaper:
+    """``ray.init(address="local", **kwargs)``, with the cluster's processes holding group
+    signals (``group_signals_held``) and bound to this process by a reaper (``reaper.py``):
+    call its ``done()`` after ``ray.shutdown()``."""
+    reaper = LocalClusterReaper.start()
+    try:
+        with group_signals_held(), reaper.marking():
+            ray.init(address="local", **kwargs)
+    except BaseException:
+        reaper.done()
+        raise
+    return reaper
+
+
+def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> tuple[str, LocalClusterReaper | None]:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or _started_by_ray_start()
     if address in (None, "local"):
-        with group_signals_held():
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(),
-                     **quiet)
-        return "started locally"
+        reaper = start_local(ray, num_cpus=num_cpus, include_dashboard=False, runtime_env=_this_ragserve(), **quiet)
+        return "started locally", reaper
     if address != "auto":
         probe(address)
     try:
@@ -175,7 +192,7 @@ def _connect(ray: ModuleType, address: str | None, num_cpus: int | None) -> str:
     except ValueError as e:
         raise ClusterError(f"--ray-address or ray.address {address!r}: {e} (give HOST:PORT, "
                            "ray://HOST:PORT, auto or local)") from None
-    return "connected"
+    return "connected", None
 
 
 def _started_by_ray_start() -> str | None:

@@ -15,11 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ragserve.ray.reaper import ClusterTree
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
 from ragserve.testing.redis import redis_server
@@ -27,33 +29,44 @@ from ragserve.testing.redis import redis_server
 MARKER_ENV = "RAGSERVE_TEST_MARKER"
 
 
+_trees: dict[str, ClusterTree] = {}
+"""The process tree of each command ``serve_ray`` runs, recorded while it runs."""
+RECORD_S = 0.2
+
+
 def marked(marker: str) -> list[int]:
-    """Live processes whose environment carries ``marker``: the command and everything it
-    started, whatever their process group or session (Ray's own processes make their own)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if needle not in (p / "environ").read_bytes().split(b"\0"):
-                continue
-            if (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(p.name))
-        except (OSError, IndexError):  # ended meanwhile, or not ours to read
-            continue
-    return found
+    """Live processes the command carrying ``marker`` started: those whose environment
+    carries it and their descendants, whatever their process group or session (Ray's own
+    processes make their own). Ray's agents blank their environment when they retitle
+    themselves, so ``serve_ray`` records the tree while the command runs
+    (``ray.reaper.ClusterTree``); a descendant whose parent ended is known from that record."""
+    tree = _trees.get(marker) or ClusterTree(MARKER_ENV, marker)
+    tree.update()
+    return sorted(tree.members)
 
 
 def kill_marked(marker: str) -> int:
-    """SIGKILL whatever still carries ``marker``; how many there were."""
-    pids = marked(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
+    """SIGKILL whatever ``marked`` finds, until none is left; how many there were."""
+    return (_trees.get(marker) or ClusterTree(MARKER_ENV, marker)).kill()
+
+
+@contextmanager
+def _recorded(marker: str) -> Iterator[None]:
+    tree = _trees[marker] = ClusterTree(MARKER_ENV, marker)
+    stop = threading.Event()
+
+    def record() -> None:
+        while not stop.wait(RECORD_S):
+            tree.update()
+
+    thread = threading.Thread(target=record, name=f"record-{marker[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        _trees.pop(marker, None)
 
 
 @contextmanager
@@ -78,10 +91,11 @@ def serve_ray(index: Path, folder: Path, replicas: int) -> Iterator[tuple[subpro
                 [sys.executable, "-m", "ragserve.cli", "serve", str(index), "--ray", "--replicas",
                  str(replicas), "--redis-url", redis.url, "--port", "0", "--ready-file", str(ready)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc, ready, log, marker
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            kill_marked(marker)
+        with _recorded(marker):
+            try:
+                yield proc, ready, log, marker
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                kill_marked(marker)

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ragserve.ray.reaper import LocalClusterReaper
+
 log = logging.getLogger("ragserve.server")
 
 
@@ -46,9 +48,9 @@ def serve_on_ray(index: str | Path, config: Any, *, ready_file: Path | None = No
     say = printer or log.warning
     require_shared_l2(config)  # before minutes of cluster and engine start-up
     r = config.ray
-    started = False
+    started, reaper = False, None
     if not ray.is_initialized():
-        started = _connect(r)
+        started, reaper = _connect(r)
     stop = _Stop()
     try:
         _stop_on_signals(stop)
@@ -65,9 +67,13 @@ def serve_on_ray(index: str | Path, config: Any, *, ready_file: Path | None = No
         except _Interrupted:  # a second signal during the drain: stop waiting for it
             say("stopping without waiting for the drain")
             _quietly(serve.delete, r.app_name, _blocking=False)
-        if started:
-            _quietly(serve.shutdown)
-            ray.shutdown()
+        try:
+            if started:
+                _quietly(serve.shutdown)
+                ray.shutdown()
+        finally:
+            if reaper is not None:
+                reaper.done()
     log.info("ragserve (Ray) stopped")
 
 
@@ -113,8 +119,9 @@ def _deploy_and_serve(index: str | Path, config: Any, stop: _Stop, ready_file: P
         f"{s.drain_grace_s:g} s)")
 
 
-def _connect(r: Any) -> bool:
-    """``ray.init`` for ``ray.address``; True when it started a local cluster."""
+def _connect(r: Any) -> tuple[bool, LocalClusterReaper | None]:
+    """``ray.init`` for ``ray.address``; whether it started a local cluster, and that
+    cluster's reaper (``ragserve/ray/reaper.py``)."""
     import ray
 
     address = r.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -125,13 +132,12 @@ def _connect(r: Any) -> bool:
     elif address != "auto":
         _token_auth_if_available()
     if address == "local":
-        from ragserve.ray.cluster import group_signals_held
+        from ragserve.ray.cluster import start_local
 
-        with group_signals_held():  # a signal to the whole group stops the cluster in order, after the app
-            ray.init(address=address, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
-    return address == "local"
+        # a signal to the whole group stops the cluster in order, after the app; a SIGKILL reaps it
+        return True, start_local(ray, **kwargs)
+    ray.init(address=address, **kwargs)
+    return False, None
 
 
 def _token_auth_if_available() -> None:
