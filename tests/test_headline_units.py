@@ -6,7 +6,14 @@ from collections import Counter
 
 import pytest
 
-from ragserve.profiling.workload import poisson_arrivals, zipf_days, zipf_stream
+from ragserve.eval.paraphrases import rewrites
+from ragserve.profiling.workload import (
+    paraphrase_repeats,
+    poisson_arrivals,
+    repeat_ceiling,
+    zipf_days,
+    zipf_stream,
+)
 
 from .conftest import load_benchmark
 
@@ -34,6 +41,38 @@ def test_poisson_arrivals_keep_the_rate_and_start_at_zero():
     assert 4000 / times[-1] == pytest.approx(20.0, rel=0.1)
     with pytest.raises(ValueError, match="rate"):
         poisson_arrivals(3, 0)
+
+
+def test_paraphrased_repeats_reword_about_p_of_the_repeats_and_never_a_first_ask():
+    questions = {i: f"What is the name of thing {i}?" for i in range(40)}
+    stream = zipf_stream(list(questions), 3000, s=1.1, seed=1)
+    asked = paraphrase_repeats(stream, 0.3, questions.__getitem__, seed=1)
+    assert [i for i, _ in asked] == stream  # the draws are the stream's, in order
+    seen, repeats, reworded = set(), 0, 0
+    for i, text in asked:
+        if i not in seen:
+            assert text == questions[i]  # a first ask is the question itself
+        else:
+            repeats += 1
+            reworded += text != questions[i]
+            assert text == questions[i] or text in rewrites(questions[i])  # a rewrite keeps the meaning
+        seen.add(i)
+    assert reworded / repeats == pytest.approx(0.3, abs=0.03)
+    assert paraphrase_repeats(stream, 0.3, questions.__getitem__, seed=1) == asked  # reproducible
+    unchanged = paraphrase_repeats(stream, 0.0, questions.__getitem__)
+    assert [t for _, t in unchanged] == [questions[i] for i in stream]
+    with pytest.raises(ValueError, match="p must be"):
+        paraphrase_repeats(stream, 1.5, questions.__getitem__)
+
+
+def test_a_repeat_is_told_by_its_key_and_the_ceiling_counts_meanings():
+    # Two draws of one question as different objects (qid, text, draw): one meaning, by its key.
+    stream = [("a", "Who built it?", 0), ("a", "Who built it?", 1), ("b", "When was it built?", 2)]
+    asked = paraphrase_repeats(stream, 1.0, lambda q: q[1], key=lambda q: q[0])
+    assert asked[0][1] == "Who built it?" and asked[1][1] in rewrites("Who built it?")
+    assert asked[2][1] == "When was it built?"
+    assert repeat_ceiling([q[0] for q in stream]) == pytest.approx(1 / 3)
+    assert repeat_ceiling(["a", "a", "a", "a"]) == 0.75 and repeat_ceiling([]) != repeat_ceiling([])
 
 
 def _req(hr, i, key, sent, done, tier, answer):
