@@ -22,6 +22,11 @@ Systems (``--systems``; same models, same engine settings, same greedy decoding)
   questions, each once, cache off, C clients — the engine's generation rate when every
   client waits on a generation of its own (``bench_serving.py``'s workload).
 
+``--paraphrase 0.3,0.5`` (``headline_paraphrase.py``): the stream's repeats reworded with
+probability p, and ``ragserve`` run twice per p, exact tiers only and then with the
+semantic tier on at ``--semantic-threshold`` (a second server): hits by tier, the stream's
+ceiling for repeated meanings, requests/s, p95, generations at the engine.
+
 (c) and (d) live outside the project's lock: ``make bench-deps`` installs them into
 ``build/bench-peer``; without them they are skipped with a message. Before each system's
 run: an emptied answer cache (a new ragserve namespace; LangChain's keys deleted) and an
@@ -35,6 +40,8 @@ Run (repo root, an otherwise idle machine; ``make bench-deps`` first for (c) and
     python benchmarks/bench_headline.py --out reports/headline                   # 2,000 requests, C=32
     python benchmarks/bench_headline.py --n 24 --concurrency 8 --systems ragserve,ragserve-nocache  # the test's size
     python benchmarks/bench_headline.py --days --systems ragserve,langchain --out reports/headline-days
+    python benchmarks/bench_headline.py --paraphrase 0.3,0.5 --semantic-threshold 0.8 --systems ragserve \
+        --out reports/headline-paraphrase
 
 A benchmark, not a test: it asserts nothing, it reports.
 """
@@ -52,6 +59,7 @@ from typing import Any
 import bench_serving_workload as wl
 import harness
 import headline_days
+import headline_paraphrase
 import headline_report as hr
 import headline_systems as hs
 from harness import CpuSampler
@@ -75,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-open", type=int, default=512, help="open loop: most requests in flight")
     ap.add_argument("--days", action="store_true", help="yesterday/today mode: today's stream cold and after "
                     "warming with yesterday's (ragserve warm; LangChain: yesterday's traffic)")
+    ap.add_argument("--paraphrase", default=None, help="paraphrase mode: comma-separated probabilities that "
+                    "a repeat is reworded; ragserve runs with exact tiers only and with the semantic tier")
+    ap.add_argument("--semantic-threshold", type=float, default=None, help="paraphrase mode: the semantic "
+                    "tier's threshold (what `ragserve calibrate-semantic` certified for the index's model)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=harness.REPO / "reports" / "headline")
@@ -87,6 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     if args.n < 1 or args.concurrency < 1:
         ap.error("--n and --concurrency must be >= 1")
+    if args.paraphrase is not None:
+        args.paraphrase = [float(x) for x in args.paraphrase.split(",")]
+        if not all(0.0 <= p <= 1.0 for p in args.paraphrase):
+            ap.error(f"--paraphrase: probabilities in [0, 1], got {args.paraphrase}")
+        if args.days or len(args.s) > 1:
+            ap.error("--paraphrase takes one --s and no --days")
+        if "ragserve" in args.systems and args.semantic_threshold is None:
+            ap.error("--paraphrase needs --semantic-threshold: the threshold `ragserve calibrate-semantic` "
+                     "certified for the index's embedding model (docs/semantic.md)")
     return args
 
 
@@ -122,7 +143,8 @@ async def drive(system: Any, stream: list[Any], args: argparse.Namespace) -> tup
         # open loop: latency counts from the arrival, a wait for --max-open included
         r.sent_s = time.perf_counter() - t0 if arrived_s is None else arrived_s
         try:
-            r.answer, r.tier = await asyncio.wait_for(system.ask(text), args.request_timeout)
+            r.answer, r.tier, *match = await asyncio.wait_for(system.ask(text), args.request_timeout)
+            r.match = match[0] if match else None
         except Exception as e:  # one failed request is recorded, never fatal
             r.tier, r.error = "error", f"{type(e).__name__}: {e}"[:300]
         r.done_s = time.perf_counter() - t0
@@ -151,12 +173,12 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self._closers: list[Any] = []
+        self.admin_key = ADMIN_KEY
 
     async def start(self) -> None:
         from ragserve.cache.redis_server import RedisServer
         from ragserve.config import RAGConfig
         from ragserve.eval.datasets import load_dataset
-        from ragserve.server.process import ServerProcess
 
         a = self.args
         self.env = harness.environment(*PEER_PACKAGES, "psutil")  # before the run: the machine's load average
@@ -168,20 +190,37 @@ class Bench:
         self.redis = RedisServer(maxmemory="1gb")
         self.redis.start()
         self._closers.append(self.redis.stop)
-        env = {"RAGSERVE_GENERATE_MAX_TOKENS": str(a.max_tokens), "RAGSERVE_SERVER_ADMIN_KEY": ADMIN_KEY,
-               "RAGSERVE_REDIS_URL": self.redis.url, "RAGSERVE_CACHE_ENABLED": "true",
-               "RAGSERVE_QUERY_MAX_IN_FLIGHT": str(max(64, a.concurrency)),
-               "RAGSERVE_QUERY_MAX_QUEUED": str(max(256, a.max_open))}
-        t = time.perf_counter()
-        self.server = await asyncio.to_thread(ServerProcess(a.index, env=env, log=a.out / "server.log").start)
-        self._closers.append(self.server.stop)
-        log(f"ragserve serve up at {self.server.url} in {time.perf_counter() - t:.0f} s (Redis {self.redis.url})")
-        self.client = harness.http_client(self.server.url, timeout=a.request_timeout, connections=1024)
+        self.server_env = {"RAGSERVE_GENERATE_MAX_TOKENS": str(a.max_tokens),
+                           "RAGSERVE_SERVER_ADMIN_KEY": ADMIN_KEY,
+                           "RAGSERVE_REDIS_URL": self.redis.url, "RAGSERVE_CACHE_ENABLED": "true",
+                           "RAGSERVE_QUERY_MAX_IN_FLIGHT": str(max(64, a.concurrency)),
+                           "RAGSERVE_QUERY_MAX_QUEUED": str(max(256, a.max_open))}
+        await self._start_server({}, "server.log")
         for name, cache in (("ragserve", True), ("ragserve-nocache", False), ("ragserve-distinct", False)):
             if name in a.systems:
                 self.systems[name] = hs.RagserveHttp(name, self.server, self.client, ADMIN_KEY, cache=cache)
         if {"langchain", "llamaindex"} & set(a.systems):
             await self._start_peers()
+
+    async def _start_server(self, extra_env: dict[str, str], log_name: str) -> None:
+        from ragserve.server.process import ServerProcess
+
+        a = self.args
+        t = time.perf_counter()
+        server = ServerProcess(a.index, env={**self.server_env, **extra_env}, log=a.out / log_name)
+        self.server = await asyncio.to_thread(server.start)
+        self._closers.append(self.server.stop)
+        settings = "".join(f", {k}={v}" for k, v in extra_env.items())
+        log(f"ragserve serve up at {self.server.url} in {time.perf_counter() - t:.0f} s "
+            f"(Redis {self.redis.url}{settings})")
+        self.client = harness.http_client(self.server.url, timeout=a.request_timeout, connections=1024)
+
+    async def restart_server(self, extra_env: dict[str, str], log_name: str) -> None:
+        """Stop ``ragserve serve`` and start another with ``extra_env`` added to its settings
+        (the systems made on the old one are left pointing at it: make new ones)."""
+        await self.client.aclose()
+        await asyncio.to_thread(self.server.stop)
+        await self._start_server(extra_env, log_name)
 
     async def _start_peers(self) -> None:
         import httpx
@@ -278,7 +317,13 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         await bench.start()
         order = [n for n in args.systems if n in bench.systems]
-        for s in args.s:
+        if args.paraphrase is not None:
+            p_rows, p_lines, p_requests = await headline_paraphrase.run_paraphrase(bench, args.s[0],
+                                                                                   quality_lines)
+            rows += p_rows
+            extra += p_lines
+            requests.update(p_requests)
+        for s in args.s if args.paraphrase is None else ():
             stream = zipf_stream(bench.dataset.questions, args.n, s=s, seed=args.seed)
             suffix = f" s={s:g}" if len(args.s) > 1 else ""
             by_name: dict[str, tuple[dict[str, Any], list[hr.Req]]] = {}
@@ -299,7 +344,8 @@ async def main_async(args: argparse.Namespace) -> None:
         await bench.stop()
     header = header_lines(args, bench)
     hr.write(args.out, header, rows, extra, {"title": f"{args.n} requests, Zipf s={args.s}, "
-             f"{'open loop' if args.rate else f'C={args.concurrency}'}", "args": vars(args),
+             f"{'open loop' if args.rate else f'C={args.concurrency}'}"
+             f"{f', paraphrased p={args.paraphrase}' if args.paraphrase else ''}", "args": vars(args),
              "skipped": bench.skipped, "notes": bench.notes, "requests": requests})
     print("\n".join([*header, "", *hr.table(rows), "", *hr.miss_table(rows), "", *hr.cpu_table(rows), "", *extra]))
     log(f"report: {args.out / 'report.md'}")
@@ -308,7 +354,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def quality_lines(by_name: dict[str, Any], golds: dict[str, Any], suffix: str) -> list[str]:
     fresh = by_name.get("ragserve-nocache")
     out = []
-    for name in ("ragserve",):  # a peer's answers come from another prompt: not comparable
+    # a peer's answers come from another prompt: not comparable
+    for name in ("ragserve", headline_paraphrase.SEMANTIC):
         if name in by_name and fresh is not None:
             q = hr.quality(by_name[name][1], fresh[1], golds)
             by_name[name][0]["quality"] = q
@@ -316,6 +363,13 @@ def quality_lines(by_name: dict[str, Any], golds: dict[str, Any], suffix: str) -
                 out.append(f"- contains-gold{suffix}, {name}'s cached answers vs ragserve-nocache's fresh answers "
                            f"on the same {q['pairs']} requests: {q['cached_contains_gold']:.3f} vs "
                            f"{q['fresh_contains_gold']:.3f} (± {q['stderr']:.3f})")
+            if name == headline_paraphrase.SEMANTIC:  # the tier's own answers, apart from the exact hits
+                q = hr.quality([r for r in by_name[name][1] if r.tier == "semantic"], fresh[1], golds)
+                by_name[name][0]["quality_semantic"] = q
+                if q["pairs"]:
+                    out.append(f"- contains-gold{suffix}, {name}'s semantic hits vs ragserve-nocache's fresh "
+                               f"answers on the same {q['pairs']} requests: {q['cached_contains_gold']:.3f} "
+                               f"vs {q['fresh_contains_gold']:.3f} (± {q['stderr']:.3f})")
     return out
 
 
@@ -326,11 +380,22 @@ def header_lines(args: argparse.Namespace, bench: Bench) -> list[str]:
              *harness.run_lines(bench.env),
              f"- stream: {args.n} requests, Zipf s={', '.join(f'{s:g}' for s in args.s)} over "
              f"{len(bench.dataset.questions)} questions of {args.questions.name} (ranking seed {args.seed}), {loop}",
+             *paraphrase_lines(args),
              f"- generation: greedy, max_tokens {args.max_tokens}, the same model and engine settings everywhere; "
              "vLLM's prefix cache emptied and answer caches emptied before each system",
              *[f"- {n}" for n in bench.notes]]
     lines += [f"- {name}: skipped: {why}" for name, why in bench.skipped.items()]
     return lines
+
+
+def paraphrase_lines(args: argparse.Namespace) -> list[str]:
+    if args.paraphrase is None:
+        return []
+    ps = ", ".join(f"{p:g}" for p in args.paraphrase)
+    return [f"- paraphrase: each repeat reworded with probability p in {{{ps}}} "
+            "(ragserve.profiling.workload.paraphrase_repeats); "
+            f"{headline_paraphrase.SEMANTIC}: a server started with [semantic] on, threshold "
+            f"{args.semantic_threshold}, guard strict (the default), after the exact-only one stopped"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@ and the false-hit rate, with repeats paraphrased with probability p.
 
 The stream is the headline one (``zipf_stream`` over XQuAD-en questions, Zipf s=1.1); each
 repeat of a question is, with probability p, one of its meaning-keeping rewrites
-(``ragserve.eval.paraphrases.rewrites``) instead of the same text. Both systems run the
+(``ragserve.profiling.workload.paraphrase_repeats``, the stream ``bench_headline.py
+--paraphrase`` sends too) instead of the same text. Both systems run the
 package's own tiers in process — an exact dict keyed like L1 (``cache.keys``) and
 ``ragserve.cache.semantic.SemanticCache`` with the threshold and guard given — over the
 project's default embedder. No generation is needed for hit and false-hit rates: a
@@ -33,7 +34,6 @@ with the fresh generations'.
 from __future__ import annotations
 
 import asyncio
-import random
 import sys
 import time
 from pathlib import Path
@@ -77,9 +77,8 @@ def main() -> int:
     from ragserve.config import RAGConfig, SemanticConfig
     from ragserve.eval.calibrate import clopper_pearson
     from ragserve.eval.datasets import squad_paragraphs
-    from ragserve.eval.paraphrases import rewrites
     from ragserve.eval.scoring import normalize_answer
-    from ragserve.profiling.workload import zipf_stream
+    from ragserve.profiling.workload import paraphrase_repeats, repeat_ceiling, zipf_stream
     from ragserve.retrieval.embed import SentenceTransformerEmbedder
 
     items = [(q, frozenset(normalize_answer(a) for a in answers))
@@ -89,18 +88,12 @@ def main() -> int:
     for n in sizes:
         stream = zipf_stream(range(len(items)), n, s=args.s, seed=args.seed)
         for p in probs:
-            rng, seen, asked = random.Random(f"{args.seed}/{p}"), set(), []
-            for i in stream:
-                text = items[i][0]
-                if i in seen and rng.random() < p:
-                    text = rng.choice(rewrites(text))
-                seen.add(i)
-                asked.append((i, text))
-            plans[(n, p)] = (asked, len(seen))
+            plans[(n, p)] = (paraphrase_repeats(stream, p, lambda i: items[i][0], seed=args.seed),
+                             repeat_ceiling(stream))
     if args.quality:
-        (n, p), (asked, distinct) = next(iter(plans.items()))
+        (n, p), (asked, ceiling) = next(iter(plans.items()))
         data = quality(asked, items, args, log)
-        data.update(n=n, p=p, ceiling=1 - distinct / n)
+        data.update(n=n, p=p, ceiling=ceiling)
         lines = ["# Answers the semantic tier served vs fresh generations", "", *harness.run_lines(env),
                  f"- stream: Zipf s={args.s} over {len(items)} XQuAD-en questions, seed {args.seed}, "
                  f"{n} requests, p={p}; tier: threshold {args.threshold}, guard {args.guard}; "
@@ -159,12 +152,12 @@ def main() -> int:
         return hits
 
     rows = []
-    for (n, p), (asked, distinct) in plans.items():
+    for (n, p), (asked, ceiling) in plans.items():
         base = asyncio.run(run(asked, False))
         sem = asyncio.run(run(asked, True))
         served = sem["semantic"]
         upper = clopper_pearson(served, sem["false"], 0.95)[1] if served else float("nan")
-        rows.append({"n": n, "p": p, "ceiling": 1 - distinct / n, "exact_only": base["exact"] / n,
+        rows.append({"n": n, "p": p, "ceiling": ceiling, "exact_only": base["exact"] / n,
                      "with_semantic": (sem["exact"] + sem["semantic"]) / n,
                      "exact_with_semantic": sem["exact"] / n, "semantic_hits": served,
                      "false_hits": sem["false"], "false_hit_rate": sem["false"] / served if served else 0.0,

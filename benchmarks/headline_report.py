@@ -6,7 +6,8 @@ Fidelity, per system with an answer cache:
 
 - every answer served from a cache (or by joining a running generation) is byte-identical
   to the generation that stored it: the first generation of that question that completed
-  in this run, or the stored answer the run started with (yesterday's, in day mode);
+  in this run, or the stored answer the run started with (yesterday's, in day mode); for a
+  semantic hit, of the cached question it matched;
 - no question is generated again once an answer to it has completed (a request sent after
   that answer came back and still generated counts as a regeneration);
 - generations counted at the engine (vLLM's own finished-request counter) against the
@@ -29,9 +30,9 @@ import harness
 import numpy as np
 from harness import fmt, pct
 
-CACHED_TIERS = ("l1", "l2", "cache", "shared")
-"""Tiers whose answer was not generated for this request: ragserve's L1/L2, a peer's LLM
-cache, and a single-flight join of an identical request's generation."""
+CACHED_TIERS = ("l1", "l2", "semantic", "cache", "shared")
+"""Tiers whose answer was not generated for this request: ragserve's L1/L2 and semantic
+tier, a peer's LLM cache, and a single-flight join of an identical request's generation."""
 
 
 @dataclass
@@ -46,9 +47,13 @@ class Req:
     done_s: float = 0.0
     tier: str = ""
     """``miss`` (generated for this request), ``l1``, ``l2``, ``cache`` (a peer's LLM cache),
-    ``shared`` (joined an identical running generation), ``error``."""
+    ``shared`` (joined an identical running generation), ``semantic`` (the answer of a
+    cached question that means the same), ``error``."""
     answer: str = ""
     error: str | None = None
+    match: str | None = None
+    """A ``semantic`` hit: the cached question whose answer was served, as the cache keys it
+    (its generation is the reference of the fidelity check, not this request's key)."""
 
     @property
     def latency_s(self) -> float:
@@ -67,9 +72,8 @@ def fidelity(reqs: list[Req], stored: dict[str, str] | None = None) -> dict[str,
     for r in sorted((r for r in reqs if r.tier == "miss"), key=lambda r: r.done_s):
         generated.setdefault(r.key, []).append((r.done_s, r.answer))
     served = [r for r in reqs if r.tier in CACHED_TIERS]
-    compared = [r for r in served if r.key in generated]
-    identical = sum(any(r.answer == a for t, a in generated[r.key] if t <= max(r.sent_s, generated[r.key][0][0]))
-                    for r in compared)
+    compared = [r for r in served if _stored_as(r) in generated]
+    identical = sum(_served_as_stored(r, generated[_stored_as(r)]) for r in compared)
     regenerated = [r for r in reqs if r.tier == "miss" and r.key in generated and r.sent_s > generated[r.key][0][0]]
     answers: dict[str, set[str]] = {}
     for r in reqs:
@@ -81,6 +85,17 @@ def fidelity(reqs: list[Req], stored: dict[str, str] | None = None) -> dict[str,
             "regenerated_after_answer": len(regenerated),
             "regenerated_questions": len({r.key for r in regenerated}),
             "inconsistent_questions": sum(len(a) > 1 for a in answers.values())}
+
+
+def _stored_as(r: Req) -> str:
+    """The key whose generation a served answer must equal: a semantic hit's match, else its own."""
+    return r.match if r.match is not None else r.key
+
+
+def _served_as_stored(r: Req, generations: list[tuple[float, str]]) -> bool:
+    """``r``'s answer is one of ``generations`` (done at, answer; the first is the reference)
+    that completed before it was sent."""
+    return any(r.answer == a for t, a in generations if t <= max(r.sent_s, generations[0][0]))
 
 
 def summarize(name: str, reqs: list[Req], wall_s: float, generations: float | None,
@@ -126,6 +141,65 @@ def quality(cached: list[Req], fresh: list[Req], golds: dict[str, tuple[str, ...
     return {"pairs": len(pairs), "cached_contains_gold": float(np.mean(c)), "fresh_contains_gold": float(np.mean(f)),
             # the spread of a proportion over n pairs: what "within noise" means here
             "stderr": float(np.sqrt(max(np.mean(f) * (1 - np.mean(f)), 1e-9) / len(pairs)))}
+
+
+def paraphrase_fields(reqs: list[Req], p: float, name: str) -> dict[str, Any]:
+    """What a run of a paraphrased stream adds to its row: ``p``, the system's ``name`` (its
+    row's label also says p), the distinct meanings (the stream's questions, by id, however
+    they were worded) and the stream's ceiling for repeated meanings, 1 − meanings ÷
+    requests (``ragserve.profiling.workload.repeat_ceiling``)."""
+    from ragserve.profiling.workload import repeat_ceiling
+
+    meanings = [r.qid for r in reqs]
+    return {"paraphrase": p, "name": name, "meanings": len(set(meanings)),
+            "ceiling": repeat_ceiling(meanings)}
+
+
+PARAPHRASE_TIERS = ("l1", "l2", "semantic", "shared")
+
+
+def paraphrase_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per (p, system), the rows of ``paraphrase_fields``: hits by tier as shares of the
+    requests, the hits as a share of the stream's ceiling, throughput, latency and the
+    generations the engine ran."""
+    out = ["| p | system | requests | meanings | ceiling | hit rate | " + " | ".join(PARAPHRASE_TIERS)
+           + " | hits ÷ ceiling | req/s | p50 ms | p95 ms | generations at vLLM | errors |",
+           "|---:|---|---:|---:|---:|---:|" + "---:|" * (len(PARAPHRASE_TIERS) + 6)]
+    for r in rows:
+        if "paraphrase" not in r:
+            continue
+        n = r["requests"]
+        shares = " | ".join(fmt(r["tiers"].get(t, 0) / n if n else None, ".1%") for t in PARAPHRASE_TIERS)
+        of_ceiling = r["hit_rate"] / r["ceiling"] if r["ceiling"] else None
+        out.append(f"| {r['paraphrase']:g} | {r['name']} | {n} | {r['meanings']} "
+                   f"| {fmt(r['ceiling'], '.1%')} | {fmt(r['hit_rate'], '.1%')} | {shares} "
+                   f"| {fmt(of_ceiling, '.1%')} | {fmt(r['requests_per_s'], '.2f')} "
+                   f"| {fmt(r['p50_ms'], '.1f')} | {fmt(r['p95_ms'], '.0f')} "
+                   f"| {fmt(r['generations'], '.0f')} | {r['errors']} |")
+    return out
+
+
+def paraphrase_lines(rows: list[dict[str, Any]], exact: str, semantic: str) -> list[str]:
+    """Per p, the semantic tier against exact tiers only (systems ``semantic`` and ``exact``):
+    the gain in hits, the room the stream leaves it (ceiling − exact-only: no tier that
+    answers meanings can win more), and the issue's targets (≥ +15 points and ≥ 0.9 × the
+    ceiling at p = 0.3; checked at every p)."""
+    by = {(r["paraphrase"], r["name"]): r for r in rows if "paraphrase" in r}
+    lines = []
+    for p in sorted({p for p, _ in by}):
+        on, off = by.get((p, semantic)), by.get((p, exact))
+        if on is None or off is None:
+            continue
+        gain, room = on["hit_rate"] - off["hit_rate"], on["ceiling"] - off["hit_rate"]
+        share = on["hit_rate"] / on["ceiling"] if on["ceiling"] else float("nan")
+        lines.append(f"- p={p:g}: {semantic} − {exact}: **{100 * gain:+.1f} points** of hits "
+                     f"(target ≥ +15: {'met' if gain >= 0.15 else 'NOT met'}; the stream leaves "
+                     f"{100 * room:.1f} points above exact-only); hits {share:.1%} of the ceiling "
+                     f"(target ≥ 90%: {'met' if share >= 0.9 else 'NOT met'}); generations "
+                     f"{fmt(on['generations'], '.0f')} vs {fmt(off['generations'], '.0f')}; req/s "
+                     f"{fmt(on['requests_per_s'], '.2f')} vs {fmt(off['requests_per_s'], '.2f')}; p95 "
+                     f"{fmt(on['p95_ms'], '.0f')} vs {fmt(off['p95_ms'], '.0f')} ms")
+    return lines
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:

@@ -2,16 +2,17 @@
 
 - ``prepare()``: an empty answer cache and an emptied vLLM prefix cache, so every system
   starts its run from the same cold state;
-- ``ask(question) -> (answer, tier)``: one request as a client sends it (tiers as in
-  ``headline_report.Req``); an error raises;
+- ``ask(question) -> (answer, tier)`` or ``(answer, tier, match)``: one request as a client
+  sends it (tiers and ``match`` as in ``headline_report.Req``); an error raises;
 - ``generations()``: requests the system's vLLM engine has finished so far (its own
   counter: a delta over a run is the generations that run cost);
 - ``pids()``: the processes that serve it (for CPU-seconds per request).
 
 (a)/(b) are ``ragserve serve`` over HTTP (native API) with the answer cache on or off, on
-the same server: (b) turns the cache off per request. (c) is the LangChain recipe
-(``bench_headline_langchain.py``) and (d) the LlamaIndex peer of ``bench_serving_peer.py``,
-both on vLLM's OpenAI server with the same engine settings.
+the same server: (b) turns the cache off per request. ``--paraphrase`` adds (a) on a
+server started with ``[semantic]`` on (the tier is a server setting, not a request's).
+(c) is the LangChain recipe (``bench_headline_langchain.py``) and (d) the LlamaIndex peer
+of ``bench_serving_peer.py``, both on vLLM's OpenAI server with the same engine settings.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ class RagserveHttp:
         self.namespace = namespace or f"headline-{uuid.uuid4().hex[:8]}"
         await harness.reset_prefix_cache(self.client, admin_key=self.admin_key, what="ragserve")
 
-    async def ask(self, question: str) -> tuple[str, str]:
+    async def ask(self, question: str) -> tuple[str, str, str | None]:
+        from ragserve.cache.keys import normalize_question
+
         body = {"question": question, "namespace": self.namespace,
                 "cache": {"read": self.cache, "write": self.cache}}
         d = await harness.post_ok(self.client, "/v1/query", body)
-        return d["answer"], "shared" if d.get("shared") else d["cache_tier"]
+        match = d.get("semantic_match")
+        return (d["answer"], "shared" if d.get("shared") else d["cache_tier"],
+                None if match is None else normalize_question(match))
 
     async def generations(self) -> float:
         r = await self.client.get("/v1/stats")

@@ -23,12 +23,13 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ragserve.cache.keys import normalize_question
+from ragserve.eval.paraphrases import rewrites
 
 T = TypeVar("T")
 _HEADING_RULE = re.compile(r"^([*=~^\-#])\1{3,}\s*$")
@@ -155,6 +156,48 @@ def zipf_days(items: Sequence[T], n: int, s: float = 1.1, seed: int = 0, days: i
     for day in range(1, days):
         out.append(random.Random(f"{seed}/day{day}").choices(ranked, weights=weights, k=n))
     return out
+
+
+def paraphrase_repeats(stream: Sequence[T], p: float, text: Callable[[T], str], seed: int = 0,
+                       key: Callable[[T], Hashable] | None = None) -> list[tuple[T, str]]:
+    """``stream`` as users ask it when they reword what others asked before: each repeat of
+    an item (a draw of an item drawn earlier; ``key`` tells items apart, the item itself by
+    default) is, with probability ``p``, one of its question's meaning-keeping rewrites
+    (``ragserve.eval.paraphrases.rewrites``: a polite frame, "What is" → "What's", ...)
+    instead of the same text. A first draw is always asked as it is. Returns (item, text
+    asked) per draw, in order.
+
+    The choices come from a generator of their own, seeded with ``seed`` and ``p``: a stream
+    and a ``p`` give the same texts in every benchmark that asks for them, and ``p = 0`` is
+    the stream unchanged. The exact tiers can hit at most the repeated texts; a tier that
+    answers meanings at most ``repeat_ceiling`` of the stream.
+
+    **Usage:**
+
+        stream = zipf_stream(dataset.questions, 2000, s=1.1, seed=0)
+        asked = paraphrase_repeats(stream, 0.3, lambda q: q.text, key=lambda q: q.qid)
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1] (the probability a repeat is reworded), got {p}")
+    key_of = key if key is not None else (lambda item: item)
+    rng, seen, asked = random.Random(f"{seed}/{float(p)}"), set(), []
+    for item in stream:
+        t, k = text(item), key_of(item)
+        if k in seen and rng.random() < p:
+            t = rng.choice(rewrites(t))
+        seen.add(k)
+        asked.append((item, t))
+    return asked
+
+
+def repeat_ceiling(keys: Sequence[Hashable]) -> float:
+    """The share of requests a cache that answers meanings could serve: 1 − distinct
+    meanings ÷ requests (every request but the first of its meaning), for the meanings
+    ``keys`` of a stream's requests; NaN for an empty stream.
+
+    **Usage:** ``repeat_ceiling([q.qid for q in stream])``
+    """
+    return 1.0 - len(set(keys)) / len(keys) if len(keys) else float("nan")
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
