@@ -112,8 +112,8 @@ def evaluate(
                         sample=sample, seed=seed, notes=ds.notes)
     with RAG.from_index(folder, config, start_engine=answers, embedder=embedder) as rag:
         return run_blocking(build_report(rag, questions, dataset=info, answers=answers, top_k=top_k,
-                                         concurrency=concurrency, model=model, reused=reused, seconds={"build": build_s},
-                                         started=t0, progress=progress))
+                                         concurrency=concurrency, model=model, reused=reused,
+                                         seconds={"build": build_s}, started=t0, progress=progress))
 
 
 def prepare_index(ds: EvalDataset, folder: Path, config: RAGConfig, embedder: Embedder, *,
