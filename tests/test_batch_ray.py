@@ -2,8 +2,8 @@
 Ray cluster (``ray_cluster``), with the real XQuAD index and MiniLM, generation by the
 ``openai`` backend against the fake OpenAI-compatible server in this process
 (``fake_openai.py``, which refuses prompts with one word). The same with the real vLLM
-engine in a generator deployment: ``test_real_engine_in_a_generator_deployment`` (markers
-``engine`` and ``ray``).
+engine in a generator deployment, serving two ``[models]`` that share it:
+``test_real_engine_in_a_generator_deployment`` (markers ``engine`` and ``ray``).
 
 The checks that need no cluster (the plan, refusals before any work) are unit tests here too.
 """
@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from ragserve.config import RAGConfig
 from ragserve.errors import BatchInputError, ClusterError, ConfigError, IndexNotFoundError, UnknownModelError
 from ragserve.jobs.batch import answered_ids, run_batch
-from ragserve.ray.batch import plan_actors, run_batch_ray
+from ragserve.ray.batch import deployed_groups, plan_actors, run_batch_ray
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
 
@@ -189,25 +189,42 @@ def test_cli_batch_ray(ray_cluster, xquad_index, fake, asked, tmp_path, monkeypa
 @pytest.mark.ray
 def test_real_engine_in_a_generator_deployment(ray_cluster, xquad_index, xquad_corpus, tmp_path):
     """vLLM in the generator deployment the run deploys (one replica, 1 CPU) and one actor
-    (the other CPU); the application is gone after the run. Run it alone, with the lock:
+    (the other CPU); the application is gone after the run. Two ``[models]`` over the
+    packaged SmolLM2 differ only in max_tokens, so they share that one deployment and
+    engine; a line's own model wins over the run's. Run it alone, with the lock:
     ``flock /tmp/ragserve-engine.lock pytest -m "engine and ray" tests/test_batch_ray.py``."""
     from ray import serve
 
     questions, out = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
-    write_questions(questions, [q["question"] for q in xquad_corpus[1][::23][:5]])
-    cfg = RAGConfig().replace(generate={"max_tokens": 32}, vllm={"kv_cache_gib": 1},
-                              ray={"generator_num_cpus": 1, "app_name": "batch-engine"})
+    asked = [q["question"] for q in xquad_corpus[1][::23][:5]]
+    write_questions(questions, asked)
+    with questions.open("ab") as f:  # the first two questions again, each asking the short model
+        f.write(b"".join(orjson.dumps({"id": f"s{i}", "question": q, "model": "short"}) + b"\n"
+                         for i, q in enumerate(asked[:2])))
+    cfg = RAGConfig().replace(vllm={"kv_cache_gib": 1},
+                              ray={"generator_num_cpus": 1, "app_name": "batch-engine"},
+                              models={"long": {"max_tokens": 32}, "short": {"max_tokens": 4}})
     lines = []
-    summary = run_batch_ray(xquad_index, questions, out, cfg, concurrency=8, say=lines.append)
-    assert (summary.total, summary.done, summary.failed) == (5, 5, 0), records(out)
-    assert any("deploying the generator" in line for line in lines)
+    summary = run_batch_ray(xquad_index, questions, out, cfg, concurrency=8, model="long", say=lines.append)
+    assert (summary.total, summary.done, summary.failed) == (7, 7, 0), records(out)
+    deploying = [line for line in lines if "deploying the generator" in line]
+    assert len(deploying) == 1 and "for 'long', 'short'" in deploying[0]  # one engine for both
     assert "1 actor(s) x 8 questions at once" in lines[-1]
-    assert "generator deployment 'batch-engine-batch-" in lines[-1]
-    for r in records(out):
+    assert "generator deployment 'batch-engine-batch-" in lines[-1] and "for 'long', 'short'" in lines[-1]
+    got = {r["id"]: r for r in records(out)}
+    assert {i: r["model"] for i, r in got.items()} == {**{f"q{i}": "long" for i in range(5)}, "s0": "short",
+                                                       "s1": "short"}
+    for r in got.values():
         assert set(r) == RECORD_KEYS and r["answer"].strip() and r["cache_tier"] == "miss"
-        assert 0 < r["usage"]["completion_tokens"] <= 32 and r["usage"]["prompt_tokens"] > 100
+        assert 0 < r["usage"]["completion_tokens"] <= (4 if r["model"] == "short" else 32)
+        assert r["usage"]["prompt_tokens"] > 100
         # vLLM's own stage split, carried back through the deployment
         assert r["timings"]["generate_first_token"] > 0 and r["timings"]["generate_decode"] >= 0
+    for i in range(2):  # the same prompt, greedy: the short answer is the long one cut at 4 tokens
+        short, long = got[f"s{i}"], got[f"q{i}"]
+        assert short["usage"]["prompt_tokens"] == long["usage"]["prompt_tokens"]
+        assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 4
+        assert long["usage"]["completion_tokens"] > 4 and long["answer"].startswith(short["answer"].rstrip())
     assert not [a for a in serve.status().applications if a.startswith("batch-engine")]
 
 
@@ -241,7 +258,7 @@ def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
         run_batch_ray(xquad_index, questions, out, cfg, concurrency=0)
     with pytest.raises(IndexNotFoundError):
         run_batch_ray(tmp_path / "no-index", questions, out, cfg)
-    with pytest.raises(ConfigError, match="only with the openai backend; 'v' run"):  # an engine per actor
+    with pytest.raises(AssertionError, match="a cluster was started"):  # a vllm model is no longer refused
         run_batch_ray(xquad_index, questions, out, cfg.replace(models={"o": {}, "v": {"backend": "vllm"}}))
     with pytest.raises(UnknownModelError):
         run_batch_ray(xquad_index, questions, out, cfg.replace(models={"o": {}}), model="v")
@@ -251,6 +268,22 @@ def test_refused_before_any_cluster_starts(xquad_index, tmp_path, monkeypatch):
     started = []
     summary = run_batch_ray(xquad_index, questions, out, cfg, on_start=started.append)
     assert (summary.total, summary.skipped, summary.done) == (2, 2, 0) and started == [summary]
+
+
+def test_vllm_models_get_a_deployment_per_engine_and_openai_ones_none():
+    """The groups of ``serve --ray`` (``generator_groups``): models that differ only in
+    sampling share one deployment (one engine); another context length is another engine;
+    an openai model is called from every actor, never deployed."""
+    remote = {"backend": "openai", "openai": {"urls": ["http://127.0.0.1:9"]}}
+    models = {"short": {"max_tokens": 4}, "long": {"max_tokens": 32, "temperature": 0.5},
+              "wide": {"max_model_len": 1024}, "remote": remote, "default": "long"}
+    cfg = RAGConfig().replace(models=models)
+    assert deployed_groups(cfg) == [("RagserveGenerator", ("long", "short")),
+                                    ("RagserveGenerator-wide", ("wide",))]
+    assert deployed_groups(RAGConfig()) == [("RagserveGenerator", ())]  # the one [generate] model
+    assert deployed_groups(config("http://127.0.0.1:9")) == []
+    openai_models = config("http://127.0.0.1:9").replace(models={"o": {}, "p": {"max_tokens": 8}})
+    assert deployed_groups(openai_models) == []
 
 
 def test_cli_ray_options_need_ray(tmp_path):

@@ -159,7 +159,8 @@ def test_each_report_of_the_endpoint_is_what_ragserve_eval_json_writes(tmp_path,
         mine["dataset"]["path"] = None
         assert _masked(theirs) == _masked(mine), top_k
         # ...and what was compared is a real report: the index against exact fp32, answers, stages
-        assert theirs["schema"] == "ragserve.eval/2" and theirs["config"] == {"top_k": top_k, "concurrency": 4}
+        assert theirs["schema"] == "ragserve.eval/2"
+        assert theirs["config"] == {"top_k": top_k, "concurrency": 4, "model": None}
         assert theirs["index"]["exact_from"] == "re-embedded" and theirs["dataset"]["labelled"] == len(picked) == 6
         assert theirs["served"]["hit"]["10"] == 1.0 and theirs["exact"]["hit"]["1"] >= 0.5
         assert theirs["answers"]["questions"] == 7 and theirs["answers"]["errors"] == 0

@@ -302,6 +302,42 @@ def test_cli_warm_and_stats_refuse_an_unknown_model_before_anything_loads(cli_ra
     assert len(gens["large"].prompts) == 2 and not gens["small"].prompts  # the workload asked the large one
 
 
+def test_cli_eval_answers_with_the_named_model_and_refuses_an_unknown_one_before_anything_starts(
+        cli_rag, tmp_path, monkeypatch):
+    import orjson
+
+    import ragserve.retrieval.embed as embed
+
+    invoke, _, gens, opened = cli_rag
+    monkeypatch.setattr(embed, "SentenceTransformerEmbedder", lambda cfg: WordsEmbedder())
+    (tmp_path / "idx").mkdir()
+    questions = tmp_path / "questions.json"
+    questions.write_bytes(orjson.dumps({"name": "chunks", "questions": [
+        {"question": f"chunk number {i}", "answers": [f"chunk number {i}"], "relevant": [f"doc{i}.txt"]}
+        for i in range(3)]}))
+    report = tmp_path / "report.json"
+    r = invoke("eval", questions, "--index", tmp_path / "idx", "--answers", "--model", "large",
+               "--json", report)
+    assert r.exit_code == 0, r.output
+    assert "generation by model large (3 questions" in " ".join(r.output.split())
+    assert "model asked for: large" in r.output
+    data = orjson.loads(report.read_bytes())
+    assert data["config"]["model"] == "large" and data["answers"]["models"] == {"large": 3}
+    assert [q["model"] for q in data["per_question"]] == ["large"] * 3
+    assert len(gens["large"].prompts) == 3 and not gens["small"].prompts  # answered by the large one
+    assert opened == [str(tmp_path / "idx")]
+    r = invoke("eval", questions, "--index", tmp_path / "idx", "--answers", "--json", report)
+    assert r.exit_code == 0, r.output
+    data = orjson.loads(report.read_bytes())  # none named: the default answers, and the report says so
+    assert data["config"]["model"] is None and data["answers"]["models"] == {"small": 3}
+    assert "generation by model small" in r.output and len(gens["small"].prompts) == 3
+    bad = invoke("eval", questions, "--index", tmp_path / "idx", "--answers", "--model", "medium")
+    assert bad.exit_code == 1 and len(opened) == 2  # refused before the engine opened
+    assert "model 'medium' is not served here; served: 'small', 'large'" in bad.output
+    alone = invoke("eval", questions, "--index", tmp_path / "idx", "--model", "large")
+    assert alone.exit_code == 2 and "goes with --answers" in alone.output and len(opened) == 2
+
+
 @pytest.mark.redis
 def test_warm_fills_the_named_models_own_cache_entries(tmp_path):
     from ragserve.jobs.warm import plan_warm, run_warm

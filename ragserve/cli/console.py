@@ -129,8 +129,9 @@ def print_eval(out: Console, report: Any) -> None:
               f" of questions; seconds {report.seconds}", highlight=False)
     if report.answers is not None:
         a = report.answers
+        by = ", ".join(f"{m} ({n})" if len(a.models) > 1 else m for m, n in a.models.items()) or "none"
         table = Table("answers", "generated", "extractive baseline",
-                      title=f"generation ({a.questions} questions, {a.seconds:.0f} s)")
+                      title=f"generation by model {by} ({a.questions} questions, {a.seconds:.0f} s)")
         table.add_row("contains a gold answer", f"{a.contains:.3f}", f"{a.baseline_contains:.3f}")
         table.add_row("exact match", f"{a.exact_match:.3f}", f"{a.baseline_exact_match:.3f}")
         table.add_row("token F1", f"{a.f1:.3f}", f"{a.baseline_f1:.3f}")
@@ -144,7 +145,9 @@ def print_eval(out: Console, report: Any) -> None:
         out.print("  extractive baseline: the top source's window of the answer's own length with the most "
                   "question words (no model); the generator adds the difference", highlight=False)
         stages = ", ".join(f"{name} {s['p50_ms']:.1f}/{s['p95_ms']:.1f}" for name, s in (report.stages or {}).items())
-        out.print(f"  top_k {report.config['top_k']}, {report.config['concurrency']} in flight; "
+        asked = report.config.get("model")
+        out.print(f"  model asked for: {asked or 'none named (the default)'}; "
+                  f"top_k {report.config['top_k']}, {report.config['concurrency']} in flight; "
                   f"stage ms p50/p95: {stages}", highlight=False)
 
 

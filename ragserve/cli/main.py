@@ -159,16 +159,21 @@ def eval_cmd(
         min=1, max=100, help="Chunks retrieved for each answer (default: query.top_k).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Answers in flight at once.")] = 16,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON.")] = None,
+    model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Retrieval quality (hit@k, recall@k, MRR, nDCG) and latency against exact fp32 search."""
+    """Retrieval quality (hit@k, recall@k, MRR, nDCG) and latency against exact fp32 search;
+    with --answers, answer quality too (--model: which of \\[models] answers)."""
     from ragserve.eval.evaluate import evaluate
 
+    if model is not None and not answers:
+        raise typer.BadParameter("--model picks the model that answers: it goes with --answers")
     cfg = load_config(config, index={"index_type": index_type, "ivf_nprobe": nprobe, "hnsw_ef_search": ef_search})
+    cfg.models.check(model)  # before the data set's index is built and the engine starts
     with progress_bars(console) as on_progress:
         report = evaluate(dataset, index_dir, cfg, answers=answers, split=split, rebuild=rebuild,
                           max_questions=max_questions, sample=sample, seed=seed, top_k=top_k,
-                          concurrency=concurrency, progress=on_progress)
+                          concurrency=concurrency, model=model, progress=on_progress)
     print_eval(out, report)
     if json_path is not None:
         import orjson

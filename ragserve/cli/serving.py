@@ -25,7 +25,8 @@ def batch_cmd(
     timeout: Annotated[Optional[float], typer.Option(help="Deadline per question, seconds.")] = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Answer on a Ray cluster: a pool of Ray Data actors over a generator deployment "
-                      "(vllm) or the openai backend's servers; same output and resume. --concurrency is "
+                      "(vllm; with \\[models], one per group of models sharing an engine) or the openai "
+                      "backend's servers; same output and resume. --concurrency is "
                       "the total over all actors. On several machines, INDEX must be at the same path on "
                       "every node.")] = False,
     ray_address: RayAddressOpt = None,

@@ -14,7 +14,9 @@ normalisation (``eval/scoring.py``):
   source of the answer's own length with the most question words (``eval/grounding.py``):
   what the generator adds is the difference;
 - ``grounded``: the mean share of an answer's content words found in its sources, and
-  ``ungrounded_share``: the share of answers with a number or name no source has.
+  ``ungrounded_share``: the share of answers with a number or name no source has;
+- ``models``: how many answers each model gave (the result's ``model``: the one asked for,
+  the default, or with ``route = "auto"`` the router's pick).
 
 **Usage:** ``metrics, rows = answer_metrics(rag, sample_questions(ds.questions, 200, 1))``
 """
@@ -24,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ragserve.engine.runtime import map_bounded
@@ -36,8 +39,8 @@ from ragserve.eval.scoring import contains_answer, exact_match, token_f1
 
 ProgressFn = Callable[[str, int, int], None]
 
-ANSWER_ROW_KEYS = ("answer", "contains", "em", "f1", "cut", "error", "baseline", "baseline_contains", "baseline_em",
-                   "baseline_f1", "grounded", "ungrounded")
+ANSWER_ROW_KEYS = ("answer", "model", "contains", "em", "f1", "cut", "error", "baseline", "baseline_contains",
+                   "baseline_em", "baseline_f1", "grounded", "ungrounded")
 """The per-question answer fields of a report (``score``'s row, in this order)."""
 
 
@@ -62,6 +65,8 @@ class AnswerMetrics:
     """Mean share of an answer's content words (numbers, names, nouns...) found in its sources."""
     ungrounded_share: float = 0.0
     """Share of answers with a number or a name that none of their sources has."""
+    models: dict[str, int] = field(default_factory=dict)
+    """Answers per model that gave them (a failed question is in none)."""
 
 
 def sample_questions(questions: Sequence[EvalQuestion], n: int | None, seed: int = 1) -> list[EvalQuestion]:
@@ -73,21 +78,25 @@ def sample_questions(questions: Sequence[EvalQuestion], n: int | None, seed: int
 
 
 def answer_metrics(rag: Any, questions: Sequence[EvalQuestion], *, concurrency: int = 16,
-                   progress: ProgressFn | None = None) -> tuple[AnswerMetrics, list[dict[str, Any]]]:
+                   progress: ProgressFn | None = None, model: str | None = None
+                   ) -> tuple[AnswerMetrics, list[dict[str, Any]]]:
     """Generate an answer per question and score it against the gold answers. A failed
-    question counts as an error and scores 0.
+    question counts as an error and scores 0. ``model``: which of ``[models]`` answers
+    (None: what a request naming none gets), as ``rag.aquery(model=...)`` takes it.
 
     ``concurrency`` requests stay in flight the whole time (a new one starts as soon as one
     finishes, rather than batch after batch) so that vLLM's continuous batching stays full.
     """
     t = time.perf_counter()
+    options = {"model": model} if model is not None else {}
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        results = asyncio.run(answer_all(rag, questions, concurrency, progress))
+        results = asyncio.run(answer_all(rag, questions, concurrency, progress, **options))
     else:  # called from inside an event loop (a notebook): run ours on a helper thread
         with ThreadPoolExecutor(max_workers=1) as pool:
-            results = pool.submit(asyncio.run, answer_all(rag, questions, concurrency, progress)).result()
+            results = pool.submit(asyncio.run, answer_all(rag, questions, concurrency, progress,
+                                                          **options)).result()
     rows = [score(q, r) for q, r in zip(questions, results)]
     return summarize(rows, time.perf_counter() - t), rows
 
@@ -107,6 +116,7 @@ def summarize(rows: Sequence[dict[str, Any]], seconds: float) -> AnswerMetrics:
         baseline_contains=mean("baseline_contains"), baseline_exact_match=mean("baseline_em"),
         baseline_f1=mean("baseline_f1"), grounded=mean("grounded"),
         ungrounded_share=sum(bool(r["ungrounded"]) for r in rows) / n,
+        models=dict(Counter(r["model"] for r in rows if r["model"])),
     )
 
 
@@ -119,7 +129,8 @@ def score(question: EvalQuestion, result: Any) -> dict[str, Any]:
     baseline = extractive_window(question.text, sources[0], len(answer.split())) if sources else ""
     grounding = groundedness(answer, sources)
     golds = question.answers
-    return {"answer": answer, "error": repr(result) if failed else None,
+    return {"answer": answer, "model": None if failed else getattr(result, "model", None),
+            "error": repr(result) if failed else None,
             "cut": (not failed) and getattr(result, "finish_reason", None) == "length",
             "contains": contains_answer(answer, golds), "em": exact_match(answer, golds),
             "f1": token_f1(answer, golds),

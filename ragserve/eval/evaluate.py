@@ -65,6 +65,7 @@ def evaluate(
     seed: int = 1,
     top_k: int | None = None,
     concurrency: int = 16,
+    model: str | None = None,
     embedder: Embedder | None = None,
     progress: ProgressFn | None = None,
 ) -> EvalReport:
@@ -74,7 +75,9 @@ def evaluate(
     ``index_dir`` defaults to ``indexes/eval-<dataset>-<index type>``. The answer cache is
     bypassed: every question is measured, none is answered from an earlier run. ``top_k``
     (default ``query.top_k``) and ``concurrency``: the answers', as ``POST /admin/eval``'s
-    configurations set them.
+    configurations set them. ``model``: which of ``[models]`` answers (None: what a request
+    naming none gets); one not configured is refused before any index is built or engine
+    started (``ModelsConfig.check``, as ``ragserve query --model`` does).
 
     **Usage:** ``evaluate("xquad.en.json", config=RAGConfig().replace(index={"index_type": "hnsw-fp16"}))``
     """
@@ -85,6 +88,7 @@ def evaluate(
     if answers and not ds.has_answers:
         raise DatasetError(ds.path, "has no gold answers (a BEIR data set); run without --answers")
     config = (config or RAGConfig.load()).replace(cache={"enabled": False})
+    config.models.check(model)
     if ds.kind == "questions":
         if index_dir is None:
             raise DatasetError(ds.path, "is a questions file without documents: pass the index to ask with --index")
@@ -108,8 +112,8 @@ def evaluate(
                         sample=sample, seed=seed, notes=ds.notes)
     with RAG.from_index(folder, config, start_engine=answers, embedder=embedder) as rag:
         return run_blocking(build_report(rag, questions, dataset=info, answers=answers, top_k=top_k,
-                                         concurrency=concurrency, reused=reused, seconds={"build": build_s},
-                                         started=t0, progress=progress))
+                                         concurrency=concurrency, model=model, reused=reused,
+                                         seconds={"build": build_s}, started=t0, progress=progress))
 
 
 def prepare_index(ds: EvalDataset, folder: Path, config: RAGConfig, embedder: Embedder, *,

@@ -17,8 +17,11 @@ Given a served ``RAG`` and questions (with relevant documents, gold answers, or 
    docload) of the served ``RAG`` and of the reference wrapped in a second ``RAG`` sharing
    the model, alternating which goes first; plus the search stage alone per query vector.
 4. **Answers** (``answers=True``): every question through ``aquery`` with the answer cache
-   bypassed (read and write), ``concurrency`` in flight, scored by ``answers.score``; each
-   stage's p50/p95 over the answers' own ``Timings`` beside the scores.
+   bypassed (read and write), ``concurrency`` in flight, asking for ``model`` (one of
+   ``[models]``; None: what a request naming none gets), scored by ``answers.score``; each
+   stage's p50/p95 over the answers' own ``Timings`` beside the scores. Which model
+   answered is in ``config.model`` (the one asked for), ``answers.models`` (answers per
+   model that gave them) and each question's row.
 
 The blocking work (embedding, searching, reading the docstore) runs on the served
 engine's one embedding thread (``rag.retriever.executor``), never on the caller's event
@@ -93,7 +96,8 @@ class EvalReport:
     dataset: dict[str, Any]
     index: dict[str, Any]
     config: dict[str, Any]
-    """What a request may change, as this report ran it: ``top_k``, ``concurrency``."""
+    """What a request may change, as this report ran it: ``top_k``, ``concurrency`` and
+    ``model`` (the model the answers were asked of; None: none named)."""
     served: RetrievalMetrics
     exact: RetrievalMetrics | None
     """None when there is no exact reference (``index.exact_from`` is None)."""
@@ -144,10 +148,10 @@ def dataset_info(name: str, kind: str, questions: int, *, path: str | None = Non
 
 async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: dict[str, Any],
                        answers: bool = False, top_k: int | None = None, concurrency: int = 16,
-                       reused: bool = True, seconds: dict[str, float] | None = None,
+                       model: str | None = None, reused: bool = True, seconds: dict[str, float] | None = None,
                        started: float | None = None, progress: ProgressFn | None = None) -> EvalReport:
-    """Measure ``rag``'s served index (and with ``answers``, its answers) on ``questions``
-    (see the module docstring). ``reused``: the index was not built for this report;
+    """Measure ``rag``'s served index (and with ``answers``, its answers by ``model``) on
+    ``questions`` (see the module docstring). ``reused``: the index was not built for this report;
     ``seconds``: phases the caller timed before (``build``), kept in the report's;
     ``started``: the caller's ``time.perf_counter()`` when the work began (``seconds.total``
     counts from it; default: from this call)."""
@@ -195,7 +199,7 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
         if answers:
             t = time.perf_counter()
             results = await answer_all(rag, questions, concurrency, progress, cache_read=False,
-                                       cache_write=False, top_k=top_k)
+                                       cache_write=False, top_k=top_k, model=model)
             rows = [score(q, r) for q, r in zip(questions, results)]
             answer_metrics = summarize(rows, time.perf_counter() - t)
             stages = stage_summary([r.timings for r in results if not isinstance(r, Exception)])
@@ -212,7 +216,8 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
     labelled = [i for i, q in enumerate(questions) if any(r > 0 for r in q.relevant.values())]
     top_single = [row[0] if row else None for row in timing["single_top"]]
     return EvalReport(
-        dataset=dataset, index=index_info, config={"top_k": top_k, "concurrency": concurrency},
+        dataset=dataset, index=index_info,
+        config={"top_k": top_k, "concurrency": concurrency, "model": model},
         served=_metrics(served_ranked, questions, labelled, timing["served"], timing["served_retrieve"]),
         exact=(_metrics(exact_ranked, questions, labelled, timing["exact"], timing["exact_retrieve"])
                if exact_ranked is not None else None),

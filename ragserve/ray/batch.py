@@ -14,8 +14,13 @@ The same file in, the same file out, the same resume and per-question errors as
   - ``"vllm"``: a ``RayGenerator`` over a generator deployment the driver deploys for this
     run (``ray.serve``'s own, with the ``ray.generator_*`` options; one replica on a CPU
     machine, whose engine batches every actor's requests), deleted at the end.
-  - ``[models]``: only ``openai`` models (``refuse_in_process_models``), all of them in
-    every actor; each line is asked of its own ``"model"`` (else the run's ``model``).
+  - ``[models]``: the ``vllm`` models are grouped as ``serve --ray`` groups them
+    (``deployed_groups``, over ``serve/app.generator_groups``: the models ``ragserve serve``
+    would run on one engine, by ``generators.vllm.engine_key``, share one), a generator
+    deployment per group; each actor holds a ``RayGenerator`` per such model over its
+    group's deployment (naming its model on every call, as an ingress replica does), and
+    the ``openai`` models' own backend. Each line is asked of its own ``"model"`` (else
+    the run's ``model``), and its record says which model answered.
 - An actor answers its batch concurrently (``work_through``); a question that fails is its
   error record, never a failed batch.
 - The records come back as batches finish, and the driver appends and flushes each one as
@@ -75,7 +80,7 @@ from ragserve.ray.cluster import (
     refuse_unshared_l2,
 )
 
-__all__ = ["Answerer", "plan_actors", "run_batch_ray"]
+__all__ = ["Answerer", "deployed_groups", "plan_actors", "run_batch_ray"]
 
 ACTOR_CPUS = 1.0
 """CPUs an answering actor reserves: it embeds questions and searches; generation is elsewhere."""
@@ -130,9 +135,9 @@ def run_batch_ray(
     ``ray.address``, else this process's connection, a running cluster or a local one);
     ``actors``: default one per CPU left free; ``on_start`` and ``on_record`` as for
     ``run_batch``; ``say``: a function given a line about the cluster and the plan. ``model``
-    and a line's ``"model"``: as for ``run_batch``; with ``[models]`` every model must have
-    the ``openai`` backend (each actor is then a client of every model's servers), else a
-    ``ConfigError`` before any cluster starts."""
+    and a line's ``"model"``: as for ``run_batch`` (one not configured is refused before any
+    cluster starts); with ``[models]``, a generator deployment per group of ``vllm`` models
+    (``deployed_groups``) and the ``openai`` models' servers called from every actor."""
     from ragserve.config import RAGConfig
     from ragserve.index.manifest import read_manifest
 
@@ -140,7 +145,6 @@ def run_batch_ray(
     lines = read_lines(questions)
     items = [(qid, q) for qid, q, _ in lines]
     check_questions(items, config.query.max_question_chars, questions)
-    refuse_in_process_models(config)
     for name in sorted({model, *(m for _, _, m in lines)} - {None}):
         config.models.check(name)
     refuse_unshared_l2(config, "ragserve batch --ray", "actor", l2_required=False)
@@ -158,13 +162,14 @@ def run_batch_ray(
     say = say or (lambda line: None)
     address, local_cpus = cluster_target(address, None, config.ray)
     # Ray Data's errors are still logged to the console; ragserve's come back as themselves.
-    with ray_session(address, num_cpus=local_cpus) as info, _generator_deployment(config, say) as generator_app, \
+    with ray_session(address, num_cpus=local_cpus) as info, \
+            _generator_deployments(config, say) as deployments, \
             quiet_ray_data(ACTOR_START_TIMEOUT_S, logging.ERROR, raise_original_map_exception=True):
         plan = plan_actors(len(todo), concurrency, actors, ray.available_resources().get("CPU", 0.0))
         say(f"Ray cluster at {info.address} ({info.how}, {info.nodes} node(s), {info.cpus:g} CPUs): "
             f"{plan.actors} actor(s) x {plan.per_actor} questions at once, batches of {plan.batch_size}; "
-            f"generation: {_generation(config, generator_app)}")
-        dataset = _dataset(ray, todo, str(folder), config, generator_app, plan, timeout_s)
+            f"generation: {_generation(config, deployments)}")
+        dataset = _dataset(ray, todo, str(folder), config, deployments, plan, timeout_s)
         if on_start:  # here, not before the cluster and the engine start: the progress clock starts now
             on_start(summary)
         _write(dataset, out, summary, on_record)
@@ -223,21 +228,19 @@ def _start_failure(e: BaseException | None) -> str | None:
     return None
 
 
-def refuse_in_process_models(config: Any) -> None:
-    """``[models]`` under ``batch --ray``: only ``openai`` models, called from every actor.
-    NOTE: a ``vllm`` model would need a generator deployment per engine (as ``serve --ray``
-    has, ``serve/app.generator_groups``); without one each actor would start its own engine."""
-    local = [n for n in config.models.names if config.model_config(n).generate.backend != "openai"]
-    if local:
-        from ragserve.errors import ConfigError
+def deployed_groups(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """``(deployment name, models it serves)`` per generator deployment a run deploys:
+    ``serve/app.generator_groups`` (vLLM models grouped by ``generators.vllm.engine_key``,
+    the default model's group first; without ``[models]`` the one ``[generate]`` model,
+    ``()``) but the ``openai`` ones, whose servers every actor calls itself."""
+    from ragserve.ray.serve.app import generator_groups
 
-        raise ConfigError("models", f"`batch --ray` answers [models] only with the openai backend; "
-                          f"{', '.join(map(repr, local))} run(s) vLLM in process: run the batch without --ray, "
-                          "or serve those models with `vllm serve` and the openai backend")
+    return [(name, models) for name, models in generator_groups(config)
+            if (config.model_config(models[0]) if models else config).generate.backend != "openai"]
 
 
 def _dataset(ray: Any, todo: list[tuple[str, str, str | None]], index: str, config: Any,
-             generator_app: str | None, plan: ActorPlan, timeout_s: float | None) -> Any:
+             deployments: dict[str, tuple[str, str]], plan: ActorPlan, timeout_s: float | None) -> Any:
     from ray.data import ActorPoolStrategy
 
     rows = [{"id": qid, "question": q, "model": m or ""} for qid, q, m in todo]
@@ -245,7 +248,7 @@ def _dataset(ray: Any, todo: list[tuple[str, str, str | None]], index: str, conf
     return ray.data.from_items(rows).map_batches(
         Answerer, batch_size=plan.batch_size, batch_format="numpy", num_cpus=ACTOR_CPUS,
         compute=ActorPoolStrategy(size=plan.actors),
-        fn_constructor_kwargs={"index": index, "config": config.to_dict(), "generator_app": generator_app,
+        fn_constructor_kwargs={"index": index, "config": config.to_dict(), "deployments": deployments,
                                "concurrency": plan.per_actor, "timeout_s": timeout_s})
 
 
@@ -253,24 +256,27 @@ class Answerer:
     """A Ray Data actor: opens the index once, then answers one batch of ``id`` and
     ``question`` columns per call into a ``line`` column of ``ragserve batch`` records.
 
-    ``config``: ``RAGConfig.to_dict()``; ``generator_app``: the Serve application of the
-    generator deployment to call (None: the configured backend, the openai one).
+    ``config``: ``RAGConfig.to_dict()``; ``deployments``: per model ("": the one
+    ``[generate]`` model) the Serve application and generator deployment that serve it
+    (``_generator_deployments``); a model in none of them (the openai ones) gets its
+    configured backend in this actor.
     """
 
-    def __init__(self, index: str, config: dict[str, Any], generator_app: str | None, concurrency: int,
-                 timeout_s: float | None) -> None:
+    def __init__(self, index: str, config: dict[str, Any], deployments: dict[str, tuple[str, str]],
+                 concurrency: int, timeout_s: float | None) -> None:
         from ragserve.config import RAGConfig
         from ragserve.rag import RAG
 
         cfg = RAGConfig().replace(**config)
+        # one loop for every batch: the pipeline hands results back to the caller's loop
+        self.loop = asyncio.new_event_loop()
         try:
-            generator = _ray_generator(cfg, generator_app) if generator_app else None
-            self.rag = RAG.from_index(index, cfg, generator=generator)
+            gens = self.loop.run_until_complete(_ray_generators(cfg, deployments)) if deployments else {}
+            generator = gens.pop("", None)
+            self.rag = RAG.from_index(index, cfg, generator=generator, generators=gens or None)
         except Exception as e:  # noqa: BLE001 - told to the driver as text (see _start_failure)
             raise ClusterError(f"{START_FAILED} on {socket.gethostname()}: {type(e).__name__}: {e}") from None
         self.concurrency, self.timeout_s = concurrency, timeout_s
-        # one loop for every batch: the pipeline hands results back to the caller's loop
-        self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -292,50 +298,59 @@ class Answerer:
         return {"line": np.array(lines, dtype=object)}
 
 
-def _ray_generator(cfg: Any, app_name: str) -> Any:
-    """A ``RayGenerator`` over the generator deployment of ``app_name`` (up and warm:
-    the driver's ``serve.run`` returned), with the prompt's tokenizer here."""
+async def _ray_generators(cfg: Any, deployments: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """A ``RayGenerator`` per model of ``deployments`` (up and warm: the driver's
+    ``serve.run`` returned), with the prompt's tokenizer here (``ingress.model_generators``)."""
     from ray import serve
 
-    from ragserve.ray.serve.app import GENERATOR
-    from ragserve.ray.serve.client import RayGenerator
-    from ragserve.ray.serve.ingress import ingress_tokenizer
+    from ragserve.ray.serve.ingress import model_generators
 
-    handle = serve.get_deployment_handle(GENERATOR, app_name=app_name)
-    info = handle.describe.remote().result()
-    return RayGenerator(handle, info, ingress_tokenizer(cfg), probe_interval_s=cfg.ray.probe_interval_s)
+    handles = {where: serve.get_deployment_handle(where[1], app_name=where[0])  # one per deployment
+               for where in set(deployments.values())}
+    return await model_generators({model: handles[where] for model, where in deployments.items()}, cfg)
 
 
 @contextlib.contextmanager
-def _generator_deployment(config: Any, say: Callable[[str], None]) -> Iterator[str | None]:
-    """With the vllm backend: the generator deployment of ``ray.serve``, as a Serve
-    application of its own for this run (a unique name: runs do not replace each other's),
-    without an HTTP proxy; yields its name. With the openai backend: nothing (None)."""
-    if config.generate.backend == "openai" or config.models.names:  # [models]: openai only (refused otherwise)
-        yield None
+def _generator_deployments(config: Any, say: Callable[[str], None]) -> Iterator[dict[str, tuple[str, str]]]:
+    """A generator deployment of ``ray.serve`` per group of ``deployed_groups``, each as a
+    Serve application of its own for this run (unique names: runs do not replace each
+    other's), without an HTTP proxy, deleted at the end; yields per model ("": the one
+    ``[generate]`` model) its ``(application, deployment)``. Only openai models: ``{}``."""
+    groups = deployed_groups(config)
+    if not groups:
+        yield {}
         return
     from ray import serve
 
-    from ragserve.ray.serve.app import GENERATOR, generator_options
+    from ragserve.ray.serve.app import generator_options
     from ragserve.ray.serve.generator import GeneratorServer
 
-    had_serve = _serve_running()
-    if not had_serve:
-        serve.start(proxy_location="Disabled")
-    name = f"{config.ray.app_name}-batch-{uuid.uuid4().hex[:8]}"
-    say(f"deploying the generator ({config.generate.model}) as Serve application {name!r}; "
-        "waiting for its engine")
-    try:
-        deployment = serve.deployment(GeneratorServer, name=GENERATOR, **generator_options(config))
-        serve.run(deployment.bind(config.to_dict()), name=name, route_prefix=None,
-                  logging_config={"enable_access_log": False})
-        yield name
-    finally:
-        try:
-            serve.delete(name)
-        finally:
-            if not had_serve and not serve.status().applications:
-                serve.shutdown()
+    base = f"{config.ray.app_name}-batch-{uuid.uuid4().hex[:8]}"
+    where: dict[str, tuple[str, str]] = {}
+    with contextlib.ExitStack() as stack:
+        if not _serve_running():
+            serve.start(proxy_location="Disabled")
+            stack.callback(_shutdown_serve_if_idle)
+        for i, (deployment, models) in enumerate(groups):
+            name = base if i == 0 else f"{base}-{i}"
+            first = config.model_config(models[0]) if models else config
+            of = f" for {', '.join(map(repr, models))}" if models else ""
+            say(f"deploying the generator ({first.generate.model}){of} as Serve application {name!r}; "
+                "waiting for its engine")
+            stack.callback(serve.delete, name)  # also when its start fails
+            generator = serve.deployment(GeneratorServer, name=deployment, **generator_options(config))
+            serve.run(generator.bind(config.to_dict(), None, models), name=name, route_prefix=None,
+                      logging_config={"enable_access_log": False})
+            where.update({m: (name, deployment) for m in models or ("",)})
+        yield where
+
+
+def _shutdown_serve_if_idle() -> None:
+    """Stop the Serve this run started, unless another application came meanwhile."""
+    from ray import serve
+
+    if not serve.status().applications:
+        serve.shutdown()
 
 
 def _serve_running() -> bool:
@@ -350,13 +365,23 @@ def _serve_running() -> bool:
     return True
 
 
-def _generation(config: Any, app: str | None) -> str:
-    if app is None and config.models.names:
-        return f"openai backend in every actor ({len(config.models.names)} models)"
-    if app is None:
-        return f"openai backend in every actor ({len(config.openai.urls)} server(s))"
-    r = config.ray
-    return f"generator deployment {app!r} ({config.generate.backend}, {r.generator_replicas} replica(s))"
+def _generation(config: Any, deployments: dict[str, tuple[str, str]]) -> str:
+    r, names = config.ray, config.models.names
+    if not names:
+        if not deployments:
+            return f"openai backend in every actor ({len(config.openai.urls)} server(s))"
+        return (f"generator deployment {deployments[''][0]!r} ({config.generate.backend}, "
+                f"{r.generator_replicas} replica(s))")
+    apps: dict[str, list[str]] = {}
+    for model, (app, _) in deployments.items():
+        apps.setdefault(app, []).append(model)
+    parts = [f"generator deployment {app!r} (vllm, {r.generator_replicas} replica(s)) for "
+             f"{', '.join(map(repr, models))}" for app, models in apps.items()]
+    remote = [n for n in names if n not in deployments]
+    if remote:
+        parts.append(f"openai backend in every actor for {', '.join(map(repr, remote))} "
+                     f"({len(remote)} model{'s' if len(remote) > 1 else ''})")
+    return "; ".join(parts)
 
 
 def _import_ray_data() -> None:

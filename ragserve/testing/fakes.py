@@ -190,7 +190,7 @@ def opening(monkeypatch: Any, rag: RAG) -> list[str]:
     opened: list[str] = []
 
     @contextlib.contextmanager
-    def this_rag(path: Any, cfg: Any = None) -> Any:
+    def this_rag(path: Any, cfg: Any = None, **options: Any) -> Any:  # (start_engine=, embedder=...)
         opened.append(str(path))
         yield rag
 

@@ -62,6 +62,27 @@ def tokenizer_key(config: Any) -> tuple[Any, ...]:
     return ("local", g.model)
 
 
+async def model_generators(handles: dict[str, Any], config: Any) -> dict[str, Any]:
+    """A ``client.RayGenerator`` per model over the handle of the generator deployment that
+    serves it: ``""`` for the one ``[generate]`` model, else a name of ``[models]`` (named
+    on every call). Waits until each deployment is up (its engine warm) and keeps its model
+    name; models over one folder (or one set of servers) share a tokenizer. An ingress
+    replica and each ``batch --ray`` actor (``ray/batch.py``) build theirs here."""
+    from ragserve.ray.serve.client import RayGenerator
+
+    gens: dict[str, Any] = {}
+    tokenizers: dict[Any, Any] = {}
+    for name, handle in handles.items():
+        model_cfg = config.model_config(name) if name else config
+        info = await handle.describe.remote(**({"model": name} if name else {}))
+        key = tokenizer_key(model_cfg)
+        if key not in tokenizers:
+            tokenizers[key] = await asyncio.to_thread(ingress_tokenizer, model_cfg)
+        gens[name] = RayGenerator(handle, info, tokenizers[key], probe_interval_s=config.ray.probe_interval_s,
+                                  model=name)
+    return gens
+
+
 class IngressServer:
     """The deployment's class (``app.py`` wraps it with ``serve.ingress()`` and
     ``serve.deployment``). ``index``: a path every node can read (a shared volume, or the
@@ -76,7 +97,6 @@ class IngressServer:
 
         from ragserve.config import RAGConfig
         from ragserve.rag import RAG
-        from ragserve.ray.serve.client import RayGenerator
         from ragserve.ray.serve.metrics import RayMetrics
         from ragserve.server.auth import ApiKeys
 
@@ -86,18 +106,7 @@ class IngressServer:
             cfg = cfg.replace(server={"quota_redis_url": cfg.cache.redis_url})
         self.config = cfg
         self.replica = serve.get_replica_context().replica_id.unique_id
-        # Waits until each generator replica is up (its engine warm), then keeps its model name.
-        gens: dict[str, RayGenerator] = {}
-        tokenizers: dict[Any, Any] = {}  # models over one folder (or one set of servers) share it
-        for name, handle in (generator.items() if isinstance(generator, dict) else [("", generator)]):
-            model_cfg = cfg.model_config(name) if name else cfg
-            info = await handle.describe.remote(**({"model": name} if name else {}))
-            key = tokenizer_key(model_cfg)
-            if key not in tokenizers:
-                tokenizers[key] = await asyncio.to_thread(ingress_tokenizer, model_cfg)
-            tokenizer = tokenizers[key]
-            gens[name] = RayGenerator(handle, info, tokenizer, probe_interval_s=cfg.ray.probe_interval_s,
-                                      model=name)
+        gens = await model_generators(generator if isinstance(generator, dict) else {"": generator}, cfg)
         gen = gens.pop("", None)
         s = cfg.server
         self.keys = ApiKeys.load(s.api_keys_file) if s.api_keys_file else None
