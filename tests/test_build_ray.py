@@ -286,7 +286,10 @@ def test_a_sharded_ray_build_is_the_local_sharded_build_and_rebuilds_only_change
     but ``created_at``, chunks, each shard's fingerprint: ``_shard_set``); then one file
     changed: the Ray build embeds that file's chunks alone, on the actors, rebuilds its
     shard and links the others, and again equals the local incremental build."""
+    from rich.console import Console
+
     from ragserve.build.sharded import build_sharded
+    from ragserve.build.summary import print_build_summary
     from ragserve.index.shards import shard_name, shard_of
     from ragserve.ray.build import build_sharded_ray
 
@@ -317,6 +320,11 @@ def test_a_sharded_ray_build_is_the_local_sharded_build_and_rebuilds_only_change
             ray2.version / shard_name(i) / "index.faiss").stat().st_ino
         assert same == (i != n)
     assert _shard_set(ray2.version) == _shard_set(local2.version)
+    printed = Console(record=True, width=200)
+    print_build_summary(printed, ray2)  # what `build-index --shards 3 --ray` prints
+    text = printed.export_text()
+    assert "files read on this machine; 1 embedding actors" in text and "actor 0 on" in text
+    assert f"{shard_name(n)}: {ray2.shards[n]['chunks']} chunks, rebuilt" in text and "linked" in text
 
 
 def test_cli_build_index_shards_ray_builds_the_shards_on_ray(tmp_path, monkeypatch):
