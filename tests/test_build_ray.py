@@ -253,3 +253,98 @@ def test_actors_that_cannot_start_fail_the_build_with_the_cpus_free(tmp_path, xq
         build_ray.build_index_ray(xquad_corpus[0], tmp_path / "out", FINE_SLICES, embedder=embedder, actors=3)
     assert not (tmp_path / "out").exists()
     assert _cpus_free_again(sys.modules["ray"])  # the two actors that did start were stopped
+
+
+def _shard_set(version):
+    """The top manifest and every shard's manifest (without ``created_at``), and every
+    shard's chunks, of one version of a sharded index.
+
+    Left out of the top: its ``files`` (each shard's manifest.json by SHA-256: those bytes
+    hold the shard's ``created_at``), so its ``fingerprint``, and so the previous version's
+    (``build.previous``): the run-dependent parts of a sharded build. What they vouch for is
+    compared instead: each shard's manifest but ``created_at``, and each shard's fingerprint
+    as the top lists it."""
+    from ragserve.index.manifest import read_manifest
+    from ragserve.retrieval.docstore import LazyDocStore
+
+    top = read_manifest(version)
+    shards = {}
+    for entry in top.data["shards"]:
+        store = LazyDocStore(top.folder / entry["name"])
+        chunks = [(c.chunk_id, c.doc_id, c.text, c.metadata) for c in store.get_many(range(len(store)))]
+        store.close()
+        shards[entry["name"]] = (_manifest_body(read_manifest(top.folder / entry["name"])), chunks)
+    body = {k: v for k, v in _manifest_body(top).items() if k not in ("files", "fingerprint")}
+    body["build"] = {k: v for k, v in body["build"].items() if k != "previous"}
+    return body, shards
+
+
+@pytest.mark.ray
+def test_a_sharded_ray_build_is_the_local_sharded_build_and_rebuilds_only_changed_shards(
+        tmp_path, xquad_corpus, embedder, replay_embedder, ray_cluster):
+    """``build-index --shards 3 --ray`` against ``--shards 3``: the same shard set (manifests
+    but ``created_at``, chunks, each shard's fingerprint: ``_shard_set``); then one file
+    changed: the Ray build embeds that file's chunks alone, on the actors, rebuilds its
+    shard and links the others, and again equals the local incremental build."""
+    from rich.console import Console
+
+    from ragserve.build.sharded import build_sharded
+    from ragserve.build.summary import print_build_summary
+    from ragserve.index.shards import shard_name, shard_of
+    from ragserve.ray.build import build_sharded_ray
+
+    src = tmp_path / "src"
+    shutil.copytree(xquad_corpus[0], src)
+    # The default slices: a full build of the corpus is one slice, the call xquad_index made
+    # already (replayed locally; the actor embeds it for real, and must match it).
+    local = build_sharded(src, tmp_path / "local", RAGConfig(), shards=3, embedder=replay_embedder)
+    driver = CountingEmbedder(embedder)
+    on_ray = build_sharded_ray(src, tmp_path / "ray", RAGConfig(), shards=3, embedder=driver, actors=1)
+    assert driver.texts == []  # the actor embedded, not this process
+    assert _shard_set(on_ray.version) == _shard_set(local.version)
+    assert on_ray.cluster["actors"] == 1 and on_ray.cluster["per_actor"][0]["chunks"] == on_ray.chunks
+    assert {"ray_start", "actors", "embed"} <= set(on_ray.seconds)
+
+    changed = sorted(src.glob("*.txt"))[3]
+    changed.write_text(changed.read_text("utf-8") + " The shard archive moved in 2031.", encoding="utf-8")
+    n = shard_of(changed.name, 3)
+    local2 = build_sharded(src, tmp_path / "local", RAGConfig(), shards=3, embedder=replay_embedder)
+    ray2 = build_sharded_ray(src, tmp_path / "ray", RAGConfig(), shards=3, embedder=driver, actors=1)
+    assert driver.texts == []
+    assert ray2.mode == "incremental" and ray2.changes["changed"] == 1
+    assert [s["action"] for s in ray2.shards] == ["rebuilt" if i == n else "linked" for i in range(3)]
+    record = _shard_set(ray2.version)[1][shard_name(n)][0]["corpus"]["files"][changed.name]
+    assert ray2.embedded == record["chunks"] == sum(a["chunks"] for a in ray2.cluster["per_actor"])
+    for i in range(3):  # the linked shards are the previous version's very files
+        same = (on_ray.version / shard_name(i) / "index.faiss").stat().st_ino == (
+            ray2.version / shard_name(i) / "index.faiss").stat().st_ino
+        assert same == (i != n)
+    assert _shard_set(ray2.version) == _shard_set(local2.version)
+    printed = Console(record=True, width=200)
+    print_build_summary(printed, ray2)  # what `build-index --shards 3 --ray` prints
+    text = printed.export_text()
+    assert "files read on this machine; 1 embedding actors" in text and "actor 0 on" in text
+    assert f"{shard_name(n)}: {ray2.shards[n]['chunks']} chunks, rebuilt" in text and "linked" in text
+
+
+def test_cli_build_index_shards_ray_builds_the_shards_on_ray(tmp_path, monkeypatch):
+    """``--shards N --ray`` goes to ``build_sharded_ray`` with the shard count and the Ray
+    options (once refused); ``--dry-run`` with ``--shards`` is still refused. Recorded at the
+    call, so no cluster and no model is needed."""
+    pytest.importorskip("ray")
+    from ragserve.ray import build as build_ray
+
+    seen: list[tuple] = []
+
+    def stop(source, out, config, **kwargs):
+        seen.append((config.index.shards, kwargs["address"], kwargs["actors"]))
+        raise ClusterError("stopped before the cluster")
+
+    monkeypatch.setattr(build_ray, "build_sharded_ray", stop)
+    flags = ["--shards", "2", "--ray", "--ray-address", "local", "--ray-actors", "3"]
+    result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 1 and "stopped before the cluster" in result.output, result.output
+    assert seen == [(2, "local", 3)]
+    dry = CliRunner().invoke(app, ["build-index", str(tmp_path), "--out", str(tmp_path / "out"),
+                                   "--shards", "2", "--dry-run"])
+    assert dry.exit_code == 2 and "--dry-run" in dry.output

@@ -229,3 +229,39 @@ def test_with_allow_partial_a_killed_shard_actor_without_a_twin_gives_the_other_
     eventually(lambda: "missing_shards" not in retrieve(served.url, q).json(), CLUSTER_WAIT_S, 0.2,
                "the supervisor's new copy to answer")
     assert [s["chunk_id"] for s in retrieve(served.url, q).json()["sources"]] == whole
+
+
+def test_ivf_shards_on_one_quantizer_over_shard_actors_recall_the_single_ivf_index(
+        served, xquad_corpus, replay_embedder, tmp_path):
+    """IVF shards (``build_sharded``'s shared coarse quantizer) held by shard actors: the
+    fan-out's top-10 recalls the single IVF index's at the same nprobe (target >= 0.99). A
+    supervisor of its own, as its own application on the module's Serve (the served
+    application's supervisor keeps only two versions)."""
+    from ray import serve
+
+    from ragserve.build.builder import build_index
+    from ragserve.build.sharded import build_sharded
+    from ragserve.engine.served import open_index
+    from ragserve.ray.serve.app import SHARDS
+    from ragserve.ray.serve.fanout import shard_opener
+    from ragserve.ray.serve.shards import ShardSupervisor
+
+    cfg = RAGConfig().replace(index={"index_type": "ivf-fp16", "ivf_nlist": 4, "ivf_nprobe": 2},
+                              ray={"shard_num_cpus": 0.1, "shard_timeout_s": 5.0})
+    build_index(xquad_corpus[0], tmp_path / "ivf", cfg, embedder=replay_embedder)
+    build_sharded(xquad_corpus[0], tmp_path / "ivf2", cfg, shards=2, embedder=replay_embedder)
+    supervisor = serve.deployment(ShardSupervisor, name=SHARDS, ray_actor_options={"num_cpus": 0})
+    handle = serve.run(supervisor.bind(cfg.to_dict()), name=f"{APP}-ivf", route_prefix=None)
+    try:
+        _, one, one_docs = open_index(tmp_path / "ivf", cfg, replay_embedder)
+        _, remote, docs = open_index(tmp_path / "ivf2", cfg, replay_embedder, shard_opener(handle, cfg))
+        vectors = replay_embedder.inner.encode(served.questions)
+        found = total = 0
+        for want, got in zip(one.search(vectors, 10), remote.search(vectors, 10), strict=True):
+            texts = {c.text for c in one_docs.get_many([h.chunk_id for h in want])}
+            found += len(texts & {c.text for c in docs.get_many([h.chunk_id for h in got])})
+            total += len(texts)
+        remote.close()
+        assert found / total >= 0.99, found / total
+    finally:
+        serve.delete(f"{APP}-ivf")

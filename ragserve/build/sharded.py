@@ -23,6 +23,7 @@ every shard (``auto`` picks by the whole corpus).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,14 @@ def build_sharded(
     encoding: str | None = None,
     progress: ProgressFn | None = None,
     full: bool = False,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
 ) -> BuildReport:
     """Build or update the sharded index at ``out`` (``shards``: default ``index.shards``).
+
+    ``embed`` turns the new chunks of every rebuilt shard (all together, in the corpus's
+    order) into vectors, as ``finish_build``'s does: default ``embedder`` in this process,
+    ``embed_slices`` at a time; ``ray/build.py`` passes its actors' (``build-index --shards
+    --ray``).
 
     **Usage:** ``build_sharded("docs/", "indexes/docs", shards=4)``; ``full=True`` re-embeds everything.
     """
@@ -141,7 +148,7 @@ def build_sharded(
             if s.gathered is None:
                 s.gathered = gather(s.plan, **read)
     t = time.perf_counter()
-    _embed_shards(parts, files, embedder, config, progress)
+    _embed_shards(parts, files, embedder, config, progress, embed)
     timings["embed"] = time.perf_counter() - t
     t = time.perf_counter()
     spec, centroids, quantizer = _shared_quantizer(
@@ -252,7 +259,12 @@ def build_sharded(
 
 
 def _embed_shards(
-    parts: list[_Shard], files: list[Any], embedder: Embedder, config: RAGConfig, progress: ProgressFn | None
+    parts: list[_Shard],
+    files: list[Any],
+    embedder: Embedder,
+    config: RAGConfig,
+    progress: ProgressFn | None,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
 ) -> None:
     """Every rebuilt shard's vectors. The new chunks of all shards are embedded together in
     the corpus's chunk order, in the slices one index's build uses (``embed_slices``):
@@ -267,12 +279,11 @@ def _embed_shards(
             for i in s.gathered.new_ids
         )
     )
-    vectors = embed_texts(
-        embedder,
-        [parts[n].gathered.chunks[i].text for _, i, n in todo],  # type: ignore[union-attr]
-        config.embed.batch_size,
-        progress,
-    )
+    texts = [parts[n].gathered.chunks[i].text for _, i, n in todo]  # type: ignore[union-attr]
+    if embed is not None:
+        vectors = embed(texts)
+    else:
+        vectors = embed_texts(embedder, texts, config.embed.batch_size, progress)
     mine: dict[int, list[int]] = {}
     for row, (_, _, n) in enumerate(todo):
         mine.setdefault(n, []).append(row)

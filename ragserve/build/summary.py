@@ -66,8 +66,11 @@ def print_build_summary(out: Console, report: Any) -> None:
 def _print_cluster(out: Console, cluster: dict[str, Any]) -> None:
     """Where a ``--ray`` build ran, and each embedding actor's share and rate."""
     c = cluster
-    out.print(f"  ray: {c['how']} {c['address']} ({c['nodes']} nodes, {c['cpus']:g} CPUs); {c['files_read']} "
-              f"files in {c['read_tasks']} read tasks; {c['actors']} embedding actors", highlight=False)
+    # A sharded build reads on this machine: its cluster record has no read tasks.
+    read = (f"{c['files_read']} files in {c['read_tasks']} read tasks" if "read_tasks" in c
+            else "files read on this machine")
+    out.print(f"  ray: {c['how']} {c['address']} ({c['nodes']} nodes, {c['cpus']:g} CPUs); {read}; "
+              f"{c['actors']} embedding actors", highlight=False)
     for a in c["per_actor"]:
         out.print(f"    actor {a['actor']} on {a['node']}: model loaded in {a['load_s']} s, {a['chunks']} "
                   f"chunks in {a['seconds']} s ({a['chunks_per_s']} chunks/s, {a['precision']})",

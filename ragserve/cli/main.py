@@ -51,7 +51,7 @@ def build_index_cmd(
     ray: Annotated[bool, typer.Option(
         "--ray", help="Read, chunk and embed on a Ray cluster (needs `pip install ragserve\\[ray]`): the "
                       "same index as a local build, incremental too. On several machines, SOURCE must be at "
-                      "the same path on every node.")] = False,
+                      "the same path on every node. With --shards, only the embedding runs on Ray.")] = False,
     ray_address: RayAddressOpt = None,
     ray_actors: Annotated[Optional[int], typer.Option(
         "--ray-actors", min=1, help="With --ray: embedding actors (default: one per CPU of the "
@@ -72,15 +72,20 @@ def build_index_cmd(
     cfg = load_config(config, chunk={"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "max_file_mb": max_file_mb},
                   index={"index_type": index_type, "ivf_nlist": nlist, "hnsw_m": hnsw_m,
                          "hnsw_ef_construction": ef_construction, "shards": shards})
-    if cfg.index.shards and (ray or dry_run):
-        raise typer.BadParameter("--ray and --dry-run do not build sharded indexes yet; build without them")
+    if cfg.index.shards and dry_run:
+        raise typer.BadParameter("--dry-run does not plan sharded indexes yet; build without it")
     if (ray_address or ray_actors) and not ray:
         raise typer.BadParameter("--ray-address and --ray-actors need --ray")
     if dry_run:
         print_plan(out, plan_build_index(source, out_dir, cfg, encoding=encoding, full=full), out_dir)
         return
     with progress_bars(console) as on_progress:
-        if cfg.index.shards:
+        if cfg.index.shards and ray:
+            from ragserve.ray.build import build_sharded_ray
+
+            report = build_sharded_ray(source, out_dir, cfg, address=ray_address, actors=ray_actors,
+                                       encoding=encoding, progress=on_progress, full=full)
+        elif cfg.index.shards:
             from ragserve.build.sharded import build_sharded
 
             report = build_sharded(source, out_dir, cfg, encoding=encoding, progress=on_progress, full=full)

@@ -19,6 +19,10 @@ Ray cluster (``ragserve build-index --ray``).
 Incremental builds work as locally: unchanged files keep their chunks and vectors from the
 previous index (read on the driver); only new and changed files go to the cluster.
 
+A sharded index (``build_sharded_ray``, ``build-index --shards N --ray``) embeds with the same
+pool and slices, and reads, chunks, links unchanged shards and writes on the driver, as
+``build/sharded.py`` does locally.
+
 On more than one machine: install ragserve and its embedding model on every node (each
 actor checks the model's identity against the driver's), and make the source folder
 readable at the same path on every node (a shared file system): tasks read files where
@@ -47,16 +51,18 @@ from ragserve.build.builder import (
     ProgressFn,
     embed_slices,
     finish_build,
+    ready_embedder,
     start_build,
 )
 from ragserve.build.incremental import FileRead, Gathered, SourceFile, assemble, files_to_read, read_source
 from ragserve.build.ingest import Chunker
+from ragserve.build.textfile import check_encoding
 from ragserve.config import EmbedConfig, RAGConfig
 from ragserve.errors import ClusterError, ModelError, RagserveError
 from ragserve.ray.cluster import ClusterInfo, cluster_target, import_ray, probe, quiet_ray_data, ray_session
 from ragserve.types import Embedder
 
-__all__ = ["ChunkEmbedder", "build_index_ray", "read_files"]
+__all__ = ["ChunkEmbedder", "build_index_ray", "build_sharded_ray", "read_files"]
 
 TASKS_PER_CPU = 4
 """Read tasks per CPU of the cluster: enough that one slow file does not hold the others."""
@@ -102,8 +108,8 @@ def build_index_ray(
             files = files_to_read(build.plan)
             g, tasks = _read_on_ray(ray, build, files, info, progress)
             build.timings["read"] = time.perf_counter() - t
-            pool = _EmbedPool(ray, build, actors or max(1, int(info.cpus // _cpus_per_actor(build))),
-                              progress)
+            pool = _EmbedPool(ray, build.config, build.embedder, build.timings,
+                              actors or max(1, int(info.cpus // _cpus_per_actor(build.config))), progress)
             report = finish_build(build, g, progress=progress, embed=pool.embed)
         except ray.exceptions.RayError as e:
             raise _cause(e) from None
@@ -111,6 +117,59 @@ def build_index_ray(
                       "read_tasks": tasks, "files_read": len(files), **pool.summary()}
     if "actors" in build.timings:
         report.seconds["actors"] = round(build.timings["actors"], 3)
+    return report
+
+
+def build_sharded_ray(
+    source: Path | str,
+    out: Path | str,
+    config: RAGConfig | None = None,
+    *,
+    shards: int | None = None,
+    address: str | None = None,
+    actors: int | None = None,
+    embedder: Embedder | None = None,
+    encoding: str | None = None,
+    progress: ProgressFn | None = None,
+    full: bool = False,
+    num_cpus: int | None = None,
+) -> BuildReport:
+    """``build_sharded`` (``build-index --shards N --ray``) with the new chunks of every
+    rebuilt shard embedded by ``actors`` Ray actors: the pool and the slices of
+    ``build_index_ray``, so the shard set is the one a local sharded build writes (the
+    shards' chunks, float16 codes and fingerprints, and the top fingerprint). Incremental as
+    locally: only the shards whose files changed are read, embedded and written, the others
+    linked. Reading and chunking stay in this process (a sharded build plans, reads and
+    links shard by shard on the driver), so the source need be on this machine only.
+    ``address``, ``actors`` and ``num_cpus`` are ``build_index_ray``'s.
+
+    **Usage:** ``build_sharded_ray("docs/", "indexes/docs", shards=4, address="auto")``
+    """
+    from ragserve.build.sharded import build_sharded
+
+    ray = import_ray()
+    config = config or RAGConfig.load()
+    address, num_cpus = cluster_target(address, num_cpus, config.ray)
+    if address not in (None, "auto", "local"):
+        probe(address)
+    if actors is not None and actors < 1:
+        raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
+    check_encoding(encoding)  # before the model loads
+    embedder, _ = ready_embedder(config, embedder)  # the actors compute the precision it resolved
+    timings: dict[str, float] = {}
+    with ray_session(address, num_cpus=num_cpus) as info:
+        try:
+            pool = _EmbedPool(ray, config, embedder, timings,
+                              actors or max(1, int(info.cpus // _cpus_per_actor(config))), progress)
+            report = build_sharded(source, out, config, shards=shards, embedder=embedder, encoding=encoding,
+                                   progress=progress, full=full, embed=pool.embed)
+        except ray.exceptions.RayError as e:
+            raise _cause(e) from None
+    report.cluster = {"address": info.address, "how": info.how, "nodes": info.nodes, "cpus": info.cpus,
+                      **pool.summary()}
+    report.seconds["ray_start"] = round(info.seconds, 3)
+    if "actors" in timings:
+        report.seconds["actors"] = round(timings["actors"], 3)
     return report
 
 
@@ -195,25 +254,29 @@ class ChunkEmbedder:
 
 
 class _EmbedPool:
-    """``finish_build``'s ``embed``: a Ray Data dataset of the local build's slices, mapped by
-    ``actors`` ``ChunkEmbedder`` actors. Ray Data starts the actors on the first call (a
-    build with nothing new to embed starts none) and stops them when the dataset is done."""
+    """``finish_build``'s (and ``build_sharded``'s) ``embed``: a Ray Data dataset of the local
+    build's slices, mapped by ``actors`` ``ChunkEmbedder`` actors. Ray Data starts the actors on
+    the first call (a build with nothing new to embed starts none) and stops them when the
+    dataset is done."""
 
-    def __init__(self, ray: Any, build: PlannedBuild, actors: int, progress: ProgressFn | None) -> None:
-        self.ray, self.build, self.actors, self.progress = ray, build, actors, progress
+    def __init__(self, ray: Any, config: RAGConfig, embedder: Embedder, timings: dict[str, float],
+                 actors: int, progress: ProgressFn | None) -> None:
+        self.ray, self.embedder, self.actors, self.progress = ray, embedder, actors, progress
+        self.timings = timings  # the build's: "actors" is Ray Data's start-up before the first slice
+        self.batch_size = config.embed.batch_size
         # NOTE: the driver resolves "auto" precision: a node without native bf16 must still
         # compute what the manifest records.
-        config = getattr(build.embedder, "config", build.config.embed)
-        precision = getattr(build.embedder, "precision", config.precision)
-        self.config = dataclasses.replace(config, precision=precision)
-        self.cpus = _cpus_per_actor(build)
+        embed_config = getattr(embedder, "config", config.embed)
+        precision = getattr(embedder, "precision", embed_config.precision)
+        self.config = dataclasses.replace(embed_config, precision=precision)
+        self.cpus = _cpus_per_actor(config)
         self.started = 0
         self.work: dict[str, dict[str, Any]] = {}  # by Ray actor id, in the order they answered
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        batch = self.build.config.embed.batch_size
+        batch = self.batch_size
         slices = embed_slices(len(texts), batch)
-        out = np.empty((len(texts), self.build.embedder.dim), np.float32)
+        out = np.empty((len(texts), self.embedder.dim), np.float32)
         if not slices:
             return out
         n, failure = min(self.actors, len(slices)), None
@@ -231,7 +294,7 @@ class _EmbedPool:
                 ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy", num_cpus=self.cpus,
                                     compute=ray_data.ActorPoolStrategy(size=n), max_restarts=0,
                                     fn_constructor_kwargs={"config": self.config, "batch_size": batch,
-                                                           "identity": self.build.embedder.identity})
+                                                           "identity": self.embedder.identity})
             self.started = n
             try:
                 self._stream(ds, out, t)
@@ -262,7 +325,7 @@ class _EmbedPool:
                 vectors = np.frombuffer(row["vectors"], np.float32).reshape(-1, dim)
                 out[int(row["start"]):int(row["start"]) + len(vectors)] = vectors
                 if not self.work:  # Ray Data starts every actor before it sends the first slice
-                    self.build.timings["actors"] = time.perf_counter() - t - float(row["seconds"])
+                    self.timings["actors"] = time.perf_counter() - t - float(row["seconds"])
                 self._count(row, len(vectors))
                 done += len(vectors)
                 if self.progress:
@@ -292,9 +355,9 @@ def _actor_id() -> str:
     return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"  # None outside an actor
 
 
-def _cpus_per_actor(build: PlannedBuild) -> int:
+def _cpus_per_actor(config: RAGConfig) -> int:
     """CPUs an embedding actor reserves: its torch threads (``embed.threads``), at least 1."""
-    return max(1, build.config.embed.threads)
+    return max(1, config.embed.threads)
 
 
 def _cause(e: Exception) -> BaseException:
