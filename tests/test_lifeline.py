@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ragserve.generators.lifeline import process
 from ragserve.testing.waits import WAIT_S, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +39,7 @@ PARENT = textwrap.dedent("""
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return process(pid) is not None
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

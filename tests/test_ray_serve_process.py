@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ragserve.ray.reaper import command_line
 from ragserve.testing.processes import marked, serve_ray
 from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
@@ -66,7 +67,7 @@ def test_sigkill_of_the_command_while_serving_with_2_replicas_leaves_nothing(xqu
         eventually(lambda: ready.is_file() or proc.poll() is not None, START_S, 0.2,
                    "the application to be up")
         assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-        eventually(lambda: any("DashboardAgent" in _name(p) for p in marked(marker)), CLUSTER_WAIT_S, 0.2,
+        eventually(lambda: any("DashboardAgent" in command_line(p) for p in marked(marker)), CLUSTER_WAIT_S, 0.2,
                    "the raylet's agents to be up")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
@@ -76,12 +77,6 @@ def test_sigkill_of_the_command_while_serving_with_2_replicas_leaves_nothing(xqu
 
 def _none_left(marker: str) -> bool:
     left = marked(marker)
-    assert not left, [(pid, _name(pid)[:80]) for pid in left]
+    assert not left, [(pid, command_line(pid)[:80]) for pid in left]
     return True
 
-
-def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""

@@ -1,9 +1,12 @@
-"""A local Ray cluster's reaper (``ragserve/ray/reaper.py``), without Ray: a starter process
-marks a child as a cluster process would be marked, in a session of its own as Ray's
-workers are. The child starts a grandchild with a blank environment (as Ray's agents blank
-theirs) and ends, as the raylet does before its agents. The grandchild must end when the
-starter is SIGKILLed, or when the starter says the cluster is done, and not before; a
-process the starter started without the marker is left alone."""
+"""A local Ray cluster's reaper (``ragserve/ray/reaper.py``), without Ray.
+
+``ProcessTree`` in process: a root's descendant stays a member after its parent ends (as
+Ray's agents outlive the raylet), with a blank environment (as the agents blank theirs), and
+``kill`` ends it and nothing else. Then the reaper process itself: a starter marks a child
+whose command line has the tag (as Ray's processes name the Ray package), in a session of
+its own as Ray's workers are; the child and its grandchild must end when the starter is
+SIGKILLed, or when the starter says the cluster is done, and not before. A marked process
+without the tag (another thread's child) and a tagged one without the marker are left alone."""
 
 from __future__ import annotations
 
@@ -12,28 +15,33 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
-from ragserve.ray.reaper import ENV, WATCH_S, carrying
+from ragserve.generators.lifeline import process
+from ragserve.ray.reaper import ProcessTree
 from ragserve.testing.waits import WAIT_S, eventually
 
-CHILD = textwrap.dedent("""
-    import subprocess, sys, time
+SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
+PARENT = textwrap.dedent("""
+    import subprocess, sys
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env={})
     print(grandchild.pid, flush=True)
-    time.sleep(float(sys.argv[1]))
+    sys.stdin.readline()
 """)
 STARTER = textwrap.dedent("""
-    import subprocess, sys, time
+    import os, subprocess, sys, time
     from ragserve.ray.reaper import LocalClusterReaper
-    mode, child_code, child_s = sys.argv[1:]
-    reaper = LocalClusterReaper.start()
+    mode, parent_code, tag = sys.argv[1:]
+    reaper = LocalClusterReaper.start(tag=tag)
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
     with reaper.marking():
-        child = subprocess.Popen([sys.executable, "-c", child_code, child_s], start_new_session=True,
-                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    unmarked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-    print(reaper.token, child.pid, unmarked.pid, child.stdout.readline().decode().strip(), flush=True)
-    child.wait()
+        child = subprocess.Popen([sys.executable, "-c", parent_code, tag], start_new_session=True,
+                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        untagged = subprocess.Popen(sleep, start_new_session=True)
+    unmarked = subprocess.Popen(sleep + [tag], start_new_session=True)
+    grandchild = child.stdout.readline().decode().strip()
+    print(child.pid, grandchild, untagged.pid, unmarked.pid, flush=True)
     if mode == "done":
         sys.stdin.readline()
         reaper.done()
@@ -42,22 +50,8 @@ STARTER = textwrap.dedent("""
 """)
 
 
-def start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, str, int, int]:
-    """The starter, the marker, an unmarked process, and the grandchild, once its parent (the
-    child) has ended: then only the reaper's record of the tree knows it."""
-    proc = subprocess.Popen([sys.executable, "-c", STARTER, mode, CHILD, str(4 * WATCH_S)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
-    token, child, unmarked, grandchild = proc.stdout.readline().split()
-    assert carrying(ENV, token) == [int(child)]  # only what was started while marking; not the blank grandchild
-    eventually(lambda: not alive(int(child)), WAIT_S, 0.05, "the child to end")
-    return proc, token, int(unmarked), int(grandchild)
-
-
 def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return process(pid) is not None
 
 
 def stop(*pids: int) -> None:
@@ -68,25 +62,55 @@ def stop(*pids: int) -> None:
             pass
 
 
-def test_a_sigkilled_starter_takes_its_cluster_with_it(tmp_path):
-    proc, token, unmarked, grandchild = start(tmp_path, "kill")
+def test_a_descendant_stays_a_member_after_its_parent_ends_and_kill_ends_only_members():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    other = subprocess.Popen(SLEEP)
+    grandchild = int(parent.stdout.readline())
     try:
-        assert alive(grandchild)
+        tree = ProcessTree(lambda pid: pid == parent.pid)
+        tree.update()
+        assert set(tree.members) == {parent.pid, grandchild}
+        parent.stdin.close()  # the parent ends; its child is an orphan now
+        parent.wait()
+        tree.update()
+        assert set(tree.members) == {grandchild}  # known by the record, not by its parent
+        assert tree.kill() == 1
+        eventually(lambda: not alive(grandchild), WAIT_S, 0.05, "the grandchild to end")
+        assert alive(other.pid)
+    finally:
+        stop(parent.pid, grandchild, other.pid)
+
+
+def start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, list[int]]:
+    """The starter, and the pids of: the tagged marked child, its grandchild, an untagged
+    marked process and a tagged unmarked one."""
+    tag = f"ragserve-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen([sys.executable, "-c", STARTER, mode, PARENT, tag], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+    return proc, [int(p) for p in proc.stdout.readline().split()]
+
+
+def test_a_sigkilled_starter_takes_its_cluster_with_it(tmp_path):
+    proc, pids = start(tmp_path, "kill")
+    child, grandchild, untagged, unmarked = pids
+    try:
+        assert all(alive(p) for p in pids)
         os.killpg(proc.pid, signal.SIGKILL)  # the starter's whole group: the reaper is not in it
         proc.wait()
-        eventually(lambda: not alive(grandchild), WAIT_S, 0.05, "the orphaned grandchild to be reaped")
-        assert alive(unmarked)
+        eventually(lambda: not alive(child) and not alive(grandchild), WAIT_S, 0.05, "the cluster to be reaped")
+        assert alive(untagged) and alive(unmarked)
     finally:
-        stop(grandchild, unmarked)
+        stop(*pids)
 
 
 def test_done_reaps_what_the_cluster_left_and_the_starter_lives_on(tmp_path):
-    proc, token, unmarked, grandchild = start(tmp_path, "done")
+    proc, pids = start(tmp_path, "done")
+    child, grandchild, untagged, unmarked = pids
     try:
-        assert alive(grandchild)
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "done"  # done() waited for the reaper to finish
-        assert not alive(grandchild) and alive(unmarked) and proc.poll() is None
+        assert not alive(child) and not alive(grandchild)
+        assert alive(untagged) and alive(unmarked) and proc.poll() is None
     finally:
-        stop(proc.pid, grandchild, unmarked)
+        stop(proc.pid, *pids)

@@ -29,7 +29,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
 
 log = logging.getLogger("ragserve.generate")
 
@@ -105,6 +106,42 @@ def exit_fast(code: int) -> NoReturn:
     os._exit(code)
 
 
+class Proc(NamedTuple):
+    """A live process as ``/proc/PID/stat`` gives it."""
+
+    ppid: int
+    pgrp: int
+    start: int
+    """Start time in clock ticks since boot (field 22 of stat): with the pid, it names one
+    process (pids are reused)."""
+
+
+def process(pid: int | str) -> Proc | None:
+    """The live process ``pid``, from ``/proc``; None if it has ended. Zombies do not count:
+    an orphan that has ended stays one until init reaps it, and holds nothing by then."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):  # ended meanwhile
+        return None
+    return None if fields[0] == "Z" else Proc(int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def process_table() -> dict[int, Proc]:
+    """Every live process of this machine (``process``)."""
+    return {int(p.name): proc for p in Path("/proc").iterdir() if p.name.isdigit() and (proc := process(p.name))}
+
+
+def pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (it turns readable when the process ends), or None where this
+    kernel or Python has none. ProcessLookupError if it has ended already."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
+    except (AttributeError, OSError):
+        return None
+
+
 def watch_parent(parent: int | None = None) -> threading.Thread | None:
     """In a child: SIGKILL this process as soon as ``parent`` (default: ``$RAGSERVE_ENGINE_PARENT``)
     ends, from a daemon thread. Returns the thread, or None without a parent to watch."""
@@ -113,12 +150,10 @@ def watch_parent(parent: int | None = None) -> threading.Thread | None:
     if parent <= 1:
         return None
     try:
-        fd: int | None = os.pidfd_open(parent)
+        fd = pidfd(parent)  # None: poll
     except ProcessLookupError:  # gone before the child got here
         os.kill(os.getpid(), signal.SIGKILL)
         raise
-    except (AttributeError, OSError):  # no pidfd here: poll
-        fd = None
 
     def wait() -> None:
         if fd is not None:

@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from ragserve.errors import ClusterError, ConfigError
-from ragserve.ray.reaper import LocalClusterReaper
+from ragserve.ray.reaper import LocalClusterReaper, pythonpath
 
 INSTALL_HINT = "`pip install ragserve[ray]`"
 PROBE_TIMEOUT_S = 5.0
@@ -166,7 +166,7 @@ def start_local(ray: ModuleType, **kwargs: Any) -> LocalClusterReaper:
     """``ray.init(address="local", **kwargs)``, with the cluster's processes holding group
     signals (``group_signals_held``) and bound to this process by a reaper (``reaper.py``):
     call its ``done()`` after ``ray.shutdown()``."""
-    reaper = LocalClusterReaper.start()
+    reaper = LocalClusterReaper.start(tag=str(Path(ray.__file__).resolve().parent))
     try:
         with group_signals_held(), reaper.marking():
             ray.init(address="local", **kwargs)
@@ -226,11 +226,7 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
 def _this_ragserve() -> dict[str, dict[str, str]]:
     """A local cluster's workers import the ragserve this process runs, also when it is
     on ``sys.path`` by hand (a script's checkout) rather than installed."""
-    import ragserve
-
-    here = str(Path(ragserve.__file__).resolve().parent.parent)
-    paths = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+    return {"env_vars": {"PYTHONPATH": pythonpath()}}
 
 
 def _info(ray: ModuleType, how: str, seconds: float) -> ClusterInfo:

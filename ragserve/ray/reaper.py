@@ -7,32 +7,33 @@ with it, but the raylet's two agents (``ray::DashboardAgent``, ``ray::RuntimeEnv
 try to report the raylet's death to the dead GCS and stay about 60 s (a timeout fixed in
 Ray), and anything a worker started is on its own.
 
-So the processes of a local cluster carry a marker in their environment
-(``RAGSERVE_CLUSTER=<token>``, set only while ``ray.init`` starts them: every process the
-cluster starts inherits it, whatever its session or process group), and a small reaper
-process waits for the starter to end, then SIGKILLs the cluster's processes.
+So a small reaper process waits for the starter to end, then SIGKILLs the cluster's
+processes. Which processes those are:
 
-The cluster's processes are those that carry the marker and their descendants. The marker
-alone is not enough: Ray's agents retitle themselves (``setproctitle``), which blanks their
-``/proc/PID/environ``. So while the starter lives, the reaper records the tree every
-``WATCH_S`` (pid and start time: a pid reused later is not taken for a member), and the
-descendants stay known after their parent (the raylet) is gone. A process started in the
-last ``WATCH_S`` under a parent that died with the starter can be missed.
+- **the roots**: processes whose environment carries ``RAGSERVE_CLUSTER=<token>`` (set in
+  the starter only while ``ray.init`` starts the cluster, and inherited by everything the
+  cluster starts) *and* whose command line names the Ray package's folder. The second test
+  keeps out a process another thread of the starter happened to start in that window.
+- **their descendants**, by parent pid. Ray's agents retitle themselves (``setproctitle``),
+  which blanks their ``/proc/PID/environ``; they are the raylet's children. So while the
+  starter lives the reaper records the tree every ``WATCH_S`` (pid and start time: a pid
+  reused later is not taken for a member), and a descendant stays known after its parent
+  has ended. One started in the last ``WATCH_S`` under a parent that died with the starter
+  can be missed.
 
-- The reaper runs in a session of its own, so a signal to the starter's process group
-  (``kill -- -PGID``, Ctrl-C) does not reach it.
-- It wakes when the starter ends (a pidfd of it) or closes the reaper's stdin, which
-  ``LocalClusterReaper.done`` does after a graceful ``ray.shutdown``: leftovers are reaped
-  then, and the reaper ends with the cluster rather than with the process.
-- It kills in passes until nothing carrying the marker is left (a dying raylet may still
-  start a worker), bounded by ``REAP_S``.
+The reaper runs in a session of its own (a signal to the starter's process group does not
+reach it), holds SIGTERM and SIGHUP blocked and ignores SIGINT, so only the starter's end or
+``LocalClusterReaper.done`` (after a graceful ``ray.shutdown``: leftovers are reaped then,
+and the reaper ends with the cluster) sets it off. It needs Linux's ``/proc``; without it,
+or if the reaper cannot start, the cluster runs unbound, with a warning.
 
-**Usage:** ``reaper = LocalClusterReaper.start(); with reaper.marking(): ray.init(...)``;
+**Usage:** ``reaper = LocalClusterReaper.start(tag=ray_dir); with reaper.marking(): ray.init(...)``;
 after ``ray.shutdown()``: ``reaper.done()``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -41,84 +42,74 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ragserve.generators.lifeline import Proc, pidfd, process, process_table
+
+log = logging.getLogger("ragserve.ray")
+
 ENV = "RAGSERVE_CLUSTER"
-"""The marker every process of a local cluster started here carries."""
+"""The marker the roots of a local cluster started here carry."""
 REAP_S = 10.0
 """The longest the reaper keeps killing what it finds."""
 WATCH_S = 0.5
 """How often the reaper records the cluster's processes while the starter lives (and,
 without pidfds, kernels before 5.3, checks that the starter still lives)."""
+READY_S = 30.0
+"""How long the starter waits for the reaper's first record before going on without it."""
 
 
-def carrying(name: str, value: str, *, exclude: int | None = None) -> list[int]:
-    """Live processes (not zombies) whose environment has ``name=value``, whatever their
-    process group or session. Processes this user may not read are skipped."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == exclude:
-            continue
-        try:
-            if needle not in (p / "environ").read_bytes().split(b"\0"):
-                continue
-            if (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(p.name))
-        except (OSError, IndexError):  # ended meanwhile, or not ours to read
-            continue
-    return found
+def carries(pid: int, name: str, value: str) -> bool:
+    """Whether ``pid``'s environment (as it was at exec) has ``name=value``."""
+    try:
+        return f"{name}={value}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # ended, or not ours to read
+        return False
 
 
-def _live() -> dict[int, tuple[int, int]]:
-    """Every live process (not a zombie): pid -> (parent pid, start time in clock ticks)."""
-    table = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # ended meanwhile
-            continue
-        if fields[0] != "Z":
-            table[int(p.name)] = (int(fields[1]), int(fields[19]))
-    return table
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
-class ClusterTree:
-    """The processes that carry ``name=value`` and their descendants, as last recorded."""
+class ProcessTree:
+    """The processes ``is_root`` takes and their descendants, as last recorded."""
 
-    def __init__(self, name: str, value: str, *, exclude: int | None = None) -> None:
-        self._needle = f"{name}={value}".encode()
-        self._exclude = exclude
+    def __init__(self, is_root: Callable[[int], bool], *, exclude: int | None = None) -> None:
+        self._is_root, self._exclude = is_root, exclude
+        self._judged: dict[tuple[int, int], bool] = {}  # (pid, start) -> is a root; exec-time facts
         self.members: dict[int, int] = {}
         """pid -> start time of every member seen and not yet known to have ended."""
         self._lock = threading.Lock()  # a test records from a thread while it asks
 
-    def update(self) -> dict[int, tuple[int, int]]:
-        """Record the members alive now (members that ended are forgotten); the table read."""
-        live = _live()
+    def update(self) -> None:
+        """Record the members alive now; members that ended are forgotten."""
+        live = process_table()
         with self._lock:
-            members = {pid: t for pid, t in self.members.items() if live.get(pid, (0, -1))[1] == t}
-            grew = True
-            while grew:  # a child can be listed before its parent
-                grew = False
-                for pid, (ppid, t) in live.items():
-                    if pid in members or pid == self._exclude:
-                        continue
-                    if ppid in members or self._carries(pid):
-                        members[pid] = t
-                        grew = True
+            members = {pid: t for pid, t in self.members.items() if pid in live and live[pid].start == t}
+            children: dict[int, list[int]] = {}
+            for pid, proc in live.items():
+                children.setdefault(proc.ppid, []).append(pid)
+                if pid not in members and pid != self._exclude and self._root(pid, proc):
+                    members[pid] = proc.start
+            todo = list(members)
+            while todo:  # every descendant of a member, breadth first
+                for child in children.get(todo.pop(), ()):
+                    if child not in members and child != self._exclude:
+                        members[child] = live[child].start
+                        todo.append(child)
             self.members = members
-        return live
+            self._judged = {k: v for k, v in self._judged.items() if k[0] in live and live[k[0]].start == k[1]}
 
-    def _carries(self, pid: int) -> bool:
-        try:
-            return self._needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            return False
+    def _root(self, pid: int, proc: Proc) -> bool:
+        key = (pid, proc.start)
+        if key not in self._judged:
+            self._judged[key] = self._is_root(pid)
+        return self._judged[key]
 
     def kill(self, bound_s: float = REAP_S) -> int:
         """SIGKILL every member, pass after pass, until a pass finds none alive (or
@@ -127,33 +118,75 @@ class ClusterTree:
         deadline = time.monotonic() + bound_s
         while True:
             self.update()
-            for pid in list(self.members):
-                try:
-                    os.kill(pid, signal.SIGKILL)
+            with self._lock:
+                members = dict(self.members)
+            for pid, start in members.items():
+                if _kill(pid, start):
                     killed.add(pid)
-                except ProcessLookupError:
-                    pass
-            if not self.members or time.monotonic() > deadline:
+            if not members or time.monotonic() > deadline:
                 return len(killed)
             time.sleep(0.05)
+
+
+def _kill(pid: int, start: int) -> bool:
+    """SIGKILL ``pid`` if it is still the process that started at ``start``: through a
+    pidfd, so a pid reused between the check and the signal is not hit."""
+    try:
+        fd = pidfd(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if (proc := process(pid)) is None or proc.start != start:
+            return False
+        if fd is not None:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):  # ended; or reused by another user's process
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def pythonpath() -> str:
+    """``PYTHONPATH`` with the folder this ragserve is imported from first: a child
+    interpreter (the reaper, a local cluster's workers) imports the same ragserve, also
+    when it is on ``sys.path`` by hand (a script's checkout) rather than installed."""
+    here = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here])
 
 
 class LocalClusterReaper:
     """The reaper of one local cluster, seen from the process that starts the cluster."""
 
-    def __init__(self, token: str, proc: subprocess.Popen) -> None:
+    def __init__(self, token: str, proc: subprocess.Popen | None) -> None:
         self.token, self._proc = token, proc
 
     @classmethod
-    def start(cls) -> LocalClusterReaper:
+    def start(cls, tag: str) -> LocalClusterReaper:
+        """Start the reaper and wait for its first record. ``tag``: what a root's command
+        line contains (the Ray package's folder)."""
         token = uuid.uuid4().hex
-        proc = subprocess.Popen([sys.executable, "-m", "ragserve.ray.reaper", str(os.getpid()), token],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+        if not Path("/proc/self/stat").exists():
+            log.warning("a local Ray cluster started here is not bound to this process: no /proc to "
+                        "find its processes by; if this process is killed, stop the cluster with `ray stop`")
+            return cls(token, None)
+        proc = subprocess.Popen([sys.executable, "-m", "ragserve.ray.reaper", str(os.getpid()), token, tag],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": pythonpath()})
+        ready, _, _ = select.select([proc.stdout], [], [], READY_S)
+        if not ready or proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            log.warning("a local Ray cluster started here is not bound to this process: its reaper did not "
+                        "start (exit %s); if this process is killed, stop the cluster with `ray stop`", proc.wait())
+            return cls(token, None)
         return cls(token, proc)
 
     @contextmanager
     def marking(self) -> Iterator[None]:
-        """Processes started inside this block carry the marker (and so are reaped)."""
+        """Processes started inside this block carry the marker (and so can be roots)."""
         before = os.environ.get(ENV)
         os.environ[ENV] = self.token
         try:
@@ -166,25 +199,32 @@ class LocalClusterReaper:
 
     def done(self, timeout_s: float = REAP_S + 5) -> None:
         """The cluster was shut down: reap what is left of it now, and let the reaper end."""
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
+        if self._proc is None:
+            return
+        self._proc.stdin.close()
         try:
-            self._proc.wait(timeout_s)
+            code = self._proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self._proc.kill()
+            code = self._proc.wait()
+        if code != 0:
+            log.warning("the local Ray cluster's reaper ended with status %s: some of its processes may be left", code)
 
 
-def _watch(parent: int, tree: ClusterTree) -> None:
-    """Record ``tree`` every ``WATCH_S`` until ``parent`` has ended or closed our stdin."""
+def _watch(parent: int, tree: ProcessTree) -> None:
+    """Record ``tree`` every ``WATCH_S`` until ``parent`` has ended or closed our stdin;
+    says ``ready`` on stdout after the first record."""
     try:
-        fd: int | None = os.pidfd_open(parent)
+        fd = pidfd(parent)
     except ProcessLookupError:
         return
-    except (AttributeError, OSError):
-        fd = None
     watched = [sys.stdin] + ([fd] if fd is not None else [])
+    said = False
     while os.getppid() == parent:  # else it ended before the pidfd was open (its pid may be reused)
         tree.update()
+        if not said:
+            print("ready", flush=True)
+            said = True
         ready, _, _ = select.select(watched, [], [], WATCH_S)
         if fd in ready:
             return
@@ -193,9 +233,11 @@ def _watch(parent: int, tree: ClusterTree) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parent, token = int(argv[0]), argv[1]
+    parent, token, tag = int(argv[0]), argv[1], argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the starter's Ctrl-C is the starter's
-    tree = ClusterTree(ENV, token, exclude=os.getpid())
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # `pkill -f ragserve`
+    me = os.getpid()
+    tree = ProcessTree(lambda pid: carries(pid, ENV, token) and tag in command_line(pid), exclude=me)
     _watch(parent, tree)
     tree.kill()
 

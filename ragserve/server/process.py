@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ragserve.generators.lifeline import process_table
+
 
 def wait_until_ready(proc: subprocess.Popen[bytes], ready: Path, timeout_s: float, poll_s: float = 0.1) -> str | None:
     """The loopback URL of a server started with ``--ready-file ready`` (it writes its port
@@ -109,16 +111,5 @@ class ServerProcess:
 
 
 def group_members(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid``, from ``/proc``. Zombies do not count:
-    an orphan that has ended stays one until init reaps it, and holds nothing by then."""
-    members = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # ended meanwhile
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
-            members.append(int(p.name))
-    return members
+    """The live processes of process group ``pgid`` (zombies do not count)."""
+    return [pid for pid, proc in process_table().items() if proc.pgrp == pgid]

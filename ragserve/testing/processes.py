@@ -1,7 +1,9 @@
 """``ragserve serve --ray`` as a supervisor runs it, and the processes it leaves behind.
 
 Ray's own processes make their own sessions and process groups, so "nothing left" is checked
-by a marker in the environment: every process the command starts inherits it.
+by a marker in the environment, which every process the command starts inherits, and by
+descent: Ray's agents blank their environment when they retitle themselves, so the tree is
+recorded while the command runs (``marked``).
 ``tests/test_ray_serve_process.py`` stops the command once per case;
 ``benchmarks/bench_stops.py`` repeats every case to catch a timing window.
 
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ragserve.ray.reaper import ClusterTree
+from ragserve.ray.reaper import ProcessTree, carries
 from ragserve.testing.fake_openai import Behaviour, FakeOpenAI
 from ragserve.testing.http import running
 from ragserve.testing.redis import redis_server
@@ -29,7 +31,7 @@ from ragserve.testing.redis import redis_server
 MARKER_ENV = "RAGSERVE_TEST_MARKER"
 
 
-_trees: dict[str, ClusterTree] = {}
+_trees: dict[str, ProcessTree] = {}
 """The process tree of each command ``serve_ray`` runs, recorded while it runs."""
 RECORD_S = 0.2
 
@@ -39,20 +41,24 @@ def marked(marker: str) -> list[int]:
     carries it and their descendants, whatever their process group or session (Ray's own
     processes make their own). Ray's agents blank their environment when they retitle
     themselves, so ``serve_ray`` records the tree while the command runs
-    (``ray.reaper.ClusterTree``); a descendant whose parent ended is known from that record."""
-    tree = _trees.get(marker) or ClusterTree(MARKER_ENV, marker)
+    (``ray.reaper.ProcessTree``); a descendant whose parent ended is known from that record."""
+    tree = _trees.get(marker) or _tree(marker)
     tree.update()
     return sorted(tree.members)
 
 
 def kill_marked(marker: str) -> int:
     """SIGKILL whatever ``marked`` finds, until none is left; how many there were."""
-    return (_trees.get(marker) or ClusterTree(MARKER_ENV, marker)).kill()
+    return (_trees.get(marker) or _tree(marker)).kill()
+
+
+def _tree(marker: str) -> ProcessTree:
+    return ProcessTree(lambda pid: carries(pid, MARKER_ENV, marker))
 
 
 @contextmanager
 def _recorded(marker: str) -> Iterator[None]:
-    tree = _trees[marker] = ClusterTree(MARKER_ENV, marker)
+    tree = _trees[marker] = _tree(marker)
     stop = threading.Event()
 
     def record() -> None:
