@@ -220,11 +220,11 @@ def test_real_engine_in_a_generator_deployment(ray_cluster, xquad_index, xquad_c
         assert r["usage"]["prompt_tokens"] > 100
         # vLLM's own stage split, carried back through the deployment
         assert r["timings"]["generate_first_token"] > 0 and r["timings"]["generate_decode"] >= 0
-    for i in range(2):  # the same prompt, greedy: the short answer is the long one cut at 4 tokens
-        short, long = got[f"s{i}"], got[f"q{i}"]
+    for i in range(2):  # the same prompt, each model's own max_tokens (not its text: vLLM on a CPU is
+        short, long = got[f"s{i}"], got[f"q{i}"]  # not batch-invariant, so greedy answers may differ)
         assert short["usage"]["prompt_tokens"] == long["usage"]["prompt_tokens"]
         assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 4
-        assert long["usage"]["completion_tokens"] > 4 and long["answer"].startswith(short["answer"].rstrip())
+        assert long["usage"]["completion_tokens"] > 4
     assert not [a for a in serve.status().applications if a.startswith("batch-engine")]
 
 

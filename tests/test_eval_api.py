@@ -168,3 +168,21 @@ def test_each_report_of_the_endpoint_is_what_ragserve_eval_json_writes(tmp_path,
         assert theirs["per_question"][-1]["rank"] is None  # the unlabelled question
     # top_k reaches the answers: one source or four in the prompt, other words answered
     assert [r["answer"] for r in cli[1]["per_question"]] != [r["answer"] for r in cli[4]["per_question"]]
+
+
+def test_an_unknown_model_without_models_fails_the_report_once_before_any_pass(tmp_path):
+    """Without ``[models]`` the one served model's name is known only once the RAG is open:
+    ``--model`` naming another fails the report there, not as an error row per question."""
+    import asyncio
+
+    from ragserve.errors import UnknownModelError
+    from ragserve.eval.datasets import EvalQuestion
+    from ragserve.eval.report import build_report
+
+    gen = FakeGenerator()
+    with make_rag(tmp_path, gen) as rag:
+        questions = [EvalQuestion(f"q{i}", f"chunk number {i}", {f"doc{i}.txt": 1}, (f"chunk number {i}",))
+                     for i in range(2)]
+        with pytest.raises(UnknownModelError, match="'nope' is not served here"):
+            asyncio.run(build_report(rag, questions, dataset={}, answers=True, model="nope"))
+    assert not gen.prompts

@@ -158,6 +158,8 @@ async def build_report(rag: Any, questions: Sequence[EvalQuestion], *, dataset: 
     from ragserve.rag import RAG
     from ragserve.retrieval.faiss_index import FaissIndex
 
+    if answers:  # an unknown model fails the report once, before any pass (not once per question)
+        rag.models.choose(model)
     t0 = time.perf_counter()
     seconds = {"build": 0.0, **(seconds or {})}
     cpu = rag.retriever.executor
