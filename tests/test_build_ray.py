@@ -229,6 +229,24 @@ def test_the_address_comes_from_the_ray_section_and_the_flag_overrides_it(tmp_pa
     monkeypatch.setenv("RAGSERVE_RAY_ADDRESS", "auto")  # the section from the env, as every field
     assert build() == [("session", "auto", None)]
 
+def test_a_sharded_ray_build_refuses_bad_input_before_the_model_or_the_cluster(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from ragserve.errors import ConfigError, IngestError
+    from ragserve.ray import build as build_ray
+
+    def no(*a, **k):
+        raise AssertionError("started work before checking the input")
+
+    monkeypatch.setattr(build_ray, "ray_session", no)
+    monkeypatch.setattr(build_ray, "ready_embedder", no)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("text", encoding="utf-8")
+    with pytest.raises(ConfigError, match="1..4096 shards, got 0"):
+        build_ray.build_sharded_ray(tmp_path / "docs", tmp_path / "out", shards=0, address="local")
+    with pytest.raises(IngestError, match="no such file or folder"):
+        build_ray.build_sharded_ray(tmp_path / "missing", tmp_path / "out", shards=2, address="local")
+
+
 @pytest.mark.ray
 def test_an_actor_with_another_model_than_the_driver_fails_the_build(tmp_path, xquad_corpus, embedder,
                                                                      ray_cluster):

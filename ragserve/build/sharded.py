@@ -74,6 +74,14 @@ class _Shard:
         return int(self.plan.previous.data["counts"]["chunks"]) if self.plan.previous is not None else 0
 
 
+def shard_count(config: RAGConfig, shards: int | None) -> int:
+    """The shard count a build asked for (default ``index.shards``), or ConfigError."""
+    n = config.index.shards if shards is None else shards
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
+        raise ConfigError("index.shards", f"a sharded build needs 1..4096 shards, got {n!r}")
+    return n
+
+
 def build_sharded(
     source: Path | str,
     out: Path | str,
@@ -96,9 +104,7 @@ def build_sharded(
     **Usage:** ``build_sharded("docs/", "indexes/docs", shards=4)``; ``full=True`` re-embeds everything.
     """
     config = config or RAGConfig.load()
-    n = config.index.shards if shards is None else shards
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
-        raise ConfigError("index.shards", f"a sharded build needs 1..4096 shards, got {n!r}")
+    n = shard_count(config, shards)
     check_encoding(encoding)
     out = Path(out)
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ from ragserve.build.builder import (
     start_build,
 )
 from ragserve.build.incremental import FileRead, Gathered, SourceFile, assemble, files_to_read, read_source
-from ragserve.build.ingest import Chunker
+from ragserve.build.ingest import Chunker, iter_files
 from ragserve.build.textfile import check_encoding
 from ragserve.config import EmbedConfig, RAGConfig
 from ragserve.errors import ClusterError, ModelError, RagserveError
@@ -94,11 +94,7 @@ def build_index_ray(
     """
     ray = import_ray()  # a missing ray or a bad address fails before any work
     config = config or RAGConfig.load()
-    address, num_cpus = cluster_target(address, num_cpus, config.ray)
-    if address not in (None, "auto", "local"):
-        probe(address)
-    if actors is not None and actors < 1:
-        raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
+    address, num_cpus = _checked_target(config, address, num_cpus, actors)
     build = start_build(source, out, config, embedder=embedder, encoding=encoding, progress=progress,
                         full=full)
     with ray_session(address, num_cpus=num_cpus) as info:
@@ -113,10 +109,7 @@ def build_index_ray(
             report = finish_build(build, g, progress=progress, embed=pool.embed)
         except ray.exceptions.RayError as e:
             raise _cause(e) from None
-    report.cluster = {"address": info.address, "how": info.how, "nodes": info.nodes, "cpus": info.cpus,
-                      "read_tasks": tasks, "files_read": len(files), **pool.summary()}
-    if "actors" in build.timings:
-        report.seconds["actors"] = round(build.timings["actors"], 3)
+    _report_cluster(report, info, pool, build.timings, read_tasks=tasks, files_read=len(files))
     return report
 
 
@@ -145,16 +138,14 @@ def build_sharded_ray(
 
     **Usage:** ``build_sharded_ray("docs/", "indexes/docs", shards=4, address="auto")``
     """
-    from ragserve.build.sharded import build_sharded
+    from ragserve.build.sharded import build_sharded, shard_count
 
     ray = import_ray()
     config = config or RAGConfig.load()
-    address, num_cpus = cluster_target(address, num_cpus, config.ray)
-    if address not in (None, "auto", "local"):
-        probe(address)
-    if actors is not None and actors < 1:
-        raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
-    check_encoding(encoding)  # before the model loads
+    address, num_cpus = _checked_target(config, address, num_cpus, actors)
+    shards = shard_count(config, shards)  # bad input fails before the model loads and the cluster starts
+    iter_files(Path(source))
+    check_encoding(encoding)
     embedder, _ = ready_embedder(config, embedder)  # the actors compute the precision it resolved
     timings: dict[str, float] = {}
     with ray_session(address, num_cpus=num_cpus) as info:
@@ -165,12 +156,30 @@ def build_sharded_ray(
                                    progress=progress, full=full, embed=pool.embed)
         except ray.exceptions.RayError as e:
             raise _cause(e) from None
-    report.cluster = {"address": info.address, "how": info.how, "nodes": info.nodes, "cpus": info.cpus,
-                      **pool.summary()}
+    _report_cluster(report, info, pool, timings)
     report.seconds["ray_start"] = round(info.seconds, 3)
+    return report
+
+
+def _checked_target(config: RAGConfig, address: str | None, num_cpus: int | None,
+                    actors: int | None) -> tuple[str | None, int | None]:
+    """``cluster_target``, with an explicit address probed and ``actors`` checked: bad
+    input fails before any work."""
+    address, num_cpus = cluster_target(address, num_cpus, config.ray)
+    if address not in (None, "auto", "local"):
+        probe(address)
+    if actors is not None and actors < 1:
+        raise ClusterError(f"--ray-actors must be >= 1, got {actors}")
+    return address, num_cpus
+
+
+def _report_cluster(report: BuildReport, info: ClusterInfo, pool: _EmbedPool, timings: dict[str, float],
+                    **extra: Any) -> None:
+    """What ran where (``report.cluster``) and the actors' start-up (``seconds.actors``)."""
+    report.cluster = {"address": info.address, "how": info.how, "nodes": info.nodes, "cpus": info.cpus,
+                      **extra, **pool.summary()}
     if "actors" in timings:
         report.seconds["actors"] = round(timings["actors"], 3)
-    return report
 
 
 def read_files(files: list[SourceFile], tokenizer: Any, options: dict[str, Any]) -> list[FileRead]:
