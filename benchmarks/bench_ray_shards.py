@@ -221,6 +221,7 @@ def exactness(args: Any, log: Any, env: dict) -> None:
     from ray import serve
 
     from ragserve.engine.served import open_index
+    from ragserve.ray.cluster import start_local
     from ragserve.ray.serve.app import SHARDS
     from ragserve.ray.serve.fanout import shard_opener
     from ragserve.ray.serve.shards import ShardSupervisor
@@ -232,7 +233,7 @@ def exactness(args: Any, log: Any, env: dict) -> None:
         (root / "synthetic").mkdir()
         sets = {"XQuAD": xquad_sets(root, args.xquad, counts, log),
                 f"synthetic {args.vectors:,}": synthetic_sets(root / "synthetic", args.vectors, counts)}
-        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4)
+        reaper = start_local(ray, include_dashboard=False, log_to_driver=False, num_cpus=4)
         try:
             for corpus, (embedder, paths, queries) in sets.items():
                 # The actors' nprobe is their supervisor's config: one application per corpus.
@@ -257,6 +258,7 @@ def exactness(args: Any, log: Any, env: dict) -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+            reaper.done()
     lines = ["# Exactness of sharded search over Ray shard actors", "", *harness.run_lines(env), "",
              "Top-10 of every query through the Ray fan-out (shard actors of `serve --ray` on a local "
              "cluster, loopback, one copy per shard) against one index of the same chunks: identical = "
@@ -297,6 +299,7 @@ def main() -> None:
 
     from ragserve.engine.served import open_index
     from ragserve.index.manifest import read_manifest
+    from ragserve.ray.cluster import start_local
     from ragserve.ray.serve.app import SHARDS
     from ragserve.ray.serve.fanout import shard_opener
     from ragserve.ray.serve.shards import ShardSupervisor
@@ -316,7 +319,7 @@ def main() -> None:
         embedder.dim = DIM
         _, single, _ = open_index(single_path, cfg, embedder)
         _, local, _ = open_index(sharded_path, cfg, embedder)
-        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4)
+        reaper = start_local(ray, include_dashboard=False, log_to_driver=False, num_cpus=4)
         try:
             supervisor = serve.deployment(ShardSupervisor, name=SHARDS, ray_actor_options={"num_cpus": 0})
             handle = serve.run(supervisor.bind(cfg.to_dict()), name="bench-ray-shards", route_prefix=None)
@@ -331,6 +334,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+            reaper.done()
     base = rows["single"]
     lines = ["# Sharded search over Ray shard actors against one index", "", *harness.run_lines(env), "",
              f"{args.vectors:,} vectors (384-d, flat-fp16), {args.shards} shards, "
