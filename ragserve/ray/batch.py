@@ -275,6 +275,7 @@ class Answerer:
             generator = gens.pop("", None)
             self.rag = RAG.from_index(index, cfg, generator=generator, generators=gens or None)
         except Exception as e:  # noqa: BLE001 - told to the driver as text (see _start_failure)
+            self.loop.close()
             raise ClusterError(f"{START_FAILED} on {socket.gethostname()}: {type(e).__name__}: {e}") from None
         self.concurrency, self.timeout_s = concurrency, timeout_s
 
