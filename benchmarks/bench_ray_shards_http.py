@@ -38,15 +38,15 @@ from bench_scale import unit_vectors
 
 
 def settings(fake_url: str, redis_url: str, args: Any, per_actor: int) -> tuple[dict[str, str], list[str]]:
-    """The environment and options of one ``serve --ray``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RAGSERVE_"))}
-    env.update({"RAGSERVE_RAY_ADDRESS": "local", "RAGSERVE_RAY_LOCAL_NUM_CPUS": str(args.cluster_cpus),
+    """What one ``serve --ray`` adds to this process's environment (``ServerProcess`` starts
+    from it; ``RAGSERVE_RAY_ADDRESS=local`` wins over a ``RAY_ADDRESS`` there), and its options."""
+    env = {"RAGSERVE_RAY_ADDRESS": "local", "RAGSERVE_RAY_LOCAL_NUM_CPUS": str(args.cluster_cpus),
                 "RAGSERVE_RAY_NUM_CPUS": "0.5", "RAGSERVE_RAY_GENERATOR_NUM_CPUS": "0.5",
                 "RAGSERVE_RAY_SHARD_REPLICAS": "1", "RAGSERVE_RAY_SHARDS_PER_ACTOR": str(per_actor),
                 "RAGSERVE_RAY_SHARD_NUM_CPUS": "0.25",
                 "RAGSERVE_GENERATE_BACKEND": "openai", "RAGSERVE_OPENAI_URLS": fake_url,
                 "RAGSERVE_OPENAI_TOKENIZER": "server", "RAGSERVE_GENERATE_MAX_TOKENS": "8",
-                "RAGSERVE_SERVER_DRAIN_GRACE_S": "5", "HF_HUB_OFFLINE": "1"})
+                "RAGSERVE_SERVER_DRAIN_GRACE_S": "5", "HF_HUB_OFFLINE": "1"}
     return env, ["--ray", "--redis-url", redis_url, "--replicas", "1"]
 
 
