@@ -99,8 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     if args.n < 1 or args.concurrency < 1:
         ap.error("--n and --concurrency must be >= 1")
+    if args.semantic_threshold is not None and args.paraphrase is None:
+        ap.error("--semantic-threshold goes with --paraphrase")
     if args.paraphrase is not None:
-        args.paraphrase = [float(x) for x in args.paraphrase.split(",")]
+        try:
+            args.paraphrase = [float(x) for x in args.paraphrase.split(",")]
+        except ValueError:
+            ap.error(f"--paraphrase: comma-separated probabilities, got {args.paraphrase!r}")
         if not all(0.0 <= p <= 1.0 for p in args.paraphrase):
             ap.error(f"--paraphrase: probabilities in [0, 1], got {args.paraphrase}")
         if args.days or len(args.s) > 1:
