@@ -349,16 +349,17 @@ def scale_report(args: argparse.Namespace, steps: dict) -> str:
         "## Opened in a fresh process, as `open_index` does without the embedder",
         "",
         "| opened | verify s (SHA-256 of every file, structure, contents) | map + sample s | RSS MB before "
-        "| RSS MB opened (anon / file) | RSS MB after searches (anon / file) | model: resident vectors MB |",
-        "|---|---|---|---|---|---|---|",
+        "| RSS MB opened (anon / file) | peak RSS MB while opening | RSS MB after searches (anon / file) "
+        "| model: resident vectors MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for which, label, count in (("0", "1 shard (shard-000)", 1), ("all", f"all {shards} shards", shards)):
         m = measured[which]
         b, o, s_ = m["rss_before"], m["rss_opened"], m["rss_searched"]
         lines.append(
             f"| {label} | {m['verify_s']:.1f} | {m['map_s']:.3f} | {b['VmRSS']:,.0f} | {o['VmRSS']:,.0f} "
-            f"({o['RssAnon']:,.0f} / {o['RssFile']:,.0f}) | {s_['VmRSS']:,.0f} ({s_['RssAnon']:,.0f} / "
-            f"{s_['RssFile']:,.0f}) | {pred_vec * count / mb:,.0f} |"
+            f"({o['RssAnon']:,.0f} / {o['RssFile']:,.0f}) | {o['VmHWM']:,.0f} | {s_['VmRSS']:,.0f} "
+            f"({s_['RssAnon']:,.0f} / {s_['RssFile']:,.0f}) | {pred_vec * count / mb:,.0f} |"
         )
     lines += [
         "",
