@@ -24,7 +24,9 @@ generated and added 100k at a time, the docstore of short synthetic texts, its m
 ``publish_shard_set``; the shard files are hard-linked), ``measure`` (two fresh processes:
 one opens one shard, the other the whole index, as ``open_index`` does without the embedder:
 verify, map, sample check; RSS after opening and after searching, single-query latency per
-shard and over all shards), ``report`` (the table, beside what docs/scale.md predicts).
+shard and over all shards), ``serve`` (``RAG.from_index`` with the embedder and 200
+``retrieve`` calls, as ``bench_scale.py`` measures serving), ``report`` (the table, beside
+what docs/scale.md predicts).
 
 Usage:
     python benchmarks/bench_shards.py --sizes 100000,300000 --shards 2,4
@@ -32,7 +34,8 @@ Usage:
     W="--vectors 10000000 --shards 4 --work /work/scale10m-data"
     for i in 0 1 2 3; do python benchmarks/bench_shards.py --scale shard --shard $i $W; done
     python benchmarks/bench_shards.py --scale publish $W
-    python benchmarks/bench_shards.py --scale measure --queries 100 $W
+    python benchmarks/bench_shards.py --scale measure --queries 200 $W
+    python benchmarks/bench_shards.py --scale serve $W
     python benchmarks/bench_shards.py --scale report $W --out reports/bench_shards_10m.md
 """
 
@@ -309,6 +312,16 @@ def scale_measure(args: argparse.Namespace, log) -> dict:
     return row
 
 
+def scale_serve(args: argparse.Namespace, log) -> dict:
+    """``RAG.from_index`` on the sharded index in a fresh process, with the embedder, and 200
+    ``retrieve`` calls (``bench_scale.py``'s serving measurement, unchanged)."""
+    import bench_scale
+
+    row = child("serve", str(args.work / "index"), "16", script=bench_scale.__file__)
+    log(f"served: {row}")
+    return row
+
+
 def scale_report(args: argparse.Namespace, steps: dict) -> str:
     n, shards = args.vectors, int(args.shards)
     builds = [steps[f"shard-{i}"] for i in range(shards)]
@@ -378,6 +391,16 @@ def scale_report(args: argparse.Namespace, steps: dict) -> str:
         f"| all {shards} shards, `ShardedIndex` ({min(shards, 2)} threads) | {p50:.1f} | {p99:.1f} | "
         f"{waves * pred_ms[0] + MODEL['fan-out ms']:.0f} / {waves * pred_ms[1] + MODEL['fan-out ms']:.0f} |"
     )
+    if "serve" in steps:
+        sv = steps["serve"]
+        lines += [
+            "",
+            f"Served by `RAG.from_index` (verify, map, MiniLM embedder on 1 thread; no generator), a fresh "
+            f"process: opened in {sv['from_index_s']:.1f} s, RSS {sv['rss_loaded']['VmRSS']:,.0f} MB; "
+            f"after 200 `retrieve` calls (top-10, the question embedded) RSS "
+            f"{sv['rss_served']['VmRSS']:,.0f} MB, "
+            f"retrieve p50 {sv['retrieve'][0]:.1f} ms, p95 {sv['retrieve'][1]:.1f} ms.",
+        ]
     lines += [
         "",
         f"Model (docs/scale.md): {MODEL['flat-fp16 bytes per vector']} B per flat-fp16 vector, "
@@ -399,7 +422,8 @@ def scale(args: argparse.Namespace) -> None:
         harness.write_report(text, md=args.out, json_path=args.json, data=steps)
         return
     key = f"shard-{args.shard}" if args.scale == "shard" else args.scale
-    fn = {"shard": scale_shard, "publish": scale_publish, "measure": scale_measure}[args.scale]
+    fn = {"shard": scale_shard, "publish": scale_publish, "measure": scale_measure,
+          "serve": scale_serve}[args.scale]
     row = fn(args, log)
     row["load"] = env.get("load_avg_at_start")
     steps[key] = row
@@ -423,7 +447,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--scale", choices=("shard", "publish", "measure", "report"),
+    ap.add_argument("--scale", choices=("shard", "publish", "measure", "serve", "report"),
                     help="One step of the large sharded index (see the module's docstring).")
     ap.add_argument("--shard", type=int, default=0, help="--scale shard: which shard to write.")
     ap.add_argument("--vectors", type=int, default=10_000_000, help="--scale: vectors over all shards.")
