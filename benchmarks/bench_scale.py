@@ -25,7 +25,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import harness
 import numpy as np
@@ -33,6 +35,9 @@ import orjson
 from harness import pct, pcts
 
 from ragserve.config import IndexConfig
+
+if TYPE_CHECKING:
+    from ragserve.types import Chunk
 
 SWEEP = {"ivf-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048], "hnsw-fp16": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 """Query-time settings tried per type; IVF also tries 3/4 of its lists and all of them."""
@@ -51,31 +56,49 @@ def rss_mb() -> dict[str, float]:
     return out
 
 
-def unit_vectors(n: int, d: int, seed: int, kind: str) -> np.ndarray:
-    """Seeded unit vectors, generated in slices to bound peak memory."""
+def unit_vector_slices(n: int, d: int, seed: int, kind: str, step: int = 100_000) -> Iterator[np.ndarray]:
+    """``unit_vectors(n, d, seed, kind)`` as consecutive slices of at most ``step`` rows, so a
+    caller that adds them to an index one by one never holds all n (the 10M shard build)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((4096, d), dtype=np.float32) if kind == "clustered" else None
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
+    for start in range(0, n, step):
+        m = min(step, n - start)
         x = rng.standard_normal((m, d), dtype=np.float32)
         if centres is not None:
             x = centres[rng.integers(0, len(centres), m)] + 0.5 * x
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def unit_vectors(n: int, d: int, seed: int, kind: str) -> np.ndarray:
+    """Seeded unit vectors, generated in slices to bound peak memory."""
+    out = np.empty((n, d), np.float32)
+    start = 0
+    for x in unit_vector_slices(n, d, seed, kind):
+        out[start:start + len(x)] = x
+        start += len(x)
     return out
 
 
 # -- building (parent process) -----------------------------------------------------------
 
-def write_shared_docstore(folder: Path, n: int, seed: int) -> None:
-    from ragserve.retrieval.docstore import write_docstore
+def synthetic_chunks(n: int, seed: int, first: int = 0) -> Iterator[Chunk]:
+    """Short synthetic texts (~70 bytes: eight words) for chunk ids 0..n-1, numbered in the
+    text from ``first`` (a shard's global ids), 100 chunks per synthetic file."""
     from ragserve.types import Chunk
 
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(WORDS), (n, 8))
+    for start in range(0, n, 100_000):
+        picks = rng.integers(0, len(WORDS), (min(100_000, n - start), 8))
+        for j, row in enumerate(picks):
+            i = first + start + j
+            yield Chunk(start + j, f"synthetic/{i // 100}.txt", f"Chunk {i}: " + " ".join(WORDS[w] for w in row))
+
+
+def write_shared_docstore(folder: Path, n: int, seed: int) -> None:
+    from ragserve.retrieval.docstore import write_docstore
+
     folder.mkdir(parents=True, exist_ok=True)
-    write_docstore(folder, (Chunk(i, f"synthetic/{i // 100}.txt", f"Chunk {i}: " + " ".join(WORDS[w] for w in row))
-                            for i, row in enumerate(picks)))
+    write_docstore(folder, synthetic_chunks(n, seed))
 
 
 def write_bench_folder(folder: Path, index, docstore: Path, n: int, seed: int, kind: str) -> dict:
@@ -94,10 +117,11 @@ def write_bench_folder(folder: Path, index, docstore: Path, n: int, seed: int, k
     return manifest
 
 
-def child(mode: str, *args: str) -> dict:
-    """Run a measurement in a fresh interpreter; it prints one JSON line."""
+def child(mode: str, *args: str, script: str = __file__) -> dict:
+    """Run a measurement in a fresh interpreter (``script --child mode args``, this file by
+    default); it prints one JSON line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, script, "--child", mode, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"child {mode} failed:\n{proc.stderr[-3000:]}")
     return orjson.loads(proc.stdout.strip().splitlines()[-1])
