@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ragserve.ray.reaper import command_line
-from ragserve.testing.processes import marked, serve_ray
+from ragserve.testing.processes import marked, none_left, serve_ray
 from ragserve.testing.waits import CLUSTER_WAIT_S, HTTP_TIMEOUT_S, WAIT_S, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.http, pytest.mark.redis]
@@ -71,12 +71,7 @@ def test_sigkill_of_the_command_while_serving_with_2_replicas_leaves_nothing(xqu
                    "the raylet's agents to be up")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
-        eventually(lambda: _none_left(marker), WAIT_S, 0.2, "every process the command started to end",
+        eventually(lambda: none_left(marker), WAIT_S, 0.2, "every process the command started to end",
                    ignore=(AssertionError,))
 
-
-def _none_left(marker: str) -> bool:
-    left = marked(marker)
-    assert not left, [(pid, command_line(pid)[:80]) for pid in left]
-    return True
 

@@ -37,6 +37,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -313,9 +314,10 @@ class _EmbedPool:
                                        f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {total:g} CPUs in all: "
                                        "lower --ray-actors")
             except self.ray.exceptions.RayError as e:
-                if not isinstance(_cause(e), RagserveError):
+                lost = _lost_actor(e, self.ray)
+                if lost is None and not isinstance(_cause(e), RagserveError):
                     raise
-                failure = _cause(e)
+                failure = lost or _cause(e)
         if failure is not None:
             # NOTE: when an actor fails to start, Ray Data raises from its operator's start and
             # leaves the actors that did start running, held only by the frames of its
@@ -356,6 +358,34 @@ class _EmbedPool:
                       "chunks_per_s": round(w["chunks"] / w["seconds"], 1) if w["seconds"] else 0.0}
                      for w in self.work.values()]
         return {"actors": self.started, "cpus_per_actor": self.cpus, "per_actor": per_actor}
+
+
+def _lost_actor(e: BaseException, ray: Any) -> ClusterError | None:
+    """A ClusterError naming the embedding actor that died mid-build (killed, out of memory,
+    its node lost), when that is what ``e`` is or wraps; else None. NOTE: the actors have
+    ``max_restarts=0`` (see ``_EmbedPool.embed``), so Ray does not retry the slice, and the
+    error would otherwise reach the user as Ray's own traceback."""
+    todo: list[BaseException] = [e]
+    seen: set[int] = set()
+    while todo:
+        x = todo.pop(0)
+        if isinstance(x, ray.exceptions.RayActorError):
+            text = str(x)
+            pid = re.search(r"\bpid: (\d+)", text)
+            node = re.search(r"\bip: (\S+)", text)
+            where = ", ".join(filter(None, [pid and f"pid {pid.group(1)}", node and f"node {node.group(1)}"]))
+            return ClusterError(f"an embedding actor ({where or 'unknown'}) died mid-build, "
+                                f"{type(x).__name__}: {_first_line(text)}; nothing was published: the "
+                                "previous index is still served. Run the build again")
+        if id(x) not in seen:
+            seen.add(id(x))
+            todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__)
+                     if isinstance(c, BaseException)]
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _actor_id() -> str:
