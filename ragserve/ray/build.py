@@ -314,10 +314,10 @@ class _EmbedPool:
                                        f"{ACTOR_START_TIMEOUT_S:g} s; the cluster has {total:g} CPUs in all: "
                                        "lower --ray-actors")
             except self.ray.exceptions.RayError as e:
-                lost = _lost_actor(e, self.ray)
-                if lost is None and not isinstance(_cause(e), RagserveError):
+                cause = _cause(e)  # ragserve's own error in an actor (its model refused) first
+                failure = cause if isinstance(cause, RagserveError) else _lost_actor(e, self.ray)
+                if failure is None:
                     raise
-                failure = lost or _cause(e)
         if failure is not None:
             # NOTE: when an actor fails to start, Ray Data raises from its operator's start and
             # leaves the actors that did start running, held only by the frames of its
