@@ -24,10 +24,10 @@ from ragserve.testing.waits import WAIT_S, eventually
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 PARENT = textwrap.dedent("""
-    import subprocess, sys
+    import subprocess, sys, time
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env={})
     print(grandchild.pid, flush=True)
-    sys.stdin.readline()
+    sys.stdin.readline() if sys.argv[1:] == ["until-stdin"] else time.sleep(600)
 """)
 STARTER = textwrap.dedent("""
     import os, subprocess, sys, time
@@ -37,7 +37,7 @@ STARTER = textwrap.dedent("""
     sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
     with reaper.marking():
         child = subprocess.Popen([sys.executable, "-c", parent_code, tag], start_new_session=True,
-                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+                                 stdout=subprocess.PIPE)
         untagged = subprocess.Popen(sleep, start_new_session=True)
     unmarked = subprocess.Popen(sleep + [tag], start_new_session=True)
     grandchild = child.stdout.readline().decode().strip()
@@ -63,11 +63,12 @@ def stop(*pids: int) -> None:
 
 
 def test_a_descendant_stays_a_member_after_its_parent_ends_and_kill_ends_only_members():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "until-stdin"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
     other = subprocess.Popen(SLEEP)
     grandchild = int(parent.stdout.readline())
     try:
-        tree = ProcessTree(lambda pid: pid == parent.pid)
+        tree = ProcessTree(lambda pid: pid == parent.pid, starter=os.getpid())
         tree.update()
         assert set(tree.members) == {parent.pid, grandchild}
         parent.stdin.close()  # the parent ends; its child is an orphan now
@@ -114,3 +115,18 @@ def test_done_reaps_what_the_cluster_left_and_the_starter_lives_on(tmp_path):
         assert alive(untagged) and alive(unmarked) and proc.poll() is None
     finally:
         stop(proc.pid, *pids)
+
+
+def test_a_child_of_the_starter_judged_before_its_exec_is_judged_again():
+    """Between fork and exec a child shows its starter's environment and command line, so
+    a first "not a root" for it must not stick (its start time stays the same through exec)."""
+    child = subprocess.Popen(SLEEP)
+    try:
+        answers = iter([False, True])  # before its exec, then after
+        tree = ProcessTree(lambda pid: pid == child.pid and next(answers), starter=os.getpid())
+        tree.update()
+        assert child.pid not in tree.members
+        tree.update()
+        assert child.pid in tree.members
+    finally:
+        stop(child.pid)

@@ -77,10 +77,11 @@ def command_line(pid: int) -> str:
 
 
 class ProcessTree:
-    """The processes ``is_root`` takes and their descendants, as last recorded."""
+    """The processes ``is_root`` takes and their descendants, as last recorded. ``starter``:
+    the process that starts the roots (its children are judged again until they are roots)."""
 
-    def __init__(self, is_root: Callable[[int], bool], *, exclude: int | None = None) -> None:
-        self._is_root, self._exclude = is_root, exclude
+    def __init__(self, is_root: Callable[[int], bool], *, starter: int, exclude: int | None = None) -> None:
+        self._is_root, self._starter, self._exclude = is_root, starter, exclude
         self._judged: dict[tuple[int, int], bool] = {}  # (pid, start) -> is a root; exec-time facts
         self.members: dict[int, int] = {}
         """pid -> start time of every member seen and not yet known to have ended."""
@@ -108,7 +109,13 @@ class ProcessTree:
     def _root(self, pid: int, proc: Proc) -> bool:
         key = (pid, proc.start)
         if key not in self._judged:
-            self._judged[key] = self._is_root(pid)
+            judged = self._is_root(pid)
+            # NOTE: a child of the starter seen between its fork and its exec still shows the
+            # starter's environment and command line (and keeps its start time through the
+            # exec): a "no" for it may not last, so it is asked again at the next record.
+            if judged or proc.ppid != self._starter:
+                self._judged[key] = judged
+            return judged
         return self._judged[key]
 
     def kill(self, bound_s: float = REAP_S) -> int:
@@ -237,7 +244,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the starter's Ctrl-C is the starter's
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})  # `pkill -f ragserve`
     me = os.getpid()
-    tree = ProcessTree(lambda pid: carries(pid, ENV, token) and tag in command_line(pid), exclude=me)
+    tree = ProcessTree(lambda pid: carries(pid, ENV, token) and tag in command_line(pid), starter=parent,
+                       exclude=me)
     _watch(parent, tree)
     tree.kill()
 

@@ -54,7 +54,7 @@ def kill_marked(marker: str) -> int:
 
 
 def _tree(marker: str) -> ProcessTree:
-    return ProcessTree(lambda pid: carries(pid, MARKER_ENV, marker))
+    return ProcessTree(lambda pid: carries(pid, MARKER_ENV, marker), starter=os.getpid())
 
 
 @contextmanager
