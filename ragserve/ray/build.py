@@ -41,6 +41,7 @@ import re
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -365,23 +366,16 @@ def _lost_actor(e: BaseException, ray: Any) -> ClusterError | None:
     its node lost), when that is what ``e`` is or wraps; else None. NOTE: the actors have
     ``max_restarts=0`` (see ``_EmbedPool.embed``), so Ray does not retry the slice, and the
     error would otherwise reach the user as Ray's own traceback."""
-    todo: list[BaseException] = [e]
-    seen: set[int] = set()
-    while todo:
-        x = todo.pop(0)
-        if isinstance(x, ray.exceptions.RayActorError):
-            text = str(x)
-            pid = re.search(r"\bpid: (\d+)", text)
-            node = re.search(r"\bip: (\S+)", text)
-            where = ", ".join(filter(None, [pid and f"pid {pid.group(1)}", node and f"node {node.group(1)}"]))
-            return ClusterError(f"an embedding actor ({where or 'unknown'}) died mid-build, "
-                                f"{type(x).__name__}: {_first_line(text)}; nothing was published: the "
-                                "previous index is still served. Run the build again")
-        if id(x) not in seen:
-            seen.add(id(x))
-            todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__)
-                     if isinstance(c, BaseException)]
-    return None
+    x = next((x for x in _wrapped(e) if isinstance(x, ray.exceptions.RayActorError)), None)
+    if x is None:
+        return None
+    text = str(x)
+    pid = re.search(r"\bpid: (\d+)", text)
+    node = re.search(r"\bip: (\S+)", text)
+    where = ", ".join(filter(None, [pid and f"pid {pid.group(1)}", node and f"node {node.group(1)}"]))
+    return ClusterError(f"an embedding actor ({where or 'unknown'}) died mid-build, "
+                        f"{type(x).__name__}: {_first_line(text)}; nothing was published: the "
+                        "previous index is still served. Run the build again")
 
 
 def _first_line(text: str) -> str:
@@ -404,14 +398,19 @@ def _cause(e: Exception) -> BaseException:
     and the file or model); else Ray's error, which carries the remote traceback. Ray and
     Ray Data wrap it a level or two deep (an actor whose ``__init__`` failed is an
     ActorDiedError around a RayTaskError around it), so the wrappers are searched."""
+    return next((x for x in _wrapped(e) if isinstance(x, RagserveError)), e)
+
+
+def _wrapped(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what it wraps, breadth first: Ray's ``cause``, the chained exceptions, and
+    exceptions among its ``args``."""
     todo: list[BaseException] = [e]
     seen: set[int] = set()
     while todo:
         x = todo.pop(0)
-        if isinstance(x, RagserveError):
-            return x
-        if id(x) not in seen:
-            seen.add(id(x))
-            todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__, *x.args)
-                     if isinstance(c, BaseException)]
-    return e
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [c for c in (getattr(x, "cause", None), x.__cause__, x.__context__, *x.args)
+                 if isinstance(c, BaseException)]
